@@ -1,0 +1,98 @@
+// Argument checks shared by the CPU and CUDA kernels: shapes, dtypes and devices only
+// (value checks that need to read data live in each backend).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace oni {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              name, " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ",
+              ref.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ",
+              ref.scalar_type(), ", got ", t.scalar_type());
+}
+
+// x [N, d], baseline [N, B, d], perm [N, P, L] int64, n_active [N] int64.
+inline void check_walk_inputs(const at::Tensor& x, const at::Tensor& baseline,
+                              const at::Tensor& perm, const at::Tensor& n_active) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [N, d], got ", x.dim(), "-D");
+  check_floating(x, "x");
+  TORCH_CHECK(baseline.dim() == 3, "baseline must be 3-D [N, B, d], got ", baseline.dim(), "-D");
+  check_same(baseline, x, "baseline", "x");
+  TORCH_CHECK(baseline.size(0) == x.size(0) && baseline.size(2) == x.size(1),
+              "baseline must be [N, B, d] = [", x.size(0), ", B, ", x.size(1), "], got ",
+              baseline.sizes());
+  TORCH_CHECK(baseline.size(1) >= 1, "baseline needs at least one reference (B >= 1)");
+  TORCH_CHECK(perm.dim() == 3, "perm must be 3-D [N, P, L], got ", perm.dim(), "-D");
+  TORCH_CHECK(perm.scalar_type() == at::kLong, "perm must be int64, got ", perm.scalar_type());
+  TORCH_CHECK(perm.device() == x.device(), "perm must be on x's device ", x.device(), ", got ",
+              perm.device());
+  TORCH_CHECK(perm.size(0) == x.size(0), "perm must have N = ", x.size(0), " rows, got ",
+              perm.size(0));
+  TORCH_CHECK(perm.size(2) <= x.size(1), "perm walk length L = ", perm.size(2),
+              " exceeds the number of features d = ", x.size(1));
+  TORCH_CHECK(n_active.dim() == 1 && n_active.size(0) == x.size(0),
+              "n_active must be [N] = [", x.size(0), "], got ", n_active.sizes());
+  TORCH_CHECK(n_active.scalar_type() == at::kLong, "n_active must be int64, got ",
+              n_active.scalar_type());
+  TORCH_CHECK(n_active.device() == x.device(), "n_active must be on x's device ", x.device(),
+              ", got ", n_active.device());
+}
+
+inline void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
+              "weight must be [H, d] with d = ", x.size(1), ", got ", weight.sizes());
+  check_same(weight, x, "weight", "x");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "bias must be [H] = [", weight.size(0), "], got ", bias->sizes());
+    check_same(*bias, x, "bias", "x");
+  }
+}
+
+// step_logits [S, k], start_logits [N, B, k], end_logits [N, k], target [N] int64.
+inline void check_accumulate_inputs(const at::Tensor& step_logits, const at::Tensor& start_logits,
+                                    const at::Tensor& end_logits, const at::Tensor& target,
+                                    const at::Tensor& perm, const at::Tensor& n_active,
+                                    int64_t n_features, int64_t walks_per_sample) {
+  TORCH_CHECK(end_logits.dim() == 2, "end_logits must be 2-D [N, k], got ", end_logits.dim(), "-D");
+  check_floating(end_logits, "end_logits");
+  const int64_t N = end_logits.size(0), k = end_logits.size(1);
+  TORCH_CHECK(k >= 1, "end_logits must have at least one output column, got k = 0");
+  TORCH_CHECK(step_logits.dim() == 2 && step_logits.size(1) == k,
+              "step_logits must be [S, k] with k = ", k, ", got ", step_logits.sizes());
+  check_same(step_logits, end_logits, "step_logits", "end_logits");
+  TORCH_CHECK(start_logits.dim() == 3 && start_logits.size(0) == N && start_logits.size(2) == k &&
+                  start_logits.size(1) >= 1,
+              "start_logits must be [N, B, k] = [", N, ", B >= 1, ", k, "], got ",
+              start_logits.sizes());
+  check_same(start_logits, end_logits, "start_logits", "end_logits");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, "target must be [N] = [", N, "], got ",
+              target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == end_logits.device(), "target must be on ", end_logits.device());
+  TORCH_CHECK(perm.dim() == 3 && perm.size(0) == N, "perm must be [N, P, L] with N = ", N,
+              ", got ", perm.sizes());
+  TORCH_CHECK(perm.scalar_type() == at::kLong, "perm must be int64, got ", perm.scalar_type());
+  TORCH_CHECK(perm.device() == end_logits.device(), "perm must be on ", end_logits.device());
+  TORCH_CHECK(n_active.dim() == 1 && n_active.size(0) == N && n_active.scalar_type() == at::kLong,
+              "n_active must be int64 [N] = [", N, "], got ", n_active.scalar_type(), " ",
+              n_active.sizes());
+  TORCH_CHECK(n_active.device() == end_logits.device(), "n_active must be on ",
+              end_logits.device());
+  TORCH_CHECK(n_features >= perm.size(2) && n_features >= 1, "n_features = ", n_features,
+              " must be >= 1 and >= the walk length L = ", perm.size(2));
+  TORCH_CHECK(walks_per_sample >= 1, "walks_per_sample must be >= 1, got ", walks_per_sample);
+  TORCH_CHECK(perm.size(1) % walks_per_sample == 0, "the number of walks P = ", perm.size(1),
+              " must be a multiple of walks_per_sample = ", walks_per_sample);
+}
+
+}  // namespace oni

@@ -1,0 +1,267 @@
+// CPU kernels for the Shapley ops (schemas in csrc/ops.cpp, spec in oni/reference.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "../checks.h"
+
+namespace oni {
+namespace {
+
+// Validates n_active and the active prefix of every walk, returns per-input first step rows.
+// Walk values must be distinct feature indices in [0, d), identical as sets across walks.
+std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_active,
+                                    int64_t n_features, int64_t n_refs) {
+  const int64_t N = perm.size(0), P = perm.size(1), L = perm.size(2);
+  auto perm_a = perm.accessor<int64_t, 3>();
+  auto act_a = n_active.accessor<int64_t, 1>();
+  std::vector<int64_t> row_offset(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t a = act_a[n];
+    TORCH_CHECK(a >= 0 && a <= L, "n_active[", n, "] = ", a, " must lie in [0, L = ", L, "]");
+    row_offset[n + 1] = row_offset[n] + P * n_refs * std::max<int64_t>(a - 1, 0);
+  }
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    // stamp[i] == 2*walk+1 marks "seen in this walk"; row_mark[i] == 1 marks "in walk 0".
+    std::vector<int64_t> stamp(n_features, -1);
+    std::vector<char> row_mark(n_features, 0);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t a = act_a[n];
+      std::fill(row_mark.begin(), row_mark.end(), 0);
+      bool ok = true;
+      for (int64_t p = 0; p < P && ok; ++p) {
+        for (int64_t k = 0; k < a; ++k) {
+          const int64_t i = perm_a[n][p][k];
+          if (i < 0 || i >= n_features || stamp[i] == n * P + p) { ok = false; break; }
+          stamp[i] = n * P + p;
+          if (p == 0) row_mark[i] = 1;
+          else if (!row_mark[i]) { ok = false; break; }
+        }
+      }
+      if (!ok) { bad_row = n; return; }
+    }
+  });
+  TORCH_CHECK(bad_row.load() < 0, "perm row ", bad_row.load(),
+              ": the first n_active entries of every walk must be distinct feature indices in "
+              "[0, ", n_features, ") forming the same set in every walk");
+  return row_offset;
+}
+
+void check_total_steps(const std::vector<int64_t>& row_offset, int64_t total_steps,
+                       const char* what) {
+  TORCH_CHECK(row_offset.back() == total_steps, what, ": total_steps = ", total_steps,
+              " but the walks have sum_n P * B * max(n_active[n] - 1, 0) = ", row_offset.back(),
+              " interior steps");
+}
+
+at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& baseline,
+                                       const at::Tensor& perm, const at::Tensor& n_active,
+                                       const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias,
+                                       int64_t total_steps) {
+  check_walk_inputs(x, baseline, perm, n_active);
+  check_linear_inputs(x, weight, bias);
+  const int64_t N = x.size(0), d = x.size(1), B = baseline.size(1), P = perm.size(1);
+  const int64_t H = weight.size(0);
+  const auto perm_c = perm.contiguous();
+  const auto act_c = n_active.contiguous();
+  const auto row_offset = validate_walks(perm_c, act_c, d, B);
+  check_total_steps(row_offset, total_steps, "permutation_walk_linear");
+
+  auto out = at::empty({total_steps, H}, x.options());
+  if (total_steps == 0) return out;
+  const auto x_c = x.contiguous();
+  const auto base_c = baseline.contiguous();
+  // Columns of W as contiguous rows, and the walk origins W r + bias for every reference.
+  const auto weight_t = weight.t().contiguous();                        // [d, H]
+  auto origin = at::matmul(base_c, weight_t);                           // [N, B, H]
+  if (bias.has_value()) origin.add_(*bias);
+  origin = origin.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cpu", [&] {
+    using acc_t = double;
+    const scalar_t* xp = x_c.data_ptr<scalar_t>();
+    const scalar_t* rp = base_c.data_ptr<scalar_t>();
+    const scalar_t* wt = weight_t.data_ptr<scalar_t>();
+    const scalar_t* op = origin.data_ptr<scalar_t>();
+    const int64_t* pp = perm_c.data_ptr<int64_t>();
+    const int64_t* ap = act_c.data_ptr<int64_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    const int64_t L = perm.size(2);
+    at::parallel_for(0, N * P * B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(H);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t n = w / (P * B), p = (w / B) % P, b = w % B;
+        const int64_t a = ap[n];
+        if (a <= 1) continue;
+        const scalar_t* xr = xp + n * d;
+        const scalar_t* rr = rp + (n * B + b) * d;
+        const scalar_t* orig = op + (n * B + b) * H;
+        const int64_t* walk = pp + (n * P + p) * L;
+        scalar_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] = orig[h];
+        for (int64_t k = 0; k < a - 1; ++k, dst += H) {
+          const int64_t i = walk[k];
+          const scalar_t delta = xr[i] - rr[i];
+          const scalar_t* col = wt + i * H;
+          for (int64_t h = 0; h < H; ++h) {
+            acc[h] += static_cast<acc_t>(col[h] * delta);
+            dst[h] = static_cast<scalar_t>(acc[h]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor permutation_walk_masked_cpu(const at::Tensor& x, const at::Tensor& baseline,
+                                       const at::Tensor& perm, const at::Tensor& n_active,
+                                       int64_t total_steps) {
+  check_walk_inputs(x, baseline, perm, n_active);
+  const int64_t N = x.size(0), d = x.size(1), B = baseline.size(1), P = perm.size(1);
+  const auto perm_c = perm.contiguous();
+  const auto act_c = n_active.contiguous();
+  const auto row_offset = validate_walks(perm_c, act_c, d, B);
+  check_total_steps(row_offset, total_steps, "permutation_walk_masked");
+
+  auto out = at::empty({total_steps, d}, x.options());
+  if (total_steps == 0) return out;
+  const auto x_c = x.contiguous();
+  const auto base_c = baseline.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_masked_cpu", [&] {
+    const scalar_t* xp = x_c.data_ptr<scalar_t>();
+    const scalar_t* rp = base_c.data_ptr<scalar_t>();
+    const int64_t* pp = perm_c.data_ptr<int64_t>();
+    const int64_t* ap = act_c.data_ptr<int64_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    const int64_t L = perm.size(2);
+    at::parallel_for(0, N * P * B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t n = w / (P * B), p = (w / B) % P, b = w % B;
+        const int64_t a = ap[n];
+        if (a <= 1) continue;
+        const scalar_t* xr = xp + n * d;
+        const scalar_t* prev = rp + (n * B + b) * d;
+        const int64_t* walk = pp + (n * P + p) * L;
+        scalar_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * d;
+        // Each prefix is the previous one with one more feature taken from x.
+        for (int64_t k = 0; k < a - 1; ++k, dst += d) {
+          std::copy(prev, prev + d, dst);
+          dst[walk[k]] = xr[walk[k]];
+          prev = dst;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Explained-class value of one output row: softmax probability of class c, or the raw output.
+template <typename scalar_t>
+inline double class_value(const scalar_t* row, int64_t k, int64_t c, bool softmax) {
+  if (!softmax) return static_cast<double>(row[c]);
+  double mx = -INFINITY;
+  for (int64_t j = 0; j < k; ++j) mx = std::max(mx, static_cast<double>(row[j]));
+  double denom = 0.0;
+  for (int64_t j = 0; j < k; ++j) denom += std::exp(static_cast<double>(row[j]) - mx);
+  return std::exp(static_cast<double>(row[c]) - mx) / denom;
+}
+
+std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
+    const at::Tensor& step_logits, const at::Tensor& start_logits, const at::Tensor& end_logits,
+    const at::Tensor& target, const at::Tensor& perm, const at::Tensor& n_active,
+    int64_t n_features, int64_t walks_per_sample, bool softmax) {
+  check_accumulate_inputs(step_logits, start_logits, end_logits, target, perm, n_active,
+                          n_features, walks_per_sample);
+  const int64_t N = end_logits.size(0), k = end_logits.size(1), B = start_logits.size(1);
+  const int64_t P = perm.size(1), L = perm.size(2);
+  const auto perm_c = perm.contiguous();
+  const auto act_c = n_active.contiguous();
+  const auto target_c = target.contiguous();
+  const auto row_offset = validate_walks(perm_c, act_c, n_features, B);
+  TORCH_CHECK(row_offset.back() == step_logits.size(0), "shapley_accumulate: step_logits has ",
+              step_logits.size(0), " rows but the walks have ", row_offset.back(),
+              " interior steps");
+  const int64_t* tp = target_c.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(tp[n] >= 0 && tp[n] < k, "target[", n, "] = ", tp[n], " is not a class index in [0, ",
+                k, ")");
+
+  auto opts = end_logits.options().dtype(at::kDouble);
+  auto mean = at::zeros({N, n_features}, opts);
+  auto m2 = at::zeros({N, n_features}, opts);
+  const auto steps_c = step_logits.contiguous();
+  const auto start_c = start_logits.contiguous();
+  const auto end_c = end_logits.contiguous();
+  const int64_t n_samples = P / walks_per_sample;
+
+  AT_DISPATCH_FLOATING_TYPES(end_logits.scalar_type(), "shapley_accumulate_cpu", [&] {
+    const scalar_t* sp = steps_c.data_ptr<scalar_t>();
+    const scalar_t* st = start_c.data_ptr<scalar_t>();
+    const scalar_t* en = end_c.data_ptr<scalar_t>();
+    const int64_t* pp = perm_c.data_ptr<int64_t>();
+    const int64_t* ap = act_c.data_ptr<int64_t>();
+    double* meanp = mean.data_ptr<double>();
+    double* m2p = m2.data_ptr<double>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> sample(n_features, 0.0);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t a = ap[n], c = tp[n];
+        if (a == 0) continue;
+        double v_start = 0.0;
+        for (int64_t b = 0; b < B; ++b) v_start += class_value(st + (n * B + b) * k, k, c, softmax);
+        v_start /= static_cast<double>(B);
+        const double v_end = class_value(en + n * k, k, c, softmax);
+        const int64_t* walk0 = pp + n * P * L;
+        double* mrow = meanp + n * n_features;
+        double* m2row = m2p + n * n_features;
+        for (int64_t s = 0; s < n_samples; ++s) {
+          for (int64_t j = 0; j < a; ++j) sample[walk0[j]] = 0.0;
+          for (int64_t q = 0; q < walks_per_sample; ++q) {
+            const int64_t p = s * walks_per_sample + q;
+            const int64_t* walk = pp + (n * P + p) * L;
+            const scalar_t* rows = sp + (row_offset[n] + p * B * (a - 1)) * k;
+            double prev = v_start;
+            for (int64_t j = 0; j < a; ++j) {
+              double cur = v_end;
+              if (j < a - 1) {
+                cur = 0.0;
+                for (int64_t b = 0; b < B; ++b)
+                  cur += class_value(rows + (b * (a - 1) + j) * k, k, c, softmax);
+                cur /= static_cast<double>(B);
+              }
+              sample[walk[j]] += cur - prev;
+              prev = cur;
+            }
+          }
+          // Welford update over samples (one sample = the mean of walks_per_sample walks).
+          const double count = static_cast<double>(s + 1);
+          for (int64_t j = 0; j < a; ++j) {
+            const int64_t i = walk0[j];
+            const double value = sample[i] / static_cast<double>(walks_per_sample);
+            const double delta = value - mrow[i];
+            mrow[i] += delta / count;
+            m2row[i] += delta * (value - mrow[i]);
+          }
+        }
+      }
+    });
+  });
+  return {mean, m2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(oni, CPU, m) {
+  m.impl("permutation_walk_linear", &permutation_walk_linear_cpu);
+  m.impl("permutation_walk_masked", &permutation_walk_masked_cpu);
+  m.impl("shapley_accumulate", &shapley_accumulate_cpu);
+}
+
+}  // namespace oni

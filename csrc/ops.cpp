@@ -1,0 +1,45 @@
+// The one place every oni op schema lives. Kernels register per device in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); oni/reference.py is the spec.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef ONI_CUDA_VERSION
+#define ONI_CUDA_VERSION 0
+#endif
+
+extern "C" {
+// `import oni._C` loads this library so the TORCH_LIBRARY blocks below run; the module
+// itself is empty (ops are reached through torch.ops.oni, never through pybind).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "oni custom ops (registered with torch.ops.oni)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(oni, m) {
+  // Layout shared by the Shapley ops. N inputs x [N, d], B references per input
+  // baseline [N, B, d], P walks per input perm [N, P, L] (feature indices; the first
+  // n_active[n] entries of each walk are a permutation of input n's active features, the
+  // rest padding). A walk over a active features visits a - 1 interior prefixes (the empty
+  // and full prefixes are the shared endpoints f(baseline) and f(x)), so the step rows are
+  // ordered [n][p][b][k] with k = 1..a_n - 1, S = sum_n P * B * max(a_n - 1, 0) rows.
+
+  // First-layer pre-activations W z + bias of every interior prefix z, by cumulative sums of
+  // permuted weight columns W[:, perm] * (x - baseline)[perm]. -> [S, H]
+  m.def("permutation_walk_linear(Tensor x, Tensor baseline, Tensor perm, Tensor n_active, "
+        "Tensor weight, Tensor? bias, int total_steps) -> Tensor");
+  // The masked inputs z themselves (x on the prefix, baseline elsewhere). -> [S, d]
+  m.def("permutation_walk_masked(Tensor x, Tensor baseline, Tensor perm, Tensor n_active, "
+        "int total_steps) -> Tensor");
+  // From model outputs at every step (and at the endpoints), the explained-class value
+  // (softmax probability, or the raw output) averaged over references, differenced along
+  // each walk, averaged over each group of `walks_per_sample` walks (2 = antithetic pair),
+  // and accumulated over samples into a per-feature mean and sum of squared deviations
+  // (float64, [N, n_features] each). Deterministic: one input's walks are summed in order.
+  m.def("shapley_accumulate(Tensor step_logits, Tensor start_logits, Tensor end_logits, "
+        "Tensor target, Tensor perm, Tensor n_active, int n_features, int walks_per_sample, "
+        "bool softmax) -> (Tensor mean, Tensor m2)");
+  // CUDA toolkit version the extension was compiled with (major*1000 + minor*10), 0 if none.
+  m.def("cuda_version() -> int", []() -> int64_t { return ONI_CUDA_VERSION; });
+}

@@ -1,0 +1,20 @@
+"""oni: Optimal Noise Injection against membership inference, with fast Shapley kernels."""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _ops, reference  # noqa: F401
+from .shapley import (
+    ShapleyResult,
+    ShapleyValueSampling,
+    build_info,
+    exact_shapley,
+    shapley_values,
+)
+
+__all__ = [
+    "ShapleyResult",
+    "ShapleyValueSampling",
+    "build_info",
+    "exact_shapley",
+    "shapley_values",
+]
+__version__ = "0.1.0"

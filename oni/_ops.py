@@ -1,0 +1,89 @@
+"""Typed wrappers over ``torch.ops.oni.*`` and their fake (meta) registrations.
+
+Schemas live in ``csrc/ops.cpp``; the executable spec of every op is in
+:mod:`oni.reference`. Layout conventions are documented there.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library so torch.ops.oni is populated)
+
+OP_NAMES = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
+
+
+def permutation_walk_linear(
+    x: Tensor,  # [N, d]
+    baseline: Tensor,  # [N, B, d]
+    perm: Tensor,  # [N, P, L] int64
+    n_active: Tensor,  # [N] int64
+    weight: Tensor,  # [H, d]
+    bias: Optional[Tensor],  # [H]
+    total_steps: int,
+) -> Tensor:  # [S, H]
+    """First-layer pre-activations of every interior prefix of every walk."""
+    return torch.ops.oni.permutation_walk_linear.default(
+        x, baseline, perm, n_active, weight, bias, total_steps)
+
+
+def permutation_walk_masked(
+    x: Tensor, baseline: Tensor, perm: Tensor, n_active: Tensor, total_steps: int
+) -> Tensor:  # [S, d]
+    """Masked inputs (x on the prefix, baseline elsewhere) of every interior prefix."""
+    return torch.ops.oni.permutation_walk_masked.default(x, baseline, perm, n_active, total_steps)
+
+
+def shapley_accumulate(
+    step_logits: Tensor,  # [S, k]
+    start_logits: Tensor,  # [N, B, k]
+    end_logits: Tensor,  # [N, k]
+    target: Tensor,  # [N] int64
+    perm: Tensor,  # [N, P, L] int64
+    n_active: Tensor,  # [N] int64
+    n_features: int,
+    walks_per_sample: int,
+    softmax: bool,
+) -> Tuple[Tensor, Tensor]:  # mean [N, d] f64, m2 [N, d] f64
+    """Per-feature mean and sum of squared deviations of the walk samples."""
+    return torch.ops.oni.shapley_accumulate.default(
+        step_logits, start_logits, end_logits, target, perm, n_active, n_features,
+        walks_per_sample, softmax)
+
+
+def cuda_version() -> int:
+    """CUDA version the extension was compiled with (major*1000 + minor*10), 0 if none."""
+    return int(torch.ops.oni.cuda_version.default())
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether every oni op has a kernel compiled for ``device_type`` ("cpu", "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"oni::{name}", key)
+               for name in OP_NAMES)
+
+
+@torch.library.register_fake("oni::permutation_walk_linear")
+def _(x, baseline, perm, n_active, weight, bias, total_steps):
+    torch._check(x.dim() == 2 and baseline.dim() == 3 and perm.dim() == 3)
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1])
+    return x.new_empty((total_steps, weight.shape[0]))
+
+
+@torch.library.register_fake("oni::permutation_walk_masked")
+def _(x, baseline, perm, n_active, total_steps):
+    torch._check(x.dim() == 2 and baseline.dim() == 3 and perm.dim() == 3)
+    return x.new_empty((total_steps, x.shape[1]))
+
+
+@torch.library.register_fake("oni::shapley_accumulate")
+def _(step_logits, start_logits, end_logits, target, perm, n_active, n_features,
+      walks_per_sample, softmax):
+    torch._check(end_logits.dim() == 2 and start_logits.dim() == 3)
+    n = end_logits.shape[0]
+    mean = end_logits.new_empty((n, n_features), dtype=torch.float64)
+    return mean, torch.empty_like(mean)

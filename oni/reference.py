@@ -1,0 +1,170 @@
+"""Pure-PyTorch twins of every oni op: the executable specification.
+
+Every kernel in ``csrc/`` is tested against the function of the same name here, and the
+``backend="torch"`` path of the public API runs these functions (batched, on the model's
+device), so they are written to be fast as well as plain.
+
+Shapley layout (shared by all Shapley ops)
+------------------------------------------
+* ``x [N, d]``: N inputs; ``baseline [N, B, d]``: B references per input (a single baseline
+  is B = 1; a background set is the same B references for every input, possibly an
+  expanded view).
+* ``perm [N, P, L]`` int64: P permutation walks per input. The first ``n_active[n]`` entries
+  of each walk are a permutation of input n's active features (those where x differs from a
+  reference); entries past that are padding and never read.
+* A walk over ``a`` active features visits ``a + 1`` coalitions (prefixes); the empty and the
+  full prefix are the same for every walk (the baseline and x), so only the ``a - 1``
+  *interior* prefixes are materialised. Step rows are ordered ``[n][p][b][k]`` with
+  ``k = 1 .. a_n - 1`` (prefix size), ``S = sum_n P * B * max(a_n - 1, 0)`` rows in all.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def interior_steps(n_active: Tensor, n_walks: int, n_refs: int) -> int:
+    """Number of interior step rows S for the given active counts."""
+    return int((n_active - 1).clamp(min=0).sum().item()) * n_walks * n_refs
+
+
+def _interior_mask(n_active: Tensor, length: int) -> Tensor:
+    """[N, length] bool: step position k (0-based, prefix size k + 1) is interior."""
+    pos = torch.arange(length, device=n_active.device)
+    return pos[None, :] < (n_active - 1)[:, None]
+
+
+def _check_total(total_steps: int, n_active: Tensor, n_walks: int, n_refs: int, name: str):
+    expected = interior_steps(n_active, n_walks, n_refs)
+    if total_steps != expected:
+        raise ValueError(f"{name}: total_steps = {total_steps} but the walks have "
+                         f"{expected} interior steps")
+
+
+def permutation_walk_linear(
+    x: Tensor,  # [N, d]
+    baseline: Tensor,  # [N, B, d]
+    perm: Tensor,  # [N, P, L] int64
+    n_active: Tensor,  # [N] int64
+    weight: Tensor,  # [H, d]
+    bias: Optional[Tensor],  # [H]
+    total_steps: int,
+) -> Tensor:  # [S, H]
+    """First-layer pre-activations ``W z + bias`` of every interior prefix ``z``.
+
+    Incremental first layer: a walk starts at ``W r + bias`` and each step adds the permuted
+    column ``W[:, i] * (x_i - r_i)``, so all prefixes are one cumulative sum.
+    """
+    n, _ = x.shape
+    n_refs, (n_walks, length) = baseline.shape[1], perm.shape[1:]
+    hidden = weight.shape[0]
+    _check_total(total_steps, n_active, n_walks, n_refs, "permutation_walk_linear")
+    steps = max(length - 1, 0)
+    if total_steps == 0:
+        return x.new_empty((0, hidden))
+    interior = _interior_mask(n_active, steps)  # [N, steps]
+    idx = torch.where(interior[:, None, :], perm[:, :, :steps], 0)  # [N, P, steps]
+    x_on_walk = x.gather(1, idx.reshape(n, -1)).reshape(n, n_walks, 1, steps)
+    r_on_walk = baseline[:, None].expand(n, n_walks, n_refs, -1).gather(
+        3, idx[:, :, None, :].expand(n, n_walks, n_refs, steps))  # [N, P, B, steps]
+    delta = x_on_walk - r_on_walk
+    columns = weight.t()[idx]  # [N, P, steps, H]
+    origin = baseline @ weight.t()  # [N, B, H]
+    if bias is not None:
+        origin = origin + bias
+    prefix = origin[:, None, :, None, :] + torch.cumsum(
+        columns[:, :, None] * delta[..., None], dim=3)  # [N, P, B, steps, H]
+    keep = interior[:, None, None, :].expand(n, n_walks, n_refs, steps)
+    return prefix[keep]
+
+
+def permutation_walk_masked(
+    x: Tensor,  # [N, d]
+    baseline: Tensor,  # [N, B, d]
+    perm: Tensor,  # [N, P, L] int64
+    n_active: Tensor,  # [N] int64
+    total_steps: int,
+) -> Tensor:  # [S, d]
+    """Masked inputs of every interior prefix: x on the prefix, the reference elsewhere."""
+    n, d = x.shape
+    n_refs, (n_walks, length) = baseline.shape[1], perm.shape[1:]
+    _check_total(total_steps, n_active, n_walks, n_refs, "permutation_walk_masked")
+    steps = max(length - 1, 0)
+    if total_steps == 0:
+        return x.new_empty((0, d))
+    pos = torch.arange(length, device=x.device)
+    on_walk = pos[None, :] < n_active[:, None]  # [N, L]
+    # position of each feature on each walk; `length` (never reached) for the rest
+    rank = torch.full((n, n_walks, d), length, dtype=torch.long, device=x.device)
+    src = torch.where(on_walk[:, None, :], pos, length).expand(n, n_walks, length)
+    rank.scatter_reduce_(2, torch.where(on_walk[:, None, :], perm, 0), src, reduce="amin")
+    prefix_size = torch.arange(1, steps + 1, device=x.device)
+    taken = rank[:, :, None, None, :] < prefix_size[:, None]  # [N, P, 1, steps, d]
+    z = torch.where(taken, x[:, None, None, None, :], baseline[:, None, :, None, :])
+    keep = _interior_mask(n_active, steps)[:, None, None, :].expand(n, n_walks, n_refs, steps)
+    return z[keep]
+
+
+def class_value(logits: Tensor, target: Tensor, softmax: bool) -> Tensor:
+    """Explained-class value in float64: softmax probability of class ``target`` or the raw
+    output. ``logits [..., k]``, ``target`` broadcastable to ``logits[..., 0]``."""
+    values = logits.double()
+    if softmax:
+        values = torch.softmax(values, dim=-1)
+    shape = torch.broadcast_shapes(logits.shape[:-1], target.shape)
+    index = target.expand(shape).unsqueeze(-1)
+    return values.expand(*shape, logits.shape[-1]).gather(-1, index).squeeze(-1)
+
+
+def shapley_accumulate(
+    step_logits: Tensor,  # [S, k]
+    start_logits: Tensor,  # [N, B, k]
+    end_logits: Tensor,  # [N, k]
+    target: Tensor,  # [N] int64
+    perm: Tensor,  # [N, P, L] int64
+    n_active: Tensor,  # [N] int64
+    n_features: int,
+    walks_per_sample: int,
+    softmax: bool,
+) -> Tuple[Tensor, Tensor]:  # mean [N, n_features] f64, m2 [N, n_features] f64
+    """Marginal contributions along every walk, accumulated per feature.
+
+    The game value of a coalition is the explained-class value averaged over the B
+    references. Each walk's marginal contributions are differences of consecutive prefix
+    values (they telescope to ``v(N) - v(empty)``: efficiency holds per walk). A *sample* is
+    the mean of ``walks_per_sample`` consecutive walks (2 = an antithetic pair); returns the
+    mean over samples and the sum of squared deviations from it (``m2``; the variance of a
+    sample is ``m2 / (n_samples - 1)``). Features never on a walk get exactly 0.
+    """
+    n, k = end_logits.shape
+    n_refs = start_logits.shape[1]
+    n_walks, length = perm.shape[1:]
+    if n_walks % walks_per_sample:
+        raise ValueError(f"P = {n_walks} walks is not a multiple of walks_per_sample = "
+                         f"{walks_per_sample}")
+    _check_total(step_logits.shape[0], n_active, n_walks, n_refs, "shapley_accumulate")
+    steps = max(length - 1, 0)
+    per_input = n_walks * n_refs * (n_active - 1).clamp(min=0)
+    owner = torch.repeat_interleave(torch.arange(n, device=perm.device), per_input)
+    step_values = class_value(step_logits, target[owner], softmax)  # [S]
+    grid = step_values.new_zeros((n, n_walks, n_refs, steps))
+    interior = _interior_mask(n_active, steps)
+    grid[interior[:, None, None, :].expand_as(grid)] = step_values
+    mid = grid.mean(dim=2)  # [N, P, steps] averaged over references
+    start = class_value(start_logits, target[:, None], softmax).mean(dim=1)  # [N]
+    end = class_value(end_logits, target, softmax)  # [N]
+    pos = torch.arange(length, device=perm.device)
+    # value after taking the walk's j-th feature: interior value, then x itself (v(N))
+    mid_padded = torch.cat([mid, mid.new_zeros((n, n_walks, 1))], dim=2)[:, :, :length]
+    after = torch.where(pos < (n_active - 1)[:, None, None], mid_padded, end[:, None, None])
+    before = torch.cat([start[:, None, None].expand(n, n_walks, 1), after[:, :, :-1]], dim=2)
+    on_walk = pos[None, None, :] < n_active[:, None, None]
+    contribution = torch.where(on_walk, after - before, 0.0)
+    dense = contribution.new_zeros((n, n_walks, n_features))
+    dense.scatter_add_(2, torch.where(on_walk, perm, 0), contribution)
+    samples = dense.reshape(n, n_walks // walks_per_sample, walks_per_sample, n_features).mean(2)
+    mean = samples.mean(dim=1)
+    m2 = (samples - mean[:, None]).square().sum(dim=1)
+    return mean, m2

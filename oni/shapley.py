@@ -1,0 +1,651 @@
+"""Shapley values of a torch classifier's prediction: the public API.
+
+The game (DESIGN.md, "The method" 1): ``v(S) = f_c(z_S)`` where ``z_S`` takes ``x`` on the
+coalition ``S`` and a reference ``r`` elsewhere, averaged over a background set of references
+when one is given, and ``f_c`` is the softmax probability of the explained class ``c``.
+
+Estimators:
+
+* :func:`shapley_values`: the mean marginal contribution over sampled permutation walks of
+  the *active* features (``x_i != r_i``; the others are dummies with value exactly 0), with a
+  standard error per feature. Walks come as antithetic (forward, reverse) pairs by default,
+  which makes the estimate exact for any game with interactions of order <= 2. Efficiency
+  (``sum_i phi_i = v(N) - v(empty)``) holds exactly on every walk.
+* :func:`exact_shapley`: enumeration of all ``2^d`` coalitions, ``d <= 20``.
+* :class:`ShapleyValueSampling`: a drop-in for captum's class of the same name.
+
+Permutations come from a counter-based hash of ``(seed, row index, sample index)``, so the
+result for a row does not depend on chunking, batch composition, backend or device.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops, reference
+
+__all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
+
+MAX_EXACT_FEATURES = 20
+_TARGET_KEYWORDS = ("pred", "label")
+_BACKENDS = ("auto", "kernel", "torch")
+_LINKS = ("softmax", "identity")
+
+
+@dataclass(frozen=True)
+class ShapleyResult:
+    """Shapley values of N inputs over d features.
+
+    Attributes:
+        values: ``[N, d]`` estimated Shapley values (x's dtype).
+        stderr: ``[N, d]`` standard error of each value (0 where exact: dummy features,
+            rows with at most one active feature, :func:`exact_shapley`; NaN where fewer than
+            two samples were drawn).
+        n_permutations: ``[N]`` int64 permutation walks used per row (an antithetic pair
+            counts as two; rows stopped early by ``tol`` have fewer; 0 for exact).
+        fx: ``[N]`` explained-class value at x (``v(N)``).
+        f_baseline: ``[N]`` explained-class value at the baseline (``v(empty)``, the mean
+            over references for a background set).
+        target: ``[N]`` int64 explained class of each row.
+    """
+
+    values: Tensor
+    stderr: Tensor
+    n_permutations: Tensor
+    fx: Tensor
+    f_baseline: Tensor
+    target: Tensor
+
+    def to_shap(self, x: Tensor, feature_names: Optional[Sequence[str]] = None):
+        """This result as a ``shap.Explanation`` (needs the optional ``shap`` package).
+
+        Args:
+            x: ``[N, d]`` the explained inputs (shown as the explanation's data).
+            feature_names: optional d names.
+        """
+        try:
+            import shap
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("ShapleyResult.to_shap needs the optional package 'shap' "
+                              "(pip install shap)") from err
+        if tuple(x.shape) != tuple(self.values.shape):
+            raise ValueError(f"x must have the shape of the values {tuple(self.values.shape)}, "
+                             f"got {tuple(x.shape)}")
+        if feature_names is not None and len(feature_names) != x.shape[1]:
+            raise ValueError(f"feature_names must have d = {x.shape[1]} names, "
+                             f"got {len(feature_names)}")
+        return shap.Explanation(
+            values=self.values.detach().cpu().numpy(),
+            base_values=self.f_baseline.detach().cpu().numpy(),
+            data=x.detach().cpu().numpy(),
+            feature_names=list(feature_names) if feature_names is not None else None,
+        )
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_finite(t: Tensor, name: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
+
+
+def _check_inputs(x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor [N, d], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, d], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (N = 0): nothing to explain")
+    if x.shape[1] == 0:
+        raise ValueError("x has no features (d = 0)")
+    _check_finite(x, "x")
+    return x
+
+
+def _check_baseline(baseline, x: Tensor, per_row: bool = False) -> Tensor:
+    """Returns the references as [B, d] (shared) or [N, d] (per row when per_row)."""
+    d = x.shape[1]
+    if baseline is None:
+        return x.new_zeros((1, d))
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
+        return x.new_full((1, d), float(baseline))
+    if not isinstance(baseline, Tensor):
+        raise TypeError(f"baseline must be None, a number or a tensor, got {type(baseline).__name__}")
+    if baseline.device != x.device:
+        raise ValueError(f"baseline must be on x's device {x.device}, got {baseline.device}")
+    if baseline.dtype != x.dtype:
+        raise TypeError(f"baseline must have x's dtype {x.dtype}, got {baseline.dtype}")
+    if baseline.dim() == 1:
+        baseline = baseline[None]
+    if baseline.dim() != 2 or baseline.shape[1] != d:
+        raise ValueError(f"baseline must be [d] or [B, d] with d = {d} (x's width), "
+                         f"got shape {tuple(baseline.shape)}")
+    if baseline.shape[0] == 0:
+        raise ValueError("baseline is an empty background set (B = 0)")
+    if per_row and baseline.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"baselines must be [d], [1, d] or [N, d] with N = {x.shape[0]}, "
+                         f"got shape {tuple(baseline.shape)}")
+    _check_finite(baseline, "baseline")
+    return baseline
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_backend(backend: str, device: torch.device) -> bool:
+    """Returns True to use the C++/CUDA kernels, False for the torch twin."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    compiled = _ops.has_kernel(device.type)
+    if backend == "kernel" and not compiled:
+        raise RuntimeError(f"backend='kernel' but oni was built without kernels for "
+                           f"{device.type} (oni.build_info(): {build_info()}); use "
+                           f"backend='torch' or rebuild")
+    return backend == "kernel" or (backend == "auto" and compiled)
+
+
+def build_info() -> dict:
+    """Which backends the compiled extension provides, and what it was built with."""
+    return {
+        "cpu": _ops.has_kernel("cpu"),
+        "cuda": _ops.has_kernel("cuda"),
+        "cuda_version": _ops.cuda_version(),
+        "torch": torch.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------- the game
+
+class _Game:
+    """A model, how to evaluate it in chunks, and the explained value of its output."""
+
+    def __init__(self, model: Callable[[Tensor], Tensor], link: str, n_rows: int):
+        if not callable(model):
+            raise TypeError(f"model must be callable (an nn.Module or function), got "
+                            f"{type(model).__name__}")
+        if link not in _LINKS:
+            raise ValueError(f"link must be one of {_LINKS}, got {link!r}")
+        self.model = model
+        self.softmax = link == "softmax"
+        self.n_rows = n_rows
+        split = _split_first_linear(model) if isinstance(model, nn.Module) else None
+        self.first_linear, self.tail = split if split is not None else (None, None)
+        if isinstance(model, nn.Module) and model.training:
+            warnings.warn("model is in training mode: dropout or batch-norm make the game "
+                          "random; call model.eval() for meaningful Shapley values",
+                          stacklevel=3)
+
+    def __call__(self, z: Tensor, what: str = "model output") -> Tensor:
+        out = self.model(z)
+        return self._check_output(out, z.shape[0], what)
+
+    def tail_outputs(self, pre: Tensor) -> Tensor:
+        return self._check_output(self.tail(pre), pre.shape[0], "model output")
+
+    def _check_output(self, out, n: int, what: str) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{what} must be a tensor [N, k], got {type(out).__name__}")
+        if out.dim() != 2 or out.shape[0] != n:
+            raise ValueError(f"{what} must be [N, k] = [{n}, k] (one row of class scores per "
+                             f"input), got shape {tuple(out.shape)}")
+        if self.softmax and out.shape[1] < 2:
+            raise ValueError(f"{what} has k = {out.shape[1]} column(s): the softmax link needs "
+                             f"k >= 2 class logits (use link='identity' to explain a raw output)")
+        if out.dtype not in (torch.float32, torch.float64):
+            out = out.float()
+        return out
+
+
+def _split_first_linear(model: nn.Module) -> Optional[Tuple[nn.Linear, nn.Module]]:
+    """(first nn.Linear, rest of the network) for an nn.Sequential starting with nn.Linear."""
+    if type(model).forward is not nn.Sequential.forward or len(model) == 0:
+        return None
+    first = model[0]
+    if isinstance(first, nn.Linear):
+        return first, model[1:]
+    inner = _split_first_linear(first) if isinstance(first, nn.Module) else None
+    if inner is None:
+        return None
+    return inner[0], nn.Sequential(inner[1], *model[1:])
+
+
+def _resolve_target(target, labels, logits_x: Tensor) -> Tensor:
+    n, k = logits_x.shape
+    device = logits_x.device
+    if isinstance(target, str):
+        if target == "pred":
+            return logits_x.argmax(dim=1)
+        if target == "label":
+            if labels is None:
+                raise ValueError("target='label' needs labels= (a tensor [N] of class indices)")
+            target = labels
+            name = "labels"
+        else:
+            raise ValueError(f"target must be 'pred', 'label', an int or a tensor of classes, "
+                             f"got {target!r}")
+    else:
+        name = "target"
+    if isinstance(target, bool):
+        raise TypeError(f"{name} must be a class index, got a bool")
+    if isinstance(target, numbers.Integral):
+        classes = torch.full((n,), int(target), dtype=torch.long, device=device)
+    elif isinstance(target, Tensor):
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer class indices, got {target.dtype}")
+        if target.dim() == 0:
+            target = target.expand(n)
+        if target.shape != (n,):
+            raise ValueError(f"{name} must be [N] = [{n}], got shape {tuple(target.shape)}")
+        classes = target.to(device=device, dtype=torch.long)
+    elif isinstance(target, (list, tuple)):
+        return _resolve_target(torch.as_tensor(target), None, logits_x)
+    else:
+        raise ValueError(f"target must be 'pred', 'label', an int or a tensor of classes, "
+                         f"got {type(target).__name__}")
+    bad = (classes < 0) | (classes >= k)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name}[{i}] = {int(classes[i])} is not a class index in [0, {k}) "
+                         f"(the model has k = {k} outputs)")
+    return classes
+
+
+# ----------------------------------------------------------------------------- sampling
+
+_MASK64 = -1  # all bits
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """splitmix64 finaliser on int64 tensors (wrapping arithmetic)."""
+    z = z ^ _shr(z, 30)
+    z = z * -4658895280553007687  # 0xbf58476d1ce4e5b9
+    z = z ^ _shr(z, 27)
+    z = z * -7723592293110705685  # 0x94d049bb133111eb
+    return z ^ _shr(z, 31)
+
+
+def _walk_permutations(seed: int, rows: Tensor, first_sample: int, n_samples: int,
+                       active_index: Tensor, n_active: Tensor, antithetic: bool) -> Tensor:
+    """Permutations of each row's active features, ``[R, n_samples * wps, L]`` int64.
+
+    Sample ``s`` of global row ``i`` is a uniformly random permutation drawn from a hash of
+    ``(seed, i, s)`` alone, so it is the same whatever the chunking, backend or device. With
+    ``antithetic`` each sample is a forward walk followed by its reverse.
+    """
+    n_rows, length = active_index.shape
+    device = rows.device
+    samples = torch.arange(first_sample, first_sample + n_samples, device=device)
+    key = _mix64(_mix64(rows * 0x3C6EF372 + (seed & 0x7FFFFFFF) * 0x5851F42D4C957F2D)
+                 [:, None] + samples[None, :] * 0x14057B7EF767814F)  # [R, S]
+    pos = torch.arange(length, device=device)
+    keys = _mix64(key[:, :, None] + pos * 0x2545F4914F6CDD1D)  # [R, S, L]
+    on_walk = pos[None, :] < n_active[:, None]
+    keys = torch.where(on_walk[:, None, :], keys >> 1, torch.iinfo(torch.long).max)
+    order = torch.argsort(keys, dim=2, stable=True)  # padding sorts last
+    forward = active_index.gather(1, order.reshape(n_rows, -1)).reshape(n_rows, n_samples, length)
+    if not antithetic:
+        return forward
+    last = (n_active - 1)[:, None]
+    reverse_pos = torch.where(pos[None, :] < n_active[:, None], last - pos, pos)  # [R, L]
+    reverse = forward.gather(2, reverse_pos[:, None, :].expand(n_rows, n_samples, length))
+    return torch.stack([forward, reverse], dim=2).reshape(n_rows, 2 * n_samples, length)
+
+
+def _default_max_batch_evals(width: int, n_classes: int, device: torch.device,
+                             itemsize: int) -> int:
+    """Interior steps per chunk so step tensors stay near a memory budget
+    (256 MiB on CPU, 2 GiB on CUDA)."""
+    budget = (2 << 30) if device.type == "cuda" else (256 << 20)
+    return max(256, min(1 << 22, budget // (itemsize * (width + n_classes))))
+
+
+def _merge(count_a: Tensor, mean_a: Tensor, m2_a: Tensor, count_b: int, mean_b: Tensor,
+           m2_b: Tensor):
+    """Chan et al. pairwise merge of (count, mean, m2) statistics, per row."""
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    weight_b = (count_b / total.clamp(min=1)).to(mean_a.dtype)[:, None]
+    mean = mean_a + delta * weight_b
+    m2 = m2_a + m2_b + delta.square() * (count_a * count_b / total.clamp(min=1)).to(
+        mean_a.dtype)[:, None]
+    return total, mean, m2
+
+
+# ----------------------------------------------------------------------------- estimator
+
+def shapley_values(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    baseline: Union[None, float, Tensor] = None,
+    *,
+    target: Union[str, int, Tensor] = "pred",
+    labels: Optional[Tensor] = None,
+    n_permutations: int = 100,
+    antithetic: bool = True,
+    tol: Optional[float] = None,
+    seed: int = 0,
+    backend: str = "auto",
+    max_batch_evals: Optional[int] = None,
+    link: str = "softmax",
+) -> ShapleyResult:
+    """Sampled-permutation Shapley values of a classifier's explained-class probability.
+
+    Args:
+        model: maps ``[n, d]`` inputs to ``[n, k]`` logits (an ``nn.Module`` or function).
+            An ``nn.Sequential`` whose first module is ``nn.Linear`` takes the incremental
+            first-layer path (cumulative sums of weight columns); anything else is evaluated
+            on masked inputs. Put it in eval mode.
+        x: ``[N, d]`` float inputs on the model's device.
+        baseline: the reference ``r``: None (zeros), a number, a vector ``[d]``, or a
+            background set ``[B, d]`` (the game is the mean over the B references).
+        target: the explained class: ``"pred"`` (argmax of the model at x), ``"label"``
+            (needs ``labels``), an int, or a tensor ``[N]`` of classes.
+        labels: ``[N]`` class indices, for ``target="label"``.
+        n_permutations: permutation walks per row (>= 1). With ``antithetic`` they come as
+            (forward, reverse) pairs and an odd count is rounded up to the next even one.
+        antithetic: pair every walk with its reverse (exact for interactions of order <= 2,
+            and a much lower variance for neural networks).
+        tol: stop a row once its largest standard error is below ``tol`` (checked after
+            every eighth of the budget, at least two samples); None runs all walks.
+        seed: seed of the walks; the same seed gives the same result on any backend,
+            chunking or device.
+        backend: ``"kernel"`` (C++/CUDA ops), ``"torch"`` (the pure-PyTorch twin in
+            :mod:`oni.reference`), ``"auto"`` (kernel when compiled for x's device).
+        max_batch_evals: model evaluations (interior walk steps) per chunk; the default keeps
+            the step tensors near 256 MiB on CPU and 2 GiB on CUDA. Memory stays flat in N.
+        link: ``"softmax"`` explains the class probability (the paper's ``f_c``),
+            ``"identity"`` the raw model output of the class.
+
+    Returns:
+        :class:`ShapleyResult`.
+    """
+    x = _check_inputs(x)
+    refs = _check_baseline(baseline, x)
+    return _sampled_shapley(model, x, refs, False, target=target, labels=labels,
+                            n_permutations=n_permutations, antithetic=antithetic, tol=tol,
+                            seed=seed, backend=backend, max_batch_evals=max_batch_evals,
+                            link=link)
+
+
+def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, target, labels,
+                     n_permutations, antithetic, tol, seed, backend, max_batch_evals,
+                     link) -> ShapleyResult:
+    n, d = x.shape
+    n_permutations = _check_int(n_permutations, "n_permutations", 1)
+    seed = _check_int(seed, "seed", 0)
+    if max_batch_evals is not None:
+        max_batch_evals = _check_int(max_batch_evals, "max_batch_evals", 1)
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
+            raise ValueError(f"tol must be None or a positive number, got {tol!r}")
+    use_kernel = _check_backend(backend, x.device)
+    game = _Game(model, link, n)
+    ops = _ops if use_kernel else reference
+
+    with torch.inference_mode():
+        logits_x = game(x, "model output at x")
+        _check_finite(logits_x, "model output at x")
+        logits_r = game(refs, "model output at the baseline")
+        _check_finite(logits_r, "model output at the baseline")
+        classes = _resolve_target(target, labels, logits_x)
+        fx = reference.class_value(logits_x, classes, game.softmax)
+        if refs_per_row:
+            f_base = reference.class_value(logits_r[:, None], classes[:, None], game.softmax)[:, 0]
+        else:
+            f_base = reference.class_value(logits_r[None], classes[:, None], game.softmax).mean(1)
+
+        active = torch.zeros((n, d), dtype=torch.bool, device=x.device)
+        if refs_per_row:
+            active = x != refs
+        else:
+            for r in refs:
+                active |= x != r
+        n_active = active.sum(dim=1)
+        # active feature indices first, in increasing order
+        active_index = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices
+
+        walks_per_sample = 2 if antithetic else 1
+        total_samples = math.ceil(n_permutations / walks_per_sample)
+        round_samples = total_samples if tol is None else max(2, math.ceil(total_samples / 8))
+        n_refs = 1 if refs_per_row else refs.shape[0]
+        width = game.first_linear.out_features if game.first_linear is not None else d
+        budget = max_batch_evals or _default_max_batch_evals(
+            width, logits_x.shape[1], x.device, x.element_size())
+
+        count = torch.zeros(n, dtype=torch.long, device=x.device)
+        mean = torch.zeros((n, d), dtype=torch.float64, device=x.device)
+        m2 = torch.zeros_like(mean)
+        order = torch.argsort(n_active, stable=True)  # similar lengths share chunks
+        alive = order
+        done = 0
+        while done < total_samples and alive.numel() > 0:
+            todo = min(round_samples, total_samples - done)
+            for rows, first, n_samples in _plan_chunks(alive, n_active, todo, walks_per_sample,
+                                                       n_refs, budget):
+                chunk_mean, chunk_m2 = _run_chunk(
+                    ops, game, x, refs, refs_per_row, logits_x, logits_r, classes, active_index,
+                    n_active, rows, seed, done + first, n_samples, antithetic, walks_per_sample)
+                count_rows, mean_rows, m2_rows = _merge(
+                    count[rows], mean[rows], m2[rows], n_samples, chunk_mean, chunk_m2)
+                count[rows], mean[rows], m2[rows] = count_rows, mean_rows, m2_rows
+            done += todo
+            if tol is not None:
+                stderr_max = _stderr(m2[alive], count[alive]).nan_to_num(nan=math.inf).amax(1)
+                alive = alive[~(stderr_max <= tol)]
+
+        stderr = _stderr(m2, count)
+        # exact rows: one active feature or none (the walk is forced)
+        stderr[n_active <= 1] = 0.0
+        stderr[~active] = 0.0
+        return ShapleyResult(
+            values=mean.to(x.dtype),
+            stderr=stderr.to(x.dtype),
+            n_permutations=count * walks_per_sample,
+            fx=fx.to(x.dtype),
+            f_baseline=f_base.to(x.dtype),
+            target=classes,
+        )
+
+
+def _stderr(m2: Tensor, count: Tensor) -> Tensor:
+    c = count.to(m2.dtype)[:, None]
+    return torch.sqrt(m2 / (c - 1) / c)
+
+
+def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sample: int,
+                 n_refs: int, budget: int):
+    """Yields (rows, first sample, n samples) so each chunk has about <= budget steps."""
+    per_sample = (walks_per_sample * n_refs * (n_active[rows] - 1).clamp(min=1)).tolist()
+    rows_list = rows
+    start = 0
+    while start < len(per_sample):
+        cost = per_sample[start]
+        if cost * n_samples > budget:
+            # a single row is too big for one round: split its samples
+            step = max(1, budget // cost)
+            for first in range(0, n_samples, step):
+                yield rows_list[start:start + 1], first, min(step, n_samples - first)
+            start += 1
+            continue
+        stop, total = start, 0
+        while stop < len(per_sample) and total + per_sample[stop] * n_samples <= budget:
+            total += per_sample[stop] * n_samples
+            stop += 1
+        yield rows_list[start:stop], 0, n_samples
+        start = stop
+
+
+def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, classes,
+               active_index, n_active, rows, seed, first_sample, n_samples, antithetic,
+               walks_per_sample):
+    """Mean and m2 over ``n_samples`` samples for the given rows."""
+    d = x.shape[1]
+    a = n_active[rows]
+    length = int(a.max())
+    perm = _walk_permutations(seed, rows, first_sample, n_samples, active_index[rows, :length],
+                              a, antithetic)
+    xs = x[rows]
+    if refs_per_row:
+        base = refs[rows][:, None, :]
+        start_logits = logits_r[rows][:, None, :]
+    else:
+        base = refs[None].expand(len(rows), -1, -1)
+        start_logits = logits_r[None].expand(len(rows), -1, -1)
+    n_walks, n_refs = perm.shape[1], base.shape[1]
+    total = reference.interior_steps(a, n_walks, n_refs)
+    if total == 0:
+        steps = logits_x.new_empty((0, logits_x.shape[1]))
+    elif game.first_linear is not None:
+        layer = game.first_linear
+        pre = ops.permutation_walk_linear(xs, base, perm, a, layer.weight, layer.bias, total)
+        steps = game.tail_outputs(pre)
+    else:
+        steps = game(ops.permutation_walk_masked(xs, base, perm, a, total))
+    steps = steps.to(logits_x.dtype)
+    return ops.shapley_accumulate(steps, start_logits.contiguous(), logits_x[rows], classes[rows],
+                                  perm, a, d, walks_per_sample, game.softmax)
+
+
+# ----------------------------------------------------------------------------- exact
+
+def exact_shapley(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    baseline: Union[None, float, Tensor] = None,
+    *,
+    target: Union[str, int, Tensor] = "pred",
+    labels: Optional[Tensor] = None,
+    link: str = "softmax",
+) -> ShapleyResult:
+    """Exact Shapley values by enumerating all ``2^d`` coalitions (``d <= 20``).
+
+    Same game and arguments as :func:`shapley_values`; computed in float64 from the model's
+    outputs. ``stderr`` is 0 and ``n_permutations`` 0.
+    """
+    x = _check_inputs(x)
+    n, d = x.shape
+    if d > MAX_EXACT_FEATURES:
+        raise ValueError(f"exact_shapley enumerates 2^d coalitions and supports d <= "
+                         f"{MAX_EXACT_FEATURES}, got d = {d}; use shapley_values")
+    refs = _check_baseline(baseline, x)
+    game = _Game(model, link, n)
+    n_coalitions = 1 << d
+    bits = torch.arange(d, device=x.device)
+    masks = ((torch.arange(n_coalitions, device=x.device)[:, None] >> bits) & 1).bool()
+    size = masks.sum(1)
+    # weight of a coalition S (not containing i) in phi_i: |S|! (d - |S| - 1)! / d!
+    weights = torch.tensor([math.factorial(s) * math.factorial(d - s - 1) / math.factorial(d)
+                            for s in range(d)], dtype=torch.float64, device=x.device)
+    with torch.inference_mode():
+        logits_x = game(x, "model output at x")
+        _check_finite(logits_x, "model output at x")
+        classes = _resolve_target(target, labels, logits_x)
+        values = torch.zeros((n, d), dtype=torch.float64, device=x.device)
+        value_of = torch.empty(n_coalitions, dtype=torch.float64, device=x.device)
+        batch = max(1, (1 << 16) // refs.shape[0])
+        f_base = torch.empty(n, dtype=torch.float64, device=x.device)
+        for row in range(n):
+            for lo in range(0, n_coalitions, batch):
+                m = masks[lo:lo + batch]
+                z = torch.where(m[:, None, :], x[row], refs[None])  # [b, B, d]
+                out = game(z.reshape(-1, d), "model output")
+                v = reference.class_value(out, classes[row], game.softmax)
+                value_of[lo:lo + batch] = v.reshape(len(m), -1).mean(1)
+            f_base[row] = value_of[0]
+            for i in range(d):
+                without = ~masks[:, i]
+                gain = value_of[masks[:, i]] - value_of[without]  # S+i vs S, same order
+                values[row, i] = (weights[size[without]] * gain).sum()
+        fx = reference.class_value(logits_x, classes, game.softmax)
+    return ShapleyResult(
+        values=values.to(x.dtype),
+        stderr=torch.zeros_like(values, dtype=x.dtype),
+        n_permutations=torch.zeros(n, dtype=torch.long, device=x.device),
+        fx=fx.to(x.dtype),
+        f_baseline=f_base.to(x.dtype),
+        target=classes,
+    )
+
+
+# ----------------------------------------------------------------------------- drop-in
+
+class ShapleyValueSampling:
+    """Drop-in for ``captum.attr.ShapleyValueSampling`` on 2-D tabular inputs.
+
+    Explains ``forward_func``'s raw output (as captum does, no softmax) with oni's antithetic
+    permutation sampler and kernels. ``n_samples`` counts permutation walks (odd counts are
+    rounded up to even for antithetic pairs).
+    """
+
+    def __init__(self, forward_func: Callable[..., Tensor]):
+        if not callable(forward_func):
+            raise TypeError("forward_func must be callable")
+        self.forward_func = forward_func
+
+    def attribute(self, inputs: Tensor, baselines=None, target=None,
+                  additional_forward_args=None, feature_mask=None, n_samples: int = 25,
+                  perturbations_per_eval: int = 1, show_progress: bool = False,
+                  *, seed: int = 0, backend: str = "auto") -> Tensor:
+        """Shapley values shaped like ``inputs [N, d]``.
+
+        Args:
+            inputs: ``[N, d]`` float tensor.
+            baselines: None (zeros), a number, ``[d]``/``[1, d]`` (shared) or ``[N, d]``
+                (one per input).
+            target: None (forward output ``[N]`` or ``[N, 1]``), an int, a list or a
+                tensor ``[N]`` of output columns.
+            additional_forward_args: extra non-batched arguments passed to forward_func.
+            feature_mask: not supported (raises); every feature is its own player.
+            n_samples: permutation walks per input.
+            perturbations_per_eval, show_progress: accepted for compatibility; oni batches
+                evaluations to a memory budget by itself.
+        """
+        if isinstance(inputs, tuple):
+            if len(inputs) != 1:
+                raise ValueError("oni.ShapleyValueSampling supports a single 2-D input tensor")
+            inputs = inputs[0]
+        if feature_mask is not None:
+            raise NotImplementedError("feature_mask (feature groups) is not supported by "
+                                      "oni.ShapleyValueSampling; every feature is a player")
+        extra = () if additional_forward_args is None else (
+            additional_forward_args if isinstance(additional_forward_args, tuple)
+            else (additional_forward_args,))
+        if any(isinstance(a, Tensor) and a.dim() > 0 for a in extra):
+            raise NotImplementedError("additional_forward_args with per-example tensors are not "
+                                      "supported; pass constants or close over them")
+        x = _check_inputs(inputs)
+        if isinstance(baselines, tuple):
+            baselines = baselines[0]
+        refs = _check_baseline(baselines, x, per_row=True)
+        per_row = refs.shape[0] == x.shape[0] and x.shape[0] > 1
+
+        def game(z: Tensor) -> Tensor:
+            out = self.forward_func(z, *extra)
+            return out[:, None] if isinstance(out, Tensor) and out.dim() == 1 else out
+
+        if target is None:
+            target = 0
+        result = _sampled_shapley(game, x, refs, per_row, target=target, labels=None,
+                                  n_permutations=n_samples, antithetic=True, tol=None,
+                                  seed=seed, backend=backend, max_batch_evals=None,
+                                  link="identity")
+        return result.values
