@@ -266,9 +266,6 @@ def _resolve_target(target, labels, logits_x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- sampling
 
-_MASK64 = -1  # all bits
-
-
 def _shr(z: Tensor, s: int) -> Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (z >> s) & ((1 << (64 - s)) - 1)
@@ -294,8 +291,10 @@ def _walk_permutations(seed: int, rows: Tensor, first_sample: int, n_samples: in
     n_rows, length = active_index.shape
     device = rows.device
     samples = torch.arange(first_sample, first_sample + n_samples, device=device)
-    key = _mix64(_mix64(rows * 0x3C6EF372 + (seed & 0x7FFFFFFF) * 0x5851F42D4C957F2D)
-                 [:, None] + samples[None, :] * 0x14057B7EF767814F)  # [R, S]
+    seed_term = (seed * 0x5851F42D4C957F2D + 0x2545F4914F6CDD1D) % (1 << 64)
+    seed_term -= (1 << 64) if seed_term >= (1 << 63) else 0  # as a signed int64
+    key = _mix64(_mix64(rows * 0x3C6EF372 + seed_term)[:, None]
+                 + samples[None, :] * 0x14057B7EF767814F)  # [R, S]
     pos = torch.arange(length, device=device)
     keys = _mix64(key[:, :, None] + pos * 0x2545F4914F6CDD1D)  # [R, S, L]
     on_walk = pos[None, :] < n_active[:, None]
@@ -401,7 +400,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
     game = _Game(model, link, n)
     ops = _ops if use_kernel else reference
 
-    with torch.inference_mode():
+    with torch.no_grad():
         logits_x = game(x, "model output at x")
         _check_finite(logits_x, "model output at x")
         logits_r = game(refs, "model output at the baseline")
@@ -536,10 +535,11 @@ def exact_shapley(
     labels: Optional[Tensor] = None,
     link: str = "softmax",
 ) -> ShapleyResult:
-    """Exact Shapley values by enumerating all ``2^d`` coalitions (``d <= 20``).
+    """Exact Shapley values by subset enumeration, for ``d <= 20``.
 
-    Same game and arguments as :func:`shapley_values`; computed in float64 from the model's
-    outputs. ``stderr`` is 0 and ``n_permutations`` 0.
+    Same game and arguments as :func:`shapley_values`. Each row enumerates the ``2^a``
+    coalitions of its ``a`` active features (dummies are exactly 0); values are computed in
+    float64 from the model's outputs. ``stderr`` is 0 and ``n_permutations`` 0.
     """
     x = _check_inputs(x)
     n, d = x.shape
@@ -548,33 +548,17 @@ def exact_shapley(
                          f"{MAX_EXACT_FEATURES}, got d = {d}; use shapley_values")
     refs = _check_baseline(baseline, x)
     game = _Game(model, link, n)
-    n_coalitions = 1 << d
-    bits = torch.arange(d, device=x.device)
-    masks = ((torch.arange(n_coalitions, device=x.device)[:, None] >> bits) & 1).bool()
-    size = masks.sum(1)
-    # weight of a coalition S (not containing i) in phi_i: |S|! (d - |S| - 1)! / d!
-    weights = torch.tensor([math.factorial(s) * math.factorial(d - s - 1) / math.factorial(d)
-                            for s in range(d)], dtype=torch.float64, device=x.device)
-    with torch.inference_mode():
+    with torch.no_grad():
         logits_x = game(x, "model output at x")
         _check_finite(logits_x, "model output at x")
         classes = _resolve_target(target, labels, logits_x)
         values = torch.zeros((n, d), dtype=torch.float64, device=x.device)
-        value_of = torch.empty(n_coalitions, dtype=torch.float64, device=x.device)
-        batch = max(1, (1 << 16) // refs.shape[0])
         f_base = torch.empty(n, dtype=torch.float64, device=x.device)
         for row in range(n):
-            for lo in range(0, n_coalitions, batch):
-                m = masks[lo:lo + batch]
-                z = torch.where(m[:, None, :], x[row], refs[None])  # [b, B, d]
-                out = game(z.reshape(-1, d), "model output")
-                v = reference.class_value(out, classes[row], game.softmax)
-                value_of[lo:lo + batch] = v.reshape(len(m), -1).mean(1)
-            f_base[row] = value_of[0]
-            for i in range(d):
-                without = ~masks[:, i]
-                gain = value_of[masks[:, i]] - value_of[without]  # S+i vs S, same order
-                values[row, i] = (weights[size[without]] * gain).sum()
+            # only active features are players; the others are dummies (value 0)
+            players = (x[row] != refs).any(0).nonzero()[:, 0]
+            values[row, players], f_base[row] = _exact_row(
+                game, x[row], refs, players, classes[row])
         fx = reference.class_value(logits_x, classes, game.softmax)
     return ShapleyResult(
         values=values.to(x.dtype),
@@ -584,6 +568,34 @@ def exact_shapley(
         f_baseline=f_base.to(x.dtype),
         target=classes,
     )
+
+
+def _exact_row(game: "_Game", x_row: Tensor, refs: Tensor, players: Tensor, target: Tensor):
+    """Exact values of one row's players by enumerating their 2^a coalitions, and v(empty)."""
+    a, device = players.numel(), x_row.device
+    n_coalitions = 1 << a
+    bits = torch.arange(a, device=device)
+    masks = ((torch.arange(n_coalitions, device=device)[:, None] >> bits) & 1).bool()
+    size = masks.sum(1)
+    # weight of a coalition S (not containing i) in phi_i: |S|! (a - |S| - 1)! / a!
+    weights = torch.tensor([math.factorial(s) * math.factorial(a - s - 1) / math.factorial(a)
+                            for s in range(a)], dtype=torch.float64, device=device)
+    value_of = torch.empty(n_coalitions, dtype=torch.float64, device=device)
+    batch = max(1, (1 << 16) // refs.shape[0])
+    for lo in range(0, n_coalitions, batch):
+        m = masks[lo:lo + batch]
+        z = refs[None].repeat(len(m), 1, 1)  # [b, B, d]
+        taken = m[:, None, :].expand(-1, refs.shape[0], -1)
+        z[..., players] = torch.where(taken, x_row[players], z[..., players])
+        out = game(z.reshape(-1, x_row.numel()), "model output")
+        value_of[lo:lo + batch] = reference.class_value(out, target, game.softmax).reshape(
+            len(m), -1).mean(1)
+    phi = torch.empty(a, dtype=torch.float64, device=device)
+    for i in range(a):
+        without = ~masks[:, i]
+        gain = value_of[masks[:, i]] - value_of[without]  # S + i vs S, in the same order
+        phi[i] = (weights[size[without]] * gain).sum()
+    return phi, value_of[0]
 
 
 # ----------------------------------------------------------------------------- drop-in

@@ -1,0 +1,220 @@
+"""Every oni op against its pure-PyTorch twin in oni.reference, on every device present."""
+import pytest
+import torch
+
+from oni import _ops, reference
+from helpers import devices, walk_inputs
+
+DEVICES = devices()
+CASES = [  # (n, d, n_refs, n_walks, active_counts)
+    dict(n=5, d=9, n_refs=1, n_walks=4, active_counts=None),
+    dict(n=3, d=7, n_refs=3, n_walks=2, active_counts=None),
+    dict(n=4, d=6, n_refs=2, n_walks=6, active_counts=[0, 1, 6, 3]),  # ragged incl. 0 and 1
+    dict(n=2, d=1, n_refs=1, n_walks=2, active_counts=[1, 0]),  # d = 1
+    dict(n=3, d=5, n_refs=1, n_walks=2, active_counts=[0, 0, 0]),  # nothing to walk
+    dict(n=37, d=40, n_refs=1, n_walks=8, active_counts=None),  # not a block multiple
+]
+
+
+def _inputs(case, device, dtype=torch.float32, seed=0):
+    return walk_inputs(case["n"], case["d"], case["n_refs"], case["n_walks"], seed=seed,
+                       device=device, dtype=dtype, active_counts=case["active_counts"])
+
+
+def _layer(d, hidden, device, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(hidden, d, generator=gen, dtype=dtype)
+    b = torch.randn(hidden, generator=gen, dtype=dtype)
+    return w.to(device), b.to(device)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+def test_walk_linear_matches_reference(device, case):
+    x, base, perm, n_active, total = _inputs(case, device, torch.float64)
+    w, b = _layer(case["d"], 11, device, torch.float64)
+    truth = reference.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    got = _ops.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    assert got.shape == truth.shape == (total, 11)
+    torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
+    # float32: error vs the float64 truth at most 2x that of the twin in float32 (STYLE.md)
+    args32 = [t.float() if t.is_floating_point() else t for t in (x, base, perm, n_active, w, b)]
+    err_kernel = _max_err(_ops.permutation_walk_linear(*args32, total), truth)
+    err_twin = _max_err(reference.permutation_walk_linear(*args32, total), truth)
+    assert err_kernel <= 2 * err_twin + 1e-6
+    # no bias
+    torch.testing.assert_close(
+        _ops.permutation_walk_linear(x, base, perm, n_active, w, None, total),
+        reference.permutation_walk_linear(x, base, perm, n_active, w, None, total))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+def test_walk_masked_matches_reference(device, case):
+    x, base, perm, n_active, total = _inputs(case, device)
+    got = _ops.permutation_walk_masked(x, base, perm, n_active, total)
+    truth = reference.permutation_walk_masked(x, base, perm, n_active, total)
+    assert got.shape == (total, case["d"])
+    assert torch.equal(got, truth)  # pure copies: bit for bit
+
+
+def test_walk_masked_prefixes_are_what_the_layout_says():
+    """Spot-check the [n][p][b][k] layout by hand on one tiny case."""
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    base = torch.tensor([[[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]])
+    perm = torch.tensor([[[2, 0, 1]]])
+    out = _ops.permutation_walk_masked(x, base, perm, torch.tensor([3]), 4)
+    expected = torch.tensor([[10.0, 20.0, 3.0], [1.0, 20.0, 3.0],  # reference 0, k = 1, 2
+                             [40.0, 50.0, 3.0], [1.0, 50.0, 3.0]])  # reference 1
+    assert torch.equal(out, expected)
+
+
+def _accumulate_inputs(case, device, dtype, softmax, seed=0, walks_per_sample=2):
+    x, base, perm, n_active, total = _inputs(case, device, dtype, seed)
+    k = 5
+    gen = torch.Generator().manual_seed(seed + 7)
+    n, n_refs = case["n"], case["n_refs"]
+    steps = (torch.randn(total, k, generator=gen, dtype=dtype) * 3).to(device)
+    start = (torch.randn(n, n_refs, k, generator=gen, dtype=dtype) * 3).to(device)
+    end = (torch.randn(n, k, generator=gen, dtype=dtype) * 3).to(device)
+    target = torch.randint(0, k, (n,), generator=gen).to(device)
+    return (steps, start, end, target, perm, n_active, case["d"], walks_per_sample, softmax)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("softmax", [True, False])
+@pytest.mark.parametrize("walks_per_sample", [1, 2])
+def test_accumulate_matches_reference(device, case, softmax, walks_per_sample):
+    args = _accumulate_inputs(case, device, torch.float32, softmax,
+                              walks_per_sample=walks_per_sample)
+    mean, m2 = _ops.shapley_accumulate(*args)
+    mean_ref, m2_ref = reference.shapley_accumulate(*args)
+    assert mean.dtype == m2.dtype == torch.float64
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m2, m2_ref, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_efficiency_and_dummies(device):
+    """Each walk telescopes: the feature sums equal v(x) - v(baseline) exactly-ish; features
+    not on the walk get exactly 0."""
+    case = CASES[2]
+    args = _accumulate_inputs(case, device, torch.float64, True)
+    steps, start, end, target, perm, n_active = args[:6]
+    mean, m2 = _ops.shapley_accumulate(*args)
+    v_end = reference.class_value(end, target, True)
+    v_start = reference.class_value(start, target[:, None], True).mean(1)
+    gap = torch.where(n_active > 0, v_end - v_start, 0.0)
+    torch.testing.assert_close(mean.sum(1), gap, rtol=0, atol=1e-12)
+    on_walk = torch.zeros_like(mean, dtype=torch.bool)
+    for i, a in enumerate(n_active.tolist()):
+        on_walk[i, perm[i, 0, :a]] = True
+    assert (mean[~on_walk] == 0).all() and (m2[~on_walk] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_deterministic(device):
+    case = CASES[5]
+    x, base, perm, n_active, total = _inputs(case, device)
+    w, b = _layer(case["d"], 33, device, torch.float32)
+    a1 = _ops.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    a2 = _ops.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    assert torch.equal(a1, a2)
+    args = _accumulate_inputs(case, device, torch.float32, True)
+    m1, s1 = _ops.shapley_accumulate(*args)
+    m2_, s2 = _ops.shapley_accumulate(*args)
+    assert torch.equal(m1, m2_) and torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    case = CASES[0]
+    x, base, perm, n_active, total = _inputs(case, device, torch.float64)
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=device)
+    wide[:, ::2] = x
+    x_strided = wide[:, ::2]
+    assert not x_strided.is_contiguous()
+    shared = base[:1, :1].expand(x.shape[0], 3, -1)  # stride-0 background set
+    w, b = _layer(case["d"], 6, device, torch.float64)
+    w_t = w.t().contiguous().t()  # column-major weight
+    x2, b2, p2, a2, total2 = walk_inputs(5, 9, 3, 4, seed=0, device=device, dtype=torch.float64)
+    for args in [(x_strided, base, perm, n_active), (x2, shared, p2, a2)]:
+        tot = reference.interior_steps(args[3], args[2].shape[1], args[1].shape[1])
+        torch.testing.assert_close(
+            _ops.permutation_walk_linear(*args, w_t, b, tot),
+            reference.permutation_walk_linear(*(t.contiguous() for t in args), w, b, tot))
+        assert torch.equal(_ops.permutation_walk_masked(*args, tot),
+                           reference.permutation_walk_masked(*(t.contiguous() for t in args), tot))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    case = CASES[1]
+    x, base, perm, n_active, total = _inputs(case, device)
+    w, b = _layer(case["d"], 4, device, torch.float32)
+    torch.library.opcheck(torch.ops.oni.permutation_walk_linear.default,
+                          (x, base, perm, n_active, w, b, total))
+    torch.library.opcheck(torch.ops.oni.permutation_walk_masked.default,
+                          (x, base, perm, n_active, total))
+    torch.library.opcheck(torch.ops.oni.shapley_accumulate.default,
+                          _accumulate_inputs(case, device, torch.float32, True))
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def _good():
+    x, base, perm, n_active, total = walk_inputs(3, 6, 1, 2, seed=3, density=0.7)
+    w, b = _layer(6, 4, "cpu", torch.float32)
+    return x, base, perm, n_active, w, b, total
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.update(x=a["x"][0]), "x must be 2-D"),
+    (lambda a: a.update(x=a["x"].long()), "x must be float32 or float64"),
+    (lambda a: a.update(baseline=a["baseline"][:, 0]), "baseline must be 3-D"),
+    (lambda a: a.update(baseline=a["baseline"].double()), "baseline must have x's dtype"),
+    (lambda a: a.update(baseline=a["baseline"][..., :5]), "baseline must be \\[N, B, d\\]"),
+    (lambda a: a.update(perm=a["perm"].int()), "perm must be int64"),
+    (lambda a: a.update(perm=a["perm"][:2]), "perm must have N"),
+    (lambda a: a.update(n_active=a["n_active"][:2]), "n_active must be \\[N\\]"),
+    (lambda a: a.update(n_active=a["n_active"] + 10), "n_active\\[0\\] = .* must lie in"),
+    (lambda a: a.update(weight=a["weight"][:, :5]), "weight must be \\[H, d\\]"),
+    (lambda a: a.update(bias=a["bias"][:3]), "bias must be \\[H\\]"),
+    (lambda a: a.update(total_steps=a["total_steps"] + 1), "total_steps = "),
+    (lambda a: a["perm"].__setitem__((0, 0, 0), a["perm"][0, 0, 1].item()),
+     "must be distinct feature indices"),
+    (lambda a: a["perm"].__setitem__((1, 0, 0), 99), "must be distinct feature indices"),
+])
+def test_walk_linear_bad_input(mutate, message):
+    x, base, perm, n_active, w, b, total = _good()
+    args = dict(x=x, baseline=base, perm=perm.clone(), n_active=n_active, weight=w, bias=b,
+                total_steps=total)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        _ops.permutation_walk_linear(**args)
+
+
+def test_accumulate_bad_input():
+    args = list(_accumulate_inputs(CASES[0], "cpu", torch.float32, True))
+    bad_target = list(args)
+    bad_target[3] = args[3].clone()
+    bad_target[3][0] = 5
+    with pytest.raises(RuntimeError, match="target\\[0\\] = 5 is not a class index"):
+        _ops.shapley_accumulate(*bad_target)
+    odd = list(args)
+    odd[7] = 3
+    with pytest.raises(RuntimeError, match="multiple of walks_per_sample"):
+        _ops.shapley_accumulate(*odd)
+    short = list(args)
+    short[0] = args[0][:-1]
+    with pytest.raises(RuntimeError, match="interior steps"):
+        _ops.shapley_accumulate(*short)
+    wide = list(args)
+    wide[1] = args[1][..., :4]
+    with pytest.raises(RuntimeError, match="start_logits must be \\[N, B, k\\]"):
+        _ops.shapley_accumulate(*wide)

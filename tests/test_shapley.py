@@ -1,0 +1,385 @@
+"""The public Shapley API: estimator quality, the method's identities, and bad input."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import oni
+from helpers import devices, small_mlp
+
+DEVICES = devices()
+BACKENDS = ["kernel", "torch"]
+
+
+def _binary_rows(n, d, seed=0, p=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, d, generator=gen) < p).float()
+
+
+def _gaussian_rows(n, d, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def game10():
+    model = small_mlp(10, k=5, seed=3)
+    x = _gaussian_rows(6, 10, seed=4)
+    x[0, [2, 7]] = 0.0  # dummies with the zero baseline
+    return model, x, oni.exact_shapley(model, x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_within_standard_errors_of_exact(game10, backend):
+    model, x, exact = game10
+    res = oni.shapley_values(model, x, n_permutations=400, backend=backend, seed=1)
+    assert res.values.shape == res.stderr.shape == x.shape
+    assert (res.n_permutations == 400).all()
+    err = (res.values - exact.values).abs().double()
+    sampled = res.stderr > 0
+    z = err[sampled] / res.stderr[sampled].double()
+    assert z.max() < 5.0, f"max |z| = {z.max():.2f}"
+    assert (err[~sampled] < 1e-6).all()  # exact where no sampling error
+    # and the standard errors are honest: not wildly larger than the error they describe
+    assert z.square().mean().sqrt() > 0.3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_efficiency_every_row(backend, dtype):
+    model = small_mlp(12, k=3, seed=5, dtype=dtype)
+    x = _gaussian_rows(9, 12, seed=6).to(dtype)
+    res = oni.shapley_values(model, x, n_permutations=6, backend=backend)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(res.values.sum(1), res.fx - res.f_baseline, rtol=0, atol=tol)
+    probs = torch.softmax(model(x), 1)
+    torch.testing.assert_close(res.fx, probs.gather(1, res.target[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dummy_features_exactly_zero(backend):
+    model = small_mlp(12, k=4, seed=7)
+    x = _binary_rows(8, 12, seed=8, p=0.3)  # zero baseline: every 0 is a dummy
+    res = oni.shapley_values(model, x, n_permutations=10, backend=backend)
+    dummy = x == 0
+    assert dummy.any()
+    assert (res.values[dummy] == 0).all() and (res.stderr[dummy] == 0).all()
+    bg = torch.stack([x[0], x[0] * 0 + 1])  # background: dummies where x equals both
+    res_bg = oni.shapley_values(model, x[:1], bg, n_permutations=10, backend=backend)
+    assert (res_bg.values[0, x[0] == 1] == 0).sum() >= 0  # defined
+    assert (res_bg.values[0][(x[0] == bg[0]) & (x[0] == bg[1])] == 0).all()
+
+
+def test_same_seed_same_result_and_chunking_invariance(game10):
+    model, x, _ = game10
+    a = oni.shapley_values(model, x, n_permutations=20, seed=11)
+    b = oni.shapley_values(model, x, n_permutations=20, seed=11)
+    c = oni.shapley_values(model, x, n_permutations=20, seed=12)
+    assert torch.equal(a.values, b.values) and torch.equal(a.stderr, b.stderr)
+    assert not torch.equal(a.values, c.values)
+    tiny = oni.shapley_values(model, x, n_permutations=20, seed=11, max_batch_evals=5)
+    torch.testing.assert_close(tiny.values, a.values, rtol=0, atol=1e-7)
+    # a row's walks depend on (seed, row index) only, not on the other rows in the batch
+    other = x.clone()
+    other[0] = 0.5
+    mixed = oni.shapley_values(model, other, n_permutations=20, seed=11)
+    torch.testing.assert_close(mixed.values[1:], a.values[1:], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_backend_equals_torch_backend(device):
+    model = small_mlp(11, k=6, seed=9).to(device)
+    x = _gaussian_rows(7, 11, seed=10).to(device)
+    bg = _gaussian_rows(3, 11, seed=12).to(device)
+    for baseline in (None, bg):
+        k = oni.shapley_values(model, x, baseline, n_permutations=16, backend="kernel")
+        t = oni.shapley_values(model, x, baseline, n_permutations=16, backend="torch")
+        torch.testing.assert_close(k.values, t.values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(k.stderr, t.stderr, rtol=1e-4, atol=1e-7)
+        assert torch.equal(k.n_permutations, t.n_permutations)
+
+
+class _Wrapped(nn.Module):
+    """Same network, but not an nn.Sequential: forces the generic masked-input path."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z):
+        return self.net(z)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generic_path_equals_incremental_path(backend):
+    model = small_mlp(10, k=4, seed=13)
+    x = _gaussian_rows(5, 10, seed=14)
+    bg = _gaussian_rows(2, 10, seed=15)
+    for baseline in (None, bg):
+        inc = oni.shapley_values(model, x, baseline, n_permutations=12, backend=backend)
+        gen = oni.shapley_values(_Wrapped(model).eval(), x, baseline, n_permutations=12,
+                                 backend=backend)
+        fn = oni.shapley_values(lambda z: model(z), x, baseline, n_permutations=12,
+                                backend=backend)
+        torch.testing.assert_close(inc.values, gen.values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(gen.values, fn.values, rtol=0, atol=0)
+
+
+def test_nested_sequential_takes_incremental_path():
+    from oni.shapley import _split_first_linear
+    model = small_mlp(6)
+    nested = nn.Sequential(nn.Sequential(model[0], model[1]), *model[2:])
+    head, tail = _split_first_linear(nested)
+    assert head is model[0]
+    z = torch.randn(3, 6)
+    torch.testing.assert_close(tail(head(z)), nested(z))
+    assert _split_first_linear(_Wrapped(model)) is None
+
+
+def test_antithetic_lowers_the_variance():
+    model = small_mlp(12, k=5, seed=16, hidden=(32, 16))
+    x = _gaussian_rows(24, 12, seed=17)
+    exact = oni.exact_shapley(model, x)
+    mse = {}
+    for anti in (True, False):
+        errs = []
+        for seed in range(8):
+            r = oni.shapley_values(model, x, n_permutations=8, antithetic=anti, seed=seed)
+            errs.append((r.values - exact.values).double().square().mean())
+        mse[anti] = torch.stack(errs).mean().item()
+    assert mse[True] < 0.8 * mse[False], mse  # measured ratio ~0.6 here
+
+
+def test_antithetic_exact_for_pairwise_games():
+    """Forward/reverse pairs are exact for games with interactions of order <= 2."""
+    gen = torch.Generator().manual_seed(18)
+    d = 8
+    a = torch.randn(d, generator=gen)
+    b = torch.randn(d, d, generator=gen)
+
+    def quadratic(z):
+        out = z @ a + ((z @ b) * z).sum(1)
+        return torch.stack([out, -out], 1)
+
+    x = torch.randn(4, d, generator=gen)
+    exact = oni.exact_shapley(quadratic, x, target=0, link="identity")
+    res = oni.shapley_values(quadratic, x, target=0, link="identity", n_permutations=2)
+    torch.testing.assert_close(res.values, exact.values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_background_set_against_exact(backend):
+    model = small_mlp(8, k=3, seed=19)
+    x = _gaussian_rows(4, 8, seed=20)
+    bg = _gaussian_rows(5, 8, seed=21)
+    bg[:, 0] = x[0, 0]  # feature 0 of row 0 equals every reference: a dummy there
+    exact = oni.exact_shapley(model, x, bg)
+    # the mean game: its value at the empty coalition is the mean over references
+    probs = torch.softmax(model(bg), 1)[:, exact.target].T  # [N, B]
+    torch.testing.assert_close(exact.f_baseline, probs.mean(1))
+    res = oni.shapley_values(model, x, bg, n_permutations=300, backend=backend, seed=2)
+    sampled = res.stderr > 0
+    z = (res.values - exact.values).abs()[sampled] / res.stderr[sampled]
+    assert z.max() < 5.0
+    assert res.values[0, 0] == 0 and exact.values[0, 0].abs() < 1e-7
+    torch.testing.assert_close(res.values.sum(1), exact.fx - exact.f_baseline, rtol=0, atol=1e-6)
+
+
+def test_exact_by_hand_on_a_two_feature_game():
+    """v(S) for S in {}, {0}, {1}, {0,1} = 0, 1, 2, 5: phi = (2, 3)."""
+    def game(z):
+        out = z[:, 0] + 2 * z[:, 1] + 2 * z[:, 0] * z[:, 1]
+        return torch.stack([out, out], 1)
+    res = oni.exact_shapley(game, torch.ones(1, 2), target=0, link="identity")
+    torch.testing.assert_close(res.values, torch.tensor([[2.0, 3.0]]))
+    samp = oni.shapley_values(game, torch.ones(1, 2), target=0, link="identity",
+                              n_permutations=2)
+    torch.testing.assert_close(samp.values, torch.tensor([[2.0, 3.0]]))
+
+
+def test_targets():
+    model = small_mlp(6, k=4, seed=22)
+    x = _gaussian_rows(5, 6, seed=23)
+    pred = model(x).argmax(1)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    assert torch.equal(oni.shapley_values(model, x, n_permutations=2).target, pred)
+    assert torch.equal(oni.shapley_values(model, x, target="label", labels=labels,
+                                          n_permutations=2).target, labels)
+    assert (oni.shapley_values(model, x, target=2, n_permutations=2).target == 2).all()
+    res = oni.shapley_values(model, x, target=labels, n_permutations=2)
+    probs = torch.softmax(model(x), 1)
+    torch.testing.assert_close(res.fx, probs[torch.arange(5), labels])
+
+
+def test_tol_stops_rows_early():
+    model = small_mlp(10, k=4, seed=24)
+    x = _gaussian_rows(6, 10, seed=25)
+    x[0, 1:] = 0  # one active feature: exact after the first round
+    full = oni.shapley_values(model, x, n_permutations=64)
+    tol = float(full.stderr.amax(1).median()) * 2
+    res = oni.shapley_values(model, x, n_permutations=64, tol=tol)
+    assert res.n_permutations.min() < 64
+    assert int(res.n_permutations[0]) < 64
+    stopped = res.n_permutations < 64
+    assert (res.stderr.amax(1)[stopped] <= tol).all()
+    assert (res.n_permutations % 2 == 0).all()
+
+
+def test_odd_walk_count_is_rounded_up_for_antithetic_pairs():
+    model = small_mlp(5, seed=26)
+    res = oni.shapley_values(model, _gaussian_rows(2, 5), n_permutations=3)
+    assert (res.n_permutations == 4).all()
+    res = oni.shapley_values(model, _gaussian_rows(2, 5), n_permutations=3, antithetic=False)
+    assert (res.n_permutations == 3).all()
+
+
+def test_single_walk_pair_reports_nan_stderr_not_zero():
+    model = small_mlp(6, seed=27)
+    res = oni.shapley_values(model, _gaussian_rows(2, 6), n_permutations=2)
+    assert torch.isnan(res.stderr).all()  # one sample: the variance is unknown
+
+
+def test_build_info():
+    info = oni.build_info()
+    assert info["cpu"] is True
+    assert isinstance(info["cuda"], bool) and isinstance(info["cuda_version"], int)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    model = small_mlp(9, k=4, seed=28)
+    x = _gaussian_rows(5, 9, seed=29)
+    cpu = oni.shapley_values(model, x, n_permutations=8)
+    gpu = oni.shapley_values(model.cuda(), x.cuda(), n_permutations=8)
+    torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- independent tools
+
+def test_agrees_with_captum_on_the_same_game():
+    captum = pytest.importorskip("captum.attr")
+    model = small_mlp(10, k=4, seed=30)
+    x = _gaussian_rows(4, 10, seed=31)
+    target = model(x).argmax(1)
+    prob = lambda z: torch.softmax(model(z), 1)  # noqa: E731
+    torch.manual_seed(0)
+    theirs = captum.ShapleyValueSampling(prob).attribute(x, baselines=0.0, target=target,
+                                                         n_samples=600)
+    exact = oni.exact_shapley(model, x)
+    ours = oni.shapley_values(model, x, n_permutations=600)
+    scale = exact.values.norm()
+    assert (theirs - exact.values).norm() / scale < 0.05  # captum is right about the game
+    assert (ours.values - theirs).norm() / scale < 0.05
+
+
+def test_drop_in_shapley_value_sampling():
+    model = small_mlp(8, k=3, seed=32)
+    x = _gaussian_rows(5, 8, seed=33)
+    exact = oni.exact_shapley(model, x, target=1, link="identity")
+    attr = oni.ShapleyValueSampling(model).attribute(x, target=1, n_samples=400)
+    assert attr.shape == x.shape and attr.dtype == x.dtype
+    assert (attr - exact.values).norm() / exact.values.norm() < 0.03
+    # per-example baselines
+    base = _gaussian_rows(5, 8, seed=34)
+    attr = oni.ShapleyValueSampling(model).attribute(x, baselines=base, target=1, n_samples=64)
+    out = model(x)[:, 1] - model(base)[:, 1]
+    torch.testing.assert_close(attr.sum(1), out, rtol=0, atol=1e-5)
+    # scalar-output forward, no target
+    attr = oni.ShapleyValueSampling(lambda z: model(z)[:, 0]).attribute(x, n_samples=4)
+    torch.testing.assert_close(attr.sum(1), model(x)[:, 0] - model(torch.zeros(1, 8))[:, 0],
+                               rtol=0, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="feature_mask"):
+        oni.ShapleyValueSampling(model).attribute(x, feature_mask=torch.zeros(1, 8).long())
+
+
+def test_to_shap():
+    shap = pytest.importorskip("shap")
+    model = small_mlp(4, seed=35)
+    x = _gaussian_rows(3, 4)
+    res = oni.shapley_values(model, x, n_permutations=4)
+    exp = res.to_shap(x, feature_names=list("abcd"))
+    assert isinstance(exp, shap.Explanation)
+    assert exp.values.shape == (3, 4) and exp.feature_names == list("abcd")
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def _model_and_x():
+    return small_mlp(5, k=3, seed=36), _gaussian_rows(4, 5, seed=37)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, x: oni.shapley_values(m, x[0]), ValueError, "x must be 2-D"),
+    (lambda m, x: oni.shapley_values(m, x[None]), ValueError, "x must be 2-D"),
+    (lambda m, x: oni.shapley_values(m, x.long()), TypeError, "x must be float32 or float64"),
+    (lambda m, x: oni.shapley_values(m, x.numpy()), TypeError, "x must be a torch.Tensor"),
+    (lambda m, x: oni.shapley_values(m, x[:0]), ValueError, "empty batch"),
+    (lambda m, x: oni.shapley_values(m, x.index_fill(0, torch.tensor([1]), math.nan)),
+     ValueError,
+     "x contains NaN or Inf"),
+    (lambda m, x: oni.shapley_values(m, x.index_fill(1, torch.tensor([2]), math.inf)),
+     ValueError, "x contains NaN or Inf"),
+    (lambda m, x: oni.shapley_values(m, x, torch.zeros(4)), ValueError,
+     "baseline must be \\[d\\] or \\[B, d\\] with d = 5"),
+    (lambda m, x: oni.shapley_values(m, x, torch.zeros(2, 6)), ValueError,
+     "baseline must be \\[d\\] or \\[B, d\\]"),
+    (lambda m, x: oni.shapley_values(m, x, torch.zeros(1, 1, 5)), ValueError,
+     "baseline must be \\[d\\] or \\[B, d\\]"),
+    (lambda m, x: oni.shapley_values(m, x, torch.full((5,), math.nan)), ValueError,
+     "baseline contains NaN or Inf"),
+    (lambda m, x: oni.shapley_values(m, x, torch.zeros(5, dtype=torch.float64)), TypeError,
+     "baseline must have x's dtype"),
+    (lambda m, x: oni.shapley_values(m, x, torch.zeros(0, 5)), ValueError,
+     "empty background set"),
+    (lambda m, x: oni.shapley_values(m, x, n_permutations=0), ValueError,
+     "n_permutations must be >= 1"),
+    (lambda m, x: oni.shapley_values(m, x, n_permutations=2.5), TypeError,
+     "n_permutations must be an int"),
+    (lambda m, x: oni.shapley_values(m, x, target="max"), ValueError, "target must be 'pred'"),
+    (lambda m, x: oni.shapley_values(m, x, target="label"), ValueError, "needs labels="),
+    (lambda m, x: oni.shapley_values(m, x, target=3), ValueError,
+     "target\\[0\\] = 3 is not a class index in \\[0, 3\\)"),
+    (lambda m, x: oni.shapley_values(m, x, target=-1), ValueError, "is not a class index"),
+    (lambda m, x: oni.shapley_values(m, x, target=torch.tensor([0, 1])), ValueError,
+     "target must be \\[N\\] = \\[4\\]"),
+    (lambda m, x: oni.shapley_values(m, x, target="label", labels=torch.tensor([0, 1, 2, 7])),
+     ValueError, "labels\\[3\\] = 7 is not a class index"),
+    (lambda m, x: oni.shapley_values(m, x, target=torch.zeros(4)), TypeError,
+     "must hold integer class indices"),
+    (lambda m, x: oni.shapley_values(m, x, backend="gpu"), ValueError,
+     "backend must be one of"),
+    (lambda m, x: oni.shapley_values(m, x, tol=-1.0), ValueError, "tol must be"),
+    (lambda m, x: oni.shapley_values(m, x, link="logit"), ValueError, "link must be one of"),
+    (lambda m, x: oni.shapley_values(lambda z: m(z)[:, 0], x), ValueError,
+     "model output at x must be \\[N, k\\]"),
+    (lambda m, x: oni.shapley_values(lambda z: m(z)[:1], x), ValueError,
+     "must be \\[N, k\\] = \\[4, k\\]"),
+    (lambda m, x: oni.shapley_values(lambda z: m(z)[:, :1], x), ValueError,
+     "k >= 2 class logits"),
+    (lambda m, x: oni.shapley_values(lambda z: m(z).tolist(), x), TypeError,
+     "must be a tensor"),
+    (lambda m, x: oni.shapley_values(lambda z: m(z) * math.nan, x), ValueError,
+     "model output at x contains NaN"),
+    (lambda m, x: oni.shapley_values("model", x), TypeError, "model must be callable"),
+    (lambda m, x: oni.exact_shapley(m, torch.zeros(2, 21)), ValueError, "d <= 20"),
+    (lambda m, x: oni.exact_shapley(m, x, torch.zeros(3)), ValueError, "baseline must be"),
+    (lambda m, x: oni.exact_shapley(m, x[:0]), ValueError, "empty batch"),
+])
+def test_bad_input_gets_a_clear_error(call, error, message):
+    model, x = _model_and_x()
+    with pytest.raises(error, match=message):
+        call(model, x)
+
+
+def test_training_mode_warns():
+    model, x = _model_and_x()
+    model.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        oni.shapley_values(model, x, n_permutations=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_kernel_backend_without_cuda_kernels_is_a_clear_error():
+    from oni.shapley import _check_backend
+    with pytest.raises(RuntimeError, match="without kernels for"):
+        _check_backend("kernel", torch.device("meta"))
