@@ -93,7 +93,6 @@ def build_extensions():
     cxx_flags = ["-O3"]  # the C++ standard is left to torch (C++20 from torch 2.14)
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
     if not build_cuda:
         log(f"sources: {cpu_sources}")
         return [CppExtension(
@@ -101,7 +100,6 @@ def build_extensions():
             cpu_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DONI_CUDA_VERSION=0"]},
             extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
-            define_macros=define_macros,
             py_limited_api=True,
         )]
 
@@ -127,7 +125,6 @@ def build_extensions():
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
         extra_link_args=["-fopenmp"],
-        define_macros=define_macros,
         py_limited_api=True,
     )]
 
@@ -137,5 +134,5 @@ setup(
     packages=find_packages(include=["oni", "oni.*"]),
     ext_modules=build_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

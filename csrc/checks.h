@@ -78,16 +78,18 @@ inline void check_accumulate_inputs(const at::Tensor& step_logits, const at::Ten
   TORCH_CHECK(target.dim() == 1 && target.size(0) == N, "target must be [N] = [", N, "], got ",
               target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
-  TORCH_CHECK(target.device() == end_logits.device(), "target must be on ", end_logits.device());
+  TORCH_CHECK(target.device() == end_logits.device(), "target must be on ", end_logits.device(),
+              ", got ", target.device());
   TORCH_CHECK(perm.dim() == 3 && perm.size(0) == N, "perm must be [N, P, L] with N = ", N,
               ", got ", perm.sizes());
   TORCH_CHECK(perm.scalar_type() == at::kLong, "perm must be int64, got ", perm.scalar_type());
-  TORCH_CHECK(perm.device() == end_logits.device(), "perm must be on ", end_logits.device());
+  TORCH_CHECK(perm.device() == end_logits.device(), "perm must be on ", end_logits.device(),
+              ", got ", perm.device());
   TORCH_CHECK(n_active.dim() == 1 && n_active.size(0) == N && n_active.scalar_type() == at::kLong,
               "n_active must be int64 [N] = [", N, "], got ", n_active.scalar_type(), " ",
               n_active.sizes());
   TORCH_CHECK(n_active.device() == end_logits.device(), "n_active must be on ",
-              end_logits.device());
+              end_logits.device(), ", got ", n_active.device());
   TORCH_CHECK(n_features >= perm.size(2) && n_features >= 1, "n_features = ", n_features,
               " must be >= 1 and >= the walk length L = ", perm.size(2));
   TORCH_CHECK(walks_per_sample >= 1, "walks_per_sample must be >= 1, got ", walks_per_sample);

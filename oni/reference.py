@@ -145,6 +145,9 @@ def shapley_accumulate(
         raise ValueError(f"P = {n_walks} walks is not a multiple of walks_per_sample = "
                          f"{walks_per_sample}")
     _check_total(step_logits.shape[0], n_active, n_walks, n_refs, "shapley_accumulate")
+    if n_walks == 0:  # no samples: nothing accumulated, as the kernels do
+        zeros = end_logits.new_zeros((n, n_features), dtype=torch.float64)
+        return zeros, zeros.clone()
     steps = max(length - 1, 0)
     per_input = n_walks * n_refs * (n_active - 1).clamp(min=0)
     owner = torch.repeat_interleave(torch.arange(n, device=perm.device), per_input)

@@ -25,7 +25,7 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
     TORCH_CHECK(a >= 0 && a <= L, "n_active[", n, "] = ", a, " must lie in [0, L = ", L, "]");
     row_offset[n + 1] = row_offset[n] + P * n_refs * std::max<int64_t>(a - 1, 0);
   }
-  std::atomic<int64_t> bad_row{-1};
+  std::atomic<int64_t> bad_row{N};  // the smallest bad row, whatever the thread timing
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     // stamp[i] == 2*walk+1 marks "seen in this walk"; row_mark[i] == 1 marks "in walk 0".
     std::vector<int64_t> stamp(n_features, -1);
@@ -43,10 +43,14 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
           else if (!row_mark[i]) { ok = false; break; }
         }
       }
-      if (!ok) { bad_row = n; return; }
+      if (!ok) {
+        int64_t seen = bad_row.load();
+        while (n < seen && !bad_row.compare_exchange_weak(seen, n)) {}
+        return;
+      }
     }
   });
-  TORCH_CHECK(bad_row.load() < 0, "perm row ", bad_row.load(),
+  TORCH_CHECK(bad_row.load() == N, "perm row ", bad_row.load(),
               ": the first n_active entries of every walk must be distinct feature indices in "
               "[0, ", n_features, ") forming the same set in every walk");
   return row_offset;
@@ -76,12 +80,17 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
   auto out = at::empty({total_steps, H}, x.options());
   if (total_steps == 0) return out;
   const auto x_c = x.contiguous();
-  const auto base_c = baseline.contiguous();
+  // A background set shared by every input (an expanded view, stride 0 over N) is read in
+  // place and its walk origins W r + bias are computed once, not N times.
+  const bool shared = N > 0 && baseline.stride(0) == 0;
+  const auto base_c = shared ? baseline[0].contiguous() : baseline.contiguous();  // [(N,) B, d]
+  const int64_t base_stride = shared ? 0 : B * d;
   // Columns of W as contiguous rows, and the walk origins W r + bias for every reference.
   const auto weight_t = weight.t().contiguous();                        // [d, H]
-  auto origin = at::matmul(base_c, weight_t);                           // [N, B, H]
+  auto origin = at::matmul(base_c, weight_t);                           // [(N,) B, H]
   if (bias.has_value()) origin.add_(*bias);
   origin = origin.contiguous();
+  const int64_t origin_stride = shared ? 0 : B * H;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cpu", [&] {
     using acc_t = double;
@@ -100,8 +109,8 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
         const int64_t a = ap[n];
         if (a <= 1) continue;
         const scalar_t* xr = xp + n * d;
-        const scalar_t* rr = rp + (n * B + b) * d;
-        const scalar_t* orig = op + (n * B + b) * H;
+        const scalar_t* rr = rp + n * base_stride + b * d;
+        const scalar_t* orig = op + n * origin_stride + b * H;
         const int64_t* walk = pp + (n * P + p) * L;
         scalar_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * H;
         for (int64_t h = 0; h < H; ++h) acc[h] = orig[h];
@@ -133,7 +142,9 @@ at::Tensor permutation_walk_masked_cpu(const at::Tensor& x, const at::Tensor& ba
   auto out = at::empty({total_steps, d}, x.options());
   if (total_steps == 0) return out;
   const auto x_c = x.contiguous();
-  const auto base_c = baseline.contiguous();
+  const bool shared = N > 0 && baseline.stride(0) == 0;  // see permutation_walk_linear_cpu
+  const auto base_c = shared ? baseline[0].contiguous() : baseline.contiguous();
+  const int64_t base_stride = shared ? 0 : B * d;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_masked_cpu", [&] {
     const scalar_t* xp = x_c.data_ptr<scalar_t>();
     const scalar_t* rp = base_c.data_ptr<scalar_t>();
@@ -147,7 +158,7 @@ at::Tensor permutation_walk_masked_cpu(const at::Tensor& x, const at::Tensor& ba
         const int64_t a = ap[n];
         if (a <= 1) continue;
         const scalar_t* xr = xp + n * d;
-        const scalar_t* prev = rp + (n * B + b) * d;
+        const scalar_t* prev = rp + n * base_stride + b * d;
         const int64_t* walk = pp + (n * P + p) * L;
         scalar_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * d;
         // Each prefix is the previous one with one more feature taken from x.
