@@ -56,6 +56,18 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
   return row_offset;
 }
 
+// One walk step: acc += col * delta, then dst = acc (rounded to the output dtype).
+// Cloned per ISA and picked at load time: the walk is bound by this loop's stores.
+template <typename scalar_t>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void step_and_store(
+    double* __restrict__ acc, const scalar_t* __restrict__ col, scalar_t delta,
+    scalar_t* __restrict__ dst, int64_t H) {
+  for (int64_t h = 0; h < H; ++h) {
+    acc[h] += static_cast<double>(col[h] * delta);
+    dst[h] = static_cast<scalar_t>(acc[h]);
+  }
+}
+
 void check_total_steps(const std::vector<int64_t>& row_offset, int64_t total_steps,
                        const char* what) {
   TORCH_CHECK(row_offset.back() == total_steps, what, ": total_steps = ", total_steps,
@@ -86,7 +98,7 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
   const auto base_c = shared ? baseline[0].contiguous() : baseline.contiguous();  // [(N,) B, d]
   const int64_t base_stride = shared ? 0 : B * d;
   // Columns of W as contiguous rows, and the walk origins W r + bias for every reference.
-  const auto weight_t = weight.t().contiguous();                        // [d, H]
+  const auto weight_t = weight.t().contiguous();  // [d, H]; free for a column-major weight
   auto origin = at::matmul(base_c, weight_t);                           // [(N,) B, H]
   if (bias.has_value()) origin.add_(*bias);
   origin = origin.contiguous();
@@ -117,11 +129,7 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
         for (int64_t k = 0; k < a - 1; ++k, dst += H) {
           const int64_t i = walk[k];
           const scalar_t delta = xr[i] - rr[i];
-          const scalar_t* col = wt + i * H;
-          for (int64_t h = 0; h < H; ++h) {
-            acc[h] += static_cast<acc_t>(col[h] * delta);
-            dst[h] = static_cast<scalar_t>(acc[h]);
-          }
+          step_and_store<scalar_t>(acc.data(), wt + i * H, delta, dst, H);
         }
       }
     });
