@@ -57,9 +57,8 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
 }
 
 // One walk step: acc += col * delta, then dst = acc (rounded to the output dtype).
-// Cloned per ISA and picked at load time: the walk is bound by this loop's stores.
 template <typename scalar_t>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void step_and_store(
+inline void step_and_store(
     double* __restrict__ acc, const scalar_t* __restrict__ col, scalar_t delta,
     scalar_t* __restrict__ dst, int64_t H) {
   for (int64_t h = 0; h < H; ++h) {
