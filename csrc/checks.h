@@ -97,4 +97,37 @@ inline void check_accumulate_inputs(const at::Tensor& step_logits, const at::Ten
               " must be a multiple of walks_per_sample = ", walks_per_sample);
 }
 
+// logits [N, k], k >= 1.
+inline void check_entropy_inputs(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [N, k], got ", logits.dim(), "-D");
+  check_floating(logits, "logits");
+  TORCH_CHECK(logits.size(1) >= 1, "logits must have at least one class (k >= 1), got k = 0");
+}
+
+// eta, direction, budget [N, d]; step, radius [N] (eta's dtype); active [N] bool.
+inline void check_project_inputs(const at::Tensor& eta, const at::Tensor& direction,
+                                 const at::Tensor& step, const at::Tensor& budget,
+                                 const at::Tensor& radius, const at::Tensor& active) {
+  TORCH_CHECK(eta.dim() == 2, "eta must be 2-D [N, d], got ", eta.dim(), "-D");
+  check_floating(eta, "eta");
+  const int64_t N = eta.size(0), d = eta.size(1);
+  TORCH_CHECK(direction.dim() == 2 && direction.size(0) == N && direction.size(1) == d,
+              "direction must be [N, d] = [", N, ", ", d, "], got ", direction.sizes());
+  check_same(direction, eta, "direction", "eta");
+  TORCH_CHECK(budget.dim() == 2 && budget.size(0) == N && budget.size(1) == d,
+              "budget must be [N, d] = [", N, ", ", d, "], got ", budget.sizes());
+  check_same(budget, eta, "budget", "eta");
+  TORCH_CHECK(step.dim() == 1 && step.size(0) == N, "step must be [N] = [", N, "], got ",
+              step.sizes());
+  check_same(step, eta, "step", "eta");
+  TORCH_CHECK(radius.dim() == 1 && radius.size(0) == N, "radius must be [N] = [", N, "], got ",
+              radius.sizes());
+  check_same(radius, eta, "radius", "eta");
+  TORCH_CHECK(active.dim() == 1 && active.size(0) == N, "active must be [N] = [", N, "], got ",
+              active.sizes());
+  TORCH_CHECK(active.scalar_type() == at::kBool, "active must be bool, got ", active.scalar_type());
+  TORCH_CHECK(active.device() == eta.device(), "active must be on eta's device ", eta.device(),
+              ", got ", active.device());
+}
+
 }  // namespace oni

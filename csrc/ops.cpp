@@ -40,6 +40,19 @@ TORCH_LIBRARY(oni, m) {
   m.def("shapley_accumulate(Tensor step_logits, Tensor start_logits, Tensor end_logits, "
         "Tensor target, Tensor perm, Tensor n_active, int n_features, int walks_per_sample, "
         "bool softmax) -> (Tensor mean, Tensor m2)");
+
+  // Noise solver (DESIGN.md, "The method" 4). Shannon entropy H = -sum p log p of
+  // softmax(logits) per row and its gradient dH/dlogits = -p (log p + H), fused and stable
+  // (log-sum-exp; p log p = 0 at p = 0). logits [N, k] -> (H [N], grad [N, k]).
+  m.def("entropy_and_grad(Tensor logits) -> (Tensor entropy, Tensor grad)");
+  // One projected ascent step on the rows where active: z = eta + step * direction, then
+  // the exact Euclidean projection onto {|eta_i| <= budget_i} ∩ {||eta||_2 <= radius}
+  // (KKT: eta = clip(z / (1 + lambda), -budget, budget), lambda >= 0 the smallest keeping
+  // the norm <= radius). Inactive rows are returned unchanged. eta, direction, budget
+  // [N, d]; step, radius [N] (radius may be +inf); active [N] bool. -> eta [N, d]
+  m.def("ascend_and_project(Tensor eta, Tensor direction, Tensor step, Tensor budget, "
+        "Tensor radius, Tensor active) -> Tensor");
+
   // CUDA toolkit version the extension was compiled with (major*1000 + minor*10), 0 if none.
   m.def("cuda_version() -> int", []() -> int64_t { return ONI_CUDA_VERSION; });
 }

@@ -2,6 +2,13 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ops, reference  # noqa: F401
+from .noise import (
+    NoiseResult,
+    noise_budget,
+    optimal_noise,
+    robustness_radius,
+    uniform_noise,
+)
 from .shapley import (
     ShapleyResult,
     ShapleyValueSampling,
@@ -11,6 +18,11 @@ from .shapley import (
 )
 
 __all__ = [
+    "NoiseResult",
+    "noise_budget",
+    "optimal_noise",
+    "robustness_radius",
+    "uniform_noise",
     "ShapleyResult",
     "ShapleyValueSampling",
     "build_info",

@@ -12,7 +12,9 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library so torch.ops.oni is populated)
 
-OP_NAMES = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
+SHAPLEY_OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
+NOISE_OPS = ("entropy_and_grad", "ascend_and_project")
+OP_NAMES = SHAPLEY_OPS + NOISE_OPS
 
 
 def permutation_walk_linear(
@@ -58,13 +60,14 @@ def cuda_version() -> int:
     return int(torch.ops.oni.cuda_version.default())
 
 
-def has_kernel(device_type: str) -> bool:
-    """Whether every oni op has a kernel compiled for ``device_type`` ("cpu", "cuda")."""
+def has_kernel(device_type: str, names=OP_NAMES) -> bool:
+    """Whether the ops ``names`` (default: all) have kernels compiled for ``device_type``
+    ("cpu", "cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"oni::{name}", key)
-               for name in OP_NAMES)
+               for name in names)
 
 
 @torch.library.register_fake("oni::permutation_walk_linear")
@@ -87,3 +90,32 @@ def _(step_logits, start_logits, end_logits, target, perm, n_active, n_features,
     n = end_logits.shape[0]
     mean = end_logits.new_empty((n, n_features), dtype=torch.float64)
     return mean, torch.empty_like(mean)
+
+
+def entropy_and_grad(logits: Tensor) -> Tuple[Tensor, Tensor]:  # H [N], grad [N, k]
+    """Entropy of softmax(logits) per row and its gradient at the logits, fused."""
+    return torch.ops.oni.entropy_and_grad.default(logits)
+
+
+def ascend_and_project(
+    eta: Tensor,  # [N, d]
+    direction: Tensor,  # [N, d]
+    step: Tensor,  # [N]
+    budget: Tensor,  # [N, d]
+    radius: Tensor,  # [N]
+    active: Tensor,  # [N] bool
+) -> Tensor:  # [N, d]
+    """eta + step * direction projected exactly onto the box ∩ ball, on active rows."""
+    return torch.ops.oni.ascend_and_project.default(eta, direction, step, budget, radius, active)
+
+
+@torch.library.register_fake("oni::entropy_and_grad")
+def _(logits):
+    torch._check(logits.dim() == 2)
+    return logits.new_empty((logits.shape[0],)), torch.empty_like(logits)
+
+
+@torch.library.register_fake("oni::ascend_and_project")
+def _(eta, direction, step, budget, radius, active):
+    torch._check(eta.dim() == 2 and direction.shape == eta.shape and budget.shape == eta.shape)
+    return torch.empty_like(eta)

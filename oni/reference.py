@@ -171,3 +171,62 @@ def shapley_accumulate(
     mean = samples.mean(dim=1)
     m2 = (samples - mean[:, None]).square().sum(dim=1)
     return mean, m2
+
+
+# ------------------------------------------------------------------------------ noise solver
+
+def entropy_and_grad(logits: Tensor) -> Tuple[Tensor, Tensor]:  # H [N], dH/dlogits [N, k]
+    """Shannon entropy (nats) of ``softmax(logits)`` per row and its gradient at the logits.
+
+    ``H = -sum_j p_j log p_j`` and ``dH/dz_j = -p_j (log p_j + H)``; computed in float64
+    with log-sum-exp, ``p log p = 0`` where ``p = 0``; returned in the logits' dtype.
+    """
+    z = logits.double()
+    log_p = torch.log_softmax(z, dim=1)
+    p = log_p.exp()
+    p_log_p = torch.where(p > 0, p * log_p, 0.0)
+    entropy = -p_log_p.sum(dim=1)
+    grad = torch.where(p > 0, -p * (log_p + entropy[:, None]), 0.0)
+    return entropy.to(logits.dtype), grad.to(logits.dtype)
+
+
+def project_box_ball(z: Tensor, budget: Tensor, radius: Tensor, iters: int = 200) -> Tensor:
+    """Euclidean projection of each row of ``z`` onto ``{|e_i| <= budget_i} ∩ {||e|| <= radius}``.
+
+    KKT: ``e = clip(z / (1 + lam), -budget, budget)`` with ``lam >= 0`` the smallest keeping
+    ``||e|| <= radius``; ``lam`` by bisection per row (float64), as the design states.
+    """
+    z, u, rho = z.double(), budget.double(), radius.double()
+    box = torch.maximum(torch.minimum(z, u), -u)
+    inside = box.norm(dim=1) <= rho
+    lo = torch.zeros_like(rho)
+    # at lam = ||z|| / rho - 1 the scaled point z / (1 + lam) already lies on the ball
+    hi = torch.where(rho > 0, (z.norm(dim=1) / rho - 1).clamp(min=0), 0.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        e = torch.maximum(torch.minimum(z / (1 + mid[:, None]), u), -u)
+        too_long = e.norm(dim=1) > rho
+        lo = torch.where(too_long, mid, lo)
+        hi = torch.where(too_long, hi, mid)
+    e = torch.maximum(torch.minimum(z / (1 + hi[:, None]), u), -u)
+    e = torch.where((rho > 0)[:, None], e, 0.0)
+    return torch.where(inside[:, None], box, e)
+
+
+def ascend_and_project(
+    eta: Tensor,  # [N, d]
+    direction: Tensor,  # [N, d]
+    step: Tensor,  # [N]
+    budget: Tensor,  # [N, d]
+    radius: Tensor,  # [N]
+    active: Tensor,  # [N] bool
+) -> Tensor:  # [N, d]
+    """One projected ascent step ``eta + step * direction`` onto the box ∩ ball, on the rows
+    where ``active``; the other rows are returned unchanged."""
+    if (radius < 0).any() or radius.isnan().any():
+        raise ValueError("radius must be >= 0")
+    if (budget < 0).any() or not torch.isfinite(budget).all():
+        raise ValueError("budget must be finite and >= 0")
+    z = eta.double() + step.double()[:, None] * direction.double()
+    projected = project_box_ball(z, budget, radius).to(eta.dtype)
+    return torch.where(active[:, None], projected, eta)

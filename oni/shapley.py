@@ -153,11 +153,11 @@ def _check_int(value, name: str, minimum: int) -> int:
 _AUTO_KERNEL_DEVICES = ("cpu",)
 
 
-def _check_backend(backend: str, device: torch.device) -> bool:
-    """Returns True to use the C++/CUDA kernels, False for the torch twin."""
+def _check_backend(backend: str, device: torch.device, names=_ops.SHAPLEY_OPS) -> bool:
+    """Returns True to use the C++/CUDA kernels of the ops ``names``, False for the twins."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    compiled = _ops.has_kernel(device.type)
+    compiled = _ops.has_kernel(device.type, names)
     if backend == "kernel" and not compiled:
         raise RuntimeError(f"backend='kernel' but oni was built without kernels for "
                            f"{device.type} (oni.build_info(): {build_info()}); use "
@@ -167,10 +167,13 @@ def _check_backend(backend: str, device: torch.device) -> bool:
 
 
 def build_info() -> dict:
-    """Which backends the compiled extension provides, and what it was built with."""
+    """Which backends the compiled extension provides, and what it was built with:
+    ``cpu``/``cuda`` say whether every op has a kernel there, ``cuda_ops`` lists the ops
+    that have a CUDA kernel."""
     return {
         "cpu": _ops.has_kernel("cpu"),
         "cuda": _ops.has_kernel("cuda"),
+        "cuda_ops": [name for name in _ops.OP_NAMES if _ops.has_kernel("cuda", (name,))],
         "cuda_version": _ops.cuda_version(),
         "torch": torch.__version__,
     }

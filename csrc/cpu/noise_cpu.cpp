@@ -1,0 +1,155 @@
+// CPU kernels for the noise-solver ops (schemas in csrc/ops.cpp, spec in oni/reference.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../checks.h"
+
+namespace oni {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> entropy_and_grad_cpu(const at::Tensor& logits) {
+  check_entropy_inputs(logits);
+  const int64_t N = logits.size(0), k = logits.size(1);
+  const auto z = logits.contiguous();
+  auto entropy = at::empty({N}, logits.options());
+  auto grad = at::empty({N, k}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "entropy_and_grad_cpu", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* hp = entropy.data_ptr<scalar_t>();
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      std::vector<double> logp(k);
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* row = zp + n * k;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < k; ++j) mx = std::max(mx, static_cast<double>(row[j]));
+        double sum = 0.0;
+        for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
+        const double lse = mx + std::log(sum);
+        double h = 0.0;
+        for (int64_t j = 0; j < k; ++j) {
+          logp[j] = static_cast<double>(row[j]) - lse;
+          const double p = std::exp(logp[j]);
+          if (p > 0.0) h -= p * logp[j];  // p log p -> 0 as p -> 0
+        }
+        hp[n] = static_cast<scalar_t>(h);
+        for (int64_t j = 0; j < k; ++j) {
+          const double p = std::exp(logp[j]);
+          gp[n * k + j] = static_cast<scalar_t>(p > 0.0 ? -p * (logp[j] + h) : 0.0);
+        }
+      }
+    });
+  });
+  return {entropy, grad};
+}
+
+// Exact projection of z onto {|e_i| <= u_i} ∩ {||e|| <= rho}, in place. With t = 1/(1+lambda),
+// ||clip(t z, -u, u)||^2 = A(t) t^2 + C(t) grows with t and is piecewise quadratic between
+// the breakpoints t_i = u_i / |z_i| where feature i starts to clip: walk the sorted
+// breakpoints to the segment that reaches rho^2, then solve t^2 = (rho^2 - C) / A there.
+void project_row(double* z, const double* u, double rho, int64_t d, std::vector<double>& knot,
+                 std::vector<int64_t>& order) {
+  double norm2 = 0.0;
+  for (int64_t i = 0; i < d; ++i) {
+    const double c = std::clamp(z[i], -u[i], u[i]);
+    norm2 += c * c;
+  }
+  const double rho2 = rho * rho;
+  if (norm2 <= rho2) {  // lambda = 0: the box alone
+    for (int64_t i = 0; i < d; ++i) z[i] = std::clamp(z[i], -u[i], u[i]);
+    return;
+  }
+  if (!(rho > 0.0)) {
+    std::fill(z, z + d, 0.0);
+    return;
+  }
+  for (int64_t i = 0; i < d; ++i) knot[i] = z[i] != 0.0 ? u[i] / std::abs(z[i]) : INFINITY;
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return knot[a] < knot[b]; });
+  // prefix sums over the sorted features: clipped mass C_j (first j clipped), free mass A_j
+  double total_z2 = 0.0;
+  for (int64_t i = 0; i < d; ++i) total_z2 += z[i] * z[i];
+  // g at the left end of segment j (t = knot[order[j]], features order[0..j-1] clipped)
+  // is increasing in j; find the last j whose left end is still <= rho^2.
+  double clipped = 0.0, free_z2 = total_z2, t = 0.0;
+  int64_t j = 0;
+  for (; j < d; ++j) {
+    const int64_t i = order[j];
+    const double tk = knot[i];
+    if (!std::isfinite(tk) || tk > 1.0) break;
+    if (free_z2 * tk * tk + clipped > rho2) break;  // the crossing lies before this knot
+    clipped += u[i] * u[i];
+    free_z2 -= z[i] * z[i];
+  }
+  t = free_z2 > 0.0 ? std::sqrt(std::max(rho2 - clipped, 0.0) / free_z2) : 1.0;
+  t = std::min(t, 1.0);
+  double out2 = 0.0;
+  for (int64_t i = 0; i < d; ++i) {
+    z[i] = std::clamp(t * z[i], -u[i], u[i]);
+    out2 += z[i] * z[i];
+  }
+  // rounding can leave the norm a hair above rho: pull it back onto the ball
+  if (out2 > rho2) {
+    const double s = rho / std::sqrt(out2);
+    for (int64_t i = 0; i < d; ++i) z[i] *= s;
+  }
+}
+
+at::Tensor ascend_and_project_cpu(const at::Tensor& eta, const at::Tensor& direction,
+                                  const at::Tensor& step, const at::Tensor& budget,
+                                  const at::Tensor& radius, const at::Tensor& active) {
+  check_project_inputs(eta, direction, step, budget, radius, active);
+  const int64_t N = eta.size(0), d = eta.size(1);
+  auto out = eta.contiguous().clone();
+  const auto dir = direction.contiguous();
+  const auto u = budget.contiguous();
+  const auto st = step.contiguous();
+  const auto rad = radius.contiguous();
+  const auto act = active.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(eta.scalar_type(), "ascend_and_project_cpu", [&] {
+    // value checks: a negative budget or radius has an empty feasible set
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const scalar_t* rp = rad.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(rp[n] >= 0, "radius[", n, "] = ", rp[n], " must be >= 0 (NaN is not allowed)");
+    }
+    for (int64_t e = 0; e < N * d; ++e) {
+      TORCH_CHECK(up[e] >= 0 && std::isfinite(static_cast<double>(up[e])), "budget[", e / d,
+                  ", ", e % d, "] = ", up[e], " must be finite and >= 0");
+    }
+    const scalar_t* dp = dir.data_ptr<scalar_t>();
+    const scalar_t* sp = st.data_ptr<scalar_t>();
+    const bool* ap = act.data_ptr<bool>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<double> z(d), uu(d), knot(d);
+      std::vector<int64_t> order(d);
+      for (int64_t n = begin; n < end; ++n) {
+        if (!ap[n]) continue;
+        for (int64_t i = 0; i < d; ++i) {
+          z[i] = static_cast<double>(op[n * d + i]) +
+                 static_cast<double>(sp[n]) * static_cast<double>(dp[n * d + i]);
+          uu[i] = static_cast<double>(up[n * d + i]);
+        }
+        project_row(z.data(), uu.data(), static_cast<double>(rp[n]), d, knot, order);
+        for (int64_t i = 0; i < d; ++i) op[n * d + i] = static_cast<scalar_t>(z[i]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(oni, CPU, m) {
+  m.impl("entropy_and_grad", &entropy_and_grad_cpu);
+  m.impl("ascend_and_project", &ascend_and_project_cpu);
+}
+
+}  // namespace oni

@@ -1,0 +1,436 @@
+"""The ONI noise: per-feature budgets, the local-robustness radius, and the minimum-norm
+perturbation that raises the prediction entropy to a threshold (DESIGN.md, "The method"
+items 2-4), plus the paper's uniform-noise baseline (item 6).
+
+* :func:`noise_budget` — eq. 7: ``u_i = eps * (1 - beta * phi_i / max_j phi_j)``, clipped at 0.
+* :func:`robustness_radius` — eq. 8: ``rho(x) = f_gap(x) / ||grad_x f_gap(x)||_2``.
+* :func:`optimal_noise` — eqs. 5-8: ``eta* = argmin ||eta||_2`` s.t. ``H(f(x + eta)) >= tau``,
+  ``|eta_i| <= u_i``, ``||eta||_2 <= rho(x)``.
+* :func:`uniform_noise` — the same budget for every feature and sample.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops, reference
+from .shapley import (
+    ShapleyResult,
+    _check_backend,
+    _check_finite,
+    _check_inputs,
+    _check_int,
+    shapley_values,
+)
+
+__all__ = ["NoiseResult", "noise_budget", "robustness_radius", "optimal_noise", "uniform_noise"]
+
+_IMPORTANCE = ("signed", "abs")
+_KINDS = ("uniform", "gaussian")
+_ROW_BATCH = 4096  # rows per solver pass: bounds the activations kept for backward
+
+
+@dataclass(frozen=True)
+class NoiseResult:
+    """The solution of the ONI noise problem for N rows.
+
+    Attributes:
+        eta: ``[N, d]`` the noise; the defended sample is ``x + eta``.
+        entropy: ``[N]`` ``H(f(x + eta))`` in nats.
+        norm: ``[N]`` ``||eta||_2``.
+        feasible: ``[N]`` bool: ``entropy >= tau`` was reached inside the box and ball. Where
+            False, ``eta`` is the highest-entropy point the solver found inside them.
+        iterations: ``[N]`` int64 solver iterations (0 where ``x`` already met ``tau``).
+        budget: ``[N, d]`` the per-feature budget ``u`` (eq. 7).
+        radius: ``[N]`` the robustness radius ``rho`` (eq. 8).
+        tau: the entropy threshold in nats.
+    """
+
+    eta: Tensor
+    entropy: Tensor
+    norm: Tensor
+    feasible: Tensor
+    iterations: Tensor
+    budget: Tensor
+    radius: Tensor
+    tau: float
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_number(value, name: str, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_model_output(out, n: int, what: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{what} must be a tensor [N, k], got {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != n:
+        raise ValueError(f"{what} must be [N, k] = [{n}, k] class logits, got shape "
+                         f"{tuple(out.shape)}")
+    if out.shape[1] < 2:
+        raise ValueError(f"{what} has k = {out.shape[1]} column(s): entropy and the top-2 gap "
+                         f"need k >= 2 class logits")
+    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+
+
+def _check_callable(model) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be callable (an nn.Module or function), got "
+                        f"{type(model).__name__}")
+    if isinstance(model, nn.Module) and model.training:
+        warnings.warn("model is in training mode: dropout or batch-norm make its outputs "
+                      "random and mix rows; call model.eval()", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- eq. 7
+
+def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
+                 importance: str = "signed") -> Tensor:
+    """Per-feature noise budget, eq. 7: ``u_i = eps * (1 - beta * phi_i / max_j phi_j)``,
+    clipped at 0.
+
+    Features that support the explained class most get the least noise; features with
+    negative value (against the class) get up to ``eps * (1 + beta * |phi_i| / max_j phi_j)``.
+
+    Args:
+        phi: ``[N, d]`` Shapley values (or a :class:`~oni.ShapleyResult`).
+        eps: the base budget, ``>= 0``.
+        beta: how much importance shrinks the budget, in ``[0, 1]``.
+        importance: ``"signed"`` (the paper: ``phi_i / max_j phi_j``) or ``"abs"``
+            (``|phi_i| / max_j |phi_j|``: any important feature, for or against the class,
+            gets less noise; every ``u_i`` then lies in ``[eps (1 - beta), eps]``).
+
+    Degenerate rows: with ``"signed"``, a row whose largest value is ``<= 0`` (no feature
+    supports the class) has no scale for the ratio and gets the uniform budget ``eps``; with
+    ``"abs"``, so does an all-zero row.
+
+    Returns:
+        ``[N, d]`` budgets ``u >= 0`` in phi's dtype.
+    """
+    if isinstance(phi, ShapleyResult):
+        phi = phi.values
+    if not isinstance(phi, Tensor) or phi.dim() != 2:
+        raise ValueError(f"phi must be a tensor [N, d] (or a ShapleyResult), got "
+                         f"{tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__}")
+    if not phi.dtype.is_floating_point:
+        raise TypeError(f"phi must be a float tensor, got {phi.dtype}")
+    _check_finite(phi, "phi")
+    eps = _check_number(eps, "eps", 0.0)
+    beta = _check_number(beta, "beta", 0.0, 1.0)
+    if importance not in _IMPORTANCE:
+        raise ValueError(f"importance must be one of {_IMPORTANCE}, got {importance!r}")
+    score = phi if importance == "signed" else phi.abs()
+    scale = score.amax(dim=1, keepdim=True) if score.shape[1] else score.new_zeros((len(score), 1))
+    ratio = torch.where(scale > 0, score / torch.where(scale > 0, scale, 1.0), 0.0)
+    return (eps * (1.0 - beta * ratio)).clamp(min=0.0)
+
+
+# ----------------------------------------------------------------------------- eq. 8
+
+def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
+                      batch_size: int = 8192) -> Tensor:
+    """Local-robustness radius, eq. 8: ``rho(x) = f_gap(x) / ||grad_x f_gap(x)||_2``.
+
+    ``f_gap`` is the top-1 minus the top-2 softmax probability at ``x`` (the two classes are
+    fixed at ``x``): the first-order distance to the decision boundary. Per-sample input
+    gradients come from one batched backward pass (rows must not interact: eval mode).
+
+    Edge cases: a tie (``f_gap = 0``) gives ``rho = 0``; a zero gradient with ``f_gap > 0``
+    gives ``rho = +inf`` (no first-order boundary nearby; only the budget box then binds).
+
+    Returns:
+        ``[N]`` radii in x's dtype.
+    """
+    x = _check_inputs(x)
+    _check_callable(model)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    radii = []
+    for lo in range(0, x.shape[0], batch_size):
+        z = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = _check_model_output(model(z), z.shape[0], "model output")
+            probs = torch.softmax(logits, dim=1)
+            top2 = probs.topk(2, dim=1).values
+            gap = top2[:, 0] - top2[:, 1]
+            (grad,) = torch.autograd.grad(gap.sum(), z)
+        gap, norm = gap.detach(), grad.norm(dim=1)
+        rho = torch.where(norm > 0, gap / torch.where(norm > 0, norm, 1.0), math.inf)
+        radii.append(torch.where(gap > 0, rho, 0.0).to(x.dtype))
+    return torch.cat(radii)
+
+
+# ----------------------------------------------------------------------------- eqs. 5-8
+
+class _EntropyOracle:
+    """H(f(x + eta)) and its gradient in eta, with the fused entropy op."""
+
+    def __init__(self, model, x: Tensor, ops):
+        self.model, self.x, self.ops = model, x, ops
+
+    def value(self, eta: Tensor, rows: Tensor) -> Tensor:
+        with torch.no_grad():
+            logits = _check_model_output(self.model(self.x[rows] + eta), len(rows), "model output")
+            return self.ops.entropy_and_grad(logits)[0]
+
+    def value_and_grad(self, eta: Tensor, rows: Tensor):
+        z = (self.x[rows] + eta).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = _check_model_output(self.model(z), len(rows), "model output")
+            entropy, d_logits = self.ops.entropy_and_grad(logits.detach())
+            (grad,) = torch.autograd.grad(logits, z, grad_outputs=d_logits.to(logits.dtype))
+        return entropy, grad
+
+
+def optimal_noise(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    phi: Union[None, Tensor, ShapleyResult] = None,
+    *,
+    tau: Optional[float] = None,
+    tau_fraction: Optional[float] = None,
+    eps: float,
+    beta: float,
+    importance: str = "signed",
+    max_iter: int = 100,
+    refine_iter: int = 16,
+    starts: int = 4,
+    seed: int = 0,
+    backend: str = "auto",
+    shapley_kwargs: Optional[dict] = None,
+) -> NoiseResult:
+    """Minimum-norm noise that lifts the prediction entropy to ``tau`` (eqs. 5-8).
+
+    Solves, per row, ``min ||eta||_2`` s.t. ``H(f(x + eta)) >= tau``, ``|eta_i| <= u_i``
+    (eq. 7) and ``||eta||_2 <= rho(x)`` (eq. 8), ``H`` the Shannon entropy (nats) of the
+    softmax prediction. Rows that already meet ``tau`` get ``eta = 0``.
+
+    Method: (1) projected, normalised ascent on ``H`` from ``eta = 0`` and from
+    ``starts - 1`` random points of the box ∩ ball (step halving when ``H`` drops) until
+    ``H >= tau``; every iterate is projected exactly onto the box ∩ ball
+    with the fused ``ascend_and_project`` op. (2) Norm reduction: ``refine_iter`` rounds of
+    a linearised minimum-norm step (``eta' = P(nu * grad H)``, ``nu`` by bisection so the
+    linearised constraint holds), each kept only if it stays feasible with a smaller norm,
+    and a bisection on ``s`` for the smallest ``s * eta`` still meeting ``tau``. Rows that
+    never reach ``tau`` are flagged infeasible and return the highest-entropy point found,
+    inside the box and ball; a warning says how many.
+
+    Args:
+        model: maps ``[n, d]`` to ``[n, k]`` logits (eval mode).
+        x: ``[N, d]`` float inputs.
+        phi: ``[N, d]`` Shapley values or a :class:`~oni.ShapleyResult`; None computes them
+            with :func:`oni.shapley_values` (``seed``, ``backend`` and ``shapley_kwargs``).
+        tau: entropy threshold in nats, in ``[0, log k]``.
+        tau_fraction: the threshold as a fraction of the maximum entropy ``log k``, in
+            ``[0, 1]``. Give exactly one of ``tau`` and ``tau_fraction``.
+        eps, beta, importance: the budget of eq. 7 (see :func:`noise_budget`).
+        max_iter: ascent iterations at most (>= 1).
+        refine_iter: norm-reduction rounds (>= 0).
+        starts: starting points per row (>= 1): ``eta = 0`` and ``starts - 1`` seeded random
+            points of the box ∩ ball; the smallest feasible result wins.
+        seed: seed of the random starts, and of the Shapley walks when ``phi`` is None.
+        backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
+        shapley_kwargs: extra arguments for :func:`oni.shapley_values`.
+
+    Returns:
+        :class:`NoiseResult`.
+    """
+    x = _check_inputs(x)
+    _check_callable(model)
+    n, d = x.shape
+    eps = _check_number(eps, "eps", 0.0)
+    beta = _check_number(beta, "beta", 0.0, 1.0)
+    if importance not in _IMPORTANCE:
+        raise ValueError(f"importance must be one of {_IMPORTANCE}, got {importance!r}")
+    max_iter = _check_int(max_iter, "max_iter", 1)
+    refine_iter = _check_int(refine_iter, "refine_iter", 0)
+    starts = _check_int(starts, "starts", 1)
+    seed = _check_int(seed, "seed", 0)
+    use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
+    ops = _ops if use_kernel else reference
+    with torch.no_grad():
+        logits = _check_model_output(model(x), n, "model output at x")
+    _check_finite(logits, "model output at x")
+    log_k = math.log(logits.shape[1])
+    if (tau is None) == (tau_fraction is None):
+        raise ValueError("give exactly one of tau (nats) and tau_fraction (of log k)")
+    if tau is not None:
+        tau = _check_number(tau, "tau", 0.0, log_k)
+    else:
+        tau = _check_number(tau_fraction, "tau_fraction", 0.0, 1.0) * log_k
+
+    if phi is None:
+        phi = shapley_values(model, x, seed=seed, backend=backend, **(shapley_kwargs or {}))
+    if isinstance(phi, ShapleyResult):
+        phi = phi.values
+    if not isinstance(phi, Tensor) or tuple(phi.shape) != (n, d):
+        got = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+        raise ValueError(f"phi must be [N, d] = [{n}, {d}] like x, got {got}")
+    if phi.device != x.device:
+        raise ValueError(f"phi must be on x's device {x.device}, got {phi.device}")
+    budget = noise_budget(phi.to(x.dtype), eps, beta, importance=importance)
+    radius = robustness_radius(model, x)
+
+    oracle = _EntropyOracle(model, x, ops)
+    batch = max(1, _ROW_BATCH // starts)
+    parts = [_solve_rows(oracle, torch.arange(lo, min(lo + batch, n), device=x.device),
+                         budget, radius, tau, max_iter, refine_iter, starts, seed)
+             for lo in range(0, n, batch)]
+    eta, entropy, feasible, iterations = (torch.cat(p) for p in zip(*parts))
+    if not feasible.all():
+        warnings.warn(f"{int((~feasible).sum())} of {n} rows cannot reach entropy tau = "
+                      f"{tau:.4f} inside their budget box and radius ball: flagged infeasible "
+                      f"(NoiseResult.feasible), eta is their highest-entropy point", stacklevel=2)
+    return NoiseResult(eta=eta, entropy=entropy, norm=eta.norm(dim=1), feasible=feasible,
+                       iterations=iterations, budget=budget, radius=radius, tau=tau)
+
+
+def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Tensor,
+                tau: float, max_iter: int, refine_iter: int, starts: int, seed: int):
+    """The solver on one batch of rows: (eta, entropy, feasible, iterations).
+
+    Every row is solved from ``starts`` points (eta = 0, then seeded random points of the
+    box ∩ ball) because H is not concave: an ascent from one point can stall on a ridge
+    (e.g. a two-class boundary, H = log 2) below tau. The smallest feasible solution wins;
+    rows with none keep their highest-entropy point.
+    """
+    ops, x = oracle.ops, oracle.x
+    m, d = len(rows), x.shape[1]
+    rep = rows.repeat_interleave(starts)
+    u, rho = budget[rep], radius[rep]
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    eta = (torch.rand((len(rep), d), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * u
+    first = torch.arange(len(rep), device=x.device) % starts == 0
+    everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
+    eta = ops.ascend_and_project(torch.where(first[:, None], 0.0, eta), torch.zeros_like(eta),
+                                 torch.zeros_like(rho), u, rho, everyone)
+    entropy, grad = oracle.value_and_grad(eta, rep)
+    feasible = entropy >= tau
+    iterations = torch.zeros(len(rep), dtype=torch.long, device=x.device)
+    # the longest step that can matter: the diameter of box ∩ ball
+    reach = torch.minimum(u.norm(dim=1), rho)
+    step = (reach / 32).to(x.dtype)
+    moving = ~feasible & (reach > 0)
+
+    # (1) projected normalised ascent until H >= tau
+    for _ in range(max_iter):
+        if not moving.any():
+            break
+        direction = _unit(grad)
+        moving &= direction.abs().sum(1) > 0  # a flat point: nowhere to go
+        candidate = ops.ascend_and_project(eta, direction, step, u, rho, moving)
+        new_entropy, new_grad = oracle.value_and_grad(candidate, rep)
+        iterations += moving.long()
+        better = moving & (new_entropy > entropy)
+        # accept improvements; halve the step where H dropped (and retry from eta)
+        eta = torch.where(better[:, None], candidate, eta)
+        grad = torch.where(better[:, None], new_grad, grad)
+        entropy = torch.where(better, new_entropy, entropy)
+        step = torch.where(moving & ~better, step / 2, step)
+        reached = better & (entropy >= tau)
+        feasible |= reached
+        moving &= ~reached & (step > reach * 1e-6)
+
+    # (2) reduce the norm of the feasible, non-zero solutions
+    shrink = feasible & (eta.abs().sum(1) > 0)
+    if shrink.any():
+        idx = shrink.nonzero()[:, 0]
+        eta[idx], entropy[idx] = _reduce_norm(oracle, rep[idx], eta[idx], u[idx], rho[idx],
+                                              tau, refine_iter)
+        iterations[idx] += refine_iter
+
+    # (3) per row: the smallest feasible start, else the highest-entropy one
+    score = torch.where(feasible, -eta.norm(dim=1), entropy - 1e30).reshape(m, starts)
+    pick = score.argmax(dim=1) + torch.arange(m, device=x.device) * starts
+    total_iterations = iterations.reshape(m, starts).sum(1)
+    return eta[pick], entropy[pick], feasible[pick], total_iterations
+
+
+def _unit(v: Tensor) -> Tensor:
+    norm = v.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _shrink_to_level(oracle, rows, eta, tau, steps: int = 14):
+    """Smallest s in [0, 1] (to 2^-steps) with H(x + s eta) >= tau, for feasible eta."""
+    lo = eta.new_zeros(len(rows))
+    hi = eta.new_ones(len(rows))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ok = oracle.value(mid[:, None] * eta, rows) >= tau
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    return hi[:, None] * eta
+
+
+def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
+    """Norm reduction of feasible solutions (see optimal_noise); keeps feasibility.
+
+    At a minimum-norm point of the level set H = tau, eta is parallel to the entropy
+    gradient g (KKT; with the box and ball, eta = P(nu g)). Each round turns the ray of eta
+    towards g, ``dir = (1 - w) eta/|eta| + w g/|g|``, and bisects for the shortest point
+    ``P(s dir)`` that still meets tau; it is kept only if its norm is smaller. ``w`` grows
+    after a kept round and halves after a rejected one.
+    """
+    ops = oracle.ops
+    everyone = torch.ones(len(rows), dtype=torch.bool, device=eta.device)
+    zeros = torch.zeros_like(eta)
+    eta = _shrink_to_level(oracle, rows, eta, tau)
+    weight = torch.full((len(rows), 1), 0.1, dtype=eta.dtype, device=eta.device)
+    for _ in range(rounds):
+        _, grad = oracle.value_and_grad(eta, rows)
+        direction = (1 - weight) * _unit(eta) + weight * _unit(grad)
+        length = eta.norm(dim=1)
+
+        def ray(s):
+            return ops.ascend_and_project(zeros, direction, s, u, rho, everyone)
+
+        hi = 2 * length
+        reach = oracle.value(ray(hi), rows) >= tau
+        lo = torch.zeros_like(hi)
+        for _ in range(16):
+            mid = (lo + hi) / 2
+            ok = oracle.value(ray(mid), rows) >= tau
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+        candidate = ray(hi)
+        better = reach & (candidate.norm(dim=1) < length)
+        eta = torch.where(better[:, None], candidate, eta)
+        weight = torch.where(better[:, None], (weight * 1.5).clamp(max=1.0), weight / 2)
+    return eta, oracle.value(eta, rows)
+
+
+# ----------------------------------------------------------------------------- baseline
+
+def uniform_noise(x: Tensor, eps: float, *, kind: str = "uniform", seed: int = 0) -> Tensor:
+    """The paper's uniform-noise baseline: the same budget for every feature and sample.
+
+    Args:
+        x: ``[N, d]`` inputs (only their shape, dtype and device are used).
+        eps: the budget: ``kind="uniform"`` draws ``eta_i ~ U(-eps, eps)``,
+            ``kind="gaussian"`` draws ``eta_i ~ N(0, eps^2)``.
+        seed: seed of the draw (a ``torch.Generator`` on x's device).
+
+    Returns:
+        ``[N, d]`` noise ``eta``; the noisy data is ``x + eta``.
+    """
+    x = _check_inputs(x)
+    eps = _check_number(eps, "eps", 0.0)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    seed = _check_int(seed, "seed", 0)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if kind == "uniform":
+        return (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    return torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) * eps
