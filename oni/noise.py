@@ -218,11 +218,12 @@ def optimal_noise(
 
     Method: (1) projected, normalised ascent on ``H`` from ``eta = 0`` and from
     ``starts - 1`` random points of the box ∩ ball (step halving when ``H`` drops) until
-    ``H >= tau``; every iterate is projected exactly onto the box ∩ ball
-    with the fused ``ascend_and_project`` op. (2) Norm reduction: ``refine_iter`` rounds of
-    a linearised minimum-norm step (``eta' = P(nu * grad H)``, ``nu`` by bisection so the
-    linearised constraint holds), each kept only if it stays feasible with a smaller norm,
-    and a bisection on ``s`` for the smallest ``s * eta`` still meeting ``tau``. Rows that
+    ``H >= tau``; every iterate is projected exactly onto the box ∩ ball with the fused
+    ``ascend_and_project`` op and ``H``, ``dH/dlogits`` come from the fused
+    ``entropy_and_grad`` op. (2) Norm reduction (``refine_iter`` rounds): at a minimum-norm
+    point eta is parallel to the entropy gradient (KKT), so each round turns eta towards
+    the gradient and bisects back to the level set ``H = tau``, keeping the result only if
+    it is feasible and shorter. (3) Per row, the shortest feasible start wins. Rows that
     never reach ``tau`` are flagged infeasible and return the highest-entropy point found,
     inside the box and ball; a warning says how many.
 
