@@ -26,6 +26,8 @@ from .shapley import (
     _check_finite,
     _check_inputs,
     _check_int,
+    _check_logits,
+    _check_model,
     shapley_values,
 )
 
@@ -71,27 +73,6 @@ def _check_number(value, name: str, low: float = -math.inf, high: float = math.i
     if not math.isfinite(value) or not low <= value <= high:
         raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
     return value
-
-
-def _check_model_output(out, n: int, what: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{what} must be a tensor [N, k], got {type(out).__name__}")
-    if out.dim() != 2 or out.shape[0] != n:
-        raise ValueError(f"{what} must be [N, k] = [{n}, k] class logits, got shape "
-                         f"{tuple(out.shape)}")
-    if out.shape[1] < 2:
-        raise ValueError(f"{what} has k = {out.shape[1]} column(s): entropy and the top-2 gap "
-                         f"need k >= 2 class logits")
-    return out if out.dtype in (torch.float32, torch.float64) else out.float()
-
-
-def _check_callable(model) -> None:
-    if not callable(model):
-        raise TypeError(f"model must be callable (an nn.Module or function), got "
-                        f"{type(model).__name__}")
-    if isinstance(model, nn.Module) and model.training:
-        warnings.warn("model is in training mode: dropout or batch-norm make its outputs "
-                      "random and mix rows; call model.eval()", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- eq. 7
@@ -154,13 +135,13 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
         ``[N]`` radii in x's dtype.
     """
     x = _check_inputs(x)
-    _check_callable(model)
+    _check_model(model)
     batch_size = _check_int(batch_size, "batch_size", 1)
     radii = []
     for lo in range(0, x.shape[0], batch_size):
         z = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = _check_model_output(model(z), z.shape[0], "model output")
+            logits = _check_logits(model(z), z.shape[0], "model output")
             probs = torch.softmax(logits, dim=1)
             top2 = probs.topk(2, dim=1).values
             gap = top2[:, 0] - top2[:, 1]
@@ -181,13 +162,13 @@ class _EntropyOracle:
 
     def value(self, eta: Tensor, rows: Tensor) -> Tensor:
         with torch.no_grad():
-            logits = _check_model_output(self.model(self.x[rows] + eta), len(rows), "model output")
+            logits = _check_logits(self.model(self.x[rows] + eta), len(rows), "model output")
             return self.ops.entropy_and_grad(logits)[0]
 
     def value_and_grad(self, eta: Tensor, rows: Tensor):
         z = (self.x[rows] + eta).detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = _check_model_output(self.model(z), len(rows), "model output")
+            logits = _check_logits(self.model(z), len(rows), "model output")
             entropy, d_logits = self.ops.entropy_and_grad(logits.detach())
             (grad,) = torch.autograd.grad(logits, z, grad_outputs=d_logits.to(logits.dtype))
         return entropy, grad
@@ -248,7 +229,7 @@ def optimal_noise(
         :class:`NoiseResult`.
     """
     x = _check_inputs(x)
-    _check_callable(model)
+    _check_model(model)
     n, d = x.shape
     eps = _check_number(eps, "eps", 0.0)
     beta = _check_number(beta, "beta", 0.0, 1.0)
@@ -261,7 +242,7 @@ def optimal_noise(
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     ops = _ops if use_kernel else reference
     with torch.no_grad():
-        logits = _check_model_output(model(x), n, "model output at x")
+        logits = _check_logits(model(x), n, "model output at x")
     _check_finite(logits, "model output at x")
     log_k = math.log(logits.shape[1])
     if (tau is None) == (tau_fraction is None):

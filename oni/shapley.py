@@ -185,11 +185,9 @@ class _Game:
     """A model, how to evaluate it in chunks, and the explained value of its output."""
 
     def __init__(self, model: Callable[[Tensor], Tensor], link: str, n_rows: int):
-        if not callable(model):
-            raise TypeError(f"model must be callable (an nn.Module or function), got "
-                            f"{type(model).__name__}")
         if link not in _LINKS:
             raise ValueError(f"link must be one of {_LINKS}, got {link!r}")
+        _check_model(model, stacklevel=4)
         self.model = model
         self.softmax = link == "softmax"
         self.n_rows = n_rows
@@ -201,10 +199,6 @@ class _Game:
             self.first_weight = self.first_linear.weight.detach().t().contiguous().t()
             bias = self.first_linear.bias
             self.first_bias = bias.detach() if bias is not None else None
-        if isinstance(model, nn.Module) and model.training:
-            warnings.warn("model is in training mode: dropout or batch-norm make the game "
-                          "random; call model.eval() for meaningful Shapley values",
-                          stacklevel=3)
 
     def __call__(self, z: Tensor, what: str = "model output") -> Tensor:
         out = self.model(z)
@@ -229,17 +223,33 @@ class _Game:
         return out
 
     def _check_output(self, out, n: int, what: str) -> Tensor:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{what} must be a tensor [N, k], got {type(out).__name__}")
-        if out.dim() != 2 or out.shape[0] != n:
-            raise ValueError(f"{what} must be [N, k] = [{n}, k] (one row of class scores per "
-                             f"input), got shape {tuple(out.shape)}")
-        if self.softmax and out.shape[1] < 2:
-            raise ValueError(f"{what} has k = {out.shape[1]} column(s): the softmax link needs "
-                             f"k >= 2 class logits (use link='identity' to explain a raw output)")
-        if out.dtype not in (torch.float32, torch.float64):
-            out = out.float()
-        return out
+        hint = " (use link='identity' to explain a raw output)" if self.softmax else ""
+        return _check_logits(out, n, what, 2 if self.softmax else 1, hint)
+
+
+def _check_model(model, stacklevel: int = 3) -> None:
+    """A model must be callable; one in training mode gets a warning (dropout and
+    batch-norm make its outputs random and mix rows)."""
+    if not callable(model):
+        raise TypeError(f"model must be callable (an nn.Module or function), got "
+                        f"{type(model).__name__}")
+    if isinstance(model, nn.Module) and model.training:
+        warnings.warn("model is in training mode: dropout or batch-norm make its outputs "
+                      "random and mix rows; call model.eval()", stacklevel=stacklevel)
+
+
+def _check_logits(out, n: int, what: str, min_classes: int = 2, hint: str = "") -> Tensor:
+    """A model output must be ``[n, k]`` class scores, ``k >= min_classes``; float16/bfloat16
+    outputs are widened to float32."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{what} must be a tensor [N, k], got {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != n:
+        raise ValueError(f"{what} must be [N, k] = [{n}, k] (one row of class scores per "
+                         f"input), got shape {tuple(out.shape)}")
+    if out.shape[1] < min_classes:
+        raise ValueError(f"{what} has k = {out.shape[1]} column(s): needs k >= {min_classes} "
+                         f"class logits{hint}")
+    return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
 def _split_first_linear(model: nn.Module) -> Optional[Tuple[nn.Linear, nn.Module]]:

@@ -355,7 +355,7 @@ def _model_and_x():
     (lambda m, x: oni.shapley_values(lambda z: m(z)[:1], x), ValueError,
      "must be \\[N, k\\] = \\[4, k\\]"),
     (lambda m, x: oni.shapley_values(lambda z: m(z)[:, :1], x), ValueError,
-     "k >= 2 class logits"),
+     "needs k >= 2 class logits \\(use link='identity'"),
     (lambda m, x: oni.shapley_values(lambda z: m(z).tolist(), x), TypeError,
      "must be a tensor"),
     (lambda m, x: oni.shapley_values(lambda z: m(z) * math.nan, x), ValueError,
