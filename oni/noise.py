@@ -145,7 +145,10 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
             probs = torch.softmax(logits, dim=1)
             top2 = probs.topk(2, dim=1).values
             gap = top2[:, 0] - top2[:, 1]
-            (grad,) = torch.autograd.grad(gap.sum(), z)
+            # a model that ignores its input has no graph to z: its gradient is zero
+            grad = (torch.autograd.grad(gap.sum(), z, allow_unused=True)[0]
+                    if gap.requires_grad else None)
+        grad = torch.zeros_like(z) if grad is None else grad
         gap, norm = gap.detach(), grad.norm(dim=1)
         rho = torch.where(norm > 0, gap / torch.where(norm > 0, norm, 1.0), math.inf)
         radii.append(torch.where(gap > 0, rho, 0.0).to(x.dtype))
@@ -299,6 +302,10 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
                                  torch.zeros_like(rho), u, rho, everyone)
     entropy, grad = oracle.value_and_grad(eta, rep)
     feasible = entropy >= tau
+    # a row whose x already meets tau is done at eta = 0: none of its starts move
+    done = feasible.reshape(m, starts)[:, 0].repeat_interleave(starts)
+    feasible |= done
+    eta = torch.where(done[:, None], 0.0, eta)
     iterations = torch.zeros(len(rep), dtype=torch.long, device=x.device)
     # the longest step that can matter: the diameter of box ∩ ball
     reach = torch.minimum(u.norm(dim=1), rho)
@@ -325,7 +332,7 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         moving &= ~reached & (step > reach * 1e-6)
 
     # (2) reduce the norm of the feasible, non-zero solutions
-    shrink = feasible & (eta.abs().sum(1) > 0)
+    shrink = feasible & ~done & (eta.abs().sum(1) > 0)
     if shrink.any():
         idx = shrink.nonzero()[:, 0]
         eta[idx], entropy[idx] = _reduce_norm(oracle, rep[idx], eta[idx], u[idx], rho[idx],

@@ -9,10 +9,10 @@ from oni import reference
 from oni.shapley import _walk_permutations
 
 
-def devices():
-    """Every device with oni kernels compiled and present."""
+def devices(names=oni._ops.SHAPLEY_OPS):
+    """Every device present with kernels compiled for the ops ``names``."""
     out = ["cpu"]
-    if torch.cuda.is_available() and oni._ops.has_kernel("cuda"):
+    if torch.cuda.is_available() and oni._ops.has_kernel("cuda", names):
         out.append("cuda")
     return out
 

@@ -21,7 +21,7 @@ from oni.shapley import _walk_permutations
 def _skip_reason():
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
-    if not _ops.has_kernel("cuda"):
+    if not _ops.has_kernel("cuda", _ops.SHAPLEY_OPS):
         return (f"oni was built without CUDA kernels (oni.build_info(): {oni.build_info()}); "
                 "rebuild on a machine with nvcc (see scripts/gpu_check.sh)")
     return None

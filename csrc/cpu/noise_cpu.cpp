@@ -31,10 +31,11 @@ std::tuple<at::Tensor, at::Tensor> entropy_and_grad_cpu(const at::Tensor& logits
         for (int64_t j = 0; j < k; ++j) mx = std::max(mx, static_cast<double>(row[j]));
         double sum = 0.0;
         for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
-        const double lse = mx + std::log(sum);
+        const double log_sum = std::log(sum);  // kept apart from mx: mx + log_sum loses it
+                                                // at huge |logits| (1e17 + log 3 == 1e17)
         double h = 0.0;
         for (int64_t j = 0; j < k; ++j) {
-          logp[j] = static_cast<double>(row[j]) - lse;
+          logp[j] = (static_cast<double>(row[j]) - mx) - log_sum;
           const double p = std::exp(logp[j]);
           if (p > 0.0) h -= p * logp[j];  // p log p -> 0 as p -> 0
         }

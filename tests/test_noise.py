@@ -1,0 +1,795 @@
+"""The noise solver (DESIGN.md, "The method" items 2-4 and 6): the fused ops against their
+twins, the exact box ∩ ball projection, the budget (eq. 7), the radius (eq. 8), the solver's
+quality against an independent SLSQP reference, bad input, and the uniform-noise baseline.
+
+The noise ops have CPU kernels only so far: the op tests are parametrised over the devices
+present and skip CUDA, with the reason, until ``oni._ops.has_kernel("cuda", NOISE_OPS)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+import oni
+from oni import _ops, reference
+from helpers import small_mlp
+
+# helpers.devices() lists CUDA only when *every* op (noise ops included) has a CUDA kernel;
+# list the devices present and skip per test where the noise ops lack kernels.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64]
+
+
+def _need_noise_kernels(device: str) -> None:
+    if not _ops.has_kernel(torch.device(device).type, _ops.NOISE_OPS):
+        pytest.skip(f"the noise ops {_ops.NOISE_OPS} have no {device} kernels yet "
+                    f"(oni._ops.has_kernel({device!r}, NOISE_OPS) is False; "
+                    f"oni.build_info()['cuda_ops'] = {oni.build_info()['cuda_ops']})")
+
+
+def _max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _entropy(model, z: torch.Tensor) -> torch.Tensor:
+    """H(softmax(model(z))) per row in float64, independently of oni."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(z).double(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+# ============================================================================ 1. ops vs twins
+
+def _logit_cases():
+    gen = torch.Generator().manual_seed(0)
+    extreme = torch.tensor([
+        [1e4, -1e4, 0.0, 0.0],          # one-hot: H = 0
+        [1e4, 1e4 - 1, -1e4, 0.0],      # two classes mix across a 1e4 spread
+        [0.0, -1e30, 1.0, -1e30],       # masked classes
+        [-1e30, 0.0, -1e30, -1e30],     # only one class left: H = 0
+        [-1e4, 1e4, 1e4, 1e4],          # three-way tie at the top
+        [5.0, 5.0, 5.0, 5.0],           # uniform: H = log 4
+    ])
+    return {
+        "random": torch.randn(7, 5, generator=gen) * 3,
+        "extreme": extreme,
+        "k=1": torch.randn(4, 1, generator=gen),
+        "k=2": torch.cat([torch.randn(5, 2, generator=gen) * 4,
+                          torch.tensor([[1e4, -1e4], [0.0, -1e30], [3.0, 3.0]])]),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+LOGITS = _logit_cases()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(LOGITS))
+def test_entropy_and_grad_matches_reference(device, dtype, case):
+    _need_noise_kernels(device)
+    logits = LOGITS[case].to(device=device, dtype=dtype)
+    h, g = _ops.entropy_and_grad(logits)
+    h_ref, g_ref = reference.entropy_and_grad(logits)
+    assert h.shape == (logits.shape[0],) and g.shape == logits.shape
+    assert h.dtype == g.dtype == dtype and h.device == logits.device
+    tol = dict(rtol=1e-10, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h, h_ref, **tol)
+    torch.testing.assert_close(g, g_ref, **tol)
+    assert torch.isfinite(h).all() and torch.isfinite(g).all()
+    if dtype == torch.float32:  # STYLE.md: error vs float64 <= 2x the twin's, plus a floor
+        h64, g64 = reference.entropy_and_grad(logits.double())
+        assert _max_err(h, h64) <= 2 * _max_err(h_ref, h64) + 1e-7
+        assert _max_err(g, g64) <= 2 * _max_err(g_ref, g64) + 1e-7
+    if logits.shape[1] == 1:  # one class: no uncertainty
+        assert (h == 0).all() and (g == 0).all()
+
+
+def test_entropy_known_values():
+    h, g = _ops.entropy_and_grad(torch.tensor(
+        [[1e4, -1e4, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, -1e30]], dtype=torch.float64))
+    torch.testing.assert_close(h, torch.tensor([0.0, math.log(3), math.log(2)],
+                                               dtype=torch.float64), rtol=0, atol=1e-15)
+    # at a uniform (sub)distribution the entropy is stationary: the gradient is 0
+    torch.testing.assert_close(g, torch.zeros(3, 3, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1e4, -1e4, 1e17, 1e30, -1e30])
+def test_entropy_is_shift_invariant_at_huge_offsets(dtype, offset):
+    """softmax(z + c) = softmax(z): rows whose logits share a huge offset (e.g. every class
+    masked with -1e30) must still give the right entropy: equal logits give log k."""
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
+    shifted = (logits + offset).to(dtype)
+    h_ref, g_ref = reference.entropy_and_grad(shifted)
+    h, g = _ops.entropy_and_grad(shifted)
+    assert h[0].item() == pytest.approx(math.log(3), abs=1e-6), (
+        f"entropy of three equal logits {offset:g}: kernel {h[0].item()}, twin "
+        f"{h_ref[0].item()}, truth log 3 = {math.log(3)}")
+    torch.testing.assert_close(h, h_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_entropy_grad_equals_autograd(k):
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randn(9, k, generator=gen, dtype=torch.float64) * 2
+    z = logits.clone().requires_grad_(True)
+    entropy = -(torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1)
+    (auto,) = torch.autograd.grad(entropy.sum(), z)
+    h, g = _ops.entropy_and_grad(logits)
+    torch.testing.assert_close(h, entropy.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g, auto, rtol=1e-10, atol=1e-14)
+
+
+def _project_case(n, d, device, dtype, seed=0):
+    """Rows covering: box binds, ball binds, both, rho = 0, rho = inf, u_i = 0, inactive."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    eta = torch.randn(n, d, **f64)
+    direction = torch.randn(n, d, **f64)
+    step = torch.rand(n, **f64) * 3 - 0.5  # some negative steps
+    budget = torch.rand(n, d, **f64) * 1.5
+    budget[torch.rand(n, d, generator=gen) < 0.15] = 0.0
+    z = eta + step[:, None] * direction
+    box_norm = torch.maximum(torch.minimum(z, budget), -budget).norm(dim=1)
+    radius = box_norm * torch.rand(n, **f64) * 1.6  # below and above the box's reach
+    radius[::7] = 0.0
+    radius[3::11] = math.inf
+    active = torch.rand(n, generator=gen) < 0.8
+    out = (eta, direction, step, budget, radius)
+    return tuple(t.to(device=device, dtype=dtype) for t in out) + (active.to(device),)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", [(60, 7), (5, 1), (9, 40), (0, 3)])
+def test_ascend_and_project_matches_reference(device, dtype, n, d):
+    _need_noise_kernels(device)
+    args = _project_case(n, d, device, dtype, seed=n + d)
+    got = _ops.ascend_and_project(*args)
+    truth = reference.ascend_and_project(*args)
+    assert got.shape == truth.shape == (n, d) and got.dtype == dtype
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, truth, **tol)
+    if dtype == torch.float32:  # STYLE.md: error vs float64 <= 2x the twin's, plus a floor
+        exact = reference.ascend_and_project(
+            *(a.double() if a.is_floating_point() else a for a in args))
+        assert _max_err(got, exact) <= 2 * _max_err(truth, exact) + 1e-7
+    active = args[-1]
+    assert torch.equal(got[~active], args[0][~active])  # inactive rows: bit for bit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_ops_deterministic_and_non_contiguous(device):
+    _need_noise_kernels(device)
+    eta, direction, step, budget, radius, active = _project_case(30, 8, device, torch.float64)
+    once = _ops.ascend_and_project(eta, direction, step, budget, radius, active)
+    assert torch.equal(once, _ops.ascend_and_project(eta, direction, step, budget, radius, active))
+    # transposed storage
+    t = lambda a: a.t().contiguous().t()  # noqa: E731
+    assert not t(eta).is_contiguous()
+    assert torch.equal(once, _ops.ascend_and_project(t(eta), t(direction), step, t(budget),
+                                                     radius, active))
+    logits = torch.randn(6, 4, dtype=torch.float64, device=device)
+    h, g = _ops.entropy_and_grad(logits)
+    h2, g2 = _ops.entropy_and_grad(t(logits))
+    assert torch.equal(h, h2) and torch.equal(g, g2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_opcheck(device):
+    _need_noise_kernels(device)
+    logits = LOGITS["random"].to(device)
+    torch.library.opcheck(torch.ops.oni.entropy_and_grad.default, (logits,))
+    torch.library.opcheck(torch.ops.oni.ascend_and_project.default,
+                          _project_case(12, 5, device, torch.float32))
+
+
+# ============================================================================ 2. projection
+
+def _project(z, u, rho, device="cpu"):
+    """P(z) onto {|e_i| <= u_i} ∩ {||e|| <= rho}, with the op (a zero start, step 1)."""
+    n = z.shape[0]
+    dev = dict(device=device, dtype=z.dtype)
+    return _ops.ascend_and_project(torch.zeros_like(z).to(device), z.to(device),
+                                   torch.ones(n, **dev), u.to(device), rho.to(**dev),
+                                   torch.ones(n, dtype=torch.bool, device=device)).cpu()
+
+
+def _project_numpy(z: np.ndarray, u: np.ndarray, rho: float) -> np.ndarray:
+    """Independent float64 projection by brute force: with t = 1/(1+lambda) in [0, 1],
+    ||clip(t z, -u, u)|| grows with t; bisect t (to convergence, <= 2000 halvings) for the
+    largest t whose point lies in the ball."""
+    box = np.clip(z, -u, u)
+    if np.linalg.norm(box) <= rho:
+        return box
+    lo, hi = 0.0, 1.0
+    for _ in range(2000):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if np.linalg.norm(np.clip(mid * z, -u, u)) > rho:
+            hi = mid
+        else:
+            lo = mid
+    return np.clip(lo * z, -u, u)
+
+
+def _projection_rows(n=300, d=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    z = torch.randn(n, d, **f64) * torch.rand(n, 1, **f64) * 4
+    u = torch.rand(n, d, **f64)
+    u[torch.rand(n, d, generator=gen) < 0.1] = 0.0
+    box_norm = torch.maximum(torch.minimum(z, u), -u).norm(dim=1)
+    rho = box_norm * torch.rand(n, **f64) * 1.5
+    rho[::10] = 0.0
+    rho[5::13] = math.inf
+    return z, u, rho
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_equals_brute_force(device):
+    _need_noise_kernels(device)
+    z, u, rho = _projection_rows()
+    got = _project(z, u, rho, device)
+    truth = np.stack([_project_numpy(z[i].numpy(), u[i].numpy(), rho[i].item())
+                      for i in range(len(z))])
+    np.testing.assert_allclose(got.numpy(), truth, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_feasible_idempotent_non_expansive(device):
+    _need_noise_kernels(device)
+    z, u, rho = _projection_rows(seed=1)
+    p = _project(z, u, rho, device)
+    assert (p.abs() <= u + 1e-12).all()
+    assert (p.norm(dim=1) <= rho + 1e-12).all()
+    torch.testing.assert_close(_project(p, u, rho, device), p, rtol=0, atol=1e-12)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        other = z + torch.randn(z.shape, generator=gen, dtype=z.dtype) * 2
+        q = _project(other, u, rho, device)
+        assert ((p - q).norm(dim=1) <= (z - other).norm(dim=1) + 1e-12).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_kkt(device):
+    """P(z) = clip(z / (1 + lam), -u, u) with lam >= 0, and lam > 0 only on the sphere."""
+    _need_noise_kernels(device)
+    z, u, rho = _projection_rows(seed=3)
+    p = _project(z, u, rho, device)
+    for i in range(len(z)):
+        zi, ui, pi, r = z[i], u[i], p[i], rho[i].item()
+        if r == 0:
+            assert (pi == 0).all()
+            continue
+        free = pi.abs() < ui - 1e-12  # coordinates strictly inside the box
+        clipped = ~free
+        # the clipped coordinates sit on the box face on z's side
+        assert torch.allclose(pi[clipped], ui[clipped] * zi[clipped].sign(), rtol=0, atol=1e-12)
+        zf = zi[free]
+        if (zf != 0).any():
+            t = (pi[free] @ zf / (zf @ zf)).item()  # t = 1 / (1 + lam)
+        else:  # nothing free to read t from: lam = 0 must work
+            t = 1.0
+        assert t <= 1 + 1e-12, f"row {i}: lam = {1 / t - 1} < 0"
+        torch.testing.assert_close(pi, torch.maximum(torch.minimum(t * zi, ui), -ui),
+                                   rtol=0, atol=1e-11)
+        if t < 1 - 1e-9:  # lam > 0: the ball binds
+            assert pi.norm().item() == pytest.approx(r, rel=1e-12, abs=1e-12), f"row {i}"
+
+
+def test_projection_special_cases():
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(8, 5, generator=gen, dtype=torch.float64) * 3
+    u = torch.rand(8, 5, generator=gen, dtype=torch.float64)
+    u[:, 2] = 0.0
+    # rho = 0: the origin
+    assert (_project(z, u, torch.zeros(8, dtype=torch.float64)) == 0).all()
+    # rho = inf: the box clip, exactly
+    box = torch.maximum(torch.minimum(z, u), -u)
+    assert torch.equal(_project(z, u, torch.full((8,), math.inf, dtype=torch.float64)), box)
+    # u = 0 features stay exactly 0 whatever the radius
+    for r in (0.1, 1.0, math.inf):
+        assert (_project(z, u, torch.full((8,), r, dtype=torch.float64))[:, 2] == 0).all()
+    # inside already: unchanged
+    inside = box * 0.5
+    assert torch.equal(_project(inside, u, torch.full((8,), 1e3, dtype=torch.float64)), inside)
+    # inactive rows unchanged, even outside the box ∩ ball
+    eta = z.clone()
+    active = torch.tensor([True, False] * 4)
+    out = _ops.ascend_and_project(eta, torch.ones_like(z), torch.ones(8, dtype=torch.float64), u,
+                                  torch.full((8,), 0.5, dtype=torch.float64), active)
+    assert torch.equal(out[~active], eta[~active])
+    assert (out[active].norm(dim=1) <= 0.5 + 1e-12).all()
+
+
+# ============================================================================ 3. budget (eq. 7)
+
+def test_noise_budget_by_hand():
+    phi = torch.tensor([[2.0, 1.0, 0.0, -1.0], [4.0, 4.0, 2.0, -8.0]], dtype=torch.float64)
+    u = oni.noise_budget(phi, eps=0.5, beta=0.5)
+    # u_i = eps (1 - beta phi_i / max_j phi_j)
+    expected = torch.tensor([[0.25, 0.375, 0.5, 0.625], [0.25, 0.25, 0.375, 1.0]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(u, expected, rtol=0, atol=1e-15)
+    assert u.dtype == torch.float64
+    assert oni.noise_budget(phi.float(), eps=0.5, beta=0.5).dtype == torch.float32
+    # beta = 0: the uniform budget
+    assert (oni.noise_budget(phi, eps=0.3, beta=0.0) == 0.3).all()
+    # eps = 0: no noise
+    assert (oni.noise_budget(phi, eps=0.0, beta=0.5) == 0).all()
+
+
+def test_noise_budget_clipped_at_zero():
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.randn(50, 12, generator=gen, dtype=torch.float64)
+    u = oni.noise_budget(phi, eps=0.7, beta=1.0)
+    assert (u >= 0).all()
+    # beta = 1: the most important feature of each row gets no noise
+    top = phi.argmax(dim=1)
+    assert (u.gather(1, top[:, None]) == 0).all()
+    torch.testing.assert_close(u, (0.7 * (1 - phi / phi.amax(1, keepdim=True))).clamp(min=0))
+
+
+def test_noise_budget_degenerate_rows_get_eps():
+    phi = torch.tensor([[-1.0, -2.0, -3.0], [0.0, 0.0, 0.0], [0.0, -1.0, -0.5],
+                        [1.0, -1.0, 0.0]], dtype=torch.float64)
+    u = oni.noise_budget(phi, eps=0.4, beta=0.8)
+    assert (u[:3] == 0.4).all()  # max <= 0: no scale, the uniform budget
+    torch.testing.assert_close(u[3], torch.tensor([0.4 * 0.2, 0.4 * 1.8, 0.4],
+                                                  dtype=torch.float64))
+    ua = oni.noise_budget(phi, eps=0.4, beta=0.8, importance="abs")
+    assert (ua[1] == 0.4).all()  # all-zero row
+
+
+def test_noise_budget_abs_variant():
+    gen = torch.Generator().manual_seed(1)
+    phi = torch.randn(40, 9, generator=gen, dtype=torch.float64)
+    eps, beta = 0.6, 0.7
+    u = oni.noise_budget(phi, eps, beta, importance="abs")
+    assert (u >= eps * (1 - beta) - 1e-15).all() and (u <= eps + 1e-15).all()
+    ratio = phi.abs() / phi.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(u, eps * (1 - beta * ratio))
+    # the largest |phi| (here often negative) gets the least noise
+    top = phi.abs().argmax(1)
+    torch.testing.assert_close(u.gather(1, top[:, None])[:, 0],
+                               torch.full((40,), eps * (1 - beta), dtype=torch.float64))
+
+
+def test_noise_budget_accepts_shapley_result():
+    model = small_mlp(6, k=3, seed=2)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    res = oni.exact_shapley(model, x)
+    assert torch.equal(oni.noise_budget(res, 0.5, 0.5), oni.noise_budget(res.values, 0.5, 0.5))
+
+
+# ============================================================================ 4. radius (eq. 8)
+
+def test_radius_matches_finite_differences():
+    d, h = 7, 1e-5
+    model = small_mlp(d, k=4, seed=5, scale=2.0).double()
+    x = torch.randn(6, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rho = oni.robustness_radius(model, x)
+    assert rho.shape == (6,) and rho.dtype == torch.float64
+    with torch.no_grad():
+        for i in range(len(x)):
+            top = torch.softmax(model(x[i:i + 1]), 1)[0].topk(2).indices  # fixed at x
+
+            def gap(z):
+                p = torch.softmax(model(z[None]), 1)[0]
+                return (p[top[0]] - p[top[1]]).item()
+
+            grad = torch.tensor([(gap(x[i] + h * e) - gap(x[i] - h * e)) / (2 * h)
+                                 for e in torch.eye(d, dtype=torch.float64)])
+            expected = gap(x[i]) / grad.norm().item()
+            assert rho[i].item() == pytest.approx(expected, rel=1e-6), f"row {i}"
+
+
+def test_radius_edge_cases():
+    w = torch.randn(4, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(8))
+
+    def tie(z):  # two equal top logits everywhere: f_gap = 0
+        a = z @ w
+        return torch.stack([a, a, a - 1], dim=1)
+
+    assert (oni.robustness_radius(tie, x) == 0).all()
+
+    def flat(z):  # output with a gap but zero input gradient
+        return z.sum(1, keepdim=True) * 0 + torch.tensor([[2.0, 0.0, 0.0]])
+
+    assert torch.isinf(oni.robustness_radius(flat, x)).all()
+
+
+def test_radius_of_a_constant_model_is_inf():
+    """A model whose output does not depend on its input at all (no autograd graph) has
+    zero input gradient too: rho = +inf, not an autograd error."""
+    def constant(z):
+        return torch.tensor([[2.0, 0.0, 0.0]]).expand(len(z), 3)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
+    assert torch.isinf(oni.robustness_radius(constant, x)).all()
+
+
+# ============================================================================ 5. solver quality
+
+def _slsqp_reference(model, x, u, rho, tau, starts=6, seed=0, extra_start=None):
+    """Independent float64 reference for one row: scipy SLSQP minimising ||eta||^2 subject to
+    H(f(x + eta)) >= tau (analytic gradient by autograd), ||eta||^2 <= rho^2 (when finite)
+    and -u <= eta <= u, from eta = 0, ``starts - 1`` random points of the box (and
+    ``extra_start``); the smallest feasible result, or None when no start found one."""
+    d = len(x)
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    memo = {}
+
+    def h_and_grad(e):
+        key = e.tobytes()
+        if key not in memo:
+            memo.clear()
+            z = (xt + torch.as_tensor(e)).requires_grad_(True)
+            log_p = torch.log_softmax(model(z[None]).double(), 1)[0]
+            h = -(log_p.exp() * log_p).sum()
+            (g,) = torch.autograd.grad(h, z)
+            memo[key] = (h.item(), g.numpy())
+        return memo[key]
+
+    cons = [{"type": "ineq", "fun": lambda e: h_and_grad(e)[0] - tau,
+             "jac": lambda e: h_and_grad(e)[1]}]
+    if math.isfinite(rho):
+        cons.append({"type": "ineq", "fun": lambda e: rho ** 2 - e @ e, "jac": lambda e: -2 * e})
+    rng = np.random.default_rng(seed)
+    inits = [np.zeros(d)] + [rng.uniform(-u, u) * (0.5 if s % 2 else 1.0)
+                             for s in range(1, starts)]
+    if extra_start is not None:
+        inits.append(np.asarray(extra_start, dtype=np.float64))
+    best = None
+    for e0 in inits:
+        if math.isfinite(rho) and np.linalg.norm(e0) > rho:
+            e0 = e0 * rho / np.linalg.norm(e0)
+        res = minimize(lambda e: e @ e, e0, jac=lambda e: 2 * e, bounds=list(zip(-u, u)),
+                       constraints=cons, method="SLSQP", options={"maxiter": 300, "ftol": 1e-12})
+        e = np.clip(res.x, -u, u)
+        ok = h_and_grad(e)[0] >= tau - 1e-9 and (
+            not math.isfinite(rho) or np.linalg.norm(e) <= rho * (1 + 1e-9))
+        if ok and (best is None or np.linalg.norm(e) < np.linalg.norm(best)):
+            best = e
+    return best
+
+
+def _mlp_problem(d, seed, scale, n=16, x_seed=2):
+    """A float64 MLP, n Gaussian rows and their Shapley values: exact for d <= 10, else 64
+    sampled walks (exact enumeration of 2^d coalitions gets slow; the solver only needs
+    some phi to build its budget)."""
+    model = small_mlp(d, k=5, seed=seed, scale=scale).double()
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(x_seed), dtype=torch.float64)
+    if d <= 10:
+        return model, x, oni.exact_shapley(model, x).values
+    return model, x, oni.shapley_values(model, x, n_permutations=64, seed=0).values
+
+
+def _check_against_reference(model, x, res, starts=6, max_ratio=1.05):
+    """Constraints, feasibility and norms of ``res`` against the SLSQP reference, row by row
+    (fails at the first bad row). The reference also starts from our solution, so where ours
+    is feasible it is at least a local polish of it: the ratio can only get stricter."""
+    tau = res.tau
+    h = _entropy(model, x + res.eta)
+    assert (res.eta.abs() <= res.budget + 1e-6).all(), "box violated"
+    assert (res.norm <= res.radius + 1e-6).all(), "ball violated"
+    torch.testing.assert_close(res.entropy, h, rtol=0, atol=1e-9)
+    torch.testing.assert_close(res.norm, res.eta.norm(dim=1))
+    assert (h[res.feasible] >= tau - 1e-6).all(), "a row flagged feasible misses tau"
+    assert (h[~res.feasible] < tau).all(), "a row that meets tau is flagged infeasible"
+    worst = 0.0
+    for i in range(len(x)):
+        ours = bool(res.feasible[i])
+        ref = _slsqp_reference(model, x[i].numpy(), res.budget[i].numpy(), res.radius[i].item(),
+                               tau, starts=starts,
+                               extra_start=res.eta[i].numpy() if ours else None)
+        found = "found" if ref is not None else "did not find"
+        assert ours == (ref is not None), (
+            f"row {i}: feasible flag {ours}, SLSQP reference {found} a feasible point "
+            f"(our H {res.entropy[i]:.6f}, tau {tau:.6f}, rho {res.radius[i]:.4g})")
+        if ours:
+            ref_norm = float(np.linalg.norm(ref))
+            ratio = res.norm[i].item() / ref_norm if ref_norm > 0 else (
+                1.0 if res.norm[i] == 0 else math.inf)
+            worst = max(worst, ratio)
+            assert ratio <= max_ratio, (f"row {i}: ||eta|| = {res.norm[i]:.6f} vs SLSQP "
+                                        f"{ref_norm:.6f} (ratio {ratio:.4f})")
+    return worst
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+@pytest.mark.parametrize("d, seed, scale, eps, tau_fraction", [
+    (10, 1, 2.0, 0.5, 0.5),   # 11/16 feasible, worst ratio ~1.046
+    (16, 1, 2.0, 0.6, 0.4),   # all feasible, worst ~1.0005 (sampled phi)
+    (8, 3, 2.0, 0.5, 0.45),   # all feasible, worst ~1.0000
+])
+def test_optimal_noise_against_slsqp(d, seed, scale, eps, tau_fraction):
+    model, x, phi = _mlp_problem(d, seed, scale)
+    res = oni.optimal_noise(model, x, phi, tau_fraction=tau_fraction, eps=eps, beta=0.5)
+    assert res.eta.shape == x.shape and res.eta.dtype == torch.float64
+    torch.testing.assert_close(res.budget, oni.noise_budget(phi, eps, 0.5))
+    torch.testing.assert_close(res.radius, oni.robustness_radius(model, x))
+    assert res.tau == pytest.approx(tau_fraction * math.log(5))
+    _check_against_reference(model, x, res)
+
+
+# Known limitation: H(f(x + eta)) is not concave and the solver is a local, multi-start
+# (eta = 0 and 3 random points) projected ascent.
+# (a) tau > log 2: the level set needs three or more classes to mix; the ascent stalls on a
+#     two-class ridge (H <= log 2) or ends far from the minimum-norm point. Measured on
+#     small_mlp(12, k=5, seed=1, scale=3.0), eps=1.0, tau_fraction=0.6 (tau = 0.966), 16 rows:
+#     8-9/16 feasibility flags agree with SLSQP, norm ratios up to 1.46. The test runs the
+#     first 8 rows: row 3 stops at H = 0.693155 = log 2.
+# (b) even below log 2 an ascent can stop at a local maximum of H inside the box:
+#     small_mlp(12, seed=1, scale=2.0), phi from 64 sampled walks (_mlp_problem), eps=0.5,
+#     tau_fraction=0.4 (tau = 0.644): row 9 reaches
+#     H = 0.513 with the default 4 starts while SLSQP finds a feasible point of norm 0.974
+#     (starts=16 finds one of norm 1.16, starts=64 of norm 1.04).
+@pytest.mark.xfail(strict=False, reason=(
+    "known limitation: local multi-start ascent on a non-concave H misses feasible points "
+    "(tau > log 2 two-class ridges; local maxima of H in the box); see the comment above"))
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+@pytest.mark.parametrize("d, seed, scale, eps, tau_fraction, n", [
+    (12, 1, 3.0, 1.0, 0.6, 8),    # (a) tau = 0.966 > log 2
+    (12, 1, 2.0, 0.5, 0.4, 16),   # (b) tau = 0.644 < log 2, a local maximum (row 9)
+])
+def test_optimal_noise_hard_cases(d, seed, scale, eps, tau_fraction, n):
+    model, x, phi = _mlp_problem(d, seed=seed, scale=scale, n=n)
+    res = oni.optimal_noise(model, x, phi, tau_fraction=tau_fraction, eps=eps, beta=0.5)
+    _check_against_reference(model, x, res, starts=4)
+
+
+@pytest.fixture(scope="module")
+def problem10():
+    return _mlp_problem(10, seed=1, scale=2.0)
+
+
+def test_rows_meeting_tau_get_zero_noise_and_no_iterations(problem10):
+    model, x, phi = problem10
+    h0 = _entropy(model, x)
+    tau = float(h0.median())
+    with pytest.warns(UserWarning, match="flagged infeasible"):
+        res = oni.optimal_noise(model, x, phi, tau=tau, eps=0.5, beta=0.5)
+    met = h0 >= tau
+    assert met.sum() >= 8
+    assert (res.eta[met] == 0).all() and (res.norm[met] == 0).all()
+    assert res.feasible[met].all()
+    assert res.entropy[met].tolist() == pytest.approx(h0[met].tolist(), abs=1e-12)
+    assert (res.iterations[~met] > 0).all()
+    assert res.iterations[met].tolist() == [0] * int(met.sum()), (
+        "rows that already meet tau should report 0 solver iterations")
+
+
+def test_infeasible_rows_warn_and_stay_in_the_box_and_ball(problem10):
+    model, x, phi = problem10
+    with pytest.warns(UserWarning, match=r"16 of 16 rows .* flagged infeasible"):
+        res = oni.optimal_noise(model, x, phi, tau_fraction=0.9, eps=0.05, beta=0.5)
+    assert not res.feasible.any()
+    assert (res.eta.abs() <= res.budget).all()
+    assert (res.norm <= res.radius).all()
+    h = _entropy(model, x + res.eta)
+    torch.testing.assert_close(res.entropy, h, rtol=0, atol=1e-12)  # the point it returns
+    assert (h < res.tau).all()
+    assert (h >= _entropy(model, x) - 1e-12).all()  # no worse than eta = 0, a start
+    # the highest entropy over the starts: more starts can only find more
+    with pytest.warns(UserWarning, match="flagged infeasible"):
+        one = oni.optimal_noise(model, x, phi, tau_fraction=0.9, eps=0.05, beta=0.5, starts=1)
+    assert (one.entropy <= res.entropy + 1e-9).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_tau_and_tau_fraction_agree_and_seed_reproduces(problem10):
+    model, x, phi = problem10
+    a = oni.optimal_noise(model, x, phi, tau_fraction=0.5, eps=0.5, beta=0.5, seed=3)
+    b = oni.optimal_noise(model, x, phi, tau=0.5 * math.log(5), eps=0.5, beta=0.5, seed=3)
+    c = oni.optimal_noise(model, x, phi, tau_fraction=0.5, eps=0.5, beta=0.5, seed=3)
+    assert a.tau == b.tau
+    assert torch.equal(a.eta, b.eta) and torch.equal(a.eta, c.eta)
+    assert torch.equal(a.feasible, c.feasible) and torch.equal(a.iterations, c.iterations)
+    # phi given as a ShapleyResult: the same
+    res = oni.exact_shapley(model, x)
+    d = oni.optimal_noise(model, x, res, tau_fraction=0.5, eps=0.5, beta=0.5, seed=3)
+    assert torch.equal(a.eta, d.eta)
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_kernel_and_torch_backends_agree(problem10):
+    model, x, phi = problem10
+    k = oni.optimal_noise(model, x, phi, tau_fraction=0.5, eps=0.5, beta=0.5, backend="kernel")
+    t = oni.optimal_noise(model, x, phi, tau_fraction=0.5, eps=0.5, beta=0.5, backend="torch")
+    assert torch.equal(k.feasible, t.feasible)
+    # the same algorithm; ulp-level differences can move a 16-step bisection by one step
+    torch.testing.assert_close(k.norm, t.norm, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_float32_model_and_inputs():
+    model = small_mlp(10, k=5, seed=1, scale=2.0)
+    x = torch.randn(16, 10, generator=torch.Generator().manual_seed(2))
+    res = oni.optimal_noise(model, x, oni.exact_shapley(model, x), tau_fraction=0.5, eps=0.5,
+                            beta=0.5)
+    assert res.eta.dtype == res.budget.dtype == res.radius.dtype == torch.float32
+    assert (res.eta.abs() <= res.budget).all() and (res.norm <= res.radius * (1 + 1e-6)).all()
+    h = _entropy(model, x + res.eta)
+    assert (h[res.feasible] >= res.tau - 1e-5).all()
+    assert res.feasible.sum() >= 8
+
+
+# ============================================================================ 6. bad input
+
+_D, _N = 6, 4
+
+
+def _bad_setup():
+    model = small_mlp(_D, k=3, seed=0)
+    x = torch.randn(_N, _D, generator=torch.Generator().manual_seed(1))
+    phi = torch.randn(_N, _D, generator=torch.Generator().manual_seed(2))
+    return model, x, phi
+
+
+def _with(x, index, value):
+    out = x.clone()
+    out[index] = value
+    return out
+
+
+_OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda m, x, p: dict(phi=p, **{**_OK, "eps": -0.1}), ValueError, r"eps must be .*got -0\.1"),
+    (lambda m, x, p: dict(phi=p, **{**_OK, "eps": math.nan}), ValueError, "eps must be"),
+    (lambda m, x, p: dict(phi=p, **{**_OK, "beta": 1.5}), ValueError,
+     r"beta must be .*\[0\.0, 1\.0\].*1\.5"),
+    (lambda m, x, p: dict(phi=p, **{**_OK, "beta": -0.5}), ValueError, "beta must be"),
+    (lambda m, x, p: dict(phi=p, tau=-0.1, eps=0.5, beta=0.5), ValueError, r"tau must be .*-0\.1"),
+    (lambda m, x, p: dict(phi=p, tau=1.2, eps=0.5, beta=0.5), ValueError,
+     r"tau must be .*1\.098.*1\.2"),  # > log 3
+    (lambda m, x, p: dict(phi=p, **{**_OK, "tau_fraction": 1.5}), ValueError,
+     "tau_fraction must be"),
+    (lambda m, x, p: dict(phi=p, tau=0.5, tau_fraction=0.5, eps=0.5, beta=0.5), ValueError,
+     "exactly one of tau"),
+    (lambda m, x, p: dict(phi=p, eps=0.5, beta=0.5), ValueError, "exactly one of tau"),
+    (lambda m, x, p: dict(phi=p[:, :-1], **_OK), ValueError, r"phi must be \[N, d\] = \[4, 6\]"),
+    (lambda m, x, p: dict(phi=p[:-1], **_OK), ValueError, r"phi must be \[N, d\]"),
+    (lambda m, x, p: dict(x=_with(x, (1, 2), math.nan), phi=p, **_OK), ValueError,
+     r"x contains NaN or Inf \(first at index \[1, 2\]\)"),
+    (lambda m, x, p: dict(x=_with(x, (0, 0), math.inf), phi=p, **_OK), ValueError,
+     "x contains NaN or Inf"),
+    (lambda m, x, p: dict(phi=_with(p, (2, 3), math.inf), **_OK), ValueError,
+     r"phi contains NaN or Inf \(first at index \[2, 3\]\)"),
+    (lambda m, x, p: dict(phi=_with(p, (0, 1), math.nan), **_OK), ValueError,
+     "phi contains NaN or Inf"),
+    (lambda m, x, p: dict(x=x[:0], phi=p[:0], **_OK), ValueError, "empty batch"),
+    (lambda m, x, p: dict(x=x.long(), phi=p, **_OK), TypeError, "x must be float32 or float64"),
+    (lambda m, x, p: dict(x=x[0], phi=p, **_OK), ValueError, "x must be 2-D"),
+    (lambda m, x, p: dict(phi=torch.empty(_N, _D, device="meta"), **_OK), ValueError,
+     "phi must be on x's device cpu, got meta"),
+    (lambda m, x, p: dict(phi=p, importance="relative", **_OK), ValueError,
+     r"importance must be one of \('signed', 'abs'\)"),
+    (lambda m, x, p: dict(phi=p, backend="cuda", **_OK), ValueError, "backend must be one of"),
+    (lambda m, x, p: dict(phi=p, max_iter=0, **_OK), ValueError, "max_iter must be >= 1"),
+    (lambda m, x, p: dict(phi=p, starts=0, **_OK), ValueError, "starts must be >= 1"),
+    (lambda m, x, p: dict(phi=p, **{**_OK, "eps": "0.5"}), TypeError, "eps must be a number"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_optimal_noise_bad_input(make, error, message):
+    model, x, phi = _bad_setup()
+    kwargs = dict(x=x)
+    kwargs.update(make(model, x, phi))
+    x_arg, phi_arg = kwargs.pop("x"), kwargs.pop("phi")
+    with pytest.raises(error, match=message):
+        oni.optimal_noise(model, x_arg, phi_arg, **kwargs)
+
+
+def test_budget_radius_uniform_bad_input():
+    model, x, phi = _bad_setup()
+    with pytest.raises(ValueError, match="eps must be"):
+        oni.noise_budget(phi, eps=-1.0, beta=0.5)
+    with pytest.raises(ValueError, match="beta must be"):
+        oni.noise_budget(phi, eps=1.0, beta=2.0)
+    with pytest.raises(ValueError, match="importance must be one of"):
+        oni.noise_budget(phi, 0.5, 0.5, importance="both")
+    with pytest.raises(ValueError, match=r"phi must be a tensor \[N, d\]"):
+        oni.noise_budget(phi[0], 0.5, 0.5)
+    with pytest.raises(TypeError, match="phi must be a float tensor"):
+        oni.noise_budget(phi.long(), 0.5, 0.5)
+    with pytest.raises(ValueError, match="phi contains NaN or Inf"):
+        oni.noise_budget(_with(phi, (0, 0), math.nan), 0.5, 0.5)
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        oni.robustness_radius(model, _with(x, (0, 0), math.inf))
+    with pytest.raises(ValueError, match="empty batch"):
+        oni.robustness_radius(model, x[:0])
+    with pytest.raises(ValueError, match="k = 1 column"):
+        oni.robustness_radius(lambda z: z[:, :1], x)
+    with pytest.raises(ValueError, match=r"kind must be one of \('uniform', 'gaussian'\)"):
+        oni.uniform_noise(x, 0.5, kind="laplace")
+    with pytest.raises(ValueError, match=r"eps must be .*got -0\.5"):
+        oni.uniform_noise(x, -0.5)
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        oni.uniform_noise(x.long(), 0.5)
+
+
+def _project_args():
+    eta, direction, step, budget, radius, active = _project_case(4, 5, "cpu", torch.float64)
+    return dict(eta=eta, direction=direction, step=step, budget=budget, radius=radius,
+                active=active)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.update(eta=a["eta"][0]), "eta must be 2-D"),
+    (lambda a: a.update(eta=a["eta"].long()), "eta must be float32 or float64"),
+    (lambda a: a.update(direction=a["direction"][:, :4]), r"direction must be \[N, d\] = \[4, 5\]"),
+    (lambda a: a.update(direction=a["direction"].float()), "direction must have eta's dtype"),
+    (lambda a: a.update(budget=a["budget"][:3]), r"budget must be \[N, d\]"),
+    (lambda a: a.update(budget=a["budget"].float()), "budget must have eta's dtype"),
+    (lambda a: a.update(step=a["step"][:, None]), r"step must be \[N\] = \[4\]"),
+    (lambda a: a.update(step=a["step"].float()), "step must have eta's dtype"),
+    (lambda a: a.update(radius=a["radius"][:2]), r"radius must be \[N\] = \[4\]"),
+    (lambda a: a.update(radius=a["radius"].float()), "radius must have eta's dtype"),
+    (lambda a: a.update(active=a["active"][:3]), r"active must be \[N\] = \[4\]"),
+    (lambda a: a.update(active=a["active"].long()), "active must be bool"),
+    (lambda a: a.update(active=a["active"].float()), "active must be bool"),
+    (lambda a: a["budget"].__setitem__((1, 2), -1.0),
+     r"budget\[1, 2\] = -1 must be finite and >= 0"),
+    (lambda a: a["budget"].__setitem__((0, 0), math.nan), r"budget\[0, 0\] = nan must be finite"),
+    (lambda a: a["budget"].__setitem__((0, 0), math.inf), r"budget\[0, 0\] = inf must be finite"),
+    (lambda a: a["radius"].__setitem__(2, -0.5), r"radius\[2\] = -0.5 must be >= 0"),
+    (lambda a: a["radius"].__setitem__(0, math.nan), r"radius\[0\] = nan must be >= 0"),
+])
+def test_ascend_and_project_bad_input(mutate, message):
+    args = _project_args()
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        _ops.ascend_and_project(**args)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda a: a["budget"].__setitem__((1, 2), -1.0),
+    lambda a: a["radius"].__setitem__(2, -0.5),
+    lambda a: a["radius"].__setitem__(0, math.nan),
+])
+def test_reference_projection_rejects_bad_values_too(mutate):
+    args = _project_args()
+    mutate(args)
+    with pytest.raises(ValueError, match="must be"):
+        reference.ascend_and_project(**args)
+
+
+def test_entropy_and_grad_bad_input():
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        _ops.entropy_and_grad(torch.randn(5))
+    with pytest.raises(RuntimeError, match="logits must be float32 or float64"):
+        _ops.entropy_and_grad(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"at least one class \(k >= 1\)"):
+        _ops.entropy_and_grad(torch.randn(2, 0))
+
+
+# ============================================================================ 7. uniform noise
+
+def test_uniform_noise():
+    x = torch.zeros(300, 40, dtype=torch.float64)
+    eta = oni.uniform_noise(x, 0.3, seed=4)
+    assert eta.shape == x.shape and eta.dtype == torch.float64
+    assert (eta.abs() <= 0.3).all()
+    assert eta.abs().max() > 0.29 and abs(eta.mean().item()) < 0.01  # fills U(-eps, eps)
+    assert torch.equal(eta, oni.uniform_noise(x, 0.3, seed=4))
+    assert not torch.equal(eta, oni.uniform_noise(x, 0.3, seed=5))
+    assert (oni.uniform_noise(x, 0.0) == 0).all()
+    assert oni.uniform_noise(x.float(), 0.3).dtype == torch.float32
+
+
+def test_gaussian_noise_std_is_eps():
+    x = torch.zeros(500, 400)
+    eta = oni.uniform_noise(x, 0.25, kind="gaussian", seed=1)
+    assert eta.std().item() == pytest.approx(0.25, rel=0.01)
+    assert abs(eta.mean().item()) < 0.003
+    assert torch.equal(eta, oni.uniform_noise(x, 0.25, kind="gaussian", seed=1))
