@@ -369,34 +369,40 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
     At a minimum-norm point of the level set H = tau, eta is parallel to the entropy
     gradient g (KKT; with the box and ball, eta = P(nu g)). Each round turns the ray of eta
     towards g, ``dir = (1 - w) eta/|eta| + w g/|g|``, and bisects for the shortest point
-    ``P(s dir)`` that still meets tau; it is kept only if its norm is smaller. ``w`` grows
-    after a kept round and halves after a rejected one.
+    ``P(s dir)`` that still meets tau, no longer than eta; it is kept only if it is shorter.
+    ``w`` grows after a kept round and halves after a rejected one; a row stops once ``w``
+    falls below 1/200 (four rejections in a row from the start).
     """
     ops = oracle.ops
-    everyone = torch.ones(len(rows), dtype=torch.bool, device=eta.device)
-    zeros = torch.zeros_like(eta)
     eta = _shrink_to_level(oracle, rows, eta, tau)
     weight = torch.full((len(rows), 1), 0.1, dtype=eta.dtype, device=eta.device)
     for _ in range(rounds):
-        _, grad = oracle.value_and_grad(eta, rows)
-        direction = (1 - weight) * _unit(eta) + weight * _unit(grad)
-        length = eta.norm(dim=1)
+        live = (weight[:, 0] >= 0.005).nonzero()[:, 0]
+        if live.numel() == 0:
+            break
+        r, e, w = rows[live], eta[live], weight[live]
+        everyone = torch.ones(len(live), dtype=torch.bool, device=eta.device)
+        _, grad = oracle.value_and_grad(e, r)
+        direction = (1 - w) * _unit(e) + w * _unit(grad)
+        length = e.norm(dim=1)
 
-        def ray(s):
-            return ops.ascend_and_project(zeros, direction, s, u, rho, everyone)
+        def ray(step):
+            return ops.ascend_and_project(torch.zeros_like(e), direction, step, u[live],
+                                          rho[live], everyone)
 
-        hi = 2 * length
-        reach = oracle.value(ray(hi), rows) >= tau
+        # beyond s = |eta| / |dir| the unprojected point is already longer than eta
+        hi = length / direction.norm(dim=1).clamp_min(1e-30)
+        reach = oracle.value(ray(hi), r) >= tau
         lo = torch.zeros_like(hi)
-        for _ in range(16):
+        for _ in range(12):
             mid = (lo + hi) / 2
-            ok = oracle.value(ray(mid), rows) >= tau
+            ok = oracle.value(ray(mid), r) >= tau
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
         candidate = ray(hi)
         better = reach & (candidate.norm(dim=1) < length)
-        eta = torch.where(better[:, None], candidate, eta)
-        weight = torch.where(better[:, None], (weight * 1.5).clamp(max=1.0), weight / 2)
+        eta[live] = torch.where(better[:, None], candidate, e)
+        weight[live] = torch.where(better[:, None], (w * 1.5).clamp(max=1.0), w / 2)
     return eta, oracle.value(eta, rows)
 
 
