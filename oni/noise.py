@@ -48,7 +48,8 @@ class NoiseResult:
         norm: ``[N]`` ``||eta||_2``.
         feasible: ``[N]`` bool: ``entropy >= tau`` was reached inside the box and ball. Where
             False, ``eta`` is the highest-entropy point the solver found inside them.
-        iterations: ``[N]`` int64 solver iterations (0 where ``x`` already met ``tau``).
+        iterations: ``[N]`` int64 solver iterations summed over the starts: ascent steps plus
+            norm-reduction rounds (0 where ``x`` already met ``tau``).
         budget: ``[N, d]`` the per-feature budget ``u`` (eq. 7).
         radius: ``[N]`` the robustness radius ``rho`` (eq. 8).
         tau: the entropy threshold in nats.
@@ -335,9 +336,9 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     shrink = feasible & ~done & (eta.abs().sum(1) > 0)
     if shrink.any():
         idx = shrink.nonzero()[:, 0]
-        eta[idx], entropy[idx] = _reduce_norm(oracle, rep[idx], eta[idx], u[idx], rho[idx],
-                                              tau, refine_iter)
-        iterations[idx] += refine_iter
+        eta[idx], entropy[idx], rounds = _reduce_norm(oracle, rep[idx], eta[idx], u[idx],
+                                                      rho[idx], tau, refine_iter)
+        iterations[idx] += rounds
 
     # (3) per row: the smallest feasible start, else the highest-entropy one
     score = torch.where(feasible, -eta.norm(dim=1), entropy - 1e30).reshape(m, starts)
@@ -365,6 +366,7 @@ def _shrink_to_level(oracle, rows, eta, tau, steps: int = 14):
 
 def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
     """Norm reduction of feasible solutions (see optimal_noise); keeps feasibility.
+    Returns (eta, its entropy, rounds used per row).
 
     At a minimum-norm point of the level set H = tau, eta is parallel to the entropy
     gradient g (KKT; with the box and ball, eta = P(nu g)). Each round turns the ray of eta
@@ -376,10 +378,12 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
     ops = oracle.ops
     eta = _shrink_to_level(oracle, rows, eta, tau)
     weight = torch.full((len(rows), 1), 0.1, dtype=eta.dtype, device=eta.device)
+    used = torch.zeros(len(rows), dtype=torch.long, device=eta.device)
     for _ in range(rounds):
         live = (weight[:, 0] >= 0.005).nonzero()[:, 0]
         if live.numel() == 0:
             break
+        used[live] += 1
         r, e, w = rows[live], eta[live], weight[live]
         everyone = torch.ones(len(live), dtype=torch.bool, device=eta.device)
         _, grad = oracle.value_and_grad(e, r)
@@ -403,7 +407,7 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
         better = reach & (candidate.norm(dim=1) < length)
         eta[live] = torch.where(better[:, None], candidate, e)
         weight[live] = torch.where(better[:, None], (w * 1.5).clamp(max=1.0), w / 2)
-    return eta, oracle.value(eta, rows)
+    return eta, oracle.value(eta, rows), used
 
 
 # ----------------------------------------------------------------------------- baseline

@@ -1,0 +1,1 @@
+"""Benchmarks: oni's Shapley backends against shap, captum and shapiq (see BENCHMARKS.md)."""

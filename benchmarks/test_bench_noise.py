@@ -1,0 +1,151 @@
+"""Noise-solver throughput (rows per second), kernel backend vs torch backend.
+
+Workload: the paper's MLP trained on Purchase-shaped synthetic data (``benchmarks/workload.py``,
+``trained_model(600)``), and the first N rows of its own training set (the rows the defense
+adds noise to; ``purchase_like`` with the training seed). ``phi`` comes from
+``oni.shapley_values(model, x, n_permutations=20)``, computed once outside the timed region
+and cached under ``.benchmarks/workload/``. Settings: ``tau_fraction=0.5`` (tau = 0.5 log 100
+= 2.30 nats), ``eps=0.1``, ``beta=0.5``, the solver's defaults otherwise (``max_iter=100``,
+``refine_iter=16``, ``starts=4``). One timed call per backend (``rounds=1``): a call on N rows
+is many batched passes, so its own run-to-run noise is small next to the machine's.
+
+Besides the timing, each case prints the distribution of solver iterations, of the norms of
+the feasible solutions (median, p90), the feasibility rate and the share of rows where the
+radius ball binds, and writes everything to ``.benchmarks/noise_summary.json``. The torch
+case also reports its agreement with the kernel case (same rows).
+
+Sizes: ``ONI_NOISE_ROWS`` (kernel backend, default 2048; ~45 s) and
+``ONI_NOISE_ROWS_TORCH`` (torch backend, default 256; ~1.5 min). BENCHMARKS.md, "Noise
+solver", used ``ONI_NOISE_ROWS=20000 ONI_NOISE_ROWS_TORCH=512`` (kernel: 20,000 rows in
+423 s on a 2-core CPU; torch: 512 rows in 153 s). Run::
+
+    ONI_BENCH_WAIT_IDLE=600 pytest benchmarks/test_bench_noise.py --benchmark-only -s \\
+        -p no:cacheprovider --benchmark-columns=min,rounds \\
+        --benchmark-json=.benchmarks/noise.json
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+from . import idle, workload
+
+D = 600
+SETTINGS = dict(tau_fraction=0.5, eps=0.1, beta=0.5)
+SHAPLEY_WALKS = 20
+ROWS = {"kernel": int(os.environ.get("ONI_NOISE_ROWS", "2048")),
+        "torch": int(os.environ.get("ONI_NOISE_ROWS_TORCH", "256"))}
+SUMMARY_PATH = workload.ROOT / ".benchmarks" / "noise_summary.json"
+
+_RESULTS: dict = {}
+
+
+def _rows(n: int):
+    """The first n training rows of the benchmark model (Purchase-shaped, binary)."""
+    cfg = workload.config_for(D)
+    x, _ = workload.purchase_like(cfg, max(n, cfg.n_train), seed=cfg.seed + 1)
+    return x[:n].contiguous()
+
+
+def _phi(model, x):
+    """Shapley values of the rows (20 walks), cached on disk: they are not what is timed."""
+    import oni
+
+    cfg = workload.config_for(D)
+    path = workload.CACHE_DIR / f"noise_phi_{cfg.key()}_train_n{len(x)}_w{SHAPLEY_WALKS}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if torch.equal(blob["x"], x):
+            return blob["phi"]
+    start = time.perf_counter()
+    phi = oni.shapley_values(model, x, n_permutations=SHAPLEY_WALKS, seed=0).values
+    print(f"[noise] phi for {len(x)} rows ({SHAPLEY_WALKS} walks) in "
+          f"{time.perf_counter() - start:.1f} s (cached to {path})", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x": x, "phi": phi}, path)
+    return phi
+
+
+@pytest.fixture(scope="module")
+def noise_workload():
+    model = workload.trained_model(D)
+    x = _rows(max(ROWS.values()))
+    return model, x, _phi(model, x)
+
+
+def _quantile(t: torch.Tensor, q: float) -> float:
+    return float(t.double().quantile(q)) if t.numel() else math.nan
+
+
+def _describe(res, x_entropy) -> dict:
+    it = res.iterations.double()
+    feas = res.feasible
+    norms = res.norm[feas]
+    return {
+        "feasible_rate": float(feas.double().mean()),
+        "already_met": int((x_entropy >= res.tau).sum()),
+        "ball_binds": int((res.norm >= res.radius * (1 - 1e-6)).sum()),
+        "iterations_median": _quantile(it, 0.5), "iterations_p90": _quantile(it, 0.9),
+        "iterations_max": float(it.max()),
+        "norm_feasible_median": _quantile(norms, 0.5), "norm_feasible_p90": _quantile(norms, 0.9),
+        "entropy_infeasible_median": _quantile(res.entropy[~feas], 0.5),
+        "tau": res.tau,
+    }
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_noise_rows_per_second(benchmark, noise_workload, backend):
+    import oni
+
+    model, x_all, phi_all = noise_workload
+    n = ROWS[backend]
+    x, phi = x_all[:n], phi_all[:n]
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(x).double(), dim=1)
+    x_entropy = -(log_p.exp() * log_p).sum(1)
+
+    benchmark.group = f"noise solver d={D} (seconds per call on N rows)"
+    benchmark.extra_info.update({"backend": backend, "n_rows": n, "d": D, **SETTINGS})
+    idle.wait_for_idle()  # only with ONI_BENCH_WAIT_IDLE=<seconds> set
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flagged infeasible")
+        res = benchmark.pedantic(oni.optimal_noise, args=(model, x, phi),
+                                 kwargs=dict(**SETTINGS, backend=backend), rounds=1,
+                                 iterations=1)
+    # the solution honours its constraints whatever the backend
+    assert (res.eta.abs() <= res.budget).all()
+    assert (res.norm <= res.radius * (1 + 1e-6)).all()
+
+    info = _describe(res, x_entropy)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        seconds = benchmark.stats.stats.min
+        info.update(seconds=seconds, rows_per_second=n / seconds,
+                    seconds_for_20000_rows_extrapolated=20_000 * seconds / n)
+    if backend == "torch" and "kernel" in _RESULTS:
+        k = _RESULTS["kernel"]["result"]
+        m = min(n, len(k.eta))
+        both = k.feasible[:m] & res.feasible[:m]
+        info["agreement_with_kernel"] = {
+            "rows": m,
+            "same_feasible_flag": float((k.feasible[:m] == res.feasible[:m]).double().mean()),
+            "max_rel_norm_difference_both_feasible": float(
+                ((k.norm[:m] - res.norm[:m]).abs() / k.norm[:m].clamp(min=1e-12))[both].max())
+            if both.any() else math.nan,
+        }
+    benchmark.extra_info.update({key: v for key, v in info.items() if not isinstance(v, dict)})
+    _RESULTS[backend] = {"result": res, "info": info, "n": n}
+
+    print(f"\n[noise] backend={backend} N={n}: " + ", ".join(
+        f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in info.items()),
+        flush=True)
+    summary = {"provenance": workload.provenance(), "settings": SETTINGS, "d": D,
+               "shapley_walks": SHAPLEY_WALKS,
+               "cases": {b: {"n_rows": r["n"], **r["info"]} for b, r in _RESULTS.items()}}
+    SUMMARY_PATH.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY_PATH.write_text(json.dumps(summary, indent=1))
