@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _ops, reference
 from .shapley import (
