@@ -169,13 +169,23 @@ class _EntropyOracle:
             logits = _check_logits(self.model(self.x[rows] + eta), len(rows), "model output")
             return self.ops.entropy_and_grad(logits)[0]
 
-    def value_and_grad(self, eta: Tensor, rows: Tensor):
+    def value_and_grad(self, eta: Tensor, rows: Tensor, spread: Optional[Tensor] = None):
+        """(H, objective, gradient of the objective in eta). The objective is H, or on rows
+        where ``spread`` is set the mean log-probability over classes (the log-likelihood of
+        the uniform distribution), which lifts every class at once instead of the runner-up
+        alone and so does not stall on a two-class ridge."""
         z = (self.x[rows] + eta).detach().requires_grad_(True)
         with torch.enable_grad():
             logits = _check_logits(self.model(z), len(rows), "model output")
             entropy, d_logits = self.ops.entropy_and_grad(logits.detach())
+            objective = entropy
+            if spread is not None and spread.any():
+                log_p = torch.log_softmax(logits.detach().double(), dim=1)
+                objective = torch.where(spread, log_p.mean(1).to(entropy.dtype), entropy)
+                d_spread = 1.0 / logits.shape[1] - log_p.exp()
+                d_logits = torch.where(spread[:, None], d_spread.to(d_logits.dtype), d_logits)
             (grad,) = torch.autograd.grad(logits, z, grad_outputs=d_logits.to(logits.dtype))
-        return entropy, grad
+        return entropy, objective, grad
 
 
 def optimal_noise(
@@ -201,9 +211,10 @@ def optimal_noise(
     (eq. 7) and ``||eta||_2 <= rho(x)`` (eq. 8), ``H`` the Shannon entropy (nats) of the
     softmax prediction. Rows that already meet ``tau`` get ``eta = 0``.
 
-    Method: (1) projected, normalised ascent on ``H`` from ``eta = 0`` and from
-    ``starts - 1`` random points of the box ∩ ball (step halving when ``H`` drops) until
-    ``H >= tau``; every iterate is projected exactly onto the box ∩ ball with the fused
+    Method: (1) projected, normalised ascent until ``H >= tau`` from ``eta = 0``, from
+    ``eta = 0`` again on the mean log-probability over classes (which lifts every class at
+    once and so does not stall on a two-class ridge, ``H = log 2``), and from random points
+    of the box ∩ ball, ``starts`` in all (step halving when the objective drops); every iterate is projected exactly onto the box ∩ ball with the fused
     ``ascend_and_project`` op and ``H``, ``dH/dlogits`` come from the fused
     ``entropy_and_grad`` op. (2) Norm reduction (``refine_iter`` rounds): at a minimum-norm
     point eta is parallel to the entropy gradient (KKT), so each round turns eta towards
@@ -223,8 +234,9 @@ def optimal_noise(
         eps, beta, importance: the budget of eq. 7 (see :func:`noise_budget`).
         max_iter: ascent iterations at most (>= 1).
         refine_iter: norm-reduction rounds (>= 0).
-        starts: starting points per row (>= 1): ``eta = 0`` and ``starts - 1`` seeded random
-            points of the box ∩ ball; the smallest feasible result wins.
+        starts: starting points per row (>= 1): ``eta = 0``, ``eta = 0`` on the spread
+            objective, then seeded random points of the box ∩ ball; the smallest feasible
+            result wins.
         seed: seed of the random starts, and of the Shapley walks when ``phi`` is None.
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
         shapley_kwargs: extra arguments for :func:`oni.shapley_values`.
@@ -286,8 +298,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
                 tau: float, max_iter: int, refine_iter: int, starts: int, seed: int):
     """The solver on one batch of rows: (eta, entropy, feasible, iterations).
 
-    Every row is solved from ``starts`` points (eta = 0, then seeded random points of the
-    box ∩ ball) because H is not concave: an ascent from one point can stall on a ridge
+    Every row is solved from ``starts`` points (eta = 0; eta = 0 on the spread objective;
+    then seeded random points of the box ∩ ball) because H is not concave: an ascent from one point can stall on a ridge
     (e.g. a two-class boundary, H = log 2) below tau. The smallest feasible solution wins;
     rows with none keep their highest-entropy point.
     """
@@ -301,7 +313,10 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
     eta = ops.ascend_and_project(torch.where(first[:, None], 0.0, eta), torch.zeros_like(eta),
                                  torch.zeros_like(rho), u, rho, everyone)
-    entropy, grad = oracle.value_and_grad(eta, rep)
+    # the second start of each row climbs the spread objective (see _EntropyOracle)
+    spread = torch.arange(len(rep), device=x.device) % starts == 1
+    eta = torch.where(spread[:, None], 0.0, eta)
+    entropy, objective, grad = oracle.value_and_grad(eta, rep, spread)
     feasible = entropy >= tau
     # a row whose x already meets tau is done at eta = 0: none of its starts move
     done = feasible.reshape(m, starts)[:, 0].repeat_interleave(starts)
@@ -320,13 +335,14 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         direction = _unit(grad)
         moving &= direction.abs().sum(1) > 0  # a flat point: nowhere to go
         candidate = ops.ascend_and_project(eta, direction, step, u, rho, moving)
-        new_entropy, new_grad = oracle.value_and_grad(candidate, rep)
+        new_entropy, new_objective, new_grad = oracle.value_and_grad(candidate, rep, spread)
         iterations += moving.long()
-        better = moving & (new_entropy > entropy)
+        better = moving & (new_objective > objective)
         # accept improvements; halve the step where H dropped (and retry from eta)
         eta = torch.where(better[:, None], candidate, eta)
         grad = torch.where(better[:, None], new_grad, grad)
         entropy = torch.where(better, new_entropy, entropy)
+        objective = torch.where(better, new_objective, objective)
         step = torch.where(moving & ~better, step / 2, step)
         reached = better & (entropy >= tau)
         feasible |= reached
@@ -386,7 +402,7 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
         used[live] += 1
         r, e, w = rows[live], eta[live], weight[live]
         everyone = torch.ones(len(live), dtype=torch.bool, device=eta.device)
-        _, grad = oracle.value_and_grad(e, r)
+        _, _, grad = oracle.value_and_grad(e, r)
         direction = (1 - w) * _unit(e) + w * _unit(grad)
         length = e.norm(dim=1)
 
