@@ -32,6 +32,17 @@ def small_mlp(d: int, k: int = 4, hidden=(16, 8), seed: int = 0, scale: float = 
     return nn.Sequential(*layers[:-1]).to(dtype).eval()
 
 
+class Wrapped(nn.Module):
+    """The same network, but not an nn.Sequential: forces the generic masked-input path."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z):
+        return self.net(z)
+
+
 def walk_inputs(n: int, d: int, n_refs: int = 1, n_walks: int = 4, *, seed: int = 0,
                 density: float = 0.5, device="cpu", dtype=torch.float32, active_counts=None):
     """Random x, baseline [N, B, d], and valid perm/n_active (ragged active counts)."""

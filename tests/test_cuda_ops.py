@@ -11,11 +11,11 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import oni
 from oni import _ops, reference
 from oni.shapley import _walk_permutations
+from helpers import Wrapped, small_mlp
 
 
 def _skip_reason():
@@ -414,30 +414,6 @@ def test_bad_input_same_error_as_cpu(label, kind, mutate, message):
 
 # ----------------------------------------------------------------------------- end to end
 
-def _mlp(d, k, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    layers, width = [], d
-    for h in (64, 32, k):
-        lin = nn.Linear(width, h)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(h, width, generator=gen) * 2 / width ** 0.5)
-            lin.bias.copy_(torch.randn(h, generator=gen) * 0.5)
-        layers += [lin, nn.ReLU()]
-        width = h
-    return nn.Sequential(*layers[:-1]).to(dtype).eval()
-
-
-class _Wrapped(nn.Module):
-    """Not an nn.Sequential: forces the masked-input path."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, z):
-        return self.net(z)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("path", ["incremental", "masked"])
 @pytest.mark.parametrize("background", [False, True])
@@ -449,9 +425,9 @@ def test_shapley_values_kernel_equals_torch_and_cpu(dtype, path, background):
     x[0] = 0.0  # a row with nothing to explain
     x[1, 1:] = 0.0  # a row with one active feature
     baseline = torch.randn(3, d, generator=gen).to(dtype) if background else None
-    model = _mlp(d, k, dtype)
+    model = small_mlp(d, k=k, hidden=(64, 32), dtype=dtype)
     if path == "masked":
-        model = _Wrapped(model).eval()
+        model = Wrapped(model).eval()
     model_gpu = copy.deepcopy(model).to(DEVICE)
     x_gpu = x.to(DEVICE)
     base_gpu = baseline.to(DEVICE) if background else None

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import oni
-from helpers import devices, small_mlp
+from helpers import Wrapped, devices, small_mlp
 
 DEVICES = devices()
 BACKENDS = ["kernel", "torch"]
@@ -99,17 +99,6 @@ def test_kernel_backend_equals_torch_backend(device):
         assert torch.equal(k.n_permutations, t.n_permutations)
 
 
-class _Wrapped(nn.Module):
-    """Same network, but not an nn.Sequential: forces the generic masked-input path."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, z):
-        return self.net(z)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generic_path_equals_incremental_path(backend):
     model = small_mlp(10, k=4, seed=13)
@@ -117,7 +106,7 @@ def test_generic_path_equals_incremental_path(backend):
     bg = _gaussian_rows(2, 10, seed=15)
     for baseline in (None, bg):
         inc = oni.shapley_values(model, x, baseline, n_permutations=12, backend=backend)
-        gen = oni.shapley_values(_Wrapped(model).eval(), x, baseline, n_permutations=12,
+        gen = oni.shapley_values(Wrapped(model).eval(), x, baseline, n_permutations=12,
                                  backend=backend)
         fn = oni.shapley_values(lambda z: model(z), x, baseline, n_permutations=12,
                                 backend=backend)
@@ -133,7 +122,7 @@ def test_nested_sequential_takes_incremental_path():
     assert head is model[0]
     z = torch.randn(3, 6)
     torch.testing.assert_close(tail(head(z)), nested(z))
-    assert _split_first_linear(_Wrapped(model)) is None
+    assert _split_first_linear(Wrapped(model)) is None
 
 
 def test_antithetic_lowers_the_variance():
