@@ -184,13 +184,12 @@ def build_info() -> dict:
 class _Game:
     """A model, how to evaluate it in chunks, and the explained value of its output."""
 
-    def __init__(self, model: Callable[[Tensor], Tensor], link: str, n_rows: int):
+    def __init__(self, model: Callable[[Tensor], Tensor], link: str):
         if link not in _LINKS:
             raise ValueError(f"link must be one of {_LINKS}, got {link!r}")
         _check_model(model, stacklevel=4)
         self.model = model
         self.softmax = link == "softmax"
-        self.n_rows = n_rows
         split = _split_first_linear(model) if isinstance(model, nn.Module) else None
         self.first_linear, self.tail = split if split is not None else (None, None)
         if self.first_linear is not None:
@@ -439,7 +438,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
             raise ValueError(f"tol must be None or a positive number, got {tol!r}")
     use_kernel = _check_backend(backend, x.device)
-    game = _Game(model, link, n)
+    game = _Game(model, link)
     ops = _ops if use_kernel else reference
 
     with torch.no_grad():
@@ -454,10 +453,10 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         else:
             f_base = reference.class_value(logits_r[None], classes[:, None], game.softmax).mean(1)
 
-        active = torch.zeros((n, d), dtype=torch.bool, device=x.device)
         if refs_per_row:
             active = x != refs
-        else:
+        else:  # active where x differs from any reference, one reference at a time
+            active = torch.zeros((n, d), dtype=torch.bool, device=x.device)
             for r in refs:
                 active |= x != r
         n_active = active.sum(dim=1)
@@ -475,8 +474,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         count = torch.zeros(n, dtype=torch.long, device=x.device)
         mean = torch.zeros((n, d), dtype=torch.float64, device=x.device)
         m2 = torch.zeros_like(mean)
-        order = torch.argsort(n_active, stable=True)  # similar lengths share chunks
-        alive = order
+        alive = torch.argsort(n_active, stable=True)  # similar lengths share chunks
         done = 0
         while done < total_samples and alive.numel() > 0:
             todo = min(round_samples, total_samples - done)
@@ -516,7 +514,6 @@ def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sampl
                  n_refs: int, budget: int):
     """Yields (rows, first sample, n samples) so each chunk has about <= budget steps."""
     per_sample = (walks_per_sample * n_refs * (n_active[rows] - 1).clamp(min=1)).tolist()
-    rows_list = rows
     start = 0
     while start < len(per_sample):
         cost = per_sample[start]
@@ -524,14 +521,14 @@ def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sampl
             # a single row is too big for one round: split its samples
             step = max(1, budget // cost)
             for first in range(0, n_samples, step):
-                yield rows_list[start:start + 1], first, min(step, n_samples - first)
+                yield rows[start:start + 1], first, min(step, n_samples - first)
             start += 1
             continue
         stop, total = start, 0
         while stop < len(per_sample) and total + per_sample[stop] * n_samples <= budget:
             total += per_sample[stop] * n_samples
             stop += 1
-        yield rows_list[start:stop], 0, n_samples
+        yield rows[start:stop], 0, n_samples
         start = stop
 
 
@@ -589,7 +586,7 @@ def exact_shapley(
         raise ValueError(f"exact_shapley enumerates 2^d coalitions and supports d <= "
                          f"{MAX_EXACT_FEATURES}, got d = {d}; use shapley_values")
     refs = _check_baseline(baseline, x)
-    game = _Game(model, link, n)
+    game = _Game(model, link)
     with torch.no_grad():
         logits_x = game(x, "model output at x")
         _check_finite(logits_x, "model output at x")
