@@ -299,8 +299,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     """The solver on one batch of rows: (eta, entropy, feasible, iterations).
 
     Every row is solved from ``starts`` points (eta = 0; eta = 0 on the spread objective;
-    then seeded random points of the box ∩ ball) because H is not concave: an ascent from one point can stall on a ridge
-    (e.g. a two-class boundary, H = log 2) below tau. The smallest feasible solution wins;
+    then seeded random points of the box ∩ ball) because H is not concave: an ascent from
+    one point can stall on a ridge (e.g. a two-class boundary, H = log 2) below tau. The smallest feasible solution wins;
     rows with none keep their highest-entropy point.
     """
     ops, x = oracle.ops, oracle.x
@@ -309,13 +309,12 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     u, rho = budget[rep], radius[rep]
     gen = torch.Generator(device=x.device).manual_seed(seed)
     eta = (torch.rand((len(rep), d), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * u
-    first = torch.arange(len(rep), device=x.device) % starts == 0
-    everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
-    eta = ops.ascend_and_project(torch.where(first[:, None], 0.0, eta), torch.zeros_like(eta),
-                                 torch.zeros_like(rho), u, rho, everyone)
+    start = torch.arange(len(rep), device=x.device) % starts
     # the second start of each row climbs the spread objective (see _EntropyOracle)
-    spread = torch.arange(len(rep), device=x.device) % starts == 1
-    eta = torch.where(spread[:, None], 0.0, eta)
+    spread = start == 1
+    everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
+    eta = ops.ascend_and_project(torch.where((start <= 1)[:, None], 0.0, eta),
+                                 torch.zeros_like(eta), torch.zeros_like(rho), u, rho, everyone)
     entropy, objective, grad = oracle.value_and_grad(eta, rep, spread)
     feasible = entropy >= tau
     # a row whose x already meets tau is done at eta = 0: none of its starts move
