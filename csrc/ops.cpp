@@ -26,9 +26,10 @@ TORCH_LIBRARY(oni, m) {
   // ordered [n][p][b][k] with k = 1..a_n - 1, S = sum_n P * B * max(a_n - 1, 0) rows.
 
   // First-layer pre-activations W z + bias of every interior prefix z, by cumulative sums of
-  // permuted weight columns W[:, perm] * (x - baseline)[perm]. -> [S, H]
+  // permuted weight columns W[:, perm] * (x - baseline)[perm]; with relu, max(0, .) of them
+  // (the activation that follows, fused: one pass over [S, H] fewer). -> [S, H]
   m.def("permutation_walk_linear(Tensor x, Tensor baseline, Tensor perm, Tensor n_active, "
-        "Tensor weight, Tensor? bias, int total_steps) -> Tensor");
+        "Tensor weight, Tensor? bias, int total_steps, bool relu=False) -> Tensor");
   // The masked inputs z themselves (x on the prefix, baseline elsewhere). -> [S, d]
   m.def("permutation_walk_masked(Tensor x, Tensor baseline, Tensor perm, Tensor n_active, "
         "int total_steps) -> Tensor");

@@ -25,10 +25,12 @@ def permutation_walk_linear(
     weight: Tensor,  # [H, d]
     bias: Optional[Tensor],  # [H]
     total_steps: int,
+    relu: bool = False,
 ) -> Tensor:  # [S, H]
-    """First-layer pre-activations of every interior prefix of every walk."""
+    """First-layer pre-activations of every interior prefix of every walk (``relu``: their
+    ReLU, fused)."""
     return torch.ops.oni.permutation_walk_linear.default(
-        x, baseline, perm, n_active, weight, bias, total_steps)
+        x, baseline, perm, n_active, weight, bias, total_steps, relu)
 
 
 def permutation_walk_masked(
@@ -71,7 +73,7 @@ def has_kernel(device_type: str, names=OP_NAMES) -> bool:
 
 
 @torch.library.register_fake("oni::permutation_walk_linear")
-def _(x, baseline, perm, n_active, weight, bias, total_steps):
+def _(x, baseline, perm, n_active, weight, bias, total_steps, relu=False):
     torch._check(x.dim() == 2 and baseline.dim() == 3 and perm.dim() == 3)
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1])
     return x.new_empty((total_steps, weight.shape[0]))

@@ -51,8 +51,10 @@ def permutation_walk_linear(
     weight: Tensor,  # [H, d]
     bias: Optional[Tensor],  # [H]
     total_steps: int,
+    relu: bool = False,
 ) -> Tensor:  # [S, H]
-    """First-layer pre-activations ``W z + bias`` of every interior prefix ``z``.
+    """First-layer pre-activations ``W z + bias`` of every interior prefix ``z`` (with
+    ``relu``, ``max(0, W z + bias)``: the activation that follows, fused).
 
     Incremental first layer: a walk starts at ``W r + bias`` and each step adds the permuted
     column ``W[:, i] * (x_i - r_i)``, so all prefixes are one cumulative sum.
@@ -77,7 +79,8 @@ def permutation_walk_linear(
     prefix = origin[:, None, :, None, :] + torch.cumsum(
         columns[:, :, None] * delta[..., None], dim=3)  # [N, P, B, steps, H]
     keep = interior[:, None, None, :].expand(n, n_walks, n_refs, steps)
-    return prefix[keep]
+    out = prefix[keep]
+    return out.relu_() if relu else out
 
 
 def permutation_walk_masked(

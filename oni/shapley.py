@@ -19,6 +19,7 @@ result for a row does not depend on chunking, batch composition, backend or devi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -37,6 +38,10 @@ _TARGET_KEYWORDS = ("pred", "label")
 _BACKENDS = ("auto", "kernel", "torch")
 _LINKS = ("softmax", "identity")
 _TAIL_BATCH = 4096  # rows per pass through the rest of the network (cache-sized on CPU)
+# rows per pass on CUDA: big enough to fill the GPU with few launches (tuned on an H100,
+# BENCHMARKS.md "GPU")
+_CUDA_TAIL_BATCH = 1 << 16
+PRECISIONS = ("float32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,15 @@ class _Game:
         self.softmax = link == "softmax"
         split = _split_first_linear(model) if isinstance(model, nn.Module) else None
         self.first_linear, self.tail = split if split is not None else (None, None)
+        # A plain ReLU right after the first layer is fused into the walk kernel, and a tail
+        # of plain Linear/ReLU layers runs as addmm chains with the bias and ReLU in the GEMM
+        # epilogue on CUDA: each fusion saves a pass over the largest tensors of the call.
+        self.fuse_first_relu = bool(self.tail is not None and len(self.tail) > 0
+                                    and _is_plain(self.tail[0], nn.ReLU))
+        self.tail_modules = (list(self.tail)[1:] if self.fuse_first_relu
+                             else list(self.tail or []))
+        self.plain_layers = _plain_layers(self.tail_modules) if self.first_linear else None
+        self._bf16_layers = None
         if self.first_linear is not None:
             # column-major [H, d]: the walk reads columns of W as rows, and with this layout
             # the kernels' transpose is free instead of a copy per chunk
@@ -203,15 +217,23 @@ class _Game:
         out = self.model(z)
         return self._check_output(out, z.shape[0], what)
 
-    def tail_outputs(self, pre: Tensor, batch: int) -> Tensor:
-        """The rest of the network on first-layer pre-activations ``pre`` (which this call
-        owns and may overwrite), ``batch`` rows at a time so intermediates stay in cache."""
+    def tail_outputs(self, pre: Tensor, batch: int, precision: str = "float32") -> Tensor:
+        """The rest of the network on the first layer's outputs ``pre`` (which this call owns
+        and may overwrite; already through the first ReLU when ``fuse_first_relu``),
+        ``batch`` rows at a time so intermediates stay in cache."""
+        fused = self.plain_layers is not None and pre.is_cuda
+        if fused and precision == "bf16" and self._bf16_layers is None:
+            self._bf16_layers = [(w.to(torch.bfloat16), None if b is None else
+                                  b.to(torch.bfloat16), relu)
+                                 for w, b, relu in self.plain_layers]
         out = None
         for lo in range(0, pre.shape[0], batch):
             h = pre[lo:lo + batch]
-            for module in self.tail:
-                if isinstance(module, nn.ReLU) and not (module._forward_hooks or
-                                                        module._forward_pre_hooks):
+            if fused:
+                h = _run_plain_layers(h, self._bf16_layers if precision == "bf16"
+                                      else self.plain_layers, precision == "bf16")
+            for module in [] if fused else self.tail_modules:
+                if _is_plain(module, nn.ReLU):
                     h = torch.relu_(h)  # h is an intermediate of ours: no copy needed
                 else:
                     h = module(h)
@@ -224,6 +246,68 @@ class _Game:
     def _check_output(self, out, n: int, what: str) -> Tensor:
         hint = " (use link='identity' to explain a raw output)" if self.softmax else ""
         return _check_logits(out, n, what, 2 if self.softmax else 1, hint)
+
+
+def _check_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision='tf32' needs x on a CUDA device (TF32 is a mode of "
+                         f"NVIDIA tensor cores), x is on {device.type}; use 'float32' or "
+                         f"'bf16'")
+    return precision
+
+
+@contextlib.contextmanager
+def _walk_precision(precision: str, device: torch.device, autocast: bool = True):
+    """The arithmetic of the batched model evaluation along the walks. ``float32`` is
+    strict: TF32 is switched off for the duration even if the user enabled it globally, so
+    the default never trades accuracy silently. The previous settings are restored."""
+    if precision == "bf16" and autocast:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _is_plain(module: nn.Module, kind: type) -> bool:
+    """``module`` is exactly ``kind`` (not a subclass) with no hooks: safe to fuse."""
+    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _plain_layers(modules) -> Optional[list]:
+    """[(weight, bias, relu_after)] when ``modules`` are only plain Linear layers, each
+    optionally followed by one ReLU; None otherwise (then the modules run as they are)."""
+    layers = []
+    for module in modules:
+        if _is_plain(module, nn.Linear):
+            bias = module.bias.detach() if module.bias is not None else None
+            layers.append([module.weight.detach(), bias, False])
+        elif _is_plain(module, nn.ReLU) and layers and not layers[-1][2]:
+            layers[-1][2] = True
+        else:
+            return None
+    return [tuple(layer) for layer in layers] or None
+
+
+def _run_plain_layers(h: Tensor, layers, bf16: bool) -> Tensor:
+    """Linear (+ ReLU) layers as addmm with the bias and ReLU in cuBLAS's epilogue."""
+    if bf16:
+        h = h.to(torch.bfloat16)
+    for weight, bias, relu in layers:
+        if bias is None:
+            h = h @ weight.t()
+            h = torch.relu_(h) if relu else h
+        elif relu:
+            h = torch._addmm_activation(bias, h, weight.t())
+        else:
+            h = torch.addmm(bias, h, weight.t())
+    return h
 
 
 def _check_model(model, stacklevel: int = 3) -> None:
@@ -386,6 +470,7 @@ def shapley_values(
     backend: str = "auto",
     max_batch_evals: Optional[int] = None,
     link: str = "softmax",
+    precision: str = "float32",
 ) -> ShapleyResult:
     """Sampled-permutation Shapley values of a classifier's explained-class probability.
 
@@ -414,6 +499,12 @@ def shapley_values(
             the step tensors near 16 MiB on CPU and 2 GiB on CUDA. Memory stays flat in N.
         link: ``"softmax"`` explains the class probability (the paper's ``f_c``),
             ``"identity"`` the raw model output of the class.
+        precision: arithmetic of the batched model evaluation along the walks (the bulk of
+            the work), an explicit opt-in: ``"float32"`` (default; strict, TF32 off),
+            ``"tf32"`` (CUDA tensor cores' TF32 matmuls, ~1e-3 relative error per layer)
+            or ``"bf16"`` (autocast to bfloat16, ~1e-2). The model's outputs at x and at the
+            baseline stay in float32, so efficiency still holds exactly per walk; the error
+            each mode costs is measured in BENCHMARKS.md ("GPU").
 
     Returns:
         :class:`ShapleyResult`.
@@ -423,12 +514,12 @@ def shapley_values(
     return _sampled_shapley(model, x, refs, False, target=target, labels=labels,
                             n_permutations=n_permutations, antithetic=antithetic, tol=tol,
                             seed=seed, backend=backend, max_batch_evals=max_batch_evals,
-                            link=link)
+                            link=link, precision=precision)
 
 
 def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, target, labels,
                      n_permutations, antithetic, tol, seed, backend, max_batch_evals,
-                     link) -> ShapleyResult:
+                     link, precision="float32") -> ShapleyResult:
     n, d = x.shape
     n_permutations = _check_int(n_permutations, "n_permutations", 1)
     seed = _check_int(seed, "seed", 0)
@@ -438,6 +529,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
             raise ValueError(f"tol must be None or a positive number, got {tol!r}")
     use_kernel = _check_backend(backend, x.device)
+    precision = _check_precision(precision, x.device)
     game = _Game(model, link)
     ops = _ops if use_kernel else reference
 
@@ -482,7 +574,8 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
                                                        n_refs, budget):
                 chunk_mean, chunk_m2 = _run_chunk(
                     ops, game, x, refs, refs_per_row, logits_x, logits_r, classes, active_index,
-                    n_active, rows, seed, done + first, n_samples, antithetic, walks_per_sample)
+                    n_active, rows, seed, done + first, n_samples, antithetic, walks_per_sample,
+                    precision)
                 count_rows, mean_rows, m2_rows = _merge(
                     count[rows], mean[rows], m2[rows], n_samples, chunk_mean, chunk_m2)
                 count[rows], mean[rows], m2[rows] = count_rows, mean_rows, m2_rows
@@ -534,7 +627,7 @@ def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sampl
 
 def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, classes,
                active_index, n_active, rows, seed, first_sample, n_samples, antithetic,
-               walks_per_sample):
+               walks_per_sample, precision="float32"):
     """Mean and m2 over ``n_samples`` samples for the given rows."""
     d = x.shape[1]
     a = n_active[rows]
@@ -554,10 +647,15 @@ def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, clas
         steps = logits_x.new_empty((0, logits_x.shape[1]))
     elif game.first_linear is not None:
         pre = ops.permutation_walk_linear(xs, base, perm, a, game.first_weight, game.first_bias,
-                                          total)
-        steps = game.tail_outputs(pre, _TAIL_BATCH)
+                                          total, game.fuse_first_relu)
+        tail_batch = _TAIL_BATCH if pre.device.type == "cpu" else _CUDA_TAIL_BATCH
+        with _walk_precision(precision, x.device, autocast=game.plain_layers is None
+                             or not pre.is_cuda):
+            steps = game.tail_outputs(pre, tail_batch, precision)
     else:
-        steps = game(ops.permutation_walk_masked(xs, base, perm, a, total))
+        walk_inputs = ops.permutation_walk_masked(xs, base, perm, a, total)
+        with _walk_precision(precision, x.device):
+            steps = game(walk_inputs)
     steps = steps.to(logits_x.dtype)
     return ops.shapley_accumulate(steps, start_logits.contiguous(), logits_x[rows], classes[rows],
                                   perm, a, d, walks_per_sample, game.softmax)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, one command from the repo root on a machine with an NVIDIA GPU:
-#   build the extension for the GPU present, print oni.build_info(), run the CUDA op tests,
+#   build the extension for the GPU present, print oni.build_info(), run the tests (CUDA ones included),
 #   compute-sanitizer memcheck + racecheck on scripts/sanitizer_case.py, the benchmarks
 #   marked `cuda` (if any), then a summary table (step, status, seconds).
 # Needs: torch (CUDA build) with a matching nvcc, ninja, pytest (pytest-benchmark for the
@@ -8,6 +8,7 @@
 # active). Keeps going after a failed step; exits non-zero if any step failed. Fits in
 # 10 minutes on an H100 (each step is capped; a step with no time left is skipped).
 #   ONI_GPU_CHECK_BUDGET  total seconds for all steps (default 570)
+#   ONI_GPU_TESTS         the test paths to run (default: tests)
 #   TORCH_CUDA_ARCH_LIST  respected when set; otherwise taken from the GPU present
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +62,15 @@ run_step() {
 }
 
 summary() {
+  if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then  # the device tool brings $OUT back
+    tar -czf "$OUT/gpu_check_logs.tgz" -C "$logdir" . 2>/dev/null || true
+    cp .benchmarks/gpu_summary.json "$OUT/" 2>/dev/null || true
+  fi
+  if [[ -f .benchmarks/gpu_summary.json ]]; then
+    echo
+    echo "=== GPU benchmarks (.benchmarks/gpu_summary.json)"
+    "$python" -m benchmarks.test_bench_gpu || true
+  fi
   echo
   echo "=== oni GPU check summary (logs: $logdir)"
   printf '%-22s %-28s %8s\n' step status seconds
@@ -105,13 +115,19 @@ if run_step build 300 "$python" -m pip install --no-build-isolation --no-deps -v
 import oni, sys
 info = oni.build_info()
 print('oni.build_info():', info)
-sys.exit(0 if info['cuda'] else 'the extension has no CUDA kernels')" && built=1
+missing = [op for op in oni._ops.OP_NAMES if op not in info['cuda_ops']]
+print('ops without a CUDA kernel:', missing or 'none')
+sys.exit(0 if info['cuda'] else 'some ops have no CUDA kernel')" && built=1
 fi
 
 if ((built)); then
-  # --- 3. the CUDA op tests
-  run_step test_cuda_ops 200 "$python" -m pytest -q -p no:cacheprovider \
-    tests/test_cuda_ops.py || true
+  # --- 3. the tests
+  # every test (CUDA-parametrised ones included) in xdist workers: a crash in one test is
+  # reported as that test's failure instead of ending the run
+  xdist=()
+  if "$python" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
+  # shellcheck disable=SC2086
+  run_step tests 240 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" ${ONI_GPU_TESTS:-tests} || true
 
   # --- 4-5. compute-sanitizer (every buffer its own allocation: memcheck sees true bounds)
   sanitizer="$(command -v compute-sanitizer || true)"
@@ -140,14 +156,15 @@ if ((built)); then
       cat "$logdir/bench_collect.log"
       record bench_cuda "FAIL (collection, rc=$rc)" 0
     else
-      run_step bench_cuda 200 "$python" -m pytest benchmarks -m cuda -p no:cacheprovider \
+      rm -f .benchmarks/gpu_summary.json
+      run_step bench_cuda 300 "$python" -m pytest benchmarks -m cuda -p no:cacheprovider -s \
         --benchmark-only --benchmark-columns=min,median,max,rounds || true
     fi
   else
     record bench_cuda "SKIP (no benchmarks/)" 0
   fi
 else
-  for step in test_cuda_ops sanitizer_memcheck sanitizer_racecheck bench_cuda; do
+  for step in tests sanitizer_memcheck sanitizer_racecheck bench_cuda; do
     record "$step" "SKIP (build failed)" 0
   done
 fi

@@ -71,7 +71,7 @@ def expect_error(name, fn, message):
 
 
 def main():
-    if not (torch.cuda.is_available() and _ops.has_kernel("cuda")):
+    if not (torch.cuda.is_available() and _ops.has_kernel("cuda", _ops.SHAPLEY_OPS)):
         raise SystemExit(f"[sanitizer case] needs a CUDA device and CUDA kernels "
                          f"(oni.build_info(): {oni.build_info()})")
     for dtype in (torch.float32, torch.float64):
@@ -130,8 +130,41 @@ def main():
     expect_error("target out of range", lambda: _ops.shapley_accumulate(
         *on(DEV, steps, start, end), bad_target, perm, n_active, 1500, 2, True),
         "not a class index")
+    noise_ops()
     torch.cuda.synchronize()
     print("[sanitizer case] all ops ran and matched the CPU kernels", flush=True)
+
+
+def noise_ops():
+    """entropy_and_grad and ascend_and_project: rows not a multiple of the block, one class,
+    wide rows (d = 6170), inactive rows, zero and infinite radii, strided inputs."""
+    if not _ops.has_kernel("cuda", _ops.NOISE_OPS):
+        raise SystemExit(f"[sanitizer case] the noise ops have no CUDA kernels "
+                         f"(oni.build_info(): {oni.build_info()})")
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        tag = str(dtype).replace("torch.", "")
+        for n, k in ((1001, 100), (3, 1), (5, 4099)):
+            z = torch.randn(n, k, generator=gen, dtype=dtype) * 3
+            check(f"entropy_and_grad n={n} k={k} {tag}", _ops.entropy_and_grad(z.to(DEV)),
+                  _ops.entropy_and_grad(z))
+        for n, d in ((33, 6170), (257, 600), (2, 1)):
+            eta = torch.randn(n, d, generator=gen, dtype=dtype) * 0.1
+            direction = torch.randn(n, d, generator=gen, dtype=dtype)
+            step = torch.rand(n, generator=gen, dtype=dtype)
+            budget = torch.rand(n, d, generator=gen, dtype=dtype) * 0.2
+            radius = torch.rand(n, generator=gen, dtype=dtype)
+            radius[::3] = float("inf")
+            radius[1::5] = 0.0
+            active = torch.rand(n, generator=gen) < 0.7
+            args = (eta, direction, step, budget, radius, active)
+            strided = [torch.stack([t, t], -1)[..., 0] if t.dim() == 2 else t for t in args]
+            check(f"ascend_and_project n={n} d={d} {tag}",
+                  _ops.ascend_and_project(*on(DEV, *strided)), _ops.ascend_and_project(*args))
+        bad = budget.clone()
+        bad[0, 0] = -1
+        expect_error("negative budget", lambda: _ops.ascend_and_project(
+            *on(DEV, eta, direction, step, bad, radius, active)), "budget[0, 0]")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The CUDA kernels (csrc/cuda/shapley_cuda.cu) against their twins in oni.reference.
+"""The CUDA kernels (csrc/cuda/*.cu) against their twins in oni.reference.
 
 Runs only on a machine with a CUDA device and an oni build with CUDA kernels; elsewhere every
 test is skipped with the reason. Tolerance rule (STYLE.md): on float32 inputs, the kernel's
@@ -7,7 +7,9 @@ float32, plus a tiny floor; masked inputs are pure copies and must match bit for
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -134,6 +136,9 @@ def test_walk_linear_matches_twin(name):
         got32 = _ops.permutation_walk_linear(*args32)
         assert got32.dtype == torch.float32
         _within_twin(got32, reference.permutation_walk_linear(*args32), truth, 1e-6)
+        # fused ReLU: exactly max(0, .) of the same pre-activations, in both dtypes
+        assert torch.equal(_ops.permutation_walk_linear(*args, True), got.clamp(min=0))
+        assert torch.equal(_ops.permutation_walk_linear(*args32, True), got32.clamp(min=0))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -455,3 +460,139 @@ def test_shapley_values_kernel_equals_torch_and_cpu(dtype, path, background):
     assert same.float().mean() > 0.8
     torch.testing.assert_close(kern.values.cpu()[same], cpu.values[same], rtol=0,
                                atol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+# ----------------------------------------------------------------------------- noise ops
+
+NOISE_SKIP = None if SKIP is not None or _ops.has_kernel("cuda", _ops.NOISE_OPS) else \
+    f"the noise ops have no CUDA kernels in this build ({oni.build_info()})"
+noise_only = pytest.mark.skipif(NOISE_SKIP is not None, reason=NOISE_SKIP or "")
+
+
+def _poison_cache(nbytes=64 << 20):
+    """Fill freed caching-allocator memory with NaN, so an op output that is left unwritten
+    shows as NaN instead of a lucky zero."""
+    torch.empty(nbytes // 4, device=DEVICE).fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+NOISE_SHAPES = [(1, 1), (3, 2), (257, 100), (1001, 7), (64, 6170), (5, 20_000)]
+
+
+@noise_only
+@pytest.mark.parametrize("n,k", NOISE_SHAPES)
+def test_entropy_and_grad_matches_twin(n, k):
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    logits = torch.randn(n, k, generator=gen, dtype=torch.float64) * 4
+    logits[0, 0] = 60.0  # one near-one-hot row: p log p at p ~ 0
+    truth_h, truth_g = reference.entropy_and_grad(logits)
+    for dtype in (torch.float64, torch.float32):
+        z = logits.to(DEVICE, dtype)
+        _poison_cache()
+        h, g = _ops.entropy_and_grad(z)
+        assert h.dtype == g.dtype == dtype and not h.isnan().any() and not g.isnan().any()
+        if dtype == torch.float64:
+            torch.testing.assert_close(h.cpu(), truth_h, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g.cpu(), truth_g, rtol=1e-12, atol=1e-12)
+        else:
+            twin_h, twin_g = reference.entropy_and_grad(logits.float())
+            _within_twin(h.cpu(), twin_h, truth_h, 1e-6)
+            _within_twin(g.cpu(), twin_g, truth_g, 1e-6)
+        # non-contiguous logits: same answer
+        wide = torch.cat([z, z], dim=1)[:, ::2]
+        assert not wide.is_contiguous()
+        h2, g2 = _ops.entropy_and_grad(wide)
+        assert torch.equal(h2, h) and torch.equal(g2, g)
+
+
+def _projection_case(n, d, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    eta = torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.1
+    direction = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    step = torch.rand(n, generator=gen, dtype=torch.float64)
+    budget = torch.rand(n, d, generator=gen, dtype=torch.float64) * 0.3
+    budget[:, ::5] = 0.0  # frozen features
+    radius = torch.rand(n, generator=gen, dtype=torch.float64) * 2
+    radius[::7] = float("inf")  # the box alone
+    radius[3::11] = 0.0  # a zero ball
+    active = torch.rand(n, generator=gen) < 0.8
+    return [t.to(DEVICE, dtype) if t.is_floating_point() else t.to(DEVICE)
+            for t in (eta, direction, step, budget, radius, active)]
+
+
+@noise_only
+@pytest.mark.parametrize("n,d", [(1, 1), (2, 3), (129, 600), (1001, 17), (33, 6170)])
+def test_ascend_and_project_matches_cpu_and_twin(n, d):
+    args = _projection_case(n, d, seed=n + d)
+    cpu_args = [t.cpu() for t in args]
+    _poison_cache()
+    got = _ops.ascend_and_project(*args)
+    assert not got.isnan().any()
+    # float64: the CPU kernel's exact breakpoint projection and the twin's bisection
+    torch.testing.assert_close(got.cpu(), _ops.ascend_and_project(*cpu_args),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), reference.ascend_and_project(*cpu_args),
+                               rtol=1e-9, atol=1e-11)
+    eta, direction, step, budget, radius, active = args
+    assert torch.equal(got[~active], eta[~active])  # inactive rows untouched
+    assert (got.abs() <= budget).all()
+    assert (got.norm(dim=1) <= radius * (1 + 1e-12) + 1e-15).all()
+    # float32 vs float64 truth: within 2x the twin's error
+    args32 = [t.float() if t.is_floating_point() else t for t in args]
+    got32 = _ops.ascend_and_project(*args32)
+    twin32 = reference.ascend_and_project(*[t.cpu() for t in args32])
+    _within_twin(got32.cpu(), twin32, got.cpu(), 1e-6)
+    # deterministic, and non-contiguous inputs give the same answer
+    assert torch.equal(_ops.ascend_and_project(*args), got)
+    strided = [torch.stack([t, t], dim=-1)[..., 0] if t.dim() == 2 else t for t in args]
+    assert not strided[0].is_contiguous()
+    assert torch.equal(_ops.ascend_and_project(*strided), got)
+
+
+@noise_only
+def test_ascend_and_project_rejects_bad_values():
+    eta, direction, step, budget, radius, active = _projection_case(4, 5, seed=3)
+    bad_budget = budget.clone()
+    bad_budget[2, 3] = -1.0
+    with pytest.raises(RuntimeError, match=r"budget\[2, 3\]"):
+        _ops.ascend_and_project(eta, direction, step, bad_budget, radius, active)
+    bad_radius = radius.clone()
+    bad_radius[1] = float("nan")
+    with pytest.raises(RuntimeError, match=r"radius\[1\]"):
+        _ops.ascend_and_project(eta, direction, step, budget, bad_radius, active)
+    empty = [t[:0] for t in (eta, direction, step, budget, radius, active)]
+    assert _ops.ascend_and_project(*empty).shape == (0, 5)
+    assert _ops.entropy_and_grad(torch.randn(0, 3, device=DEVICE))[1].shape == (0, 3)
+
+
+@noise_only
+@pytest.mark.parametrize("op", ["entropy_and_grad", "ascend_and_project"])
+def test_noise_opcheck(op):
+    if op == "entropy_and_grad":
+        args = (torch.randn(9, 5, device=DEVICE),)
+    else:
+        args = tuple(_projection_case(9, 7, seed=5, dtype=torch.float32))
+    torch.library.opcheck(getattr(torch.ops.oni, op).default, args)
+
+
+@noise_only
+def test_optimal_noise_cuda_matches_cpu_kernel():
+    """The whole solver on CUDA (kernel backend) agrees with the CPU kernel backend."""
+    model = small_mlp(12, k=5, seed=4)
+    x = (torch.rand(40, 12, generator=torch.Generator().manual_seed(4)) < 0.4).float()
+    phi = oni.shapley_values(model, x, n_permutations=16, seed=0).values
+    kwargs = dict(tau_fraction=0.6, eps=0.5, beta=0.5, seed=0, backend="kernel")
+    with _no_warning_check():
+        cpu = oni.optimal_noise(model, x, phi, **kwargs)
+        gpu = oni.optimal_noise(copy.deepcopy(model).cuda(), x.cuda(), phi.cuda(), **kwargs)
+    assert torch.equal(gpu.feasible.cpu(), cpu.feasible)
+    torch.testing.assert_close(gpu.norm.cpu(), cpu.norm, rtol=1e-3, atol=1e-5)
+    assert (gpu.eta.abs() <= gpu.budget + 1e-6).all()
+    assert (gpu.norm <= gpu.radius * (1 + 1e-5) + 1e-6).all()
+
+
+@contextlib.contextmanager
+def _no_warning_check():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flagged infeasible")
+        yield

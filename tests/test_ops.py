@@ -50,6 +50,12 @@ def test_walk_linear_matches_reference(device, case):
     torch.testing.assert_close(
         _ops.permutation_walk_linear(x, base, perm, n_active, w, None, total),
         reference.permutation_walk_linear(x, base, perm, n_active, w, None, total))
+    # the fused ReLU is exactly max(0, .) of the pre-activations
+    fused = _ops.permutation_walk_linear(x, base, perm, n_active, w, b, total, True)
+    assert torch.equal(fused, got.clamp(min=0))
+    torch.testing.assert_close(
+        fused, reference.permutation_walk_linear(x, base, perm, n_active, w, b, total, True),
+        rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

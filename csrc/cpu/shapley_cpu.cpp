@@ -56,14 +56,15 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
   return row_offset;
 }
 
-// One walk step: acc += col * delta, then dst = acc (rounded to the output dtype).
-template <typename scalar_t>
+// One walk step: acc += col * delta, then dst = acc (or max(acc, 0) with Relu), rounded to
+// the output dtype.
+template <typename scalar_t, bool Relu>
 inline void step_and_store(
     double* __restrict__ acc, const scalar_t* __restrict__ col, scalar_t delta,
     scalar_t* __restrict__ dst, int64_t H) {
   for (int64_t h = 0; h < H; ++h) {
     acc[h] += static_cast<double>(col[h] * delta);
-    dst[h] = static_cast<scalar_t>(acc[h]);
+    dst[h] = static_cast<scalar_t>(Relu ? std::max(acc[h], 0.0) : acc[h]);
   }
 }
 
@@ -78,7 +79,7 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
                                        const at::Tensor& perm, const at::Tensor& n_active,
                                        const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias,
-                                       int64_t total_steps) {
+                                       int64_t total_steps, bool relu) {
   check_walk_inputs(x, baseline, perm, n_active);
   check_linear_inputs(x, weight, bias);
   const int64_t N = x.size(0), d = x.size(1), B = baseline.size(1), P = perm.size(1);
@@ -128,7 +129,8 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
         for (int64_t k = 0; k < a - 1; ++k, dst += H) {
           const int64_t i = walk[k];
           const scalar_t delta = xr[i] - rr[i];
-          step_and_store<scalar_t>(acc.data(), wt + i * H, delta, dst, H);
+          if (relu) step_and_store<scalar_t, true>(acc.data(), wt + i * H, delta, dst, H);
+          else step_and_store<scalar_t, false>(acc.data(), wt + i * H, delta, dst, H);
         }
       }
     });

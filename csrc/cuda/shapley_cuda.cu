@@ -270,7 +270,7 @@ __global__ void walk_linear_kernel(
     const scalar_t* __restrict__ weight_t,                               // [d, H] contiguous
     const scalar_t* __restrict__ origin, int64_t os0, int64_t os1,       // [N, B, H], h stride 1
     scalar_t* __restrict__ out,                                          // [S, H]
-    int64_t P, int64_t B, int64_t L, int64_t d, int64_t H, int64_t n_walks) {
+    int64_t P, int64_t B, int64_t L, int64_t d, int64_t H, int64_t n_walks, bool relu) {
   __shared__ int64_t s_index[kLinearTile];
   __shared__ scalar_t s_delta[kLinearTile];
   for (int64_t walk = blockIdx.x; walk < n_walks; walk += gridDim.x) {
@@ -304,7 +304,7 @@ __global__ void walk_linear_kernel(
           for (int64_t t = 0; t < tile; ++t) {
             // Same arithmetic as the CPU kernel: product in scalar_t, sum in float64.
             acc += static_cast<double>(column[s_index[t] * H] * s_delta[t]);
-            *dst = static_cast<scalar_t>(acc);
+            *dst = static_cast<scalar_t>(relu ? fmax(acc, 0.0) : acc);
             dst += H;
           }
         }
@@ -317,7 +317,7 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
                                         const at::Tensor& perm, const at::Tensor& n_active,
                                         const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
-                                        int64_t total_steps) {
+                                        int64_t total_steps, bool relu) {
   check_walk_inputs(x, baseline, perm, n_active);
   check_linear_inputs(x, weight, bias);
   TORCH_CHECK(x.is_cuda(), "permutation_walk_linear (CUDA): x must be a CUDA tensor, got ",
@@ -350,7 +350,7 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
         baseline.stride(0), baseline.stride(1), baseline.stride(2), perm_view(perm),
         n_active.data_ptr<int64_t>(), n_active.stride(0), plan.row_offset.data_ptr<int64_t>(),
         weight_t.data_ptr<scalar_t>(), origin.data_ptr<scalar_t>(), os0, os1,
-        out.data_ptr<scalar_t>(), P, B, L, d, H, n_walks);
+        out.data_ptr<scalar_t>(), P, B, L, d, H, n_walks, relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

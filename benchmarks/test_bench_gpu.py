@@ -1,0 +1,290 @@
+"""GPU benchmarks (marked ``cuda``; skipped without a GPU): throughput of the kernels against
+our own batched pure-PyTorch twin on the same GPU in the same run, the error each precision
+costs, and achieved TFLOP/s against a matmul peak measured in the same run.
+
+Shapley workload (issue 4's targets): the trained paper MLP of ``benchmarks/workload.py``
+(``d -> 1024 -> 512 -> 256 -> 128 -> 100``), Bernoulli(0.1) explained inputs, zero baseline,
+explained class = predicted class, ``n_permutations=100`` antithetic walks. Variants:
+``backend`` in {kernel, torch} x ``precision`` in {float32, tf32, bf16}. Error: the relative
+Frobenius distance of the values to a float64 run with the same seed (so the same walks:
+what is left is arithmetic error only, not sampling error).
+
+Noise workload: 20,000 Purchase-shaped training rows (d = 600), phi from the Shapley kernel
+(20 walks, not timed), ``tau_fraction=0.5, eps=0.1, beta=0.5``, the solver's defaults; the
+timed call includes the radius and every iteration.
+
+FLOP count: the tail of the network (layers 2-5) on every interior walk step,
+``2 * sum(in * out)`` per step; the first layer is an O(H) cumulative sum per step and the
+accumulation is memory-bound, so neither is counted. Peak: an 8192^3 matmul in the same
+precision, timed in the same run.
+
+Sizes: ``ONI_GPU_INPUTS_600`` (default 8192), ``ONI_GPU_INPUTS_6170`` (default 1024),
+``ONI_GPU_NOISE_ROWS`` (kernel backend, default 20000), ``ONI_GPU_NOISE_ROWS_TORCH`` (twin,
+default 1000: it is slow; the table compares rows per second). Results go to ``.benchmarks/gpu_summary.json`` (and
+``$ONI_GPU_SUMMARY`` when set); ``python -m benchmarks.test_bench_gpu`` prints the table.
+Run (what scripts/gpu_check.sh does)::
+
+    pytest benchmarks/test_bench_gpu.py -m cuda --benchmark-only -p no:cacheprovider
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+from . import workload
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+WALKS = 100
+INPUTS = {600: int(os.environ.get("ONI_GPU_INPUTS_600", "8192")),
+          6170: int(os.environ.get("ONI_GPU_INPUTS_6170", "1024"))}
+NOISE_ROWS = {"kernel": int(os.environ.get("ONI_GPU_NOISE_ROWS", "20000")),
+              # the twin bisects 200 times over [N, d] float64 tensors per projection
+              "torch": int(os.environ.get("ONI_GPU_NOISE_ROWS_TORCH", "1000"))}
+NOISE_SETTINGS = dict(tau_fraction=0.5, eps=0.1, beta=0.5)
+SUMMARY_PATH = workload.ROOT / ".benchmarks" / "gpu_summary.json"
+
+_SUMMARY: dict = {"shapley": [], "noise": [], "peak_tflops": {}}
+
+
+def _save_summary() -> None:
+    _SUMMARY["device"] = torch.cuda.get_device_name(0)
+    _SUMMARY["torch"] = torch.__version__
+    SUMMARY_PATH.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_SUMMARY, indent=1)
+    SUMMARY_PATH.write_text(text)
+    if os.environ.get("ONI_GPU_SUMMARY"):
+        with open(os.environ["ONI_GPU_SUMMARY"], "w") as f:
+            f.write(text)
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up, synchronised."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_tflops(precision: str) -> float:
+    """Measured matmul rate in this precision (8192^3, random data), the ceiling we compare with."""
+    if precision in _SUMMARY["peak_tflops"]:
+        return _SUMMARY["peak_tflops"][precision]
+    n = 8192
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        seconds = _timed(lambda: a @ b, repeats=5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    _SUMMARY["peak_tflops"][precision] = 2 * n ** 3 / seconds / 1e12
+    return _SUMMARY["peak_tflops"][precision]
+
+
+def _tail_flops_per_step(model) -> int:
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)][1:]
+    return sum(2 * m.in_features * m.out_features for m in linears)
+
+
+@pytest.fixture(scope="module", params=[600, 6170], ids=lambda d: f"d{d}")
+def shapley_case(request):
+    import oni
+
+    d = request.param
+    model = workload.trained_model(d).cuda()
+    x = workload.explained_inputs(d, INPUTS[d]).cuda()
+    # float64 with the same seed: the same walks, so the gap is arithmetic error alone
+    model64 = workload.trained_model(d).double().cuda()
+    ref = oni.shapley_values(model64, x.double(), n_permutations=WALKS, seed=0,
+                             backend="kernel").values
+    n_active = (x != 0).sum(1)
+    steps = int((WALKS * (n_active - 1).clamp(min=0)).sum())
+    return d, model, x, ref, steps
+
+
+@pytest.mark.parametrize("backend,precision", [
+    ("kernel", "float32"), ("kernel", "tf32"), ("kernel", "bf16"),
+    ("torch", "float32"), ("torch", "tf32")])
+def test_shapley_gpu(benchmark, shapley_case, backend, precision):
+    import oni
+
+    d, model, x, ref, steps = shapley_case
+
+    def run():
+        out = oni.shapley_values(model, x, n_permutations=WALKS, seed=0, backend=backend,
+                                 precision=precision)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"shapley d={d} M={WALKS} N={len(x)}"
+    benchmark.extra_info.update({"d": d, "backend": backend, "precision": precision,
+                                 "n_inputs": len(x)})
+    result = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.median
+    error = float((result.values.double() - ref).norm() / ref.norm())
+    assert math.isfinite(error)
+    peak = _peak_tflops(precision)
+    tflops = steps * _tail_flops_per_step(model) / seconds / 1e12
+    row = {"op": "shapley_values", "d": d, "backend": backend, "precision": precision,
+           "n_inputs": len(x), "walks": WALKS, "seconds": seconds,
+           "inputs_per_s": len(x) / seconds, "rel_error_vs_fp64": error,
+           "tflops": tflops, "peak_tflops": peak, "fraction_of_peak": tflops / peak,
+           "steps": steps}
+    _SUMMARY["shapley"].append(row)
+    _save_summary()
+    print(f"\n[gpu] shapley d={d} {backend}/{precision}: {row['inputs_per_s']:.0f} inputs/s, "
+          f"err {error:.2e}, {tflops:.1f} TFLOP/s ({100 * tflops / peak:.0f}% of {peak:.0f})")
+
+
+def test_shapley_stages_and_tail_batch(shapley_case):
+    """Where the time goes (walk kernel, tail GEMMs, accumulation; one chunk, events) and
+    the CUDA tail batch (rows per pass through layers 2-5) swept, kernel/tf32."""
+    import oni
+    from oni import _ops, shapley
+
+    d, model, x, _, _ = shapley_case
+    game = shapley._Game(model, "softmax")
+    n = min(len(x), 512)
+    xs = x[:n]
+    a = (xs != 0).sum(1)
+    order = torch.sort((xs == 0).to(torch.uint8), dim=1, stable=True).indices
+    perm = shapley._walk_permutations(0, torch.arange(n, device=x.device), 0, WALKS // 2,
+                                      order[:, :int(a.max())], a, True)
+    base = torch.zeros(n, 1, d, device=x.device)
+    total = int((WALKS * (a - 1).clamp(min=0)).sum())
+    with torch.no_grad():
+        logits_x = model(xs)
+        start = model(base[:, 0])[:, None]
+        cls = logits_x.argmax(1)
+        stages = {}
+        for name in ("walk", "tail", "accumulate"):
+            stages[name] = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def once():
+            stages["walk"][0].record()
+            pre = _ops.permutation_walk_linear(xs, base, perm, a, game.first_weight,
+                                               game.first_bias, total, game.fuse_first_relu)
+            stages["walk"][1].record()
+            stages["tail"][0].record()
+            with shapley._walk_precision("tf32", x.device, autocast=False):
+                steps = game.tail_outputs(pre, shapley._CUDA_TAIL_BATCH, "tf32")
+            stages["tail"][1].record()
+            stages["accumulate"][0].record()
+            _ops.shapley_accumulate(steps, start, logits_x, cls, perm, a, d, 2, True)
+            stages["accumulate"][1].record()
+            torch.cuda.synchronize()
+
+        once()
+        once()
+    ms = {k: b.elapsed_time(e) for k, (b, e) in stages.items()}
+    gb = total * (model[0].out_features * 4 * 2) / 1e9  # pre written once and read once
+    print(f"\n[gpu] d={d} stages for {n} inputs ({total} steps): " +
+          ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()) +
+          f"; walk output {gb:.1f} GB written+read")
+    sweep = {}
+    saved = shapley._CUDA_TAIL_BATCH
+    try:
+        for batch in (8192, 16384, 32768, 65536, 1 << 30):
+            shapley._CUDA_TAIL_BATCH = batch
+            sweep[batch] = _timed(lambda: oni.shapley_values(
+                model, x, n_permutations=WALKS, seed=0, backend="kernel", precision="tf32"),
+                repeats=1)
+    finally:
+        shapley._CUDA_TAIL_BATCH = saved
+    print(f"[gpu] d={d} tail batch sweep (kernel/tf32, s for {len(x)} inputs): " +
+          ", ".join(f"{k}: {v:.3f}" for k, v in sweep.items()))
+    _SUMMARY.setdefault("stages_ms", {})[str(d)] = {"inputs": n, "steps": total, **ms}
+    _SUMMARY.setdefault("tail_batch_sweep_s", {})[str(d)] = {str(k): v for k, v in sweep.items()}
+    _save_summary()
+
+
+@pytest.fixture(scope="module")
+def noise_case():
+    import oni
+
+    d = 600
+    cfg = workload.config_for(d)
+    model = workload.trained_model(d).cuda()
+    rows = max(NOISE_ROWS.values())
+    x, _ = workload.purchase_like(cfg, max(rows, cfg.n_train), seed=cfg.seed + 1)
+    x = x[:rows].contiguous().cuda()
+    phi = oni.shapley_values(model, x, n_permutations=20, seed=0, backend="kernel").values
+    return model, x, phi
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_noise_gpu(benchmark, noise_case, backend):
+    import oni
+
+    model, x_all, phi_all = noise_case
+    if backend == "kernel" and not oni.build_info()["cuda"]:
+        pytest.skip("the noise ops have no CUDA kernels in this build")
+    x, phi = x_all[:NOISE_ROWS[backend]], phi_all[:NOISE_ROWS[backend]]
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flagged infeasible")
+            out = oni.optimal_noise(model, x, phi, **NOISE_SETTINGS, backend=backend)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"noise d=600 N={len(x)}"
+    benchmark.extra_info.update({"backend": backend, "n_rows": len(x)})
+    result = benchmark.pedantic(run, rounds=3 if backend == "kernel" else 1,
+                                warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.median
+    row = {"op": "optimal_noise", "d": x.shape[1], "backend": backend, "n_rows": len(x),
+           "seconds": seconds, "rows_per_s": len(x) / seconds,
+           "feasible_rate": float(result.feasible.double().mean()),
+           "iterations_median": float(result.iterations.double().median())}
+    _SUMMARY["noise"].append(row)
+    _save_summary()
+    print(f"\n[gpu] noise {backend}: {len(x)} rows in {seconds:.2f} s, "
+          f"feasible {row['feasible_rate']:.3f}")
+
+
+def summary_table(summary: dict) -> str:
+    """The short table scripts/gpu_check.sh prints last."""
+    lines = [f"GPU: {summary.get('device')}, torch {summary.get('torch')}; measured matmul "
+             f"peak TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                           summary.get("peak_tflops", {}).items()),
+             f"{'op':<15}{'shape':<22}{'backend/prec':<16}{'time s':>8}{'per s':>10}"
+             f"{'x twin':>8}{'rel err':>10}{'TFLOP/s':>9}{'%peak':>7}"]
+    rows = summary.get("shapley", [])
+    for r in rows:
+        twin = next((t for t in rows if t["d"] == r["d"] and t["backend"] == "torch"
+                     and t["precision"] == r["precision"]), None)
+        ratio = f"{twin['seconds'] / r['seconds']:.1f}" if twin else "-"
+        lines.append(f"{'shapley':<15}{'d=%d N=%d M=%d' % (r['d'], r['n_inputs'], r['walks']):<22}"
+                     f"{r['backend'] + '/' + r['precision']:<16}{r['seconds']:>8.3f}"
+                     f"{r['inputs_per_s']:>10.0f}{ratio:>8}{r['rel_error_vs_fp64']:>10.1e}"
+                     f"{r['tflops']:>9.1f}{100 * r['fraction_of_peak']:>6.0f}%")
+    noise = summary.get("noise", [])
+    for r in noise:
+        twin = next((t for t in noise if t["backend"] == "torch"), None)
+        ratio = f"{r['rows_per_s'] / twin['rows_per_s']:.1f}" if twin else "-"
+        lines.append(f"{'optimal_noise':<15}{'d=%d N=%d' % (r['d'], r['n_rows']):<22}"
+                     f"{r['backend'] + '/float32':<16}{r['seconds']:>8.3f}"
+                     f"{r['rows_per_s']:>10.0f}{ratio:>8}"
+                     f"{'feas %.3f' % r['feasible_rate']:>10}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    path = os.environ.get("ONI_GPU_SUMMARY") or SUMMARY_PATH
+    print(summary_table(json.loads(open(path).read())))
