@@ -1,0 +1,526 @@
+"""The paper's classifier, its deterministic initialisation, and its files.
+
+* :class:`MLP` — the paper's network (DESIGN.md, "Paper setup"): ``d -> 1024 -> 512 -> 256
+  -> 128 -> k`` with ReLU, widths configurable. It is a plain ``nn.Sequential`` whose first
+  module is ``nn.Linear`` and which keeps ``nn.Sequential.forward``, so
+  :func:`oni.shapley_values` takes its incremental first-layer path on it.
+* :func:`build_model` — an :class:`MLP` from its JSON-able ``config``.
+* :func:`init_parameters_` — re-initialises every ``nn.Linear`` from a local, seeded
+  ``torch.Generator`` (PyTorch's default distribution), leaving the global RNG alone. This is
+  the initialisation :func:`oni.train.train_model` uses, so a batched trainer that calls it on
+  each model reproduces those models exactly.
+* :func:`save_model` / :func:`load_model` — a model directory holding ``model.json``
+  (format, architecture, checksum, user metadata) and the weights (``weights.safetensors``
+  when the optional ``safetensors`` package is importable, else a ``weights.pt`` state dict
+  read back with ``torch.load(weights_only=True)``). Nothing executable is pickled, saves are
+  atomic, and a missing, corrupt or mismatched file is reported with its path.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import numbers
+import os
+import secrets
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model",
+           "load_model"]
+
+#: hidden widths of the paper's MLP
+PAPER_HIDDEN = (1024, 512, 256, 128)
+
+MODEL_FORMAT = "oni-model"
+MODEL_FORMAT_VERSION = 1
+CONFIG_FILE = "model.json"
+SAFETENSORS_FILE = "weights.safetensors"
+STATE_DICT_FILE = "weights.pt"
+_MODEL_FILES = (CONFIG_FILE, SAFETENSORS_FILE, STATE_DICT_FILE)
+_MODEL_KINDS = ("mlp",)
+_MLP_KEYS = ("kind", "d", "k", "hidden")
+_MAX_SEED = 2 ** 63
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_width(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_hidden(hidden) -> Tuple[int, ...]:
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise TypeError(f"hidden must be a sequence of layer widths (e.g. {list(PAPER_HIDDEN)}), "
+                        f"got {type(hidden).__name__}")
+    return tuple(_check_width(h, f"hidden[{i}]") for i, h in enumerate(hidden))
+
+
+def _check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def _resolve_device(device, name: str = "device") -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; otherwise a checked ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be 'auto', a device string or a torch.device, "
+                        f"got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{name}={device!r} is not a device ('auto', 'cpu', 'cuda', "
+                         f"'cuda:1', ...): {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={device!r} but CUDA is not available on this machine "
+                         f"(use 'cpu' or 'auto')")
+    return resolved
+
+
+# ----------------------------------------------------------------------------- model
+
+class MLP(nn.Sequential):
+    """The paper's classifier: ``nn.Linear`` + ReLU blocks, then a last ``nn.Linear`` to
+    ``k`` logits (no softmax).
+
+    It stays a plain ``nn.Sequential`` (modules ``0, 1, 2, ...``, no ``forward`` override)
+    whose first module is ``nn.Linear(d, hidden[0])``: :func:`oni.shapley_values` detects
+    exactly that to use its incremental first layer. Slicing it (``model[1:]``) gives a plain
+    ``nn.Sequential``, since a slice is no longer a ``d -> k`` classifier.
+
+    Parameters
+    ----------
+    d : int
+        Input features.
+    k : int
+        Classes (output logits).
+    hidden : sequence of int
+        Hidden layer widths, input side first; ``()`` gives a linear model. Default: the
+        paper's ``(1024, 512, 256, 128)``.
+
+    Attributes
+    ----------
+    d, k : int
+    hidden : tuple of int
+    config : dict
+        ``{"kind": "mlp", "d": d, "k": k, "hidden": [...]}``, JSON-able;
+        ``build_model(model.config)`` builds the same architecture.
+    """
+
+    def __init__(self, d: int, k: int, hidden: Sequence[int] = PAPER_HIDDEN):
+        d = _check_width(d, "d")
+        k = _check_width(k, "k")
+        hidden = _check_hidden(hidden)
+        layers = []
+        width = d
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, k))
+        super().__init__(*layers)
+        self.d, self.k, self.hidden = d, k, hidden
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return {"kind": "mlp", "d": self.d, "k": self.k, "hidden": list(self.hidden)}
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            # nn.Sequential would call MLP(OrderedDict(...)), which is not our signature
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+    """The model a ``config`` describes (fresh PyTorch-default weights).
+
+    Parameters
+    ----------
+    config : mapping
+        ``{"kind": "mlp", "d": int, "k": int, "hidden": [int, ...]}``, as ``MLP.config``
+        gives it.
+
+    Returns
+    -------
+    MLP
+
+    Raises
+    ------
+    TypeError, ValueError
+        When ``config`` is not a mapping, names an unknown kind, misses or adds keys, or
+        holds invalid widths.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    kind = config.get("kind")
+    if kind not in _MODEL_KINDS:
+        raise ValueError(f"config['kind'] must be one of {_MODEL_KINDS}, got {kind!r}")
+    missing = [key for key in _MLP_KEYS if key not in config]
+    unknown = sorted(str(key) for key in config if key not in _MLP_KEYS)
+    if missing or unknown:
+        raise ValueError(f"config for kind 'mlp' must have exactly the keys {list(_MLP_KEYS)}; "
+                         f"missing {missing}, unknown {unknown}")
+    try:
+        return MLP(config["d"], config["k"], config["hidden"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"invalid model config {dict(config)}: {err}") from None
+
+
+def init_parameters_(model: nn.Module, seed: int) -> nn.Module:
+    """Re-initialises every ``nn.Linear`` of ``model`` in place, deterministically.
+
+    The convention (other trainers, e.g. :mod:`oni.shadows`, reproduce models by calling this
+    function on each of them): one CPU ``torch.Generator`` seeded with ``seed``; the
+    ``nn.Linear`` modules in ``model.named_modules()`` order; for each, the weight
+    ``[out, in]`` and then the bias ``[out]`` are drawn with
+    ``torch.empty(shape, dtype=param.dtype).uniform_(-b, b, generator=g)``,
+    ``b = 1 / sqrt(in_features)``, and copied into the parameter (on whatever device it is).
+    That is PyTorch's default ``nn.Linear`` distribution, from a local generator: the global
+    RNG is untouched and the values do not depend on the device.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model whose only parameters are those of ``nn.Linear`` layers (e.g. :class:`MLP`).
+    seed : int
+        In ``[0, 2**63)``.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+
+    Raises
+    ------
+    TypeError
+        When ``model`` has parameters outside ``nn.Linear`` layers (their initialisation
+        would be undefined here).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    seed = _check_seed(seed)
+    for name, module in model.named_modules():
+        own = [pname for pname, _ in module.named_parameters(recurse=False)]
+        if own and not (isinstance(module, nn.Linear) and set(own) <= {"weight", "bias"}):
+            raise TypeError(f"init_parameters_ initialises nn.Linear layers only, but module "
+                            f"{name or '<root>'!r} ({type(module).__name__}) has parameters "
+                            f"{own}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            bound = 1.0 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
+            for param in (module.weight, module.bias):
+                if param is None:
+                    continue
+                values = torch.empty(param.shape, dtype=param.dtype).uniform_(
+                    -bound, bound, generator=gen)
+                param.copy_(values)
+    return model
+
+
+# ----------------------------------------------------------------------------- files
+
+def _safetensors():
+    """The ``safetensors.torch`` module, or None when the optional package is missing."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        return None
+    return safetensors.torch
+
+
+def _model_config(model) -> Dict[str, Any]:
+    config = getattr(model, "config", None) if isinstance(model, nn.Module) else None
+    if not isinstance(config, Mapping):
+        raise TypeError(f"save_model saves models that oni.models can rebuild (an MLP, with "
+                        f".config), got {type(model).__name__}")
+    config = dict(config)
+    with torch.device("meta"):  # shapes only: no memory, no RNG
+        rebuilt = build_model(config)
+    expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
+    if expected != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
+        raise ValueError(f"model's parameters do not match its config {config} "
+                         f"(was it modified after construction?)")
+    return config
+
+
+def _check_extra(extra) -> Optional[dict]:
+    if extra is None:
+        return None
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a dict of JSON-able metadata or None, "
+                        f"got {type(extra).__name__}")
+    bad = [key for key in extra if not isinstance(key, str)]
+    if bad:
+        raise TypeError(f"extra's keys must be strings, got {bad!r}")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"extra must hold only JSON-able values (dicts, lists, strings, "
+                        f"numbers, bools, None): {err}") from None
+    return dict(extra)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_save_target(path: Path) -> None:
+    """Overwrite only an oni model directory (or an empty one): never a user's files."""
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"cannot save a model to {path}: it exists and is not a "
+                              f"directory")
+    others = sorted(p.name for p in path.iterdir() if p.name not in _MODEL_FILES)
+    if others:
+        raise FileExistsError(f"refusing to overwrite {path}: it holds files that are not "
+                              f"part of a saved oni model ({others[:5]})")
+
+
+def _new_sibling(path: Path, tag: str) -> Path:
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
+        if not os.path.lexists(candidate):
+            return candidate
+    raise FileExistsError(f"could not find a free temporary name next to {path}")  # pragma: no cover
+
+
+def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
+               extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Saves ``model`` as a directory ``path`` holding ``model.json`` and its weights.
+
+    ``model.json`` holds the format tag and version, the architecture (``model.config``),
+    the weights' file name and SHA-256, and ``extra``. The weights are
+    ``weights.safetensors`` when ``safetensors`` is importable, else ``weights.pt`` (a state
+    dict of CPU tensors; :func:`load_model` reads it with ``torch.load(weights_only=True)``).
+    No module or code is pickled.
+
+    The save is atomic: everything is written (and fsynced) into a hidden sibling directory,
+    which then replaces ``path`` by renames, so a killed save leaves either the previous
+    model or the new one at ``path``, never a mix. If it is killed between the two renames
+    of an overwrite, ``path`` is briefly absent and the previous model waits in
+    ``.<name>.old-*`` next to it (:func:`load_model` says so). One writer per path at a
+    time.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with a ``config`` :func:`build_model` accepts (an :class:`MLP`).
+    path : str or PathLike
+        The model directory. Parent directories are created. An existing ``path`` is
+        replaced only if it is a saved model (or an empty directory).
+    extra : dict, optional
+        JSON-able metadata (string keys) stored in ``model.json`` and returned by
+        :func:`load_model` (tuples come back as lists).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    config = _model_config(model)
+    extra = _check_extra(extra)
+    path = Path(path)
+    _check_save_target(path)
+    state = {name: t.detach().to("cpu", copy=True).contiguous()
+             for name, t in model.state_dict().items()}
+    st = _safetensors()
+    if st is not None:
+        weights_name, blob = SAFETENSORS_FILE, st.save(state)
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        weights_name, blob = STATE_DICT_FILE, buffer.getvalue()
+    meta = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "config": config,
+            "weights": weights_name, "sha256": _sha256(blob), "extra": extra}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling(path, "tmp")
+    os.mkdir(tmp)
+    try:
+        _write_durably(tmp / weights_name, blob)
+        _write_durably(tmp / CONFIG_FILE, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+        _fsync_dir(tmp)
+        if os.path.lexists(path):
+            old = _new_sibling(path, "old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _interrupted_hint(path: Path) -> str:
+    prefix = f".{path.name}.old-"
+    olds = sorted(p for p in path.parent.iterdir()
+                  if p.name.startswith(prefix) and p.is_dir()) if path.parent.is_dir() else []
+    if olds:
+        return (f"; an interrupted save_model left the previous model at {olds[-1]} "
+                f"(rename it to {path} to use it)")
+    return ""
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / CONFIG_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: {path} is not a saved oni model")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{meta_path} is not UTF-8 text (corrupt?): {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}, line {err.lineno}: not valid JSON (corrupt or "
+                         f"truncated?): {err.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{meta_path} is not an oni model file (expected "
+                         f"\"format\": \"{MODEL_FORMAT}\")")
+    version = meta.get("version")
+    if version != MODEL_FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format version {version!r}; this oni reads "
+                         f"version {MODEL_FORMAT_VERSION}")
+    missing = [key for key in ("config", "weights", "sha256", "extra") if key not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the fields {missing}")
+    if meta["weights"] not in (SAFETENSORS_FILE, STATE_DICT_FILE):
+        raise ValueError(f"{meta_path}: \"weights\" must be {SAFETENSORS_FILE!r} or "
+                         f"{STATE_DICT_FILE!r}, got {meta['weights']!r}")
+    if meta["extra"] is not None and not isinstance(meta["extra"], dict):
+        raise ValueError(f"{meta_path}: \"extra\" must be an object or null")
+    return meta
+
+
+def _read_state(weights_path: Path, blob: bytes) -> dict:
+    if weights_path.name == SAFETENSORS_FILE:
+        st = _safetensors()
+        if st is None:
+            raise ImportError(f"{weights_path} is a safetensors file, but the optional "
+                              f"package 'safetensors' is not installed (pip install "
+                              f"safetensors)")
+        try:
+            return st.load(blob)
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{weights_path} is not a readable safetensors file: "
+                             f"{err}") from err
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for bad or unsafe files
+        raise ValueError(f"{weights_path} is not a readable state dict (torch.load with "
+                         f"weights_only=True refused it): {err}") from err
+    if not isinstance(state, dict) or not all(
+            isinstance(key, str) and isinstance(t, torch.Tensor) for key, t in state.items()):
+        raise ValueError(f"{weights_path} does not hold a state dict (names -> tensors)")
+    return state
+
+
+def _check_state(state: dict, model: nn.Module, weights_path: Path, meta_path: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{name}: {got[name]} (expected {expected[name]})"
+             for name in expected if name in got and got[name] != expected[name]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{weights_path} does not match the architecture in {meta_path}: "
+                         f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"{weights_path} must hold tensors of one floating dtype, got "
+                         f"{sorted(map(str, dtypes))}")
+
+
+def load_model(path: Union[str, os.PathLike], *,
+               device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, dict]:
+    """Loads a model directory written by :func:`save_model`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The model directory.
+    device : str or torch.device
+        Where to put the model (``"auto"``: cuda when available).
+
+    Returns
+    -------
+    (nn.Module, dict)
+        The model in eval mode, in the dtype it was saved in, and the ``extra`` metadata it
+        was saved with (``{}`` when none).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path``, its ``model.json`` or its weights file is missing.
+    ValueError
+        A file is corrupt (bad JSON, checksum mismatch, unreadable weights) or the weights do
+        not match the architecture; the message names the file.
+    ImportError
+        The weights are safetensors and the package is not installed.
+    """
+    path = Path(path)
+    device = _resolve_device(device)
+    if not path.exists():
+        raise FileNotFoundError(f"no saved model at {path}{_interrupted_hint(path)}")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a saved model: save_model writes a directory "
+                         f"holding {CONFIG_FILE} and the weights")
+    meta = _read_meta(path)
+    meta_path = path / CONFIG_FILE
+    weights_path = path / meta["weights"]
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing (named by {meta_path})")
+    blob = weights_path.read_bytes()
+    if _sha256(blob) != meta["sha256"]:
+        raise ValueError(f"{weights_path} is corrupt or does not belong to {meta_path}: its "
+                         f"SHA-256 differs from the one recorded there")
+    try:
+        model = build_model(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{meta_path}: bad \"config\": {err}") from None
+    state = _read_state(weights_path, blob)
+    _check_state(state, model, weights_path, meta_path)
+    model.to(next(iter(state.values())).dtype)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, dict(meta["extra"] or {})

@@ -1,0 +1,451 @@
+"""oni.train: the training loop (its init and batch-order conventions, determinism per seed,
+history, distillation through loss_fn/extra, divergence, bad input, progress output, CUDA
+when present) and batched prediction."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from oni import train as train_module
+from oni.models import MLP, init_parameters_
+from oni.train import (
+    History,
+    TrainConfig,
+    accuracy,
+    predict_logits,
+    predict_proba,
+    train_model,
+)
+
+D, K, HIDDEN = 10, 3, (16, 8)
+QUIET = dict(progress=False, device="cpu")
+
+
+def _data(n: int, seed: int):
+    """Learnable data: the label is the argmax of three noisy linear scores."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, K, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(n, D, generator=gen)
+    y = (x @ w + 0.3 * torch.randn(n, K, generator=gen)).argmax(1)
+    return x, y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread avoids the thread wake-ups that make them
+    ~50x slower on a busy 2-core machine (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = _data(203, 0)  # 203 rows: a partial last batch at every batch size used
+    x_test, y_test = _data(100, 1)
+    return x, y, x_test, y_test
+
+
+def _train(data, epochs=3, seed=0, batch_size=32, model=None, lr=1e-3, **kwargs):
+    x, y, _, _ = data
+    model = MLP(D, K, HIDDEN) if model is None else model
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, **QUIET)
+    history = train_model(model, x, y, config=config, **kwargs)
+    return model, history
+
+
+def _params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ============================================================================ conventions
+
+def test_same_seed_gives_bitwise_identical_models(data):
+    a, ha = _train(data, seed=5)
+    b, hb = _train(data, seed=5, model=init_parameters_(MLP(D, K, HIDDEN), 77))  # other start
+    assert _params_equal(a, b)
+    assert (ha.train_loss, ha.train_acc) == (hb.train_loss, hb.train_acc)
+
+
+def test_different_seeds_give_different_models(data):
+    a, _ = _train(data, seed=1)
+    b, _ = _train(data, seed=2)
+    assert not any(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_training_follows_the_documented_conventions(data):
+    """init_parameters_(model, seed); one generator seeded with the seed; randperm per epoch;
+    consecutive batches, last partial one kept; Adam(lr, weight_decay); mean cross-entropy.
+    A batched trainer (oni.shadows) relies on exactly this."""
+    x, y, _, _ = data
+    seed, epochs, bs, lr, wd = 3, 2, 40, 2e-3, 1e-4
+    trained = MLP(D, K, HIDDEN)
+    train_model(trained, x, y, config=TrainConfig(epochs=epochs, batch_size=bs, lr=lr,
+                                                  weight_decay=wd, seed=seed, **QUIET))
+
+    manual = init_parameters_(MLP(D, K, HIDDEN), seed)
+    opt = torch.optim.Adam(manual.parameters(), lr=lr, weight_decay=wd)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen)
+        for lo in range(0, x.shape[0], bs):
+            idx = order[lo:lo + bs]
+            loss = F.cross_entropy(manual(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert _params_equal(trained, manual)
+
+
+def test_dropout_models_are_deterministic_and_the_global_rng_is_restored(data):
+    def net():
+        return nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, K))
+
+    state = torch.get_rng_state()
+    a, _ = _train(data, seed=4, model=net())
+    after_a = torch.get_rng_state()
+    b, _ = _train(data, seed=4, model=net())
+    assert _params_equal(a, b)
+    # net() drew from the global RNG; training itself did not
+    torch.set_rng_state(state)
+    net()
+    assert torch.equal(torch.get_rng_state(), after_a)
+
+
+# ============================================================================ history
+
+def test_history_lengths_ranges_and_learning(data):
+    x, y, x_test, y_test = data
+    model, h = _train(data, epochs=8, batch_size=16, x_test=x_test, y_test=y_test, lr=1e-2)
+    assert isinstance(h, History)
+    assert h.epochs == list(range(1, 9))
+    assert len(h.train_loss) == len(h.train_acc) == len(h.test_acc) == 8
+    assert all(math.isfinite(v) and v >= 0 for v in h.train_loss)
+    assert all(0 <= v <= 1 for v in h.train_acc + h.test_acc)
+    assert h.seconds > 0
+    assert h.train_loss[-1] < h.train_loss[0]
+    assert h.train_acc[-1] > 0.9 and h.test_acc[-1] > 0.75  # chance is ~1/3
+    # recorded at the end of each epoch, on the whole sets, in eval mode
+    assert h.train_acc[-1] == accuracy(model, x, y)
+    assert h.test_acc[-1] == accuracy(model, x_test, y_test)
+    assert not model.training
+
+
+def test_history_without_test_data_has_none(data):
+    _, h = _train(data, epochs=2)
+    assert h.test_acc == [None, None]
+
+
+def test_weight_decay_shrinks_the_weights(data):
+    a, _ = _train(data, epochs=4)
+    x, y, _, _ = data
+    b = MLP(D, K, HIDDEN)
+    train_model(b, x, y, config=TrainConfig(epochs=4, batch_size=32, weight_decay=0.5, **QUIET))
+    norm = lambda m: sum(p.square().sum() for p in m.parameters())  # noqa: E731
+    assert norm(b) < norm(a)
+
+
+# ============================================================================ loss_fn / extra
+
+def _soft_kl(logits, y, soft):
+    return F.kl_div(F.log_softmax(logits, dim=1), soft, reduction="batchmean")
+
+
+def test_distillation_with_soft_labels(data):
+    x, y, x_test, _ = data
+    teacher, _ = _train(data, epochs=10, batch_size=16, seed=1, lr=1e-2)
+    soft = predict_proba(teacher, x)
+    student = MLP(D, K, (12,))
+    h = train_model(student, x, y, loss_fn=_soft_kl, extra=(soft,),
+                    config=TrainConfig(epochs=15, batch_size=16, lr=1e-2, seed=2, **QUIET))
+    assert h.train_loss[-1] < 0.1 * h.train_loss[0]
+    agree = (predict_logits(student, x_test).argmax(1) ==
+             predict_logits(teacher, x_test).argmax(1)).double().mean()
+    assert agree > 0.85
+
+
+def test_extra_rows_follow_x_and_a_single_tensor_is_accepted(data):
+    x, y, _, _ = data
+    row_ids = torch.arange(x.shape[0])
+    seen = []
+
+    def loss_fn(logits, y_batch, ids):
+        # the extra tensor is indexed like x and y: ids name the rows of this batch
+        assert torch.equal(y_batch, y[ids])
+        seen.append(ids.clone())
+        return F.cross_entropy(logits, y_batch)
+
+    train_model(MLP(D, K, HIDDEN), x, y, config=TrainConfig(epochs=2, batch_size=64, **QUIET),
+                loss_fn=loss_fn, extra=row_ids)
+    epoch1 = torch.cat(seen[:4])
+    assert [len(s) for s in seen[:4]] == [64, 64, 64, 11]
+    assert torch.equal(epoch1.sort().values, row_ids)
+
+
+def test_custom_loss_without_extra(data):
+    _, h = _train(data, loss_fn=lambda logits, y: F.cross_entropy(logits, y, label_smoothing=0.1))
+    assert len(h.train_loss) == 3
+
+
+# ============================================================================ divergence
+
+def test_nan_loss_raises_naming_the_epoch(data):
+    x, y, _, _ = data
+    calls = []
+
+    def goes_nan_in_epoch_2(logits, y_batch):
+        calls.append(1)
+        loss = F.cross_entropy(logits, y_batch)
+        return loss * float("nan") if len(calls) > 7 else loss  # 7 batches per epoch
+
+    with pytest.raises(FloatingPointError, match="mean training loss of epoch 2 is nan"):
+        train_model(MLP(D, K, HIDDEN), x, y,
+                    config=TrainConfig(epochs=5, batch_size=32, **QUIET),
+                    loss_fn=goes_nan_in_epoch_2)
+    assert len(calls) == 14  # stopped after epoch 2, not trained on
+
+
+def test_exploding_lr_raises(data):
+    x, y, _, _ = data
+    with pytest.raises(FloatingPointError, match=r"epoch \d+ is (nan|inf)"):
+        train_model(MLP(D, K, HIDDEN), x * 1e18, y,
+                    config=TrainConfig(epochs=20, batch_size=32, lr=1e6, **QUIET))
+
+
+# ============================================================================ bad input
+
+@pytest.mark.parametrize("field, value, error", [
+    ("epochs", 0, ValueError), ("epochs", 2.0, TypeError),
+    ("batch_size", 0, ValueError), ("batch_size", True, TypeError),
+    ("lr", 0.0, ValueError), ("lr", -1e-3, ValueError), ("lr", float("nan"), ValueError),
+    ("lr", "1e-3", TypeError), ("weight_decay", -0.1, ValueError),
+    ("seed", -1, ValueError), ("seed", 0.5, TypeError),
+    ("device", 3, TypeError), ("device", "nonsense", ValueError),
+    ("progress", "yes", TypeError),
+])
+def test_config_rejects_bad_values(field, value, error):
+    with pytest.raises(error, match=f"config.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_config_is_checked_again_when_used(data):
+    x, y, _, _ = data
+    config = TrainConfig(**QUIET)
+    config.epochs = -3
+    with pytest.raises(ValueError, match="config.epochs must be >= 1"):
+        train_model(MLP(D, K, HIDDEN), x, y, config=config)
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train_model(MLP(D, K, HIDDEN), x, y, config={"epochs": 1})
+
+
+def _bad_inputs():
+    x, y = _data(20, 0)
+    bad_x_nan = x.clone()
+    bad_x_nan[3, 4] = float("nan")
+    bad_x_inf = x.clone()
+    bad_x_inf[0, 0] = float("inf")
+    return [
+        (dict(x=x.numpy()), TypeError, "x must be a torch.Tensor"),
+        (dict(x=x[0]), ValueError, r"x must be 2-D \[N, d\]"),
+        (dict(x=x.long()), TypeError, "x must be a floating tensor"),
+        (dict(x=bad_x_nan), ValueError, r"x contains NaN or Inf \(first at index \[3, 4\]\)"),
+        (dict(x=bad_x_inf), ValueError, "x contains NaN or Inf"),
+        (dict(x=x[:0], y=y[:0]), ValueError, r"x is empty \(N = 0 rows\)"),
+        (dict(x=x[:, :0]), ValueError, "x has no features"),
+        (dict(x=x[:, :4]), ValueError, "the model does not accept inputs of width d = 4"),
+        (dict(y=y.float()), TypeError, "y must hold integer class indices"),
+        (dict(y=y.bool()), TypeError, "y must hold integer class indices"),
+        (dict(y=[0] * 20), TypeError, "y must be a torch.Tensor"),
+        (dict(y=y[:-1]), ValueError, r"y must be 1-D \[N\] with N = 20"),
+        (dict(y=y.clone().fill_(K)), ValueError, rf"y must hold class indices in \[0, {K}\)"),
+        (dict(y=y.clone().fill_(-1)), ValueError, r"y must hold class indices in \[0, 3\)"),
+        (dict(x_test=x), ValueError, "give both x_test and y_test"),
+        (dict(x_test=x[:, :5], y_test=y), ValueError, "x_test must have d = 10 columns"),
+        (dict(x_test=x, y_test=y[:3]), ValueError, "y_test must be 1-D"),
+        (dict(x_test=x, y_test=y + K), ValueError, r"y_test must hold class indices in \[0, 3\)"),
+        (dict(x_test=bad_x_nan, y_test=y), ValueError, "x_test contains NaN"),
+        (dict(extra=(torch.ones(20, 2),)), ValueError, "extra is passed to loss_fn only"),
+        (dict(extra=(torch.ones(19, 2),), loss_fn=_soft_kl), ValueError,
+         r"extra\[0\] must have N = 20 rows"),
+        (dict(extra=(torch.ones(20, 2), "soft"), loss_fn=_soft_kl), TypeError,
+         r"extra\[1\] must be a torch.Tensor"),
+        (dict(extra=torch.full((20, 3), float("nan")), loss_fn=_soft_kl), ValueError,
+         r"extra\[0\] contains NaN"),
+        (dict(extra={"soft": 1}, loss_fn=_soft_kl), TypeError, "extra must be a tensor or a tuple"),
+        (dict(loss_fn="ce"), TypeError, "loss_fn must be callable"),
+        (dict(loss_fn=lambda logits, y: F.cross_entropy(logits, y, reduction="none")),
+         ValueError, r"loss_fn must return a scalar tensor, got \(\d+,\)"),
+        (dict(loss_fn=lambda logits, y: torch.tensor(1.0)), ValueError, "no grad"),
+        (dict(model=lambda z: z), TypeError, "model must be an nn.Module"),
+        (dict(model=nn.ReLU()), ValueError, "model has no parameters"),
+        (dict(model=nn.Sequential(nn.Linear(D, K), nn.BatchNorm1d(K))), TypeError,
+         "initialises nn.Linear layers only"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_train_rejects_bad_inputs_naming_the_argument(case):
+    changes, error, match = _bad_inputs()[case]
+    x, y = _data(20, 0)
+    kwargs = dict(model=MLP(D, K, HIDDEN), x=x, y=y, config=TrainConfig(epochs=1, **QUIET))
+    kwargs.update(changes)
+    with pytest.raises(error, match=match):
+        train_model(kwargs.pop("model"), kwargs.pop("x"), kwargs.pop("y"), **kwargs)
+
+
+def test_float64_model_trains_on_float32_inputs(data):
+    model = MLP(D, K, HIDDEN).double()
+    _, h = _train(data, model=model, epochs=2)
+    assert model[0].weight.dtype == torch.float64 and len(h.epochs) == 2
+
+
+# ============================================================================ progress
+
+def test_progress_bar_with_tqdm(data, capsys):
+    pytest.importorskip("tqdm")
+    x, y, _, _ = data
+    train_model(MLP(D, K, HIDDEN), x, y, config=TrainConfig(epochs=2, device="cpu"))
+    err = capsys.readouterr().err
+    assert "train" in err and "2/2" in err and "loss=" in err
+
+
+def test_progress_fallback_without_tqdm(data, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "_tqdm_class", lambda: None)
+    x, y, x_test, y_test = data
+    train_model(MLP(D, K, HIDDEN), x, y, config=TrainConfig(epochs=45, device="cpu"),
+                x_test=x_test, y_test=y_test)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert 15 <= len(lines) <= 25  # every few epochs, not every epoch
+    assert lines[-1].startswith("train: epoch 45/45 loss ") and "test_acc" in lines[-1]
+
+
+def test_no_output_when_progress_is_off(data, capsys):
+    _train(data, epochs=2)
+    assert capsys.readouterr() == ("", "")
+
+
+# ============================================================================ devices
+
+def test_auto_device(data):
+    model = MLP(D, K, HIDDEN)
+    x, y, _, _ = data
+    train_model(model, x, y, config=TrainConfig(epochs=1, device="auto", progress=False))
+    assert model[0].weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_requested_without_cuda(data):
+    x, y, _, _ = data
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_model(MLP(D, K, HIDDEN), x, y, config=TrainConfig(device="cuda", progress=False))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda(data):
+    x, y, x_test, y_test = data
+    config = TrainConfig(epochs=6, batch_size=16, seed=3, device="cuda", progress=False)
+    gpu = MLP(D, K, HIDDEN)
+    h = train_model(gpu, x, y, config=config, x_test=x_test, y_test=y_test)
+    assert gpu[0].weight.is_cuda and h.train_acc[-1] > 0.7
+    again = MLP(D, K, HIDDEN)
+    train_model(again, x, y, config=config)
+    for p, q in zip(gpu.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q)  # reproducible per seed
+    cpu = MLP(D, K, HIDDEN)
+    train_model(cpu, x, y, config=TrainConfig(epochs=6, batch_size=16, seed=3, **QUIET))
+    for p, q in zip(gpu.parameters(), cpu.parameters()):  # same init and batch order
+        torch.testing.assert_close(p.cpu(), q, atol=1e-3, rtol=1e-3)
+    out = predict_proba(gpu, x_test)  # CPU inputs, model on the GPU
+    assert out.device.type == "cpu" and out.dtype == torch.float32
+
+
+# ============================================================================ prediction
+
+@pytest.fixture(scope="module")
+def trained(data):
+    model, _ = _train(data, epochs=4)
+    return model
+
+
+def test_predict_logits_and_proba(trained, data):
+    _, _, x_test, _ = data
+    logits = predict_logits(trained, x_test)
+    with torch.no_grad():
+        expected = trained(x_test)
+    assert logits.shape == (100, K) and logits.dtype == torch.float32
+    assert logits.device.type == "cpu" and not logits.requires_grad
+    assert torch.equal(logits, expected)
+    small_batches = predict_logits(trained, x_test, batch_size=7)
+    torch.testing.assert_close(small_batches, logits)
+    proba = predict_proba(trained, x_test, batch_size=33)
+    torch.testing.assert_close(proba, torch.softmax(expected, 1))
+    torch.testing.assert_close(proba.sum(1), torch.ones(100))
+
+
+def test_predict_uses_eval_mode_and_restores_the_mode(data):
+    x, _, _, _ = data
+    model = nn.Sequential(nn.Linear(D, 32), nn.Dropout(0.9), nn.Linear(32, K)).train()
+    a = predict_logits(model, x)
+    b = predict_logits(model, x)
+    assert torch.equal(a, b)  # no dropout
+    assert model.training
+
+
+def test_predict_float64_model_returns_float32_and_empty_input(data):
+    _, _, x_test, _ = data
+    model = MLP(D, K, HIDDEN).double().eval()
+    out = predict_proba(model, x_test)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out, torch.softmax(model(x_test.double()), 1).float())
+    assert predict_logits(model, x_test[:0]).shape == (0, K)
+
+
+def test_predict_accepts_functions(data):
+    _, _, x_test, _ = data
+    w = torch.randn(D, K)
+    out = predict_logits(lambda z: z @ w, x_test, batch_size=10)
+    torch.testing.assert_close(out, x_test @ w)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(x="rows"), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.ones(3)), ValueError, "x must be 2-D"),
+    (dict(x=torch.ones(3, D, dtype=torch.int32)), TypeError, "x must be a floating tensor"),
+    (dict(x=torch.full((3, D), float("nan"))), ValueError, "x contains NaN"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(model="model"), TypeError, "model must be an nn.Module or a function"),
+    (dict(model=lambda z: z[:, 0]), ValueError, r"logits \[n, k\], got \(5,\)"),
+])
+def test_predict_rejects_bad_inputs(trained, kwargs, error, match):
+    args = dict(model=trained, x=torch.zeros(5, D))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        predict_logits(args.pop("model"), args.pop("x"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_predict_rejects_a_device_the_model_is_not_on(trained):
+    with pytest.raises(ValueError, match="the model is on cpu"):
+        predict_logits(trained, torch.zeros(2, D), device="cuda")
+
+
+def test_accuracy(trained, data):
+    _, _, x_test, y_test = data
+    with torch.no_grad():
+        expected = (trained(x_test).argmax(1) == y_test).double().mean().item()
+    assert accuracy(trained, x_test, y_test) == expected
+    assert accuracy(trained, x_test, y_test, batch_size=9) == expected
+    assert accuracy(lambda z: torch.eye(K)[y_test], x_test, y_test) == 1.0
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 3\)"):
+        accuracy(trained, x_test, y_test + 1)
+    with pytest.raises(ValueError, match="x is empty"):
+        accuracy(trained, x_test[:0], y_test[:0])
+    with pytest.raises(ValueError, match=r"y must be 1-D \[N\] with N = 100"):
+        accuracy(trained, x_test, y_test[:5])
