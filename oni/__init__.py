@@ -2,6 +2,19 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ops, reference  # noqa: F401
+from .data import (
+    DataError,
+    Dataset,
+    Splits,
+    from_arrays,
+    load_dataset,
+    load_npz,
+    load_shokri_csv,
+    load_texas,
+    make_splits,
+    save_npz,
+    synthetic_purchase,
+)
 from .noise import (
     NoiseResult,
     noise_budget,
@@ -18,6 +31,17 @@ from .shapley import (
 )
 
 __all__ = [
+    "DataError",
+    "Dataset",
+    "Splits",
+    "from_arrays",
+    "load_dataset",
+    "load_npz",
+    "load_shokri_csv",
+    "load_texas",
+    "make_splits",
+    "save_npz",
+    "synthetic_purchase",
     "NoiseResult",
     "noise_budget",
     "optimal_noise",

@@ -1,0 +1,645 @@
+"""oni.data: the file loaders (good and bad files in every format), the parse cache, label
+remapping, the real Location30 file, the paper's splits and the synthetic generator.
+
+Every bad file must raise a DataError whose message names the file and the line.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from oni import data
+from oni.data import DataError
+
+LOCATION30 = Path(__file__).resolve().parents[2] / "shared" / "data" / "location30" / \
+    "dataset_location.tgz"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _shokri_text(x, labels, quote=False, newline="\n") -> str:
+    lines = []
+    for row, label in zip(np.asarray(x).tolist(), labels):
+        label = f'"{label}"' if quote else str(label)
+        lines.append(",".join([label] + [f"{v:g}" for v in row]))
+    return newline.join(lines) + newline
+
+
+def _small(n=12, d=5, seed=0, labels=(3, 7, 12)):
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, d)) < 0.3).astype(np.float32)
+    y = np.array([labels[i % len(labels)] for i in range(n)])
+    return x, y
+
+
+def _write(path: Path, text) -> Path:
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def _tar(path: Path, members: dict, mode="w:gz") -> Path:
+    with tarfile.open(path, mode) as tf:
+        for name, content in members.items():
+            blob = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def _raises_at(path, line: int, fragment: str, load, *args, **kwargs):
+    """``load`` must raise a DataError naming ``path``, ``line`` and ``fragment``."""
+    with pytest.raises(DataError) as info:
+        load(*args, **kwargs)
+    message = str(info.value)
+    assert str(path) in message, message
+    assert f"line {line}" in message, message
+    assert fragment in message, message
+    return message
+
+
+def _assert_same(a: data.Dataset, b: data.Dataset):
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.classes == b.classes
+
+
+# ----------------------------------------------------------------------------- Shokri CSV
+
+def test_shokri_csv_values_labels_and_mapping(tmp_path):
+    x, y = _small()
+    path = _write(tmp_path / "dataset_toy", _shokri_text(x, y))
+    ds = data.load_shokri_csv(path, cache_dir=tmp_path / "cache")
+    assert (ds.n, ds.d, ds.k, ds.name) == (12, 5, 3, "dataset_toy")
+    assert ds.x.dtype == torch.float32 and ds.x.is_contiguous() and ds.y.dtype == torch.int64
+    np.testing.assert_array_equal(ds.x.numpy(), x)
+    assert ds.classes == (3, 7, 12)  # sorted original labels
+    np.testing.assert_array_equal(np.asarray(ds.classes)[ds.y.numpy()], y)  # mapping kept
+
+
+@pytest.mark.parametrize("variant", ["quoted", "crlf", "trailing-blank-lines", "no-final-newline",
+                                     "spaces"])
+def test_shokri_csv_tolerated_layouts(tmp_path, variant):
+    x, y = _small()
+    plain = _shokri_text(x, y)
+    text = {"quoted": _shokri_text(x, y, quote=True),
+            "crlf": _shokri_text(x, y, newline="\r\n"),
+            "trailing-blank-lines": plain + "\n\n  \n",
+            "no-final-newline": plain.rstrip("\n"),
+            "spaces": plain.replace(",", " , ")}[variant]
+    ds = data.load_shokri_csv(_write(tmp_path / "f", text), cache_dir=tmp_path / "c")
+    ref = data.load_shokri_csv(_write(tmp_path / "g", plain), cache_dir=tmp_path / "c")
+    _assert_same(ds, ref)
+
+
+def test_shokri_csv_general_parser_matches_fast_path(tmp_path):
+    """Single-digit fields take a fast path; other numbers the general float parser: both
+    must give the same values, also with the two mixed across blocks."""
+    x, y = _small(n=40, d=7)
+    fast = data.load_shokri_csv(_write(tmp_path / "a", _shokri_text(x, y)), cache_dir=tmp_path)
+    general_text = _shokri_text(x, y).replace(",0", ",0.0").replace(",1", ",1e0")
+    general = data.load_shokri_csv(_write(tmp_path / "b", general_text), cache_dir=tmp_path)
+    _assert_same(fast, general)
+    # non-binary values survive exactly (float32)
+    x2 = np.round(np.random.default_rng(1).normal(size=(9, 3)), 3).astype(np.float32)
+    ds = data.load_shokri_csv(_write(tmp_path / "c", _shokri_text(x2, [1, 2, 3] * 3)),
+                              cache_dir=tmp_path)
+    np.testing.assert_array_equal(ds.x.numpy(), x2)
+
+
+def test_shokri_csv_small_blocks_keep_line_numbers(tmp_path, monkeypatch):
+    """Parsing in many small blocks gives the same data and the right line numbers."""
+    x, y = _small(n=60, d=6)
+    whole = data.load_shokri_csv(_write(tmp_path / "a", _shokri_text(x, y)), cache_dir=tmp_path)
+    lines = _shokri_text(x, y).splitlines()
+    lines[43] = lines[43].replace(",", ",x", 1)  # line 44 breaks
+    bad = _write(tmp_path / "bad", "\n".join(lines) + "\n")
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 37)
+    _assert_same(data.load_shokri_csv(_write(tmp_path / "b", _shokri_text(x, y)),
+                                      cache_dir=tmp_path), whole)
+    _raises_at(bad, 44, "'x0'", data.load_shokri_csv, bad, cache_dir=tmp_path)
+
+
+GOOD = ["1,0,1,0", "2,1,1,0", "3,0,0,1", "1,1,0,1"]
+
+
+def _with(line_no: int, replacement: str, lines=GOOD) -> str:
+    out = list(lines)
+    out[line_no - 1] = replacement
+    return "\n".join(out) + "\n"
+
+
+BAD_SHOKRI = {
+    # name: (file text, line the message must name, a fragment it must contain)
+    "empty file": ("", 1, "empty"),
+    "only blank lines": ("\n\n  \n", 1, "empty"),
+    "ragged row (extra field)": (_with(3, "3,0,0,1,1"), 3, "5 fields, expected 4"),
+    "ragged row (short)": (_with(2, "2,1,1"), 2, "3 fields, expected 4"),
+    "non-numeric field": (_with(2, "2,1,abc,0"), 2, "'abc'"),
+    "missing label": (_with(4, ",1,0,1"), 4, "missing label"),
+    "empty feature field": (_with(3, "3,0,,1"), 3, "empty field"),
+    "blank line inside": ("\n".join(GOOD[:2] + [""] + GOOD[2:]) + "\n", 3, "empty line"),
+    "blank first line": ("\n" + "\n".join(GOOD) + "\n", 1, "empty line"),
+    "whitespace line inside": ("\n".join(GOOD[:3] + ["  "] + GOOD[3:]) + "\n", 4,
+                               "empty line"),
+    "header line": ("label,f1,f2,f3\n" + "\n".join(GOOD) + "\n", 1, "header"),
+    "not finite": (_with(2, "2,1,nan,0"), 2, "finite"),
+    "fractional label": (_with(3, "0.5,0,0,1"), 3, "not a whole number"),
+    "labels in the last column": ("0,1,0,7\n1,0,1,3\n0,0,1,7\n", 1, "last"),
+    "labels in the last column, later line": ("0,1,0,1\n1,0,1,0\n0,0,1,12\n", 3, "last"),
+    "one class": ("5,0,1\n5,1,1\n", 1, "two classes"),
+    "no features": ("1\n2\n", 1, "label followed by the features"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHOKRI))
+def test_shokri_csv_bad_files_name_file_and_line(tmp_path, case):
+    text, line, fragment = BAD_SHOKRI[case]
+    path = _write(tmp_path / "dataset_bad", text)
+    _raises_at(path, line, fragment, data.load_shokri_csv, path, cache_dir=tmp_path)
+
+
+def test_shokri_csv_in_archives(tmp_path):
+    x, y = _small()
+    text = _shokri_text(x, y, quote=True)
+    plain = data.load_shokri_csv(_write(tmp_path / "bangkok", text), cache_dir=tmp_path)
+    for mode, suffix in [("w:gz", ".tgz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz"),
+                         ("w", ".tar")]:
+        archive = _tar(tmp_path / f"dataset_location{suffix}", {"bangkok": text}, mode)
+        ds = data.load_shokri_csv(archive, cache_dir=tmp_path / "c")
+        _assert_same(ds, plain)
+        assert ds.name == "dataset_location"
+    # several files: the caller picks one
+    two = _tar(tmp_path / "two.tgz", {"a": text, "b": "1,0\n2,1\n", "._a": "junk"})
+    _raises_at(two, 1, "member=", data.load_shokri_csv, two, cache_dir=tmp_path)
+    _assert_same(data.load_shokri_csv(two, member="a", cache_dir=tmp_path), plain)
+    _raises_at(two, 1, "no member 'c'", data.load_shokri_csv, two, member="c",
+               cache_dir=tmp_path)
+    # a bad record inside an archive names archive, member and line
+    bad = _tar(tmp_path / "bad.tgz", {"bangkok": _with(2, "2,1,zz,0")})
+    message = _raises_at(bad, 2, "'zz'", data.load_shokri_csv, bad, cache_dir=tmp_path)
+    assert "bangkok" in message
+
+
+def test_truncated_and_corrupt_archives(tmp_path):
+    rng = np.random.default_rng(0)
+    x = (rng.random((3000, 40)) < 0.5).astype(int)  # incompressible enough to span blocks
+    text = _shokri_text(x, rng.integers(1, 9, 3000))
+    whole = _tar(tmp_path / "whole.tgz", {"bangkok": text}).read_bytes()
+    truncated = _write(tmp_path / "truncated.tgz", whole[:len(whole) * 6 // 10])
+    with pytest.raises(DataError) as info:
+        data.load_shokri_csv(truncated, cache_dir=tmp_path)
+    message = str(info.value)
+    assert str(truncated) in message and "truncated" in message and "line " in message
+    assert "bangkok" in message
+    garbage = _write(tmp_path / "garbage.tgz", b"\x1f\x8b" + bytes(range(256)) * 4)
+    _raises_at(garbage, 1, "not a readable tar archive", data.load_shokri_csv, garbage,
+               cache_dir=tmp_path)
+    cut_header = _write(tmp_path / "cut.tgz", whole[:30])
+    with pytest.raises(DataError, match="cut.tgz"):
+        data.load_shokri_csv(cut_header, cache_dir=tmp_path)
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        data.load_shokri_csv(tmp_path / "nothing-here")
+    _raises_at(tmp_path, 1, "directory", data.load_shokri_csv, tmp_path)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def _cache_files(directory: Path):
+    return sorted(p for p in directory.iterdir() if p.name.endswith(".npz"))
+
+
+def test_cache_second_load_skips_the_parser(tmp_path, monkeypatch):
+    x, y = _small()
+    (tmp_path / "src").mkdir()
+    path = _write(tmp_path / "src" / "dataset_toy", _shokri_text(x, y))
+    cache = tmp_path / "cache"
+    first = data.load_shokri_csv(path, cache_dir=cache)
+    files = _cache_files(cache)
+    assert len(files) == 1 and files[0].name.startswith("dataset_toy.oni-")
+    assert [p.name for p in cache.iterdir()] == [files[0].name]  # no temporary files left
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed again although a valid cache exists")
+    monkeypatch.setattr(data, "_parse_file", no_parsing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_same(data.load_shokri_csv(path, cache_dir=cache), first)
+    assert first.name == "dataset_toy"
+
+
+def test_cache_is_rebuilt_when_the_source_changes(tmp_path):
+    x, y = _small()
+    path = _write(tmp_path / "f", _shokri_text(x, y))
+    first = data.load_shokri_csv(path, cache_dir=tmp_path / "c")
+    x2 = 1 - x
+    _write(path, _shokri_text(x2, y))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second = data.load_shokri_csv(path, cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(second.x.numpy(), x2)
+    assert not torch.equal(first.x, second.x)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped-byte", "rewritten-x",
+                                    "other-key"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, damage):
+    rng = np.random.default_rng(2)
+    x = (rng.random((300, 50)) < 0.3).astype(np.float32)
+    path = _write(tmp_path / "f", _shokri_text(x, rng.integers(0, 5, 300)))
+    cache = tmp_path / "c"
+    good = data.load_shokri_csv(path, cache_dir=cache)
+    (cached,) = _cache_files(cache)
+    blob = bytearray(cached.read_bytes())
+    if damage == "garbage":
+        blob = bytearray(b"not an npz at all")
+    elif damage == "truncated":
+        blob = blob[:len(blob) // 2]
+    elif damage == "flipped-byte":
+        start = blob.index(b"\x00\x01") if b"\x00\x01" in blob else len(blob) // 3
+        blob[start] ^= 0x01  # inside x's data
+    elif damage == "rewritten-x":  # a valid zip whose x no longer matches its checksum
+        with np.load(cached) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        arrays["x"] = arrays["x"].copy()
+        arrays["x"][0, 0] = 1 - arrays["x"][0, 0]
+        out = io.BytesIO()
+        np.savez(out, **arrays)
+        blob = bytearray(out.getvalue())
+    else:  # a valid file written for another source
+        other = _write(tmp_path / "g", _shokri_text(x[:5], [0, 1, 2, 3, 4]))
+        data.load_shokri_csv(other, cache_dir=tmp_path / "other")
+        blob = bytearray(_cache_files(tmp_path / "other")[0].read_bytes())
+    cached.write_bytes(bytes(blob))
+    why = {"rewritten-x": "checksum mismatch", "other-key": "another source"}.get(damage, "")
+    with pytest.warns(UserWarning, match=f"ignoring the cache file.*{why}"):
+        again = data.load_shokri_csv(path, cache_dir=cache)
+    _assert_same(again, good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt: trusted again
+        _assert_same(data.load_shokri_csv(path, cache_dir=cache), good)
+
+
+def test_default_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "xdg" / "oni"
+    x, y = _small()
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    data.load_shokri_csv(_write(writable / "f", _shokri_text(x, y)))
+    assert len(_cache_files(writable)) == 1  # beside the source
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    src = _write(readonly / "f", _shokri_text(x, y))
+    readonly.chmod(0o555)
+    try:
+        ds = data.load_shokri_csv(src)
+    finally:
+        readonly.chmod(0o755)
+    assert _cache_files(readonly) == []  # a read-only directory stays clean, even for root
+    assert len(_cache_files(tmp_path / "xdg" / "oni")) == 1
+    assert ds.n == 12
+
+
+def test_uncacheable_location_warns_but_loads(tmp_path):
+    x, y = _small()
+    path = _write(tmp_path / "f", _shokri_text(x, y))
+    not_a_dir = _write(tmp_path / "file", "x")
+    with pytest.warns(UserWarning, match="could not cache"):
+        ds = data.load_shokri_csv(path, cache_dir=not_a_dir)
+    np.testing.assert_array_equal(ds.x.numpy(), x)
+
+
+# ----------------------------------------------------------------------------- Texas100
+
+def _texas_files(x, y):
+    feats = "\n".join(",".join(str(int(v)) for v in row) for row in x) + "\n"
+    labels = "\n".join(str(v) for v in y) + "\n"
+    return feats, labels
+
+
+def test_texas_directory_and_archive(tmp_path):
+    x, y = _small(n=15, d=9, labels=(100, 4, 27))
+    feats, labels = _texas_files(x, y)
+    folder = tmp_path / "texas" / "100"
+    folder.mkdir(parents=True)
+    _write(folder / "feats", feats)
+    _write(folder / "labels", labels)
+    ds = data.load_texas(folder, cache_dir=tmp_path / "c")
+    assert (ds.n, ds.d, ds.k, ds.name) == (15, 9, 3, "texas100")
+    np.testing.assert_array_equal(ds.x.numpy(), x)
+    assert ds.classes == (4, 27, 100)
+    np.testing.assert_array_equal(np.asarray(ds.classes)[ds.y.numpy()], y)
+    archive = _tar(tmp_path / "dataset_texas.tgz", {"texas/100/feats": feats,
+                                                    "texas/100/labels": labels})
+    from_archive = data.load_texas(archive, cache_dir=tmp_path / "c")
+    _assert_same(from_archive, ds)
+    assert from_archive.name == "dataset_texas"
+    _assert_same(data.load_texas(archive, cache_dir=tmp_path / "c"), ds)  # from the cache
+
+
+def test_texas_bad_files(tmp_path):
+    x, y = _small(n=6, d=4)
+    feats, labels = _texas_files(x, y)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    _write(folder / "feats", feats)
+    _write(folder / "labels", "\n".join(labels.splitlines()[:5]) + "\n")
+    _raises_at(folder / "labels", 6, "ends after 5 records", data.load_texas, folder,
+               cache_dir=tmp_path / "c1")
+    _write(folder / "labels", labels.replace("7\n", "7,1\n"))
+    _raises_at(folder / "labels", 1, "fields", data.load_texas, folder, cache_dir=tmp_path / "c2")
+    _write(folder / "labels", labels.replace("12\n", "12.5\n", 1))
+    _raises_at(folder / "labels", 3, "not a whole number", data.load_texas, folder,
+               cache_dir=tmp_path / "c3")
+    _write(folder / "labels", labels)
+    _write(folder / "feats", feats.replace("\n", ",0\n", 1))
+    _raises_at(folder / "feats", 2, "ragged", data.load_texas, folder, cache_dir=tmp_path / "c4")
+    (folder / "labels").unlink()
+    with pytest.raises(FileNotFoundError, match="labels"):
+        data.load_texas(folder)
+    archive = _tar(tmp_path / "t.tgz", {"texas/100/feats": feats})
+    _raises_at(archive, 1, "'labels'", data.load_texas, archive)
+
+
+# ----------------------------------------------------------------------------- npz, arrays
+
+def test_npz_round_trip_and_raw_labels(tmp_path):
+    x, y = _small()
+    ds = data.from_arrays(x, y, name="toy")
+    data.save_npz(ds, tmp_path / "toy.npz")
+    _assert_same(data.load_npz(tmp_path / "toy.npz"), ds)
+    assert data.load_npz(tmp_path / "toy.npz").name == "toy"
+    np.savez(tmp_path / "raw.npz", x=x * 0.5, y=y)  # raw labels, non-integer features
+    raw = data.load_npz(tmp_path / "raw.npz")
+    assert raw.classes == (3, 7, 12) and raw.name == "raw"
+    np.testing.assert_array_equal(raw.x.numpy(), x * 0.5)
+    named = data.from_arrays(x, np.array(["b", "a", "c"] * 4))
+    data.save_npz(named, tmp_path / "named.npz")
+    assert data.load_npz(tmp_path / "named.npz").classes == ("a", "b", "c")
+
+
+def test_npz_bad_files(tmp_path):
+    x, y = _small()
+    np.savez(tmp_path / "no_y.npz", x=x)
+    with pytest.raises(DataError, match=r"no_y\.npz.*'y'"):
+        data.load_npz(tmp_path / "no_y.npz")
+    np.savez(tmp_path / "range.npz", x=x, y=np.arange(12), classes=np.array([1, 2]))
+    with pytest.raises(DataError, match=r"range\.npz.*row 2 is 2"):
+        data.load_npz(tmp_path / "range.npz")
+    np.savez(tmp_path / "nan.npz", x=np.full((3, 2), np.nan), y=np.arange(3))
+    with pytest.raises(DataError, match=r"nan\.npz.*finite"):
+        data.load_npz(tmp_path / "nan.npz")
+    np.savez(tmp_path / "rows.npz", x=x, y=np.zeros(5, np.int64), classes=np.array([1]))
+    with pytest.raises(DataError, match=r"rows\.npz.*one class index per row"):
+        data.load_npz(tmp_path / "rows.npz")
+    _write(tmp_path / "junk.npz", b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match=r"junk\.npz.*not a readable"):
+        data.load_npz(tmp_path / "junk.npz")
+
+
+def test_from_arrays(tmp_path):
+    x, y = _small()
+    a = data.from_arrays(torch.from_numpy(x).double(), torch.from_numpy(y))
+    b = data.from_arrays(x.tolist(), (y * 1.0).tolist(), name="lists")
+    _assert_same(a, b)
+    assert a.name == "arrays" and b.name == "lists" and isinstance(a.classes[0], int)
+    with pytest.raises(ValueError, match="2-D"):
+        data.from_arrays(x[0], y[:1])
+    with pytest.raises(ValueError, match="one label per row"):
+        data.from_arrays(x, y[:-1])
+    with pytest.raises(ValueError, match="finite"):
+        data.from_arrays(np.where(x > 0, np.inf, 0), y)
+    with pytest.raises(ValueError, match="whole-number"):
+        data.from_arrays(x, y + 0.5)
+    with pytest.raises(TypeError, match="numbers"):
+        data.from_arrays(np.array([["a"]]), [1])
+    with pytest.raises(ValueError, match="no rows"):
+        data.from_arrays(np.zeros((0, 3)), [])
+
+
+def test_load_dataset_dispatch(tmp_path):
+    x, y = _small()
+    csv = _write(tmp_path / "p.csv", _shokri_text(x, y))
+    ref = data.load_dataset(csv, cache_dir=tmp_path / "c")
+    assert ref.name == "p"
+    data.save_npz(ref, tmp_path / "p.npz")
+    _assert_same(data.load_dataset(tmp_path / "p.npz"), ref)
+    _assert_same(data.load_dataset(_tar(tmp_path / "p.tgz", {"p": _shokri_text(x, y)}),
+                                   cache_dir=tmp_path / "c"), ref)
+    feats, labels = _texas_files(x, y)
+    folder = tmp_path / "tex"
+    folder.mkdir()
+    _write(folder / "feats", feats)
+    _write(folder / "labels", labels)
+    _assert_same(data.load_dataset(folder, cache_dir=tmp_path / "c"), ref)
+    archive = _tar(tmp_path / "tex.tgz", {"t/feats": feats, "t/labels": labels})
+    _assert_same(data.load_dataset(archive, cache_dir=tmp_path / "c"), ref)
+    _assert_same(data.load_dataset(csv, format="shokri", cache_dir=tmp_path / "c"), ref)
+    with pytest.raises(ValueError, match="format must be one of"):
+        data.load_dataset(csv, format="csv")
+    with pytest.raises(FileNotFoundError):
+        data.load_dataset(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- Dataset
+
+def test_dataset_checks_and_subset():
+    x, y = torch.rand(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    ds = data.Dataset(x, y, ("a", "b", "c"), "toy")
+    sub = ds.subset(torch.tensor([5, 0]))
+    assert (sub.n, sub.d, sub.k, sub.classes, sub.name) == (2, 3, 3, ("a", "b", "c"), "toy")
+    assert torch.equal(sub.x, x[[5, 0]]) and sub.y.tolist() == [2, 0]
+    only_a = ds.subset(y == 0)
+    assert only_a.k == 3 and only_a.n == 2  # k is the data set's, not the subset's
+    assert "n=6, d=3, k=3" in repr(ds)
+    with pytest.raises(ValueError, match="float32"):
+        data.Dataset(x.double(), y, ("a", "b", "c"))
+    with pytest.raises(ValueError, match="int64"):
+        data.Dataset(x, y.int(), ("a", "b", "c"))
+    with pytest.raises(ValueError, match="class indices"):
+        data.Dataset(x, y, ("a", "b"))
+    with pytest.raises(ValueError, match="bool mask"):
+        ds.subset(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="integer indices"):
+        ds.subset(torch.tensor([0.0]))
+
+
+# ----------------------------------------------------------------------------- Location30
+
+@pytest.mark.skipif(not LOCATION30.is_file(), reason=f"the real Location30 file is not at "
+                    f"{LOCATION30} (only the development machines have it)")
+def test_real_location30(tmp_path):
+    ds = data.load_shokri_csv(LOCATION30, cache_dir=tmp_path)
+    assert (ds.n, ds.d, ds.k) == (5010, 446, 30)
+    assert ds.classes == tuple(range(1, 31))
+    assert set(torch.unique(ds.x).tolist()) == {0.0, 1.0}
+    ones = ds.x.sum(1)
+    assert ones.min() == 21 and ones.max() == 205  # data/README.md
+    counts = torch.bincount(ds.y, minlength=30)
+    assert counts.min() == 97 and counts.max() == 308
+    _assert_same(data.load_dataset(LOCATION30, cache_dir=tmp_path), ds)  # cached
+    splits = data.make_splits(ds, seed=0)
+    assert splits.preset == "proportional"
+    assert splits.sizes() == {"train": 1112, "test": 1112, "known": 556, "target": 556,
+                              "target_members": 278, "target_nonmembers": 278,
+                              "shadow_pool": 2508}
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _blank(n: int, d: int = 2, k: int = 100) -> data.Dataset:
+    return data.Dataset(torch.zeros(n, d), torch.arange(n) % k, tuple(range(k)), "blank")
+
+
+def _check_membership(splits: data.Splits, n: int):
+    sets = {name: set(getattr(splits, name).tolist())
+            for name in ("train", "test", "known", "target", "shadow_pool")}
+    for name, idx in sets.items():
+        assert len(idx) == len(getattr(splits, name)), f"{name} repeats rows"
+        assert all(0 <= i < n for i in idx)
+    members = set(splits.target[splits.target_member].tolist())
+    outsiders = set(splits.target[~splits.target_member].tolist())
+    assert len(members) == len(outsiders)  # equal numbers
+    assert sets["known"] <= sets["train"]
+    assert members <= sets["train"] - sets["known"]
+    for a, b in [("train", "test"), ("train", "shadow_pool"), ("test", "shadow_pool")]:
+        assert not sets[a] & sets[b], f"{a} and {b} overlap"
+    assert not outsiders & (sets["train"] | sets["test"] | sets["shadow_pool"])
+    assert splits.target_member.dtype == torch.bool
+    assert all(getattr(splits, name).dtype == torch.int64 for name in sets)
+
+
+def test_splits_membership_definitions_hold():
+    splits = data.make_splits(_blank(5010), seed=3)
+    _check_membership(splits, 5010)
+    # members are shuffled among the target rows, not all first
+    assert 0 < splits.target_member[:len(splits.target) // 2].sum() < len(splits.target) // 2
+
+
+def test_splits_presets_and_sizes():
+    paper = data.make_splits(_blank(85_000), preset="purchase100")
+    assert paper.sizes() == {"train": 20_000, "test": 20_000, "known": 10_000,
+                             "target": 10_000, "target_members": 5_000,
+                             "target_nonmembers": 5_000, "shadow_pool": 40_000}
+    _check_membership(paper, 85_000)
+    texas = data.make_splits(_blank(67_330), preset="texas100", seed=1)
+    assert (texas.sizes()["train"], texas.sizes()["known"], texas.sizes()["shadow_pool"]) == \
+        (10_000, 5_000, 67_330 - 22_500)
+    # auto: the paper's sizes for Purchase100's shape when they fit, proportional otherwise
+    purchase_shaped = data.Dataset(torch.zeros(85_000, 600), torch.arange(85_000) % 100,
+                                   tuple(range(100)))
+    assert data.make_splits(purchase_shaped).preset == "purchase100"
+    assert data.make_splits(purchase_shaped.subset(torch.arange(84_999))).preset == \
+        "proportional"
+    assert data.make_splits(_blank(85_000)).preset == "proportional"  # d = 2
+    assert data.make_splits(_blank(18)).sizes()["train"] == 4
+
+
+def test_splits_deterministic_per_seed():
+    ds = _blank(3000)
+    a, b, c = (data.make_splits(ds, seed=s) for s in (7, 7, 8))
+    for name in ("train", "test", "known", "target", "target_member", "shadow_pool"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.train, c.train) and not torch.equal(a.target, c.target)
+    assert a.sizes() == c.sizes()
+
+
+def test_splits_custom_sizes_and_errors():
+    ds = _blank(1000)
+    custom = data.make_splits(ds, sizes={"train": 200, "test": 100, "known": 50, "target": 60,
+                                         "shadow_pool": 300})
+    assert custom.preset == "custom"
+    assert custom.sizes() == {"train": 200, "test": 100, "known": 50, "target": 60,
+                              "target_members": 30, "target_nonmembers": 30,
+                              "shadow_pool": 300}
+    _check_membership(custom, 1000)
+    # partial overrides keep the rest of the rule
+    partial = data.make_splits(ds, preset="proportional", sizes={"known": 10})
+    assert partial.sizes()["known"] == 10 and partial.sizes()["train"] == 220
+    with pytest.raises(ValueError, match="85000 rows"):
+        data.make_splits(ds, preset="purchase100")
+    with pytest.raises(ValueError, match="1100"):
+        data.make_splits(ds, sizes={"train": 500, "test": 500, "known": 0, "target": 200,
+                                    "shadow_pool": 0})
+    with pytest.raises(ValueError, match="even"):
+        data.make_splits(ds, sizes={"target": 7})
+    with pytest.raises(ValueError, match="must fit in train"):
+        data.make_splits(ds, sizes={"train": 100, "known": 90, "target": 40})
+    with pytest.raises(ValueError, match="unknown size keys"):
+        data.make_splits(ds, sizes={"validation": 5})
+    with pytest.raises(ValueError, match="preset must be one of"):
+        data.make_splits(ds, preset="location30")
+    with pytest.raises(ValueError, match="at least 18"):
+        data.make_splits(_blank(17))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        data.make_splits(ds, seed=1.5)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def test_synthetic_purchase_shape_density_and_seed():
+    a = data.synthetic_purchase(4000, seed=0)
+    assert (a.n, a.d, a.k, a.name) == (4000, 600, 100, "synthetic-purchase")
+    assert a.classes == tuple(range(100))
+    assert set(torch.unique(a.x).tolist()) == {0.0, 1.0}
+    assert abs(a.x.mean().item() - 0.1) < 0.003  # Purchase-like density
+    assert torch.bincount(a.y, minlength=100).min() > 10  # every class present
+    b = data.synthetic_purchase(4000, seed=0)
+    _assert_same(a, b)
+    c = data.synthetic_purchase(4000, seed=1)
+    assert not torch.equal(a.x, c.x) and not torch.equal(a.y, c.y)
+    small = data.synthetic_purchase(50, d=20, k=3, seed=2)
+    assert (small.n, small.d, small.k) == (50, 20, 3)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        data.synthetic_purchase(0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        data.synthetic_purchase(10, k=2.0)
+
+
+def test_synthetic_purchase_is_learnable_but_not_trivial():
+    """Class structure is real (a nearest-prototype rule beats chance by far) but rows are
+    noisy (it stays well below 1): the cheap half of the overfitting claim."""
+    ds = data.synthetic_purchase(6000, seed=0)
+    x, y = ds.x[:5000], ds.y[:5000]
+    means = torch.zeros(100, 600).index_add_(0, y, x) / torch.bincount(y, minlength=100)[:, None]
+    pred = (ds.x[5000:] @ means.T.log().clamp(min=-20) +
+            (1 - ds.x[5000:]) @ (1 - means.T).log().clamp(min=-20)).argmax(1)
+    acc = (pred == ds.y[5000:]).float().mean().item()
+    assert 0.3 < acc < 0.8, acc
+
+
+@pytest.mark.slow
+def test_synthetic_purchase_overfits_the_paper_mlp():
+    """The paper's undefended MLP fits every training row and generalizes much worse
+    (the gap membership inference feeds on); settings in synthetic_purchase's docstring."""
+    torch.manual_seed(0)
+    ds = data.synthetic_purchase(10_000, seed=0)
+    x, y, x_test, y_test = ds.x[:5000], ds.y[:5000], ds.x[5000:], ds.y[5000:]
+    layers, width = [], 600
+    for h in (1024, 512, 256, 128):
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    model = nn.Sequential(*layers, nn.Linear(width, 100))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        for idx in torch.randperm(5000, generator=gen).split(128):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        train_acc = (model(x).argmax(1) == y).float().mean().item()
+        test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert train_acc > 0.98, train_acc
+    assert 0.4 < test_acc < 0.75, test_acc
+    assert train_acc - test_acc > 0.25
