@@ -151,7 +151,7 @@ def test_shapley_gpu(benchmark, shapley_case, backend, precision):
           f"err {error:.2e}, {tflops:.1f} TFLOP/s ({100 * tflops / peak:.0f}% of {peak:.0f})")
 
 
-def test_shapley_stages_and_tail_batch(shapley_case):
+def test_shapley_stages_and_tail_batch(benchmark, shapley_case):
     """Where the time goes (walk kernel, tail GEMMs, accumulation; one chunk, events) and
     the CUDA tail batch (rows per pass through layers 2-5) swept, kernel/tf32."""
     import oni
@@ -190,7 +190,8 @@ def test_shapley_stages_and_tail_batch(shapley_case):
             torch.cuda.synchronize()
 
         once()
-        once()
+        benchmark.group = f"shapley stages d={d}"
+        benchmark.pedantic(once, rounds=1, iterations=1)
     ms = {k: b.elapsed_time(e) for k, (b, e) in stages.items()}
     gb = total * (model[0].out_features * 4 * 2) / 1e9  # pre written once and read once
     print(f"\n[gpu] d={d} stages for {n} inputs ({total} steps): " +

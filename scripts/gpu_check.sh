@@ -105,6 +105,17 @@ fi
 command -v nvcc >/dev/null || export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
 nvcc --version | tail -n 2 || true
 
+# One C++ toolchain for compiling and linking, matching the libstdc++ that torch runs with:
+# seen on the lent H100 image, sources compiled with /opt/gcc's g++ (CXX) but linked with the
+# system g++ crashed in libstdc++'s ostream code inside oni/_C.so on every error message.
+runtime_stdcxx="$("$python" -c "import torch
+print(next((l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l), ''))")"
+echo "libstdc++ loaded with torch: ${runtime_stdcxx:-none}; CXX=${CXX:-unset}; CC=${CC:-unset}"
+if [[ -z "${ONI_KEEP_CXX:-}" && "$runtime_stdcxx" == /usr/lib* && -x /usr/bin/g++ ]]; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+  echo "building with the system compiler: $("$CXX" --version | head -n 1)"
+fi
+
 # --- 1. build (CUDA kernels required), 2. build info
 built=0
 QUIET=1

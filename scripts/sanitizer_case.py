@@ -52,8 +52,9 @@ def check(name, got, want, exact=False):
     for g, w in zip(got, want):
         if exact:
             ok = torch.equal(g, w)
-        else:
-            ok = torch.allclose(g.double(), w.double(), rtol=1e-5, atol=1e-6)
+        else:  # float32: GPU and CPU sum in different orders (the walk origins' matmul)
+            tol = 1e-10 if g.dtype == torch.float64 else 1e-4
+            ok = torch.allclose(g.double(), w.double(), rtol=tol, atol=tol)
         if not ok:
             raise SystemExit(f"[sanitizer case] MISMATCH in {name}")
     print(f"[sanitizer case] ok: {name}", flush=True)
