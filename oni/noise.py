@@ -201,6 +201,7 @@ def optimal_noise(
     max_iter: int = 100,
     refine_iter: int = 16,
     starts: int = 4,
+    rescue_starts: int = 16,
     seed: int = 0,
     backend: str = "auto",
     shapley_kwargs: Optional[dict] = None,
@@ -237,6 +238,9 @@ def optimal_noise(
         starts: starting points per row (>= 1): ``eta = 0``, ``eta = 0`` on the spread
             objective, then seeded random points of the box ∩ ball; the smallest feasible
             result wins.
+        rescue_starts: rows still infeasible after that are solved again from this many
+            fresh random points (>= 0; 0 turns the rescue off). H is not concave, and more
+            starts find feasible points that the first ones miss; only those rows pay.
         seed: seed of the random starts, and of the Shapley walks when ``phi`` is None.
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
         shapley_kwargs: extra arguments for :func:`oni.shapley_values`.
@@ -254,6 +258,7 @@ def optimal_noise(
     max_iter = _check_int(max_iter, "max_iter", 1)
     refine_iter = _check_int(refine_iter, "refine_iter", 0)
     starts = _check_int(starts, "starts", 1)
+    rescue_starts = _check_int(rescue_starts, "rescue_starts", 0)
     seed = _check_int(seed, "seed", 0)
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     ops = _ops if use_kernel else reference
@@ -286,6 +291,21 @@ def optimal_noise(
                          budget, radius, tau, max_iter, refine_iter, starts, seed)
              for lo in range(0, n, batch)]
     eta, entropy, feasible, iterations = (torch.cat(p) for p in zip(*parts))
+    if rescue_starts > 0 and not feasible.all():
+        # the rescue: random starts only (the two zero starts would repeat themselves), with
+        # a seed disjoint from the first pass's
+        stuck = (~feasible).nonzero()[:, 0]
+        batch = max(1, _ROW_BATCH // rescue_starts)
+        parts = [_solve_rows(oracle, stuck[lo:lo + batch], budget, radius, tau, max_iter,
+                             4 * refine_iter, rescue_starts, seed + 0x9E3779B9,
+                             zero_starts=False)
+                 for lo in range(0, len(stuck), batch)]
+        r_eta, r_entropy, r_feasible, r_iterations = (torch.cat(p) for p in zip(*parts))
+        iterations[stuck] += r_iterations
+        better = r_feasible | (r_entropy > entropy[stuck])
+        eta[stuck] = torch.where(better[:, None], r_eta, eta[stuck])
+        entropy[stuck] = torch.where(better, r_entropy, entropy[stuck])
+        feasible[stuck] = r_feasible
     if not feasible.all():
         warnings.warn(f"{int((~feasible).sum())} of {n} rows cannot reach entropy tau = "
                       f"{tau:.4f} inside their budget box and radius ball: flagged infeasible "
@@ -295,13 +315,15 @@ def optimal_noise(
 
 
 def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Tensor,
-                tau: float, max_iter: int, refine_iter: int, starts: int, seed: int):
+                tau: float, max_iter: int, refine_iter: int, starts: int, seed: int,
+                zero_starts: bool = True):
     """The solver on one batch of rows: (eta, entropy, feasible, iterations).
 
     Every row is solved from ``starts`` points (eta = 0; eta = 0 on the spread objective;
     then seeded random points of the box ∩ ball) because H is not concave: an ascent from
     one point can stall on a ridge (e.g. a two-class boundary, H = log 2) below tau. The smallest feasible solution wins;
-    rows with none keep their highest-entropy point.
+    rows with none keep their highest-entropy point. ``zero_starts=False``: random starts
+    only (the rescue pass).
     """
     ops, x = oracle.ops, oracle.x
     m, d = len(rows), x.shape[1]
@@ -310,6 +332,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     gen = torch.Generator(device=x.device).manual_seed(seed)
     eta = (torch.rand((len(rep), d), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * u
     start = torch.arange(len(rep), device=x.device) % starts
+    if not zero_starts:
+        start = start + 2
     # the second start of each row climbs the spread objective (see _EntropyOracle)
     spread = start == 1
     everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
@@ -319,6 +343,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     feasible = entropy >= tau
     # a row whose x already meets tau is done at eta = 0: none of its starts move
     done = feasible.reshape(m, starts)[:, 0].repeat_interleave(starts)
+    if not zero_starts:  # start 0 is a random point here, not eta = 0
+        done = torch.zeros_like(done)
     feasible |= done
     eta = torch.where(done[:, None], 0.0, eta)
     iterations = torch.zeros(len(rep), dtype=torch.long, device=x.device)

@@ -534,6 +534,11 @@ def test_optimal_noise_against_slsqp(d, seed, scale, eps, tau_fraction):
 #     tau_fraction=0.4 (tau = 0.644): row 9 reaches
 #     H = 0.513 with the default 4 starts while SLSQP finds a feasible point of norm 0.974
 #     (starts=16 finds one of norm 1.16, starts=64 of norm 1.04).
+#     With the rescue pass (rows still infeasible get ``rescue_starts`` fresh random starts),
+#     measured 2026-11-23 against the 4-start SLSQP reference: (a) 6/8 flags agree with the
+#     default 16 rescue starts, 7/8 with 64; (b) 15/16 with 16, 16/16 with 64, but the rescued
+#     rows land in another basin of the level set (norm ratio up to 1.23), so the 5% norm bar
+#     still fails: these stay xfail.
 @pytest.mark.xfail(strict=False, reason=(
     "known limitation: local multi-start ascent on a non-concave H misses feasible points "
     "(tau > log 2 two-class ridges; local maxima of H in the box); see the comment above"))
@@ -546,6 +551,27 @@ def test_optimal_noise_hard_cases(d, seed, scale, eps, tau_fraction, n):
     model, x, phi = _mlp_problem(d, seed=seed, scale=scale, n=n)
     res = oni.optimal_noise(model, x, phi, tau_fraction=tau_fraction, eps=eps, beta=0.5)
     _check_against_reference(model, x, res, starts=4)
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_rescue_starts_find_the_feasible_rows_the_first_pass_missed():
+    """Hard case (b): the first pass misses feasible rows; 64 rescue starts find a feasible
+    point on every row where the SLSQP reference finds one (flags only: see the xfail)."""
+    model, x, phi = _mlp_problem(12, seed=1, scale=2.0, n=16)
+    kwargs = dict(tau_fraction=0.4, eps=0.5, beta=0.5)
+    first = oni.optimal_noise(model, x, phi, **kwargs, rescue_starts=0)
+    res = oni.optimal_noise(model, x, phi, **kwargs, rescue_starts=64)
+    assert res.feasible.sum() > first.feasible.sum()
+    assert (res.feasible | ~first.feasible).all()  # never loses a feasible row
+    assert (res.eta.abs() <= res.budget + 1e-9).all()
+    assert (res.norm <= res.radius * (1 + 1e-9)).all()
+    for i in range(len(x)):
+        ref = _slsqp_reference(model, x[i].numpy(), res.budget[i].numpy(),
+                               res.radius[i].item(), res.tau, starts=4,
+                               extra_start=res.eta[i].numpy() if res.feasible[i] else None)
+        assert bool(res.feasible[i]) == (ref is not None), f"row {i}"
+    with pytest.raises(ValueError, match="rescue_starts"):
+        oni.optimal_noise(model, x, phi, **kwargs, rescue_starts=-1)
 
 
 @pytest.fixture(scope="module")
