@@ -1,0 +1,862 @@
+"""Membership inference attacks: shadow-model, metric-based and LiRA, plain or adaptive.
+
+Every attack scores the rows of ``splits.target`` against a target model it can only query
+(``target.predict_proba``, what a :class:`oni.defenses.DefendedModel` exposes), and returns
+an :class:`AttackResult` whose scores are **higher for "more likely a member"** (the
+convention of :mod:`oni.metrics`), aligned with ``splits.target``.
+
+Threat model (DESIGN.md, "Attacks and metrics")
+------------------------------------------------
+The adversary knows the target's architecture and training recipe (the ``TrainConfig``),
+holds population data (``splits.shadow_pool``: rows the target never trained on) and part
+of the training set (``splits.known``), and knows the labels of the rows it attacks. It
+never sees ``splits.train`` beyond ``known``, ``splits.test``, or ``splits.target_member``.
+
+**Adaptive attacks** (the paper's threat model: the attacker knows the defense): with
+``defense=(name, config)`` every shadow model is trained with
+``oni.defenses.defend(name, ..., config=config)``, i.e. with the same defense as the target,
+and queried through its ``predict_proba`` (so inference-time defenses such as DynaNoise are
+applied to the shadows' outputs too). ``defense=None`` trains the shadows undefended.
+
+The attacks (``ATTACKS``)
+-------------------------
+* ``"shadow"`` (Shokri et al. 2017; Salem et al. 2019; the attack model of Nasr et al.
+  2018): shadow model(s) trained like the target on half of a random split of the shadow
+  pool (its members), the other half being its non-members. The attack model has three fully
+  connected subnets: one on the prediction vector, one on the one-hot label, and one on the
+  concatenation of their outputs, ending in one member logit. Weights ``N(0, 0.01)`` (read as
+  standard deviation 0.01, as in Nasr et al.'s code), zero biases, Adam lr 1e-3, binary
+  cross-entropy. It is trained on the shadows' (prediction, label, in/out) triples; the score
+  of a target row is the attack model's member probability on ``target.predict_proba``.
+* ``"metric_*"`` (Song & Mittal 2021): a value per row, oriented so that higher means member:
+  ``correctness`` (1 if the predicted class is the label, else 0), ``confidence`` (``p_y``),
+  ``entropy`` (``-H(p)``), ``modified_entropy`` (``-Mentr(p, y)``,
+  ``Mentr = -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i)``) and ``loss``
+  (``log p_y``, minus the cross-entropy). Class-wise thresholds ``tau_c`` are fitted on the
+  shadow model's outputs on its members and non-members (per class, the value maximising the
+  balanced accuracy of "member iff value >= tau_c"; classes lacking members or non-members in
+  the fitting data use the threshold fitted on all classes). The score is the **margin to the
+  threshold of the row's class**, ``value - tau_y``: positive means "member" by the class-wise
+  rule, and margins of different classes are comparable since they are in the value's units.
+  ``correctness`` needs no threshold: its score is the 0/1 value itself.
+* ``"lira_online"`` / ``"lira_offline"`` (Carlini et al. 2022): ``K`` shadow models, in
+  complementary pairs, each trained on one half of a pool of ``2m`` rows (model ``2i`` on a
+  random half, model ``2i + 1`` on the other half), so every pool row is a member of exactly
+  ``K / 2`` shadows and every shadow trains on ``m`` rows. Online, the pool holds the target
+  rows plus shadow-pool rows; offline, shadow-pool rows only. The statistic is the
+  logit-scaled confidence ``phi = log p_y - log sum_{i != y} p_i`` (computed from the
+  probabilities in float64, the sum taken over the other classes directly rather than as
+  ``1 - p_y``, each term floored at ``1e-45``). Per target row, Gaussians are fitted to the
+  shadows' ``phi`` where the row was in (online) and out; the score is the log likelihood
+  ratio ``log N(phi; mu_in, s_in^2) - log N(phi; mu_out, s_out^2)`` online, and the one-sided
+  test ``log Pr[Z <= phi]``, ``Z ~ N(mu_out, s_out^2)`` (i.e. ``log(1 - p-value)``) offline.
+  With few shadows the per-row variances are unreliable; ``global_variance`` (default: when
+  ``K < 64``, as the paper advises) uses one variance for all rows: the pooled within-row
+  variance of the shadows' ``phi``.
+
+Calibration (for choosing a threshold, :func:`oni.metrics.attack_report`)
+--------------------------------------------------------------------------
+``AttackResult.calibration`` holds ``(scores, is_member)`` on data the adversary owns: for the
+shadow and metric attacks, a held-out ``calibration_fraction`` of each shadow's members and
+non-members (not used to fit the attack model or the thresholds); for LiRA, shadow model 0
+plays the target: the pool rows are scored against it with Gaussians fitted on the other
+``K - 1`` shadows (leave-one-out), their membership being known to the adversary.
+
+Seeds: every random choice (pool splits, shadow seeds, attack-model initialisation and batch
+order) follows from ``seed`` through named derived seeds; the shadow and metric attacks share
+their shadow models for the same ``seed`` and settings, so :func:`run_attacks` trains them
+once and gives the same results as separate :func:`run_attack` calls.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import Dataset, Splits
+from .models import MLP, _resolve_device
+from .shadows import predict_logits_batched, train_mlps_batched
+from .train import TrainConfig, _check_config, _derived_seed, predict_proba
+
+__all__ = ["AttackResult", "ATTACKS", "DEFAULTS", "METRICS", "metric_values", "run_attack",
+           "run_attacks", "scaled_logit"]
+
+METRICS = ("correctness", "confidence", "entropy", "modified_entropy", "loss")
+ATTACKS = ("shadow", *(f"metric_{m}" for m in METRICS), "lira_offline", "lira_online")
+
+#: settings of the shadow models behind the shadow and metric attacks (shared by them)
+_REFERENCE_DEFAULTS: Dict[str, Any] = {
+    "n_shadows": 1,             # shadow models; their data are pooled
+    "shadow_size": None,        # rows per shadow model; None: the target's training-set
+                                # size, capped at half the shadow pool
+    "calibration_fraction": 0.2,  # share of each shadow's members and non-members held out
+    "fit_on": "shadow",         # "shadow": shadow models' outputs; "known": the target's own
+                                # outputs on splits.known (members) and shadow-pool rows
+    "hidden": None,             # shadow architecture; None: the target model's (an MLP)
+}
+_ATTACK_NET_DEFAULTS: Dict[str, Any] = {
+    "prediction_widths": (1024, 512, 64),  # subnet on the prediction vector
+    "label_widths": (512, 64),             # subnet on the one-hot label
+    "combined_widths": (256, 64),          # subnet on their concatenation (then 1 logit)
+    "weight_std": 0.01,
+    "attack_epochs": 30,
+    "attack_batch_size": 128,
+    "attack_lr": 1e-3,
+}
+_LIRA_DEFAULTS: Dict[str, Any] = {
+    "n_shadows": 16,            # K, even (complementary pairs), >= 4
+    "shadow_size": None,        # m rows per shadow; None: the target's training-set size,
+                                # capped at half the available pool
+    "global_variance": None,    # None: True when K < 64
+    "hidden": None,
+}
+
+#: every attack's settings and their defaults (``config`` overrides any of them)
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "shadow": {**_REFERENCE_DEFAULTS, **_ATTACK_NET_DEFAULTS},
+    **{f"metric_{m}": {**_REFERENCE_DEFAULTS, "thresholds": "class"} for m in METRICS},
+    "lira_offline": dict(_LIRA_DEFAULTS),
+    "lira_online": dict(_LIRA_DEFAULTS),
+}
+
+_PHI_FLOOR = 1e-45  # probabilities below this count as this (float32's smallest subnormal)
+_LOG_FLOOR = 1e-30  # probabilities are floored here inside the metric attacks' logarithms
+_MIN_VARIANCE = 1e-12  # LiRA: keeps constant shadow outputs from dividing by zero
+_PHI_MODEL_CHUNK = 8  # LiRA: shadow models evaluated at a time (bounds the [K, n, k] block)
+
+
+@dataclass
+class AttackResult:
+    """What :func:`run_attack` found.
+
+    Attributes
+    ----------
+    name : str
+        The attack (one of ``ATTACKS``).
+    scores : Tensor
+        ``[len(splits.target)]`` float64, aligned with ``splits.target``; higher = more
+        likely a member.
+    calibration : tuple of (Tensor, Tensor) or None
+        ``(scores float64 [n], is_member bool [n])`` on the adversary's own data, scored the
+        same way (see the module docstring), for threshold choice; None when
+        ``calibration_fraction`` is 0.
+    extra : dict
+        The resolved settings (``"config"``), ``"defense"`` and ``"seed"``, and attack facts:
+        ``shadow_size``, ``hidden``; shadow and metric attacks: ``shadow_train_acc`` /
+        ``shadow_test_acc`` (per shadow); metric attacks: ``thresholds`` (``[k]`` float64)
+        and ``fallback_classes``; LiRA: ``pool_size``, ``pool_rows`` (``[2m]`` row indices),
+        ``shadow_membership`` (``[K, 2m]`` bool: pool row ``i`` trained shadow ``j``),
+        ``global_variance``, ``observed_phi`` (the target's ``phi`` on the target rows).
+    """
+
+    name: str
+    scores: Tensor
+    calibration: Optional[Tuple[Tensor, Tensor]]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_widths(value, name: str) -> Tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got "
+                        f"{type(value).__name__}")
+    return tuple(_check_int(w, f"{name}[{i}]", 1) for i, w in enumerate(value))
+
+
+def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
+    """The attack's defaults overridden by ``config``, checked."""
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict of settings or None, got "
+                        f"{type(config).__name__}")
+    defaults = DEFAULTS[name]
+    unknown = sorted(str(key) for key in config if key not in defaults)
+    if unknown:
+        raise ValueError(f"config has unknown keys {unknown} for attack {name!r}; its settings "
+                         f"are {sorted(defaults)}")
+    cfg = {**defaults, **config}
+    cfg["n_shadows"] = _check_int(cfg["n_shadows"], "config['n_shadows']", 1)
+    if cfg["shadow_size"] is not None:
+        cfg["shadow_size"] = _check_int(cfg["shadow_size"], "config['shadow_size']", 1)
+    if cfg["hidden"] is not None:
+        cfg["hidden"] = _check_widths(cfg["hidden"], "config['hidden']")
+    if name.startswith("lira"):
+        k = cfg["n_shadows"]
+        if k < 4 or k % 2:
+            raise ValueError(f"config['n_shadows'] must be even and >= 4 for LiRA (shadows come "
+                             f"in complementary pairs; leave-one-out calibration needs 3 more), "
+                             f"got {k}")
+        if cfg["global_variance"] is not None and not isinstance(cfg["global_variance"], bool):
+            raise TypeError(f"config['global_variance'] must be True, False or None (auto), "
+                            f"got {cfg['global_variance']!r}")
+        return cfg
+    frac = cfg["calibration_fraction"]
+    if isinstance(frac, bool) or not isinstance(frac, numbers.Real) or not 0 <= frac < 1:
+        raise ValueError(f"config['calibration_fraction'] must be a number in [0, 1), got "
+                         f"{frac!r}")
+    cfg["calibration_fraction"] = float(frac)
+    if cfg["fit_on"] not in ("shadow", "known"):
+        raise ValueError(f"config['fit_on'] must be 'shadow' or 'known', got {cfg['fit_on']!r}")
+    if name == "shadow":
+        for key in ("prediction_widths", "label_widths", "combined_widths"):
+            cfg[key] = _check_widths(cfg[key], f"config[{key!r}]")
+        for key in ("prediction_widths", "label_widths"):
+            if not cfg[key]:
+                raise ValueError(f"config[{key!r}] needs at least one width (the subnet's "
+                                 f"output feeds the combined subnet)")
+        cfg["attack_epochs"] = _check_int(cfg["attack_epochs"], "config['attack_epochs']", 1)
+        cfg["attack_batch_size"] = _check_int(cfg["attack_batch_size"],
+                                              "config['attack_batch_size']", 1)
+        for key in ("weight_std", "attack_lr"):
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                    not math.isfinite(value) or value <= 0:
+                raise ValueError(f"config[{key!r}] must be a finite number > 0, got {value!r}")
+            cfg[key] = float(value)
+    else:
+        if cfg["thresholds"] not in ("class", "global"):
+            raise ValueError(f"config['thresholds'] must be 'class' or 'global', got "
+                             f"{cfg['thresholds']!r}")
+    return cfg
+
+
+def _check_defense(defense) -> Optional[Tuple[str, Optional[dict]]]:
+    if defense is None:
+        return None
+    if not isinstance(defense, (tuple, list)) or len(defense) != 2 or \
+            not isinstance(defense[0], str) or \
+            not (defense[1] is None or isinstance(defense[1], Mapping)):
+        raise TypeError(f"defense must be None or a (name, config dict) pair, e.g. "
+                        f"('oni', {{}}), got {defense!r}")
+    return defense[0], None if defense[1] is None else dict(defense[1])
+
+
+def _check_inputs(target, data, splits, train_config, seed) -> None:
+    if not callable(getattr(target, "predict_proba", None)):
+        raise TypeError(f"target must have a callable predict_proba (an "
+                        f"oni.defenses.DefendedModel), got {type(target).__name__}")
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be an oni.data.Dataset, got {type(data).__name__}")
+    if not isinstance(splits, Splits):
+        raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
+    _check_config(train_config)
+    _check_int(seed, "seed", 0)
+    for key in ("train", "known", "target", "shadow_pool"):
+        idx = getattr(splits, key)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= data.n):
+            raise ValueError(f"splits.{key} indexes rows up to {int(idx.max())} but data has "
+                             f"{data.n} rows: the splits belong to another data set")
+    if len(splits.target) == 0:
+        raise ValueError("splits.target is empty: there is nothing to attack")
+
+
+def _shadow_hidden(cfg, target, data: Dataset) -> Tuple[int, ...]:
+    """The shadows' hidden widths: config['hidden'], else the target model's."""
+    if cfg["hidden"] is not None:
+        return cfg["hidden"]
+    model = getattr(target, "model", None)
+    if not isinstance(model, MLP):
+        raise ValueError(f"target.model is not an oni.models.MLP ({type(model).__name__}): "
+                         f"give the shadow architecture as config['hidden']")
+    if (model.d, model.k) != (data.d, data.k):
+        raise ValueError(f"target.model maps {model.d} features to {model.k} classes but data "
+                         f"has d = {data.d}, k = {data.k}")
+    return tuple(model.hidden)
+
+
+def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> Tensor:
+    """``predict(x)`` checked to be ``[n, k]`` probabilities; float32 CPU."""
+    probs = predict(x)
+    if not isinstance(probs, Tensor) or probs.shape != (x.shape[0], k) or \
+            not probs.dtype.is_floating_point:
+        got = (f"{probs.dtype} {tuple(probs.shape)}" if isinstance(probs, Tensor)
+               else type(probs).__name__)
+        raise ValueError(f"{who}.predict_proba must return [n, k] = [{x.shape[0]}, {k}] "
+                         f"floating probabilities, got {got}")
+    probs = probs.detach().float().cpu()
+    if probs.numel() and (not torch.isfinite(probs).all() or probs.min() < 0 or
+                          (probs.sum(1) - 1).abs().max() > 1e-3):
+        raise ValueError(f"{who}.predict_proba must return probabilities (finite, >= 0, rows "
+                         f"summing to 1): got values in [{float(probs.min())}, "
+                         f"{float(probs.max())}] (logits instead of probabilities?)")
+    return probs
+
+
+# ----------------------------------------------------------------------------- shadows
+
+def _train_shadows(data: Dataset, index_sets: Tensor, seeds: List[int], hidden, train_config,
+                   defense) -> List[Callable[[Tensor], Tensor]]:
+    """Trains one shadow per row of ``index_sets`` [K, m]; returns their predict_proba.
+
+    Undefended shadows are trained together (:func:`oni.shadows.train_mlps_batched`, the same
+    models as ``train_model`` one by one); defended ones one by one with
+    ``oni.defenses.defend`` (the adaptive attacker)."""
+    if defense is None:
+        models = train_mlps_batched(data.d, data.k, hidden, index_sets, data.x, data.y,
+                                    seeds=seeds, config=train_config)
+        return [_UndefendedShadow(model) for model in models]
+    from .defenses import defend  # here: only adaptive attacks need the defenses
+
+    name, defense_config = defense
+    predictors = []
+    for idx, shadow_seed in zip(index_sets, seeds):
+        # n_classes: a shadow's rows may lack the last classes
+        defended = defend(name, data.x[idx], data.y[idx], config=defense_config,
+                          train_config=replace(train_config, seed=shadow_seed), hidden=hidden,
+                          seed=shadow_seed, n_classes=data.k)
+        predictors.append(defended.predict_proba)
+    return predictors
+
+
+class _UndefendedShadow:
+    """An undefended shadow's predict_proba; LiRA evaluates these batched (through
+    ``.model``), never a defended shadow, whose outputs only its predict_proba gives."""
+
+    def __init__(self, model: MLP):
+        self.model = model
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return predict_proba(self.model, x)
+
+
+def _shadow_seeds(seed: int, purpose: str, n: int) -> List[int]:
+    return [_derived_seed(seed, f"{purpose}:model:{j}") for j in range(n)]
+
+
+# ----------------------------------------------------------------------------- reference data
+
+@dataclass
+class _Reference:
+    """Outputs of the adversary's reference models on rows whose membership it knows."""
+
+    probs: Tensor    # [n, k] float32
+    labels: Tensor   # [n] int64
+    member: Tensor   # [n] bool
+    fit: Tensor      # [n] bool: True = fits the attack, False = held out for calibration
+    info: Dict[str, Any]
+
+
+_REFERENCE_KEYS = tuple(_REFERENCE_DEFAULTS)
+
+
+def _holdout_mask(n_rows: int, fraction: float, gen: torch.Generator) -> Tensor:
+    """True for the rows kept for fitting; a random ``round(fraction * n)`` are held out
+    (at least one when the fraction is positive, never all)."""
+    n_hold = min(max(round(fraction * n_rows), 1 if fraction > 0 else 0), n_rows - 1)
+    fit = torch.ones(n_rows, dtype=torch.bool)
+    fit[torch.randperm(n_rows, generator=gen)[:n_hold]] = False
+    return fit
+
+
+def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, defense,
+                     seed: int) -> _Reference:
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "reference:split"))
+    pool = splits.shadow_pool
+    frac = cfg["calibration_fraction"]
+    probs, labels, member, fit = [], [], [], []
+    if cfg["fit_on"] == "known":
+        if defense is not None:
+            raise ValueError("defense applies to shadow models, but config['fit_on'] = 'known' "
+                             "trains none (the attack fits on the target's own outputs); use "
+                             "fit_on='shadow' for an adaptive attack")
+        m = min(len(splits.known), len(pool))
+        if cfg["shadow_size"] is not None:
+            if cfg["shadow_size"] > m:
+                raise ValueError(f"config['shadow_size'] = {cfg['shadow_size']} but fit_on="
+                                 f"'known' has only {m} rows per side (splits.known: "
+                                 f"{len(splits.known)}, shadow pool: {len(pool)})")
+            m = cfg["shadow_size"]
+        if m < 2:
+            raise ValueError(f"fit_on='known' needs at least 2 rows in splits.known and in the "
+                             f"shadow pool, got {len(splits.known)} and {len(pool)}")
+        inside = splits.known[torch.randperm(len(splits.known), generator=gen)[:m]]
+        outside = pool[torch.randperm(len(pool), generator=gen)[:m]]
+        for rows, is_member in ((inside, True), (outside, False)):
+            probs.append(_query(target.predict_proba, data.x[rows], data.k, "target"))
+            labels.append(data.y[rows])
+            member.append(torch.full((m,), is_member))
+            fit.append(_holdout_mask(m, frac, gen))
+        return _Reference(torch.cat(probs), torch.cat(labels), torch.cat(member),
+                          torch.cat(fit), {"reference_size": m})
+
+    hidden = _shadow_hidden(cfg, target, data)
+    m = cfg["shadow_size"] or min(len(splits.train), len(pool) // 2)
+    if 2 * m > len(pool) or m < 2:
+        raise ValueError(f"the shadow attack splits the shadow pool ({len(pool)} rows) into a "
+                         f"shadow's members and non-members of shadow_size = {m} rows each: "
+                         f"it needs 2 <= shadow_size <= {len(pool) // 2}")
+    n_shadows = cfg["n_shadows"]
+    splits_in, splits_out = [], []
+    for _ in range(n_shadows):
+        order = pool[torch.randperm(len(pool), generator=gen)]
+        splits_in.append(order[:m])
+        splits_out.append(order[m:2 * m])
+    predictors = _train_shadows(data, torch.stack(splits_in),
+                                _shadow_seeds(seed, "reference", n_shadows), hidden,
+                                train_config, defense)
+    train_acc, test_acc = [], []
+    for predict, inside, outside in zip(predictors, splits_in, splits_out):
+        for rows, is_member, accs in ((inside, True, train_acc), (outside, False, test_acc)):
+            p = _query(predict, data.x[rows], data.k, "shadow model")
+            probs.append(p)
+            labels.append(data.y[rows])
+            member.append(torch.full((m,), is_member))
+            fit.append(_holdout_mask(m, frac, gen))
+            accs.append(float((p.argmax(1) == data.y[rows]).double().mean()))
+    return _Reference(torch.cat(probs), torch.cat(labels), torch.cat(member), torch.cat(fit),
+                      {"shadow_size": m, "hidden": list(hidden),
+                       "shadow_train_acc": train_acc, "shadow_test_acc": test_acc})
+
+
+def _calibration(scores: Tensor, ref: _Reference) -> Optional[Tuple[Tensor, Tensor]]:
+    held = ~ref.fit
+    if not bool(held.any()):
+        return None
+    return scores[held].double(), ref.member[held].clone()
+
+
+# ----------------------------------------------------------------------------- shadow attack
+
+class _AttackNet(nn.Module):
+    """The attack model: subnets on the prediction vector and on the one-hot label, and one
+    on the concatenation of their outputs ending in a member logit (ReLU between layers)."""
+
+    def __init__(self, k: int, prediction_widths, label_widths, combined_widths):
+        super().__init__()
+        self.prediction = _relu_stack(k, prediction_widths)
+        self.label = _relu_stack(k, label_widths)
+        width = prediction_widths[-1] + label_widths[-1]
+        self.combined = nn.Sequential(_relu_stack(width, combined_widths),
+                                      nn.Linear((width, *combined_widths)[-1], 1))
+
+    def forward(self, probs: Tensor, onehot: Tensor) -> Tensor:
+        joint = torch.cat([self.prediction(probs), self.label(onehot)], dim=1)
+        return self.combined(joint).squeeze(1)
+
+    def init_(self, std: float, gen: torch.Generator) -> "_AttackNet":
+        """Weights ~ N(0, std^2), zero biases; drawn on the CPU from ``gen``."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.copy_(torch.empty(module.weight.shape).normal_(
+                        0.0, std, generator=gen))
+                    module.bias.zero_()
+        return self
+
+
+def _relu_stack(width: int, widths) -> nn.Sequential:
+    layers = []
+    for w in widths:
+        layers += [nn.Linear(width, w), nn.ReLU()]
+        width = w
+    return nn.Sequential(*layers)
+
+
+def _train_attack_net(cfg, probs: Tensor, labels: Tensor, member: Tensor, k: int,
+                      device: torch.device, seed: int) -> _AttackNet:
+    net = _AttackNet(k, cfg["prediction_widths"], cfg["label_widths"], cfg["combined_widths"])
+    net.init_(cfg["weight_std"], torch.Generator().manual_seed(_derived_seed(seed, "net:init")))
+    net.to(device).train()
+    x = probs.to(device)
+    onehot = nn.functional.one_hot(labels, k).float().to(device)
+    target = member.float().to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg["attack_lr"])
+    order_gen = torch.Generator().manual_seed(_derived_seed(seed, "net:order"))
+    n, bs = len(target), cfg["attack_batch_size"]
+    for _ in range(cfg["attack_epochs"]):
+        order = torch.randperm(n, generator=order_gen).to(device)
+        for lo in range(0, n, bs):
+            idx = order[lo:lo + bs]
+            loss = nn.functional.binary_cross_entropy_with_logits(net(x[idx], onehot[idx]),
+                                                                  target[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def _member_probability(net: _AttackNet, probs: Tensor, labels: Tensor, k: int,
+                        device: torch.device) -> Tensor:
+    logits = [net(probs[lo:lo + 8192].to(device),
+                  nn.functional.one_hot(labels[lo:lo + 8192], k).float().to(device)).cpu()
+              for lo in range(0, max(len(labels), 1), 8192)]
+    return torch.sigmoid(torch.cat(logits).double())  # float64: later saturation
+
+
+def _shadow_attack(cfg, ref: _Reference, target_probs: Tensor, target_labels: Tensor, k: int,
+                   device: torch.device, seed: int):
+    net = _train_attack_net(cfg, ref.probs[ref.fit], ref.labels[ref.fit], ref.member[ref.fit],
+                            k, device, seed)
+    scores = _member_probability(net, target_probs, target_labels, k, device)
+    calibration = _calibration(_member_probability(net, ref.probs, ref.labels, k, device), ref)
+    return scores, calibration, {}
+
+
+# ----------------------------------------------------------------------------- metric attacks
+
+def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
+    """Song & Mittal's per-row values, oriented so that higher = more likely a member.
+
+    Parameters
+    ----------
+    metric : str
+        One of ``"correctness"``, ``"confidence"``, ``"entropy"``, ``"modified_entropy"``,
+        ``"loss"`` (see the module docstring for the formulas).
+    probs : Tensor
+        ``[n, k]`` probabilities.
+    labels : Tensor
+        ``[n]`` class indices.
+
+    Returns
+    -------
+    Tensor
+        ``[n]`` float64.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    p = probs.double()
+    y = labels.long().unsqueeze(1)
+    p_y = p.gather(1, y).squeeze(1)
+    if metric == "correctness":
+        return (p.argmax(1) == labels).double()
+    if metric == "confidence":
+        return p_y
+    log_p = p.clamp_min(_LOG_FLOOR).log()
+    if metric == "entropy":
+        return (p * log_p).sum(1)  # -H(p)
+    if metric == "loss":
+        return log_p.gather(1, y).squeeze(1)  # -cross-entropy
+    # modified entropy: -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i), negated
+    log_not_p = (1.0 - p).clamp_min(_LOG_FLOOR).log()
+    others = (p * log_not_p).scatter(1, y, 0.0).sum(1)
+    return (1.0 - p_y) * log_p.gather(1, y).squeeze(1) + others
+
+
+def _best_threshold(values: Tensor, member: Tensor) -> float:
+    """The value ``t`` maximising the balanced accuracy of "member iff value >= t" (Song &
+    Mittal's rule; the candidates are the values themselves, the highest wins ties)."""
+    v = values.numpy()
+    is_in = member.numpy()
+    order = np.argsort(-v, kind="stable")
+    v, is_in = v[order], is_in[order]
+    tpr = np.cumsum(is_in) / max(int(is_in.sum()), 1)
+    fpr = np.cumsum(~is_in) / max(int((~is_in).sum()), 1)
+    last_of_value = np.append(v[1:] != v[:-1], True)  # "value >= t" takes every tie
+    balanced = np.where(last_of_value, (tpr + 1.0 - fpr) / 2.0, -1.0)
+    return float(v[int(np.argmax(balanced))])
+
+
+def _fit_thresholds(values: Tensor, labels: Tensor, member: Tensor, k: int, mode: str
+                    ) -> Tuple[Tensor, List[int]]:
+    """Per-class thresholds [k] float64, and the classes that fell back to the global one."""
+    overall = _best_threshold(values, member)
+    thresholds = torch.full((k,), overall, dtype=torch.float64)
+    fallback = []
+    if mode == "global":
+        return thresholds, fallback
+    for c in range(k):
+        rows = labels == c
+        in_c = member[rows]
+        if bool(in_c.any()) and bool((~in_c).any()):
+            thresholds[c] = _best_threshold(values[rows], in_c)
+        else:
+            fallback.append(c)
+    return thresholds, fallback
+
+
+def _metric_attack(metric: str, cfg, ref: _Reference, target_probs: Tensor,
+                   target_labels: Tensor, k: int):
+    values = metric_values(metric, ref.probs, ref.labels)
+    target_values = metric_values(metric, target_probs, target_labels)
+    if metric == "correctness":  # a 0/1 rule: no threshold to fit
+        return target_values, _calibration(values, ref), {}
+    fit = ref.fit
+    thresholds, fallback = _fit_thresholds(values[fit], ref.labels[fit], ref.member[fit], k,
+                                           cfg["thresholds"])
+    scores = target_values - thresholds[target_labels]
+    calibration = _calibration(values - thresholds[ref.labels], ref)
+    return scores, calibration, {"thresholds": thresholds, "fallback_classes": fallback}
+
+
+# ----------------------------------------------------------------------------- LiRA
+
+def scaled_logit(probs: Tensor, labels: Tensor) -> Tensor:
+    """LiRA's logit-scaled confidence ``phi = log p_y - log sum_{i != y} p_i``.
+
+    Computed in float64 from the probabilities, the sum over the other classes taken directly
+    (not as ``1 - p_y``, which rounds to 0 for confident rows); both terms are floored at
+    ``1e-45``, so ``phi`` stays finite (within about +-104).
+
+    Parameters
+    ----------
+    probs : Tensor
+        ``[..., n, k]`` probabilities.
+    labels : Tensor
+        ``[n]`` class indices.
+
+    Returns
+    -------
+    Tensor
+        ``[..., n]`` float64.
+    """
+    p = probs.double()
+    y = labels.long().expand(p.shape[:-1]).unsqueeze(-1)
+    p_y = p.gather(-1, y).squeeze(-1)
+    rest = p.scatter(-1, y, 0.0).sum(-1)
+    return p_y.clamp_min(_PHI_FLOOR).log() - rest.clamp_min(_PHI_FLOOR).log()
+
+
+def _shadow_phi(predictors, x: Tensor, labels: Tensor, k: int, device) -> Tensor:
+    """``phi`` of every shadow on the rows ``x``: ``[K, n]`` float64."""
+    out = []
+    for first in range(0, len(predictors), _PHI_MODEL_CHUNK):
+        chunk = predictors[first:first + _PHI_MODEL_CHUNK]
+        if all(isinstance(p, _UndefendedShadow) for p in chunk):
+            probs = torch.softmax(predict_logits_batched([p.model for p in chunk], x,
+                                                         device=device), dim=2)
+        else:
+            probs = torch.stack([_query(p, x, k, "shadow model") for p in chunk])
+        out.append(scaled_logit(probs, labels))
+    return torch.cat(out)
+
+
+def _gaussian_fit(phi: Tensor, mask: Tensor, global_variance: bool) -> Tuple[Tensor, Tensor]:
+    """Per-row mean and variance of ``phi`` [K, n] over the models where ``mask`` [K, n].
+
+    The global variance is the pooled within-row variance (each row's squared deviations
+    from its own mean, over all rows' degrees of freedom); rows with fewer than two samples
+    use it also when per-row variances are asked for."""
+    count = mask.sum(0)
+    if bool((count == 0).any()):
+        raise RuntimeError("LiRA: a row has no shadow model on one side (a bug: the pairs "
+                           "design gives every row both sides)")
+    w = mask.double()
+    mean = (phi * w).sum(0) / count
+    squares = ((phi - mean) ** 2 * w).sum(0)
+    dof = count - 1
+    pooled = squares.sum() / dof.sum().clamp_min(1)
+    if global_variance:
+        var = pooled.expand_as(mean)
+    else:
+        var = torch.where(dof > 0, squares / dof.clamp_min(1), pooled)
+    return mean, var.clamp_min(_MIN_VARIANCE)
+
+
+def _log_normal(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+def _lira_scores(observed: Tensor, phi: Tensor, keep: Tensor, online: bool,
+                 global_variance: bool) -> Tensor:
+    """LiRA's score of rows with target-side ``observed`` [n] given shadows' ``phi`` [K, n]
+    and their membership ``keep`` [K, n]."""
+    mean_out, var_out = _gaussian_fit(phi, ~keep, global_variance)
+    if online:
+        mean_in, var_in = _gaussian_fit(phi, keep, global_variance)
+        return _log_normal(observed, mean_in, var_in) - _log_normal(observed, mean_out, var_out)
+    return torch.special.log_ndtr((observed - mean_out) / var_out.sqrt())
+
+
+def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config, defense,
+          seed: int, target_probs: Tensor):
+    n_shadows = cfg["n_shadows"]
+    target_rows = splits.target
+    n_target = len(target_rows)
+    pool_src = splits.shadow_pool
+    available = len(pool_src) + (n_target if online else 0)
+    m = cfg["shadow_size"] or min(len(splits.train), available // 2)
+    mode = "online" if online else "offline"
+    if 2 * m > available or m < 1 or (online and 2 * m < n_target):
+        raise ValueError(
+            f"LiRA {mode} trains each shadow on shadow_size = m rows of a pool of 2m: the "
+            f"available pool has {available} rows (shadow pool"
+            f"{' + target rows' if online else ''})"
+            + (f" and must hold the {n_target} target rows" if online else "")
+            + f", so m must be in [{max(1, -(-n_target // 2)) if online else 1}, "
+              f"{available // 2}]; got {m}")
+    purpose = f"lira-{mode}"
+    gen = torch.Generator().manual_seed(_derived_seed(seed, f"{purpose}:pool"))
+    extra_rows = pool_src[torch.randperm(len(pool_src), generator=gen)]
+    pool = torch.cat([target_rows, extra_rows[:2 * m - n_target]]) if online \
+        else extra_rows[:2 * m]
+    keep = torch.zeros(n_shadows, 2 * m, dtype=torch.bool)
+    for pair in range(n_shadows // 2):
+        half = torch.randperm(2 * m, generator=gen)[:m]
+        keep[2 * pair, half] = True
+        keep[2 * pair + 1] = ~keep[2 * pair]
+    index_sets = torch.stack([pool[row.nonzero().squeeze(1)] for row in keep])
+    hidden = _shadow_hidden(cfg, target, data)
+    predictors = _train_shadows(data, index_sets, _shadow_seeds(seed, purpose, n_shadows),
+                                hidden, train_config, defense)
+    global_variance = cfg["global_variance"]
+    if global_variance is None:
+        global_variance = n_shadows < 64
+    device = _resolve_device(train_config.device)
+
+    phi_pool = _shadow_phi(predictors, data.x[pool], data.y[pool], data.k, device)
+    observed = scaled_logit(target_probs, data.y[target_rows])
+    if online:  # the target rows are the pool's first n_target rows
+        phi_t, keep_t = phi_pool[:, :n_target], keep[:, :n_target]
+    else:
+        phi_t = _shadow_phi(predictors, data.x[target_rows], data.y[target_rows], data.k,
+                            device)
+        keep_t = torch.zeros_like(phi_t, dtype=torch.bool)
+    scores = _lira_scores(observed, phi_t, keep_t, online, global_variance)
+    # calibration: shadow 0 plays the target, the other K - 1 shadows are the reference
+    cal_scores = _lira_scores(phi_pool[0], phi_pool[1:], keep[1:], online, global_variance)
+    info = {"shadow_size": m, "pool_size": 2 * m, "hidden": list(hidden),
+            "global_variance": global_variance, "observed_phi": observed,
+            "pool_rows": pool, "shadow_membership": keep}
+    return scores, (cal_scores, keep[0].clone()), info
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _run(name: str, target, data: Dataset, splits: Splits, config, train_config, defense,
+         seed: int, cache: Dict[tuple, _Reference]) -> AttackResult:
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
+    cfg = _resolve_config(name, config)
+    target_x, target_y = data.x[splits.target], data.y[splits.target]
+    target_probs = _query(target.predict_proba, target_x, data.k, "target")
+    extra: Dict[str, Any] = {"config": dict(cfg), "defense": defense, "seed": seed}
+    if name.startswith("lira"):
+        scores, calibration, info = _lira(name == "lira_online", cfg, target, data, splits,
+                                          train_config, defense, seed, target_probs)
+    else:
+        key = tuple(cfg[k] for k in _REFERENCE_KEYS)
+        if key not in cache:
+            cache[key] = _build_reference(cfg, target, data, splits, train_config, defense,
+                                          seed)
+        ref = cache[key]
+        if name == "shadow":
+            device = _resolve_device(train_config.device)
+            scores, calibration, info = _shadow_attack(cfg, ref, target_probs, target_y,
+                                                       data.k, device, seed)
+        else:
+            scores, calibration, info = _metric_attack(name[len("metric_"):], cfg, ref,
+                                                       target_probs, target_y, data.k)
+        info = {**ref.info, **info}
+    extra.update(info)
+    return AttackResult(name, scores.double().contiguous(), calibration, extra)
+
+
+def run_attack(name: str, target, data: Dataset, splits: Splits, *,
+               config: Optional[Mapping] = None, train_config: TrainConfig,
+               defense: Optional[Tuple[str, Optional[dict]]] = None,
+               seed: int = 0) -> AttackResult:
+    """Runs one membership inference attack on ``target``'s predictions for ``splits.target``.
+
+    Parameters
+    ----------
+    name : str
+        One of ``ATTACKS`` (see the module docstring for each).
+    target : oni.defenses.DefendedModel
+        What is attacked: only ``target.predict_proba`` is queried (``[n, d] -> [n, k]``
+        probabilities); ``target.model`` (an :class:`oni.models.MLP`) gives the shadows'
+        architecture unless ``config['hidden']`` does.
+    data : Dataset
+        The data set ``splits`` indexes.
+    splits : Splits
+        The adversary uses ``shadow_pool`` (and ``known`` with ``fit_on='known'``), and the
+        labels of ``target``; scores are aligned with ``splits.target``.
+    config : dict, optional
+        Overrides of ``DEFAULTS[name]``:
+
+        * shadow and metric attacks: ``n_shadows`` (1), ``shadow_size`` (None: the target's
+          training-set size, capped at half the shadow pool), ``calibration_fraction``
+          (0.2), ``fit_on`` (``"shadow"``; ``"known"`` fits on the target's own outputs on
+          ``splits.known`` and as many shadow-pool rows, no shadow model), ``hidden`` (None:
+          the target model's);
+        * ``"shadow"`` also: ``prediction_widths`` ((1024, 512, 64)), ``label_widths``
+          ((512, 64)), ``combined_widths`` ((256, 64)), ``weight_std`` (0.01),
+          ``attack_epochs`` (30), ``attack_batch_size`` (128), ``attack_lr`` (1e-3);
+        * metric attacks also: ``thresholds`` (``"class"`` or ``"global"``);
+        * LiRA: ``n_shadows`` (16; even, >= 4; 64 and more are fine), ``shadow_size``
+          (None: the target's training-set size, capped at half the pool),
+          ``global_variance`` (None: True when ``n_shadows < 64``), ``hidden``.
+    train_config : TrainConfig
+        How the target was trained; the shadows are trained the same way (with their own
+        seeds), on ``train_config.device``, which also runs the attack model.
+    defense : (str, dict) or None
+        The adaptive attacker's knowledge: shadows are trained with
+        ``oni.defenses.defend(defense[0], ..., config=defense[1])``. None: undefended
+        shadows (trained batched with :func:`oni.shadows.train_mlps_batched`).
+    seed : int
+        Every random choice of the attack follows from it: the same seed gives the same
+        scores (on the same machine and device).
+
+    Returns
+    -------
+    AttackResult
+
+    Raises
+    ------
+    TypeError, ValueError
+        An unknown attack or setting, a bad argument, or splits too small for the attack
+        (the message says what it needs).
+    """
+    return run_attacks((name,), target, data, splits,
+                       configs=None if config is None else {name: config},
+                       train_config=train_config, defense=defense, seed=seed)[name]
+
+
+def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
+                configs: Optional[Mapping[str, Mapping]] = None, train_config: TrainConfig,
+                defense: Optional[Tuple[str, Optional[dict]]] = None,
+                seed: int = 0) -> Dict[str, AttackResult]:
+    """Runs several attacks (see :func:`run_attack`), training the shadow models that the
+    shadow and metric attacks share once: the results equal separate :func:`run_attack`
+    calls with the same ``seed``.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Attacks from ``ATTACKS``, each at most once.
+    configs : dict, optional
+        ``{attack name: config}`` for any of ``names``.
+    target, data, splits, train_config, defense, seed
+        As for :func:`run_attack`.
+
+    Returns
+    -------
+    dict
+        ``{name: AttackResult}`` in the order of ``names``.
+    """
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a sequence of attack names, got {type(names).__name__}")
+    for name in names:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names lists an attack more than once: {list(names)}")
+    configs = {} if configs is None else configs
+    if not isinstance(configs, Mapping):
+        raise TypeError(f"configs must be a dict {{attack name: config}}, got "
+                        f"{type(configs).__name__}")
+    stray = sorted(str(key) for key in configs if key not in names)
+    if stray:
+        raise ValueError(f"configs names attacks {stray} that are not in names {list(names)}")
+    _check_inputs(target, data, splits, train_config, seed)
+    defense = _check_defense(defense)
+    for name in names:  # settings errors before any training
+        _resolve_config(name, configs.get(name))
+    cache: Dict[tuple, _Reference] = {}
+    return {name: _run(name, target, data, splits, configs.get(name), train_config, defense,
+                       seed, cache) for name in names}

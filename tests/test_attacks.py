@@ -1,0 +1,404 @@
+"""Membership inference attacks: they find an overfit target's members, sit at chance on a
+model that never saw them, and keep their shapes, orientation, seeds and error messages."""
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from oni import attacks
+from oni.attacks import (ATTACKS, DEFAULTS, METRICS, AttackResult, metric_values, run_attack,
+                         run_attacks, scaled_logit)
+from oni.data import make_splits, synthetic_purchase
+from oni.models import MLP
+from oni.train import TrainConfig, predict_proba, train_model
+
+HIDDEN = (64, 32)
+TRAIN = TrainConfig(epochs=60, batch_size=64, device="cpu", progress=False)
+SMALL_NET = {"prediction_widths": (64, 32), "label_widths": (32,), "combined_widths": (32,)}
+# the shadow attack learns from a few hundred rows here: more shadows and epochs than default
+CONFIGS = {"shadow": {**SMALL_NET, "n_shadows": 3, "attack_epochs": 60},
+           "lira_online": {"n_shadows": 8}, "lira_offline": {"n_shadows": 8}}
+
+
+@dataclass
+class Target:
+    """What run_attack needs of an oni.defenses.DefendedModel."""
+
+    model: torch.nn.Module
+    name: str = "undefended"
+
+    def predict_proba(self, x):
+        return predict_proba(self.model, x)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and on a loaded machine several threads per op
+    contend for the cores (the file ran 8x slower with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_purchase(1800, d=100, k=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def splits(data):
+    return make_splits(data, sizes={"train": 300, "test": 300, "known": 60, "target": 400,
+                                    "shadow_pool": 800}, seed=0)
+
+
+def _target(data, rows):
+    model = MLP(data.d, data.k, HIDDEN)
+    train_model(model, data.x[rows], data.y[rows], config=TRAIN)
+    return Target(model)
+
+
+@pytest.fixture(scope="module")
+def overfit(data, splits):
+    """A target that memorised its 300 training rows (train accuracy ~1, test ~0.6)."""
+    return _target(data, splits.train)
+
+
+@pytest.fixture(scope="module")
+def overfit_results(overfit, data, splits):
+    return run_attacks(ATTACKS, overfit, data, splits, configs=CONFIGS, train_config=TRAIN,
+                       seed=0)
+
+
+@pytest.fixture(scope="module")
+def blind_results(data, splits):
+    """A "target" trained on the test rows: it never saw any target row."""
+    return run_attacks(ATTACKS, _target(data, splits.test), data, splits, configs=CONFIGS,
+                       train_config=TRAIN, seed=0)
+
+
+def _auc(result, splits):
+    return roc_auc_score(splits.target_member.numpy(), result.scores.numpy())
+
+
+# ----------------------------------------------------------------------------- power
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attacks_find_the_members_of_an_overfit_target(overfit_results, splits, name):
+    assert _auc(overfit_results[name], splits) > 0.6
+
+
+def test_lira_online_is_the_strongest(overfit_results, splits):
+    aucs = {name: _auc(result, splits) for name, result in overfit_results.items()}
+    assert aucs["lira_online"] == max(aucs.values())
+    assert aucs["lira_online"] > 0.8
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attacks_sit_at_chance_on_a_model_that_never_saw_the_target(blind_results, splits,
+                                                                    name):
+    n_in = int(splits.target_member.sum())
+    n_out = len(splits.target) - n_in
+    se = math.sqrt((n_in + n_out + 1) / (12 * n_in * n_out))  # AUC's null standard error
+    assert abs(_auc(blind_results[name], splits) - 0.5) < 4 * se
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_calibration_separates_the_shadows_members(overfit_results, name):
+    scores, is_member = overfit_results[name].calibration
+    assert roc_auc_score(is_member.numpy(), scores.numpy()) > 0.6
+
+
+# ----------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_result_shapes_and_types(overfit_results, splits, name):
+    result = overfit_results[name]
+    assert isinstance(result, AttackResult) and result.name == name
+    assert result.scores.dtype == torch.float64
+    assert result.scores.shape == (len(splits.target),)
+    assert torch.isfinite(result.scores).all()
+    cal_scores, cal_member = result.calibration
+    assert cal_scores.dtype == torch.float64 and cal_member.dtype == torch.bool
+    assert cal_scores.shape == cal_member.shape and torch.isfinite(cal_scores).all()
+    assert 0 < int(cal_member.sum()) < len(cal_member)
+    assert result.extra["config"]["hidden"] is None and result.extra["hidden"] == list(HIDDEN)
+    assert set(result.extra["config"]) == set(DEFAULTS[name])
+
+
+def test_metric_scores_are_margins_to_the_class_thresholds(overfit_results, overfit, data,
+                                                           splits):
+    probs = overfit.predict_proba(data.x[splits.target])
+    labels = data.y[splits.target]
+    for metric in METRICS[1:]:
+        result = overfit_results[f"metric_{metric}"]
+        thresholds = result.extra["thresholds"]
+        assert thresholds.shape == (data.k,)
+        expected = metric_values(metric, probs, labels) - thresholds[labels]
+        torch.testing.assert_close(result.scores, expected)
+    correctness = overfit_results["metric_correctness"].scores
+    assert set(correctness.tolist()) <= {0.0, 1.0}
+
+
+def test_global_thresholds_are_one_value(overfit, data, splits):
+    result = run_attack("metric_loss", overfit, data, splits, config={"thresholds": "global"},
+                        train_config=TRAIN)
+    thresholds = result.extra["thresholds"]
+    assert torch.all(thresholds == thresholds[0])
+    assert result.extra["fallback_classes"] == []
+
+
+def test_shadow_accuracies_show_the_shadow_overfits_like_the_target(overfit_results):
+    extra = overfit_results["metric_confidence"].extra
+    assert len(extra["shadow_train_acc"]) == 1
+    assert extra["shadow_train_acc"][0] > 0.9 > extra["shadow_test_acc"][0] + 0.2
+
+
+@pytest.mark.parametrize("name", ["lira_online", "lira_offline"])
+def test_lira_shadows_come_in_complementary_halves(overfit_results, splits, name):
+    extra = overfit_results[name].extra
+    keep, pool = extra["shadow_membership"], extra["pool_rows"]
+    m = extra["shadow_size"]
+    assert m == len(splits.train) and keep.shape == (8, 2 * m) and pool.shape == (2 * m,)
+    assert torch.all(keep.sum(0) == 4) and torch.all(keep.sum(1) == m)
+    assert torch.all(keep[0::2] ^ keep[1::2])
+    assert len(set(pool.tolist())) == 2 * m
+    target_rows = set(splits.target.tolist())
+    if name == "lira_online":  # every target row is a member of half the shadows
+        assert target_rows <= set(pool.tolist())
+    else:
+        assert not target_rows & set(pool.tolist())
+        assert set(pool.tolist()) <= set(splits.shadow_pool.tolist())
+    assert extra["global_variance"] is True  # K = 8 < 64
+
+
+def test_fit_on_known_uses_the_targets_own_outputs(overfit, data, splits):
+    result = run_attack("metric_confidence", overfit, data, splits,
+                        config={"fit_on": "known"}, train_config=TRAIN)
+    assert result.extra["reference_size"] == len(splits.known)
+    assert _auc(result, splits) > 0.6
+    with pytest.raises(ValueError, match="fit_on"):
+        run_attack("metric_confidence", overfit, data, splits, config={"fit_on": "known"},
+                   train_config=TRAIN, defense=("undefended", {}))
+
+
+def test_no_calibration_when_nothing_is_held_out(overfit, data, splits):
+    result = run_attack("metric_entropy", overfit, data, splits,
+                        config={"calibration_fraction": 0}, train_config=TRAIN)
+    assert result.calibration is None
+
+
+# ----------------------------------------------------------------------------- formulas
+
+def test_metric_values_are_oriented_member_high():
+    confident = torch.tensor([[0.97, 0.02, 0.01]])
+    unsure = torch.tensor([[0.40, 0.35, 0.25]])
+    wrong = torch.tensor([[0.10, 0.80, 0.10]])
+    y = torch.tensor([0])
+    for metric in METRICS:
+        values = [float(metric_values(metric, p, y)) for p in (confident, unsure, wrong)]
+        assert values[0] >= values[1], metric
+        if metric != "entropy":  # the only label-blind one: a confident mistake looks sure
+            assert values[1] >= values[2] and values[0] > values[2], metric
+    assert float(metric_values("entropy", confident, y)) > float(
+        metric_values("entropy", unsure, y))
+
+
+def test_metric_values_formulas():
+    p = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
+    y = torch.tensor([0])
+    log = math.log
+    assert float(metric_values("confidence", p, y)) == pytest.approx(0.7)
+    assert float(metric_values("loss", p, y)) == pytest.approx(log(0.7))
+    assert float(metric_values("entropy", p, y)) == pytest.approx(
+        0.7 * log(0.7) + 0.2 * log(0.2) + 0.1 * log(0.1))
+    mentr = -(0.3 * log(0.7)) - 0.2 * log(0.8) - 0.1 * log(0.9)
+    assert float(metric_values("modified_entropy", p, y)) == pytest.approx(-mentr)
+    assert float(metric_values("correctness", p, torch.tensor([1]))) == 0.0
+    with pytest.raises(ValueError, match="metric must be one of"):
+        metric_values("margin", p, y)
+
+
+def test_scaled_logit_is_stable():
+    p = torch.tensor([[0.7, 0.2, 0.1], [1.0, 1e-30, 0.0], [0.0, 1.0, 0.0]])
+    phi = scaled_logit(p, torch.tensor([0, 0, 0]))
+    assert phi.dtype == torch.float64
+    assert float(phi[0]) == pytest.approx(math.log(0.7 / 0.3), rel=1e-6)
+    assert float(phi[1]) == pytest.approx(-math.log(1e-30), rel=1e-5)  # not inf
+    assert float(phi[2]) == pytest.approx(math.log(1e-45))
+    batched = scaled_logit(torch.stack([p, p.flip(0)]), torch.tensor([0, 0, 0]))
+    assert batched.shape == (2, 3) and torch.equal(batched[0], phi)
+
+
+def test_best_threshold_is_song_and_mittals_rule():
+    # "member iff value >= t": t = 0.8 gives (2/3 + 1) / 2, t = 0.6 gives (1 + 4/5) / 2
+    values = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=torch.float64)
+    member = torch.tensor([True, True, False, True, False, False, False, False])
+    shuffle = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    assert attacks._best_threshold(values[shuffle], member[shuffle]) == pytest.approx(0.6)
+    assert attacks._best_threshold(values, member) == pytest.approx(0.6)
+    assert attacks._best_threshold(values[:3], member[:3]) == pytest.approx(0.8)
+    ties = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    assert attacks._best_threshold(ties, torch.tensor([True, False, False, False])) == 1.0
+
+
+def test_lira_scores_on_gaussian_shadows():
+    gen = torch.Generator().manual_seed(0)
+    n, k = 400, 16
+    keep = torch.zeros(k, n, dtype=torch.bool)
+    keep[0::2] = torch.rand(k // 2, n, generator=gen) < 0.5
+    keep[1::2] = ~keep[0::2]
+    mean_in, mean_out = torch.randn(n, generator=gen) + 2, torch.randn(n, generator=gen)
+    phi = torch.where(keep, mean_in, mean_out) + 0.5 * torch.randn(k, n, generator=gen)
+    phi = phi.double()
+    member = torch.rand(n, generator=gen) < 0.5
+    observed = (torch.where(member, mean_in, mean_out)
+                + 0.5 * torch.randn(n, generator=gen)).double()
+    for online in (True, False):
+        for global_variance in (True, False):
+            scores = attacks._lira_scores(observed, phi, keep, online, global_variance)
+            assert roc_auc_score(member.numpy(), scores.numpy()) > 0.9
+    mean, var = attacks._gaussian_fit(phi, ~keep, True)
+    assert torch.all(var == var[0]) and float(var[0]) == pytest.approx(0.25, rel=0.1)
+    torch.testing.assert_close(mean, (phi * ~keep).sum(0) / (~keep).sum(0))
+
+
+def test_attack_net_is_the_papers_model():
+    net = attacks._AttackNet(10, (1024, 512, 64), (512, 64), (256, 64))
+    net.init_(0.01, torch.Generator().manual_seed(0))
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [lin.out_features for lin in linears] == [1024, 512, 64, 512, 64, 256, 64, 1]
+    assert linears[5].in_features == 128  # the concatenation subnet
+    assert all(not lin.bias.detach().any() for lin in linears)
+    weights = torch.cat([lin.weight.detach().flatten() for lin in linears])
+    assert float(weights.std()) == pytest.approx(0.01, rel=0.02)
+    assert abs(float(weights.mean())) < 1e-4
+    probs = torch.softmax(torch.randn(5, 10), 1)
+    out = net(probs, torch.nn.functional.one_hot(torch.arange(5), 10).float())
+    assert out.shape == (5,)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def test_same_seed_same_scores_other_seed_other_scores(overfit, overfit_results, data, splits):
+    for name in ("shadow", "metric_loss", "lira_online"):
+        again = run_attack(name, overfit, data, splits, config=CONFIGS.get(name),
+                           train_config=TRAIN, seed=0)
+        # run_attacks shares the shadows of the shadow and metric attacks: same results
+        assert torch.equal(again.scores, overfit_results[name].scores), name
+        assert torch.equal(again.calibration[0], overfit_results[name].calibration[0]), name
+    other = run_attack("lira_offline", overfit, data, splits, config=CONFIGS["lira_offline"],
+                       train_config=TRAIN, seed=1)
+    assert not torch.equal(other.scores, overfit_results["lira_offline"].scores)
+
+
+# ----------------------------------------------------------------------------- adaptive
+
+def test_adaptive_attack_trains_its_shadows_with_the_defense(overfit, data, splits,
+                                                             monkeypatch):
+    calls = []
+
+    def defend(name, x, y, *, config=None, train_config, hidden, seed, n_classes, **_):
+        calls.append((name, config, len(x), tuple(hidden), seed, train_config.seed))
+        assert n_classes == data.k
+        model = MLP(x.shape[1], n_classes, hidden)
+        train_model(model, x, y, config=train_config)
+        smoothed = Target(model)  # an inference-time defense: flattened outputs
+        return types.SimpleNamespace(
+            predict_proba=lambda rows: 0.5 * smoothed.predict_proba(rows) + 0.5 / data.k)
+
+    monkeypatch.setitem(sys.modules, "oni.defenses", types.SimpleNamespace(defend=defend))
+    result = run_attack("lira_offline", overfit, data, splits, config={"n_shadows": 4},
+                        train_config=TRAIN, defense=("flatten", {"strength": 0.5}))
+    assert len(calls) == 4
+    assert all(c[:4] == ("flatten", {"strength": 0.5}, 300, HIDDEN) for c in calls)
+    assert len({c[4] for c in calls}) == 4 and all(c[4] == c[5] for c in calls)
+    assert result.extra["defense"] == ("flatten", {"strength": 0.5})
+    assert _auc(result, splits) > 0.6
+    calls.clear()
+    run_attack("metric_confidence", overfit, data, splits, train_config=TRAIN,
+               defense=("flatten", None))
+    assert len(calls) == 1 and calls[0][:3] == ("flatten", None, 300)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_bad_inputs_get_clear_errors(overfit, data, splits):
+    def run(name="metric_loss", target=overfit, data_=data, splits_=splits, **kw):
+        kw.setdefault("train_config", TRAIN)
+        return run_attack(name, target, data_, splits_, **kw)
+
+    with pytest.raises(ValueError, match="unknown attack 'lira'"):
+        run("lira")
+    with pytest.raises(ValueError, match=r"unknown keys \['n_shadow'\]"):
+        run(config={"n_shadow": 3})
+    with pytest.raises(ValueError, match="even and >= 4"):
+        run("lira_online", config={"n_shadows": 5})
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        run(config={"calibration_fraction": 1.0})
+    with pytest.raises(ValueError, match="thresholds"):
+        run(config={"thresholds": "row"})
+    with pytest.raises(TypeError, match="predict_proba"):
+        run(target=overfit.model)
+    with pytest.raises(ValueError, match="logits instead of probabilities"):
+        run(target=types.SimpleNamespace(model=overfit.model,
+                                         predict_proba=lambda x: overfit.model(x).detach()))
+    with pytest.raises(ValueError, match=r"must return \[n, k\]"):
+        run(target=types.SimpleNamespace(model=overfit.model,
+                                         predict_proba=lambda x: torch.ones(len(x))))
+    with pytest.raises(ValueError, match="config\\['hidden'\\]"):
+        run(target=types.SimpleNamespace(model=torch.nn.Linear(data.d, data.k),
+                                         predict_proba=overfit.predict_proba))
+    with pytest.raises(ValueError, match="another data set"):
+        run(data_=synthetic_purchase(500, d=100, k=10))
+    with pytest.raises(TypeError, match="splits must be"):
+        run(splits_={"target": splits.target})
+    with pytest.raises(TypeError, match="defense must be"):
+        run(defense="oni")
+    with pytest.raises(ValueError, match="shadow_size"):
+        run(config={"shadow_size": 500})
+    with pytest.raises(ValueError, match="must hold the 400 target rows"):
+        run("lira_online", config={"shadow_size": 150, "n_shadows": 4})
+    with pytest.raises(TypeError, match="TrainConfig"):
+        run(train_config={"epochs": 3})
+    with pytest.raises(TypeError, match="seed"):
+        run(seed=1.5)
+    with pytest.raises(ValueError, match="not in names"):
+        run_attacks(["shadow"], overfit, data, splits, configs={"lira_online": {}},
+                    train_config=TRAIN)
+    with pytest.raises(ValueError, match="more than once"):
+        run_attacks(["shadow", "shadow"], overfit, data, splits, train_config=TRAIN)
+    with pytest.raises(TypeError, match="sequence of attack names"):
+        run_attacks("shadow", overfit, data, splits, train_config=TRAIN)
+
+
+def test_settings_are_checked_before_any_training(overfit, data, splits, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the settings")
+
+    monkeypatch.setattr(attacks, "train_mlps_batched", no_training)
+    with pytest.raises(ValueError, match="attack_lr"):
+        run_attacks(["metric_loss", "shadow"], overfit, data, splits,
+                    configs={"shadow": {"attack_lr": 0}}, train_config=TRAIN)
+
+
+def test_adaptive_attack_with_the_real_defenses(overfit, data, splits):
+    pytest.importorskip("oni.defenses")
+    plain = run_attack("lira_offline", overfit, data, splits, config={"n_shadows": 4},
+                       train_config=TRAIN)
+    # DynaNoise noises the shadows' outputs (inference time): the attacker's reference
+    # statistics change though the shadows' weights are the same as undefended ones
+    noisy = run_attack("lira_offline", overfit, data, splits, config={"n_shadows": 4},
+                       train_config=TRAIN, defense=("dynanoise", None))
+    assert noisy.scores.shape == plain.scores.shape and torch.isfinite(noisy.scores).all()
+    assert not torch.equal(noisy.scores, plain.scores)
+    smoothed = run_attack("metric_loss", overfit, data, splits, train_config=TRAIN,
+                          defense=("label_smoothing", None))
+    assert smoothed.extra["defense"] == ("label_smoothing", None)
+    assert torch.isfinite(smoothed.scores).all()
