@@ -15,6 +15,17 @@ from .data import (
     save_npz,
     synthetic_purchase,
 )
+from .defenses import (
+    DEFAULTS,
+    DEFENSES,
+    DefendedModel,
+    DynaNoise,
+    defend,
+    defense_config,
+    distillation_loss,
+    load_defended,
+    save_defended,
+)
 from .noise import (
     NoiseResult,
     noise_budget,
@@ -42,6 +53,15 @@ __all__ = [
     "make_splits",
     "save_npz",
     "synthetic_purchase",
+    "DEFAULTS",
+    "DEFENSES",
+    "DefendedModel",
+    "DynaNoise",
+    "defend",
+    "defense_config",
+    "distillation_loss",
+    "load_defended",
+    "save_defended",
     "NoiseResult",
     "noise_budget",
     "optimal_noise",

@@ -1,0 +1,475 @@
+"""oni.defenses: every defense trains and predicts probabilities, deterministically per seed;
+ONI's noise meets the solver's constraints and the model is distilled on it; DynaNoise
+follows its formula; DP-SGD reports the epsilon it spent; bad configs are rejected; files
+round-trip."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import oni
+from oni import defenses as defenses_module
+from oni.defenses import (
+    DEFAULTS,
+    DEFENSES,
+    DefendedModel,
+    DynaNoise,
+    defend,
+    defense_config,
+    distillation_loss,
+    load_defended,
+    save_defended,
+)
+from oni.models import MLP, save_model
+from oni.train import TrainConfig, _derived_seed, predict_logits, train_model
+
+D, K, HIDDEN = 40, 4, (32, 16)
+TRAIN = TrainConfig(epochs=3, batch_size=64, progress=False, device="cpu")
+HAS_OPACUS = importlib.util.find_spec("opacus") is not None
+needs_opacus = pytest.mark.skipif(not HAS_OPACUS, reason="opacus not installed "
+                                  "(pip install 'oni[defenses]')")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread avoids thread wake-ups on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = oni.synthetic_purchase(360, d=D, k=K, seed=3)
+    return ds.x[:240], ds.y[:240], ds.x[240:], ds.y[240:]
+
+
+@pytest.fixture(scope="module")
+def confident_base(data):
+    """An undefended model trained long enough to be confident on its training rows, so
+    ONI's noise has work to do."""
+    x, y, _, _ = data
+    model = MLP(D, K, HIDDEN)
+    train_model(model, x, y, config=TrainConfig(epochs=40, batch_size=32, lr=3e-3,
+                                                progress=False, device="cpu"))
+    return model
+
+
+def _defend(name, data, **kwargs):
+    x, y, x_test, y_test = data
+    kwargs.setdefault("train_config", TRAIN)
+    kwargs.setdefault("hidden", HIDDEN)
+    return defend(name, x, y, x_test=x_test, y_test=y_test, **kwargs)
+
+
+def _params(dm):
+    return {key: t.clone() for key, t in dm.model.state_dict().items()}
+
+
+def _same_params(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+# the solver warns about the rows it flags infeasible; the tests check the flags themselves
+pytestmark = pytest.mark.filterwarnings("ignore:.*cannot reach entropy tau")
+
+TRAINED = [pytest.param(name, marks=needs_opacus) if name == "dpsgd" else name
+           for name in DEFENSES]
+
+
+# ----------------------------------------------------------------------------- every defense
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_every_defense_trains_predicts_and_is_deterministic(name, data):
+    _, _, x_test, _ = data
+    first = _defend(name, data, seed=5)
+    assert isinstance(first, DefendedModel) and first.name == name
+    assert first.config == DEFAULTS[name]
+    assert not first.model.training
+    assert all(p.device.type == "cpu" for p in first.model.parameters())
+    assert len(first.history.epochs) == TRAIN.epochs
+    assert all(acc is not None for acc in first.history.test_acc)
+    probs = first.predict_proba(x_test)
+    assert probs.shape == (len(x_test), K) and probs.dtype == torch.float32
+    assert probs.device.type == "cpu" and (probs >= 0).all()
+    assert torch.allclose(probs.sum(1), torch.ones(len(x_test)), atol=1e-5)
+    # the same arguments: the same weights and the same answers (a fresh DynaNoise stream)
+    second = _defend(name, data, seed=5)
+    assert _same_params(_params(first), _params(second))
+    assert torch.equal(second.predict_proba(x_test), probs)
+    assert second.report.keys() == first.report.keys()
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINED if n not in ("undefended",
+                                                                   "label_smoothing")])
+def test_the_defense_seed_changes_the_defense(name, data, confident_base):
+    _, _, x_test, _ = data
+    # ONI's noise is zero where the model is already unsure: give it a confident one
+    extra = {"base_model": confident_base, "config": {"tau_fraction": 0.6}} \
+        if name == "oni" else {}
+    a = _defend(name, data, seed=1, **extra)
+    b = _defend(name, data, seed=2, **extra)
+    if name in ("dynanoise", "dpsgd"):
+        # DynaNoise's seed picks its noise stream; DP-SGD's noise follows train_config.seed
+        other = _defend(name, data, seed=1, train_config=TrainConfig(
+            epochs=TRAIN.epochs, batch_size=TRAIN.batch_size, progress=False, device="cpu",
+            seed=9)) if name == "dpsgd" else b
+        assert not torch.equal(a.predict_proba(x_test), other.predict_proba(x_test))
+    else:
+        assert not _same_params(_params(a), _params(b))
+
+
+def test_train_config_seed_changes_the_model(data):
+    a = _defend("undefended", data)
+    b = _defend("undefended", data, train_config=TrainConfig(
+        epochs=TRAIN.epochs, batch_size=TRAIN.batch_size, progress=False, device="cpu", seed=1))
+    assert not _same_params(_params(a), _params(b))
+
+
+def test_undefended_is_train_model(data):
+    x, y, x_test, y_test = data
+    dm = _defend("undefended", data)
+    model = MLP(D, K, HIDDEN)
+    history = train_model(model, x, y, config=TRAIN, x_test=x_test, y_test=y_test)
+    assert _same_params(_params(dm), model.state_dict())
+    assert dm.history.train_acc == history.train_acc
+    assert dm.report == {"base_model": "trained"}
+
+
+def test_a_given_base_model_is_used_as_is_and_never_changed(data, confident_base):
+    _, _, x_test, _ = data
+    before = {key: t.clone() for key, t in confident_base.state_dict().items()}
+    dm = _defend("undefended", data, base_model=confident_base)
+    assert dm.history is None and dm.report == {"base_model": "given"}
+    assert dm.model is not confident_base
+    assert torch.equal(dm.predict_proba(x_test),
+                       torch.softmax(confident_base(x_test), 1).detach())
+    _defend("oni", data, base_model=confident_base)
+    assert _same_params(before, confident_base.state_dict())
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_trained_defenses_copy_the_base_models_architecture(name, data, confident_base):
+    """A base model in eval mode: the defenses that train a fresh copy still train it."""
+    _, _, x_test, _ = data
+    confident_base.eval()
+    dm = _defend(name, data, base_model=confident_base, hidden=(7,))
+    assert [tuple(p.shape) for p in dm.model.parameters()] == \
+        [tuple(p.shape) for p in confident_base.parameters()]
+    assert dm.predict_proba(x_test).shape == (len(x_test), K)
+
+
+def test_n_classes_covers_labels_missing_from_the_data(data):
+    x, y, _, _ = data
+    keep = y < K - 1
+    dm = defend("label_smoothing", x[keep], y[keep], train_config=TRAIN, hidden=HIDDEN,
+                n_classes=K)
+    assert dm.predict_proba(x[:3]).shape == (3, K)
+    inferred = defend("label_smoothing", x[keep], y[keep], train_config=TRAIN, hidden=HIDDEN)
+    assert inferred.predict_proba(x[:3]).shape == (3, K - 1)
+
+
+# ----------------------------------------------------------------------------- ONI and uniform
+
+def test_oni_noise_meets_the_solver_constraints_and_is_what_the_model_learns(
+        data, confident_base):
+    x, y, x_test, y_test = data
+    config = {"tau_fraction": 0.6, "eps": 0.5}
+    dm = _defend("oni", data, base_model=confident_base, config=config, seed=4)
+    noise = dm.artifacts["noise"]
+    tol = 1e-5
+    assert noise.eta.shape == x.shape
+    assert (noise.eta.abs() <= noise.budget + tol).all()            # box, eq. 7
+    assert (noise.norm <= noise.radius + tol).all()                 # ball, eq. 8
+    assert torch.allclose(noise.norm, noise.eta.norm(dim=1))
+    assert math.isclose(noise.tau, 0.6 * math.log(K), rel_tol=1e-12)
+    assert (noise.entropy[noise.feasible] >= noise.tau - tol).all()  # feasible rows reach tau
+    assert noise.feasible.float().mean() > 0.5 and (noise.norm > 0).any()
+    report = dm.report
+    assert report["n_rows"] == len(x) and report["n_feasible"] == int(noise.feasible.sum())
+    assert report["feasible_rate"] == pytest.approx(noise.feasible.double().mean().item())
+    assert report["tau"] == pytest.approx(noise.tau)
+    assert report["norm_max"] == pytest.approx(noise.norm.max().item())
+    assert report["base_model"] == "given"
+    # the budget of eq. 7 from the same Shapley values the defense computed
+    phi = oni.shapley_values(confident_base.eval(), x, n_permutations=32,
+                             seed=_derived_seed(4, "oni:shapley"))
+    assert torch.allclose(noise.budget, oni.noise_budget(phi, 0.5, 0.5))
+    # the defended model is a fresh model distilled on (x + eta, f(x + eta), y)
+    x_noisy = x + noise.eta
+    log_soft = torch.log_softmax(predict_logits(confident_base, x_noisy), 1)
+    model = MLP(D, K, HIDDEN)
+    train_model(model, x_noisy, y, config=TRAIN, x_test=x_test, y_test=y_test,
+                extra=log_soft, loss_fn=lambda z, t, q: distillation_loss(
+                    z, t, q, alpha=0.5, kl_direction="paper"))
+    assert _same_params(_params(dm), model.state_dict())
+
+
+def test_oni_kl_direction_is_an_option(data, confident_base):
+    paper = _defend("oni", data, base_model=confident_base, config={"tau_fraction": 0.6})
+    forward = _defend("oni", data, base_model=confident_base,
+                      config={"tau_fraction": 0.6, "kl_direction": "forward"})
+    assert paper.config["kl_direction"] == "paper"
+    assert forward.config["kl_direction"] == "forward"
+    assert not _same_params(_params(paper), _params(forward))
+
+
+def test_uniform_noise_has_one_budget_and_is_trained_like_oni(data, confident_base):
+    x, y, x_test, y_test = data
+    dm = _defend("uniform", data, base_model=confident_base, config={"eps": 0.2}, seed=6)
+    eta = dm.artifacts["eta"]
+    assert torch.equal(eta, oni.uniform_noise(x, 0.2, seed=_derived_seed(6, "uniform:noise")))
+    assert (eta.abs() <= 0.2).all() and eta.abs().max() > 0.15
+    log_soft = torch.log_softmax(predict_logits(confident_base, x + eta), 1)
+    model = MLP(D, K, HIDDEN)
+    train_model(model, x + eta, y, config=TRAIN, x_test=x_test, y_test=y_test, extra=log_soft,
+                loss_fn=lambda z, t, q: distillation_loss(z, t, q, alpha=0.5))
+    assert _same_params(_params(dm), model.state_dict())
+
+
+def test_distillation_loss_follows_its_formula():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    log_q = torch.log_softmax(torch.randn(6, 5, generator=gen, dtype=torch.float64), 1)
+    y = torch.randint(5, (6,), generator=gen)
+    p, q = torch.softmax(logits, 1), log_q.exp()
+    kl_paper = (p * (p.log() - q.log())).sum(1).mean()      # KL(f'(x') || y')
+    kl_forward = (q * (q.log() - p.log())).sum(1).mean()    # KL(y' || f'(x'))
+    ce = F.cross_entropy(logits, y)
+    for alpha in (0.0, 0.3, 1.0):
+        got = distillation_loss(logits, y, log_q, alpha=alpha, kl_direction="paper")
+        assert torch.allclose(got, alpha * kl_paper + (1 - alpha) * ce)
+        got = distillation_loss(logits, y, log_q, alpha=alpha, kl_direction="forward")
+        assert torch.allclose(got, alpha * kl_forward + (1 - alpha) * ce)
+    assert not torch.allclose(kl_paper, kl_forward)
+    assert torch.allclose(kl_forward, F.kl_div(torch.log_softmax(logits, 1), log_q,
+                                               log_target=True, reduction="batchmean"))
+    with pytest.raises(ValueError, match="kl_direction"):
+        distillation_loss(logits, y, log_q, alpha=0.5, kl_direction="reverse")
+
+
+# ----------------------------------------------------------------------------- DynaNoise
+
+def _dynanoise_by_hand(logits, noise, sigma0_sq, lam, temperature):
+    """The formula in float64, one draw at a time."""
+    logits, k = logits.double(), logits.shape[1]
+    p = torch.softmax(logits, 1)
+    certainty = 1 - (-(p * p.log()).sum(1)) / math.log(k)
+    sigma = torch.sqrt(sigma0_sq * (1 + lam * certainty))
+    outs = [torch.softmax((logits + sigma[:, None] * draw.double()) / temperature, 1)
+            for draw in noise]
+    return sum(outs) / len(outs)
+
+
+def test_dynanoise_follows_its_formula(data):
+    _, _, x_test, _ = data
+    config = {"sigma0_sq": 0.5, "lambda": 3.0, "temperature": 4.0, "draws": 3}
+    dm = _defend("dynanoise", data, config=config, seed=2)
+    predictor = dm.predict_proba
+    assert isinstance(predictor, DynaNoise)
+    assert predictor.noise_seed == dm.report["noise_seed"] == _derived_seed(2, "dynanoise:noise")
+    logits = predict_logits(dm.model, x_test)
+    gen = torch.Generator().manual_seed(predictor.noise_seed)
+    for _ in range(2):  # the second query continues the stream: fresh noise
+        noise = torch.randn((3, len(x_test), K), generator=gen)
+        expected = _dynanoise_by_hand(logits, noise, 0.5, 3.0, 4.0)
+        assert torch.allclose(predictor(x_test).double(), expected, atol=1e-6)
+    predictor.reset()
+    gen = torch.Generator().manual_seed(predictor.noise_seed)
+    first = _dynanoise_by_hand(logits, torch.randn((3, len(x_test), K), generator=gen),
+                               0.5, 3.0, 4.0)
+    assert torch.allclose(predictor(x_test).double(), first, atol=1e-6)
+    # the M draws are averaged: one draw alone is another answer
+    single = _dynanoise_by_hand(logits, torch.randn((3, len(x_test), K),
+                                generator=torch.Generator().manual_seed(
+                                    predictor.noise_seed))[:1], 0.5, 3.0, 4.0)
+    assert not torch.allclose(single, first, atol=1e-4)
+
+
+def test_dynanoise_noise_grows_with_certainty_and_vanishes_without_sigma():
+    model = torch.nn.Linear(3, 4)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    x = torch.zeros(5, 3)
+    # uniform logits: R = 0, sigma^2 = sigma0^2 exactly
+    predictor = DynaNoise(model, sigma0_sq=0.3, lam=2.0, temperature=1.0, noise_seed=7)
+    noise = torch.randn((1, 5, 4), generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(predictor(x), torch.softmax(math.sqrt(0.3) * noise[0], 1), atol=1e-6)
+    # no noise and T = 1: the model's softmax
+    quiet = DynaNoise(model, sigma0_sq=0.0, lam=2.0, temperature=1.0)
+    assert torch.allclose(quiet(x), torch.full((5, 4), 0.25))
+    with pytest.raises(ValueError, match="temperature"):
+        DynaNoise(model, temperature=0.0)
+    with pytest.raises(TypeError, match="draws"):
+        DynaNoise(model, draws=1.5)
+
+
+# ----------------------------------------------------------------------------- DP-SGD
+
+@needs_opacus
+def test_dpsgd_reports_the_epsilon_it_spent(data):
+    loose = _defend("dpsgd", data, config={"epsilon": 8.0})
+    tight = _defend("dpsgd", data, config={"epsilon": 1.0, "delta": 1e-4})
+    for dm, target in ((loose, 8.0), (tight, 1.0)):
+        assert 0 < dm.report["epsilon_spent"] <= target + 0.05
+        assert dm.report["epsilon_spent"] >= 0.5 * target  # the budget is used, not wasted
+        assert dm.report["target_epsilon"] == target
+        assert dm.report["steps"] > 0
+    assert tight.report["noise_multiplier"] > loose.report["noise_multiplier"]
+    assert tight.report["delta"] == 1e-4
+    assert not hasattr(next(loose.model.parameters()), "grad_sample")
+
+
+@needs_opacus
+def test_dpsgd_options_change_the_training(data):
+    base = _params(_defend("dpsgd", data))
+    for config in ({"optimizer": "adam", "lr": 1e-3}, {"max_grad_norm": 0.1}):
+        assert not _same_params(_params(_defend("dpsgd", data, config=config)), base), config
+    # ghost clipping computes the same clipped gradients as per-sample hooks, and the same
+    # noise is drawn: the same model up to float rounding
+    hooks = _params(_defend("dpsgd", data, config={"grad_sample_mode": "hooks"}))
+    assert all(torch.allclose(hooks[key], base[key], atol=1e-5) for key in base)
+
+
+def test_dpsgd_without_opacus_names_the_extra(data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "opacus", None)  # import opacus -> ImportError
+    with pytest.raises(ImportError, match=r"oni\[defenses\]"):
+        _defend("dpsgd", data)
+
+
+# ----------------------------------------------------------------------------- AdvReg
+
+def test_advreg_reference_set_given_or_held_out(data):
+    x, y, x_test, y_test = data
+    held_out = _defend("advreg", data, config={"reference_fraction": 0.25})
+    assert held_out.report["reference"]["n_reference"] == 60
+    assert held_out.report["reference"]["n_members"] == 180
+    assert 0.0 <= held_out.report["inference_balanced_accuracy"] <= 1.0
+    given = defend("advreg", x, y, train_config=TRAIN, hidden=HIDDEN, x_ref=x_test[:50],
+                   y_ref=y_test[:50])
+    assert given.report["reference"] == {"source": "given", "n_members": len(x),
+                                         "n_reference": 50}
+    assert given.history.train_acc[-1] > 0
+    # lambda = 0 leaves only cross-entropy: a different model than the default's
+    plain = _defend("advreg", data, config={"lambda": 0.0, "reference_fraction": 0.25})
+    assert not _same_params(_params(plain), _params(held_out))
+
+
+def test_label_smoothing_is_cross_entropy_with_smoothing(data):
+    x, y, x_test, y_test = data
+    dm = _defend("label_smoothing", data, config={"smoothing": 0.2})
+    model = MLP(D, K, HIDDEN)
+    train_model(model, x, y, config=TRAIN, x_test=x_test, y_test=y_test,
+                loss_fn=lambda z, t: F.cross_entropy(z, t, label_smoothing=0.2))
+    assert _same_params(_params(dm), model.state_dict())
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_defaults_are_the_resolved_empty_config():
+    assert set(DEFAULTS) == set(DEFENSES)
+    for name in DEFENSES:
+        assert defense_config(name) == DEFAULTS[name]
+        assert defense_config(name, {}) == DEFAULTS[name]
+    assert DEFAULTS["dynanoise"] == {"sigma0_sq": 0.3, "lambda": 2.0, "temperature": 10.0,
+                                     "draws": 1}
+    assert DEFAULTS["oni"]["kl_direction"] == "paper"
+    assert defense_config("oni", {"eps": 2})["eps"] == 2.0
+
+
+@pytest.mark.parametrize("name, config, error, match", [
+    ("oni", {"epsilon": 1.0}, ValueError, r"'epsilon'.*tau_fraction, eps, beta"),
+    ("undefended", {"eps": 1.0}, ValueError, r"'eps'.*none"),
+    ("oni", {"eps": "big"}, TypeError, r"config\['eps'\] of 'oni' must be a number"),
+    ("oni", {"eps": -1.0}, ValueError, r"config\['eps'\]"),
+    ("oni", {"beta": 1.5}, ValueError, r"beta.*\[0.0, 1.0\]"),
+    ("oni", {"alpha": float("nan")}, ValueError, "alpha"),
+    ("oni", {"kl_direction": "reverse"}, ValueError, r"kl_direction.*'paper', 'forward'"),
+    ("oni", {"n_permutations": 0}, ValueError, r"n_permutations'\] of 'oni' must be >= 1"),
+    ("oni", {"max_iter": 2.5}, TypeError, "max_iter.*int"),
+    ("oni", {"starts": True}, TypeError, "starts.*int"),
+    ("dynanoise", {"temperature": 0}, ValueError, "temperature"),
+    ("dynanoise", {"draws": 0}, ValueError, "draws"),
+    ("dpsgd", {"epsilon": 0.0}, ValueError, "epsilon"),
+    ("dpsgd", {"delta": 1.5}, ValueError, "delta"),
+    ("dpsgd", {"accountant": "gdp"}, ValueError, "accountant"),
+    ("advreg", {"reference_fraction": 1.5}, ValueError, "reference_fraction"),
+    ("label_smoothing", {"smoothing": -0.1}, ValueError, "smoothing"),
+    ("oni", [("eps", 1.0)], TypeError, "config must be a dict"),
+])
+def test_bad_configs_are_rejected(name, config, error, match, data):
+    with pytest.raises(error, match=match):
+        defense_config(name, config)
+    with pytest.raises(error, match=match):
+        _defend(name, data, config=config)
+
+
+def test_bad_arguments_are_rejected(data, confident_base):
+    x, y, x_test, y_test = data
+    with pytest.raises(ValueError, match="unknown defense 'dp'.*undefended"):
+        defend("dp", x, y)
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        defend("undefended", x, y, train_config={"epochs": 1})
+    with pytest.raises(ValueError, match="x_test and y_test"):
+        defend("undefended", x, y, train_config=TRAIN, x_test=x_test)
+    with pytest.raises(ValueError, match="x_ref, y_ref.*'oni' does not use them"):
+        defend("oni", x, y, train_config=TRAIN, x_ref=x_test, y_ref=y_test)
+    with pytest.raises(ValueError, match="n_classes = 7 but base_model has 4"):
+        defend("oni", x, y, train_config=TRAIN, base_model=confident_base, n_classes=7)
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 2\)"):
+        defend("undefended", x, y, train_config=TRAIN, n_classes=2)
+    with pytest.raises(TypeError, match="base_model must be an nn.Module"):
+        defend("oni", x, y, train_config=TRAIN, base_model=lambda z: z)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        defend("undefended", x.long(), y, train_config=TRAIN)
+    with pytest.raises(TypeError, match="hidden"):
+        defend("undefended", x, y, train_config=TRAIN, hidden=32)
+    with pytest.raises(ValueError, match="seed"):
+        defend("undefended", x, y, train_config=TRAIN, seed=-1)
+
+
+# ----------------------------------------------------------------------------- files
+
+@pytest.mark.parametrize("name", ["undefended", "oni", "dynanoise"])
+def test_save_load_roundtrip(name, data, tmp_path):
+    _, _, x_test, _ = data
+    dm = _defend(name, data, config={"draws": 2} if name == "dynanoise" else None)
+    expected = dm.predict_proba(x_test)
+    save_defended(dm, tmp_path / "defended")
+    back = load_defended(tmp_path / "defended")
+    assert back.name == name and back.config == dm.config and back.report == dm.report
+    assert back.history == dm.history
+    assert _same_params(_params(back), _params(dm))
+    assert back.artifacts == {}
+    # a DynaNoise stream restarts from its seed: the first query is answered as before
+    assert torch.equal(back.predict_proba(x_test), expected)
+
+
+def test_load_defended_rejects_a_plain_model(tmp_path):
+    save_model(MLP(D, K, HIDDEN), tmp_path / "plain")
+    with pytest.raises(ValueError, match="no defense"):
+        load_defended(tmp_path / "plain")
+    with pytest.raises(TypeError, match="DefendedModel"):
+        save_defended(MLP(D, K, HIDDEN), tmp_path / "x")
+
+
+def test_public_names_are_exported():
+    for public in defenses_module.__all__:
+        assert getattr(oni, public) is getattr(defenses_module, public)
+
+
+def test_readme_defenses_example_runs():
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("## Defenses", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md:## Defenses", "exec"), {})
