@@ -78,6 +78,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int as _check_int
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import predict_logits_batched, train_mlps_batched
@@ -161,14 +162,6 @@ class AttackResult:
 
 
 # ----------------------------------------------------------------------------- checks
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def _check_widths(value, name: str) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import lzma
-import numbers
 import os
 import tarfile
 import tempfile
@@ -47,6 +46,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._checks import check_int as _check_int
 
 __all__ = [
     "DataError", "Dataset", "load_shokri_csv", "load_texas", "load_npz", "save_npz",
@@ -851,14 +852,6 @@ _SYNTHETIC_DENSITY = 0.1
 _SYNTHETIC_HOT_FRACTION = 0.1
 _SYNTHETIC_P_HOT = 0.45
 _SYNTHETIC_AMBIGUOUS = 0.2
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def synthetic_purchase(n: int = 20_000, *, d: int = 600, k: int = 100,

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops, reference
+from ._checks import check_int as _check_int
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -143,14 +144,6 @@ def _check_baseline(baseline, x: Tensor, per_row: bool = False) -> Tensor:
                          f"got shape {tuple(baseline.shape)}")
     _check_finite(baseline, "baseline")
     return baseline
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 # Device types whose kernels "auto" picks: CPU, and CUDA since scripts/gpu_check.sh passed on

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int as _check_int
 from .models import _check_seed, _resolve_device, init_parameters_
 
 __all__ = ["TrainConfig", "History", "train_model", "predict_logits", "predict_proba",
@@ -92,14 +93,6 @@ class History:
 
 
 # ----------------------------------------------------------------------------- checks
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def _check_real(value, name: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
