@@ -1,0 +1,262 @@
+"""oni.metrics on hand-made score vectors whose answers are computed by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from oni import metrics
+
+# (scores, is_member): every case below has its answers worked out in the comments
+PERFECT = ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+REVERSED = ([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1])
+ALL_TIED = ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1])
+# ROC points (fpr, tpr): inf (0, 0); t=3 (0, .5); t=2 (.5, 1); t=1 (1, 1)
+PARTLY_TIED = ([1.0, 2.0, 2.0, 3.0], [0, 0, 1, 1])
+
+
+# ----------------------------------------------------------------------------- AUC
+
+@pytest.mark.parametrize("case, auc", [
+    (PERFECT, 1.0),
+    (REVERSED, 0.0),
+    (ALL_TIED, 0.5),
+    # member-non-member pairs: 2>1, 2=2 (one half), 3>1, 3>2 -> 3.5 / 4
+    (PARTLY_TIED, 0.875),
+])
+def test_roc_auc_hand_cases(case, auc):
+    assert metrics.roc_auc(*case) == pytest.approx(auc)
+
+
+def test_roc_auc_is_chance_on_unrelated_scores():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(20_000, generator=gen)
+    is_member = torch.rand(20_000, generator=gen) < 0.5
+    assert abs(metrics.roc_auc(scores, is_member) - 0.5) < 0.02  # stderr ~0.004
+
+
+def test_roc_curve_points_and_thresholds():
+    fpr, tpr, thresholds = metrics.roc_curve(*PARTLY_TIED, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
+    assert thresholds[0] == math.inf
+    np.testing.assert_allclose(thresholds[1:], [3, 2, 1])
+
+
+def test_roc_curve_accepts_tensors_numpy_and_lists_alike():
+    scores, member = PARTLY_TIED
+    as_list = metrics.roc_curve(scores, member)
+    as_tensor = metrics.roc_curve(torch.tensor(scores), torch.tensor(member, dtype=torch.bool))
+    as_numpy = metrics.roc_curve(np.array(scores, dtype=np.float32), np.array(member))
+    for a, b, c in zip(as_list, as_tensor, as_numpy):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+# ----------------------------------------------------------------------------- TPR at low FPR
+
+@pytest.mark.parametrize("case, fpr, tpr", [
+    (PERFECT, 0.001, 1.0),
+    (REVERSED, 0.01, 0.0),
+    (ALL_TIED, 0.01, 0.0),     # the tie moves every record at once: (0, 0) then (1, 1)
+    (PARTLY_TIED, 0.01, 0.5),
+    (PARTLY_TIED, 0.49, 0.5),
+    (PARTLY_TIED, 0.5, 1.0),
+    (PARTLY_TIED, 1.0, 1.0),
+])
+def test_tpr_at_fpr_hand_cases(case, fpr, tpr):
+    assert metrics.tpr_at_fpr(*case, fpr) == pytest.approx(tpr)
+
+
+def test_tpr_at_fpr_takes_the_largest_reachable_tpr_without_interpolating():
+    # 1,000 non-members score 0..999; members score 999.5, 998.5 and 500.
+    # thresholds: 999.5 -> (fpr 0, tpr 1/3); 998.5 -> (1/1000, 2/3); 500 -> (500/1000, 1)
+    scores = np.concatenate([np.arange(1000.0), [999.5, 998.5, 500.0]])
+    member = np.r_[np.zeros(1000, bool), np.ones(3, bool)]
+    assert metrics.tpr_at_fpr(scores, member, 0.001) == pytest.approx(2 / 3)
+    assert metrics.tpr_at_fpr(scores, member, 0.01) == pytest.approx(2 / 3)
+    # below 1 / n_nonmembers only FPR 0 is admissible (interpolation would give ~1/2)
+    assert metrics.tpr_at_fpr(scores, member, 0.0005) == pytest.approx(1 / 3)
+    assert metrics.tpr_at_fpr(scores, member, 0.5) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+@pytest.mark.parametrize("case, balanced, threshold", [
+    (PERFECT, True, 0.8),           # the highest threshold with every record right
+    (REVERSED, True, math.inf),     # nothing beats 0.5; inf is the highest such threshold
+    (REVERSED, False, math.inf),
+    (ALL_TIED, True, math.inf),
+    (PARTLY_TIED, True, 3.0),       # t=3 and t=2 both give 0.75; the higher wins
+    (PARTLY_TIED, False, 3.0),
+])
+def test_best_threshold_hand_cases(case, balanced, threshold):
+    assert metrics.best_threshold(*case, balanced=balanced) == threshold
+
+
+def test_best_threshold_balanced_versus_plain_accuracy():
+    # 9 non-members score 0..8, one member 7.5. "Nobody is a member" (inf) is right 9/10
+    # times, as is t=7.5 (member right, non-member 8 wrong); balanced accuracy: 0.5 at inf,
+    # (1 + 8/9) / 2 at 7.5.
+    scores = [0, 1, 2, 3, 4, 5, 6, 7, 8, 7.5]
+    member = [0] * 9 + [1]
+    assert metrics.best_threshold(scores, member, balanced=False) == math.inf
+    assert metrics.best_threshold(scores, member, balanced=True) == 7.5
+    acc, bal = metrics.accuracy_at_threshold(scores, member, 7.5)
+    assert acc == pytest.approx(0.9)
+    assert bal == pytest.approx((1 + 8 / 9) / 2)
+    acc, bal = metrics.accuracy_at_threshold(scores, member, math.inf)
+    assert (acc, bal) == (pytest.approx(0.9), pytest.approx(0.5))
+
+
+def test_accuracy_at_threshold_counts_ties_as_members():
+    assert metrics.accuracy_at_threshold(*PARTLY_TIED, 2.0) == (0.75, 0.75)
+    assert metrics.accuracy_at_threshold(*PERFECT, 0.8) == (1.0, 1.0)
+    assert metrics.accuracy_at_threshold(*PERFECT, -math.inf) == (0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_attack_report_uses_the_calibration_threshold_and_labels_the_oracle():
+    calibration = ([0.0, 1.0, 2.0, 3.0], [0, 0, 1, 1])  # best balanced threshold: 2
+    scores = [1.5, 2.5, 1.8, 3.0]
+    member = [0, 1, 1, 1]
+    report = metrics.attack_report(scores, member, calibration=calibration)
+    # at t=2: called [F, T, F, T] -> TPR 2/3, TNR 1
+    assert report["threshold"] == 2.0
+    assert report["accuracy"] == pytest.approx(0.75)
+    assert report["balanced_accuracy"] == pytest.approx(5 / 6)
+    # on the evaluated set itself t=1.8 separates perfectly
+    assert report["oracle_threshold"] == 1.8
+    assert report["oracle_accuracy"] == 1.0
+    assert report["oracle_balanced_accuracy"] == 1.0
+    assert report["auc"] == 1.0
+    assert report["tpr@0.1%fpr"] == 1.0 and report["tpr@1%fpr"] == 1.0
+    assert (report["n_members"], report["n_nonmembers"]) == (3, 1)
+    fpr, tpr = report["roc"]
+    assert fpr[0] == 0 and tpr[-1] == 1 and len(fpr) == len(tpr)
+
+
+def test_attack_report_without_calibration_leaves_the_adversary_fields_empty():
+    report = metrics.attack_report(*PARTLY_TIED)
+    assert report["threshold"] is None and report["balanced_accuracy"] is None
+    assert report["auc"] == pytest.approx(0.875)
+    assert report["tpr@1%fpr"] == pytest.approx(0.5)
+    assert report["oracle_threshold"] == 3.0
+    assert report["oracle_balanced_accuracy"] == pytest.approx(0.75)
+
+
+def test_attack_report_at_chance():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(4000, generator=gen)
+    member = torch.arange(4000) % 2 == 0
+    cal = (torch.rand(4000, generator=gen), torch.arange(4000) % 2 == 1)
+    report = metrics.attack_report(scores, member, calibration=cal)
+    assert abs(report["auc"] - 0.5) < 0.04
+    assert abs(report["balanced_accuracy"] - 0.5) < 0.04
+    # the oracle overfits the evaluated set: never below the adversary's figure
+    assert report["oracle_balanced_accuracy"] >= report["balanced_accuracy"]
+    assert report["tpr@1%fpr"] < 0.05
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("fn", [
+    metrics.roc_curve, metrics.roc_auc, metrics.best_threshold, metrics.attack_report,
+    lambda s, m: metrics.tpr_at_fpr(s, m, 0.01),
+    lambda s, m: metrics.accuracy_at_threshold(s, m, 0.5),
+])
+@pytest.mark.parametrize("scores, member, message", [
+    ([0.1, 0.2, 0.3], [0, 1], "is_member has 2 entries but scores has 3"),
+    ([0.1, float("nan"), 0.3], [0, 1, 1], "scores must be finite, got 1 NaN"),
+    ([0.1, float("inf"), 0.3], [0, 1, 1], "1 infinite"),
+    ([0.1, 0.2, 0.3], [1, 1, 1], "is_member must hold both members and non-members"),
+    ([0.1, 0.2, 0.3], [0, 0, 0], "got only non-members"),
+    ([0.1, 0.2, 0.3], [0, 2, 1], "is_member must be booleans or 0/1"),
+    ([[0.1, 0.2]], [0, 1], "scores must be one-dimensional"),
+])
+def test_inputs_are_validated(fn, scores, member, message):
+    with pytest.raises(ValueError, match=message):
+        fn(scores, member)
+
+
+def test_other_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="fpr must be a number in"):
+        metrics.tpr_at_fpr(*PERFECT, 1.5)
+    with pytest.raises(ValueError, match="threshold must be a real number"):
+        metrics.accuracy_at_threshold(*PERFECT, float("nan"))
+    with pytest.raises(ValueError, match="calibration is_member must hold both"):
+        metrics.attack_report(*PERFECT, calibration=([0.1, 0.2], [1, 1]))
+    with pytest.raises(TypeError, match="calibration must be a"):
+        metrics.attack_report(*PERFECT, calibration=[0.1, 0.2, 0.3])
+    with pytest.raises(TypeError, match="scores must be real numbers"):
+        metrics.roc_auc(["a", "b"], [0, 1])
+
+
+# ----------------------------------------------------------------------------- utility
+
+def test_prediction_accuracy_from_scores_or_labels():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0]])
+    y = torch.tensor([0, 1, 1])
+    assert metrics.prediction_accuracy(logits, y) == pytest.approx(2 / 3)
+    assert metrics.prediction_accuracy(torch.tensor([0, 1, 1]), y) == 1.0
+    assert metrics.prediction_accuracy(np.array([[0.9, 0.1]]), [0]) == 1.0
+    with pytest.raises(ValueError, match="outputs has 3 rows but labels has 2"):
+        metrics.prediction_accuracy(logits, y[:2])
+    with pytest.raises(ValueError, match="outputs contains NaN"):
+        metrics.prediction_accuracy(torch.tensor([[float("nan"), 0.0]]), [0])
+    with pytest.raises(ValueError, match="labels must be a 1-D vector of class indices"):
+        metrics.prediction_accuracy(logits, y.float())
+
+
+def test_utility_report_on_a_hand_set_model():
+    model = nn.Linear(2, 2)  # predicts the argmax of the input
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    model.train()
+    x_train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    y_train = torch.tensor([0, 1, 1])  # last row wrong
+    x_test, y_test = torch.tensor([[0.0, 1.0]]), torch.tensor([1])
+    report = metrics.utility_report(model, (x_train, y_train), (x_test, y_test), batch_size=2)
+    assert report["train_acc"] == pytest.approx(2 / 3)
+    assert report["test_acc"] == 1.0
+    assert report["generalization_gap"] == pytest.approx(-1 / 3)
+    assert model.training  # mode restored
+    with pytest.raises(ValueError, match="test must be x"):
+        metrics.utility_report(model, (x_train, y_train), (x_test, y_train))
+
+
+def test_generalization_gap():
+    assert metrics.generalization_gap(0.9, 0.7) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="train_acc must be a number in"):
+        metrics.generalization_gap(90.0, 0.7)
+
+
+# ----------------------------------------------------------------------------- MIDPUT
+
+def test_midput_hand_example():
+    undefended = {"test_acc": 0.80, "balanced_attack_acc": {"loss": 0.70, "lira": 0.60}}
+    defended = {"test_acc": 0.75, "balanced_attack_acc": {"loss": 0.55, "lira": 0.52}}
+    # privacy gain: mean(0.15, 0.08) = 0.115; utility cost: 0.05
+    assert metrics.midput(undefended, defended) == pytest.approx(0.065)
+    # no defense: 0; a defense that only costs accuracy: negative
+    assert metrics.midput(undefended, undefended) == 0.0
+    worse = {"test_acc": 0.70, "balanced_attack_acc": {"loss": 0.70, "lira": 0.60}}
+    assert metrics.midput(undefended, worse) == pytest.approx(-0.10)
+
+
+def test_midput_validates_its_dicts():
+    good = {"test_acc": 0.8, "balanced_attack_acc": {"loss": 0.7}}
+    with pytest.raises(ValueError, match="same attacks.*only in defended: \\['lira'\\]"):
+        metrics.midput(good, {"test_acc": 0.8, "balanced_attack_acc": {"loss": 0.6,
+                                                                        "lira": 0.5}})
+    with pytest.raises(ValueError, match="defended lacks \\['test_acc'\\]"):
+        metrics.midput(good, {"balanced_attack_acc": {"loss": 0.6}})
+    with pytest.raises(ValueError, match="balanced_attack_acc'\\]\\['loss'\\] must be"):
+        metrics.midput(good, {"test_acc": 0.8, "balanced_attack_acc": {"loss": 60}})
+    with pytest.raises(TypeError, match="undefended must be a dict"):
+        metrics.midput(0.5, good)
