@@ -1,0 +1,1007 @@
+"""The ``oni`` command: the experiment end to end, and the Shapley and noise solvers alone.
+
+``oni run [CONFIG.yaml] [--set key=value ...] [--out RUN_DIR] [--preset NAME]`` runs
+
+    data -> splits -> target model (undefended) -> each defense -> each attack on each
+    defense -> metrics -> report
+
+as a chain of **stages**, each saved in ``RUN_DIR/stages/<stage>/`` when it finishes:
+
+* every file of a stage is written atomically (a temporary file, then ``os.replace``), and the
+  stage's record ``stage.json`` (its hash, settings, checksums of its files and what it
+  found) is written last, so a stage without a valid record is simply not done: a run killed
+  at any point (``kill -9`` included) loses at most the stage it was in;
+* a stage's hash covers exactly the settings it depends on (:data:`oni.config.STAGE_KEYS`,
+  the defense's and attacks' own settings) and the hashes of the stages it builds on;
+* re-running skips every stage whose record matches its hash and whose files check out;
+  a stage whose settings changed is recomputed, and the run says which keys changed.
+
+``oni shapley`` and ``oni noise`` compute Shapley values and ONI noise for a saved model and
+a data file; ``oni report`` rebuilds a run's report from its saved results. Every command
+has ``--help``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import config as cfgmod
+from .config import ConfigError
+from .report import build_report, write_atomic
+
+__all__ = ["main", "run_experiment", "StageStore"]
+
+_STAGE_FORMAT = "oni-stage"
+_STAGE_VERSION = 1
+_RECORD = "stage.json"
+
+
+# ----------------------------------------------------------------------------- messages
+
+class _Log:
+    """Progress lines on stderr (``quiet`` keeps only warnings)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[oni] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"[oni] warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _elapsed_bar(description: str, enabled: bool):
+    """A bar that shows the elapsed time of a step with no progress hook of its own (the
+    Shapley values, the noise solve), refreshed once a second; nothing without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if not enabled or tqdm is None:
+        yield
+        return
+    import threading
+    bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}", file=sys.stderr)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- stage store
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
+    return buffer.getvalue()
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=1, default=_json_default) + "\n").encode()
+
+
+class StageStore:
+    """The finished stages of one run directory.
+
+    A stage ``name`` lives in ``RUN_DIR/stages/<name>/``. Its record ``stage.json`` holds the
+    format tag, the stage's hash, the settings it depends on (to say which changed), its
+    parents' hashes, the SHA-256 of each file it wrote, ``meta`` (JSON-able facts) and the
+    compute seconds. The record is written last and atomically: a stage is done exactly when
+    its record exists, its hash matches, and its files match their checksums.
+    """
+
+    def __init__(self, run_dir: Path, log: _Log):
+        self.root = Path(run_dir) / "stages"
+        self.log = log
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def record(self, name: str) -> Optional[dict]:
+        """The stage's record, or None when absent or unreadable."""
+        try:
+            record = json.loads((self.path(name) / _RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("format") != _STAGE_FORMAT:
+            return None
+        return record
+
+    def check(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
+              ) -> Tuple[bool, str]:
+        """``(done, why not)``: whether the stage is finished with this hash."""
+        record = self.record(name)
+        if record is None:
+            if (self.path(name) / _RECORD).exists():
+                return False, "its record is unreadable: recomputing"
+            return False, ""
+        if record.get("version") != _STAGE_VERSION:
+            return False, "it was saved by another version of oni: recomputing"
+        if record.get("hash") != digest:
+            changed = cfgmod.diff_keys(record.get("settings", {}), dict(settings))
+            parents_changed = [p for p, h in parents.items()
+                               if record.get("parents", {}).get(p) != h]
+            why = []
+            if changed:
+                old, new = record.get("settings", {}), dict(settings)
+                shown = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                                  for key in changed[:4])
+                more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+                why.append(f"settings changed ({shown}{more})")
+            if parents_changed:
+                why.append(f"it builds on changed stages ({', '.join(parents_changed)})")
+            return False, ("; ".join(why) or "its hash changed") + ": recomputing"
+        for rel, checksum in record.get("files", {}).items():
+            path = self.path(name) / rel
+            if not path.is_file() or _sha256_file(path) != checksum:
+                return False, f"its file {rel} is missing or corrupt: recomputing"
+        return True, ""
+
+    def begin(self, name: str) -> Path:
+        """Marks the stage not done (removes its record) and returns its directory."""
+        directory = self.path(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(directory / _RECORD)
+        return directory
+
+    def finish(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str],
+               files: Sequence[str], meta: Mapping, seconds: float) -> dict:
+        """Writes the record (last, atomically) once every file of the stage is in place."""
+        directory = self.path(name)
+        record = {"format": _STAGE_FORMAT, "version": _STAGE_VERSION, "stage": name,
+                  "hash": digest, "settings": dict(settings), "parents": dict(parents),
+                  "files": {rel: _sha256_file(directory / rel) for rel in files},
+                  "meta": dict(meta), "seconds": seconds,
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_atomic(directory / _RECORD, _json_bytes(record))
+        return record
+
+    def write_npz(self, name: str, rel: str, arrays: Mapping[str, np.ndarray]) -> str:
+        write_atomic(self.path(name) / rel, _npz_bytes(arrays))
+        return rel
+
+    def read_npz(self, name: str, rel: str) -> Dict[str, np.ndarray]:
+        with np.load(self.path(name) / rel, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """One ``oni run`` per run directory at a time (released by the OS if killed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            pass
+        except OSError:
+            raise RuntimeError(f"another oni run is using {run_dir}; wait for it or use "
+                               f"--out with another directory") from None
+        yield
+    finally:
+        handle.close()
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class _Stage:
+    """One stage of a run: what it is, the settings it depends on, its parents' hashes."""
+
+    name: str
+    kind: str
+    describe: str
+    settings: Dict[str, Any]
+    parents: Dict[str, str]
+    hash: str = ""
+
+
+def _data_fingerprint(dataset) -> str:
+    digest = hashlib.sha256()
+    digest.update(dataset.x.numpy().tobytes())
+    digest.update(dataset.y.numpy().tobytes())
+    digest.update(json.dumps([str(c) for c in dataset.classes]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_data(config: Mapping):
+    from .data import load_dataset, synthetic_purchase
+    data = config["data"]
+    if data["path"] is None:
+        s = data["synthetic"]
+        return synthetic_purchase(s["n"], d=s["d"], k=s["k"], seed=s["seed"])
+    return load_dataset(Path(data["path"]).expanduser(), format=data["format"],
+                        cache_dir=data["cache_dir"])
+
+
+def _utility(defended, data, splits) -> dict:
+    """Train and test accuracy of what the attacker queries (the defended predictions)."""
+    from .metrics import generalization_gap, prediction_accuracy
+    train_acc = prediction_accuracy(defended.predict_proba(data.x[splits.train]),
+                                    data.y[splits.train])
+    test_acc = (prediction_accuracy(defended.predict_proba(data.x[splits.test]),
+                                    data.y[splits.test]) if len(splits.test) else None)
+    gap = generalization_gap(train_acc, test_acc) if test_acc is not None else None
+    return {"train_acc": train_acc, "test_acc": test_acc, "generalization_gap": gap}
+
+
+def _history_dict(history) -> Optional[dict]:
+    return None if history is None else dataclasses.asdict(history)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value, default=_json_default)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _oni_phi(base, x, cfg: Mapping, seed: int, device):
+    """Shapley values of the base model on the training rows, as :func:`oni.defend` computes
+    them for ``"oni"`` (same seed derivation: tests/test_cli.py checks the equality)."""
+    from .shapley import shapley_values
+    from .train import _derived_seed
+    return shapley_values(base, x.to(device), n_permutations=cfg["n_permutations"],
+                          seed=_derived_seed(seed, "oni:shapley"), backend=cfg["backend"])
+
+
+def _oni_eta(base, x, phi, cfg: Mapping, seed: int, device):
+    from .noise import optimal_noise
+    from .train import _derived_seed
+    return optimal_noise(base, x.to(device), phi.to(device), tau_fraction=cfg["tau_fraction"],
+                         eps=cfg["eps"], beta=cfg["beta"], importance=cfg["importance"],
+                         max_iter=cfg["max_iter"], refine_iter=cfg["refine_iter"],
+                         starts=cfg["starts"], seed=_derived_seed(seed, "oni:noise"),
+                         backend=cfg["backend"])
+
+
+def _oni_distill(base, x, y, eta, cfg: Mapping, train_config, x_test, y_test, device):
+    """The ONI defense model from a computed ``eta`` (what :func:`oni.defend` does after
+    the noise): soft labels of ``base`` at ``x + eta``, a fresh model distilled on them."""
+    import copy
+
+    import torch
+
+    from .defenses import distillation_loss
+    from .train import predict_logits, train_model
+    x_noisy = x + eta.to(x.dtype)
+    base = copy.deepcopy(base).to(device).eval()
+    log_soft = torch.log_softmax(predict_logits(base, x_noisy), dim=1)
+    loss_fn = functools.partial(distillation_loss, alpha=cfg["alpha"],
+                                kl_direction=cfg["kl_direction"])
+    model = copy.deepcopy(base)
+    history = train_model(model, x_noisy, y, config=train_config, loss_fn=loss_fn,
+                          extra=log_soft, x_test=x_test, y_test=y_test)
+    return model.cpu().eval(), history
+
+
+def _noise_facts(noise, seconds: float) -> dict:
+    norms = noise.norm.double()
+    return {"n_rows": int(len(noise.feasible)), "n_feasible": int(noise.feasible.sum()),
+            "feasible_rate": float(noise.feasible.double().mean()), "tau": float(noise.tau),
+            "entropy_mean": float(noise.entropy.double().mean()),
+            "norm_mean": float(norms.mean()), "norm_median": float(norms.median()),
+            "norm_max": float(norms.max()),
+            "iterations_mean": float(noise.iterations.double().mean()),
+            "radius_median": float(noise.radius.double().median()),
+            "noise_seconds": seconds}
+
+
+class _Experiment:
+    """The stages of one configuration in one run directory, run or reused in order."""
+
+    def __init__(self, config: Mapping, run_dir: Path, log: _Log, progress: bool):
+        from .models import _resolve_device
+        self.config = config
+        self.store = StageStore(run_dir, log)
+        self.log = log
+        self.progress = progress
+        self.seed = config["seed"]
+        self.device = _resolve_device(config["device"])
+        self.defenses = list(config["defenses"]["run"])
+        self.groups = cfgmod.attack_groups(config["attacks"]["run"])
+        self.adaptive = config["attacks"]["adaptive"]
+        self.records: Dict[str, dict] = {}
+        self.reused: Dict[str, bool] = {}
+        self.hashes: Dict[str, str] = {}
+        self.n_stages = (2 + (2 if "oni" in self.defenses else 0) + len(self.defenses) - 1
+                         + len(self.defenses) * len(self.groups))
+        self.counter = 0
+
+    # -- the stage mechanics
+
+    def _stage(self, name: str, kind: str, describe: str, keys: Sequence[str],
+               parents: Sequence[str], extra: Optional[Mapping] = None) -> _Stage:
+        settings = cfgmod.config_subset(self.config, keys)
+        settings.update(extra or {})
+        parent_hashes = {parent: self.hashes[parent] for parent in parents}
+        st = _Stage(name, kind, describe, settings, parent_hashes)
+        st.hash = cfgmod.stage_hash(kind, settings, sorted(parent_hashes.values()))
+        return st
+
+    def _run(self, st: _Stage, compute: Callable[[Path], Tuple[List[str], dict]]) -> dict:
+        """Reuses ``st`` when done, else runs ``compute(stage_dir) -> (files, meta)``."""
+        self.counter += 1
+        where = f"{self.counter}/{self.n_stages} {st.name}"
+        done, why = self.store.check(st.name, st.hash, st.settings, st.parents)
+        if done:
+            self.log(f"{where}: done earlier, reused")
+            record = self.store.record(st.name)
+        else:
+            if why:
+                self.log(f"{where}: {why}")
+            self.log(f"{where}: {st.describe}")
+            directory = self.store.begin(st.name)
+            start = time.perf_counter()
+            files, meta = compute(directory)
+            seconds = time.perf_counter() - start
+            record = self.store.finish(st.name, st.hash, st.settings, st.parents, files, meta,
+                                       seconds)
+            self.log(f"{where}: finished in {seconds:.1f} s")
+        self.reused[st.name] = done
+        self.records[st.name] = record
+        self.hashes[st.name] = st.hash
+        return record
+
+    def _train_config(self):
+        from .train import TrainConfig
+        t = self.config["train"]
+        return TrainConfig(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
+                           weight_decay=t["weight_decay"], seed=self.seed,
+                           device=self.config["device"], progress=self.progress)
+
+    @staticmethod
+    def _defense_stage(name: str) -> str:
+        return "target" if name == "undefended" else f"defense-{name}"
+
+    def _model_dir(self, name: str) -> Path:
+        return self.store.path(self._defense_stage(name)) / "model"
+
+    # -- the run
+
+    def run(self) -> Tuple[dict, Dict[str, np.ndarray]]:
+        """Every stage in order; returns (what results.json holds, the ROC curves)."""
+        from .metrics import midput
+        source = self.config["data"]["path"] or "synthetic Purchase-shaped data"
+        self.log(f"loading data ({source})")
+        self.data = _load_data(self.config)
+        self.fingerprint = _data_fingerprint(self.data)
+        data = self.data
+        self.log(f"data: {data.name}, {data.n} rows, {data.d} features, {data.k} classes "
+                 f"(fingerprint {self.fingerprint})")
+        self.train_config = self._train_config()
+        self.hidden = tuple(self.config["model"]["hidden"])
+        self._splits()
+        self._target()
+        if "oni" in self.defenses:
+            self._oni_noise()
+        for name in self.defenses:
+            if name != "undefended":
+                self._defense(name)
+        attack_results = {name: {} for name in self.defenses}
+        roc: Dict[str, np.ndarray] = {}
+        for name in self.defenses:
+            for group, attacks in self.groups:
+                record, arrays = self._attacks(name, group, attacks)
+                for attack in attacks:
+                    attack_results[name][attack] = record["meta"][attack]
+                    for part in ("fpr", "tpr"):
+                        roc[f"{name}/{attack}/{part}"] = arrays[f"{attack}/{part}"]
+        results = _assemble(self.config, self.data, self.splits, self, self.defenses,
+                            attack_results, self.fingerprint, midput)
+        return results, roc
+
+    def _splits(self) -> None:
+        import torch
+
+        from .data import Splits, make_splits
+        keys = ("train", "test", "known", "target", "target_member", "shadow_pool")
+        st = self._stage("splits", "splits", "drawing the splits", cfgmod.STAGE_KEYS["splits"],
+                         (), {"data_fingerprint": self.fingerprint})
+
+        def compute(directory):
+            config = self.config["splits"]
+            sizes = {key: config[key] for key in ("train", "test", "known", "target",
+                                                   "shadow_pool") if config[key] is not None}
+            splits = make_splits(self.data, preset=config["preset"], sizes=sizes or None,
+                                 seed=self.seed)
+            arrays = {key: getattr(splits, key).numpy() for key in keys}
+            files = [self.store.write_npz("splits", "splits.npz", arrays)]
+            return files, {"preset": splits.preset, "sizes": splits.sizes()}
+
+        record = self._run(st, compute)
+        arrays = self.store.read_npz("splits", "splits.npz")
+        self.splits = Splits(**{key: torch.from_numpy(arrays[key]) for key in keys},
+                             preset=record["meta"]["preset"], seed=self.seed)
+        data, splits = self.data, self.splits
+        self.x_train, self.y_train = data.x[splits.train], data.y[splits.train]
+        self.x_test, self.y_test = (data.x[splits.test], data.y[splits.test]) \
+            if len(splits.test) else (None, None)
+
+    def _save_defense(self, directory: Path, defended) -> Tuple[List[str], dict]:
+        from .defenses import load_defended, save_defended
+        save_defended(defended, directory / "model")
+        reloaded = load_defended(directory / "model")  # what the attacks will query
+        meta = {"utility": _utility(reloaded, self.data, self.splits),
+                "history": _history_dict(defended.history),
+                "config": defended.config,
+                "report": {k: v for k, v in defended.report.items() if _jsonable(v)}}
+        return ["model/model.json"], meta
+
+    def _target(self) -> None:
+        from .defenses import defend, load_defended
+        data, config = self.data, self.config
+        st = self._stage("target", "target", f"training the undefended target model (MLP "
+                         f"{data.d}-{'-'.join(map(str, self.hidden))}-{data.k}, "
+                         f"{config['train']['epochs']} epochs, {len(self.splits.train)} rows)",
+                         cfgmod.STAGE_KEYS["target"], ("splits",))
+        self._run(st, lambda directory: self._save_defense(directory, defend(
+            "undefended", self.x_train, self.y_train, train_config=self.train_config,
+            x_test=self.x_test, y_test=self.y_test, hidden=self.hidden, seed=self.seed,
+            n_classes=data.k)))
+        self.base = load_defended(self._model_dir("undefended")).model
+
+    def _oni_noise(self) -> None:
+        """ONI's Shapley values and noise: stages of their own (the costly part of ONI)."""
+        import torch
+        cfg = self.config["defenses"]["oni"]
+        st = self._stage("oni-phi", "phi", f"Shapley values of the target model on its "
+                         f"{len(self.splits.train)} training rows ({cfg['n_permutations']} "
+                         f"permutations per row)", cfgmod.STAGE_KEYS["phi"], ("target",))
+
+        def compute_phi(directory):
+            with _elapsed_bar("shapley", self.progress):
+                res = _oni_phi(self.base, self.x_train, cfg, self.seed, self.device)
+            files = [self.store.write_npz("oni-phi", "phi.npz", {
+                "values": res.values.cpu().numpy(), "stderr": res.stderr.cpu().numpy(),
+                "fx": res.fx.cpu().numpy(), "f_baseline": res.f_baseline.cpu().numpy()})]
+            return files, {"stderr_max": float(res.stderr.max())}
+
+        self._run(st, compute_phi)
+        st = self._stage("oni-eta", "eta", "ONI noise for the training rows (eqs. 5-8)",
+                         cfgmod.STAGE_KEYS["eta"], ("oni-phi",))
+
+        def compute_eta(directory):
+            phi = torch.from_numpy(self.store.read_npz("oni-phi", "phi.npz")["values"])
+            start = time.perf_counter()
+            with _elapsed_bar("noise", self.progress):
+                noise = _oni_eta(self.base, self.x_train, phi, cfg, self.seed, self.device)
+            seconds = time.perf_counter() - start
+            arrays = {f.name: getattr(noise, f.name).cpu().numpy()
+                      for f in dataclasses.fields(noise) if f.name not in ("budget", "tau")}
+            files = [self.store.write_npz("oni-eta", "eta.npz", arrays)]
+            return files, _noise_facts(noise, seconds)
+
+        self._run(st, compute_eta)
+
+    def _defense(self, name: str) -> None:
+        import torch
+
+        from .defenses import DefendedModel, defend
+        from .train import predict_proba
+        parents = ("target", "oni-eta") if name == "oni" else ("target",)
+        st = self._stage(f"defense-{name}", "defense", f"training the {name} defense",
+                         ("seed", "model", "train", f"defenses.{name}"), parents)
+        cfg = self.config["defenses"][name]
+
+        def compute(directory):
+            if name == "oni":  # distilled from the saved noise (oni.defend's last step)
+                eta = torch.from_numpy(self.store.read_npz("oni-eta", "eta.npz")["eta"])
+                model, history = _oni_distill(self.base, self.x_train, self.y_train, eta, cfg,
+                                              self.train_config, self.x_test, self.y_test,
+                                              self.device)
+                report = {"base_model": "given", **self.records["oni-eta"]["meta"]}
+                defended = DefendedModel("oni", model, functools.partial(predict_proba, model),
+                                         history, dict(cfg), report)
+            else:
+                defended = defend(name, self.x_train, self.y_train, config=cfg,
+                                  train_config=self.train_config, x_test=self.x_test,
+                                  y_test=self.y_test, hidden=self.hidden, base_model=self.base,
+                                  seed=self.seed, n_classes=self.data.k)
+            return self._save_defense(directory, defended)
+
+        self._run(st, compute)
+
+    def _attacks(self, name: str, group: str, attacks: Sequence[str]):
+        """One attack group against one defense; returns its record and saved arrays."""
+        from .attacks import run_attacks
+        from .defenses import load_defended
+        from .metrics import attack_report
+        adaptive = self.adaptive and name != "undefended"
+        keys = ("seed", "attacks.adaptive", *(f"attacks.{a}" for a in attacks))
+        if adaptive:
+            keys += (f"defenses.{name}",)
+        stage = f"attack-{name}-{group}"
+        st = self._stage(stage, "attack", f"{', '.join(attacks)} against {name} "
+                         f"({'adaptive' if adaptive else 'plain'} shadows)", keys,
+                         (self._defense_stage(name),), {"attacks": list(attacks)})
+
+        def compute(directory):
+            target = load_defended(self._model_dir(name))  # a fresh noise stream (DynaNoise)
+            knows = (name, self.config["defenses"][name]) if adaptive else None
+            results = run_attacks(list(attacks), target, self.data, self.splits,
+                                  configs={a: self.config["attacks"][a] for a in attacks},
+                                  train_config=self.train_config, defense=knows,
+                                  seed=self.seed)
+            arrays, meta = {}, {}
+            for attack, res in results.items():
+                rep = attack_report(res.scores, self.splits.target_member,
+                                    calibration=res.calibration)
+                arrays[f"{attack}/fpr"], arrays[f"{attack}/tpr"] = rep.pop("roc")
+                arrays[f"{attack}/scores"] = res.scores.numpy()
+                if res.calibration is not None:
+                    arrays[f"{attack}/calibration_scores"] = res.calibration[0].numpy()
+                    arrays[f"{attack}/calibration_member"] = res.calibration[1].numpy()
+                facts = {k: v for k, v in res.extra.items()
+                         if k not in ("config", "defense") and _jsonable(v)}
+                meta[attack] = {"metrics": rep, "facts": facts}
+            return [self.store.write_npz(stage, "scores.npz", arrays)], meta
+
+        record = self._run(st, compute)
+        return record, self.store.read_npz(stage, "scores.npz")
+
+
+def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False,
+                   progress: bool = True) -> dict:
+    """Runs (or resumes) the experiment ``config`` in ``run_dir``; returns the results.
+
+    Parameters
+    ----------
+    config : mapping
+        A resolved configuration (:func:`oni.config.resolve_config`).
+    run_dir : path
+        The run directory: ``config.yaml``, ``stages/``, ``results.json``, ``results.csv``,
+        ``roc.npz``, ``report.md`` and ``figures/`` are written there.
+    quiet : bool
+        No progress lines.
+    progress : bool
+        Progress bars while training.
+
+    Returns
+    -------
+    dict
+        What ``results.json`` holds.
+    """
+    log = _Log(quiet)
+    run_dir = Path(run_dir)
+    wall_start = time.perf_counter()
+    with _run_lock(run_dir):
+        write_atomic(run_dir / "config.yaml", cfgmod.dump_yaml(config).encode())
+        results, roc = _Experiment(config, run_dir, log, progress and not quiet).run()
+        results["wall_seconds"] = time.perf_counter() - wall_start
+        write_atomic(run_dir / "roc.npz", _npz_bytes(roc))
+        write_atomic(run_dir / "results.json", _json_bytes(results))
+        build_report(run_dir)
+    return results
+
+
+def _balanced(metrics: Mapping) -> float:
+    """The attack's balanced accuracy at the adversary's threshold (the oracle's when no
+    calibration data exists)."""
+    value = metrics.get("balanced_accuracy")
+    return metrics["oracle_balanced_accuracy"] if value is None else value
+
+
+def _assemble(config, data, splits, runner: "_Experiment", defenses, attack_results,
+              fingerprint, midput) -> dict:
+    defense_results = {}
+    for name in defenses:
+        stage = "target" if name == "undefended" else f"defense-{name}"
+        meta = runner.records[stage]["meta"]
+        attacks = attack_results[name]
+        defense_results[name] = {
+            **meta["utility"],
+            "mean_balanced_attack_acc": (float(np.mean([_balanced(a["metrics"]) for a in
+                                                        attacks.values()]))
+                                         if attacks else None),
+            "history": meta["history"], "config": meta["config"], "report": meta["report"]}
+    def outcome(name: str) -> dict:  # what oni.metrics.midput compares
+        return {"test_acc": defense_results[name]["test_acc"],
+                "balanced_attack_acc": {a: _balanced(m["metrics"])
+                                        for a, m in attack_results[name].items()}}
+
+    for name in defenses:
+        has = defense_results["undefended"]["test_acc"] is not None and attack_results[name]
+        defense_results[name]["midput"] = (midput(outcome("undefended"), outcome(name))
+                                           if has else None)
+    import torch
+    machine = {"platform": platform.platform(), "processor": platform.processor() or
+               platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                machine["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    return {
+        "format": "oni-results", "version": 1,
+        "config": config,
+        "data": {"name": data.name, "n": data.n, "d": data.d, "k": data.k,
+                 "fingerprint": fingerprint},
+        "splits": {"preset": splits.preset, **splits.sizes()},
+        "defenses": defense_results,
+        "attacks": attack_results,
+        "attack_order": list(config["attacks"]["run"]),
+        "stages": {name: {"hash": rec["hash"], "seconds": rec["seconds"],
+                          "reused": runner.reused.get(name, False)}
+                   for name, rec in runner.records.items()},
+        "compute_seconds": float(sum(rec["seconds"] for rec in runner.records.values())),
+        "machine": machine,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _cmd_run(args) -> int:
+    config = cfgmod.resolve_config(args.config, args.set or (), preset=args.preset)
+    if args.out is not None:
+        run_dir = Path(args.out)
+    else:
+        name = Path(args.config).stem if args.config else config["preset"]
+        run_dir = Path("runs") / name
+    if args.dry_run:
+        sys.stdout.write(cfgmod.dump_yaml(config))
+        return 0
+    start = time.perf_counter()
+    results = run_experiment(config, run_dir, quiet=args.quiet,
+                             progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    reused = sum(1 for s in results["stages"].values() if s["reused"])
+    computed = len(results["stages"]) - reused
+    print(f"oni run: done in {seconds:.1f} s ({computed} stages computed, {reused} reused); "
+          f"results in {run_dir}/ (report.md, results.json, results.csv, figures/)")
+    return 0
+
+
+def _load_rows(path: str, rows: Optional[str], data_format: str):
+    from .data import load_dataset
+    data = load_dataset(Path(path).expanduser(), format=data_format)
+    if rows is None:
+        return data
+    try:
+        start, _, stop = rows.partition(":")
+        lo = int(start) if start else 0
+        hi = int(stop) if stop else data.n
+    except ValueError:
+        raise ConfigError(f"--rows {rows!r}: expected START:STOP (e.g. 0:1000)") from None
+    if not 0 <= lo < hi <= data.n:
+        raise ConfigError(f"--rows {rows!r}: must select rows within 0:{data.n} ({path} has "
+                          f"{data.n} rows)")
+    import torch
+    return data.subset(torch.arange(lo, hi))
+
+
+def _load_model_dir(path: str, device):
+    from .models import load_model
+    model, _ = load_model(Path(path).expanduser(), device=device)
+    return model.eval()
+
+
+def _check_width(model, data, path: str) -> None:
+    d = getattr(model, "d", data.d)
+    if d != data.d:
+        raise ConfigError(f"the model in {path} takes {d} features but the data has {data.d}")
+
+
+def _cmd_shapley(args) -> int:
+    import torch
+
+    from .models import _resolve_device
+    from .shapley import shapley_values
+    device = _resolve_device(args.device, "--device")
+    model = _load_model_dir(args.model_dir, device)
+    data = _load_rows(args.data, args.rows, args.format)
+    _check_width(model, data, args.model_dir)
+    x = data.x.to(device)
+    baseline = None
+    if args.baseline == "mean":
+        baseline = x.mean(dim=0)
+    elif args.baseline not in ("zero", None):
+        baseline = torch.from_numpy(np.load(args.baseline)).float().to(device)
+    target = args.target
+    labels = None
+    if target == "label":
+        labels = data.y.to(device)
+    elif target != "pred":
+        try:
+            target = int(target)
+        except ValueError:
+            raise ConfigError(f"--target {target!r}: expected pred, label or a class "
+                              f"index") from None
+    start = time.perf_counter()
+    res = shapley_values(model, x, baseline, target=target, labels=labels,
+                         n_permutations=args.n_permutations, tol=args.tol, seed=args.seed,
+                         backend=args.backend)
+    seconds = time.perf_counter() - start
+    buffer = io.BytesIO()
+    np.save(buffer, res.values.cpu().numpy())
+    write_atomic(Path(args.out), buffer.getvalue())
+    if args.stderr_out:
+        buffer = io.BytesIO()
+        np.save(buffer, res.stderr.cpu().numpy())
+        write_atomic(Path(args.stderr_out), buffer.getvalue())
+    print(f"oni shapley: {data.n} rows x {data.d} features in {seconds:.1f} s "
+          f"(largest standard error {float(res.stderr.max()):.2e}); phi written to {args.out}")
+    return 0
+
+
+def _cmd_noise(args) -> int:
+    import torch
+
+    from .models import _resolve_device
+    from .noise import optimal_noise
+    device = _resolve_device(args.device, "--device")
+    model = _load_model_dir(args.model_dir, device)
+    data = _load_rows(args.data, args.rows, args.format)
+    _check_width(model, data, args.model_dir)
+    x = data.x.to(device)
+    phi = None
+    if args.phi:
+        phi = torch.from_numpy(np.load(args.phi)).to(device, x.dtype)
+        if tuple(phi.shape) != tuple(x.shape):
+            raise ConfigError(f"--phi {args.phi}: shape {tuple(phi.shape)} does not match the "
+                              f"selected data rows {tuple(x.shape)} (use the same --rows)")
+    if args.tau is not None and args.tau_fraction is not None:
+        raise ConfigError("give --tau or --tau-fraction, not both")
+    tau_fraction = args.tau_fraction
+    if tau_fraction is None and args.tau is None:
+        tau_fraction = args.tau_fraction_default
+    start = time.perf_counter()
+    res = optimal_noise(model, x, phi, tau=args.tau, tau_fraction=tau_fraction, eps=args.eps,
+                        beta=args.beta, importance=args.importance, max_iter=args.max_iter,
+                        refine_iter=args.refine_iter, starts=args.starts, seed=args.seed,
+                        backend=args.backend,
+                        shapley_kwargs={"n_permutations": args.n_permutations})
+    seconds = time.perf_counter() - start
+    buffer = io.BytesIO()
+    np.save(buffer, res.eta.cpu().numpy())
+    write_atomic(Path(args.out), buffer.getvalue())
+    if args.details:
+        write_atomic(Path(args.details), _npz_bytes({
+            "entropy": res.entropy.cpu().numpy(), "norm": res.norm.cpu().numpy(),
+            "feasible": res.feasible.cpu().numpy(), "iterations": res.iterations.cpu().numpy(),
+            "radius": res.radius.cpu().numpy(), "tau": np.float64(res.tau)}))
+    n_ok = int(res.feasible.sum())
+    print(f"oni noise: {n_ok} of {data.n} rows reach entropy tau = {res.tau:.4f} nats "
+          f"(mean noise norm {float(res.norm.double().mean()):.4f}) in {seconds:.1f} s; "
+          f"eta written to {args.out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.json").is_file():
+        raise ConfigError(f"{run_dir} holds no results.json: run `oni run --out {run_dir}` "
+                          f"first")
+    path = build_report(run_dir)
+    print(f"oni report: {path} rebuilt (results.csv and figures/ too)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- arguments
+
+_RUN_EPILOG = """\
+configuration keys (YAML file and --set; dotted paths):
+{schema}
+
+presets:
+  default     synthetic Purchase-shaped data (oni.synthetic_purchase, 4,500 rows), the
+              paper's MLP for 20 epochs, the undefended, uniform, ONI and DynaNoise models,
+              the shadow-model, metric and LiRA (4 shadows) attacks; about 5 minutes on a
+              2-core CPU
+  paper       the paper's settings (Table 1 splits, MLP 1024-512-256-128, 100 epochs, the
+              noise solver's full settings, 16 LiRA shadows) for a Purchase100 or Texas100
+              file: --set data.path=FILE; a GPU is recommended
+  location30  Location30 (dataset_location.tgz): a proportional split, the paper's MLP,
+              100 epochs, 8 LiRA shadows: --set data.path=.../dataset_location.tgz
+
+examples:
+  oni run                                   # the embedded default, into runs/default
+  oni run --set train.epochs=5 --set defenses.oni.tau_fraction=0.7 --out runs/try
+  oni run --preset paper --set data.path=data/dataset_purchase --out runs/purchase
+  oni run my.yaml --dry-run                 # print the resolved config and stop
+
+Re-running a command resumes it: finished stages whose settings did not change are reused
+(a stage whose settings changed is recomputed, and the run says which keys changed).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .defenses import DEFAULTS as DEFENSE_DEFAULTS
+    oni_defaults = DEFENSE_DEFAULTS["oni"]
+    parser = argparse.ArgumentParser(
+        prog="oni", description="Optimal Noise Injection against membership inference: run "
+        "the experiment, or compute Shapley values and ONI noise for a saved model.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", help="data -> splits -> target -> defenses -> attacks -> metrics -> report",
+        description="Run (or resume) the experiment: data, splits, the undefended target "
+        "model, each configured defense, each configured attack on each defense, the metrics "
+        "and the report, saving every finished stage in the run directory.",
+        epilog=_RUN_EPILOG.format(schema=cfgmod.describe_schema()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                     help="a YAML file with any of the configuration keys below (default: "
+                          "the preset alone)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override one key, e.g. --set train.epochs=5 (the value is read "
+                          "as YAML: 5 int, 1e-3 float, true, null, [a, b]); repeatable, "
+                          "applied after the config file")
+    run.add_argument("--out", metavar="RUN_DIR",
+                     help="run directory (default: runs/<config file name>, or runs/<preset> "
+                          "without a file); re-running into it resumes")
+    run.add_argument("--preset", choices=tuple(cfgmod.PRESETS),
+                     help="the defaults to start from (default: the file's 'preset' key, "
+                          "else 'default')")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved configuration and exit without running")
+    run.add_argument("--quiet", "-q", action="store_true",
+                     help="no progress output (the final summary line is still printed)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars (stage lines are still printed)")
+    run.set_defaults(handler=_cmd_run)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="a saved model directory (oni.models.save_model or "
+                             "oni.save_defended; e.g. RUN_DIR/stages/target/model)")
+    common.add_argument("data", metavar="DATA",
+                        help="the data file whose rows are processed (Shokri CSV, Texas100 "
+                             "directory or archive, .npz)")
+    common.add_argument("--out", required=True, metavar="FILE.npy",
+                        help="where to write the [N, d] float32 result (numpy .npy)")
+    common.add_argument("--format", default="auto", choices=("auto", "shokri", "texas", "npz"),
+                        help="how to read DATA (default: from the path)")
+    common.add_argument("--rows", metavar="START:STOP",
+                        help="process only these rows of DATA (default: all)")
+    common.add_argument("--seed", type=int, default=0,
+                        help="seed of the permutation walks (and of the noise solver's "
+                             "random starts); default 0")
+    common.add_argument("--backend", default="auto", choices=("auto", "kernel", "torch"),
+                        help="kernel: the C++/CUDA ops; torch: their pure-PyTorch twins; "
+                             "auto (default): the kernels when compiled for the device")
+    common.add_argument("--device", default="auto",
+                        help="auto (cuda when available, default), cpu, cuda, cuda:N")
+
+    shap = sub.add_parser(
+        "shapley", parents=[common],
+        help="Shapley values of a saved model on a data file, to .npy",
+        description="Sampled-permutation Shapley values phi [N, d] of the model's "
+        "explained-class probability (oni.shapley_values) for the rows of DATA.")
+    shap.add_argument("--n-permutations", type=int, default=100,
+                      help="permutation walks per row (antithetic pairs; default 100)")
+    shap.add_argument("--target", default="pred",
+                      help="the explained class: pred (the model's prediction, default), "
+                           "label (DATA's label) or a class index")
+    shap.add_argument("--baseline", default="zero",
+                      help="the reference input: zero (default), mean (the mean of the "
+                           "selected rows) or a .npy file holding a [d] vector or a [B, d] "
+                           "background set")
+    shap.add_argument("--tol", type=float, default=None,
+                      help="stop a row once its largest standard error is below TOL "
+                           "(default: run all walks)")
+    shap.add_argument("--stderr-out", metavar="FILE.npy",
+                      help="also write the [N, d] standard errors there")
+    shap.set_defaults(handler=_cmd_shapley)
+
+    noise = sub.add_parser(
+        "noise", parents=[common],
+        help="ONI noise eta for a saved model and a data file, to .npy",
+        description="The minimum-norm noise eta [N, d] with H(f(x + eta)) >= tau, "
+        "|eta_i| <= u_i (eq. 7) and ||eta|| <= rho(x) (eq. 8) for the rows of DATA "
+        "(oni.optimal_noise). Defaults are those of the oni defense (oni.DEFAULTS['oni']).")
+    noise.add_argument("--phi", metavar="PHI.npy",
+                       help="Shapley values from `oni shapley` for the same rows (default: "
+                            "computed here with --n-permutations and --seed)")
+    noise.add_argument("--n-permutations", type=int, default=oni_defaults["n_permutations"],
+                       help=f"walks per row when phi is computed here (default "
+                            f"{oni_defaults['n_permutations']})")
+    noise.add_argument("--tau", type=float, default=None,
+                       help="entropy threshold in nats, in [0, log k]")
+    noise.add_argument("--tau-fraction", type=float, default=None,
+                       help=f"the threshold as a fraction of log k (default "
+                            f"{oni_defaults['tau_fraction']} when --tau is not given)")
+    noise.add_argument("--eps", type=float, default=oni_defaults["eps"],
+                       help=f"per-feature budget scale of eq. 7 (default {oni_defaults['eps']})")
+    noise.add_argument("--beta", type=float, default=oni_defaults["beta"],
+                       help=f"how much Shapley importance shrinks a feature's budget, in "
+                            f"[0, 1] (default {oni_defaults['beta']})")
+    noise.add_argument("--importance", default=oni_defaults["importance"],
+                       choices=("signed", "abs"),
+                       help="phi as signed (the paper) or abs(phi) in eq. 7")
+    noise.add_argument("--max-iter", type=int, default=oni_defaults["max_iter"],
+                       help=f"ascent iterations per start (default {oni_defaults['max_iter']})")
+    noise.add_argument("--refine-iter", type=int, default=oni_defaults["refine_iter"],
+                       help=f"norm-reduction rounds (default {oni_defaults['refine_iter']})")
+    noise.add_argument("--starts", type=int, default=oni_defaults["starts"],
+                       help=f"starting points per row (default {oni_defaults['starts']})")
+    noise.add_argument("--details", metavar="FILE.npz",
+                       help="also write entropy, norm, feasible, iterations, radius and tau "
+                            "per row there")
+    noise.set_defaults(handler=_cmd_noise, tau_fraction_default=oni_defaults["tau_fraction"])
+
+    report = sub.add_parser(
+        "report", help="rebuild a run's report from its saved results",
+        description="Rebuild RUN_DIR/report.md, results.csv and figures/ from "
+        "RUN_DIR/results.json and roc.npz (no model is trained or queried).")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory `oni run` wrote")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``oni`` command; returns the exit status (2 for a usage or configuration error,
+    1 for a failure while running)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .data import DataError
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"oni {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "another oni run" in str(err):
+            print(f"oni {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        if args.command == "run":
+            print("oni run: interrupted; the finished stages are saved: run the same command "
+                  "again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""A run's report: the results table (CSV), the paper's figures (PNG) and ``report.md``.
+
+Everything here is rebuilt from what ``oni run`` saved in the run directory —
+``results.json`` (every metric, per-epoch histories, the config, the machine) and
+``roc.npz`` (each attack's ROC curve) — so ``oni report RUN_DIR`` reproduces the report
+without training or querying a model.
+
+Figures (``RUN_DIR/figures/``, matplotlib's Agg backend, no display needed):
+
+* ``test_accuracy_per_epoch.png`` — test accuracy per epoch of every trained defense (the
+  paper's Figure 2);
+* ``attack_auc.png`` — each attack's ROC AUC per defense (Figure 3);
+* ``attack_accuracy_vs_gap.png`` — inference (balanced attack) accuracy against the
+  generalization gap (Figure 4);
+* ``lira_roc.png`` — LiRA's ROC curves on log-log axes (Carlini et al. 2022);
+* ``privacy_utility.png`` — test accuracy against mean balanced attack accuracy, each
+  defense labelled with its MIDPUT.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["write_atomic", "build_report", "results_rows", "CSV_COLUMNS", "FIGURES"]
+
+#: the columns of results.csv: one row per defense x attack
+CSV_COLUMNS = ("defense", "attack", "train_acc", "test_acc", "generalization_gap", "midput",
+               "auc", "tpr@0.1%fpr", "tpr@1%fpr", "threshold", "accuracy",
+               "balanced_accuracy", "oracle_threshold", "oracle_accuracy",
+               "oracle_balanced_accuracy", "n_members", "n_nonmembers")
+_DEFENSE_COLUMNS = ("train_acc", "test_acc", "generalization_gap", "midput")
+
+FIGURES = {
+    "accuracy": "test_accuracy_per_epoch.png",
+    "auc": "attack_auc.png",
+    "gap": "attack_accuracy_vs_gap.png",
+    "lira": "lira_roc.png",
+    "tradeoff": "privacy_utility.png",
+}
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_atomic(path: os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically: a temporary file in the same directory,
+    flushed and fsynced, then ``os.replace``; a killed write leaves the old file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return path
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def _load(run_dir: Path):
+    results = json.loads((run_dir / "results.json").read_text())
+    roc: Dict[str, np.ndarray] = {}
+    if (run_dir / "roc.npz").is_file():
+        with np.load(run_dir / "roc.npz", allow_pickle=False) as data:
+            roc = {key: data[key] for key in data.files}
+    return results, roc
+
+
+# ----------------------------------------------------------------------------- tables
+
+def results_rows(results: Mapping) -> List[Dict[str, Any]]:
+    """One dict per defense x attack with every :data:`CSV_COLUMNS` entry."""
+    rows = []
+    for defense, facts in results["defenses"].items():
+        for attack, found in results["attacks"].get(defense, {}).items():
+            metrics = found["metrics"]
+            row = {"defense": defense, "attack": attack}
+            row.update({key: facts.get(key) for key in _DEFENSE_COLUMNS})
+            row.update({key: metrics.get(key) for key in CSV_COLUMNS if key not in row})
+            rows.append(row)
+    return rows
+
+
+def _csv_bytes(rows: Sequence[Mapping]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in CSV_COLUMNS})
+    return buffer.getvalue().encode()
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _figure(width: float = 6.4, height: float = 4.4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global state
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    write_atomic(path, buffer.getvalue())
+
+
+def _fig_accuracy(results, path: Path) -> Optional[str]:
+    fig = _figure()
+    ax = fig.add_subplot()
+    drawn, untrained = 0, []
+    for defense, facts in results["defenses"].items():
+        history = facts.get("history")
+        if not history or not history.get("test_acc") or history["test_acc"][0] is None:
+            untrained.append(defense)
+            continue
+        ax.plot(history["epochs"], history["test_acc"], marker="o", markersize=2.5,
+                label=defense)
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    title = "Test accuracy per epoch (paper Fig. 2)"
+    if untrained:
+        title += f"\n({', '.join(untrained)}: no training of its own; the undefended curve)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return path.name
+
+
+def _attack_order(results) -> List[str]:
+    order = results.get("attack_order") or []
+    seen = {a for found in results["attacks"].values() for a in found}
+    return [a for a in order if a in seen] + sorted(seen - set(order))
+
+
+def _fig_auc(results, path: Path) -> Optional[str]:
+    defenses = list(results["defenses"])
+    attacks = _attack_order(results)
+    if not attacks:
+        return None
+    fig = _figure(max(6.4, 1.2 * len(defenses) + 4.5), 4.4)
+    ax = fig.add_subplot()
+    width = 0.8 / len(attacks)
+    for j, attack in enumerate(attacks):
+        values = [results["attacks"][d].get(attack, {}).get("metrics", {}).get("auc", np.nan)
+                  for d in defenses]
+        ax.bar(np.arange(len(defenses)) + (j - (len(attacks) - 1) / 2) * width, values, width,
+               label=attack)
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(np.arange(len(defenses)))
+    ax.set_xticklabels(defenses)
+    ax.set_ylabel("attack ROC AUC")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_title("Attack AUC per defense (paper Fig. 3); 0.5 = chance", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return path.name
+
+
+_MARKERS = "osD^v<>ph*"
+
+
+def _fig_gap(results, path: Path) -> Optional[str]:
+    attacks = _attack_order(results)
+    points = [(d, facts) for d, facts in results["defenses"].items()
+              if facts.get("generalization_gap") is not None]
+    if not attacks or not points:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    colors = {d: f"C{i}" for i, d in enumerate(results["defenses"])}
+    for j, attack in enumerate(attacks):
+        for defense, facts in points:
+            metrics = results["attacks"][defense].get(attack, {}).get("metrics")
+            if metrics is None:
+                continue
+            value = metrics.get("balanced_accuracy")
+            if value is None:
+                value = metrics["oracle_balanced_accuracy"]
+            ax.scatter(facts["generalization_gap"], value, color=colors[defense],
+                       marker=_MARKERS[j % len(_MARKERS)], s=28)
+    for defense, _ in points:
+        ax.scatter([], [], color=colors[defense], marker="o", label=defense)
+    for j, attack in enumerate(attacks):
+        ax.scatter([], [], color="gray", marker=_MARKERS[j % len(_MARKERS)], label=attack)
+    ax.set_xlabel("generalization gap (train acc - test acc)")
+    ax.set_ylabel("balanced attack accuracy")
+    ax.set_title("Inference accuracy vs generalization gap (paper Fig. 4)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, ncol=2)
+    _save(fig, path)
+    return path.name
+
+
+def _fig_lira(results, roc, path: Path) -> Optional[str]:
+    liras = [a for a in _attack_order(results) if a.startswith("lira")]
+    if not liras:
+        return None
+    fig = _figure(5.0 * len(liras), 4.6)
+    for i, attack in enumerate(liras):
+        ax = fig.add_subplot(1, len(liras), i + 1)
+        floor = 1.0
+        for defense in results["defenses"]:
+            fpr = roc.get(f"{defense}/{attack}/fpr")
+            tpr = roc.get(f"{defense}/{attack}/tpr")
+            if fpr is None:
+                continue
+            n_non = results["attacks"][defense][attack]["metrics"].get("n_nonmembers") or 1
+            floor = min(floor, 1.0 / n_non)
+            auc = results["attacks"][defense][attack]["metrics"]["auc"]
+            keep = fpr > 0
+            ax.loglog(fpr[keep], np.maximum(tpr[keep], 1e-5), label=f"{defense} (AUC {auc:.3f})")
+        grid = np.logspace(math.log10(floor), 0, 50)
+        ax.loglog(grid, grid, color="black", linewidth=0.8, linestyle="--", label="chance")
+        ax.set_xlim(floor, 1.0)
+        ax.set_ylim(floor, 1.0)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"{attack} ROC (log-log)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return path.name
+
+
+def _fig_tradeoff(results, path: Path) -> Optional[str]:
+    points = [(d, f) for d, f in results["defenses"].items()
+              if f.get("test_acc") is not None and f.get("mean_balanced_attack_acc") is not None]
+    if not points:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (defense, facts) in enumerate(points):
+        x, y = facts["mean_balanced_attack_acc"], facts["test_acc"]
+        ax.scatter(x, y, color=f"C{i}", s=40)
+        midput = facts.get("midput")
+        ax.annotate(f"{defense}\nMIDPUT {_fmt(midput)}", (x, y), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("mean balanced attack accuracy (privacy loss)")
+    ax.set_ylabel("test accuracy (utility)")
+    ax.set_title("Privacy-utility plane (up and left is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(0.25)
+    _save(fig, path)
+    return path.name
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _markdown(results, figures: Mapping[str, Optional[str]]) -> str:
+    cfg = results["config"]
+    data, splits = results["data"], results["splits"]
+    machine = results.get("machine", {})
+    source = cfg["data"]["path"] or (f"oni.synthetic_purchase(n={cfg['data']['synthetic']['n']}"
+                                     f", d={cfg['data']['synthetic']['d']}, "
+                                     f"k={cfg['data']['synthetic']['k']})")
+    hidden = "-".join(str(h) for h in cfg["model"]["hidden"])
+    lines = [
+        "# oni run report", "",
+        f"* preset `{cfg['preset']}`, seed {cfg['seed']}; data {source}: {data['n']} rows, "
+        f"{data['d']} features, {data['k']} classes",
+        f"* splits ({splits['preset']}): train {splits['train']}, test {splits['test']}, known "
+        f"{splits['known']}, target {splits['target']} ({splits['target_members']} members), "
+        f"shadow pool {splits['shadow_pool']}",
+        f"* model: MLP {data['d']}-{hidden}-{data['k']}, {cfg['train']['epochs']} epochs, "
+        f"batch {cfg['train']['batch_size']}, Adam lr {cfg['train']['lr']}",
+        "* attacks " + ("adaptive (shadow models trained with the defense they attack)"
+                        if cfg["attacks"]["adaptive"] else "with undefended shadow models"),
+        f"* compute {results.get('compute_seconds', 0):.0f} s over all stages; this invocation "
+        f"{results.get('wall_seconds', 0):.0f} s wall; finished {results.get('finished', '?')}",
+        f"* machine: {machine.get('cpu_model') or machine.get('processor', '?')}, "
+        f"{machine.get('cpus', '?')} CPUs, torch {machine.get('torch', '?')}"
+        + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU"),
+        "", "## Defenses", "",
+    ]
+    rows = []
+    for defense, facts in results["defenses"].items():
+        report = facts.get("report") or {}
+        note = ""
+        if "feasible_rate" in report:
+            note = (f"feasible {report['feasible_rate']:.1%}, mean noise norm "
+                    f"{report['norm_mean']:.3f}")
+        elif "noise_norm_mean" in report:
+            note = f"mean noise norm {report['noise_norm_mean']:.3f}"
+        elif "epsilon_spent" in report:
+            note = f"epsilon spent {report['epsilon_spent']:.2f}"
+        rows.append([defense, facts.get("train_acc"), facts.get("test_acc"),
+                     facts.get("generalization_gap"), facts.get("mean_balanced_attack_acc"),
+                     facts.get("midput"), note])
+    lines.append(_table(["defense", "train acc", "test acc", "gap", "mean bal. attack acc",
+                         "MIDPUT", "notes"], rows))
+    lines += ["", "## Attacks", "",
+              "Accuracy and balanced accuracy at the threshold the adversary picks on its own "
+              "(shadow) data; the oracle columns use the best threshold on the evaluated set "
+              "itself (an upper bound no real adversary reaches).", ""]
+    rows = []
+    for row in results_rows(results):
+        rows.append([row["defense"], row["attack"], row["auc"], row["tpr@0.1%fpr"],
+                     row["tpr@1%fpr"], row["accuracy"], row["balanced_accuracy"],
+                     row["oracle_accuracy"], row["oracle_balanced_accuracy"]])
+    lines.append(_table(["defense", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "acc",
+                         "bal. acc", "oracle acc", "oracle bal. acc"], rows))
+    n_non = min((r["n_nonmembers"] for r in results_rows(results) if r["n_nonmembers"]),
+                default=None)
+    if n_non:
+        lines += ["", f"With {n_non} non-members in the target set, the smallest non-zero "
+                      f"false-positive rate is {1 / n_non:.2%}: TPR@0.1%FPR counts only "
+                      f"thresholds with no false positive at all."]
+    captions = {
+        "accuracy": "Test accuracy per epoch (paper Figure 2)",
+        "auc": "Attack AUC per defense (paper Figure 3)",
+        "gap": "Inference accuracy vs generalization gap (paper Figure 4)",
+        "lira": "LiRA ROC curves, log-log",
+        "tradeoff": "Privacy-utility plane with MIDPUT",
+    }
+    shown = [(key, name) for key, name in figures.items() if name]
+    if shown:
+        lines += ["", "## Figures", ""]
+        for key, name in shown:
+            lines += [f"### {captions[key]}", "", f"![{captions[key]}](figures/{name})", ""]
+    lines += ["## Stages", "", _table(
+        ["stage", "hash", "compute s", "this run"],
+        [[name, s["hash"], s["seconds"], "reused" if s["reused"] else "computed"]
+         for name, s in results.get("stages", {}).items()]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(run_dir: os.PathLike) -> Path:
+    """Writes ``results.csv``, ``figures/*.png`` and ``report.md`` of a run directory from
+    its ``results.json`` and ``roc.npz``; returns the path of ``report.md``."""
+    run_dir = Path(run_dir)
+    results, roc = _load(run_dir)
+    write_atomic(run_dir / "results.csv", _csv_bytes(results_rows(results)))
+    figures_dir = run_dir / "figures"
+    figures = {
+        "accuracy": _fig_accuracy(results, figures_dir / FIGURES["accuracy"]),
+        "auc": _fig_auc(results, figures_dir / FIGURES["auc"]),
+        "gap": _fig_gap(results, figures_dir / FIGURES["gap"]),
+        "lira": _fig_lira(results, roc, figures_dir / FIGURES["lira"]),
+        "tradeoff": _fig_tradeoff(results, figures_dir / FIGURES["tradeoff"]),
+    }
+    return write_atomic(run_dir / "report.md", _markdown(results, figures).encode())

@@ -1,0 +1,484 @@
+"""The `oni` command: config resolution and errors, the staged run end to end, resume after
+an interruption (an exception and a real kill -9), stale-stage detection, the report, and the
+shapley / noise commands."""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oni import cli, config as cfgmod, report as reportmod
+from oni.config import ConfigError, resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a run of seconds: 600 rows, 20 features, 5 classes, one hidden layer of 16, 2 epochs,
+# 4 LiRA shadows, a small attack model and a short noise solve
+TINY = """\
+device: cpu
+data:
+  synthetic: {n: 600, d: 20, k: 5}
+model: {hidden: [16]}
+train: {epochs: 2, lr: 0.01}
+defenses:
+  oni: {n_permutations: 4, max_iter: 5, refine_iter: 1, starts: 1}
+attacks:
+  lira_offline: {n_shadows: 4}
+  lira_online: {n_shadows: 4}
+  shadow: {attack_epochs: 2, prediction_widths: [16], label_widths: [8], combined_widths: [8]}
+"""
+# fewer stages for the resume and staleness tests
+SMALL_SETS = ["defenses.run=[undefended, oni, dynanoise]",
+              "attacks.run=[metric_loss, lira_online]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def _run(args):
+    return cli.main(["run", *map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_yaml, tmp_path_factory):
+    """The tiny config with every default defense and attack, run once."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert _run([tiny_yaml, "--out", out]) == 0
+    return out
+
+
+def _results(run_dir):
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def _stage_status(run_dir):
+    return {name: s["reused"] for name, s in _results(run_dir)["stages"].items()}
+
+
+def _metrics(run_dir):
+    res = _results(run_dir)
+    return ({d: {k: v for k, v in f.items() if k not in ("history", "report")}
+             for d, f in res["defenses"].items()},
+            {d: {a: m["metrics"] for a, m in found.items()} for d, found in res["attacks"].items()})
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_default_config_resolves_with_every_setting():
+    config = resolve_config()
+    assert config["preset"] == "default"
+    assert config["data"]["path"] is None
+    assert config["defenses"]["run"] == ["undefended", "uniform", "oni", "dynanoise"]
+    assert "lira_online" in config["attacks"]["run"] and "shadow" in config["attacks"]["run"]
+    # each defense and attack run gets its full settings, defaults filled in
+    assert config["defenses"]["oni"]["kl_direction"] == "paper"
+    assert config["attacks"]["lira_online"]["n_shadows"] == 4
+    assert config["attacks"]["shadow"]["attack_lr"] == pytest.approx(1e-3)
+    # the YAML written to config.yaml reads back as the same config
+    again = cfgmod.load_yaml(cfgmod.dump_yaml(config), source="dump")
+    assert again == config
+
+
+def test_set_overrides_use_yaml_scalar_rules():
+    config = resolve_config(sets=["train.epochs=5", "train.lr=1e-3", "attacks.adaptive=false",
+                                  "model.hidden=[8, 4]", "defenses.oni.tau_fraction=0.7",
+                                  "data.synthetic.n=900", "splits.target=100",
+                                  "defenses.run=[undefended, oni]"])
+    assert config["train"]["epochs"] == 5 and isinstance(config["train"]["epochs"], int)
+    assert config["train"]["lr"] == 1e-3 and isinstance(config["train"]["lr"], float)
+    assert config["attacks"]["adaptive"] is False
+    assert config["model"]["hidden"] == [8, 4]
+    assert config["defenses"]["oni"]["tau_fraction"] == 0.7
+    assert config["defenses"]["run"] == ["undefended", "oni"]
+    assert config["splits"]["target"] == 100
+
+
+def test_layers_apply_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 7, batch_size: 32}\n")
+    config = resolve_config(path, ["train.epochs=3"])
+    assert config["train"] == {"epochs": 3, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0}
+
+
+def test_presets(tmp_path):
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"")
+    paper = resolve_config(sets=[f"data.path={data}"], preset="paper")
+    assert paper["model"]["hidden"] == [1024, 512, 256, 128]
+    assert paper["train"]["epochs"] == 100
+    assert paper["attacks"]["lira_online"]["n_shadows"] == 16
+    loc = resolve_config(sets=[f"data.path={data}"], preset="location30")
+    assert loc["splits"]["preset"] == "proportional" and loc["preset"] == "location30"
+    # a file may name its preset; --preset wins over it
+    path = tmp_path / "p.yaml"
+    path.write_text(f"preset: paper\ndata: {{path: {data}}}\n")
+    assert resolve_config(path)["train"]["epochs"] == 100
+    assert resolve_config(path, preset="default")["train"]["epochs"] == 20
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["trian.epochs=3"], "trian"),                               # unknown top-level key
+    (["train.epoch=3"], "train.epoch"),                          # unknown nested key
+    (["train.epochs=ten"], "train.epochs"),                      # wrong type
+    (["train.epochs=2.5"], "train.epochs"),                      # float for an int
+    (["train.epochs=0"], "train.epochs"),                        # out of range
+    (["train.lr=-1"], "train.lr"),
+    (["attacks.adaptive=maybe"], "attacks.adaptive"),
+    (["model.hidden=[8, x]"], "model.hidden[1]"),
+    (["model.hidden=8"], "model.hidden"),
+    (["train=5"], "train"),                                      # a section given a scalar
+    (["defenses.oni.tau_fraction=high"], "defenses.oni.tau_fraction"),
+    (["defenses.oni.tau_fraction=1.5"], "defenses.oni.tau_fraction"),
+    (["defenses.oni.foo=1"], "defenses.oni.foo"),                # unknown defense setting
+    (["defenses.shield.eps=1"], "defenses.shield"),              # unknown defense
+    (["defenses.run=[undefended, shield]"], "defenses.run[1]"),
+    (["defenses.run=[oni]"], "defenses.run"),                    # undefended is required
+    (["attacks.lira_online.n_shadows=3"], "attacks.lira_online.n_shadows"),
+    (["attacks.shadow.attack_lr=fast"], "attacks.shadow.attack_lr"),
+    (["data.path=/no/such/file.csv"], "data.path"),              # missing data file
+    (["splits.target=7"], "splits.target"),
+    (["data.format=xml"], "data.format"),
+])
+def test_bad_configs_name_the_key(sets, key):
+    with pytest.raises(ConfigError) as info:
+        resolve_config(sets=sets)
+    assert f"'{key}" in str(info.value), str(info.value)
+
+
+def test_bad_config_files(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: {epochs: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        resolve_config(bad_yaml)
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        resolve_config(not_mapping)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match=r"'train\.epocs'.*typo\.yaml"):
+        resolve_config(typo)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="'data.path'.*preset 'paper'"):
+        resolve_config(preset="paper")
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "=3", "train..epochs=3"])
+def test_malformed_set_items(item):
+    with pytest.raises(ConfigError, match="--set"):
+        resolve_config(sets=[item])
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
+    code = cli.main(["run", "--set", "train.epochs=ten", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: config key 'train.epochs'" in err and "Traceback" not in err
+    assert cli.main(["run", "--set", "data.path=/no/such.csv"]) == 2
+    assert "'data.path'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written for a bad config
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert cli.main(["run", "--dry-run", "--set", "train.epochs=3"]) == 0
+    printed = cfgmod.load_yaml(capsys.readouterr().out, source="stdout")
+    assert printed == resolve_config(sets=["train.epochs=3"])
+
+
+def test_stage_hash_depends_on_settings_and_parents():
+    a = cfgmod.stage_hash("target", {"train.epochs": 2}, ["p"])
+    assert a == cfgmod.stage_hash("target", {"train.epochs": 2}, ["p"])
+    assert a != cfgmod.stage_hash("target", {"train.epochs": 3}, ["p"])
+    assert a != cfgmod.stage_hash("target", {"train.epochs": 2}, ["q"])
+    subset = cfgmod.config_subset(resolve_config(), ["train", "defenses.oni.eps"])
+    assert subset["train.epochs"] == 20 and subset["defenses.oni.eps"] == 1.0
+    assert cfgmod.diff_keys({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b", "c"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_run_end_to_end_writes_every_result(full_run, tiny_yaml):
+    out = full_run
+    config = cfgmod.load_yaml((out / "config.yaml").read_text(), source="config.yaml")
+    assert config == resolve_config(tiny_yaml)
+    res = _results(out)
+    defenses = ["undefended", "uniform", "oni", "dynanoise"]
+    attacks = config["attacks"]["run"]
+    assert list(res["defenses"]) == defenses
+    for name in defenses:
+        facts = res["defenses"][name]
+        for key in ("train_acc", "test_acc", "generalization_gap", "midput",
+                    "mean_balanced_attack_acc"):
+            assert facts[key] is not None, (name, key)
+        assert list(res["attacks"][name]) == attacks
+        for attack in attacks:
+            metrics = res["attacks"][name][attack]["metrics"]
+            for key in ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "accuracy", "balanced_accuracy",
+                        "oracle_accuracy", "oracle_balanced_accuracy"):
+                assert 0.0 <= metrics[key] <= 1.0, (name, attack, key)
+    assert res["defenses"]["undefended"]["midput"] == 0.0
+    assert res["defenses"]["oni"]["report"]["feasible_rate"] >= 0.0
+    assert res["defenses"]["oni"]["history"]["epochs"] == [1, 2]
+    # the CSV: one row per defense x attack, every column
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(reportmod.CSV_COLUMNS)
+    assert len(lines) == 1 + len(defenses) * len(attacks)
+    # the report and its figures
+    text = (out / "report.md").read_text()
+    assert "| defense | attack | AUC |" in text and "MIDPUT" in text
+    for name in reportmod.FIGURES.values():
+        png = out / "figures" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"figures/{name}" in text
+    # nothing half-written is left behind
+    assert not list(out.rglob(".*.tmp-*"))
+
+
+def test_rerun_reuses_every_stage(full_run, tiny_yaml, capsys):
+    before = _metrics(full_run)
+    assert cli.main(["run", str(tiny_yaml), "--out", str(full_run), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert all(_stage_status(full_run).values())
+    assert "0 stages computed" in captured.out and str(full_run) in captured.out
+    assert captured.out.count("\n") == 1  # the one-line summary
+    assert "reused" in captured.err
+    assert _metrics(full_run) == before
+
+
+def test_report_rebuilds_from_saved_results(full_run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy)
+    text = (copy / "report.md").read_text()
+    csv_text = (copy / "results.csv").read_text()
+    shutil.rmtree(copy / "figures")
+    (copy / "report.md").unlink()
+    (copy / "results.csv").unlink()
+    shutil.rmtree(copy / "stages")  # the report needs only results.json and roc.npz
+    assert cli.main(["report", str(copy)]) == 0
+    assert "rebuilt" in capsys.readouterr().out
+    assert (copy / "report.md").read_text() == text
+    assert (copy / "results.csv").read_text() == csv_text
+    assert sorted(p.name for p in (copy / "figures").iterdir()) == \
+        sorted(reportmod.FIGURES.values())
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.fixture(scope="module")
+def small_reference(tiny_yaml, tmp_path_factory):
+    """An uninterrupted run of the smaller config, to compare resumed runs with."""
+    out = tmp_path_factory.mktemp("runs") / "small"
+    assert _run([tiny_yaml, "--out", out, *sum((["--set", s] for s in SMALL_SETS), [])]) == 0
+    return out
+
+
+def _small(tiny_yaml, out, *sets):
+    return [tiny_yaml, "--out", out, *sum((["--set", s] for s in [*SMALL_SETS, *sets]), [])]
+
+
+def test_resume_after_a_failed_stage(tiny_yaml, small_reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while training the ONI model")
+
+    monkeypatch.setattr(cli, "_oni_distill", broken)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        _run(_small(tiny_yaml, out))
+    done = {p.parent.name for p in (out / "stages").glob("*/stage.json")}
+    assert {"splits", "target", "oni-phi", "oni-eta"} <= done
+    assert "defense-oni" not in done and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert _run(_small(tiny_yaml, out)) == 0
+    status = _stage_status(out)
+    assert status["splits"] and status["target"] and status["oni-phi"] and status["oni-eta"]
+    assert not status["defense-oni"] and not status["attack-oni-lira_online"]
+    assert _metrics(out) == _metrics(small_reference)
+
+
+def test_resume_after_kill_9(tiny_yaml, small_reference, tmp_path):
+    """A real `kill -9` in the middle of a run, then the same command again."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "oni.cli", "run", *map(str, _small(tiny_yaml, out)), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env)
+    marker = out / "stages" / "defense-oni" / "stage.json"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before the kill point"
+    assert not (out / "results.json").exists()
+    assert _run(_small(tiny_yaml, out)) == 0  # resumed in-process: no second torch import
+    status = _stage_status(out)
+    assert status["target"] and status["defense-oni"]
+    assert _metrics(out) == _metrics(small_reference)
+
+
+def test_corrupt_or_missing_stage_files_are_recomputed(small_reference, tiny_yaml, tmp_path,
+                                                       capsys):
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    scores = out / "stages" / "attack-oni-lira_online" / "scores.npz"
+    scores.write_bytes(scores.read_bytes()[:100])          # a torn file
+    (out / "stages" / "defense-dynanoise" / "stage.json").unlink()   # a stage never finished
+    (out / "stages" / "oni-phi" / "stage.json").write_text("{not json")  # a torn record
+    assert _run(_small(tiny_yaml, out)) == 0
+    status = _stage_status(out)
+    assert not status["attack-oni-lira_online"] and not status["defense-dynanoise"]
+    assert not status["oni-phi"]
+    assert status["target"] and status["attack-undefended-lira_online"]
+    assert _metrics(out) == _metrics(small_reference)
+
+
+def test_changed_settings_recompute_only_dependent_stages(small_reference, tiny_yaml, tmp_path,
+                                                          capsys):
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, "defenses.oni.tau_fraction=0.8")),
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "defenses.oni.tau_fraction: 0.5 -> 0.8" in err
+    status = _stage_status(out)
+    recomputed = {name for name, reused in status.items() if not reused}
+    assert recomputed == {"oni-eta", "defense-oni", "attack-oni-reference",
+                          "attack-oni-lira_online"}
+    assert _results(out)["config"]["defenses"]["oni"]["tau_fraction"] == 0.8
+    # a change upstream (the training recipe) recomputes everything after the splits
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, "train.epochs=3")), "-q"]) == 0
+    status = _stage_status(out)
+    assert status["splits"] and not any(v for k, v in status.items() if k != "splits")
+
+
+def test_a_second_concurrent_run_is_refused(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "run"
+    with cli._run_lock(out):
+        assert _run([tiny_yaml, "--out", out]) == 2
+    assert "another oni run" in capsys.readouterr().err
+
+
+def test_staged_oni_equals_defend(tmp_path):
+    """`oni run` computes ONI's phi, eta and model as separate stages; together they must
+    give the model oni.defend('oni') gives."""
+    from oni.defenses import defend
+    from oni.train import TrainConfig
+    data = __import__("oni").synthetic_purchase(300, d=20, k=4)
+    x, y = data.x[:200], data.y[:200]
+    tc = TrainConfig(epochs=2, batch_size=32, device="cpu", progress=False)
+    cfg = dict(resolve_config(sets=["defenses.oni.n_permutations=4", "defenses.oni.max_iter=5",
+                                    "defenses.oni.starts=1"])["defenses"]["oni"])
+    base = defend("undefended", x, y, train_config=tc, hidden=(16,)).model
+    reference = defend("oni", x, y, config=cfg, train_config=tc, base_model=base, seed=3)
+    phi = cli._oni_phi(base, x, cfg, 3, torch.device("cpu"))
+    noise = cli._oni_eta(base, x, phi.values, cfg, 3, torch.device("cpu"))
+    assert torch.equal(noise.eta, reference.artifacts["noise"].eta)
+    model, history = cli._oni_distill(base, x, y, noise.eta, cfg, tc, None, None,
+                                      torch.device("cpu"))
+    for (name, a), b in zip(model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert history.train_loss == reference.history.train_loss
+
+
+# ----------------------------------------------------------------------------- shapley, noise
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    import oni
+    from oni.models import MLP, save_model
+    from oni.train import TrainConfig, train_model
+    root = tmp_path_factory.mktemp("solver")
+    data = oni.synthetic_purchase(120, d=12, k=3, seed=1)
+    model = MLP(12, 3, (8,))
+    train_model(model, data.x, data.y, config=TrainConfig(epochs=3, progress=False,
+                                                          device="cpu"))
+    save_model(model, root / "model")
+    oni.save_npz(data, root / "data.npz")
+    return root, model, data
+
+
+def test_shapley_command(model_and_data, capsys):
+    import oni
+    root, model, data = model_and_data
+    out = root / "phi.npy"
+    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--n-permutations", "6", "--seed", "2", "--rows", "10:40",
+                     "--stderr-out", str(root / "se.npy"), "--device", "cpu"]) == 0
+    assert "phi written" in capsys.readouterr().out
+    phi = np.load(out)
+    expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2)
+    np.testing.assert_array_equal(phi, expected.values.numpy())
+    assert np.load(root / "se.npy").shape == (30, 12)
+    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out",
+                     str(out), "--rows", "50:9999"]) == 2
+    assert "--rows" in capsys.readouterr().err
+
+
+def test_noise_command(model_and_data, capsys):
+    import oni
+    root, model, data = model_and_data
+    phi_path = root / "phi_all.npy"
+    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out",
+                     str(phi_path), "--n-permutations", "4", "--device", "cpu"]) == 0
+    out = root / "eta.npy"
+    assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--phi", str(phi_path), "--tau-fraction", "0.3", "--eps", "0.8",
+                     "--beta", "0.4", "--max-iter", "10", "--starts", "1", "--seed", "5",
+                     "--details", str(root / "details.npz"), "--device", "cpu"]) == 0
+    assert "eta written" in capsys.readouterr().out
+    eta = np.load(out)
+    expected = oni.optimal_noise(model, data.x, torch.from_numpy(np.load(phi_path)),
+                                 tau_fraction=0.3, eps=0.8, beta=0.4, max_iter=10,
+                                 refine_iter=oni.DEFAULTS["oni"]["refine_iter"], starts=1,
+                                 seed=5)
+    np.testing.assert_array_equal(eta, expected.eta.numpy())
+    with np.load(root / "details.npz") as details:
+        np.testing.assert_array_equal(details["feasible"], expected.feasible.numpy())
+    # phi computed here when not given; a phi of other rows is refused
+    assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--max-iter", "3", "--device", "cpu"]) == 0
+    assert np.load(out).shape == (120, 12)
+    assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--phi", str(phi_path), "--rows", "0:10"]) == 2
+    assert "--phi" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", ["run", "shapley", "noise", "report"])
+def test_every_option_is_explained(command, capsys):
+    parser = _subparsers(cli.build_parser())[command]
+    for action in parser._actions:
+        assert action.help, f"oni {command}: {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+    if command == "run":  # the config keys are listed too
+        assert "defenses.run" in text and "train.epochs" in text and "--preset" in text
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "oni.cli", "--help"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "shapley" in proc.stdout and "report" in proc.stdout
