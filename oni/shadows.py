@@ -1,0 +1,458 @@
+"""Many small MLPs trained and evaluated in one pass (shadow models for LiRA and friends).
+
+LiRA needs tens to hundreds of shadow models of the target's architecture, each trained on
+its own subset of the adversary's data, and evaluates all of them on the same records.
+This module holds ``K`` MLPs of one shape as stacked parameters (``[K, out, in]`` weights,
+``[K, out]`` biases) and trains them together:
+
+* one gather of the ``K`` minibatches (``[K, B, d]``) per step;
+* forward and backward with batched matrix products (``torch.baddbmm`` / ``torch.bmm``) and
+  a hand-written backward pass (mean cross-entropy, ReLU), no autograd graph;
+* one Adam step over the stacked parameters (``fused=True``: Adam is elementwise, so
+  stacking changes nothing but the number of kernel launches and passes over memory).
+
+Equivalence: model ``j`` of :func:`train_mlps_batched` is trained exactly as
+``oni.train.train_model(MLP(d, k, hidden), x[xs_idx[j]], y[xs_idx[j]], config=replace(config,
+seed=seeds[j]))`` trains it: the same initialisation (:func:`oni.models.init_parameters_`
+with ``seeds[j]``), the same batch order (one CPU ``torch.Generator`` seeded with
+``seeds[j]``, ``torch.randperm(n, generator=g)`` per epoch, consecutive batches, the last
+partial batch kept), the same mean cross-entropy and Adam settings. What differs is the order
+of the floating-point sums inside the matrix products (and the fused Adam kernel), so the
+results agree to float rounding, not bit for bit. On small networks the models stay within
+~1e-7 of each other (tests/test_shadows.py). On the paper's MLP, rounding-level differences
+do not stay small: a pre-activation within rounding of zero flips its ReLU, and Adam's first
+steps move every weight by about ``lr`` whatever the size of its gradient, so after a few
+hundred steps some weights differ by ~1e-3 and more. ``train_model`` shows the same spread
+against itself when only the thread count changes (BENCHMARKS.md, "Batched shadow training
+(CPU)"); the models are alike in distribution (accuracy, predictions), which is what shadow
+models are for.
+
+Why ``bmm`` rather than ``torch.func.vmap(functional_call)``: vmap lowers the linear layers
+to the same batched products but records an autograd graph and adds functorch's per-call
+overhead; the explicit products with a hand-written backward need neither (BENCHMARKS.md
+compares the two). On a CPU the products themselves run no faster batched than one model at
+a time (they are near the machine's float32 peak either way): the gain is in the optimiser
+(one fused pass instead of about ten per parameter) and in the per-step overhead.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._checks import check_int
+from .models import MLP, _resolve_device, init_parameters_
+from .train import TrainConfig, _check_config, _check_features, _check_labels, _progress
+
+__all__ = ["StackedMLP", "stack_mlps", "train_mlps_batched", "predict_logits_batched"]
+
+#: memory a chunk of models may take while training (parameters, gradients, Adam moments)
+_TRAIN_CHUNK_BYTES = 2 << 30
+#: memory the activations of one prediction pass may take
+_PREDICT_CHUNK_BYTES = 256 << 20
+
+
+class StackedMLP:
+    """``K`` MLPs of one architecture as stacked parameters.
+
+    Attributes
+    ----------
+    weights : list of Tensor
+        ``weights[i]`` is ``[K, out_i, in_i]`` (``nn.Linear`` layout), input layer first.
+    biases : list of Tensor
+        ``biases[i]`` is ``[K, out_i]``.
+    d, k : int
+        Input features and classes.
+    hidden : tuple of int
+        Hidden widths.
+    """
+
+    def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor]):
+        if len(weights) == 0 or len(weights) != len(biases):
+            raise ValueError(f"weights and biases must be non-empty lists of equal length, got "
+                             f"{len(weights)} and {len(biases)}")
+        n_models = weights[0].shape[0]
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            if w.dim() != 3 or b.dim() != 2 or w.shape[0] != n_models or \
+                    b.shape != (n_models, w.shape[1]):
+                raise ValueError(f"layer {i}: expected weights [K, out, in] and biases [K, out] "
+                                 f"with K = {n_models}, got {tuple(w.shape)} and "
+                                 f"{tuple(b.shape)}")
+            if i > 0 and w.shape[2] != weights[i - 1].shape[1]:
+                raise ValueError(f"layer {i} takes {w.shape[2]} inputs but layer {i - 1} gives "
+                                 f"{weights[i - 1].shape[1]}")
+        self.weights, self.biases = list(weights), list(biases)
+
+    @property
+    def n_models(self) -> int:
+        return self.weights[0].shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.weights[0].shape[2]
+
+    @property
+    def k(self) -> int:
+        return self.weights[-1].shape[1]
+
+    @property
+    def hidden(self) -> Tuple[int, ...]:
+        return tuple(w.shape[1] for w in self.weights[:-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights[0].device
+
+    def to_models(self) -> List[MLP]:
+        """The ``K`` models as :class:`oni.models.MLP` on the CPU, in eval mode."""
+        models = []
+        for j in range(self.n_models):
+            model = _empty_mlp(self.d, self.k, self.hidden)
+            with torch.no_grad():
+                for layer, w, b in zip(_linears(model), self.weights, self.biases):
+                    layer.weight.copy_(w[j])
+                    layer.bias.copy_(b[j])
+            models.append(model.eval())
+        return models
+
+
+def _empty_mlp(d: int, k: int, hidden: Sequence[int]) -> MLP:
+    """An MLP on the CPU with uninitialised parameters (skips the default init's RNG work)."""
+    with torch.device("meta"):
+        model = MLP(d, k, hidden)
+    return model.to_empty(device="cpu")
+
+
+def _linears(model: MLP):
+    return [module for module in model if isinstance(module, torch.nn.Linear)]
+
+
+def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
+    """Stacks the parameters of MLPs of one architecture (copies, float32).
+
+    Parameters
+    ----------
+    models : sequence of :class:`oni.models.MLP`
+        At least one; all with the same ``d``, ``k`` and ``hidden``. A StackedMLP is
+        returned as it is (moved to ``device`` when given).
+    device : str or torch.device, optional
+        Where the stacked parameters go; default the first model's device.
+    """
+    if isinstance(models, StackedMLP):
+        if device is None:
+            return models
+        return StackedMLP([w.to(device) for w in models.weights],
+                          [b.to(device) for b in models.biases])
+    if not isinstance(models, Sequence) or len(models) == 0:
+        raise ValueError("models must be a non-empty sequence of oni.models.MLP")
+    first = models[0]
+    for j, model in enumerate(models):
+        if not isinstance(model, MLP):
+            raise TypeError(f"models[{j}] must be an oni.models.MLP, got "
+                            f"{type(model).__name__}")
+        if model.config != first.config:
+            raise ValueError(f"models[{j}] has architecture {model.config} but models[0] has "
+                             f"{first.config}: stacked models must share one")
+    if device is None:
+        device = next(first.parameters()).device
+    layers = [_linears(model) for model in models]
+    weights = [torch.stack([m[i].weight.detach() for m in layers]).to(device, torch.float32)
+               for i in range(len(layers[0]))]
+    biases = [torch.stack([m[i].bias.detach() for m in layers]).to(device, torch.float32)
+              for i in range(len(layers[0]))]
+    return StackedMLP(weights, biases)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_index_sets(xs_idx, n_rows: int) -> Tensor:
+    """``xs_idx`` as an int64 ``[K, n]`` CPU tensor (equal sizes, indices into x)."""
+    if isinstance(xs_idx, Tensor):
+        if xs_idx.dim() != 2:
+            raise ValueError(f"xs_idx must be [K, n] (one row of indices per model), got shape "
+                             f"{tuple(xs_idx.shape)}")
+        rows = list(xs_idx)
+    elif isinstance(xs_idx, Sequence) and not isinstance(xs_idx, (str, bytes)):
+        rows = [torch.as_tensor(r) for r in xs_idx]
+    else:
+        raise TypeError(f"xs_idx must be a [K, n] tensor or a sequence of K index tensors, got "
+                        f"{type(xs_idx).__name__}")
+    if len(rows) == 0:
+        raise ValueError("xs_idx is empty: give at least one model's training indices")
+    for j, r in enumerate(rows):
+        if r.dim() != 1 or r.dtype.is_floating_point or r.dtype == torch.bool:
+            raise TypeError(f"xs_idx[{j}] must be a 1-D tensor of integer row indices, got "
+                            f"shape {tuple(r.shape)} and dtype {r.dtype}")
+        if len(r) != len(rows[0]):
+            raise ValueError(f"xs_idx[{j}] has {len(r)} indices but xs_idx[0] has "
+                             f"{len(rows[0])}: batched training needs equal training-set "
+                             f"sizes (the models step together)")
+    idx = torch.stack([r.cpu().long() for r in rows])
+    if idx.shape[1] == 0:
+        raise ValueError("xs_idx holds no indices: each model needs at least one row")
+    if int(idx.min()) < 0 or int(idx.max()) >= n_rows:
+        raise ValueError(f"xs_idx must index rows of x in [0, {n_rows}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+def _check_seeds(seeds, n_models: int) -> List[int]:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be a sequence of {n_models} ints (one per model), got "
+                        f"{type(seeds).__name__}")
+    if len(seeds) != n_models:
+        raise ValueError(f"seeds has {len(seeds)} entries but xs_idx describes {n_models} "
+                         f"models")
+    for j, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"seeds[{j}] must be an int, got {type(s).__name__}")
+    return [int(s) for s in seeds]
+
+
+def _check_chunk(chunk_size, default: int) -> int:
+    return default if chunk_size is None else check_int(chunk_size, "chunk_size", 1)
+
+
+def _n_parameters(d: int, k: int, hidden: Sequence[int]) -> int:
+    widths = [d, *hidden, k]
+    return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+# ----------------------------------------------------------------------------- training
+
+def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
+    """``grad`` where the ReLU's output is positive, else 0 (autograd's own formula)."""
+    return torch.ops.aten.threshold_backward(grad, output, 0)
+
+
+def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
+                labels: Tensor) -> Tensor:
+    """One Adam step's gradients for every model; returns the summed loss per model [K].
+
+    ``inputs`` [K, B, d], ``labels`` [K, B]. Gradients of the mean cross-entropy of each
+    model's batch are written into ``.grad`` of the stacked parameters.
+    """
+    last = len(weights) - 1
+    activations = [inputs]  # input of each layer; ReLU outputs double as its backward mask
+    h = inputs
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        if i < last:
+            h = h.relu_()
+            activations.append(h)
+    log_p = torch.log_softmax(h, dim=2)
+    target = labels.unsqueeze(2)
+    loss_sum = -log_p.gather(2, target).squeeze(2).sum(1, dtype=torch.float64)
+    # d(mean CE)/d(logits) = (softmax - one_hot) / B, for each model's own batch
+    inv_batch = 1.0 / inputs.shape[1]
+    grad = log_p.exp_().mul_(inv_batch)
+    grad.scatter_add_(2, target, torch.full(target.shape, -inv_batch, dtype=grad.dtype,
+                                            device=grad.device))
+    for i in range(last, -1, -1):
+        torch.bmm(grad.transpose(1, 2), activations[i], out=weights[i].grad)
+        torch.sum(grad, dim=1, out=biases[i].grad)
+        if i > 0:
+            grad = _relu_backward(torch.bmm(grad, weights[i]), activations[i])
+    return loss_sum
+
+
+def _initial_parameters(d, k, hidden, seeds, device) -> StackedMLP:
+    models = []
+    for seed in seeds:
+        # the initialisation train_model uses (built empty: its default init is overwritten)
+        models.append(init_parameters_(_empty_mlp(d, k, hidden), seed))
+    return stack_mlps(models, device=device)
+
+
+def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[int],
+                 config: TrainConfig, device: torch.device, bar, first: int,
+                 n_total: int) -> StackedMLP:
+    stacked = _initial_parameters(d, k, hidden, seeds, device)
+    params = stacked.weights + stacked.biases
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    # fused: one pass over the stacked tensors per step (the per-model for-loop Adam makes
+    # about ten); same update formula, elementwise
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=device.type in ("cpu", "cuda") or None)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    n = idx.shape[1]
+    bs = config.batch_size
+    for epoch in range(1, config.epochs + 1):
+        # each model's rows in its own order (same generator convention as train_model)
+        order = torch.stack([idx[j][torch.randperm(n, generator=g)]
+                             for j, g in enumerate(generators)]).to(device)
+        loss_sum = torch.zeros(len(seeds), dtype=torch.float64, device=device)
+        for lo in range(0, n, bs):
+            rows = order[:, lo:lo + bs]
+            loss_sum += _train_step(stacked.weights, stacked.biases, x[rows], y[rows])
+            optimizer.step()
+        mean_loss = (loss_sum / n).cpu()
+        bad = (~torch.isfinite(mean_loss)).nonzero().flatten().tolist()
+        if bad:
+            j = bad[0]
+            raise FloatingPointError(
+                f"training diverged: model {first + j} (seed {seeds[j]}) has mean training "
+                f"loss {float(mean_loss[j])} in epoch {epoch} (lr = {config.lr}); lower "
+                f"config.lr or check x and y")
+        bar.update({"models": f"{first + 1}-{first + len(seeds)}/{n_total}",
+                    "mean loss": f"{float(mean_loss.mean()):.4f}"})
+    return stacked
+
+
+def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor, y: Tensor, *,
+                       seeds: Sequence[int], config: Optional[TrainConfig] = None,
+                       chunk_size: Optional[int] = None) -> List[MLP]:
+    """Trains ``K`` MLPs ``d -> hidden -> k`` together, model ``j`` on ``x[xs_idx[j]]``.
+
+    Gives the models :func:`oni.train.train_model` gives one by one (same initialisation,
+    batch order, loss and Adam; see the module docstring), to float rounding.
+
+    Parameters
+    ----------
+    d, k : int
+        Input features and classes.
+    hidden : sequence of int
+        Hidden widths (the paper's ``(1024, 512, 256, 128)``).
+    xs_idx : Tensor ``[K, n]`` or sequence of ``K`` index tensors of one length ``n``
+        The training rows of each model (indices into ``x``; repeats allowed).
+    x : Tensor
+        ``[N, d]`` floating pool of rows (moved to the device once, as float32).
+    y : Tensor
+        ``[N]`` integer labels in ``[0, k)``.
+    seeds : sequence of ``K`` ints
+        Model ``j``'s seed (initialisation and batch order); ``config.seed`` is not used.
+    config : TrainConfig, optional
+        Epochs, batch size, lr, weight decay, device (``"auto"``: CUDA when available),
+        progress (one bar entry per epoch of each chunk of models).
+    chunk_size : int, optional
+        Models trained at a time; default as many as fit in about 2 GiB of parameters,
+        gradients and Adam moments. Chunks do not change the results.
+
+    Returns
+    -------
+    list of :class:`oni.models.MLP`
+        ``K`` models on the CPU, in eval mode, in the order of ``xs_idx``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments (the message names the argument).
+    FloatingPointError
+        A model's mean training loss over an epoch became NaN or Inf.
+    """
+    config = TrainConfig() if config is None else config
+    _check_config(config)
+    with torch.device("meta"):
+        MLP(d, k, hidden)  # validates d, k and hidden with MLP's own messages
+    hidden = tuple(int(h) for h in hidden)
+    x = _check_features(x, "x")
+    if x.shape[1] != d:
+        raise ValueError(f"x must have d = {d} columns, got shape {tuple(x.shape)}")
+    y = _check_labels(y, "y", x.shape[0], "x")
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise ValueError(f"y must hold class indices in [0, {k}), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    idx = _check_index_sets(xs_idx, x.shape[0])
+    seeds = _check_seeds(seeds, idx.shape[0])
+    device = _resolve_device(config.device, "config.device")
+    state_bytes = 4 * 4 * _n_parameters(d, k, hidden)  # parameter, grad, two Adam moments
+    chunk = _check_chunk(chunk_size, max(1, _TRAIN_CHUNK_BYTES // state_bytes))
+
+    x = x.to(device, torch.float32).contiguous()
+    y = y.to(device, torch.long)
+    n_models = idx.shape[0]
+    models: List[MLP] = []
+    n_chunks = -(-n_models // chunk)
+    with _progress(config.progress, config.epochs * n_chunks) as bar:
+        for first in range(0, n_models, chunk):
+            last = min(first + chunk, n_models)
+            stacked = _train_chunk(d, k, hidden, idx[first:last], x, y, seeds[first:last],
+                                   config, device, bar, first, n_models)
+            models += stacked.to_models()
+    return models
+
+
+# ----------------------------------------------------------------------------- prediction
+
+@torch.no_grad()
+def _stacked_logits(stacked: StackedMLP, x: Tensor) -> Tensor:
+    """``[K, B, k]`` logits of every model on the shared rows ``x`` [B, d]."""
+    n_models, batch = stacked.n_models, x.shape[0]
+    w0, b0 = stacked.weights[0], stacked.biases[0]
+    # the first layer sees the same rows in every model: one large product [B, K * out]
+    h = torch.addmm(b0.reshape(-1), x, w0.reshape(-1, w0.shape[2]).t())
+    h = h.view(batch, n_models, -1).transpose(0, 1)
+    last = len(stacked.weights) - 1
+    for i in range(1, last + 1):
+        h = h.relu_() if h.is_contiguous() else h.relu()
+        h = torch.baddbmm(stacked.biases[i].unsqueeze(1), h, stacked.weights[i].transpose(1, 2))
+    return h.contiguous()
+
+
+def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], x: Tensor, *,
+                           batch_size: Optional[int] = None,
+                           chunk_size: Optional[int] = None,
+                           device=None) -> Tensor:
+    """Logits of ``K`` MLPs on the same rows: ``[K, N, k]`` float32 on the CPU.
+
+    Parameters
+    ----------
+    models_or_stacked : sequence of :class:`oni.models.MLP` (one architecture) or StackedMLP
+    x : Tensor
+        ``[N, d]`` floating rows, shared by all models; may be empty.
+    batch_size : int, optional
+        Rows per pass; default as many as keep the activations of a pass near 256 MiB.
+    chunk_size : int, optional
+        Models per pass (default all); lower it when ``K`` times the parameters do not fit.
+    device : str or torch.device, optional
+        Where to compute; default where the models are. Models given as a list are stacked
+        there one chunk at a time.
+
+    Returns
+    -------
+    Tensor
+        ``[K, N, k]`` float32 on the CPU; entry ``[j]`` equals ``oni.train.predict_logits(
+        models[j], x)`` to float rounding.
+    """
+    if isinstance(models_or_stacked, StackedMLP):
+        source, n_models = models_or_stacked, models_or_stacked.n_models
+        d, k, widths = source.d, source.k, source.hidden
+        home = source.device
+    else:
+        if isinstance(models_or_stacked, (str, bytes)) or \
+                not isinstance(models_or_stacked, Sequence) or len(models_or_stacked) == 0:
+            raise TypeError("models_or_stacked must be a non-empty sequence of oni.models.MLP "
+                            "or a StackedMLP")
+        source, n_models = list(models_or_stacked), len(models_or_stacked)
+        if not isinstance(source[0], MLP):
+            raise TypeError(f"models_or_stacked[0] must be an oni.models.MLP, got "
+                            f"{type(source[0]).__name__}")
+        d, k, widths = source[0].d, source[0].k, source[0].hidden
+        home = next(source[0].parameters()).device
+    device = home if device is None else _resolve_device(device)
+    x = _check_features(x, "x", allow_empty=True)
+    if x.shape[1] != d:
+        raise ValueError(f"x must have d = {d} columns (the models' input width), got shape "
+                         f"{tuple(x.shape)}")
+    chunk = _check_chunk(chunk_size, n_models)
+    per_row = 4 * chunk * (sum(widths) + k)  # activation bytes of one row in one pass
+    if batch_size is None:
+        batch_size = max(1, min(max(x.shape[0], 1), _PREDICT_CHUNK_BYTES // per_row))
+    else:
+        batch_size = check_int(batch_size, "batch_size", 1)
+
+    out = torch.empty((n_models, x.shape[0], k), dtype=torch.float32)
+    for first in range(0, n_models, chunk):
+        last = min(first + chunk, n_models)
+        if isinstance(source, StackedMLP):
+            part = StackedMLP([w[first:last].to(device, torch.float32) for w in source.weights],
+                              [b[first:last].to(device, torch.float32) for b in source.biases])
+        else:
+            part = stack_mlps(source[first:last], device=device)
+        for lo in range(0, x.shape[0], batch_size):
+            rows = x[lo:lo + batch_size].to(device, torch.float32)
+            out[first:last, lo:lo + batch_size] = _stacked_logits(part, rows).cpu()
+    return out

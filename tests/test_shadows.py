@@ -1,0 +1,233 @@
+"""oni.shadows: batched MLP training equals one-by-one train_model; batched prediction."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from oni.models import MLP
+from oni.shadows import StackedMLP, predict_logits_batched, stack_mlps, train_mlps_batched
+from oni.train import TrainConfig, predict_logits, train_model
+
+D, K_CLASSES, HIDDEN = 12, 4, (16, 8)
+N_POOL, N_ROWS = 300, 100  # 100 rows, batch 32: three full batches and a partial one
+CONFIG = TrainConfig(epochs=3, batch_size=32, lr=1e-2, device="cpu", progress=False)
+
+
+def _pool(seed: int = 0):
+    """Binary rows whose label depends on the features (so the models learn something)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.bernoulli(torch.full((N_POOL, D), 0.3), generator=gen)
+    y = (x[:, :4] * torch.tensor([1.0, 2.0, 1.0, 3.0])).sum(1).long() % K_CLASSES
+    return x, y
+
+
+def _index_sets(n_models: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N_POOL, generator=gen)[:N_ROWS] for _ in range(n_models)])
+
+
+def _one_by_one(hidden, idx, x, y, seeds, config):
+    models = []
+    for j, seed in enumerate(seeds):
+        model = MLP(D, K_CLASSES, hidden)
+        train_model(model, x[idx[j]], y[idx[j]], config=dataclasses.replace(config, seed=seed))
+        models.append(model)
+    return models
+
+
+def _max_weight_difference(a, b) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a.state_dict().values(),
+                                                           b.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("hidden, weight_decay", [
+    (HIDDEN, 0.0),
+    (HIDDEN, 1e-2),
+    ((), 0.0),  # a linear model: one layer, no ReLU
+])
+def test_batched_training_gives_the_models_train_model_gives(hidden, weight_decay):
+    x, y = _pool()
+    idx = _index_sets(3)
+    seeds = [5, 7, 11]
+    config = dataclasses.replace(CONFIG, weight_decay=weight_decay)
+    batched = train_mlps_batched(D, K_CLASSES, hidden, idx, x, y, seeds=seeds, config=config)
+    reference = _one_by_one(hidden, idx, x, y, seeds, config)
+    for j, (a, b) in enumerate(zip(batched, reference)):
+        assert _max_weight_difference(a, b) < 1e-5, f"model {j}"
+    # the models did move away from their initialisation, and differ from each other
+    init = MLP(D, K_CLASSES, hidden)
+    from oni.models import init_parameters_
+    init_parameters_(init, seeds[0])
+    assert _max_weight_difference(batched[0], init) > 1e-2
+    assert _max_weight_difference(batched[0], batched[1]) > 1e-2
+
+
+def test_the_seed_decides_init_and_batch_order():
+    """Swapping seeds between two models with the same rows swaps the models; a wrong batch
+    order (another seed for the order only) would not reproduce them."""
+    x, y = _pool()
+    rows = _index_sets(1)[0]
+    idx = torch.stack([rows, rows])
+    a = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[1, 2], config=CONFIG)
+    b = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[2, 1], config=CONFIG)
+    assert _max_weight_difference(a[0], b[1]) == 0.0
+    assert _max_weight_difference(a[1], b[0]) == 0.0
+    assert _max_weight_difference(a[0], a[1]) > 1e-2
+
+
+def test_returns_cpu_mlps_in_eval_mode_and_accepts_lists_of_indices():
+    x, y = _pool()
+    idx = _index_sets(2)
+    models = train_mlps_batched(D, K_CLASSES, HIDDEN, [idx[0].tolist(), idx[1]], x, y,
+                                seeds=(3, 4), config=dataclasses.replace(CONFIG, epochs=40))
+    assert len(models) == 2
+    for model in models:
+        assert isinstance(model, MLP) and not model.training
+        assert model.config == {"kind": "mlp", "d": D, "k": K_CLASSES, "hidden": list(HIDDEN)}
+        assert all(p.device.type == "cpu" for p in model.parameters())
+    # they learned the labelling rule better than chance
+    train_acc = (models[0](x[idx[0]]).argmax(1) == y[idx[0]]).float().mean()
+    assert train_acc > 0.5
+
+
+def test_chunks_do_not_change_the_models():
+    x, y = _pool()
+    idx = _index_sets(3)
+    whole = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[0, 1, 2], config=CONFIG)
+    chunked = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[0, 1, 2],
+                                 config=CONFIG, chunk_size=2)
+    for a, b in zip(whole, chunked):
+        assert _max_weight_difference(a, b) < 1e-6
+
+
+def test_repeated_rows_and_one_row_batches():
+    x, y = _pool()
+    idx = torch.tensor([[0, 0, 1, 2, 3], [4, 5, 5, 5, 6]])
+    config = dataclasses.replace(CONFIG, batch_size=1, epochs=2)
+    batched = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[8, 9], config=config)
+    reference = _one_by_one(HIDDEN, idx, x, y, [8, 9], config)
+    for a, b in zip(batched, reference):
+        assert _max_weight_difference(a, b) < 1e-5
+
+
+def test_divergence_names_the_model():
+    x, y = _pool()
+    # finite inputs, but with 256 first-layer units some of model 1's overflow: inf, then NaN
+    x[100:200] = torch.finfo(torch.float32).max
+    idx = torch.arange(200).view(2, 100)
+    with pytest.raises(FloatingPointError, match="model 1 \\(seed 6\\) has mean training"):
+        train_mlps_batched(D, K_CLASSES, (256,), idx, x, y, seeds=[5, 6], config=CONFIG)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(xs_idx=[list(range(10)), list(range(9))]), ValueError,
+     "xs_idx\\[1\\] has 9 indices but xs_idx\\[0\\] has 10"),
+    (dict(xs_idx=torch.tensor([[0, N_POOL]])), ValueError,
+     f"xs_idx must index rows of x in \\[0, {N_POOL}\\)"),
+    (dict(xs_idx=torch.zeros(2, 0, dtype=torch.long)), ValueError, "xs_idx holds no indices"),
+    (dict(xs_idx=torch.zeros(3, dtype=torch.long)), ValueError, "xs_idx must be \\[K, n\\]"),
+    (dict(xs_idx=[torch.tensor([0.5, 1.0])]), TypeError, "xs_idx\\[0\\] must be a 1-D tensor"),
+    (dict(seeds=[1]), ValueError, "seeds has 1 entries but xs_idx describes 2 models"),
+    (dict(seeds=[1, "2"]), TypeError, "seeds\\[1\\] must be an int"),
+    (dict(x=torch.zeros(N_POOL, D + 1)), ValueError, f"x must have d = {D} columns"),
+    (dict(x=torch.zeros(N_POOL, D, dtype=torch.long)), TypeError, "x must be a floating"),
+    (dict(y=torch.full((N_POOL,), K_CLASSES)), ValueError, "y must hold class indices in"),
+    (dict(y=torch.zeros(N_POOL - 1, dtype=torch.long)), ValueError, "y must be 1-D"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+    (dict(chunk_size=1.5), TypeError, "chunk_size must be an int"),
+    (dict(config="fast"), TypeError, "config must be a TrainConfig"),
+    (dict(hidden=(16, 0)), ValueError, "hidden\\[1\\] must be >= 1"),
+])
+def test_arguments_are_checked(change, error, message):
+    x, y = _pool()
+    args = dict(hidden=HIDDEN, xs_idx=_index_sets(2)[:, :10], x=x, y=y, seeds=[1, 2],
+                config=CONFIG, chunk_size=None)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        train_mlps_batched(D, K_CLASSES, args.pop("hidden"), args.pop("xs_idx"), args.pop("x"),
+                           args.pop("y"), **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_agrees_with_cpu():
+    x, y = _pool()
+    idx = _index_sets(2)
+    cpu = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[1, 2], config=CONFIG)
+    gpu = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[1, 2],
+                             config=dataclasses.replace(CONFIG, device="cuda"))
+    for a, b in zip(cpu, gpu):
+        assert all(p.device.type == "cpu" for p in b.parameters())
+        assert _max_weight_difference(a, b) < 1e-3  # TF32/cuBLAS rounding, not a bug
+
+
+# ----------------------------------------------------------------------------- stacking
+
+def _random_models(n: int, hidden=HIDDEN):
+    from oni.models import init_parameters_
+    return [init_parameters_(MLP(D, K_CLASSES, hidden), seed).eval() for seed in range(n)]
+
+
+def test_stack_and_unstack_round_trip():
+    models = _random_models(3)
+    stacked = stack_mlps(models)
+    assert stacked.n_models == 3 and (stacked.d, stacked.k, stacked.hidden) == (D, K_CLASSES,
+                                                                               HIDDEN)
+    assert stacked.weights[0].shape == (3, HIDDEN[0], D)
+    assert stacked.biases[-1].shape == (3, K_CLASSES)
+    for a, b in zip(models, stacked.to_models()):
+        assert _max_weight_difference(a, b) == 0.0
+    assert stack_mlps(stacked) is stacked
+
+
+def test_stacking_checks_the_models():
+    with pytest.raises(ValueError, match="models\\[1\\] has architecture"):
+        stack_mlps([MLP(D, K_CLASSES, (4,)), MLP(D, K_CLASSES, (5,))])
+    with pytest.raises(TypeError, match="models\\[0\\] must be an oni.models.MLP"):
+        stack_mlps([torch.nn.Linear(D, K_CLASSES)])
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        stack_mlps([])
+    with pytest.raises(ValueError, match="layer 1 takes 5 inputs but layer 0 gives 4"):
+        StackedMLP([torch.zeros(2, 4, D), torch.zeros(2, 3, 5)],
+                   [torch.zeros(2, 4), torch.zeros(2, 3)])
+
+
+# ----------------------------------------------------------------------------- prediction
+
+@pytest.mark.parametrize("as_stacked", [False, True])
+@pytest.mark.parametrize("batch_size, chunk_size", [(None, None), (7, 2)])
+def test_batched_prediction_matches_each_model(as_stacked, batch_size, chunk_size):
+    models = _random_models(3)
+    x, _ = _pool()
+    source = stack_mlps(models) if as_stacked else models
+    logits = predict_logits_batched(source, x, batch_size=batch_size, chunk_size=chunk_size)
+    assert logits.shape == (3, N_POOL, K_CLASSES) and logits.dtype == torch.float32
+    for j, model in enumerate(models):
+        torch.testing.assert_close(logits[j], predict_logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_prediction_of_a_linear_model_and_of_no_rows():
+    models = _random_models(2, hidden=())
+    x, _ = _pool()
+    logits = predict_logits_batched(models, x[:5])
+    for j, model in enumerate(models):
+        torch.testing.assert_close(logits[j], predict_logits(model, x[:5]))
+    assert predict_logits_batched(models, x[:0]).shape == (2, 0, K_CLASSES)
+
+
+def test_batched_prediction_checks_its_arguments():
+    models = _random_models(2)
+    with pytest.raises(ValueError, match=f"x must have d = {D} columns"):
+        predict_logits_batched(models, torch.zeros(3, D + 1))
+    with pytest.raises(TypeError, match="non-empty sequence of oni.models.MLP"):
+        predict_logits_batched([], torch.zeros(3, D))
+    with pytest.raises(TypeError, match="models_or_stacked\\[0\\] must be an oni.models.MLP"):
+        predict_logits_batched([torch.nn.Linear(D, 2)], torch.zeros(3, D))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        predict_logits_batched(models, torch.zeros(3, D), batch_size=0)
+    with pytest.raises(ValueError, match="models\\[1\\] has architecture"):
+        predict_logits_batched([models[0], MLP(D, K_CLASSES, (3,))], torch.zeros(3, D))
