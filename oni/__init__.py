@@ -2,6 +2,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ops, reference  # noqa: F401
+from .attacks import ATTACKS, AttackResult, run_attack, run_attacks
 from .data import (
     DataError,
     Dataset,
@@ -42,6 +43,10 @@ from .shapley import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "AttackResult",
+    "run_attack",
+    "run_attacks",
     "DataError",
     "Dataset",
     "Splits",
