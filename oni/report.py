@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .models import _fsync_dir
+
 __all__ = ["write_atomic", "build_report", "results_rows", "CSV_COLUMNS", "FIGURES"]
 
 #: the columns of results.csv: one row per defense x attack
@@ -64,16 +66,7 @@ def write_atomic(path: os.PathLike, data: bytes) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return path
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)  # the rename itself survives a crash
     return path
 
 
