@@ -20,7 +20,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "${ONI_TORCH_SPEC:-torch==2.14.1}"
 fi
 echo "[setup] installing build and test tools"
-python -m pip install --quiet numpy ninja pytest scipy captum shap "opacus>=1.5"
+python -m pip install --quiet numpy ninja pytest scipy captum shap "opacus>=1.5" safetensors
 echo "[setup] building the extension (torch $(python -c 'import torch; print(torch.__version__)'))"
 log="$(mktemp)"
 if ! python -m pip install -v --no-build-isolation -e . >"$log" 2>&1; then
