@@ -37,14 +37,7 @@ class Target:
         return predict_proba(self.model, x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and on a loaded machine several threads per op
-    contend for the cores (the file ran 8x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")

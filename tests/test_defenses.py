@@ -35,15 +35,6 @@ needs_opacus = pytest.mark.skipif(not HAS_OPACUS, reason="opacus not installed "
                                   "(pip install 'oni[defenses]')")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread avoids thread wake-ups on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     ds = oni.synthetic_purchase(360, d=D, k=K, seed=3)
@@ -77,7 +68,8 @@ def _same_params(a, b):
 
 
 # the solver warns about the rows it flags infeasible; the tests check the flags themselves
-pytestmark = pytest.mark.filterwarnings("ignore:.*cannot reach entropy tau")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*cannot reach entropy tau")]
 
 TRAINED = [pytest.param(name, marks=needs_opacus) if name == "dpsgd" else name
            for name in DEFENSES]

@@ -34,14 +34,7 @@ def _data(n: int, seed: int):
     return x, y
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread avoids the thread wake-ups that make them
-    ~50x slower on a busy 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")
