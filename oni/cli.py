@@ -733,16 +733,21 @@ def _check_width(model, data, path: str) -> None:
         raise ConfigError(f"the model in {path} takes {d} features but the data has {data.d}")
 
 
-def _cmd_shapley(args) -> int:
-    import torch
-
+def _model_and_rows(args):
+    """(device, model, data, x on the device) for `oni shapley` and `oni noise`."""
     from .models import _resolve_device
-    from .shapley import shapley_values
     device = _resolve_device(args.device, "--device")
     model = _load_model_dir(args.model_dir, device)
     data = _load_rows(args.data, args.rows, args.format)
     _check_width(model, data, args.model_dir)
-    x = data.x.to(device)
+    return device, model, data, data.x.to(device)
+
+
+def _cmd_shapley(args) -> int:
+    import torch
+
+    from .shapley import shapley_values
+    device, model, data, x = _model_and_rows(args)
     baseline = None
     if args.baseline == "mean":
         baseline = x.mean(dim=0)
@@ -778,13 +783,8 @@ def _cmd_shapley(args) -> int:
 def _cmd_noise(args) -> int:
     import torch
 
-    from .models import _resolve_device
     from .noise import optimal_noise
-    device = _resolve_device(args.device, "--device")
-    model = _load_model_dir(args.model_dir, device)
-    data = _load_rows(args.data, args.rows, args.format)
-    _check_width(model, data, args.model_dir)
-    x = data.x.to(device)
+    device, model, data, x = _model_and_rows(args)
     phi = None
     if args.phi:
         phi = torch.from_numpy(np.load(args.phi)).to(device, x.dtype)
