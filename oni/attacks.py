@@ -1,4 +1,5 @@
-"""Membership inference attacks: shadow-model, metric-based and LiRA, plain or adaptive.
+"""Membership inference attacks: shadow-model, metric-based, label-only and LiRA, plain or
+adaptive.
 
 Every attack scores the rows of ``splits.target`` against a target model it can only query
 (``target.predict_proba``, what a :class:`oni.defenses.DefendedModel` exposes), and returns
@@ -11,6 +12,7 @@ The adversary knows the target's architecture and training recipe (the ``TrainCo
 holds population data (``splits.shadow_pool``: rows the target never trained on) and part
 of the training set (``splits.known``), and knows the labels of the rows it attacks. It
 never sees ``splits.train`` beyond ``known``, ``splits.test``, or ``splits.target_member``.
+It may query the target on any input (the label-only attack queries noisy copies of rows).
 
 **Adaptive attacks** (the paper's threat model: the attacker knows the defense): with
 ``defense=(name, config)`` every shadow model is trained with
@@ -39,6 +41,21 @@ The attacks (``ATTACKS``)
   threshold of the row's class**, ``value - tau_y``: positive means "member" by the class-wise
   rule, and margins of different classes are comparable since they are in the value's units.
   ``correctness`` needs no threshold: its score is the 0/1 value itself.
+* ``"label_only"`` (Choquette-Choo et al. 2021, the noise-robustness variant): the adversary
+  uses only the predicted class, the argmax of ``predict_proba`` (the probabilities are
+  never looked at). For a row ``x`` with label ``y`` it queries ``n_queries`` noisy copies
+  ``x + sigma z``, ``z ~ N(0, I)`` (from a ``torch.Generator`` seeded from ``seed``); the
+  value is the share of the ``n_queries + 1`` copies, the clean one included, classified as
+  ``y``: members sit farther from the decision boundary, so more of their copies keep the
+  label. On binary features (Purchase, Texas, Location) the noisy copies leave ``{0, 1}^d``;
+  they are queries, not data, and the model labels them like any input. ``sigma`` is
+  fixed by ``config['sigma']`` or, by default, picked from ``sigma_grid`` on the reference
+  (shadow) fitting rows: the one whose best threshold has the highest balanced accuracy
+  (every sigma scales the same draws ``z``). The threshold is then fitted like the metric
+  attacks' (``thresholds``: ``"global"`` by default, as the value takes only
+  ``n_queries + 2`` levels; ``"class"`` also works) and the score is ``value - tau_y``. It
+  shares the shadow models of the shadow and metric attacks, and costs
+  ``n_queries x (len(sigma_grid) x reference rows + target rows)`` label queries.
 * ``"lira_online"`` / ``"lira_offline"`` (Carlini et al. 2022): ``K`` shadow models, in
   complementary pairs, each trained on one half of a pool of ``2m`` rows (model ``2i`` on a
   random half, model ``2i + 1`` on the other half), so every pool row is a member of exactly
@@ -57,15 +74,17 @@ The attacks (``ATTACKS``)
 Calibration (for choosing a threshold, :func:`oni.metrics.attack_report`)
 --------------------------------------------------------------------------
 ``AttackResult.calibration`` holds ``(scores, is_member)`` on data the adversary owns: for the
-shadow and metric attacks, a held-out ``calibration_fraction`` of each shadow's members and
-non-members (not used to fit the attack model or the thresholds); for LiRA, shadow model 0
-plays the target: the pool rows are scored against it with Gaussians fitted on the other
-``K - 1`` shadows (leave-one-out), their membership being known to the adversary.
+shadow, metric and label-only attacks, a held-out ``calibration_fraction`` of each shadow's
+members and non-members (not used to fit the attack model, the thresholds or sigma); for
+LiRA, shadow model 0 plays the target: the pool rows are scored against it with Gaussians
+fitted on the other ``K - 1`` shadows (leave-one-out), their membership being known to the
+adversary.
 
 Seeds: every random choice (pool splits, shadow seeds, attack-model initialisation and batch
-order) follows from ``seed`` through named derived seeds; the shadow and metric attacks share
-their shadow models for the same ``seed`` and settings, so :func:`run_attacks` trains them
-once and gives the same results as separate :func:`run_attack` calls.
+order, the label-only noise) follows from ``seed`` through named derived seeds; the shadow,
+metric and label-only attacks share their shadow models for the same ``seed`` and settings,
+so :func:`run_attacks` trains them once and gives the same results as separate
+:func:`run_attack` calls.
 """
 from __future__ import annotations
 
@@ -88,9 +107,10 @@ __all__ = ["AttackResult", "ATTACKS", "DEFAULTS", "METRICS", "metric_values", "r
            "run_attacks", "scaled_logit"]
 
 METRICS = ("correctness", "confidence", "entropy", "modified_entropy", "loss")
-ATTACKS = ("shadow", *(f"metric_{m}" for m in METRICS), "lira_offline", "lira_online")
+ATTACKS = ("shadow", *(f"metric_{m}" for m in METRICS), "label_only", "lira_offline",
+           "lira_online")
 
-#: settings of the shadow models behind the shadow and metric attacks (shared by them)
+#: settings of the shadow models behind the shadow, metric and label-only attacks (shared)
 _REFERENCE_DEFAULTS: Dict[str, Any] = {
     "n_shadows": 1,             # shadow models; their data are pooled
     "shadow_size": None,        # rows per shadow model; None: the target's training-set
@@ -121,6 +141,12 @@ _LIRA_DEFAULTS: Dict[str, Any] = {
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "shadow": {**_REFERENCE_DEFAULTS, **_ATTACK_NET_DEFAULTS},
     **{f"metric_{m}": {**_REFERENCE_DEFAULTS, "thresholds": "class"} for m in METRICS},
+    "label_only": {**_REFERENCE_DEFAULTS,
+                   "n_queries": 64,        # noisy copies per row (the clean copy counts too)
+                   "sigma": None,          # the noise's standard deviation; None: picked
+                                           # from sigma_grid on the reference fit rows
+                   "sigma_grid": (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0),
+                   "thresholds": "global"},  # robustness takes few values: one threshold
     "lira_offline": dict(_LIRA_DEFAULTS),
     "lira_online": dict(_LIRA_DEFAULTS),
 }
@@ -129,6 +155,7 @@ _PHI_FLOOR = 1e-45  # probabilities below this count as this (float32's smallest
 _LOG_FLOOR = 1e-30  # probabilities are floored here inside the metric attacks' logarithms
 _MIN_VARIANCE = 1e-12  # LiRA: keeps constant shadow outputs from dividing by zero
 _PHI_MODEL_CHUNK = 8  # LiRA: shadow models evaluated at a time (bounds the [K, n, k] block)
+_NOISE_BLOCK = 1 << 22  # label-only: noise values drawn at a time (16 MiB of float32)
 
 
 @dataclass
@@ -149,10 +176,13 @@ class AttackResult:
     extra : dict
         The resolved settings (``"config"``), ``"defense"`` and ``"seed"``, and attack facts:
         ``shadow_size``, ``hidden``; shadow and metric attacks: ``shadow_train_acc`` /
-        ``shadow_test_acc`` (per shadow); metric attacks: ``thresholds`` (``[k]`` float64)
-        and ``fallback_classes``; LiRA: ``pool_size``, ``pool_rows`` (``[2m]`` row indices),
-        ``shadow_membership`` (``[K, 2m]`` bool: pool row ``i`` trained shadow ``j``),
-        ``global_variance``, ``observed_phi`` (the target's ``phi`` on the target rows).
+        ``shadow_test_acc`` (per shadow); metric and label-only attacks: ``thresholds``
+        (``[k]`` float64) and ``fallback_classes``; label-only: ``sigma`` (the one used),
+        ``sigma_balanced_accuracy`` (per candidate sigma, on the fitting rows),
+        ``observed_robustness`` (the value of each target row); LiRA: ``pool_size``,
+        ``pool_rows`` (``[2m]`` row indices), ``shadow_membership`` (``[K, 2m]`` bool: pool
+        row ``i`` trained shadow ``j``), ``global_variance``, ``observed_phi`` (the target's
+        ``phi`` on the target rows).
     """
 
     name: str
@@ -168,6 +198,13 @@ def _check_widths(value, name: str) -> Tuple[int, ...]:
         raise TypeError(f"{name} must be a sequence of positive ints, got "
                         f"{type(value).__name__}")
     return tuple(_check_int(w, f"{name}[{i}]", 1) for i, w in enumerate(value))
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
@@ -216,15 +253,22 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
         cfg["attack_batch_size"] = _check_int(cfg["attack_batch_size"],
                                               "config['attack_batch_size']", 1)
         for key in ("weight_std", "attack_lr"):
-            value = cfg[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
-                    not math.isfinite(value) or value <= 0:
-                raise ValueError(f"config[{key!r}] must be a finite number > 0, got {value!r}")
-            cfg[key] = float(value)
+            cfg[key] = _check_positive(cfg[key], f"config[{key!r}]")
     else:
         if cfg["thresholds"] not in ("class", "global"):
             raise ValueError(f"config['thresholds'] must be 'class' or 'global', got "
                              f"{cfg['thresholds']!r}")
+    if name == "label_only":
+        cfg["n_queries"] = _check_int(cfg["n_queries"], "config['n_queries']", 1)
+        if cfg["sigma"] is not None:
+            cfg["sigma"] = _check_positive(cfg["sigma"], "config['sigma']")
+        grid = cfg["sigma_grid"]
+        if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid or \
+                any(isinstance(v, bool) or not isinstance(v, numbers.Real) or
+                    not math.isfinite(v) or v <= 0 for v in grid):
+            raise ValueError(f"config['sigma_grid'] must be a non-empty sequence of finite "
+                             f"numbers > 0, got {grid!r}")
+        cfg["sigma_grid"] = tuple(float(v) for v in grid)
     return cfg
 
 
@@ -342,6 +386,9 @@ class _Reference:
     member: Tensor   # [n] bool
     fit: Tensor      # [n] bool: True = fits the attack, False = held out for calibration
     info: Dict[str, Any]
+    rows: Tensor     # [n] int64: the data rows queried
+    source: Tensor   # [n] int64: which of ``predictors`` answered each row
+    predictors: List[Callable[[Tensor], Tensor]]  # the label-only attack queries them again
 
 
 _REFERENCE_KEYS = tuple(_REFERENCE_DEFAULTS)
@@ -385,7 +432,9 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
             member.append(torch.full((m,), is_member))
             fit.append(_holdout_mask(m, frac, gen))
         return _Reference(torch.cat(probs), torch.cat(labels), torch.cat(member),
-                          torch.cat(fit), {"reference_size": m})
+                          torch.cat(fit), {"reference_size": m},
+                          torch.cat([inside, outside]), torch.zeros(2 * m, dtype=torch.long),
+                          [target.predict_proba])
 
     hidden = _shadow_hidden(cfg, target, data)
     m = cfg["shadow_size"] or min(len(splits.train), len(pool) // 2)
@@ -402,8 +451,8 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
     predictors = _train_shadows(data, torch.stack(splits_in),
                                 _shadow_seeds(seed, "reference", n_shadows), hidden,
                                 train_config, defense)
-    train_acc, test_acc = [], []
-    for predict, inside, outside in zip(predictors, splits_in, splits_out):
+    train_acc, test_acc, queried, source = [], [], [], []
+    for j, (predict, inside, outside) in enumerate(zip(predictors, splits_in, splits_out)):
         for rows, is_member, accs in ((inside, True, train_acc), (outside, False, test_acc)):
             p = _query(predict, data.x[rows], data.k, "shadow model")
             probs.append(p)
@@ -411,9 +460,12 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
             member.append(torch.full((m,), is_member))
             fit.append(_holdout_mask(m, frac, gen))
             accs.append(float((p.argmax(1) == data.y[rows]).double().mean()))
+            queried.append(rows)
+            source.append(torch.full((m,), j, dtype=torch.long))
     return _Reference(torch.cat(probs), torch.cat(labels), torch.cat(member), torch.cat(fit),
                       {"shadow_size": m, "hidden": list(hidden),
-                       "shadow_train_acc": train_acc, "shadow_test_acc": test_acc})
+                       "shadow_train_acc": train_acc, "shadow_test_acc": test_acc},
+                      torch.cat(queried), torch.cat(source), predictors)
 
 
 def _calibration(scores: Tensor, ref: _Reference) -> Optional[Tuple[Tensor, Tensor]]:
@@ -587,6 +639,70 @@ def _metric_attack(metric: str, cfg, ref: _Reference, target_probs: Tensor,
     return scores, calibration, {"thresholds": thresholds, "fallback_classes": fallback}
 
 
+# ----------------------------------------------------------------------------- label-only
+
+def _robustness(predict: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, clean: Tensor,
+                sigmas: Sequence[float], n_queries: int, gen: torch.Generator, k: int,
+                who: str) -> Tensor:
+    """The label-only value: per sigma, the share of the ``n_queries + 1`` copies of each row
+    (the clean one, whose predicted class is ``clean``, and ``x + sigma z``, ``z ~ N(0, I)``)
+    that ``predict`` labels ``labels``. ``[len(sigmas), n]`` float64.
+
+    Every sigma scales the same draws ``z`` (so the sigmas are compared on the same noise);
+    the draws come from ``gen`` in blocks of rows whose size depends only on ``n_queries``
+    and ``d``, and only the argmax of ``predict``'s output is used."""
+    n, d = x.shape
+    kept = torch.zeros(len(sigmas), n, dtype=torch.float64)
+    block = max(1, _NOISE_BLOCK // (n_queries * max(d, 1)))
+    for lo in range(0, n, block):
+        xb, yb = x[lo:lo + block], labels[lo:lo + block].unsqueeze(1)
+        z = torch.randn(len(xb), n_queries, d, generator=gen, dtype=xb.dtype)
+        for i, sigma in enumerate(sigmas):
+            noisy = (xb.unsqueeze(1) + sigma * z).reshape(-1, d)  # [b * n_queries, d]
+            predicted = _query(predict, noisy, k, who).argmax(1).view(len(xb), n_queries)
+            kept[i, lo:lo + len(xb)] = (predicted == yb).sum(1).double()
+    return (kept + (clean == labels).double()) / (n_queries + 1)
+
+
+def _balanced_accuracy(values: Tensor, member: Tensor, threshold: float) -> float:
+    """Balanced accuracy of "member iff value >= threshold"."""
+    said_in = values >= threshold
+    return 0.5 * (float(said_in[member].double().mean()) +
+                  float((~said_in[~member]).double().mean()))
+
+
+def _label_only_attack(cfg, ref: _Reference, target, data: Dataset, target_rows: Tensor,
+                       target_probs: Tensor, seed: int):
+    """Choquette-Choo et al. 2021's noise-robustness attack (see the module docstring)."""
+    k, n_queries = data.k, cfg["n_queries"]
+    sigmas = cfg["sigma_grid"] if cfg["sigma"] is None else (cfg["sigma"],)
+    values = torch.empty(len(sigmas), len(ref.labels), dtype=torch.float64)
+    for j, predict in enumerate(ref.predictors):
+        rows = (ref.source == j).nonzero().squeeze(1)
+        gen = torch.Generator().manual_seed(_derived_seed(seed, f"label-only:reference:{j}"))
+        values[:, rows] = _robustness(predict, data.x[ref.rows[rows]], ref.labels[rows],
+                                      ref.probs[rows].argmax(1), sigmas, n_queries, gen, k,
+                                      "shadow model" if cfg["fit_on"] == "shadow" else "target")
+    fit = ref.fit
+    accuracy = [_balanced_accuracy(v[fit], ref.member[fit], _best_threshold(v[fit],
+                                                                            ref.member[fit]))
+                for v in values]
+    best = int(np.argmax(accuracy))  # ties: the grid's earliest sigma
+    sigma, values = sigmas[best], values[best]
+    thresholds, fallback = _fit_thresholds(values[fit], ref.labels[fit], ref.member[fit], k,
+                                           cfg["thresholds"])
+    target_labels = data.y[target_rows]
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "label-only:target"))
+    target_values = _robustness(target.predict_proba, data.x[target_rows], target_labels,
+                                target_probs.argmax(1), (sigma,), n_queries, gen, k,
+                                "target")[0]
+    scores = target_values - thresholds[target_labels]
+    calibration = _calibration(values - thresholds[ref.labels], ref)
+    return scores, calibration, {"sigma": sigma, "sigma_balanced_accuracy": accuracy,
+                                 "thresholds": thresholds, "fallback_classes": fallback,
+                                 "observed_robustness": target_values}
+
+
 # ----------------------------------------------------------------------------- LiRA
 
 def scaled_logit(probs: Tensor, labels: Tensor) -> Tensor:
@@ -742,6 +858,9 @@ def _run(name: str, target, data: Dataset, splits: Splits, config, train_config,
             device = _resolve_device(train_config.device)
             scores, calibration, info = _shadow_attack(cfg, ref, target_probs, target_y,
                                                        data.k, device, seed)
+        elif name == "label_only":
+            scores, calibration, info = _label_only_attack(cfg, ref, target, data,
+                                                           splits.target, target_probs, seed)
         else:
             scores, calibration, info = _metric_attack(name[len("metric_"):], cfg, ref,
                                                        target_probs, target_y, data.k)
@@ -772,15 +891,18 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
     config : dict, optional
         Overrides of ``DEFAULTS[name]``:
 
-        * shadow and metric attacks: ``n_shadows`` (1), ``shadow_size`` (None: the target's
-          training-set size, capped at half the shadow pool), ``calibration_fraction``
-          (0.2), ``fit_on`` (``"shadow"``; ``"known"`` fits on the target's own outputs on
-          ``splits.known`` and as many shadow-pool rows, no shadow model), ``hidden`` (None:
-          the target model's);
+        * shadow, metric and label-only attacks: ``n_shadows`` (1), ``shadow_size`` (None:
+          the target's training-set size, capped at half the shadow pool),
+          ``calibration_fraction`` (0.2), ``fit_on`` (``"shadow"``; ``"known"`` fits on the
+          target's own outputs on ``splits.known`` and as many shadow-pool rows, no shadow
+          model), ``hidden`` (None: the target model's);
         * ``"shadow"`` also: ``prediction_widths`` ((1024, 512, 64)), ``label_widths``
           ((512, 64)), ``combined_widths`` ((256, 64)), ``weight_std`` (0.01),
           ``attack_epochs`` (30), ``attack_batch_size`` (128), ``attack_lr`` (1e-3);
         * metric attacks also: ``thresholds`` (``"class"`` or ``"global"``);
+        * ``"label_only"`` also: ``n_queries`` (64), ``sigma`` (None: picked from
+          ``sigma_grid`` on the reference data), ``sigma_grid``
+          ((0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)), ``thresholds`` (``"global"``);
         * LiRA: ``n_shadows`` (16; even, >= 4; 64 and more are fine), ``shadow_size``
           (None: the target's training-set size, capped at half the pool),
           ``global_variance`` (None: True when ``n_shadows < 64``), ``hidden``.
@@ -815,8 +937,8 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
                 defense: Optional[Tuple[str, Optional[dict]]] = None,
                 seed: int = 0) -> Dict[str, AttackResult]:
     """Runs several attacks (see :func:`run_attack`), training the shadow models that the
-    shadow and metric attacks share once: the results equal separate :func:`run_attack`
-    calls with the same ``seed``.
+    shadow, metric and label-only attacks share once: the results equal separate
+    :func:`run_attack` calls with the same ``seed``.
 
     Parameters
     ----------

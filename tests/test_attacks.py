@@ -23,7 +23,8 @@ TRAIN = TrainConfig(epochs=60, batch_size=64, device="cpu", progress=False)
 SMALL_NET = {"prediction_widths": (64, 32), "label_widths": (32,), "combined_widths": (32,)}
 # the shadow attack learns from a few hundred rows here: more shadows and epochs than default
 CONFIGS = {"shadow": {**SMALL_NET, "n_shadows": 3, "attack_epochs": 60},
-           "lira_online": {"n_shadows": 8}, "lira_offline": {"n_shadows": 8}}
+           "lira_online": {"n_shadows": 8}, "lira_offline": {"n_shadows": 8},
+           "label_only": {"n_queries": 8}}
 
 
 @dataclass
@@ -85,6 +86,14 @@ def _auc(result, splits):
 @pytest.mark.parametrize("name", ATTACKS)
 def test_attacks_find_the_members_of_an_overfit_target(overfit_results, splits, name):
     assert _auc(overfit_results[name], splits) > 0.6
+
+
+def test_label_only_beats_the_gap_attack(overfit_results, splits):
+    # measured 0.800 vs 0.725: the noisy copies tell members from non-members that the
+    # clean label alone (metric_correctness, the gap attack) cannot
+    label_only = _auc(overfit_results["label_only"], splits)
+    assert label_only > _auc(overfit_results["metric_correctness"], splits) + 0.03
+    assert label_only > 0.7
 
 
 def test_lira_online_is_the_strongest(overfit_results, splits):
@@ -241,6 +250,21 @@ def test_best_threshold_is_song_and_mittals_rule():
     assert attacks._best_threshold(ties, torch.tensor([True, False, False, False])) == 1.0
 
 
+def test_label_only_value_counts_the_copies_that_keep_the_label():
+    def predict(x):  # class 1 iff the first feature is positive
+        return torch.nn.functional.one_hot((x[:, 0] > 0).long(), 2).float()
+
+    x = torch.tensor([[-50.0, 0.0], [50.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 0])
+    clean = predict(x).argmax(1)  # [0, 1, 0]
+    gen = torch.Generator().manual_seed(0)
+    values = attacks._robustness(predict, x, labels, clean, (1.0, 2.0), 999, gen, 2, "t")
+    assert values.shape == (2, 3) and values.dtype == torch.float64
+    assert values[:, 0].tolist() == [1.0, 1.0] and values[:, 1].tolist() == [0.0, 0.0]
+    assert abs(float(values[0, 2]) - 0.5) < 0.05  # on the boundary: half the copies flip
+    assert float(values[0, 2]) == float(values[1, 2])  # every sigma scales the same draws
+
+
 def test_lira_scores_on_gaussian_shadows():
     gen = torch.Generator().manual_seed(0)
     n, k = 400, 16
@@ -280,7 +304,7 @@ def test_attack_net_is_the_papers_model():
 # ----------------------------------------------------------------------------- seeds
 
 def test_same_seed_same_scores_other_seed_other_scores(overfit, overfit_results, data, splits):
-    for name in ("shadow", "metric_loss", "lira_online"):
+    for name in ("shadow", "metric_loss", "label_only", "lira_online"):
         again = run_attack(name, overfit, data, splits, config=CONFIGS.get(name),
                            train_config=TRAIN, seed=0)
         # run_attacks shares the shadows of the shadow and metric attacks: same results
@@ -289,6 +313,49 @@ def test_same_seed_same_scores_other_seed_other_scores(overfit, overfit_results,
     other = run_attack("lira_offline", overfit, data, splits, config=CONFIGS["lira_offline"],
                        train_config=TRAIN, seed=1)
     assert not torch.equal(other.scores, overfit_results["lira_offline"].scores)
+    # label-only: the sigma it picked from the grid, given as its sigma, scales the same draws
+    label_only = overfit_results["label_only"]
+    fixed = run_attack("label_only", overfit, data, splits,
+                       config={**CONFIGS["label_only"], "sigma": label_only.extra["sigma"]},
+                       train_config=TRAIN, seed=0)
+    assert torch.equal(fixed.scores, label_only.scores)
+    assert len(label_only.extra["sigma_balanced_accuracy"]) == len(
+        DEFAULTS["label_only"]["sigma_grid"])
+
+
+def _same_labels_other_probabilities(predict_proba):
+    """predict_proba's argmax with other probabilities: 0.6 on the argmax, the rest shuffled."""
+    def distorted(x):
+        probs = predict_proba(x)
+        onehot = torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).float()
+        return 0.6 * onehot + 0.4 * probs.roll(1, dims=1)
+    return distorted
+
+
+def test_label_only_uses_only_the_labels(overfit, data, splits, monkeypatch):
+    def defend(name, x, y, *, train_config, hidden, n_classes, **_):
+        model = MLP(x.shape[1], n_classes, hidden)
+        train_model(model, x, y, config=train_config)
+        predict = Target(model).predict_proba
+        return types.SimpleNamespace(
+            predict_proba=_same_labels_other_probabilities(predict) if name == "distort"
+            else predict)
+
+    monkeypatch.setitem(sys.modules, "oni.defenses", types.SimpleNamespace(defend=defend))
+    distorted = types.SimpleNamespace(
+        model=overfit.model, predict_proba=_same_labels_other_probabilities(overfit.predict_proba))
+    config = {"n_queries": 4, "sigma_grid": (0.05, 0.1)}
+    # the target and (adaptive path) the shadows answer with other probabilities
+    plain = run_attacks(["metric_loss", "label_only"], overfit, data, splits,
+                        configs={"label_only": config}, train_config=TRAIN,
+                        defense=("plain", None))
+    other = run_attacks(["metric_loss", "label_only"], distorted, data, splits,
+                        configs={"label_only": config}, train_config=TRAIN,
+                        defense=("distort", None))
+    assert not torch.equal(plain["metric_loss"].scores, other["metric_loss"].scores)
+    assert torch.equal(plain["label_only"].scores, other["label_only"].scores)
+    assert torch.equal(plain["label_only"].calibration[0], other["label_only"].calibration[0])
+    assert plain["label_only"].extra["defense"] == ("plain", None)
 
 
 # ----------------------------------------------------------------------------- adaptive
@@ -337,6 +404,13 @@ def test_bad_inputs_get_clear_errors(overfit, data, splits):
         run(config={"calibration_fraction": 1.0})
     with pytest.raises(ValueError, match="thresholds"):
         run(config={"thresholds": "row"})
+    for key, bad in (("n_queries", 0), ("sigma", -0.1), ("sigma", float("nan")),
+                     ("sigma_grid", ()), ("sigma_grid", "0.1"), ("sigma_grid", (0.1, 0)),
+                     ("thresholds", "row")):
+        with pytest.raises((TypeError, ValueError), match=rf"config\['{key}'\]"):
+            run("label_only", config={key: bad})
+    with pytest.raises(ValueError, match=r"unknown keys \['n_queries'\]"):
+        run(config={"n_queries": 8})  # a label-only setting given to a metric attack
     with pytest.raises(TypeError, match="predict_proba"):
         run(target=overfit.model)
     with pytest.raises(ValueError, match="logits instead of probabilities"):
