@@ -35,7 +35,10 @@ __all__ = ["NoiseResult", "noise_budget", "robustness_radius", "optimal_noise", 
 
 _IMPORTANCE = ("signed", "abs")
 _KINDS = ("uniform", "gaussian")
-_ROW_BATCH = 4096  # rows per solver pass: bounds the activations kept for backward
+_ROW_BATCH = 4096  # rows per solver pass on the CPU: bounds the activations kept for backward
+_CUDA_ROW_BATCH = 1 << 16  # on a GPU a pass is cheap, their number counts: fewer, larger ones
+_STALL_WINDOW = 10  # ascent iterations over which a start's rate of climb is judged
+_LEVEL_STEPS = 6  # false-position steps per line search to the level set H = tau
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,10 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
 class _EntropyOracle:
     """H(f(x + eta)) and its gradient in eta, with the fused entropy op."""
 
-    def __init__(self, model, x: Tensor, ops):
+    def __init__(self, model, x: Tensor, logits_at_x: Tensor, ops):
         self.model, self.x, self.ops = model, x, ops
+        # H at eta = 0: the infeasible end of every bracket in the line searches
+        self.entropy_at_x = ops.entropy_and_grad(logits_at_x)[0]
 
     def value(self, eta: Tensor, rows: Tensor) -> Tensor:
         with torch.no_grad():
@@ -215,14 +220,19 @@ def optimal_noise(
     Method: (1) projected, normalised ascent until ``H >= tau`` from ``eta = 0``, from
     ``eta = 0`` again on the mean log-probability over classes (which lifts every class at
     once and so does not stall on a two-class ridge, ``H = log 2``), and from random points
-    of the box ∩ ball, ``starts`` in all (step halving when the objective drops); every iterate is projected exactly onto the box ∩ ball with the fused
-    ``ascend_and_project`` op and ``H``, ``dH/dlogits`` come from the fused
-    ``entropy_and_grad`` op. (2) Norm reduction (``refine_iter`` rounds): at a minimum-norm
-    point eta is parallel to the entropy gradient (KKT), so each round turns eta towards
-    the gradient and bisects back to the level set ``H = tau``, keeping the result only if
-    it is feasible and shorter. (3) Per row, the shortest feasible start wins. Rows that
-    never reach ``tau`` are flagged infeasible and return the highest-entropy point found,
-    inside the box and ball; a warning says how many.
+    of the box ∩ ball, ``starts`` in all. The step halves when the objective drops; every
+    iterate is projected exactly onto the box ∩ ball with the fused ``ascend_and_project``
+    op, and ``H``, ``dH/dlogits`` come from the fused ``entropy_and_grad`` op. Only the
+    starts still climbing are evaluated, and an H-ascent start stops once its climb over
+    the last 10 steps, kept up to ``max_iter``, would still end below ``tau`` (a plateau or
+    ridge). (2) Norm reduction (``refine_iter`` rounds): at a minimum-norm point eta is
+    parallel to the entropy gradient (KKT), so each round turns eta towards the gradient
+    and searches back along the new ray to the level set ``H = tau`` (6 steps of
+    false position, Illinois variant, inside a bracket), keeping the result only if it is
+    feasible and shorter. (3) Per row, the shortest feasible start wins. (4) The rescue
+    pass (``rescue_starts``), for rows still infeasible. Rows that never reach ``tau`` are
+    flagged infeasible and return the highest-entropy point found, inside the box and
+    ball; a warning says how many.
 
     Args:
         model: maps ``[n, d]`` to ``[n, k]`` logits (eval mode).
@@ -285,8 +295,9 @@ def optimal_noise(
     budget = noise_budget(phi.to(x.dtype), eps, beta, importance=importance)
     radius = robustness_radius(model, x)
 
-    oracle = _EntropyOracle(model, x, ops)
-    batch = max(1, _ROW_BATCH // starts)
+    oracle = _EntropyOracle(model, x, logits, ops)
+    row_batch = _row_batch(x)
+    batch = max(1, row_batch // starts)
     parts = [_solve_rows(oracle, torch.arange(lo, min(lo + batch, n), device=x.device),
                          budget, radius, tau, max_iter, refine_iter, starts, seed)
              for lo in range(0, n, batch)]
@@ -295,7 +306,7 @@ def optimal_noise(
         # the rescue: random starts only (the two zero starts would repeat themselves), with
         # a seed disjoint from the first pass's
         stuck = (~feasible).nonzero()[:, 0]
-        batch = max(1, _ROW_BATCH // rescue_starts)
+        batch = max(1, row_batch // rescue_starts)
         parts = [_solve_rows(oracle, stuck[lo:lo + batch], budget, radius, tau, max_iter,
                              4 * refine_iter, rescue_starts, seed + 0x9E3779B9,
                              zero_starts=False)
@@ -312,6 +323,16 @@ def optimal_noise(
                       f"(NoiseResult.feasible), eta is their highest-entropy point", stacklevel=2)
     return NoiseResult(eta=eta, entropy=entropy, norm=eta.norm(dim=1), feasible=feasible,
                        iterations=iterations, budget=budget, radius=radius, tau=tau)
+
+
+def _row_batch(x: Tensor) -> int:
+    """Rows (starts) per batched pass. On CUDA: up to 65,536, within a quarter of the
+    device's memory at an estimated 64 bytes per input value (the input, its copies and
+    gradient, the saved activations of a model about as wide as its input)."""
+    if x.device.type != "cuda":
+        return _ROW_BATCH
+    total = torch.cuda.get_device_properties(x.device).total_memory
+    return int(max(_ROW_BATCH, min(_CUDA_ROW_BATCH, total // 4 // (64 * x.shape[1]))))
 
 
 def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Tensor,
@@ -354,24 +375,37 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     moving = ~feasible & (reach > 0)
 
     # (1) projected normalised ascent until H >= tau
-    for _ in range(max_iter):
-        if not moving.any():
+    history = []  # H a _STALL_WINDOW of iterations ago, for the stall test
+    for it in range(max_iter):
+        live = moving.nonzero()[:, 0]  # only the starts still climbing pay for a pass
+        if live.numel() == 0:
             break
-        direction = _unit(grad)
-        moving &= direction.abs().sum(1) > 0  # a flat point: nowhere to go
-        candidate = ops.ascend_and_project(eta, direction, step, u, rho, moving)
-        new_entropy, new_objective, new_grad = oracle.value_and_grad(candidate, rep, spread)
-        iterations += moving.long()
-        better = moving & (new_objective > objective)
+        direction = _unit(grad[live])
+        flat = direction.abs().sum(1) == 0  # a flat point: nowhere to go
+        candidate = ops.ascend_and_project(eta[live], direction, step[live], u[live], rho[live],
+                                           ~flat)
+        new_entropy, new_objective, new_grad = oracle.value_and_grad(candidate, rep[live],
+                                                                     spread[live])
+        iterations[live] += 1
+        better = ~flat & (new_objective > objective[live])
         # accept improvements; halve the step where H dropped (and retry from eta)
-        eta = torch.where(better[:, None], candidate, eta)
-        grad = torch.where(better[:, None], new_grad, grad)
-        entropy = torch.where(better, new_entropy, entropy)
-        objective = torch.where(better, new_objective, objective)
-        step = torch.where(moving & ~better, step / 2, step)
-        reached = better & (entropy >= tau)
+        eta[live] = torch.where(better[:, None], candidate, eta[live])
+        grad[live] = torch.where(better[:, None], new_grad, grad[live])
+        entropy[live] = torch.where(better, new_entropy, entropy[live])
+        objective[live] = torch.where(better, new_objective, objective[live])
+        step[live] = torch.where(better, step[live], step[live] / 2)
+        reached = torch.zeros_like(moving)
+        reached[live] = better & (entropy[live] >= tau)
         feasible |= reached
+        moving[live] = ~flat
         moving &= ~reached & (step > reach * 1e-6)
+        # a start whose rate of climb over the last window, kept up for every remaining
+        # iteration, would still end below tau is stalled (a plateau or a ridge): stop it
+        history.append(entropy.clone())
+        if zero_starts and len(history) > _STALL_WINDOW:  # the rescue climbs to the end
+            gain = entropy - history.pop(0)
+            left = (max_iter - 1 - it) / _STALL_WINDOW
+            moving &= (gain * left >= tau - entropy) | spread
 
     # (2) reduce the norm of the feasible, non-zero solutions
     shrink = feasible & ~done & (eta.abs().sum(1) > 0)
@@ -393,16 +427,36 @@ def _unit(v: Tensor) -> Tensor:
     return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), 0.0)
 
 
-def _shrink_to_level(oracle, rows, eta, tau, steps: int = 14):
-    """Smallest s in [0, 1] (to 2^-steps) with H(x + s eta) >= tau, for feasible eta."""
-    lo = eta.new_zeros(len(rows))
-    hi = eta.new_ones(len(rows))
+def _level_crossing(evaluate, lo, hi, f_lo, f_hi, steps: int):
+    """A root of ``f(s) = evaluate(s) - tau`` in a bracket ``f(lo) < 0 <= f(hi)``, by the
+    Illinois variant of false position (superlinear on smooth f; each step keeps a bracket,
+    so a non-monotone f still yields a crossing). Returns (hi, f(hi)): the feasible end,
+    ``f(hi) >= 0``, after ``steps`` evaluations."""
+    side = torch.zeros_like(lo, dtype=torch.int8)  # which end moved last: -1 lo, +1 hi
     for _ in range(steps):
-        mid = (lo + hi) / 2
-        ok = oracle.value(mid[:, None] * eta, rows) >= tau
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
-    return hi[:, None] * eta
+        width = hi - lo
+        t = (f_hi / (f_hi - f_lo).clamp_min(1e-30)).clamp(0.0, 1.0)
+        # keep probes off the ends so the bracket always shrinks
+        s = hi - width * t.clamp(0.02, 0.98)
+        f_s = evaluate(s)
+        ok = f_s >= 0
+        # Illinois: an end kept twice running has its value halved, so the next secant
+        # point moves past the root instead of creeping towards it from one side
+        f_lo = torch.where(ok & (side > 0), f_lo / 2, f_lo)
+        f_hi = torch.where(~ok & (side < 0), f_hi / 2, f_hi)
+        hi, f_hi = torch.where(ok, s, hi), torch.where(ok, f_s, f_hi)
+        lo, f_lo = torch.where(ok, lo, s), torch.where(ok, f_lo, f_s)
+        side = torch.where(ok, 1, -1).to(torch.int8)
+    return hi, f_hi
+
+
+def _shrink_to_level(oracle, rows, eta, tau, steps: int = _LEVEL_STEPS):
+    """The smallest s in [0, 1] found with H(x + s eta) >= tau, for feasible eta."""
+    f_lo = oracle.entropy_at_x[rows] - tau
+    f_hi = oracle.value(eta, rows) - tau
+    s, _ = _level_crossing(lambda s: oracle.value(s[:, None] * eta, rows) - tau,
+                           torch.zeros_like(f_lo), torch.ones_like(f_lo), f_lo, f_hi, steps)
+    return s[:, None] * eta
 
 
 def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
@@ -437,13 +491,10 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
 
         # beyond s = |eta| / |dir| the unprojected point is already longer than eta
         hi = length / direction.norm(dim=1).clamp_min(1e-30)
-        reach = oracle.value(ray(hi), r) >= tau
-        lo = torch.zeros_like(hi)
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            ok = oracle.value(ray(mid), r) >= tau
-            hi = torch.where(ok, mid, hi)
-            lo = torch.where(ok, lo, mid)
+        f_hi = oracle.value(ray(hi), r) - tau
+        reach = f_hi >= 0
+        hi, _ = _level_crossing(lambda s: oracle.value(ray(s), r) - tau, torch.zeros_like(hi),
+                                hi, oracle.entropy_at_x[r] - tau, f_hi, _LEVEL_STEPS)
         candidate = ray(hi)
         better = reach & (candidate.norm(dim=1) < length)
         eta[live] = torch.where(better[:, None], candidate, e)

@@ -535,7 +535,8 @@ def test_optimal_noise_against_slsqp(d, seed, scale, eps, tau_fraction):
 #     H = 0.513 with the default 4 starts while SLSQP finds a feasible point of norm 0.974
 #     (starts=16 finds one of norm 1.16, starts=64 of norm 1.04).
 #     With the rescue pass (rows still infeasible get ``rescue_starts`` fresh random starts),
-#     measured 2026-11-23 against the 4-start SLSQP reference: (a) 6/8 flags agree with the
+#     measured 2026-11-23 against the 4-start SLSQP reference (again after the false-position
+#     line search and the stall test, same flags): (a) 6/8 flags agree with the
 #     default 16 rescue starts, 7/8 with 64; (b) 15/16 with 16, 16/16 with 64, but the rescued
 #     rows land in another basin of the level set (norm ratio up to 1.23), so the 5% norm bar
 #     still fails: these stay xfail.
