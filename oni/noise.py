@@ -465,9 +465,9 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
 
     At a minimum-norm point of the level set H = tau, eta is parallel to the entropy
     gradient g (KKT; with the box and ball, eta = P(nu g)). Each round turns the ray of eta
-    towards g, ``dir = (1 - w) eta/|eta| + w g/|g|``, and bisects for the shortest point
-    ``P(s dir)`` that still meets tau, no longer than eta; it is kept only if it is shorter.
-    ``w`` grows after a kept round and halves after a rejected one; a row stops once ``w``
+    towards g, ``dir = (1 - w) eta/|eta| + w g/|g|``, and searches (false position) for the
+    shortest point ``P(s dir)`` that still meets tau, no longer than eta; it is kept only if
+    it is shorter. ``w`` grows after a kept round and halves after a rejected one; a row stops once ``w``
     falls below 1/200 (four rejections in a row from the start).
     """
     ops = oracle.ops
