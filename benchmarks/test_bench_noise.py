@@ -16,8 +16,8 @@ case also reports its agreement with the kernel case (same rows).
 
 Sizes: ``ONI_NOISE_ROWS`` (kernel backend, default 2048; ~45 s) and
 ``ONI_NOISE_ROWS_TORCH`` (torch backend, default 256; ~1.5 min). BENCHMARKS.md, "Noise
-solver", used ``ONI_NOISE_ROWS=20000 ONI_NOISE_ROWS_TORCH=512`` (kernel: 20,000 rows in
-423 s on a 2-core CPU; torch: 512 rows in 153 s). Run::
+solver", used ``ONI_NOISE_ROWS=20000 ONI_NOISE_ROWS_TORCH=256`` (at 204ce6c: kernel 20,000 rows
+in 249 s on a 2-core CPU; torch 256 rows in 36 s). Run::
 
     ONI_BENCH_WAIT_IDLE=600 pytest benchmarks/test_bench_noise.py --benchmark-only -s \\
         -p no:cacheprovider --benchmark-columns=min,rounds \\
