@@ -33,9 +33,19 @@ overhead; the explicit products with a hand-written backward need neither (BENCH
 compares the two). On a CPU the products themselves run no faster batched than one model at
 a time (they are near the machine's float32 peak either way): the gain is in the optimiser
 (one fused pass instead of about ten per parameter) and in the per-step overhead.
+
+Mixed precision (``precision="bf16"``, opt-in): the products take bfloat16 operands with
+float32 accumulation (AMX on recent Xeons runs them several times faster than float32), while
+the parameters, gradients and Adam state stay float32 (:func:`_train_step_bf16`). Then the
+passes over the optimiser state (gradient cast, Adam, bfloat16 copy of the parameters) cost
+as much as the products; they are memory-bound, so on the CPU the models are trained a few at
+a time, few enough for that state to stay in cache between steps. These models are not
+``train_model``'s to rounding: bfloat16 rounding (relative 2^-9 per product operand) moves the
+gradients by several percent at initialisation, as ``torch.autocast`` does.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -52,6 +62,10 @@ __all__ = ["StackedMLP", "stack_mlps", "train_mlps_batched", "predict_logits_bat
 _TRAIN_CHUNK_BYTES = 2 << 30
 #: memory the activations of one prediction pass may take
 _PREDICT_CHUNK_BYTES = 256 << 20
+#: precision="bf16" on the CPU: memory the state of a chunk of models may take
+_BF16_CPU_CHUNK_BYTES = 64 << 20
+#: the arithmetic train_mlps_batched offers (``precision``)
+PRECISIONS = ("float32", "bf16")
 
 
 class StackedMLP:
@@ -211,6 +225,12 @@ def _check_seeds(seeds, n_models: int) -> List[int]:
     return [int(s) for s in seeds]
 
 
+def _check_precision(precision) -> str:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def _check_chunk(chunk_size, default: int) -> int:
     return default if chunk_size is None else check_int(chunk_size, "chunk_size", 1)
 
@@ -258,6 +278,96 @@ def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
     return loss_sum
 
 
+def _train_step_bf16(weights: List[Tensor], biases: List[Tensor], low_weights: List[Tensor],
+                     low_biases: List[Tensor], grad_weights: List[Tensor],
+                     grad_biases: List[Tensor], inputs_t: Tensor, labels: Tensor) -> Tensor:
+    """:func:`_train_step` in mixed precision (``precision="bf16"``).
+
+    ``low_weights`` / ``low_biases`` are bfloat16 copies of the float32 parameters (refreshed
+    after every update), ``grad_weights`` / ``grad_biases`` bfloat16 buffers shaped like
+    them (the gradients land there), ``inputs_t`` the bfloat16 inputs transposed,
+    ``[K, d, B]``. The activations are kept transposed too (``[K, width, B]``, products
+    ``W @ h`` rather than ``h @ W.T``): on the CPU the bfloat16 products run about 20%
+    faster that way. The products take bfloat16 operands and accumulate in float32 inside
+    the kernel; their results are rounded to bfloat16, as under ``torch.autocast``. The
+    logits get the float32 bias and stay float32 through log-softmax, loss and the gradient
+    of the logits.
+    """
+    last = len(weights) - 1
+    activations = [inputs_t]
+    h = inputs_t
+    for i in range(last):
+        h = torch.baddbmm(low_biases[i].unsqueeze(2), low_weights[i], h).relu_()
+        activations.append(h)
+    logits = torch.add(torch.bmm(low_weights[last], h), biases[last].unsqueeze(2))  # float32
+    log_p = torch.log_softmax(logits, dim=1)  # [K, k, B]
+    target = labels.unsqueeze(1)
+    loss_sum = -log_p.gather(1, target).squeeze(1).sum(1, dtype=torch.float64)
+    inv_batch = 1.0 / inputs_t.shape[2]
+    grad = log_p.exp_().mul_(inv_batch)
+    grad.scatter_add_(1, target, torch.full(target.shape, -inv_batch, dtype=grad.dtype,
+                                            device=grad.device))
+    grad = grad.to(torch.bfloat16)
+    for i in range(last, -1, -1):
+        # a bfloat16 sum accumulates in float32; 3x faster than sum(dtype=float32) here
+        torch.sum(grad, dim=2, out=grad_biases[i])
+        torch.bmm(grad, activations[i].transpose(1, 2), out=grad_weights[i])
+        if i > 0:
+            grad = _relu_backward(torch.bmm(low_weights[i].transpose(1, 2), grad),
+                                  activations[i])
+    return loss_sum
+
+
+class _Bf16Trainer:
+    """The mixed-precision state of one chunk of models, in flat buffers.
+
+    The float32 master parameters (``stacked``'s tensors become views of one buffer) with
+    their float32 gradient and Adam moments, a bfloat16 copy of the parameters and a
+    bfloat16 buffer the gradients are written into. Each step ends with three passes over
+    the buffers: the bfloat16 gradient cast to float32, ``torch.optim.Adam(fused=True)``
+    (the update ``train_model`` makes) and the new parameters copied to bfloat16.
+    """
+
+    def __init__(self, stacked: StackedMLP, config: TrainConfig, device: torch.device):
+        params = stacked.weights + stacked.biases
+        shapes = [p.shape for p in params]
+        self.master = torch.cat([p.reshape(-1) for p in params])
+        self.master.grad = torch.zeros_like(self.master)
+        self.low = self.master.to(torch.bfloat16)
+        self.grad_low = torch.zeros_like(self.low)
+        n_layers = len(stacked.weights)
+        views = _flat_views(self.master, shapes)
+        stacked.weights[:], stacked.biases[:] = views[:n_layers], views[n_layers:]
+        self.stacked = stacked
+        low, grads = _flat_views(self.low, shapes), _flat_views(self.grad_low, shapes)
+        self.low_weights, self.low_biases = low[:n_layers], low[n_layers:]
+        self.grad_weights, self.grad_biases = grads[:n_layers], grads[n_layers:]
+        self.optimizer = torch.optim.Adam([self.master], lr=config.lr,
+                                          weight_decay=config.weight_decay,
+                                          fused=device.type in ("cpu", "cuda") or None)
+
+    def step(self, inputs_t: Tensor, labels: Tensor) -> Tensor:
+        """One training step of every model; returns the summed loss per model [K]."""
+        stacked = self.stacked
+        loss_sum = _train_step_bf16(stacked.weights, stacked.biases, self.low_weights,
+                                    self.low_biases, self.grad_weights, self.grad_biases,
+                                    inputs_t, labels)
+        self.master.grad.copy_(self.grad_low)
+        self.optimizer.step()
+        self.low.copy_(self.master)
+        return loss_sum
+
+
+def _flat_views(flat: Tensor, shapes) -> List[Tensor]:
+    """Consecutive views of the 1-D ``flat`` with the given shapes."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset:offset + size].view(shape))
+        offset += size
+    return views
+
+
 def _initial_parameters(d, k, hidden, seeds, device) -> StackedMLP:
     models = []
     for seed in seeds:
@@ -268,15 +378,28 @@ def _initial_parameters(d, k, hidden, seeds, device) -> StackedMLP:
 
 def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[int],
                  config: TrainConfig, device: torch.device, bar, first: int,
-                 n_total: int) -> StackedMLP:
+                 n_total: int, precision: str = "float32") -> StackedMLP:
     stacked = _initial_parameters(d, k, hidden, seeds, device)
-    params = stacked.weights + stacked.biases
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    # fused: one pass over the stacked tensors per step (the per-model for-loop Adam makes
-    # about ten); same update formula, elementwise
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=device.type in ("cpu", "cuda") or None)
+    if precision == "bf16":
+        trainer = _Bf16Trainer(stacked, config, device)
+
+        def step(rows):
+            # the rows of every model, transposed to [K, d, B] (see _train_step_bf16)
+            inputs = x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[1])
+            return trainer.step(inputs.transpose(1, 2).contiguous(), y[rows])
+    else:
+        params = stacked.weights + stacked.biases
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        # fused: one pass over the stacked tensors per step (the per-model for-loop Adam
+        # makes about ten); same update formula, elementwise
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                                     fused=device.type in ("cpu", "cuda") or None)
+
+        def step(rows):
+            loss_sum = _train_step(stacked.weights, stacked.biases, x[rows], y[rows])
+            optimizer.step()
+            return loss_sum
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     n = idx.shape[1]
     bs = config.batch_size
@@ -286,9 +409,7 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
                              for j, g in enumerate(generators)]).to(device)
         loss_sum = torch.zeros(len(seeds), dtype=torch.float64, device=device)
         for lo in range(0, n, bs):
-            rows = order[:, lo:lo + bs]
-            loss_sum += _train_step(stacked.weights, stacked.biases, x[rows], y[rows])
-            optimizer.step()
+            loss_sum += step(order[:, lo:lo + bs])
         mean_loss = (loss_sum / n).cpu()
         bad = (~torch.isfinite(mean_loss)).nonzero().flatten().tolist()
         if bad:
@@ -304,7 +425,8 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
 
 def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor, y: Tensor, *,
                        seeds: Sequence[int], config: Optional[TrainConfig] = None,
-                       chunk_size: Optional[int] = None) -> List[MLP]:
+                       chunk_size: Optional[int] = None,
+                       precision: str = "float32") -> List[MLP]:
     """Trains ``K`` MLPs ``d -> hidden -> k`` together, model ``j`` on ``x[xs_idx[j]]``.
 
     Gives the models :func:`oni.train.train_model` gives one by one (same initialisation,
@@ -329,8 +451,21 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         progress (one bar entry per epoch of each chunk of models).
     chunk_size : int, optional
         Models trained at a time; default as many as fit in about 2 GiB of parameters,
-        gradients and Adam moments. Chunks do not change the results.
-
+        gradients and Adam moments (``precision="bf16"`` on the CPU: 64 MiB, which keeps
+        that state in cache between steps). Chunks do not change the results.
+    precision : ``"float32"`` (default) or ``"bf16"``
+        ``"float32"`` gives :func:`oni.train.train_model`'s models (to float rounding).
+        ``"bf16"`` (opt-in) is mixed precision: float32 master parameters, gradients and
+        Adam state (the same fused Adam update), but the three matrix products of each
+        layer (forward, gradient of the input, gradient of the weight) take bfloat16
+        operands (``x`` and the activations rounded to bfloat16, and a bfloat16 copy of the
+        parameters refreshed after every step) and accumulate in float32; their results
+        (activations, gradients) are rounded to bfloat16, as under ``torch.autocast``. The
+        logits (with the float32 output bias), log-softmax and loss stay float32. It trains
+        faster where bfloat16 products are fast (CPUs with AMX, GPUs), but the models are
+        not ``train_model``'s to rounding: alike in accuracy, not in every prediction
+        (BENCHMARKS.md, "Batched shadow training (CPU)"). The models returned are float32
+        either way.
     Returns
     -------
     list of :class:`oni.models.MLP`
@@ -345,6 +480,7 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     """
     config = TrainConfig() if config is None else config
     _check_config(config)
+    precision = _check_precision(precision)
     with torch.device("meta"):
         MLP(d, k, hidden)  # validates d, k and hidden with MLP's own messages
     hidden = tuple(int(h) for h in hidden)
@@ -358,10 +494,19 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     idx = _check_index_sets(xs_idx, x.shape[0])
     seeds = _check_seeds(seeds, idx.shape[0])
     device = _resolve_device(config.device, "config.device")
-    state_bytes = 4 * 4 * _n_parameters(d, k, hidden)  # parameter, grad, two Adam moments
-    chunk = _check_chunk(chunk_size, max(1, _TRAIN_CHUNK_BYTES // state_bytes))
+    if precision == "float32":
+        # parameter, gradient, two Adam moments
+        state_bytes = 4 * 4 * _n_parameters(d, k, hidden)
+        budget = _TRAIN_CHUNK_BYTES
+    else:
+        # float32 parameter, gradient, two Adam moments; bfloat16 copy and gradient. On the
+        # CPU the passes over this state are memory-bound: a chunk whose state stays in
+        # cache between steps trains faster (BENCHMARKS.md)
+        state_bytes = (4 * 4 + 2 * 2) * _n_parameters(d, k, hidden)
+        budget = _BF16_CPU_CHUNK_BYTES if device.type == "cpu" else _TRAIN_CHUNK_BYTES
+    chunk = _check_chunk(chunk_size, max(1, budget // state_bytes))
 
-    x = x.to(device, torch.float32).contiguous()
+    x = x.to(device, torch.float32 if precision == "float32" else torch.bfloat16).contiguous()
     y = y.to(device, torch.long)
     n_models = idx.shape[0]
     models: List[MLP] = []
@@ -370,7 +515,7 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         for first in range(0, n_models, chunk):
             last = min(first + chunk, n_models)
             stacked = _train_chunk(d, k, hidden, idx[first:last], x, y, seeds[first:last],
-                                   config, device, bar, first, n_models)
+                                   config, device, bar, first, n_models, precision)
             models += stacked.to_models()
     return models
 
