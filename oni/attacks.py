@@ -20,6 +20,12 @@ It may query the target on any input (the label-only attack queries noisy copies
 and queried through its ``predict_proba`` (so inference-time defenses such as DynaNoise are
 applied to the shadows' outputs too). ``defense=None`` trains the shadows undefended.
 
+Undefended shadows are trained together by :func:`oni.shadows.train_mlps_batched`; the
+setting ``shadow_precision`` (every attack with shadows; default ``"float32"``, the models
+``train_model`` gives) set to ``"bf16"`` trains them in mixed precision instead, faster on
+CPUs with AMX, and not the same models (``train_mlps_batched``'s ``precision``). Adaptive
+attacks train their shadows in float32 and reject ``"bf16"``.
+
 The attacks (``ATTACKS``)
 -------------------------
 * ``"shadow"`` (Shokri et al. 2017; Salem et al. 2019; the attack model of Nasr et al.
@@ -100,7 +106,7 @@ from torch import Tensor, nn
 from ._checks import check_int as _check_int
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
-from .shadows import predict_logits_batched, train_mlps_batched
+from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
 from .train import TrainConfig, _check_config, _derived_seed, predict_proba
 
 __all__ = ["AttackResult", "ATTACKS", "DEFAULTS", "METRICS", "metric_values", "run_attack",
@@ -119,6 +125,8 @@ _REFERENCE_DEFAULTS: Dict[str, Any] = {
     "fit_on": "shadow",         # "shadow": shadow models' outputs; "known": the target's own
                                 # outputs on splits.known (members) and shadow-pool rows
     "hidden": None,             # shadow architecture; None: the target model's (an MLP)
+    "shadow_precision": "float32",  # undefended shadows' training arithmetic: "float32" or
+                                    # "bf16" (oni.shadows.train_mlps_batched's precision)
 }
 _ATTACK_NET_DEFAULTS: Dict[str, Any] = {
     "prediction_widths": (1024, 512, 64),  # subnet on the prediction vector
@@ -135,6 +143,7 @@ _LIRA_DEFAULTS: Dict[str, Any] = {
                                 # capped at half the available pool
     "global_variance": None,    # None: True when K < 64
     "hidden": None,
+    "shadow_precision": "float32",  # as for the reference attacks above
 }
 
 #: every attack's settings and their defaults (``config`` overrides any of them)
@@ -225,6 +234,9 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
         cfg["shadow_size"] = _check_int(cfg["shadow_size"], "config['shadow_size']", 1)
     if cfg["hidden"] is not None:
         cfg["hidden"] = _check_widths(cfg["hidden"], "config['hidden']")
+    if not isinstance(cfg["shadow_precision"], str) or cfg["shadow_precision"] not in PRECISIONS:
+        raise ValueError(f"config['shadow_precision'] must be one of {PRECISIONS}, got "
+                         f"{cfg['shadow_precision']!r}")
     if name.startswith("lira"):
         k = cfg["n_shadows"]
         if k < 4 or k % 2:
@@ -337,16 +349,21 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
 # ----------------------------------------------------------------------------- shadows
 
 def _train_shadows(data: Dataset, index_sets: Tensor, seeds: List[int], hidden, train_config,
-                   defense) -> List[Callable[[Tensor], Tensor]]:
+                   defense, precision: str = "float32") -> List[Callable[[Tensor], Tensor]]:
     """Trains one shadow per row of ``index_sets`` [K, m]; returns their predict_proba.
 
     Undefended shadows are trained together (:func:`oni.shadows.train_mlps_batched`, the same
-    models as ``train_model`` one by one); defended ones one by one with
-    ``oni.defenses.defend`` (the adaptive attacker)."""
+    models as ``train_model`` one by one; ``precision="bf16"``: mixed precision, faster, not
+    the same models); defended ones one by one with ``oni.defenses.defend`` (the adaptive
+    attacker), in float32 only."""
     if defense is None:
         models = train_mlps_batched(data.d, data.k, hidden, index_sets, data.x, data.y,
-                                    seeds=seeds, config=train_config)
+                                    seeds=seeds, config=train_config, precision=precision)
         return [_UndefendedShadow(model) for model in models]
+    if precision != "float32":
+        raise ValueError(f"config['shadow_precision'] = {precision!r} applies to undefended "
+                         f"shadows (oni.shadows.train_mlps_batched); the adaptive attack "
+                         f"trains its shadows with defense {defense[0]!r} in float32")
     from .defenses import defend  # here: only adaptive attacks need the defenses
 
     name, defense_config = defense
@@ -450,7 +467,7 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
         splits_out.append(order[m:2 * m])
     predictors = _train_shadows(data, torch.stack(splits_in),
                                 _shadow_seeds(seed, "reference", n_shadows), hidden,
-                                train_config, defense)
+                                train_config, defense, cfg["shadow_precision"])
     train_acc, test_acc, queried, source = [], [], [], []
     for j, (predict, inside, outside) in enumerate(zip(predictors, splits_in, splits_out)):
         for rows, is_member, accs in ((inside, True, train_acc), (outside, False, test_acc)):
@@ -812,7 +829,7 @@ def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config
     index_sets = torch.stack([pool[row.nonzero().squeeze(1)] for row in keep])
     hidden = _shadow_hidden(cfg, target, data)
     predictors = _train_shadows(data, index_sets, _shadow_seeds(seed, purpose, n_shadows),
-                                hidden, train_config, defense)
+                                hidden, train_config, defense, cfg["shadow_precision"])
     global_variance = cfg["global_variance"]
     if global_variance is None:
         global_variance = n_shadows < 64

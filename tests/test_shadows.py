@@ -330,3 +330,56 @@ def test_batched_prediction_checks_its_arguments():
         predict_logits_batched(models, torch.zeros(3, D), batch_size=0)
     with pytest.raises(ValueError, match="models\\[1\\] has architecture"):
         predict_logits_batched([models[0], MLP(D, K_CLASSES, (3,))], torch.zeros(3, D))
+
+
+# ----------------------------------------------------------------------------- attacks
+
+@pytest.fixture
+def attack_setup():
+    from oni.data import make_splits, synthetic_purchase
+    from oni.defenses import defend
+
+    data = synthetic_purchase(500, d=20, k=4, seed=0)
+    splits = make_splits(data, sizes={"train": 80, "test": 80, "known": 20, "target": 80,
+                                      "shadow_pool": 200}, seed=0)
+    config = TrainConfig(epochs=3, batch_size=32, device="cpu", progress=False)
+    target = defend("undefended", data.x[splits.train], data.y[splits.train],
+                    train_config=config, hidden=(8,), seed=0)
+    return target, data, splits, config
+
+
+@pytest.mark.parametrize("name, extra", [("metric_loss", {}), ("lira_offline", {"n_shadows": 4})])
+@pytest.mark.parametrize("precision", [None, "float32", "bf16"])
+def test_attack_config_shadow_precision_reaches_the_shadow_training(monkeypatch, attack_setup,
+                                                                    name, extra, precision):
+    from oni import attacks
+
+    seen = []
+
+    def spy(*args, precision="float32", **kwargs):
+        seen.append(precision)
+        return train_mlps_batched(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(attacks, "train_mlps_batched", spy)
+    target, data, splits, config = attack_setup
+    settings = dict(extra) if precision is None else {**extra, "shadow_precision": precision}
+    result = attacks.run_attack(name, target, data, splits, config=settings,
+                                train_config=config)
+    assert seen == [precision or "float32"]
+    assert result.extra["config"]["shadow_precision"] == (precision or "float32")
+    assert torch.isfinite(result.scores).all()
+
+
+def test_attack_config_shadow_precision_is_checked(attack_setup):
+    from oni.attacks import run_attack
+
+    target, data, splits, config = attack_setup
+    with pytest.raises(ValueError, match="config\\['shadow_precision'\\] must be one of "
+                                         "\\('float32', 'bf16'\\), got 'half'"):
+        run_attack("metric_loss", target, data, splits, config={"shadow_precision": "half"},
+                   train_config=config)
+    with pytest.raises(ValueError, match="adaptive attack trains its shadows with defense "
+                                         "'undefended' in float32"):
+        run_attack("lira_online", target, data, splits,
+                   config={"n_shadows": 4, "shadow_precision": "bf16"}, train_config=config,
+                   defense=("undefended", {}))
