@@ -211,6 +211,32 @@ def test_bf16_models_learn_like_the_float32_ones():
         assert all(p.dtype == torch.float32 for p in a.parameters())
 
 
+def test_bf16_flushes_tiny_adam_moments_to_zero():
+    """Moments that would decay into float32's subnormal range (slow on x86) are zeroed
+    every _FLUSH_EVERY steps; the others are left alone."""
+    from oni import shadows
+
+    x, y = _pool()
+    idx = _index_sets(2)
+    stacked = shadows._initial_parameters(D, K_CLASSES, HIDDEN, [1, 2], torch.device("cpu"))
+    trainer = shadows._Bf16Trainer(stacked, CONFIG, torch.device("cpu"))
+    inputs_t = x[idx].to(torch.bfloat16).transpose(1, 2).contiguous()
+    trainer.step(inputs_t, y[idx])
+    state = trainer.optimizer.state[trainer.master]
+    state["exp_avg"][:4] = torch.tensor([1e-35, -1e-35, 1e-20, -1e-20])
+    state["exp_avg_sq"][:2] = torch.tensor([1e-35, 1e-20])
+    kept_m, kept_v = state["exp_avg"][4:].clone(), state["exp_avg_sq"][2:].clone()
+    trainer.optimizer.step = lambda: None  # hold the moments still: only the flush acts
+    for _ in range(shadows._FLUSH_EVERY - 2):
+        trainer.step(inputs_t, y[idx])
+    assert state["exp_avg"][0] == 1e-35  # not yet: the flush comes every _FLUSH_EVERY steps
+    trainer.step(inputs_t, y[idx])
+    assert torch.equal(state["exp_avg"][:4], torch.tensor([0.0, 0.0, 1e-20, -1e-20]))
+    assert torch.equal(state["exp_avg_sq"][:2], torch.tensor([0.0, 1e-20]))
+    assert torch.equal(state["exp_avg"][4:], kept_m)
+    assert torch.equal(state["exp_avg_sq"][2:], kept_v)
+
+
 def test_bf16_is_deterministic_per_seed():
     x, y = _pool()
     idx = _index_sets(2)
