@@ -250,6 +250,21 @@ def _relu_backward(grad: Tensor, output: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward(grad, output, 0)
 
 
+def _cross_entropy_and_grad(logits: Tensor, labels: Tensor, class_dim: int):
+    """Per model: the summed cross-entropy (float64, ``[K]``) and the gradient of the mean
+    cross-entropy in the logits, ``(softmax - one_hot) / B`` for each model's own batch.
+    ``logits`` is ``[K, B, k]`` (``class_dim=2``) or ``[K, k, B]`` (``class_dim=1``);
+    ``labels`` ``[K, B]``."""
+    log_p = torch.log_softmax(logits, dim=class_dim)
+    target = labels.unsqueeze(class_dim)
+    loss_sum = -log_p.gather(class_dim, target).squeeze(class_dim).sum(1, dtype=torch.float64)
+    inv_batch = 1.0 / labels.shape[1]
+    grad = log_p.exp_().mul_(inv_batch)
+    grad.scatter_add_(class_dim, target, torch.full(target.shape, -inv_batch, dtype=grad.dtype,
+                                                    device=grad.device))
+    return loss_sum, grad
+
+
 def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
                 labels: Tensor) -> Tensor:
     """One Adam step's gradients for every model; returns the summed loss per model [K].
@@ -265,14 +280,7 @@ def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
         if i < last:
             h = h.relu_()
             activations.append(h)
-    log_p = torch.log_softmax(h, dim=2)
-    target = labels.unsqueeze(2)
-    loss_sum = -log_p.gather(2, target).squeeze(2).sum(1, dtype=torch.float64)
-    # d(mean CE)/d(logits) = (softmax - one_hot) / B, for each model's own batch
-    inv_batch = 1.0 / inputs.shape[1]
-    grad = log_p.exp_().mul_(inv_batch)
-    grad.scatter_add_(2, target, torch.full(target.shape, -inv_batch, dtype=grad.dtype,
-                                            device=grad.device))
+    loss_sum, grad = _cross_entropy_and_grad(h, labels, class_dim=2)
     for i in range(last, -1, -1):
         torch.bmm(grad.transpose(1, 2), activations[i], out=weights[i].grad)
         torch.sum(grad, dim=1, out=biases[i].grad)
@@ -303,13 +311,7 @@ def _train_step_bf16(weights: List[Tensor], biases: List[Tensor], low_weights: L
         h = torch.baddbmm(low_biases[i].unsqueeze(2), low_weights[i], h).relu_()
         activations.append(h)
     logits = torch.add(torch.bmm(low_weights[last], h), biases[last].unsqueeze(2))  # float32
-    log_p = torch.log_softmax(logits, dim=1)  # [K, k, B]
-    target = labels.unsqueeze(1)
-    loss_sum = -log_p.gather(1, target).squeeze(1).sum(1, dtype=torch.float64)
-    inv_batch = 1.0 / inputs_t.shape[2]
-    grad = log_p.exp_().mul_(inv_batch)
-    grad.scatter_add_(1, target, torch.full(target.shape, -inv_batch, dtype=grad.dtype,
-                                            device=grad.device))
+    loss_sum, grad = _cross_entropy_and_grad(logits, labels, class_dim=1)  # [K, k, B]
     grad = grad.to(torch.bfloat16)
     for i in range(last, -1, -1):
         # a bfloat16 sum accumulates in float32; 3x faster than sum(dtype=float32) here
