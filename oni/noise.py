@@ -485,18 +485,22 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
         direction = (1 - w) * _unit(e) + w * _unit(grad)
         length = e.norm(dim=1)
 
-        def ray(step):
-            return ops.ascend_and_project(torch.zeros_like(e), direction, step, u[live],
-                                          rho[live], everyone)
+        def ray(step, sub):
+            return ops.ascend_and_project(torch.zeros_like(e[sub]), direction[sub], step,
+                                          u[live[sub]], rho[live[sub]], everyone[sub])
 
         # beyond s = |eta| / |dir| the unprojected point is already longer than eta
         hi = length / direction.norm(dim=1).clamp_min(1e-30)
-        f_hi = oracle.value(ray(hi), r) - tau
-        reach = f_hi >= 0
-        hi, _ = _level_crossing(lambda s: oracle.value(ray(s), r) - tau, torch.zeros_like(hi),
-                                hi, oracle.entropy_at_x[r] - tau, f_hi, _LEVEL_STEPS)
-        candidate = ray(hi)
-        better = reach & (candidate.norm(dim=1) < length)
+        f_hi = oracle.value(ray(hi, slice(None)), r) - tau
+        # only rays that meet tau within that length are searched; the others are rejected
+        hit = (f_hi >= 0).nonzero()[:, 0]
+        s, _ = _level_crossing(lambda s: oracle.value(ray(s, hit), r[hit]) - tau,
+                               torch.zeros_like(hi[hit]), hi[hit],
+                               oracle.entropy_at_x[r[hit]] - tau, f_hi[hit], _LEVEL_STEPS)
+        candidate = e.clone()
+        candidate[hit] = ray(s, hit)
+        better = torch.zeros_like(length, dtype=torch.bool)
+        better[hit] = candidate[hit].norm(dim=1) < length[hit]
         eta[live] = torch.where(better[:, None], candidate, e)
         weight[live] = torch.where(better[:, None], (w * 1.5).clamp(max=1.0), w / 2)
     return eta, oracle.value(eta, rows), used
