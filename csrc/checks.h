@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
+
 namespace oni {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -128,6 +130,38 @@ inline void check_project_inputs(const at::Tensor& eta, const at::Tensor& direct
   TORCH_CHECK(active.scalar_type() == at::kBool, "active must be bool, got ", active.scalar_type());
   TORCH_CHECK(active.device() == eta.device(), "active must be on eta's device ", eta.device(),
               ", got ", active.device());
+}
+
+// adam_step_bf16: param, exp_avg, exp_avg_sq float32 and param_bf16, grad_bf16 bfloat16, all
+// of param's shape and device and contiguous (the kernels write them in place, flat).
+inline void check_adam_inputs(const at::Tensor& param, const at::Tensor& exp_avg,
+                              const at::Tensor& exp_avg_sq, const at::Tensor& param_bf16,
+                              const at::Tensor& grad_bf16, int64_t step, double lr, double beta1,
+                              double beta2, double eps, double weight_decay, double flush_below) {
+  TORCH_CHECK(param.scalar_type() == at::kFloat, "param must be float32, got ",
+              param.scalar_type());
+  const std::pair<const at::Tensor*, const char*> state[] = {
+      {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&param_bf16, "param_bf16"},
+      {&grad_bf16, "grad_bf16"}};
+  for (const auto& [t, name] : state) {
+    const auto want = t == &param_bf16 || t == &grad_bf16 ? at::kBFloat16 : at::kFloat;
+    TORCH_CHECK(t->scalar_type() == want, name, " must be ", want, ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == param.device(), name, " must be on param's device ",
+                param.device(), ", got ", t->device());
+    TORCH_CHECK(t->sizes() == param.sizes(), name, " must have param's shape ", param.sizes(),
+                ", got ", t->sizes());
+  }
+  TORCH_CHECK(param.is_contiguous(), "param must be contiguous (it is updated in place)");
+  for (const auto& [t, name] : state) {
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  }
+  TORCH_CHECK(step >= 1, "step must be >= 1 (the count including this step), got ", step);
+  TORCH_CHECK(lr >= 0.0, "lr must be >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK(weight_decay >= 0.0, "weight_decay must be >= 0, got ", weight_decay);
+  TORCH_CHECK(flush_below >= 0.0, "flush_below must be >= 0, got ", flush_below);
 }
 
 }  // namespace oni

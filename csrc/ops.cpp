@@ -54,6 +54,18 @@ TORCH_LIBRARY(oni, m) {
   m.def("ascend_and_project(Tensor eta, Tensor direction, Tensor step, Tensor budget, "
         "Tensor radius, Tensor active) -> Tensor");
 
+  // Shadow-model training (oni/shadows.py, precision="bf16"). One mixed-precision Adam step
+  // in one pass over memory, in place: g = float32(grad_bf16) (+ weight_decay * param, L2 as
+  // torch.optim.Adam), then torch.optim.Adam's update of the float32 param and moments
+  // (lerp of exp_avg, bias corrections 1 - beta^step in float64, eps added after the
+  // corrected square root), moments below flush_below (|exp_avg|, exp_avg_sq) set to 0 (no
+  // subnormals: slow on x86), and param_bf16 = bfloat16(param) (round to nearest even).
+  // param, exp_avg, exp_avg_sq float32 and param_bf16, grad_bf16 bfloat16, one shape, all
+  // contiguous; step >= 1 counts this step.
+  m.def("adam_step_bf16(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "Tensor(d!) param_bf16, Tensor grad_bf16, int step, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, float flush_below) -> ()");
+
   // CUDA toolkit version the extension was compiled with (major*1000 + minor*10), 0 if none.
   m.def("cuda_version() -> int", []() -> int64_t { return ONI_CUDA_VERSION; });
 }

@@ -14,7 +14,8 @@ from . import _C  # noqa: F401  (loads the library so torch.ops.oni is populated
 
 SHAPLEY_OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
 NOISE_OPS = ("entropy_and_grad", "ascend_and_project")
-OP_NAMES = SHAPLEY_OPS + NOISE_OPS
+TRAIN_OPS = ("adam_step_bf16",)
+OP_NAMES = SHAPLEY_OPS + NOISE_OPS + TRAIN_OPS
 
 
 def permutation_walk_linear(
@@ -121,3 +122,30 @@ def _(logits):
 def _(eta, direction, step, budget, radius, active):
     torch._check(eta.dim() == 2 and direction.shape == eta.shape and budget.shape == eta.shape)
     return torch.empty_like(eta)
+
+
+def adam_step_bf16(
+    param: Tensor,  # [...] float32, updated in place
+    exp_avg: Tensor,  # [...] float32, updated in place
+    exp_avg_sq: Tensor,  # [...] float32, updated in place
+    param_bf16: Tensor,  # [...] bfloat16, overwritten with bfloat16(param)
+    grad_bf16: Tensor,  # [...] bfloat16
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    flush_below: float,
+) -> None:
+    """One ``torch.optim.Adam`` step of the float32 ``param`` from a bfloat16 gradient, with
+    moments below ``flush_below`` zeroed and the bfloat16 copy rewritten, in one pass."""
+    torch.ops.oni.adam_step_bf16.default(param, exp_avg, exp_avg_sq, param_bf16, grad_bf16,
+                                         step, lr, beta1, beta2, eps, weight_decay, flush_below)
+
+
+@torch.library.register_fake("oni::adam_step_bf16")
+def _(param, exp_avg, exp_avg_sq, param_bf16, grad_bf16, step, lr, beta1, beta2, eps,
+      weight_decay, flush_below):
+    torch._check(exp_avg.shape == param.shape and exp_avg_sq.shape == param.shape)
+    torch._check(param_bf16.shape == param.shape and grad_bf16.shape == param.shape)

@@ -19,6 +19,7 @@ Shapley layout (shared by all Shapley ops)
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -233,3 +234,40 @@ def ascend_and_project(
     z = eta.double() + step.double()[:, None] * direction.double()
     projected = project_box_ball(z, budget, radius).to(eta.dtype)
     return torch.where(active[:, None], projected, eta)
+
+
+def adam_step_bf16(
+    param: Tensor,  # [...] float32, updated in place
+    exp_avg: Tensor,  # [...] float32, updated in place
+    exp_avg_sq: Tensor,  # [...] float32, updated in place
+    param_bf16: Tensor,  # [...] bfloat16, overwritten
+    grad_bf16: Tensor,  # [...] bfloat16
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    flush_below: float,
+) -> None:
+    """One mixed-precision Adam step, in place (shadow training, ``precision="bf16"``).
+
+    ``torch.optim.Adam``'s update of the float32 ``param`` and moments (L2 ``weight_decay``
+    added to the gradient; bias corrections ``1 - beta**step`` in float64; ``eps`` added
+    after the bias-corrected square root) from the float32 cast of ``grad_bf16``. Then the
+    moments below ``flush_below`` (``|exp_avg|``, ``exp_avg_sq``) are set to 0, which keeps
+    them out of float32's subnormal range (slow on x86), and ``param_bf16`` gets the new
+    ``param`` rounded to bfloat16. ``step`` counts this step (>= 1).
+    """
+    grad = grad_bf16.float()
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    step_size = lr / (1 - beta1 ** step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
+    param.sub_(step_size * exp_avg / denom)
+    exp_avg.masked_fill_(exp_avg.abs() < flush_below, 0.0)
+    exp_avg_sq.masked_fill_(exp_avg_sq < flush_below, 0.0)
+    param_bf16.copy_(param)
