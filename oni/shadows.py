@@ -36,10 +36,11 @@ a time (they are near the machine's float32 peak either way): the gain is in the
 
 Mixed precision (``precision="bf16"``, opt-in): the products take bfloat16 operands with
 float32 accumulation (AMX on recent Xeons runs them several times faster than float32), while
-the parameters, gradients and Adam state stay float32 (:func:`_train_step_bf16`). Then the
-passes over the optimiser state (gradient cast, Adam, bfloat16 copy of the parameters) cost
-as much as the products; they are memory-bound, so on the CPU the models are trained a few at
-a time, few enough for that state to stay in cache between steps. These models are not
+the parameters and Adam state stay float32 (:func:`_train_step_bf16`). Then the update of
+the optimiser state costs about as much as the products. It is one memory-bound pass
+(``oni._ops.adam_step_bf16``: gradient cast, Adam, bfloat16 copy of the parameters), and on
+the CPU the models are trained a few at a time, few enough for that state to stay in cache
+between steps. These models are not
 ``train_model``'s to rounding: bfloat16 rounding (relative 2^-9 per product operand) moves the
 gradients by several percent at initialisation, as ``torch.autocast`` does.
 """
@@ -52,6 +53,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _ops, reference
 from ._checks import check_int
 from .models import MLP, _resolve_device, init_parameters_
 from .train import TrainConfig, _check_config, _check_features, _check_labels, _progress
@@ -62,11 +64,13 @@ __all__ = ["StackedMLP", "stack_mlps", "train_mlps_batched", "predict_logits_bat
 _TRAIN_CHUNK_BYTES = 2 << 30
 #: memory the activations of one prediction pass may take
 _PREDICT_CHUNK_BYTES = 256 << 20
-#: precision="bf16" on the CPU: memory the state of a chunk of models may take
-_BF16_CPU_CHUNK_BYTES = 64 << 20
-#: precision="bf16": every this many steps, Adam's moments below _TINY_MOMENT are set to 0
-_FLUSH_EVERY = 64
+#: precision="bf16" on the CPU: memory the state of a chunk of models may take (2 paper MLPs
+#: at 16 bytes per parameter, the chunk measured fastest: BENCHMARKS.md)
+_BF16_CPU_CHUNK_BYTES = 48 << 20
+#: precision="bf16": Adam's moments below this are set to 0 after every step
 _TINY_MOMENT = 1e-30
+#: torch.optim.Adam's defaults (train_model's optimiser)
+_ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 #: the arithmetic train_mlps_batched offers (``precision``)
 PRECISIONS = ("float32", "bf16")
 
@@ -327,17 +331,26 @@ class _Bf16Trainer:
     """The mixed-precision state of one chunk of models, in flat buffers.
 
     The float32 master parameters (``stacked``'s tensors become views of one buffer) with
-    their float32 gradient and Adam moments, a bfloat16 copy of the parameters and a
-    bfloat16 buffer the gradients are written into. Each step ends with three passes over
-    the buffers: the bfloat16 gradient cast to float32, ``torch.optim.Adam(fused=True)``
-    (the update ``train_model`` makes) and the new parameters copied to bfloat16.
+    their float32 Adam moments, a bfloat16 copy of the parameters and a bfloat16 buffer the
+    gradients are written into. Each step ends with one pass over the buffers,
+    ``oni._ops.adam_step_bf16``: the bfloat16 gradient cast to float32, the update
+    ``torch.optim.Adam`` makes (the one ``train_model`` makes; same defaults), Adam's moments
+    below ``_TINY_MOMENT`` set to 0, and the new parameters written to bfloat16.
+
+    Why the moments are flushed: a parameter whose gradient stays 0 (a dead ReLU unit, an
+    input that is always 0 in its rows) has a first moment that decays by ``beta1 = 0.9`` a
+    step, into float32's subnormal range within some hundred steps, and x86 arithmetic on
+    subnormals is several times slower (measured: the update 5x slower by epoch 18 of the
+    benchmark workload, 17% of the moments subnormal). Below ``1e-30`` a moment moves the
+    parameter by less than ``1e-22 * lr`` (``eps = 1e-8`` bounds the denominator).
     """
 
     def __init__(self, stacked: StackedMLP, config: TrainConfig, device: torch.device):
         params = stacked.weights + stacked.biases
         shapes = [p.shape for p in params]
         self.master = torch.cat([p.reshape(-1) for p in params])
-        self.master.grad = torch.zeros_like(self.master)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
         self.low = self.master.to(torch.bfloat16)
         self.grad_low = torch.zeros_like(self.low)
         n_layers = len(stacked.weights)
@@ -347,9 +360,10 @@ class _Bf16Trainer:
         low, grads = _flat_views(self.low, shapes), _flat_views(self.grad_low, shapes)
         self.low_weights, self.low_biases = low[:n_layers], low[n_layers:]
         self.grad_weights, self.grad_biases = grads[:n_layers], grads[n_layers:]
-        self.optimizer = torch.optim.Adam([self.master], lr=config.lr,
-                                          weight_decay=config.weight_decay,
-                                          fused=device.type in ("cpu", "cuda") or None)
+        self.lr, self.weight_decay = float(config.lr), float(config.weight_decay)
+        # the compiled kernel where there is one, else its pure-PyTorch twin
+        self.update = _ops.adam_step_bf16 if _ops.has_kernel(device.type, _ops.TRAIN_OPS) \
+            else reference.adam_step_bf16
         self.n_steps = 0
 
     def step(self, inputs_t: Tensor, labels: Tensor) -> Tensor:
@@ -358,30 +372,11 @@ class _Bf16Trainer:
         loss_sum = _train_step_bf16(stacked.weights, stacked.biases, self.low_weights,
                                     self.low_biases, self.grad_weights, self.grad_biases,
                                     inputs_t, labels)
-        self.master.grad.copy_(self.grad_low)
-        self.optimizer.step()
-        self.low.copy_(self.master)
         self.n_steps += 1
-        if self.n_steps % _FLUSH_EVERY == 0:
-            self._flush_tiny_moments()
+        self.update(self.master, self.exp_avg, self.exp_avg_sq, self.low, self.grad_low,
+                    self.n_steps, self.lr, _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS,
+                    self.weight_decay, _TINY_MOMENT)
         return loss_sum
-
-    def _flush_tiny_moments(self) -> None:
-        """Sets Adam's moments below ``_TINY_MOMENT`` to 0.
-
-        A parameter whose gradient stays 0 (a dead ReLU unit, an input that is always 0 in
-        its rows) has a first moment that decays by ``beta1 = 0.9`` a step, into float32's
-        subnormal range within some hundred steps; x86 arithmetic on subnormals is several
-        times slower (measured here: the Adam step 5x slower by epoch 18 of the benchmark
-        workload, 17% of the moments subnormal). Below ``1e-30`` a moment moves the
-        parameter by less than ``1e-22 * lr`` (``eps = 1e-8`` bounds the denominator), and
-        from ``1e-30`` the first moment needs about 170 steps to turn subnormal, the second
-        far more: flushing every ``_FLUSH_EVERY`` steps keeps both out of that range.
-        """
-        state = self.optimizer.state[self.master]
-        exp_avg = state["exp_avg"]
-        exp_avg.masked_fill_(exp_avg.abs() < _TINY_MOMENT, 0.0)
-        torch.threshold_(state["exp_avg_sq"], _TINY_MOMENT, 0.0)  # >= 0: one pass
 
 
 def _flat_views(flat: Tensor, shapes) -> List[Tensor]:
@@ -477,12 +472,12 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         progress (one bar entry per epoch of each chunk of models).
     chunk_size : int, optional
         Models trained at a time; default as many as fit in about 2 GiB of parameters,
-        gradients and Adam moments (``precision="bf16"`` on the CPU: 64 MiB, which keeps
+        gradients and Adam moments (``precision="bf16"`` on the CPU: 48 MiB, which keeps
         that state in cache between steps). Chunks do not change the results.
     precision : ``"float32"`` (default) or ``"bf16"``
         ``"float32"`` gives :func:`oni.train.train_model`'s models (to float rounding).
-        ``"bf16"`` (opt-in) is mixed precision: float32 master parameters, gradients and
-        Adam state (the same fused Adam update), but the three matrix products of each
+        ``"bf16"`` (opt-in) is mixed precision: float32 master parameters and Adam state
+        (Adam's update, on the float32 cast of the gradients), but the three products of each
         layer (forward, gradient of the input, gradient of the weight) take bfloat16
         operands (``x`` and the activations rounded to bfloat16, and a bfloat16 copy of the
         parameters refreshed after every step) and accumulate in float32; their results
@@ -525,10 +520,10 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         state_bytes = 4 * 4 * _n_parameters(d, k, hidden)
         budget = _TRAIN_CHUNK_BYTES
     else:
-        # float32 parameter, gradient, two Adam moments; bfloat16 copy and gradient. On the
+        # float32 parameter and two Adam moments; bfloat16 copy and gradient. On the
         # CPU the passes over this state are memory-bound: a chunk whose state stays in
         # cache between steps trains faster (BENCHMARKS.md)
-        state_bytes = (4 * 4 + 2 * 2) * _n_parameters(d, k, hidden)
+        state_bytes = (3 * 4 + 2 * 2) * _n_parameters(d, k, hidden)
         budget = _BF16_CPU_CHUNK_BYTES if device.type == "cpu" else _TRAIN_CHUNK_BYTES
     chunk = _check_chunk(chunk_size, max(1, budget // state_bytes))
 

@@ -211,9 +211,37 @@ def test_bf16_models_learn_like_the_float32_ones():
         assert all(p.dtype == torch.float32 for p in a.parameters())
 
 
-def test_bf16_flushes_tiny_adam_moments_to_zero():
-    """Moments that would decay into float32's subnormal range (slow on x86) are zeroed
-    every _FLUSH_EVERY steps; the others are left alone."""
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_bf16_update_is_torch_adam(weight_decay):
+    """The trainer's fused update (oni._ops.adam_step_bf16) is torch.optim.Adam's step on
+    the float32 cast of the step's bfloat16 gradient (train_model's optimiser, with
+    config.weight_decay), to float rounding, and leaves the bfloat16 copy equal to the
+    rounded parameters."""
+    from oni import shadows
+
+    x, y = _pool()
+    idx = _index_sets(2)
+    config = dataclasses.replace(CONFIG, weight_decay=weight_decay)
+    stacked = shadows._initial_parameters(D, K_CLASSES, HIDDEN, [1, 2], torch.device("cpu"))
+    trainer = shadows._Bf16Trainer(stacked, config, torch.device("cpu"))
+    assert trainer.update is shadows._ops.adam_step_bf16  # the kernel, not the twin
+    param = trainer.master.clone().requires_grad_()
+    adam = torch.optim.Adam([param], lr=config.lr, weight_decay=weight_decay)
+    inputs_t = x[idx].to(torch.bfloat16).transpose(1, 2).contiguous()
+    for _ in range(4):
+        trainer.step(inputs_t, y[idx])
+        param.grad = trainer.grad_low.float()
+        adam.step()
+        torch.testing.assert_close(trainer.master, param.detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(trainer.low, trainer.master.to(torch.bfloat16))
+    state = adam.state[param]
+    torch.testing.assert_close(trainer.exp_avg, state["exp_avg"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(trainer.exp_avg_sq, state["exp_avg_sq"], rtol=1e-5, atol=1e-10)
+
+
+def test_bf16_flushes_tiny_adam_moments_to_zero(monkeypatch):
+    """Moments that fall below _TINY_MOMENT (on their way to float32's subnormal range,
+    slow on x86) are zeroed by every step's update; the others are Adam's."""
     from oni import shadows
 
     x, y = _pool()
@@ -222,19 +250,26 @@ def test_bf16_flushes_tiny_adam_moments_to_zero():
     trainer = shadows._Bf16Trainer(stacked, CONFIG, torch.device("cpu"))
     inputs_t = x[idx].to(torch.bfloat16).transpose(1, 2).contiguous()
     trainer.step(inputs_t, y[idx])
-    state = trainer.optimizer.state[trainer.master]
-    state["exp_avg"][:4] = torch.tensor([1e-35, -1e-35, 1e-20, -1e-20])
-    state["exp_avg_sq"][:2] = torch.tensor([1e-35, 1e-20])
-    kept_m, kept_v = state["exp_avg"][4:].clone(), state["exp_avg_sq"][2:].clone()
-    trainer.optimizer.step = lambda: None  # hold the moments still: only the flush acts
-    for _ in range(shadows._FLUSH_EVERY - 2):
-        trainer.step(inputs_t, y[idx])
-    assert state["exp_avg"][0] == 1e-35  # not yet: the flush comes every _FLUSH_EVERY steps
+    trainer.exp_avg[:4] = torch.tensor([1e-35, -1e-35, 1e-20, -1e-20])
+    trainer.exp_avg_sq[:2] = torch.tensor([1e-35, 1e-20])
+    before = [t.clone() for t in (trainer.master, trainer.exp_avg, trainer.exp_avg_sq)]
+
+    def zero_gradients(*args):  # only the update acts: every moment decays by its beta
+        trainer.grad_low.zero_()
+        return torch.zeros(2, dtype=torch.float64)
+
+    monkeypatch.setattr(shadows, "_train_step_bf16", zero_gradients)
     trainer.step(inputs_t, y[idx])
-    assert torch.equal(state["exp_avg"][:4], torch.tensor([0.0, 0.0, 1e-20, -1e-20]))
-    assert torch.equal(state["exp_avg_sq"][:2], torch.tensor([0.0, 1e-20]))
-    assert torch.equal(state["exp_avg"][4:], kept_m)
-    assert torch.equal(state["exp_avg_sq"][2:], kept_v)
+    assert torch.equal(trainer.exp_avg[:2], torch.zeros(2))
+    assert torch.equal(trainer.exp_avg_sq[:1], torch.zeros(1))
+    torch.testing.assert_close(trainer.exp_avg[2:4], torch.tensor([0.9e-20, -0.9e-20]),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(trainer.exp_avg_sq[1], torch.tensor(0.999e-20), rtol=1e-6,
+                               atol=0)
+    twin = [t.clone() for t in before] + [trainer.low.clone(), trainer.grad_low.clone()]
+    shadows.reference.adam_step_bf16(*twin, 2, CONFIG.lr, 0.9, 0.999, 1e-8, 0.0, 1e-30)
+    torch.testing.assert_close(trainer.exp_avg, twin[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(trainer.exp_avg_sq, twin[2], rtol=1e-6, atol=0)
 
 
 def test_bf16_is_deterministic_per_seed():
