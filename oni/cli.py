@@ -299,7 +299,8 @@ def _oni_eta(base, x, phi, cfg: Mapping, seed: int, device):
     return optimal_noise(base, x.to(device), phi.to(device), tau_fraction=cfg["tau_fraction"],
                          eps=cfg["eps"], beta=cfg["beta"], importance=cfg["importance"],
                          max_iter=cfg["max_iter"], refine_iter=cfg["refine_iter"],
-                         starts=cfg["starts"], seed=_derived_seed(seed, "oni:noise"),
+                         polish_iter=cfg["polish_iter"], starts=cfg["starts"],
+                         seed=_derived_seed(seed, "oni:noise"),
                          backend=cfg["backend"])
 
 
@@ -799,7 +800,8 @@ def _cmd_noise(args) -> int:
     start = time.perf_counter()
     res = optimal_noise(model, x, phi, tau=args.tau, tau_fraction=tau_fraction, eps=args.eps,
                         beta=args.beta, importance=args.importance, max_iter=args.max_iter,
-                        refine_iter=args.refine_iter, starts=args.starts, seed=args.seed,
+                        refine_iter=args.refine_iter, polish_iter=args.polish_iter,
+                        starts=args.starts, seed=args.seed,
                         backend=args.backend,
                         shapley_kwargs={"n_permutations": args.n_permutations})
     seconds = time.perf_counter() - start
@@ -964,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"ascent iterations per start (default {oni_defaults['max_iter']})")
     noise.add_argument("--refine-iter", type=int, default=oni_defaults["refine_iter"],
                        help=f"norm-reduction rounds (default {oni_defaults['refine_iter']})")
+    noise.add_argument("--polish-iter", type=int, default=oni_defaults["polish_iter"],
+                       help=f"polish iterations after them (default "
+                            f"{oni_defaults['polish_iter']})")
     noise.add_argument("--starts", type=int, default=oni_defaults["starts"],
                        help=f"starting points per row (default {oni_defaults['starts']})")
     noise.add_argument("--details", metavar="FILE.npz",

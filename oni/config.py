@@ -374,7 +374,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "preset": "paper",
         "train": {"epochs": 100},
         "defenses": {"oni": {"n_permutations": 100, "max_iter": 100, "refine_iter": 16,
-                             "starts": 4}},
+                             "polish_iter": 32, "starts": 4}},
         "attacks": {"lira_offline": {"n_shadows": 16}, "lira_online": {"n_shadows": 16}},
     },
     # Location30 (5,010 rows, 446 binary features, 30 classes): the proportional split
@@ -597,7 +597,7 @@ STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
     "phi": ("seed", "defenses.oni.n_permutations"),
     "eta": ("seed", "defenses.oni.tau_fraction", "defenses.oni.eps", "defenses.oni.beta",
             "defenses.oni.importance", "defenses.oni.max_iter", "defenses.oni.refine_iter",
-            "defenses.oni.starts"),
+            "defenses.oni.polish_iter", "defenses.oni.starts"),
 }
 
 

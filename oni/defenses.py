@@ -146,6 +146,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "n_permutations": _Param(32, _integer(1)),
         "max_iter": _Param(50, _integer(1)),
         "refine_iter": _Param(8, _integer(0)),
+        "polish_iter": _Param(8, _integer(0)),
         "starts": _Param(2, _integer(1)),
         "backend": _Param("auto", _choice(("auto", "kernel", "torch"))),
     },
@@ -206,9 +207,10 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         ``alpha=0.5``: the loss ``alpha KL + (1 - alpha) CE`` (:func:`distillation_loss`);
         ``kl_direction="paper"``: ``KL(f'(x') || y')`` as the paper writes it, ``"forward"``:
         ``KL(y' || f'(x'))``; ``n_permutations=32`` Shapley walks per row (16 antithetic
-        pairs); ``max_iter=50`` ascent steps, ``refine_iter=8`` norm-reduction rounds and
-        ``starts=2`` starting points of the noise solver (:func:`oni.optimal_noise`;
-        below its defaults of 100, 16 and 4 to keep ``oni run`` cheap: on Purchase-shaped
+        pairs); ``max_iter=50`` ascent steps, ``refine_iter=8`` norm-reduction rounds,
+        ``polish_iter=8`` polish iterations and ``starts=2`` starting points of the noise
+        solver (:func:`oni.optimal_noise`; below its defaults of 100, 16, 32 and 4 to keep
+        ``oni run`` cheap: on Purchase-shaped
         data at ``tau_fraction=0.5`` every row was still feasible); ``backend="auto"``.
     ``dynanoise`` (:class:`DynaNoise`)
         ``sigma0_sq=0.3``, ``lambda=2.0``, ``temperature=10.0``, ``draws=1``: the DynaNoise
@@ -625,7 +627,8 @@ def _oni_noise(base: nn.Module, job: _Job, cfg: dict) -> Tuple[NoiseResult, dict
     noise = optimal_noise(base, x, phi, tau_fraction=cfg["tau_fraction"], eps=cfg["eps"],
                           beta=cfg["beta"], importance=cfg["importance"],
                           max_iter=cfg["max_iter"], refine_iter=cfg["refine_iter"],
-                          starts=cfg["starts"], seed=_derived_seed(job.seed, "oni:noise"),
+                          polish_iter=cfg["polish_iter"], starts=cfg["starts"],
+                          seed=_derived_seed(job.seed, "oni:noise"),
                           backend=cfg["backend"])
     noise_seconds = time.perf_counter() - start - shapley_seconds
     noise = NoiseResult(**{f.name: getattr(noise, f.name).cpu()

@@ -205,6 +205,7 @@ def optimal_noise(
     importance: str = "signed",
     max_iter: int = 100,
     refine_iter: int = 16,
+    polish_iter: int = 32,
     starts: int = 4,
     rescue_starts: int = 16,
     seed: int = 0,
@@ -229,10 +230,17 @@ def optimal_noise(
     parallel to the entropy gradient (KKT), so each round turns eta towards the gradient
     and searches back along the new ray to the level set ``H = tau`` (6 steps of
     false position, Illinois variant, inside a bracket), keeping the result only if it is
-    feasible and shorter. (3) Per row, the shortest feasible start wins. (4) The rescue
-    pass (``rescue_starts``), for rows still infeasible. Rows that never reach ``tau`` are
-    flagged infeasible and return the highest-entropy point found, inside the box and
-    ball; a warning says how many.
+    feasible and shorter. (3) Polish (``polish_iter`` iterations): a fast-minimum-norm walk
+    (after Pintor et al., 2021) slides along the level set: normalised ascent steps of H,
+    each projected onto the box ∩ a search ball whose radius shrinks while H >= tau and
+    grows while not; the shortest feasible iterate is kept, so the polish never lengthens a
+    solution and gets out of the dead ends of the ray searches. (4) Per row, the shortest
+    feasible start wins. (5) The rescue pass (``rescue_starts``) for rows still infeasible,
+    from other kinds of start: the corners ``±u * sign(grad H)`` of the box where the
+    linearised H at x points (full and half size), then random points, every other one
+    climbing the spread objective, with 4x the norm-reduction and polish effort. Rows that
+    never reach ``tau`` are flagged infeasible and return the highest-entropy point found,
+    inside the box and ball; a warning says how many.
 
     Args:
         model: maps ``[n, d]`` to ``[n, k]`` logits (eval mode).
@@ -245,11 +253,12 @@ def optimal_noise(
         eps, beta, importance: the budget of eq. 7 (see :func:`noise_budget`).
         max_iter: ascent iterations at most (>= 1).
         refine_iter: norm-reduction rounds (>= 0).
+        polish_iter: polish iterations (>= 0; one gradient each) after them.
         starts: starting points per row (>= 1): ``eta = 0``, ``eta = 0`` on the spread
             objective, then seeded random points of the box ∩ ball; the smallest feasible
             result wins.
         rescue_starts: rows still infeasible after that are solved again from this many
-            fresh random points (>= 0; 0 turns the rescue off). H is not concave, and more
+            fresh starts (Method, 5) (>= 0; 0 turns the rescue off). H is not concave, and more
             starts find feasible points that the first ones miss; only those rows pay.
         seed: seed of the random starts, and of the Shapley walks when ``phi`` is None.
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
@@ -267,6 +276,7 @@ def optimal_noise(
         raise ValueError(f"importance must be one of {_IMPORTANCE}, got {importance!r}")
     max_iter = _check_int(max_iter, "max_iter", 1)
     refine_iter = _check_int(refine_iter, "refine_iter", 0)
+    polish_iter = _check_int(polish_iter, "polish_iter", 0)
     starts = _check_int(starts, "starts", 1)
     rescue_starts = _check_int(rescue_starts, "rescue_starts", 0)
     seed = _check_int(seed, "seed", 0)
@@ -299,17 +309,18 @@ def optimal_noise(
     row_batch = _row_batch(x)
     batch = max(1, row_batch // starts)
     parts = [_solve_rows(oracle, torch.arange(lo, min(lo + batch, n), device=x.device),
-                         budget, radius, tau, max_iter, refine_iter, starts, seed)
+                         budget, radius, tau, max_iter, refine_iter, polish_iter, starts, seed)
              for lo in range(0, n, batch)]
     eta, entropy, feasible, iterations = (torch.cat(p) for p in zip(*parts))
     if rescue_starts > 0 and not feasible.all():
-        # the rescue: random starts only (the two zero starts would repeat themselves), with
-        # a seed disjoint from the first pass's
+        # the rescue: other kinds of start than the first pass's (its zero starts would
+        # repeat themselves), a seed disjoint from its, and 4x the norm-reduction effort
+        # (from a far random start the walk to the minimum is long)
         stuck = (~feasible).nonzero()[:, 0]
         batch = max(1, row_batch // rescue_starts)
         parts = [_solve_rows(oracle, stuck[lo:lo + batch], budget, radius, tau, max_iter,
-                             4 * refine_iter, rescue_starts, seed + 0x9E3779B9,
-                             zero_starts=False)
+                             4 * refine_iter, 4 * polish_iter, rescue_starts,
+                             seed + 0x9E3779B9, rescue=True)
                  for lo in range(0, len(stuck), batch)]
         r_eta, r_entropy, r_feasible, r_iterations = (torch.cat(p) for p in zip(*parts))
         iterations[stuck] += r_iterations
@@ -336,37 +347,37 @@ def _row_batch(x: Tensor) -> int:
 
 
 def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Tensor,
-                tau: float, max_iter: int, refine_iter: int, starts: int, seed: int,
-                zero_starts: bool = True):
+                tau: float, max_iter: int, refine_iter: int, polish_iter: int, starts: int,
+                seed: int, rescue: bool = False):
     """The solver on one batch of rows: (eta, entropy, feasible, iterations).
 
-    Every row is solved from ``starts`` points (eta = 0; eta = 0 on the spread objective;
-    then seeded random points of the box ∩ ball) because H is not concave: an ascent from
-    one point can stall on a ridge (e.g. a two-class boundary, H = log 2) below tau. The smallest feasible solution wins;
-    rows with none keep their highest-entropy point. ``zero_starts=False``: random starts
-    only (the rescue pass).
+    Every row is solved from ``starts`` points (:func:`_start_plan`; ``rescue`` picks the
+    rescue pass's kinds and runs every ascent to the end) because H is not concave: an
+    ascent from one point can stall on a ridge (e.g. a two-class boundary, H = log 2) below
+    tau. The smallest feasible solution wins; rows with none keep their highest-entropy
+    point.
     """
     ops, x = oracle.ops, oracle.x
     m, d = len(rows), x.shape[1]
     rep = rows.repeat_interleave(starts)
     u, rho = budget[rep], radius[rep]
+    kind, scale, spread = _start_plan(starts, rescue, x.device)
+    kind, scale, spread = kind.repeat(m), scale.repeat(m).to(x.dtype), spread.repeat(m)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     eta = (torch.rand((len(rep), d), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * u
-    start = torch.arange(len(rep), device=x.device) % starts
-    if not zero_starts:
-        start = start + 2
-    # the second start of each row climbs the spread objective (see _EntropyOracle)
-    spread = start == 1
+    eta = torch.where((kind == _ZERO)[:, None], 0.0, eta)
+    signed = (kind == _SIGN).nonzero()[:, 0]
+    if signed.numel():
+        # the corner of the box the linearised H at x points to, scaled
+        _, _, grad0 = oracle.value_and_grad(torch.zeros_like(eta[signed]), rep[signed])
+        eta[signed] = scale[signed, None] * u[signed] * grad0.sign()
     everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
-    eta = ops.ascend_and_project(torch.where((start <= 1)[:, None], 0.0, eta),
-                                 torch.zeros_like(eta), torch.zeros_like(rho), u, rho, everyone)
+    eta = ops.ascend_and_project(eta, torch.zeros_like(eta), torch.zeros_like(rho), u, rho,
+                                 everyone)
     entropy, objective, grad = oracle.value_and_grad(eta, rep, spread)
-    feasible = entropy >= tau
     # a row whose x already meets tau is done at eta = 0: none of its starts move
-    done = feasible.reshape(m, starts)[:, 0].repeat_interleave(starts)
-    if not zero_starts:  # start 0 is a random point here, not eta = 0
-        done = torch.zeros_like(done)
-    feasible |= done
+    done = oracle.entropy_at_x[rep] >= tau
+    feasible = done | (entropy >= tau)
     eta = torch.where(done[:, None], 0.0, eta)
     iterations = torch.zeros(len(rep), dtype=torch.long, device=x.device)
     # the longest step that can matter: the diameter of box ∩ ball
@@ -402,7 +413,7 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         # a start whose rate of climb over the last window, kept up for every remaining
         # iteration, would still end below tau is stalled (a plateau or a ridge): stop it
         history.append(entropy.clone())
-        if zero_starts and len(history) > _STALL_WINDOW:  # the rescue climbs to the end
+        if not rescue and len(history) > _STALL_WINDOW:  # the rescue climbs to the end
             gain = entropy - history.pop(0)
             left = (max_iter - 1 - it) / _STALL_WINDOW
             moving &= (gain * left >= tau - entropy) | spread
@@ -414,12 +425,39 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         eta[idx], entropy[idx], rounds = _reduce_norm(oracle, rep[idx], eta[idx], u[idx],
                                                       rho[idx], tau, refine_iter)
         iterations[idx] += rounds
+        eta[idx], entropy[idx] = _polish(oracle, rep[idx], eta[idx], entropy[idx], u[idx],
+                                         rho[idx], tau, polish_iter)
+        iterations[idx] += polish_iter
 
     # (3) per row: the smallest feasible start, else the highest-entropy one
     score = torch.where(feasible, -eta.norm(dim=1), entropy - 1e30).reshape(m, starts)
     pick = score.argmax(dim=1) + torch.arange(m, device=x.device) * starts
     total_iterations = iterations.reshape(m, starts).sum(1)
     return eta[pick], entropy[pick], feasible[pick], total_iterations
+
+
+_ZERO, _SIGN, _RANDOM = 0, 1, 2  # kinds of start
+
+
+def _start_plan(starts: int, rescue: bool, device):
+    """Per start: (kind, scale, climbs the spread objective), as tensors. First pass:
+    eta = 0 on H, eta = 0 on the spread objective, then random points of the box on H.
+    Rescue: the corners of the box where the linearised H at x points (``u * sign(g)``), at
+    full and half size, then random points, every other one on the spread objective.
+    Different kinds of start reach different basins of a non-concave H, and ascents on the
+    spread objective cross the two-class ridges (H = log 2) that stop ascents on H
+    (measured: from 512 random points of hard case (a)'s row 3, 0.4% of H-ascents and 15% of
+    spread ascents reached tau; on hard case (b)'s row 13 5.5% and 0%, and both corners did)."""
+    if rescue:
+        kinds = [(_SIGN, 1.0, False), (_SIGN, 0.5, False)]
+    else:
+        kinds = [(_ZERO, 0.0, False), (_ZERO, 0.0, True)]
+    while len(kinds) < starts:
+        kinds.append((_RANDOM, 1.0, rescue and len(kinds) % 2 == 1))
+    kinds = kinds[:starts]
+    kind, scale, spread = zip(*kinds)
+    return (torch.tensor(kind, device=device), torch.tensor(scale, device=device),
+            torch.tensor(spread, device=device))
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -504,6 +542,52 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
         eta[live] = torch.where(better[:, None], candidate, e)
         weight[live] = torch.where(better[:, None], (w * 1.5).clamp(max=1.0), w / 2)
     return eta, oracle.value(eta, rows), used
+
+
+# fast-minimum-norm polish (after Pintor et al., NeurIPS 2021): cosine-annealed shrink and
+# growth rate of the search ball, and step as a fraction of its radius
+_POLISH_RATE = (0.05, 1e-3)
+_POLISH_STEP = (0.1, 0.01)
+
+
+def _cosine(start: float, end: float, k: int, total: int) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * k / max(total, 1))) / 2
+
+
+def _polish(oracle, rows, eta, entropy, u, rho, tau, iters: int):
+    """Polish of feasible solutions by a fast-minimum-norm walk: each iteration takes a
+    normalised ascent step of H and projects onto the box ∩ a search ball, whose radius
+    shrinks by ``1 - gamma`` (below the current norm) while H >= tau and grows by
+    ``1 + gamma`` while not. The walk slides along the level set H = tau to shorter
+    points, and out of the dead ends where the ray searches of :func:`_reduce_norm` find
+    nothing shorter. Keeps the shortest feasible iterate: (eta, its entropy); one
+    gradient per iteration."""
+    if iters == 0:
+        return eta, entropy
+    ops = oracle.ops
+    best, best_norm, best_value = eta.clone(), eta.norm(dim=1), entropy.clone()
+    radius = best_norm.clone()
+    everyone = torch.ones(len(rows), dtype=torch.bool, device=eta.device)
+    for k in range(iters + 1):
+        if k < iters:
+            value, _, grad = oracle.value_and_grad(eta, rows)
+        else:  # the last iterate needs no gradient
+            value = oracle.value(eta, rows)
+        norm = eta.norm(dim=1)
+        ok = value >= tau
+        take = ok & (norm < best_norm)
+        best = torch.where(take[:, None], eta, best)
+        best_norm = torch.where(take, norm, best_norm)
+        best_value = torch.where(take, value, best_value)
+        if k == iters:
+            break
+        gamma = _cosine(*_POLISH_RATE, k, iters)
+        radius = torch.where(ok, torch.minimum(radius, norm) * (1 - gamma), radius * (1 + gamma))
+        radius = torch.minimum(radius, best_norm)
+        step = _cosine(*_POLISH_STEP, k, iters) * radius
+        eta = ops.ascend_and_project(eta, _unit(grad), step.to(eta.dtype), u,
+                                     torch.minimum(radius, rho), everyone)
+    return best, best_value
 
 
 # ----------------------------------------------------------------------------- baseline

@@ -29,7 +29,7 @@ data:
 model: {hidden: [16]}
 train: {epochs: 2, lr: 0.01}
 defenses:
-  oni: {n_permutations: 4, max_iter: 5, refine_iter: 1, starts: 1}
+  oni: {n_permutations: 4, max_iter: 5, refine_iter: 1, polish_iter: 1, starts: 1}
 attacks:
   lira_offline: {n_shadows: 4}
   lira_online: {n_shadows: 4}
@@ -443,7 +443,8 @@ def test_noise_command(model_and_data, capsys):
     eta = np.load(out)
     expected = oni.optimal_noise(model, data.x, torch.from_numpy(np.load(phi_path)),
                                  tau_fraction=0.3, eps=0.8, beta=0.4, max_iter=10,
-                                 refine_iter=oni.DEFAULTS["oni"]["refine_iter"], starts=1,
+                                 refine_iter=oni.DEFAULTS["oni"]["refine_iter"],
+                                 polish_iter=oni.DEFAULTS["oni"]["polish_iter"], starts=1,
                                  seed=5)
     np.testing.assert_array_equal(eta, expected.eta.numpy())
     with np.load(root / "details.npz") as details:
