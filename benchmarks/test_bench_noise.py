@@ -6,18 +6,19 @@ adds noise to; ``purchase_like`` with the training seed). ``phi`` comes from
 ``oni.shapley_values(model, x, n_permutations=20)``, computed once outside the timed region
 and cached under ``.benchmarks/workload/``. Settings: ``tau_fraction=0.5`` (tau = 0.5 log 100
 = 2.30 nats), ``eps=0.1``, ``beta=0.5``, the solver's defaults otherwise (``max_iter=100``,
-``refine_iter=16``, ``starts=4``). One timed call per backend (``rounds=1``): a call on N rows
-is many batched passes, so its own run-to-run noise is small next to the machine's.
+``refine_iter=16``, ``polish_iter=32``, ``starts=4``, ``rescue_starts=16``). One timed call
+per backend (``rounds=1``): a call on N rows is many batched passes, so its own run-to-run
+noise is small next to the machine's.
 
 Besides the timing, each case prints the distribution of solver iterations, of the norms of
 the feasible solutions (median, p90), the feasibility rate and the share of rows where the
 radius ball binds, and writes everything to ``.benchmarks/noise_summary.json``. The torch
 case also reports its agreement with the kernel case (same rows).
 
-Sizes: ``ONI_NOISE_ROWS`` (kernel backend, default 2048; ~45 s) and
+Sizes: ``ONI_NOISE_ROWS`` (kernel backend, default 2048; ~1 min) and
 ``ONI_NOISE_ROWS_TORCH`` (torch backend, default 256; ~1.5 min). BENCHMARKS.md, "Noise
-solver", used ``ONI_NOISE_ROWS=20000 ONI_NOISE_ROWS_TORCH=256`` (at 204ce6c: kernel 20,000 rows
-in 249 s on a 2-core CPU; torch 256 rows in 36 s). Run::
+solver", used ``ONI_NOISE_ROWS=20000 ONI_NOISE_ROWS_TORCH=256`` (about 8 min for the kernel's
+20,000 rows and 1 min for the torch backend's 256 on a 2-core CPU). Run::
 
     ONI_BENCH_WAIT_IDLE=600 pytest benchmarks/test_bench_noise.py --benchmark-only -s \\
         -p no:cacheprovider --benchmark-columns=min,rounds \\
