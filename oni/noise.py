@@ -51,8 +51,8 @@ class NoiseResult:
         norm: ``[N]`` ``||eta||_2``.
         feasible: ``[N]`` bool: ``entropy >= tau`` was reached inside the box and ball. Where
             False, ``eta`` is the highest-entropy point the solver found inside them.
-        iterations: ``[N]`` int64 solver iterations summed over the starts: ascent steps plus
-            norm-reduction rounds (0 where ``x`` already met ``tau``).
+        iterations: ``[N]`` int64 solver iterations summed over the starts: ascent steps,
+            norm-reduction rounds and polish iterations (0 where ``x`` already met ``tau``).
         budget: ``[N, d]`` the per-feature budget ``u`` (eq. 7).
         radius: ``[N]`` the robustness radius ``rho`` (eq. 8).
         tau: the entropy threshold in nats.
@@ -315,8 +315,8 @@ def optimal_noise(
     eta, entropy, feasible, iterations = (torch.cat(p) for p in zip(*parts))
     if rescue_starts > 0 and not feasible.all():
         # the rescue: other kinds of start than the first pass's (its zero starts would
-        # repeat themselves), a seed disjoint from its, and 4x the norm-reduction effort
-        # (from a far random start the walk to the minimum is long)
+        # repeat themselves), a seed disjoint from its, and 4x the norm-reduction and polish
+        # effort (from a far random start the walk to the minimum is long)
         stuck = (~feasible).nonzero()[:, 0]
         batch = max(1, row_batch // rescue_starts)
         parts = [_solve_rows(oracle, stuck[lo:lo + batch], budget, radius, tau, max_iter,
@@ -512,8 +512,8 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
     gradient g (KKT; with the box and ball, eta = P(nu g)). Each round turns the ray of eta
     towards g, ``dir = (1 - w) eta/|eta| + w g/|g|``, and searches (false position) for the
     shortest point ``P(s dir)`` that still meets tau, no longer than eta; it is kept only if
-    it is shorter. ``w`` grows after a kept round and halves after a rejected one; a row stops once ``w``
-    falls below 1/200 (four rejections in a row from the start).
+    it is shorter. ``w`` grows after a kept round and halves after a rejected one; a row
+    stops once ``w`` falls below 1/200 (four rejections in a row from the start).
     """
     ops = oracle.ops
     eta = _shrink_to_level(oracle, rows, eta, tau)
