@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from oni.train import TrainConfig, predict_logits, train_model
 D, K_CLASSES, HIDDEN = 12, 4, (16, 8)
 N_POOL, N_ROWS = 300, 100  # 100 rows, batch 32: three full batches and a partial one
 CONFIG = TrainConfig(epochs=3, batch_size=32, lr=1e-2, device="cpu", progress=False)
+
+# bf16 runs here on any CPU; on one without native bfloat16 products it warns (tested below)
+pytestmark = pytest.mark.filterwarnings("ignore:precision='bf16' on a CPU without native")
 
 
 def _pool(seed: int = 0):
@@ -444,3 +448,27 @@ def test_attack_config_shadow_precision_is_checked(attack_setup):
         run_attack("lira_online", target, data, splits,
                    config={"n_shadows": 4, "shadow_precision": "bf16"}, train_config=config,
                    defense=("undefended", {}))
+
+
+def test_bf16_warns_on_a_cpu_without_native_bfloat16(monkeypatch, tmp_path):
+    import oni.shadows as shadows
+
+    native = shadows._native_bf16_cpu
+    x, y = _pool()
+    idx = _index_sets(1)
+    monkeypatch.setattr(shadows, "_native_bf16_cpu", lambda: False)
+    with pytest.warns(UserWarning, match="without native bfloat16 products"):
+        train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[0],
+                           config=dataclasses.replace(CONFIG, epochs=1), precision="bf16")
+    monkeypatch.setattr(shadows, "_native_bf16_cpu", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[0],
+                           config=dataclasses.replace(CONFIG, epochs=1), precision="bf16")
+    # the flags are read from /proc/cpuinfo; unreadable means unknown (no warning)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert native(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
+    assert native(str(info)) is True
+    assert native(str(tmp_path / "missing")) is None
