@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../adam_scalars.h"
 #include "../checks.h"
 
 // The extension is built for the baseline x86-64 ISA; the update loop is also compiled for
@@ -24,11 +25,6 @@ namespace oni {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk (~0.9 MB of state)
-
-struct AdamScalars {
-  float lerp_weight, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-      weight_decay, flush_below;
-};
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -77,17 +73,7 @@ void adam_step_bf16_cpu(const at::Tensor& param, const at::Tensor& exp_avg,
   check_adam_inputs(param, exp_avg, exp_avg_sq, param_bf16, grad_bf16, step, lr, beta1, beta2,
                     eps, weight_decay, flush_below);
   TORCH_CHECK(param.device().is_cpu(), "param must be a CPU tensor, got ", param.device());
-  // bias corrections in float64, as torch.optim.Adam computes them
-  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const AdamScalars s{static_cast<float>(1.0 - beta1),
-                      static_cast<float>(beta2),
-                      static_cast<float>(1.0 - beta2),
-                      static_cast<float>(lr / bias_correction1),
-                      static_cast<float>(std::sqrt(bias_correction2)),
-                      static_cast<float>(eps),
-                      static_cast<float>(weight_decay),
-                      static_cast<float>(flush_below)};
+  const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, flush_below);
   float* p = param.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();

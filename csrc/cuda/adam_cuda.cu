@@ -12,15 +12,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../adam_scalars.h"
 #include "../checks.h"
 
 namespace oni {
 namespace {
-
-struct AdamScalars {
-  float lerp_weight, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-      weight_decay, flush_below;
-};
 
 __global__ void adam_step_bf16_kernel(float* __restrict__ param, float* __restrict__ exp_avg,
                                       float* __restrict__ exp_avg_sq,
@@ -55,16 +51,7 @@ void adam_step_bf16_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
   const int64_t n = param.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
-  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const AdamScalars s{static_cast<float>(1.0 - beta1),
-                      static_cast<float>(beta2),
-                      static_cast<float>(1.0 - beta2),
-                      static_cast<float>(lr / bias_correction1),
-                      static_cast<float>(std::sqrt(bias_correction2)),
-                      static_cast<float>(eps),
-                      static_cast<float>(weight_decay),
-                      static_cast<float>(flush_below)};
+  const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, flush_below);
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8);
   adam_step_bf16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
