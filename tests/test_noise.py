@@ -532,13 +532,14 @@ def test_optimal_noise_against_slsqp(d, seed, scale, eps, tau_fraction):
 # Hard cases: H(f(x + eta)) is not concave, and the solver is local and multi-start.
 # (a) tau > log 2: the level set needs three or more classes to mix, and an ascent on H
 #     stalls on a two-class ridge (H = log 2). small_mlp(12, k=5, seed=1, scale=3.0),
-#     eps=1.0, tau_fraction=0.6 (tau = 0.966), the first 8 rows. Row 3 stops at
-#     H = 0.693155 from all four first-pass starts; the rescue's spread ascents from random
-#     points cross the ridge (15% of them do, against 0.4% of ascents on H).
+#     eps=1.0, tau_fraction=0.6 (tau = 0.966), the first 8 rows. Row 3's first pass
+#     stops at H = 0.693155 = log 2; the rescue's spread ascents from random points cross the
+#     ridge (of 512 random points, 15% of them do, against 0.4% of ascents on H).
 # (b) below log 2 an ascent can stop at a local maximum of H inside the box:
 #     small_mlp(12, seed=1, scale=2.0), phi from 64 sampled walks, eps=0.5, tau_fraction=0.4
-#     (tau = 0.644). Row 13 stays infeasible from the first pass and every random start of
-#     the rescue; the rescue's signed-corner starts (u * sign(grad H at x)) reach tau.
+#     (tau = 0.644). Row 13 stays infeasible after the first pass; of 512 random points, 5.5%
+#     of ascents on H and none on the spread objective reach tau, while both of the rescue's
+#     signed-corner starts (u * sign(grad H at x), full and half size) do.
 # Measured 2026-12-03 (defaults: 16 norm-reduction rounds and 32 polish iterations, 4
 # starts, 16 rescue starts), against the 4-start SLSQP reference: every flag agrees, worst
 # norm ratio (a) 1.0497 (row 5: no random start reaches tau there, and both zero starts
