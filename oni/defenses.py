@@ -57,6 +57,7 @@ from .models import (
 from .noise import NoiseResult, optimal_noise, uniform_noise
 from .shapley import shapley_values
 from .train import (
+    FLUSH_EVERY,
     History,
     TrainConfig,
     _check_config,
@@ -68,6 +69,7 @@ from .train import (
     _progress,
     _seeded_global_rng,
     accuracy,
+    flush_tiny_moments_,
     predict_logits,
     predict_proba,
     train_model,
@@ -880,6 +882,7 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
     ref_gen = torch.Generator().manual_seed(_derived_seed(tc.seed, "advreg:batches"))
     eye = torch.eye(k, device=device)
     history = History()
+    n_steps = 0
     start = time.perf_counter()
     with _progress(tc.progress, tc.epochs) as bar, \
             _seeded_global_rng(_derived_seed(tc.seed, "global"), device):
@@ -909,6 +912,10 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # also reaches h's parameters: cleared before h's next step
                 optimizer.step()
+                n_steps += 1
+                if n_steps % FLUSH_EVERY == 0:  # as train_model does (keeps off subnormals)
+                    flush_tiny_moments_(optimizer)
+                    flush_tiny_moments_(attack_optimizer)
                 loss_sum += loss.detach().double() * b
             model.eval()
             _record(history, model, job, x_mem, y_mem, float(loss_sum), n, bar)

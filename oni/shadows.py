@@ -57,7 +57,8 @@ from torch import Tensor
 from . import _ops, reference
 from ._checks import check_int
 from .models import MLP, _resolve_device, init_parameters_
-from .train import TrainConfig, _check_config, _check_features, _check_labels, _progress
+from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
+                    _check_labels, _progress, flush_tiny_moments_)
 
 __all__ = ["StackedMLP", "stack_mlps", "train_mlps_batched", "predict_logits_batched"]
 
@@ -68,8 +69,6 @@ _PREDICT_CHUNK_BYTES = 256 << 20
 #: precision="bf16" on the CPU: memory the state of a chunk of models may take (2 paper MLPs
 #: at 16 bytes per parameter, the chunk measured fastest: BENCHMARKS.md)
 _BF16_CPU_CHUNK_BYTES = 48 << 20
-#: precision="bf16": Adam's moments below this are set to 0 after every step
-_TINY_MOMENT = 1e-30
 #: torch.optim.Adam's defaults (train_model's optimiser)
 _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 #: the arithmetic train_mlps_batched offers (``precision``)
@@ -347,7 +346,7 @@ class _Bf16Trainer:
     gradients are written into. Each step ends with one pass over the buffers,
     ``oni._ops.adam_step_bf16``: the bfloat16 gradient cast to float32, the update
     ``torch.optim.Adam`` makes (the one ``train_model`` makes; same defaults), Adam's moments
-    below ``_TINY_MOMENT`` set to 0, and the new parameters written to bfloat16.
+    below ``TINY_MOMENT`` set to 0, and the new parameters written to bfloat16.
 
     Why the moments are flushed: a parameter whose gradient stays 0 (a dead ReLU unit, an
     input that is always 0 in its rows) has a first moment that decays by ``beta1 = 0.9`` a
@@ -387,7 +386,7 @@ class _Bf16Trainer:
         self.n_steps += 1
         self.update(self.master, self.exp_avg, self.exp_avg_sq, self.low, self.grad_low,
                     self.n_steps, self.lr, _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS,
-                    self.weight_decay, _TINY_MOMENT)
+                    self.weight_decay, TINY_MOMENT)
         return loss_sum
 
 
@@ -429,9 +428,15 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
                                      fused=device.type in ("cpu", "cuda") or None)
 
+        n_steps = 0
+
         def step(rows):
+            nonlocal n_steps
             loss_sum = _train_step(stacked.weights, stacked.biases, x[rows], y[rows])
             optimizer.step()
+            n_steps += 1
+            if n_steps % FLUSH_EVERY == 0:  # as train_model does (same weights, no subnormals)
+                flush_tiny_moments_(optimizer)
             return loss_sum
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     n = idx.shape[1]

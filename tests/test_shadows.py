@@ -70,6 +70,29 @@ def test_batched_training_gives_the_models_train_model_gives(hidden, weight_deca
     assert _max_weight_difference(batched[0], batched[1]) > 1e-2
 
 
+def test_float32_batched_training_flushes_tiny_moments_as_train_model_does(monkeypatch):
+    """Every FLUSH_EVERY steps both trainers zero Adam's moments below TINY_MOMENT (see
+    oni.train.flush_tiny_moments_); over 150 steps (two flushes) they still agree."""
+    from oni import shadows, train
+
+    calls = []
+
+    def counting_flush(optimizer):
+        calls.append(sum(s["exp_avg"].numel() for s in optimizer.state.values()))
+        return train.flush_tiny_moments_(optimizer)
+
+    monkeypatch.setattr(shadows, "flush_tiny_moments_", counting_flush)
+    x, y = _pool()
+    idx = _index_sets(2)
+    config = dataclasses.replace(CONFIG, batch_size=4, epochs=6, lr=1e-3)  # 25 steps/epoch
+    batched = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[3, 4], config=config)
+    n_params = 2 * sum(p.numel() for p in MLP(D, K_CLASSES, HIDDEN).parameters())
+    assert calls == [n_params] * (150 // train.FLUSH_EVERY)
+    reference = _one_by_one(HIDDEN, idx, x, y, [3, 4], config)
+    for a, b in zip(batched, reference):
+        assert _max_weight_difference(a, b) < 1e-5
+
+
 def test_the_seed_decides_init_and_batch_order():
     """Swapping seeds between two models with the same rows swaps the models; a wrong batch
     order (another seed for the order only) would not reproduce them."""
@@ -244,7 +267,7 @@ def test_bf16_update_is_torch_adam(weight_decay):
 
 
 def test_bf16_flushes_tiny_adam_moments_to_zero(monkeypatch):
-    """Moments that fall below _TINY_MOMENT (on their way to float32's subnormal range,
+    """Moments that fall below TINY_MOMENT (on their way to float32's subnormal range,
     slow on x86) are zeroed by every step's update; the others are Adam's."""
     from oni import shadows
 

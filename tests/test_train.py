@@ -95,6 +95,59 @@ def test_training_follows_the_documented_conventions(data):
     assert _params_equal(trained, manual)
 
 
+def test_flush_tiny_moments_zeroes_only_the_tiny_ones():
+    param = nn.Parameter(torch.zeros(5))
+    opt = torch.optim.Adam([param])
+    param.grad = torch.ones(5)
+    opt.step()
+    state = opt.state[param]
+    state["exp_avg"].copy_(torch.tensor([1e-35, -1e-35, 1e-20, -0.5, 0.0]))
+    state["exp_avg_sq"].copy_(torch.tensor([1e-40, 1e-29, 1e-31, 0.25, 0.0]))
+    train_module.flush_tiny_moments_(opt)
+    assert torch.equal(state["exp_avg"], torch.tensor([0.0, 0.0, 1e-20, -0.5, 0.0]))
+    assert torch.equal(state["exp_avg_sq"], torch.tensor([0.0, 1e-29, 0.0, 0.25, 0.0]))
+    sgd = torch.optim.SGD([param], lr=0.1, momentum=0.9)  # no Adam moments: left alone
+    sgd.step()
+    buf = sgd.state[param]["momentum_buffer"].clone()
+    train_module.flush_tiny_moments_(sgd)
+    assert torch.equal(sgd.state[param]["momentum_buffer"], buf)
+
+
+def test_flushing_tiny_moments_keeps_plain_adams_weights():
+    """Column 0 is non-zero in one row only, so its first-layer weights get a zero gradient
+    for hundreds of steps and their first moments fall below TINY_MOMENT (the way to float32
+    subnormals): train_model flushes them, and still ends bitwise where plain Adam does."""
+    gen = torch.Generator().manual_seed(7)
+    n, d = 700, 3
+    x = torch.randn(n, d, generator=gen)
+    x[:, 0] = 0.0
+    x[350, 0] = 1.0
+    y = (x[:, 1] > 0).long()
+    seed, epochs, lr = 2, 2, 1e-3
+    hidden = (4,)
+    trained = MLP(d, 2, hidden)
+    train_model(trained, x, y, config=TrainConfig(epochs=epochs, batch_size=1, lr=lr,
+                                                  seed=seed, **QUIET))
+
+    manual = init_parameters_(MLP(d, 2, hidden), seed)
+    opt = torch.optim.Adam(manual.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    smallest_moment = math.inf
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for lo in range(n):
+            idx = order[lo:lo + 1]
+            loss = F.cross_entropy(manual(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            m = opt.state[manual[0].weight]["exp_avg"][:, 0].abs()
+            smallest_moment = min(smallest_moment, float(m[m > 0].min()) if (m > 0).any()
+                                  else math.inf)
+    assert smallest_moment < train_module.TINY_MOMENT  # the flush had work to do
+    assert _params_equal(trained, manual)
+
+
 def test_dropout_models_are_deterministic_and_the_global_rng_is_restored(data):
     def net():
         return nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, K))
