@@ -164,4 +164,42 @@ inline void check_adam_inputs(const at::Tensor& param, const at::Tensor& exp_avg
   TORCH_CHECK(flush_below >= 0.0, "flush_below must be >= 0, got ", flush_below);
 }
 
+// x [K, B, d], weight_t [K, d, H], bias [K, H] (optional): one dtype and device.
+inline void check_sparse_linear_inputs(const at::Tensor& x, const at::Tensor& weight_t,
+                                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 3, "x must be 3-D [K, B, d], got ", x.dim(), "-D");
+  check_floating(x, "x");
+  TORCH_CHECK(x.size(2) < (int64_t(1) << 31), "x must have d < 2^31 features, got ", x.size(2));
+  TORCH_CHECK(weight_t.dim() == 3 && weight_t.size(0) == x.size(0) &&
+                  weight_t.size(1) == x.size(2),
+              "weight_t must be [K, d, H] = [", x.size(0), ", ", x.size(2), ", H], got ",
+              weight_t.sizes());
+  check_same(weight_t, x, "weight_t", "x");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == x.size(0) &&
+                    bias->size(1) == weight_t.size(2),
+                "bias must be [K, H] = [", x.size(0), ", ", weight_t.size(2), "], got ",
+                bias->sizes());
+    check_same(*bias, x, "bias", "x");
+  }
+}
+
+// x [K, B, d], grad [K, B, H], out [K, d, H] contiguous (written): one dtype and device.
+inline void check_sparse_weight_grad_inputs(const at::Tensor& x, const at::Tensor& grad,
+                                            const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3, "x must be 3-D [K, B, d], got ", x.dim(), "-D");
+  check_floating(x, "x");
+  TORCH_CHECK(x.size(2) < (int64_t(1) << 31), "x must have d < 2^31 features, got ", x.size(2));
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1),
+              "grad must be [K, B, H] = [", x.size(0), ", ", x.size(1), ", H], got ",
+              grad.sizes());
+  check_same(grad, x, "grad", "x");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == x.size(0) && out.size(1) == x.size(2) &&
+                  out.size(2) == grad.size(2),
+              "out must be [K, d, H] = [", x.size(0), ", ", x.size(2), ", ", grad.size(2),
+              "], got ", out.sizes());
+  check_same(out, x, "out", "x");
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous (it is written in place)");
+}
+
 }  // namespace oni

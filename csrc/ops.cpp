@@ -66,6 +66,17 @@ TORCH_LIBRARY(oni, m) {
         "Tensor(d!) param_bf16, Tensor grad_bf16, int step, float lr, float beta1, "
         "float beta2, float eps, float weight_decay, float flush_below) -> ()");
 
+  // Shadow-model training, float32 (oni/shadows.py): the first layer of K models on inputs
+  // that are mostly zeros (binary tabular rows), computed from the non-zeros only. x
+  // [K, B, d]; weight_t [K, d, H] is the layer's weight transposed (row j: input j's
+  // fan-out); bias [K, H] optional. Zeros of x are skipped: 0 * inf contributes 0, not NaN.
+  // out = bias + x @ weight_t -> [K, B, H]; each output sums its non-zeros in ascending j.
+  m.def("sparse_input_linear(Tensor x, Tensor weight_t, Tensor? bias) -> Tensor");
+  // The weight gradient of that layer, out = x^T @ grad, written into out [K, d, H]
+  // (contiguous; the trainer's .grad, so no fresh tensor is faulted in every step). Each
+  // output sums its non-zeros in ascending b.
+  m.def("sparse_input_weight_grad(Tensor x, Tensor grad, Tensor(a!) out) -> ()");
+
   // CUDA toolkit version the extension was compiled with (major*1000 + minor*10), 0 if none.
   m.def("cuda_version() -> int", []() -> int64_t { return ONI_CUDA_VERSION; });
 }

@@ -14,7 +14,7 @@ from . import _C  # noqa: F401  (loads the library so torch.ops.oni is populated
 
 SHAPLEY_OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
 NOISE_OPS = ("entropy_and_grad", "ascend_and_project")
-TRAIN_OPS = ("adam_step_bf16",)
+TRAIN_OPS = ("adam_step_bf16", "sparse_input_linear", "sparse_input_weight_grad")
 OP_NAMES = SHAPLEY_OPS + NOISE_OPS + TRAIN_OPS
 
 
@@ -149,3 +149,30 @@ def _(param, exp_avg, exp_avg_sq, param_bf16, grad_bf16, step, lr, beta1, beta2,
       weight_decay, flush_below):
     torch._check(exp_avg.shape == param.shape and exp_avg_sq.shape == param.shape)
     torch._check(param_bf16.shape == param.shape and grad_bf16.shape == param.shape)
+
+
+def sparse_input_linear(
+    x: Tensor,  # [K, B, d], mostly zeros
+    weight_t: Tensor,  # [K, d, H]
+    bias: Optional[Tensor],  # [K, H]
+) -> Tensor:  # [K, B, H]
+    """``bias + x @ weight_t`` for K models, from the non-zeros of ``x`` only."""
+    return torch.ops.oni.sparse_input_linear.default(x, weight_t, bias)
+
+
+def sparse_input_weight_grad(x: Tensor, grad: Tensor, out: Tensor) -> None:
+    """``out = x^T @ grad`` for K models (x [K, B, d], grad [K, B, H], out [K, d, H]
+    contiguous, written in place), from the non-zeros of x."""
+    torch.ops.oni.sparse_input_weight_grad.default(x, grad, out)
+
+
+@torch.library.register_fake("oni::sparse_input_linear")
+def _(x, weight_t, bias):
+    torch._check(x.dim() == 3 and weight_t.dim() == 3 and weight_t.shape[1] == x.shape[2])
+    return x.new_empty((x.shape[0], x.shape[1], weight_t.shape[2]))
+
+
+@torch.library.register_fake("oni::sparse_input_weight_grad")
+def _(x, grad, out):
+    torch._check(x.dim() == 3 and grad.dim() == 3 and grad.shape[1] == x.shape[1])
+    torch._check(out.shape == (x.shape[0], x.shape[2], grad.shape[2]))

@@ -271,3 +271,20 @@ def adam_step_bf16(
     exp_avg.masked_fill_(exp_avg.abs() < flush_below, 0.0)
     exp_avg_sq.masked_fill_(exp_avg_sq < flush_below, 0.0)
     param_bf16.copy_(param)
+
+
+def sparse_input_linear(x: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``bias + x @ weight_t`` for K models at once (shadow training's first layer on
+    mostly-zero inputs): ``x [K, B, d]``, ``weight_t [K, d, H]`` (the layer's weight
+    transposed), ``bias [K, H]`` or None -> ``[K, B, H]``. The kernels sum only the non-zeros
+    of ``x``; this twin multiplies densely (equal but for the order of the sums, and for
+    ``0 * inf``, which the kernels skip)."""
+    if bias is None:
+        return torch.bmm(x, weight_t)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight_t)
+
+
+def sparse_input_weight_grad(x: Tensor, grad: Tensor, out: Tensor) -> None:
+    """The weight gradient of :func:`sparse_input_linear` in ``weight_t``'s layout,
+    ``out = x^T @ grad`` in place: ``x [K, B, d]``, ``grad [K, B, H]``, ``out [K, d, H]``."""
+    torch.bmm(x.transpose(1, 2), grad, out=out)

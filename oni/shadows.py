@@ -69,6 +69,9 @@ _PREDICT_CHUNK_BYTES = 256 << 20
 #: precision="bf16" on the CPU: memory the state of a chunk of models may take (2 paper MLPs
 #: at 16 bytes per parameter, the chunk measured fastest: BENCHMARKS.md)
 _BF16_CPU_CHUNK_BYTES = 48 << 20
+#: float32 on the CPU: inputs at most this dense (fraction of non-zeros) go through the
+#: sparse first layer by default (measured crossover with the dense product: about 0.25)
+_SPARSE_MAX_DENSITY = 0.2
 #: torch.optim.Adam's defaults (train_model's optimiser)
 _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 #: the arithmetic train_mlps_batched offers (``precision``)
@@ -253,6 +256,24 @@ def _check_chunk(chunk_size, default: int) -> int:
     return default if chunk_size is None else check_int(chunk_size, "chunk_size", 1)
 
 
+def _choose_sparse_first(sparse_inputs, precision: str, x: Tensor, device: torch.device) -> bool:
+    """Whether the float32 trainer takes the sparse first layer (see ``sparse_inputs``)."""
+    if sparse_inputs is not None and not isinstance(sparse_inputs, bool):
+        raise TypeError(f"sparse_inputs must be True, False or None, got "
+                        f"{type(sparse_inputs).__name__}")
+    kernels = _ops.has_kernel(device.type, ("sparse_input_linear", "sparse_input_weight_grad"))
+    if sparse_inputs:
+        if precision != "float32":
+            raise ValueError(f"sparse_inputs=True needs precision='float32', got {precision!r}")
+        if not kernels:
+            raise ValueError(f"sparse_inputs=True needs oni's compiled sparse first-layer "
+                             f"kernels for {device.type}, and this build has none")
+        return True
+    if sparse_inputs is False or precision != "float32" or device.type != "cpu" or not kernels:
+        return False
+    return x.numel() > 0 and float(torch.count_nonzero(x)) <= _SPARSE_MAX_DENSITY * x.numel()
+
+
 def _n_parameters(d: int, k: int, hidden: Sequence[int]) -> int:
     widths = [d, *hidden, k]
     return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
@@ -281,23 +302,32 @@ def _cross_entropy_and_grad(logits: Tensor, labels: Tensor, class_dim: int):
 
 
 def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
-                labels: Tensor) -> Tensor:
+                labels: Tensor, sparse_first: bool = False) -> Tensor:
     """One Adam step's gradients for every model; returns the summed loss per model [K].
 
     ``inputs`` [K, B, d], ``labels`` [K, B]. Gradients of the mean cross-entropy of each
-    model's batch are written into ``.grad`` of the stacked parameters.
+    model's batch are written into ``.grad`` of the stacked parameters. With
+    ``sparse_first`` the first weight is held transposed, ``[K, d, H]``, and the first layer
+    and its weight gradient are computed from the non-zeros of ``inputs`` only
+    (``oni::sparse_input_linear``, ``oni::sparse_input_weight_grad``).
     """
     last = len(weights) - 1
     activations = [inputs]  # input of each layer; ReLU outputs double as its backward mask
     h = inputs
     for i, (w, b) in enumerate(zip(weights, biases)):
-        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        if i == 0 and sparse_first:
+            h = _ops.sparse_input_linear(inputs, w, b)
+        else:
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
         if i < last:
             h = h.relu_()
             activations.append(h)
     loss_sum, grad = _cross_entropy_and_grad(h, labels, class_dim=2)
     for i in range(last, -1, -1):
-        torch.bmm(grad.transpose(1, 2), activations[i], out=weights[i].grad)
+        if i == 0 and sparse_first:
+            _ops.sparse_input_weight_grad(inputs, grad, weights[0].grad)
+        else:
+            torch.bmm(grad.transpose(1, 2), activations[i], out=weights[i].grad)
         torch.sum(grad, dim=1, out=biases[i].grad)
         if i > 0:
             grad = _relu_backward(torch.bmm(grad, weights[i]), activations[i])
@@ -373,7 +403,7 @@ class _Bf16Trainer:
         self.grad_weights, self.grad_biases = grads[:n_layers], grads[n_layers:]
         self.lr, self.weight_decay = float(config.lr), float(config.weight_decay)
         # the compiled kernel where there is one, else its pure-PyTorch twin
-        self.update = _ops.adam_step_bf16 if _ops.has_kernel(device.type, _ops.TRAIN_OPS) \
+        self.update = _ops.adam_step_bf16 if _ops.has_kernel(device.type, ("adam_step_bf16",)) \
             else reference.adam_step_bf16
         self.n_steps = 0
 
@@ -410,7 +440,8 @@ def _initial_parameters(d, k, hidden, seeds, device) -> StackedMLP:
 
 def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[int],
                  config: TrainConfig, device: torch.device, bar, first: int,
-                 n_total: int, precision: str = "float32") -> StackedMLP:
+                 n_total: int, precision: str = "float32",
+                 sparse_first: bool = False) -> StackedMLP:
     stacked = _initial_parameters(d, k, hidden, seeds, device)
     if precision == "bf16":
         trainer = _Bf16Trainer(stacked, config, device)
@@ -420,6 +451,8 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
             inputs = x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[1])
             return trainer.step(inputs.transpose(1, 2).contiguous(), y[rows])
     else:
+        if sparse_first:  # the first weight held transposed, [K, d, H] (see _train_step)
+            stacked.weights[0] = stacked.weights[0].transpose(1, 2).contiguous()
         params = stacked.weights + stacked.biases
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -432,7 +465,8 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
 
         def step(rows):
             nonlocal n_steps
-            loss_sum = _train_step(stacked.weights, stacked.biases, x[rows], y[rows])
+            loss_sum = _train_step(stacked.weights, stacked.biases, x[rows], y[rows],
+                                   sparse_first)
             optimizer.step()
             n_steps += 1
             if n_steps % FLUSH_EVERY == 0:  # as train_model does (same weights, no subnormals)
@@ -458,13 +492,16 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
                 f"config.lr or check x and y")
         bar.update({"models": f"{first + 1}-{first + len(seeds)}/{n_total}",
                     "mean loss": f"{float(mean_loss.mean()):.4f}"})
+    if sparse_first:  # back to nn.Linear's [K, H, d]
+        stacked.weights[0] = stacked.weights[0].detach().transpose(1, 2).contiguous()
     return stacked
 
 
 def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor, y: Tensor, *,
                        seeds: Sequence[int], config: Optional[TrainConfig] = None,
                        chunk_size: Optional[int] = None,
-                       precision: str = "float32") -> List[MLP]:
+                       precision: str = "float32",
+                       sparse_inputs: Optional[bool] = None) -> List[MLP]:
     """Trains ``K`` MLPs ``d -> hidden -> k`` together, model ``j`` on ``x[xs_idx[j]]``.
 
     Gives the models :func:`oni.train.train_model` gives one by one (same initialisation,
@@ -505,6 +542,17 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         not ``train_model``'s to rounding: alike in accuracy, not in every prediction
         (BENCHMARKS.md, "Batched shadow training (CPU)"). The models returned are float32
         either way.
+    sparse_inputs : bool, optional
+        ``precision="float32"`` only. Whether the first layer and its weight gradient are
+        computed from the non-zeros of the inputs (``oni::sparse_input_linear`` and
+        ``oni::sparse_input_weight_grad``) instead of by dense products: the same sums in
+        another order (so the models are the dense path's to float rounding), faster on
+        the binary tabular rows of the field (Purchase, Texas, Location: 1-12% ones;
+        measured in BENCHMARKS.md). Default (None): on the CPU when at most
+        ``_SPARSE_MAX_DENSITY`` (0.2) of ``x``'s entries are non-zero; never on a GPU,
+        where cuBLAS's dense products are used. True needs the compiled kernels for the
+        device.
+
     Returns
     -------
     list of :class:`oni.models.MLP`
@@ -550,6 +598,7 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         budget = _BF16_CPU_CHUNK_BYTES if device.type == "cpu" else _TRAIN_CHUNK_BYTES
     chunk = _check_chunk(chunk_size, max(1, budget // state_bytes))
 
+    sparse_first = _choose_sparse_first(sparse_inputs, precision, x, device)
     x = x.to(device, torch.float32 if precision == "float32" else torch.bfloat16).contiguous()
     y = y.to(device, torch.long)
     n_models = idx.shape[0]
@@ -559,7 +608,8 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         for first in range(0, n_models, chunk):
             last = min(first + chunk, n_models)
             stacked = _train_chunk(d, k, hidden, idx[first:last], x, y, seeds[first:last],
-                                   config, device, bar, first, n_models, precision)
+                                   config, device, bar, first, n_models, precision,
+                                   sparse_first)
             models += stacked.to_models()
     return models
 

@@ -132,6 +132,7 @@ def main():
         *on(DEV, steps, start, end), bad_target, perm, n_active, 1500, 2, True),
         "not a class index")
     noise_ops()
+    sparse_linear_ops()
     torch.cuda.synchronize()
     print("[sanitizer case] all ops ran and matched the CPU kernels", flush=True)
 
@@ -166,6 +167,30 @@ def noise_ops():
         bad[0, 0] = -1
         expect_error("negative budget", lambda: _ops.ascend_and_project(
             *on(DEV, eta, direction, step, bad, radius, active)), "budget[0, 0]")
+
+
+def sparse_linear_ops():
+    names = ("sparse_input_linear", "sparse_input_weight_grad")
+    if not _ops.has_kernel("cuda", names):
+        raise SystemExit(f"[sanitizer case] the sparse first-layer ops have no CUDA kernels "
+                         f"(oni.build_info(): {oni.build_info()})")
+    gen = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float64):
+        tag = str(dtype).replace("torch.", "")
+        # H = 300 crosses the 256-thread blocks; d = 6170 Texas-sized; rows with no non-zero
+        for K, B, d, H, p in ((3, 37, 6170, 300, 0.02), (2, 5, 1, 1, 1.0), (2, 4, 50, 64, 0.0)):
+            x = (torch.rand(K, B, d, generator=gen) < p).to(dtype)
+            weight_t = torch.randn(K, d, H, generator=gen, dtype=dtype)
+            bias = torch.randn(K, H, generator=gen, dtype=dtype)
+            grad = torch.randn(K, B, H, generator=gen, dtype=dtype)
+            check(f"sparse_input_linear K={K} B={B} d={d} H={H} {tag}",
+                  _ops.sparse_input_linear(*on(DEV, x, weight_t, bias)),
+                  _ops.sparse_input_linear(x, weight_t, bias))
+            out_dev = torch.full((K, d, H), float("nan"), dtype=dtype, device=DEV)
+            out = torch.empty(K, d, H, dtype=dtype)
+            _ops.sparse_input_weight_grad(*on(DEV, x, grad), out_dev)
+            _ops.sparse_input_weight_grad(x, grad, out)
+            check(f"sparse_input_weight_grad K={K} B={B} d={d} H={H} {tag}", out_dev, out)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,62 @@ def test_float32_batched_training_flushes_tiny_moments_as_train_model_does(monke
         assert _max_weight_difference(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("hidden, weight_decay", [(HIDDEN, 0.0), (HIDDEN, 1e-2), ((), 0.0)])
+def test_sparse_first_layer_gives_the_dense_paths_models(hidden, weight_decay):
+    """sparse_inputs=True (the first layer from the inputs' non-zeros) trains the models the
+    dense products and train_model give, to float rounding; here on 10%-dense rows."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.bernoulli(torch.full((N_POOL, D), 0.1), generator=gen)
+    y = (x[:, :4] * torch.tensor([1.0, 2.0, 1.0, 3.0])).sum(1).long() % K_CLASSES
+    idx = _index_sets(3)
+    config = dataclasses.replace(CONFIG, weight_decay=weight_decay, epochs=4)
+    seeds = [5, 7, 11]
+    sparse = train_mlps_batched(D, K_CLASSES, hidden, idx, x, y, seeds=seeds, config=config,
+                                sparse_inputs=True)
+    dense = train_mlps_batched(D, K_CLASSES, hidden, idx, x, y, seeds=seeds, config=config,
+                               sparse_inputs=False)
+    reference = _one_by_one(hidden, idx, x, y, seeds, config)
+    for a, b, c in zip(sparse, dense, reference):
+        assert a[0].weight.shape == b[0].weight.shape  # back in nn.Linear's layout
+        assert _max_weight_difference(a, b) < 1e-5
+        assert _max_weight_difference(a, c) < 1e-5
+    assert _max_weight_difference(sparse[0], sparse[1]) > 1e-2
+
+
+def test_sparse_first_layer_is_chosen_by_density(monkeypatch):
+    from oni import shadows
+
+    chosen = []
+    real = shadows._train_chunk
+
+    def spy(*args, **kwargs):
+        chosen.append(args[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shadows, "_train_chunk", spy)
+    x, y = _pool()  # 30% ones: dense
+    idx = _index_sets(2)
+    config = dataclasses.replace(CONFIG, epochs=1)
+    train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[1, 2], config=config)
+    x_sparse = x * (torch.rand(x.shape, generator=torch.Generator().manual_seed(99)) < 0.5)
+    assert float((x_sparse != 0).float().mean()) < shadows._SPARSE_MAX_DENSITY
+    train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x_sparse, y, seeds=[1, 2], config=config)
+    train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x_sparse, y, seeds=[1, 2], config=config,
+                       precision="bf16")
+    assert chosen == [False, True, False]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(sparse_inputs="yes"), TypeError, "sparse_inputs must be True, False or None"),
+    (dict(sparse_inputs=True, precision="bf16"), ValueError, "needs precision='float32'"),
+])
+def test_sparse_inputs_is_checked(kwargs, error, message):
+    x, y = _pool()
+    with pytest.raises(error, match=message):
+        train_mlps_batched(D, K_CLASSES, HIDDEN, _index_sets(2), x, y, seeds=[1, 2],
+                           config=CONFIG, **kwargs)
+
+
 def test_the_seed_decides_init_and_batch_order():
     """Swapping seeds between two models with the same rows swaps the models; a wrong batch
     order (another seed for the order only) would not reproduce them."""
