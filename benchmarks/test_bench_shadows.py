@@ -8,7 +8,11 @@ benchmark model's training seed), seed ``j``; ``ONI_SHADOW_EPOCHS`` (default 2) 
 Adam (lr 1e-3, batch 128). Cases, all training the same ``K`` models:
 
 * ``batched`` — ``train_mlps_batched``: stacked parameters, ``bmm``, hand-written
-  backward, one fused Adam step for all models.
+  backward, one fused Adam step for all models. The rows are 10% ones, so by default the
+  first layer and its weight gradient come from the inputs' non-zeros
+  (``oni::sparse_input_linear``, ``oni::sparse_input_weight_grad``).
+* ``batched_dense`` — the same with ``sparse_inputs=False``: every product dense, which
+  separates the gain of the sparse first layer from that of batching.
 * ``one_by_one`` — ``oni.train.train_model`` on each model in turn: what a caller without
   ``oni.shadows`` runs (it also measures training accuracy after every epoch).
 * ``one_by_one_plain`` — the bare minibatch loop per model (same init, batch order and
@@ -61,7 +65,7 @@ N_MODELS = int(os.environ.get("ONI_SHADOW_MODELS", "16"))
 ROWS = int(os.environ.get("ONI_SHADOW_ROWS", "5000"))
 EPOCHS = int(os.environ.get("ONI_SHADOW_EPOCHS", "2"))
 ROUNDS = int(os.environ.get("ONI_SHADOW_ROUNDS", "2"))
-CASES = ["batched", "one_by_one", "one_by_one_plain", "vmap", "batched_bf16",
+CASES = ["batched", "batched_dense", "one_by_one", "one_by_one_plain", "vmap", "batched_bf16",
          "one_by_one_bf16"]
 SUMMARY_PATH = workload.ROOT / ".benchmarks" / "shadows_summary.json"
 
@@ -92,6 +96,13 @@ def _batched(cfg, x, y, idx, seeds, epochs):
 
     return train_mlps_batched(D, cfg.n_classes, cfg.hidden, idx, x, y, seeds=seeds,
                               config=_config(epochs))
+
+
+def _batched_dense(cfg, x, y, idx, seeds, epochs):
+    from oni.shadows import train_mlps_batched
+
+    return train_mlps_batched(D, cfg.n_classes, cfg.hidden, idx, x, y, seeds=seeds,
+                              config=_config(epochs), sparse_inputs=False)
 
 
 def _batched_bf16(cfg, x, y, idx, seeds, epochs):
@@ -175,7 +186,7 @@ def _vmap(cfg, x, y, idx, seeds, epochs):
     return out
 
 
-RUNNERS = {"batched": _batched, "one_by_one": _one_by_one,
+RUNNERS = {"batched": _batched, "batched_dense": _batched_dense, "one_by_one": _one_by_one,
            "one_by_one_plain": _one_by_one_plain, "vmap": _vmap, "batched_bf16": _batched_bf16,
            "one_by_one_bf16": _one_by_one_bf16}
 
