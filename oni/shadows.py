@@ -34,6 +34,12 @@ compares the two). On a CPU the products themselves run no faster batched than o
 a time (they are near the machine's float32 peak either way): the gain is in the optimiser
 (one fused pass instead of about ten per parameter) and in the per-step overhead.
 
+Sparse inputs (float32, the CPU default for inputs at most 20% non-zero): the binary rows of
+Purchase, Texas and Location are 1-12% ones, so the first layer and its weight gradient are
+sums over the active features' weight rows (``oni._ops.sparse_input_linear`` and
+``sparse_input_weight_grad``; the first weight is held transposed, ``[K, d, H]``, during
+training). The same sums in another order, so the same models to float rounding.
+
 Mixed precision (``precision="bf16"``, opt-in): the products take bfloat16 operands with
 float32 accumulation (AMX on recent Xeons runs them several times faster than float32), while
 the parameters and Adam state stay float32 (:func:`_train_step_bf16`). Then the update of
