@@ -202,4 +202,28 @@ inline void check_sparse_weight_grad_inputs(const at::Tensor& x, const at::Tenso
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous (it is written in place)");
 }
 
+// relu_bf16_ / relu_backward_bf16_: bfloat16, contiguous, one device and shape.
+inline void check_bf16_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_relu_backward_inputs(const at::Tensor& grad, const at::Tensor& output,
+                                       const at::Tensor& bias_grad) {
+  TORCH_CHECK(grad.dim() >= 1, "grad must be at least 1-D [..., B], got 0-D");
+  check_bf16_contiguous(grad, "grad");
+  check_bf16_contiguous(output, "output");
+  check_bf16_contiguous(bias_grad, "bias_grad");
+  TORCH_CHECK(output.sizes() == grad.sizes(), "output must have grad's shape ", grad.sizes(),
+              ", got ", output.sizes());
+  const auto rows = grad.sizes().slice(0, grad.dim() - 1);
+  TORCH_CHECK(bias_grad.sizes() == rows, "bias_grad must be grad's shape without its last dim ",
+              rows, ", got ", bias_grad.sizes());
+  TORCH_CHECK(output.device() == grad.device(), "output must be on grad's device ",
+              grad.device(), ", got ", output.device());
+  TORCH_CHECK(bias_grad.device() == grad.device(), "bias_grad must be on grad's device ",
+              grad.device(), ", got ", bias_grad.device());
+}
+
 }  // namespace oni

@@ -77,6 +77,17 @@ TORCH_LIBRARY(oni, m) {
   // output sums its non-zeros in ascending b.
   m.def("sparse_input_weight_grad(Tensor x, Tensor grad, Tensor(a!) out) -> ()");
 
+  // Shadow-model training, precision="bf16" (oni/shadows.py): the ReLUs of the hidden layers
+  // on bfloat16 activations [..., B], in place; faster on the CPU than aten's bfloat16 ops,
+  // which round-trip through float32. relu_bf16_: x = max(x, 0), NaN kept (torch.relu).
+  m.def("relu_bf16_(Tensor(a!) x) -> ()");
+  // The ReLU's backward fused with the preceding layer's bias gradient: grad (the gradient of
+  // the ReLU's output) is zeroed in place where output (the ReLU's output) is not > 0
+  // (aten's threshold_backward, !(output <= 0): a NaN output passes its gradient), then
+  // bias_grad[...] = sum over the last dim of the result, accumulated in float32 and rounded
+  // to bfloat16 once. grad and output [..., B], bias_grad [...]; all bfloat16, contiguous.
+  m.def("relu_backward_bf16_(Tensor(a!) grad, Tensor output, Tensor(b!) bias_grad) -> ()");
+
   // CUDA toolkit version the extension was compiled with (major*1000 + minor*10), 0 if none.
   m.def("cuda_version() -> int", []() -> int64_t { return ONI_CUDA_VERSION; });
 }

@@ -14,7 +14,8 @@ from . import _C  # noqa: F401  (loads the library so torch.ops.oni is populated
 
 SHAPLEY_OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
 NOISE_OPS = ("entropy_and_grad", "ascend_and_project")
-TRAIN_OPS = ("adam_step_bf16", "sparse_input_linear", "sparse_input_weight_grad")
+TRAIN_OPS = ("adam_step_bf16", "sparse_input_linear", "sparse_input_weight_grad", "relu_bf16_",
+             "relu_backward_bf16_")
 OP_NAMES = SHAPLEY_OPS + NOISE_OPS + TRAIN_OPS
 
 
@@ -176,3 +177,25 @@ def _(x, weight_t, bias):
 def _(x, grad, out):
     torch._check(x.dim() == 3 and grad.dim() == 3 and grad.shape[1] == x.shape[1])
     torch._check(out.shape == (x.shape[0], x.shape[2], grad.shape[2]))
+
+
+def relu_bf16_(x: Tensor) -> None:
+    """``x = relu(x)`` in place on a contiguous bfloat16 tensor (NaN kept)."""
+    torch.ops.oni.relu_bf16_.default(x)
+
+
+def relu_backward_bf16_(grad: Tensor, output: Tensor, bias_grad: Tensor) -> None:
+    """The ReLU's backward in place (``grad`` zeroed where ``output <= 0``) and
+    ``bias_grad = grad.sum(-1)`` of the result (float32 sum, one rounding); all bfloat16."""
+    torch.ops.oni.relu_backward_bf16_.default(grad, output, bias_grad)
+
+
+@torch.library.register_fake("oni::relu_bf16_")
+def _(x):
+    torch._check(x.dtype == torch.bfloat16)
+
+
+@torch.library.register_fake("oni::relu_backward_bf16_")
+def _(grad, output, bias_grad):
+    torch._check(grad.dim() >= 1 and output.shape == grad.shape)
+    torch._check(bias_grad.shape == grad.shape[:-1])

@@ -288,3 +288,20 @@ def sparse_input_weight_grad(x: Tensor, grad: Tensor, out: Tensor) -> None:
     """The weight gradient of :func:`sparse_input_linear` in ``weight_t``'s layout,
     ``out = x^T @ grad`` in place: ``x [K, B, d]``, ``grad [K, B, H]``, ``out [K, d, H]``."""
     torch.bmm(x.transpose(1, 2), grad, out=out)
+
+
+def relu_bf16_(x: Tensor) -> None:
+    """``x = max(x, 0)`` in place (bfloat16 activations of shadow training,
+    ``precision="bf16"``); NaN stays NaN, as in ``torch.relu``."""
+    x.copy_(torch.relu(x))
+
+
+def relu_backward_bf16_(grad: Tensor, output: Tensor, bias_grad: Tensor) -> None:
+    """The ReLU's backward fused with the bias gradient of the layer before it, in place:
+    ``grad`` (gradient of the ReLU's output ``output``) becomes 0 where ``output <= 0``
+    (``threshold_backward``'s test: a NaN output passes its gradient), then ``bias_grad`` gets the
+    sum of the result over the last dimension, accumulated in float32 and rounded to
+    bfloat16 once. ``grad``, ``output`` ``[..., B]``, ``bias_grad`` ``[...]``; the kernels
+    add in another order (float32 rounding of the sum, before the bfloat16 one)."""
+    grad.copy_(torch.ops.aten.threshold_backward(grad, output, 0))
+    bias_grad.copy_(grad.sum(-1, dtype=torch.float32))

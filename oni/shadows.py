@@ -73,7 +73,8 @@ _TRAIN_CHUNK_BYTES = 2 << 30
 #: memory the activations of one prediction pass may take
 _PREDICT_CHUNK_BYTES = 256 << 20
 #: precision="bf16" on the CPU: memory the state of a chunk of models may take (2 paper MLPs
-#: at 16 bytes per parameter, the chunk measured fastest: BENCHMARKS.md)
+#: at 16 bytes per parameter; 4 were 5% faster on an idle host and 10-20% slower while
+#: the host's cache was contended: BENCHMARKS.md)
 _BF16_CPU_CHUNK_BYTES = 48 << 20
 #: float32 on the CPU: inputs at most this dense (fraction of non-zeros) go through the
 #: sparse first layer by default (measured crossover with the dense product: about 0.25)
@@ -342,35 +343,39 @@ def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
 
 def _train_step_bf16(weights: List[Tensor], biases: List[Tensor], low_weights: List[Tensor],
                      low_biases: List[Tensor], grad_weights: List[Tensor],
-                     grad_biases: List[Tensor], inputs_t: Tensor, labels: Tensor) -> Tensor:
+                     grad_biases: List[Tensor], inputs_t: Tensor, labels: Tensor,
+                     relu_, relu_backward_) -> Tensor:
     """:func:`_train_step` in mixed precision (``precision="bf16"``).
 
     ``low_weights`` / ``low_biases`` are bfloat16 copies of the float32 parameters (refreshed
     after every update), ``grad_weights`` / ``grad_biases`` bfloat16 buffers shaped like
-    them (the gradients land there), ``inputs_t`` the bfloat16 inputs transposed,
-    ``[K, d, B]``. The activations are kept transposed too (``[K, width, B]``, products
-    ``W @ h`` rather than ``h @ W.T``): on the CPU the bfloat16 products run about 20%
-    faster that way. The products take bfloat16 operands and accumulate in float32 inside
-    the kernel; their results are rounded to bfloat16, as under ``torch.autocast``. The
-    logits get the float32 bias and stay float32 through log-softmax, loss and the gradient
-    of the logits.
+    them (the gradients land there), ``inputs_t`` the bfloat16 inputs as ``[K, d, B]`` (the
+    transposed view of ``[K, B, d]`` rows). The activations are kept transposed too
+    (``[K, width, B]``, products ``W @ h`` rather than ``h @ W.T``): on the CPU the bfloat16
+    products run about 20% faster that way. The products take bfloat16 operands and
+    accumulate in float32 inside the kernel; their results are rounded to bfloat16, as under
+    ``torch.autocast``. The logits get the float32 bias and stay float32 through
+    log-softmax, loss and the gradient of the logits. ``relu_`` and ``relu_backward_`` are
+    ``oni::relu_bf16_`` and ``oni::relu_backward_bf16_`` (or their twins): the hidden ReLUs,
+    and each ReLU's backward fused with the bias gradient of the layer before it.
     """
     last = len(weights) - 1
     activations = [inputs_t]
     h = inputs_t
     for i in range(last):
-        h = torch.baddbmm(low_biases[i].unsqueeze(2), low_weights[i], h).relu_()
+        h = torch.baddbmm(low_biases[i].unsqueeze(2), low_weights[i], h)
+        relu_(h)
         activations.append(h)
     logits = torch.add(torch.bmm(low_weights[last], h), biases[last].unsqueeze(2))  # float32
     loss_sum, grad = _cross_entropy_and_grad(logits, labels, class_dim=1)  # [K, k, B]
     grad = grad.to(torch.bfloat16)
+    # a bfloat16 sum accumulates in float32; 3x faster than sum(dtype=float32) here
+    torch.sum(grad, dim=2, out=grad_biases[last])
     for i in range(last, -1, -1):
-        # a bfloat16 sum accumulates in float32; 3x faster than sum(dtype=float32) here
-        torch.sum(grad, dim=2, out=grad_biases[i])
         torch.bmm(grad, activations[i].transpose(1, 2), out=grad_weights[i])
         if i > 0:
-            grad = _relu_backward(torch.bmm(low_weights[i].transpose(1, 2), grad),
-                                  activations[i])
+            grad = torch.bmm(low_weights[i].transpose(1, 2), grad)
+            relu_backward_(grad, activations[i], grad_biases[i - 1])
     return loss_sum
 
 
@@ -379,7 +384,9 @@ class _Bf16Trainer:
 
     The float32 master parameters (``stacked``'s tensors become views of one buffer) with
     their float32 Adam moments, a bfloat16 copy of the parameters and a bfloat16 buffer the
-    gradients are written into. Each step ends with one pass over the buffers,
+    gradients are written into (slices of ``workspace``'s buffers, which the chunks of one
+    call share; a fresh workspace when none is given). Each step ends with one pass over
+    the buffers,
     ``oni._ops.adam_step_bf16``: the bfloat16 gradient cast to float32, the update
     ``torch.optim.Adam`` makes (the one ``train_model`` makes; same defaults), Adam's moments
     below ``TINY_MOMENT`` set to 0, and the new parameters written to bfloat16.
@@ -392,25 +399,33 @@ class _Bf16Trainer:
     parameter by less than ``1e-22 * lr`` (``eps = 1e-8`` bounds the denominator).
     """
 
-    def __init__(self, stacked: StackedMLP, config: TrainConfig, device: torch.device):
+    def __init__(self, stacked: StackedMLP, config: TrainConfig, device: torch.device,
+                 workspace: Optional["_Bf16Workspace"] = None):
         params = stacked.weights + stacked.biases
         shapes = [p.shape for p in params]
-        self.master = torch.cat([p.reshape(-1) for p in params])
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
-        self.low = self.master.to(torch.bfloat16)
-        self.grad_low = torch.zeros_like(self.low)
-        n_layers = len(stacked.weights)
+        n = sum(p.numel() for p in params)
+        workspace = _Bf16Workspace(device) if workspace is None else workspace
+        self.master, self.exp_avg, self.exp_avg_sq, self.low, self.grad_low = \
+            workspace.buffers(n)
         views = _flat_views(self.master, shapes)
+        for view, p in zip(views, params):
+            view.copy_(p)
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        self.low.copy_(self.master)
+        # every element of grad_low is written by the step before the update reads it
+        n_layers = len(stacked.weights)
         stacked.weights[:], stacked.biases[:] = views[:n_layers], views[n_layers:]
         self.stacked = stacked
         low, grads = _flat_views(self.low, shapes), _flat_views(self.grad_low, shapes)
         self.low_weights, self.low_biases = low[:n_layers], low[n_layers:]
         self.grad_weights, self.grad_biases = grads[:n_layers], grads[n_layers:]
         self.lr, self.weight_decay = float(config.lr), float(config.weight_decay)
-        # the compiled kernel where there is one, else its pure-PyTorch twin
-        self.update = _ops.adam_step_bf16 if _ops.has_kernel(device.type, ("adam_step_bf16",)) \
-            else reference.adam_step_bf16
+        # the compiled kernels where there are, else their pure-PyTorch twins
+        ops = ("adam_step_bf16", "relu_bf16_", "relu_backward_bf16_")
+        module = _ops if _ops.has_kernel(device.type, ops) else reference
+        self.update = module.adam_step_bf16
+        self.relu_, self.relu_backward_ = module.relu_bf16_, module.relu_backward_bf16_
         self.n_steps = 0
 
     def step(self, inputs_t: Tensor, labels: Tensor) -> Tensor:
@@ -418,12 +433,32 @@ class _Bf16Trainer:
         stacked = self.stacked
         loss_sum = _train_step_bf16(stacked.weights, stacked.biases, self.low_weights,
                                     self.low_biases, self.grad_weights, self.grad_biases,
-                                    inputs_t, labels)
+                                    inputs_t, labels, self.relu_, self.relu_backward_)
         self.n_steps += 1
         self.update(self.master, self.exp_avg, self.exp_avg_sq, self.low, self.grad_low,
                     self.n_steps, self.lr, _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS,
                     self.weight_decay, TINY_MOMENT)
         return loss_sum
+
+
+class _Bf16Workspace:
+    """The flat buffers of :class:`_Bf16Trainer`, allocated once per call and reused by
+    every chunk: fresh buffers cost a page fault per 4 KiB on first touch (about 3 ms per
+    21 MB buffer on the CPU, measured), which every chunk would otherwise pay again. The
+    models are copied out of the master buffer (``StackedMLP.to_models``) before the next
+    chunk overwrites it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: Optional[Tuple[Tensor, ...]] = None
+
+    def buffers(self, n: int) -> Tuple[Tensor, ...]:
+        """Master parameters, two moments (float32), bfloat16 copy and gradient: ``n`` each."""
+        if self._buffers is None or self._buffers[0].numel() < n:
+            self._buffers = None  # free the old ones first
+            self._buffers = tuple(torch.zeros(n, dtype=dtype, device=self.device)
+                                  for dtype in (torch.float32,) * 3 + (torch.bfloat16,) * 2)
+        return tuple(b[:n] for b in self._buffers)
 
 
 def _flat_views(flat: Tensor, shapes) -> List[Tensor]:
@@ -447,15 +482,17 @@ def _initial_parameters(d, k, hidden, seeds, device) -> StackedMLP:
 def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[int],
                  config: TrainConfig, device: torch.device, bar, first: int,
                  n_total: int, precision: str = "float32",
-                 sparse_first: bool = False) -> StackedMLP:
+                 sparse_first: bool = False,
+                 workspace: Optional[_Bf16Workspace] = None) -> StackedMLP:
     stacked = _initial_parameters(d, k, hidden, seeds, device)
     if precision == "bf16":
-        trainer = _Bf16Trainer(stacked, config, device)
+        trainer = _Bf16Trainer(stacked, config, device, workspace)
 
         def step(rows):
-            # the rows of every model, transposed to [K, d, B] (see _train_step_bf16)
+            # the rows of every model as [K, d, B] (see _train_step_bf16): a transposed view,
+            # which the products take as it is (cheaper than a contiguous copy, measured)
             inputs = x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[1])
-            return trainer.step(inputs.transpose(1, 2).contiguous(), y[rows])
+            return trainer.step(inputs.transpose(1, 2), y[rows])
     else:
         if sparse_first:  # the first weight held transposed, [K, d, H] (see _train_step)
             stacked.weights[0] = stacked.weights[0].transpose(1, 2).contiguous()
@@ -532,8 +569,8 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         progress (one bar entry per epoch of each chunk of models).
     chunk_size : int, optional
         Models trained at a time; default as many as fit in about 2 GiB of parameters,
-        gradients and Adam moments (``precision="bf16"`` on the CPU: 48 MiB, which keeps
-        that state in cache between steps). Chunks do not change the results.
+        gradients and Adam moments (``precision="bf16"`` on the CPU: 48 MiB, 2 paper MLPs,
+        which keeps that state in cache between steps). Chunks do not change the results.
     precision : ``"float32"`` (default) or ``"bf16"``
         ``"float32"`` gives :func:`oni.train.train_model`'s models (to float rounding).
         ``"bf16"`` (opt-in) is mixed precision: float32 master parameters and Adam state
@@ -610,12 +647,13 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     n_models = idx.shape[0]
     models: List[MLP] = []
     n_chunks = -(-n_models // chunk)
+    workspace = _Bf16Workspace(device) if precision == "bf16" else None
     with _progress(config.progress, config.epochs * n_chunks) as bar:
         for first in range(0, n_models, chunk):
             last = min(first + chunk, n_models)
             stacked = _train_chunk(d, k, hidden, idx[first:last], x, y, seeds[first:last],
                                    config, device, bar, first, n_models, precision,
-                                   sparse_first)
+                                   sparse_first, workspace=workspace)
             models += stacked.to_models()
     return models
 

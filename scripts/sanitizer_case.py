@@ -133,6 +133,7 @@ def main():
         "not a class index")
     noise_ops()
     sparse_linear_ops()
+    relu_bf16_ops()
     torch.cuda.synchronize()
     print("[sanitizer case] all ops ran and matched the CPU kernels", flush=True)
 
@@ -191,6 +192,31 @@ def sparse_linear_ops():
             _ops.sparse_input_weight_grad(*on(DEV, x, grad), out_dev)
             _ops.sparse_input_weight_grad(x, grad, out)
             check(f"sparse_input_weight_grad K={K} B={B} d={d} H={H} {tag}", out_dev, out)
+
+
+def relu_bf16_ops():
+    if not _ops.has_kernel("cuda", ("relu_bf16_", "relu_backward_bf16_")):
+        raise SystemExit(f"[sanitizer case] the bfloat16 ReLU ops have no CUDA kernels "
+                         f"(oni.build_info(): {oni.build_info()})")
+    gen = torch.Generator().manual_seed(13)
+    # rows of 1 and 33 (a warp and one more), 128 (the trainer's batch), an empty last dim
+    for shape in ((5, 1), (3, 7, 33), (4, 1024, 128), (6, 0)):
+        x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        grad = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        x_dev = x.to(DEV)
+        _ops.relu_bf16_(x_dev)
+        _ops.relu_bf16_(x)
+        check(f"relu_bf16_ {shape}", x_dev, x, exact=True)
+        bias_dev = torch.full(shape[:-1], float("nan"), dtype=torch.bfloat16, device=DEV)
+        bias = torch.empty(shape[:-1], dtype=torch.bfloat16)
+        grad_dev = grad.to(DEV)
+        _ops.relu_backward_bf16_(grad_dev, x_dev, bias_dev)
+        _ops.relu_backward_bf16_(grad, x, bias)
+        check(f"relu_backward_bf16_ grad {shape}", grad_dev, grad, exact=True)
+        # float32 sums in another order, one bfloat16 rounding: within a bfloat16 ulp
+        ok = torch.allclose(bias_dev.cpu().double(), bias.double(), rtol=2 ** -7, atol=1e-6)
+        if not ok:
+            raise SystemExit(f"[sanitizer case] MISMATCH in relu_backward_bf16_ bias {shape}")
 
 
 if __name__ == "__main__":

@@ -260,7 +260,8 @@ def test_bf16_gradients_are_the_float32_ones_to_bfloat16_rounding():
     loss16 = shadows._train_step_bf16(
         stacked.weights, stacked.biases, trainer.low_weights, trainer.low_biases,
         trainer.grad_weights, trainer.grad_biases,
-        x[idx].to(torch.bfloat16).transpose(1, 2).contiguous(), y[idx])
+        x[idx].to(torch.bfloat16).transpose(1, 2).contiguous(), y[idx], trainer.relu_,
+        trainer.relu_backward_)
     torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
     for ref, got in zip(reference, trainer.grad_weights + trainer.grad_biases):
         error = float((got.float() - ref).norm() / ref.norm())
@@ -294,6 +295,25 @@ def test_bf16_models_learn_like_the_float32_ones():
         assert all(p.dtype == torch.float32 for p in a.parameters())
 
 
+def test_bf16_kernels_give_the_twins_models(monkeypatch):
+    """The bf16 trainer on oni's kernels (Adam, ReLU, ReLU backward with the bias sums)
+    against the same trainer on their pure-PyTorch twins: the ReLU passes are the twins'
+    bit for bit and the bias sums differ in float32 order only, so after 5 epochs the models
+    are the same to rounding-sized differences."""
+    from oni import shadows
+
+    x, y = _pool()
+    idx = _index_sets(3)
+    config = dataclasses.replace(CONFIG, epochs=5)
+    kernels = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[0, 1, 2],
+                                 config=config, precision="bf16")
+    monkeypatch.setattr(shadows._ops, "has_kernel", lambda device_type, names=(): False)
+    twins = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=[0, 1, 2],
+                               config=config, precision="bf16")
+    for a, b in zip(kernels, twins):
+        assert _max_weight_difference(a, b) < 1e-3
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 def test_bf16_update_is_torch_adam(weight_decay):
     """The trainer's fused update (oni._ops.adam_step_bf16) is torch.optim.Adam's step on
@@ -308,6 +328,8 @@ def test_bf16_update_is_torch_adam(weight_decay):
     stacked = shadows._initial_parameters(D, K_CLASSES, HIDDEN, [1, 2], torch.device("cpu"))
     trainer = shadows._Bf16Trainer(stacked, config, torch.device("cpu"))
     assert trainer.update is shadows._ops.adam_step_bf16  # the kernel, not the twin
+    assert trainer.relu_ is shadows._ops.relu_bf16_
+    assert trainer.relu_backward_ is shadows._ops.relu_backward_bf16_
     param = trainer.master.clone().requires_grad_()
     adam = torch.optim.Adam([param], lr=config.lr, weight_decay=weight_decay)
     inputs_t = x[idx].to(torch.bfloat16).transpose(1, 2).contiguous()

@@ -295,12 +295,15 @@ def _bad_inputs():
     bad_x_nan[3, 4] = float("nan")
     bad_x_inf = x.clone()
     bad_x_inf[0, 0] = float("inf")
+    bad_x_ninf = x.clone()
+    bad_x_ninf[19, 1] = -float("inf")
     return [
         (dict(x=x.numpy()), TypeError, "x must be a torch.Tensor"),
         (dict(x=x[0]), ValueError, r"x must be 2-D \[N, d\]"),
         (dict(x=x.long()), TypeError, "x must be a floating tensor"),
         (dict(x=bad_x_nan), ValueError, r"x contains NaN or Inf \(first at index \[3, 4\]\)"),
         (dict(x=bad_x_inf), ValueError, "x contains NaN or Inf"),
+        (dict(x=bad_x_ninf), ValueError, r"x contains NaN or Inf \(first at index \[19, 1\]\)"),
         (dict(x=x[:0], y=y[:0]), ValueError, r"x is empty \(N = 0 rows\)"),
         (dict(x=x[:, :0]), ValueError, "x has no features"),
         (dict(x=x[:, :4]), ValueError, "the model does not accept inputs of width d = 4"),
