@@ -46,7 +46,9 @@ the parameters and Adam state stay float32 (:func:`_train_step_bf16`). Then the 
 the optimiser state costs about as much as the products. It is one memory-bound pass
 (``oni._ops.adam_step_bf16``: gradient cast, Adam, bfloat16 copy of the parameters), and on
 the CPU the models are trained a few at a time, few enough for that state to stay in cache
-between steps. These models are not
+between steps. The hidden ReLUs and their backward (fused with the bias gradients) are
+``oni._ops.relu_bf16_`` and ``oni._ops.relu_backward_bf16_``, integer tests on the bfloat16
+patterns instead of aten's round trips through float32. These models are not
 ``train_model``'s to rounding: bfloat16 rounding (relative 2^-9 per product operand) moves the
 gradients by several percent at initialisation, as ``torch.autocast`` does.
 """
