@@ -46,9 +46,10 @@ the parameters and Adam state stay float32 (:func:`_train_step_bf16`). Then the 
 the optimiser state costs about as much as the products. It is one memory-bound pass
 (``oni._ops.adam_step_bf16``: gradient cast, Adam, bfloat16 copy of the parameters), and on
 the CPU the models are trained a few at a time, few enough for that state to stay in cache
-between steps. The hidden ReLUs and their backward (fused with the bias gradients) are
-``oni._ops.relu_bf16_`` and ``oni._ops.relu_backward_bf16_``, integer tests on the bfloat16
-patterns instead of aten's round trips through float32. These models are not
+between steps. On the CPU the hidden ReLUs and their backward (fused with the bias
+gradients) are ``oni._ops.relu_bf16_`` and ``oni._ops.relu_backward_bf16_``, integer tests
+on the bfloat16 patterns instead of aten's round trips through float32 (on a GPU, aten's
+passes are fast and are used). These models are not
 ``train_model``'s to rounding: bfloat16 rounding (relative 2^-9 per product operand) moves the
 gradients by several percent at initialisation, as ``torch.autocast`` does.
 """
@@ -423,10 +424,14 @@ class _Bf16Trainer:
         self.low_weights, self.low_biases = low[:n_layers], low[n_layers:]
         self.grad_weights, self.grad_biases = grads[:n_layers], grads[n_layers:]
         self.lr, self.weight_decay = float(config.lr), float(config.weight_decay)
-        # the compiled kernels where there are, else their pure-PyTorch twins
-        ops = ("adam_step_bf16", "relu_bf16_", "relu_backward_bf16_")
-        module = _ops if _ops.has_kernel(device.type, ops) else reference
-        self.update = module.adam_step_bf16
+        # the compiled kernels where there are, else their pure-PyTorch twins. The ReLU ops
+        # only on the CPU, where aten's bfloat16 passes are slow; on a GPU aten's are fast,
+        # and the ReLU ops' CUDA kernels have not run on one yet
+        has_adam = _ops.has_kernel(device.type, ("adam_step_bf16",))
+        self.update = _ops.adam_step_bf16 if has_adam else reference.adam_step_bf16
+        relu_ops = device.type == "cpu" and \
+            _ops.has_kernel("cpu", ("relu_bf16_", "relu_backward_bf16_"))
+        module = _ops if relu_ops else reference
         self.relu_, self.relu_backward_ = module.relu_bf16_, module.relu_backward_bf16_
         self.n_steps = 0
 
