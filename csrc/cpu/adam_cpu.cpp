@@ -11,35 +11,12 @@
 
 #include "../adam_scalars.h"
 #include "../checks.h"
-
-// The extension is built for the baseline x86-64 ISA; the update loop is also compiled for
-// AVX2 and AVX-512, picked at load time (16 float lanes instead of 4 on this loop's sqrt and
-// division).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define ONI_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ONI_VECTOR_CLONES
-#endif
+#include "vector.h"
 
 namespace oni {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk (~0.9 MB of state)
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// Round to nearest even, NaN kept quiet (c10::BFloat16's rounding), branch-free.
-inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
-}
 
 // The update of elements [0, n) of the given pointers. The arithmetic, in float32 in this
 // order, is torch.optim.Adam's (fused CPU kernel): lerp for exp_avg, v * beta2 + (1 - beta2)
@@ -50,7 +27,7 @@ void adam_update(float* __restrict param, float* __restrict exp_avg,
                  const uint16_t* __restrict grad_bf16, int64_t n, AdamScalars s) {
   for (int64_t i = 0; i < n; ++i) {
     const float p = param[i];
-    const float g = bf16_to_float(grad_bf16[i]) + s.weight_decay * p;  // decay 0: g + 0
+    const float g = bf16_bits_to_float(grad_bf16[i]) + s.weight_decay * p;  // decay 0: g + 0
     float m = exp_avg[i];
     m = m + s.lerp_weight * (g - m);
     float v = exp_avg_sq[i] * s.beta2 + s.one_minus_beta2 * g * g;
@@ -62,7 +39,7 @@ void adam_update(float* __restrict param, float* __restrict exp_avg,
     param[i] = updated;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    param_bf16[i] = float_to_bf16(updated);
+    param_bf16[i] = float_to_bf16_bits(updated);
   }
 }
 

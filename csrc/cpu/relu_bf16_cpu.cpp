@@ -12,13 +12,7 @@
 #include <cstring>
 
 #include "../checks.h"
-
-// Built for the baseline x86-64 ISA, with AVX2 and AVX-512 clones picked at load time.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define ONI_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ONI_VECTOR_CLONES
-#endif
+#include "vector.h"
 
 namespace oni {
 namespace {
@@ -34,21 +28,6 @@ constexpr uint16_t kSign = 0x8000;
 // threshold_backward's test, !(output <= 0): positive or NaN
 inline bool passes_gradient(uint16_t output) {
   return static_cast<uint16_t>(output - 1) < 0x7fff || (output & 0x7fff) > kPlusInf;
-}
-
-inline float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// Round to nearest even, NaN kept quiet (c10::BFloat16's rounding).
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
 }
 
 ONI_VECTOR_CLONES

@@ -15,12 +15,8 @@
 #include <vector>
 
 #include "../checks.h"
+#include "vector.h"
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define ONI_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ONI_VECTOR_CLONES
-#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define ONI_INLINE inline __attribute__((always_inline))
 #else

@@ -1,0 +1,32 @@
+// Shared by the CPU kernels' inner loops: run-time ISA selection and bfloat16 bit patterns.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+// The extension is built for the baseline x86-64 ISA; a loop marked ONI_VECTOR_CLONES is also
+// compiled for AVX2 and AVX-512 and the best version is picked at load time (16 float lanes
+// instead of 4).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define ONI_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ONI_VECTOR_CLONES
+#endif
+
+namespace oni {
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet (c10::BFloat16's rounding), branch-free.
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
+}  // namespace oni
