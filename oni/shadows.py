@@ -344,15 +344,14 @@ def _train_step(weights: List[Tensor], biases: List[Tensor], inputs: Tensor,
     return loss_sum
 
 
-def _train_step_bf16(weights: List[Tensor], biases: List[Tensor], low_weights: List[Tensor],
-                     low_biases: List[Tensor], grad_weights: List[Tensor],
+def _train_step_bf16(low_weights: List[Tensor], grad_weights: List[Tensor],
                      grad_biases: List[Tensor], inputs_t: Tensor, labels: Tensor,
-                     relu_, relu_backward_, views=None) -> Tensor:
+                     relu_, relu_backward_, views) -> Tensor:
     """:func:`_train_step` in mixed precision (``precision="bf16"``).
 
-    ``low_weights`` / ``low_biases`` are bfloat16 copies of the float32 parameters (refreshed
-    after every update), ``grad_weights`` / ``grad_biases`` bfloat16 buffers shaped like
-    them (the gradients land there), ``inputs_t`` the bfloat16 inputs as ``[K, d, B]`` (the
+    ``low_weights`` are bfloat16 copies of the float32 weights (refreshed after every
+    update; the biases come in ``views``), ``grad_weights`` / ``grad_biases`` bfloat16
+    buffers shaped like the parameters (the gradients land there), ``inputs_t`` the bfloat16 inputs as ``[K, d, B]`` (the
     transposed view of ``[K, B, d]`` rows). The activations are kept transposed too
     (``[K, width, B]``, products ``W @ h`` rather than ``h @ W.T``): on the CPU the bfloat16
     products run about 20% faster that way. The products take bfloat16 operands and
@@ -364,9 +363,8 @@ def _train_step_bf16(weights: List[Tensor], biases: List[Tensor], low_weights: L
     (:func:`_step_views`) holds the views of the parameters the step takes, made once per
     trainer rather than in every step.
     """
-    last = len(weights) - 1
-    bias_columns, output_bias, low_weights_t = \
-        _step_views(biases, low_biases, low_weights) if views is None else views
+    last = len(low_weights) - 1
+    bias_columns, output_bias, low_weights_t = views
     activations = [inputs_t]
     h = inputs_t
     for i in range(last):
@@ -451,9 +449,7 @@ class _Bf16Trainer:
 
     def step(self, inputs_t: Tensor, labels: Tensor) -> Tensor:
         """One training step of every model; returns the summed loss per model [K]."""
-        stacked = self.stacked
-        loss_sum = _train_step_bf16(stacked.weights, stacked.biases, self.low_weights,
-                                    self.low_biases, self.grad_weights, self.grad_biases,
+        loss_sum = _train_step_bf16(self.low_weights, self.grad_weights, self.grad_biases,
                                     inputs_t, labels, self.relu_, self.relu_backward_,
                                     self.step_views)
         self.n_steps += 1

@@ -258,10 +258,9 @@ def test_bf16_gradients_are_the_float32_ones_to_bfloat16_rounding():
     reference = [p.grad.clone() for p in params]
     trainer = shadows._Bf16Trainer(stacked, CONFIG, torch.device("cpu"))
     loss16 = shadows._train_step_bf16(
-        stacked.weights, stacked.biases, trainer.low_weights, trainer.low_biases,
-        trainer.grad_weights, trainer.grad_biases,
+        trainer.low_weights, trainer.grad_weights, trainer.grad_biases,
         x[idx].to(torch.bfloat16).transpose(1, 2).contiguous(), y[idx], trainer.relu_,
-        trainer.relu_backward_)
+        trainer.relu_backward_, trainer.step_views)
     torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
     for ref, got in zip(reference, trainer.grad_weights + trainer.grad_biases):
         error = float((got.float() - ref).norm() / ref.norm())
