@@ -13,6 +13,11 @@ Noise workload: 20,000 Purchase-shaped training rows (d = 600), phi from the Sha
 (20 walks, not timed), ``tau_fraction=0.5, eps=0.1, beta=0.5``, the solver's defaults; the
 timed call includes the radius and every iteration.
 
+Shadow workload (issue 6 on a GPU): the 16 paper MLPs of benchmarks/test_bench_shadows.py
+(``ONI_GPU_SHADOW_MODELS``), 5,000 rows each, 2 epochs, batch 128, trained one by one with
+``train_model`` and together with ``train_mlps_batched`` in float32 and bf16; "per s" is
+model-steps per second and "x twin" the speed-up over ``train_model`` one by one.
+
 FLOP count: the tail of the network (layers 2-5) on every interior walk step,
 ``2 * sum(in * out)`` per step; the first layer is an O(H) cumulative sum per step and the
 accumulation is memory-bound, so neither is counted. Peak: an 8192^3 matmul in the same
@@ -51,7 +56,10 @@ NOISE_ROWS = {"kernel": int(os.environ.get("ONI_GPU_NOISE_ROWS", "20000")),
 NOISE_SETTINGS = dict(tau_fraction=0.5, eps=0.1, beta=0.5)
 SUMMARY_PATH = workload.ROOT / ".benchmarks" / "gpu_summary.json"
 
-_SUMMARY: dict = {"shapley": [], "noise": [], "peak_tflops": {}}
+SHADOW_MODELS = int(os.environ.get("ONI_GPU_SHADOW_MODELS", "16"))
+SHADOW_ROWS, SHADOW_EPOCHS, SHADOW_BATCH = 5_000, 2, 128
+
+_SUMMARY: dict = {"shapley": [], "noise": [], "shadows": [], "peak_tflops": {}}
 
 
 def _save_summary() -> None:
@@ -259,6 +267,71 @@ def test_noise_gpu(benchmark, noise_case, backend):
           f"feasible {row['feasible_rate']:.3f}")
 
 
+SHADOW_CASES = ("train_model", "batched", "batched_bf16")
+
+
+@pytest.fixture(scope="module")
+def shadow_case():
+    return workload.shadow_workload(SHADOW_MODELS, SHADOW_ROWS)
+
+
+def train_shadows(case: str, cfg, x, y, idx, seeds, epochs: int, device: str = "cuda"):
+    """The shadow models of ``case``: ``train_model`` one model after another, or all at
+    once with ``train_mlps_batched`` (float32, or ``precision="bf16"``), on ``device``."""
+    from oni.models import MLP
+    from oni.shadows import train_mlps_batched
+    from oni.train import TrainConfig, train_model
+
+    def config(seed: int = 0):
+        return TrainConfig(epochs=epochs, batch_size=SHADOW_BATCH, lr=1e-3, seed=seed,
+                           device=device, progress=False)
+
+    if case == "train_model":
+        models = []
+        for rows, seed in zip(idx, seeds):
+            model = MLP(cfg.d, cfg.n_classes, cfg.hidden)
+            train_model(model, x[rows], y[rows], config=config(seed))
+            models.append(model)
+    else:
+        models = train_mlps_batched(cfg.d, cfg.n_classes, cfg.hidden, idx, x, y, seeds=seeds,
+                                    config=config(),
+                                    precision="bf16" if case == "batched_bf16" else "float32")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return models
+
+
+@pytest.mark.parametrize("case", SHADOW_CASES)
+def test_shadows_gpu(benchmark, shadow_case, case):
+    """Issue 6 on a GPU: the CPU benchmark's 16 paper MLPs (test_bench_shadows.py), trained
+    one by one with train_model against train_mlps_batched, all on the GPU."""
+    from oni.shadows import predict_logits_batched
+
+    cfg, x, y, idx, seeds = shadow_case
+
+    def run():
+        return train_shadows(case, cfg, x, y, idx, seeds, SHADOW_EPOCHS)
+
+    benchmark.group = (f"shadows K={len(seeds)} n={idx.shape[1]} epochs={SHADOW_EPOCHS} "
+                       f"batch {SHADOW_BATCH}")
+    benchmark.extra_info.update({"case": case})
+    models = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.median
+    x_test, y_test = workload.purchase_like(cfg, 2_000, seed=cfg.seed + 2)
+    accuracy = float((predict_logits_batched(models, x_test).argmax(2) == y_test)
+                     .double().mean())
+    row = {"op": "shadow_training", "case": case, "n_models": len(seeds),
+           "rows_per_model": idx.shape[1], "epochs": SHADOW_EPOCHS, "seconds": seconds,
+           "model_steps_per_s": len(seeds) * SHADOW_EPOCHS * -(-idx.shape[1] // SHADOW_BATCH)
+           / seconds, "mean_test_acc": accuracy}
+    _SUMMARY["shadows"].append(row)
+    _save_summary()
+    print(f"\n[gpu] shadows {case}: {seconds:.2f} s, mean held-out accuracy {accuracy:.4f}")
+    # the same models as train_model's in distribution (the CPU benchmark's check)
+    first = next(r for r in _SUMMARY["shadows"] if r["case"] == "train_model")
+    assert abs(accuracy - first["mean_test_acc"]) < 0.02
+
+
 def summary_table(summary: dict) -> str:
     """The short table scripts/gpu_check.sh prints last."""
     lines = [f"GPU: {summary.get('device')}, torch {summary.get('torch')}; measured matmul "
@@ -283,6 +356,14 @@ def summary_table(summary: dict) -> str:
                      f"{r['backend'] + '/float32':<16}{r['seconds']:>8.3f}"
                      f"{r['rows_per_s']:>10.0f}{ratio:>8}"
                      f"{'feas %.3f' % r['feasible_rate']:>10}")
+    shadows = summary.get("shadows", [])
+    one_by_one = next((t for t in shadows if t["case"] == "train_model"), None)
+    for r in shadows:
+        ratio = f"{one_by_one['seconds'] / r['seconds']:.1f}" if one_by_one else "-"
+        shape = "K=%d n=%d e=%d" % (r["n_models"], r["rows_per_model"], r["epochs"])
+        lines.append(f"{'shadows':<15}{shape:<22}{r['case']:<16}{r['seconds']:>8.3f}"
+                     f"{r['model_steps_per_s']:>10.0f}{ratio:>8}"
+                     f"{'acc %.3f' % r['mean_test_acc']:>10}")
     return "\n".join(lines)
 
 

@@ -77,11 +77,7 @@ _PREDICTIONS: dict = {}
 
 @pytest.fixture(scope="module")
 def shadow_rows():
-    cfg = workload.config_for(D)
-    x, y = workload.purchase_like(cfg, POOL, seed=cfg.seed + 1)
-    gen = torch.Generator().manual_seed(2024)
-    idx = torch.stack([torch.randperm(POOL, generator=gen)[:ROWS] for _ in range(N_MODELS)])
-    return cfg, x, y, idx, list(range(N_MODELS))
+    return workload.shadow_workload(N_MODELS, ROWS, pool=POOL, d=D)
 
 
 def _config(epochs: int, seed: int = 0):

@@ -34,6 +34,7 @@ __all__ = [
     "CONFIGS", "WorkloadConfig", "config_for", "purchase_like", "explained_inputs",
     "build_mlp", "trained_model", "training_info", "predicted", "check_confident",
     "Reference", "reference", "relative_error", "Bench", "bench", "provenance",
+    "shadow_workload",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,6 +315,20 @@ def bench(d: int, n_inputs: int, verbose: bool = True) -> Bench:
     ref = reference(model, d, x, INPUT_SEED, walks=REFERENCE_WALKS_BY_D[d],
                     plain_walks=PILOT_WALKS_BY_D[d], verbose=verbose)
     return Bench(d, model, x, classes, fx, fx - f0, ref)
+
+
+def shadow_workload(n_models: int, rows: int, pool: int = 20_000, d: int = 600):
+    """The shadow-training workload (benchmarks/test_bench_shadows.py, and its GPU case in
+    test_bench_gpu.py): ``pool`` Purchase-shaped training rows and ``n_models`` index sets of
+    ``rows`` rows each, drawn without replacement (seed 2024); model ``j`` gets seed ``j``.
+
+    Returns ``(cfg, x, y, idx [n_models, rows], seeds)``, on the CPU.
+    """
+    cfg = config_for(d)
+    x, y = purchase_like(cfg, pool, seed=cfg.seed + 1)
+    gen = torch.Generator().manual_seed(2024)
+    idx = torch.stack([torch.randperm(pool, generator=gen)[:rows] for _ in range(n_models)])
+    return cfg, x, y, idx, list(range(n_models))
 
 
 def provenance() -> dict:
