@@ -41,7 +41,8 @@ sums over the active features' weight rows (``oni._ops.sparse_input_linear`` and
 training). The same sums in another order, so the same models to float rounding.
 
 Mixed precision (``precision="bf16"``, opt-in): the products take bfloat16 operands with
-float32 accumulation (AMX on recent Xeons runs them several times faster than float32), while
+float32 accumulation (measured against float32 products: 5-6x faster with AMX on a Xeon, about
+4x with AVX512-BF16 on an AMD EPYC; BENCHMARKS.md), while
 the parameters and Adam state stay float32 (:func:`_train_step_bf16`). Then the update of
 the optimiser state costs about as much as the products. It is one memory-bound pass
 (``oni._ops.adam_step_bf16``: gradient cast, Adam, bfloat16 copy of the parameters), and on
@@ -598,8 +599,8 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
         parameters refreshed after every step) and accumulate in float32; their results
         (activations, gradients) are rounded to bfloat16, as under ``torch.autocast``. The
         logits (with the float32 output bias), log-softmax and loss stay float32. It trains
-        faster where bfloat16 products are fast (CPUs with AMX, GPUs; on a CPU without
-        native bfloat16 products it is far slower and warns), but the models are
+        faster where bfloat16 products are fast (CPUs with AMX or AVX512-BF16, GPUs; on a
+        CPU without native bfloat16 products it is far slower and warns), but the models are
         not ``train_model``'s to rounding: alike in accuracy, not in every prediction
         (BENCHMARKS.md, "Batched shadow training (CPU)"). The models returned are float32
         either way.
