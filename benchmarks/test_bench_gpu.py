@@ -57,7 +57,7 @@ NOISE_SETTINGS = dict(tau_fraction=0.5, eps=0.1, beta=0.5)
 SUMMARY_PATH = workload.ROOT / ".benchmarks" / "gpu_summary.json"
 
 SHADOW_MODELS = int(os.environ.get("ONI_GPU_SHADOW_MODELS", "16"))
-SHADOW_ROWS, SHADOW_EPOCHS, SHADOW_BATCH = 5_000, 2, 128
+SHADOW_ROWS, SHADOW_EPOCHS = 5_000, 2
 
 _SUMMARY: dict = {"shapley": [], "noise": [], "shadows": [], "peak_tflops": {}}
 
@@ -276,26 +276,12 @@ def shadow_case():
 
 
 def train_shadows(case: str, cfg, x, y, idx, seeds, epochs: int, device: str = "cuda"):
-    """The shadow models of ``case``: ``train_model`` one model after another, or all at
-    once with ``train_mlps_batched`` (float32, or ``precision="bf16"``), on ``device``."""
-    from oni.models import MLP
-    from oni.shadows import train_mlps_batched
-    from oni.train import TrainConfig, train_model
+    """The shadow models of ``case``, trained on ``device`` by the CPU benchmark's runners:
+    ``train_model`` one model after another, or ``train_mlps_batched`` (float32 or bf16)."""
+    from .test_bench_shadows import _batched, _batched_bf16, _one_by_one
 
-    def config(seed: int = 0):
-        return TrainConfig(epochs=epochs, batch_size=SHADOW_BATCH, lr=1e-3, seed=seed,
-                           device=device, progress=False)
-
-    if case == "train_model":
-        models = []
-        for rows, seed in zip(idx, seeds):
-            model = MLP(cfg.d, cfg.n_classes, cfg.hidden)
-            train_model(model, x[rows], y[rows], config=config(seed))
-            models.append(model)
-    else:
-        models = train_mlps_batched(cfg.d, cfg.n_classes, cfg.hidden, idx, x, y, seeds=seeds,
-                                    config=config(),
-                                    precision="bf16" if case == "batched_bf16" else "float32")
+    run = {"train_model": _one_by_one, "batched": _batched, "batched_bf16": _batched_bf16}[case]
+    models = run(cfg, x, y, idx, seeds, epochs, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
     return models
@@ -307,13 +293,14 @@ def test_shadows_gpu(benchmark, shadow_case, case):
     one by one with train_model against train_mlps_batched, all on the GPU."""
     from oni.shadows import predict_logits_batched
 
+    from .test_bench_shadows import BATCH
+
     cfg, x, y, idx, seeds = shadow_case
 
     def run():
         return train_shadows(case, cfg, x, y, idx, seeds, SHADOW_EPOCHS)
 
-    benchmark.group = (f"shadows K={len(seeds)} n={idx.shape[1]} epochs={SHADOW_EPOCHS} "
-                       f"batch {SHADOW_BATCH}")
+    benchmark.group = f"shadows K={len(seeds)} n={idx.shape[1]} epochs={SHADOW_EPOCHS}"
     benchmark.extra_info.update({"case": case})
     models = benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
@@ -322,7 +309,7 @@ def test_shadows_gpu(benchmark, shadow_case, case):
                      .double().mean())
     row = {"op": "shadow_training", "case": case, "n_models": len(seeds),
            "rows_per_model": idx.shape[1], "epochs": SHADOW_EPOCHS, "seconds": seconds,
-           "model_steps_per_s": len(seeds) * SHADOW_EPOCHS * -(-idx.shape[1] // SHADOW_BATCH)
+           "model_steps_per_s": len(seeds) * SHADOW_EPOCHS * -(-idx.shape[1] // BATCH)
            / seconds, "mean_test_acc": accuracy}
     _SUMMARY["shadows"].append(row)
     _save_summary()

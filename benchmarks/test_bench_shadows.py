@@ -80,18 +80,18 @@ def shadow_rows():
     return workload.shadow_workload(N_MODELS, ROWS, pool=POOL, d=D)
 
 
-def _config(epochs: int, seed: int = 0):
+def _config(epochs: int, seed: int = 0, device: str = "cpu"):
     from oni.train import TrainConfig
 
-    return TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, seed=seed, device="cpu",
+    return TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, seed=seed, device=device,
                        progress=False)
 
 
-def _batched(cfg, x, y, idx, seeds, epochs):
+def _batched(cfg, x, y, idx, seeds, epochs, device="cpu"):
     from oni.shadows import train_mlps_batched
 
     return train_mlps_batched(D, cfg.n_classes, cfg.hidden, idx, x, y, seeds=seeds,
-                              config=_config(epochs))
+                              config=_config(epochs, device=device))
 
 
 def _batched_dense(cfg, x, y, idx, seeds, epochs):
@@ -101,11 +101,11 @@ def _batched_dense(cfg, x, y, idx, seeds, epochs):
                               config=_config(epochs), sparse_inputs=False)
 
 
-def _batched_bf16(cfg, x, y, idx, seeds, epochs):
+def _batched_bf16(cfg, x, y, idx, seeds, epochs, device="cpu"):
     from oni.shadows import train_mlps_batched
 
     return train_mlps_batched(D, cfg.n_classes, cfg.hidden, idx, x, y, seeds=seeds,
-                              config=_config(epochs), precision="bf16")
+                              config=_config(epochs, device=device), precision="bf16")
 
 
 def _one_by_one_bf16(cfg, x, y, idx, seeds, epochs):
@@ -115,14 +115,14 @@ def _one_by_one_bf16(cfg, x, y, idx, seeds, epochs):
         return _one_by_one(cfg, x, y, idx, seeds, epochs)
 
 
-def _one_by_one(cfg, x, y, idx, seeds, epochs):
+def _one_by_one(cfg, x, y, idx, seeds, epochs, device="cpu"):
     from oni.models import MLP
     from oni.train import train_model
 
     models = []
     for rows, seed in zip(idx, seeds):
         model = MLP(D, cfg.n_classes, cfg.hidden)
-        train_model(model, x[rows], y[rows], config=_config(epochs, seed))
+        train_model(model, x[rows], y[rows], config=_config(epochs, seed, device))
         models.append(model)
     return models
 
