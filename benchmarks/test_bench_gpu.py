@@ -11,7 +11,9 @@ what is left is arithmetic error only, not sampling error).
 
 Noise workload: 20,000 Purchase-shaped training rows (d = 600), phi from the Shapley kernel
 (20 walks, not timed), ``tau_fraction=0.5, eps=0.1, beta=0.5``, the solver's defaults; the
-timed call includes the radius and every iteration.
+timed call includes the radius and every iteration. Precisions: float32 (strict), and the
+opt-in tf32 and bf16 search passes (polish and verdict in float32), each with its flags and
+norms against the float32 run on the same rows.
 
 Shadow workload (issue 6 on a GPU): the 16 paper MLPs of benchmarks/test_bench_shadows.py
 (``ONI_GPU_SHADOW_MODELS``), 5,000 rows each, 2 epochs, batch 128, trained one by one with
@@ -236,8 +238,12 @@ def noise_case():
     return model, x, phi
 
 
-@pytest.mark.parametrize("backend", ["kernel", "torch"])
-def test_noise_gpu(benchmark, noise_case, backend):
+_NOISE_RESULTS: dict = {}
+
+
+@pytest.mark.parametrize("backend,precision", [
+    ("kernel", "float32"), ("kernel", "tf32"), ("kernel", "bf16"), ("torch", "float32")])
+def test_noise_gpu(benchmark, noise_case, backend, precision):
     import oni
 
     model, x_all, phi_all = noise_case
@@ -248,19 +254,32 @@ def test_noise_gpu(benchmark, noise_case, backend):
     def run():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flagged infeasible")
-            out = oni.optimal_noise(model, x, phi, **NOISE_SETTINGS, backend=backend)
+            out = oni.optimal_noise(model, x, phi, **NOISE_SETTINGS, backend=backend,
+                                    precision=precision)
         torch.cuda.synchronize()
         return out
 
     benchmark.group = f"noise d=600 N={len(x)}"
-    benchmark.extra_info.update({"backend": backend, "n_rows": len(x)})
-    result = benchmark.pedantic(run, rounds=3 if backend == "kernel" else 1,
+    benchmark.extra_info.update({"backend": backend, "precision": precision, "n_rows": len(x)})
+    result = benchmark.pedantic(run, rounds=2 if backend == "kernel" else 1,
                                 warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
-    row = {"op": "optimal_noise", "d": x.shape[1], "backend": backend, "n_rows": len(x),
+    row = {"op": "optimal_noise", "d": x.shape[1], "backend": backend,
+           "precision": precision, "n_rows": len(x),
            "seconds": seconds, "rows_per_s": len(x) / seconds,
            "feasible_rate": float(result.feasible.double().mean()),
            "iterations_median": float(result.iterations.double().median())}
+    strict = _NOISE_RESULTS.get("kernel/float32")
+    if strict is not None and (backend, precision) != ("kernel", "float32"):
+        # what the opt-in costs: flags and norms against the float32 kernels on the same rows
+        m = len(x)
+        both = (result.feasible & strict.feasible[:m] & (strict.norm[:m] > 0)).cpu()
+        ratio = (result.norm.cpu()[both] / strict.norm[:m].cpu()[both]).double()
+        row["same_flag_as_float32"] = float((result.feasible == strict.feasible[:m])
+                                            .double().mean())
+        row["norm_ratio_vs_float32"] = ([float(ratio.quantile(q)) for q in (0.1, 0.5, 0.9)]
+                                        if ratio.numel() else None)
+    _NOISE_RESULTS[f"{backend}/{precision}"] = result
     _SUMMARY["noise"].append(row)
     _save_summary()
     print(f"\n[gpu] noise {backend}: {len(x)} rows in {seconds:.2f} s, "
@@ -339,10 +358,13 @@ def summary_table(summary: dict) -> str:
     for r in noise:
         twin = next((t for t in noise if t["backend"] == "torch"), None)
         ratio = f"{r['rows_per_s'] / twin['rows_per_s']:.1f}" if twin else "-"
+        norm = r.get("norm_ratio_vs_float32")
         lines.append(f"{'optimal_noise':<15}{'d=%d N=%d' % (r['d'], r['n_rows']):<22}"
-                     f"{r['backend'] + '/float32':<16}{r['seconds']:>8.3f}"
-                     f"{r['rows_per_s']:>10.0f}{ratio:>8}"
-                     f"{'feas %.3f' % r['feasible_rate']:>10}")
+                     f"{r['backend'] + '/' + r.get('precision', 'float32'):<16}"
+                     f"{r['seconds']:>8.3f}{r['rows_per_s']:>10.0f}{ratio:>8}"
+                     f"{'feas %.3f' % r['feasible_rate']:>11}"
+                     + (f"  norm/f32 {norm[1]:.4f}, same flag {r['same_flag_as_float32']:.3f}"
+                        if norm else ""))
     shadows = summary.get("shadows", [])
     one_by_one = next((t for t in shadows if t["case"] == "train_model"), None)
     for r in shadows:

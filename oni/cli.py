@@ -290,7 +290,8 @@ def _oni_phi(base, x, cfg: Mapping, seed: int, device):
     from .shapley import shapley_values
     from .train import _derived_seed
     return shapley_values(base, x.to(device), n_permutations=cfg["n_permutations"],
-                          seed=_derived_seed(seed, "oni:shapley"), backend=cfg["backend"])
+                          seed=_derived_seed(seed, "oni:shapley"), backend=cfg["backend"],
+                          precision=cfg["precision"])
 
 
 def _oni_eta(base, x, phi, cfg: Mapping, seed: int, device):
@@ -301,7 +302,7 @@ def _oni_eta(base, x, phi, cfg: Mapping, seed: int, device):
                          max_iter=cfg["max_iter"], refine_iter=cfg["refine_iter"],
                          polish_iter=cfg["polish_iter"], starts=cfg["starts"],
                          seed=_derived_seed(seed, "oni:noise"),
-                         backend=cfg["backend"])
+                         backend=cfg["backend"], precision=cfg["precision"])
 
 
 def _oni_distill(base, x, y, eta, cfg: Mapping, train_config, x_test, y_test, device):
@@ -767,7 +768,7 @@ def _cmd_shapley(args) -> int:
     start = time.perf_counter()
     res = shapley_values(model, x, baseline, target=target, labels=labels,
                          n_permutations=args.n_permutations, tol=args.tol, seed=args.seed,
-                         backend=args.backend)
+                         backend=args.backend, precision=args.precision)
     seconds = time.perf_counter() - start
     buffer = io.BytesIO()
     np.save(buffer, res.values.cpu().numpy())
@@ -802,8 +803,9 @@ def _cmd_noise(args) -> int:
                         beta=args.beta, importance=args.importance, max_iter=args.max_iter,
                         refine_iter=args.refine_iter, polish_iter=args.polish_iter,
                         starts=args.starts, seed=args.seed,
-                        backend=args.backend,
-                        shapley_kwargs={"n_permutations": args.n_permutations})
+                        backend=args.backend, precision=args.precision,
+                        shapley_kwargs={"n_permutations": args.n_permutations,
+                                        "precision": args.precision})
     seconds = time.perf_counter() - start
     buffer = io.BytesIO()
     np.save(buffer, res.eta.cpu().numpy())
@@ -913,6 +915,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", default="auto", choices=("auto", "kernel", "torch"),
                         help="kernel: the C++/CUDA ops; torch: their pure-PyTorch twins; "
                              "auto (default): the kernels when compiled for the device")
+    common.add_argument("--precision", default="float32", choices=("float32", "tf32", "bf16"),
+                        help="arithmetic of the batched model evaluations (the Shapley walks, "
+                             "the noise solver's search passes): float32 (default, strict), "
+                             "tf32 (CUDA only) or bf16; an opt-in that trades accuracy for "
+                             "speed (BENCHMARKS.md)")
     common.add_argument("--device", default="auto",
                         help="auto (cuda when available, default), cpu, cuda, cuda:N")
 

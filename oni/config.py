@@ -594,10 +594,10 @@ def describe_schema(width: int = 92) -> str:
 STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
     "splits": ("seed", "data.path", "data.format", "data.synthetic", "splits"),
     "target": ("seed", "model", "train"),
-    "phi": ("seed", "defenses.oni.n_permutations"),
+    "phi": ("seed", "defenses.oni.n_permutations", "defenses.oni.precision"),
     "eta": ("seed", "defenses.oni.tau_fraction", "defenses.oni.eps", "defenses.oni.beta",
             "defenses.oni.importance", "defenses.oni.max_iter", "defenses.oni.refine_iter",
-            "defenses.oni.polish_iter", "defenses.oni.starts"),
+            "defenses.oni.polish_iter", "defenses.oni.starts", "defenses.oni.precision"),
 }
 
 

@@ -151,6 +151,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "polish_iter": _Param(8, _integer(0)),
         "starts": _Param(2, _integer(1)),
         "backend": _Param("auto", _choice(("auto", "kernel", "torch"))),
+        "precision": _Param("float32", _choice(("float32", "tf32", "bf16"))),
     },
     "dynanoise": {
         "sigma0_sq": _Param(0.3, _number(0.0)),
@@ -213,7 +214,11 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         ``polish_iter=8`` polish iterations and ``starts=2`` starting points of the noise
         solver (:func:`oni.optimal_noise`; below its defaults of 100, 16, 32 and 4 to keep
         ``oni run`` cheap: on Purchase-shaped
-        data at ``tau_fraction=0.5`` every row was still feasible); ``backend="auto"``.
+        data at ``tau_fraction=0.5`` every row was still feasible); ``backend="auto"``;
+        ``precision="float32"``: the arithmetic of the batched model evaluations of the
+        Shapley walks and of the noise solver's search passes, an explicit opt-in
+        (``"tf32"`` on CUDA, ``"bf16"``; see :func:`oni.shapley_values` and
+        :func:`oni.optimal_noise`: the solver's polish and verdict stay float32).
     ``dynanoise`` (:class:`DynaNoise`)
         ``sigma0_sq=0.3``, ``lambda=2.0``, ``temperature=10.0``, ``draws=1``: the DynaNoise
         paper's defaults.
@@ -624,14 +629,15 @@ def _oni_noise(base: nn.Module, job: _Job, cfg: dict) -> Tuple[NoiseResult, dict
     x = job.x.to(job.device)
     start = time.perf_counter()
     phi = shapley_values(base, x, n_permutations=cfg["n_permutations"],
-                         seed=_derived_seed(job.seed, "oni:shapley"), backend=cfg["backend"])
+                         seed=_derived_seed(job.seed, "oni:shapley"), backend=cfg["backend"],
+                         precision=cfg["precision"])
     shapley_seconds = time.perf_counter() - start
     noise = optimal_noise(base, x, phi, tau_fraction=cfg["tau_fraction"], eps=cfg["eps"],
                           beta=cfg["beta"], importance=cfg["importance"],
                           max_iter=cfg["max_iter"], refine_iter=cfg["refine_iter"],
                           polish_iter=cfg["polish_iter"], starts=cfg["starts"],
                           seed=_derived_seed(job.seed, "oni:noise"),
-                          backend=cfg["backend"])
+                          backend=cfg["backend"], precision=cfg["precision"])
     noise_seconds = time.perf_counter() - start - shapley_seconds
     noise = NoiseResult(**{f.name: getattr(noise, f.name).cpu()
                            if isinstance(getattr(noise, f.name), Tensor)

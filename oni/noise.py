@@ -28,6 +28,8 @@ from .shapley import (
     _check_int,
     _check_logits,
     _check_model,
+    _check_precision,
+    _walk_precision,
     shapley_values,
 )
 
@@ -36,7 +38,7 @@ __all__ = ["NoiseResult", "noise_budget", "robustness_radius", "optimal_noise", 
 _IMPORTANCE = ("signed", "abs")
 _KINDS = ("uniform", "gaussian")
 _ROW_BATCH = 4096  # rows per solver pass on the CPU: bounds the activations kept for backward
-_CUDA_ROW_BATCH = 1 << 16  # on a GPU a pass is cheap, their number counts: fewer, larger ones
+_CUDA_ROW_BATCH = 1 << 18  # on a GPU a pass is cheap, their number counts: fewer, larger ones
 _STALL_WINDOW = 10  # ascent iterations over which a start's rate of climb is judged
 _LEVEL_STEPS = 6  # false-position steps per line search to the level set H = tau
 
@@ -162,26 +164,39 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
 # ----------------------------------------------------------------------------- eqs. 5-8
 
 class _EntropyOracle:
-    """H(f(x + eta)) and its gradient in eta, with the fused entropy op."""
+    """H(f(x + eta)) and its gradient in eta, with the fused entropy op.
 
-    def __init__(self, model, x: Tensor, logits_at_x: Tensor, ops):
-        self.model, self.x, self.ops = model, x, ops
+    ``precision`` is the arithmetic of the search passes (the bulk of the solver's work);
+    calls with ``strict=True`` (the polish and the verdict) run in strict float32 (TF32
+    off, no autocast), so every reported entropy and feasibility flag is a float32 one."""
+
+    def __init__(self, model, x: Tensor, logits_at_x: Tensor, ops, precision: str = "float32"):
+        self.model, self.x, self.ops, self.precision = model, x, ops, precision
         # H at eta = 0: the infeasible end of every bracket in the line searches
         self.entropy_at_x = ops.entropy_and_grad(logits_at_x)[0]
 
-    def value(self, eta: Tensor, rows: Tensor) -> Tensor:
-        with torch.no_grad():
-            logits = _check_logits(self.model(self.x[rows] + eta), len(rows), "model output")
-            return self.ops.entropy_and_grad(logits)[0]
+    def _arithmetic(self, strict: bool):
+        return _walk_precision("float32" if strict else self.precision, self.x.device)
 
-    def value_and_grad(self, eta: Tensor, rows: Tensor, spread: Optional[Tensor] = None):
+    def _logits(self, z: Tensor) -> Tensor:
+        # a bf16 pass widens to x's dtype: the fused entropy op runs in float32/float64
+        return _check_logits(self.model(z), len(z), "model output").to(self.x.dtype)
+
+    def value(self, eta: Tensor, rows: Tensor, strict: bool = False) -> Tensor:
+        with torch.no_grad(), self._arithmetic(strict):
+            logits = self._logits(self.x[rows] + eta)
+        return self.ops.entropy_and_grad(logits)[0]
+
+    def value_and_grad(self, eta: Tensor, rows: Tensor, spread: Optional[Tensor] = None,
+                       strict: bool = False):
         """(H, objective, gradient of the objective in eta). The objective is H, or on rows
         where ``spread`` is set the mean log-probability over classes (the log-likelihood of
         the uniform distribution), which lifts every class at once instead of the runner-up
         alone and so does not stall on a two-class ridge."""
         z = (self.x[rows] + eta).detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = _check_logits(self.model(z), len(rows), "model output")
+        # the backward pass's matmuls read the TF32 switch too: both inside the context
+        with torch.enable_grad(), self._arithmetic(strict):
+            logits = self._logits(z)
             entropy, d_logits = self.ops.entropy_and_grad(logits.detach())
             objective = entropy
             if spread is not None and spread.any():
@@ -210,6 +225,7 @@ def optimal_noise(
     rescue_starts: int = 16,
     seed: int = 0,
     backend: str = "auto",
+    precision: str = "float32",
     shapley_kwargs: Optional[dict] = None,
 ) -> NoiseResult:
     """Minimum-norm noise that lifts the prediction entropy to ``tau`` (eqs. 5-8).
@@ -263,6 +279,16 @@ def optimal_noise(
             starts find feasible points that the first ones miss; only those rows pay.
         seed: seed of the random starts, and of the Shapley walks when ``phi`` is None.
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
+        precision: arithmetic of the search passes (1, 2 and 5: the ascents and the
+            norm-reduction line searches, most of the solver's model evaluations), an
+            explicit opt-in: ``"float32"`` (default; strict, TF32 off even if enabled
+            globally), ``"tf32"`` (CUDA tensor cores' TF32 matmuls) or ``"bf16"`` (autocast
+            to bfloat16; fast on GPUs and on CPUs with AVX512-BF16 or AMX). The polish and
+            the verdict always run in strict float32: every feasibility flag and entropy
+            returned is a float32 one, and a start that meets tau only in the search's
+            arithmetic is polished from outside the level set (or goes to the rescue).
+            The cost in norm and feasibility is measured in BENCHMARKS.md ("Noise solver").
+            Only the model's passes change; the fused ops stay in float64 inside.
         shapley_kwargs: extra arguments for :func:`oni.shapley_values`.
 
     Returns:
@@ -282,9 +308,10 @@ def optimal_noise(
     rescue_starts = _check_int(rescue_starts, "rescue_starts", 0)
     seed = _check_int(seed, "seed", 0)
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
+    precision = _check_precision(precision, x.device)
     ops = _ops if use_kernel else reference
-    with torch.no_grad():
-        logits = _check_logits(model(x), n, "model output at x")
+    with torch.no_grad(), _walk_precision("float32", x.device):
+        logits = _check_logits(model(x), n, "model output at x").to(x.dtype)
     _check_finite(logits, "model output at x")
     log_k = math.log(logits.shape[1])
     if (tau is None) == (tau_fraction is None):
@@ -304,9 +331,10 @@ def optimal_noise(
     if phi.device != x.device:
         raise ValueError(f"phi must be on x's device {x.device}, got {phi.device}")
     budget = noise_budget(phi.to(x.dtype), eps, beta, importance=importance)
-    radius = robustness_radius(model, x)
+    with _walk_precision("float32", x.device):
+        radius = robustness_radius(model, x)
 
-    oracle = _EntropyOracle(model, x, logits, ops)
+    oracle = _EntropyOracle(model, x, logits, ops, precision)
     row_batch = _row_batch(x)
     batch = max(1, row_batch // starts)
     parts = [_solve_rows(oracle, torch.arange(lo, min(lo + batch, n), device=x.device),
@@ -338,7 +366,8 @@ def optimal_noise(
 
 
 def _row_batch(x: Tensor) -> int:
-    """Rows (starts) per batched pass. On CUDA: up to 65,536, within a quarter of the
+    """Rows (starts) per batched pass. On CUDA: up to 262,144 (20,000 rows of 4 starts in one
+    batch: every batch repeats the whole sequence of passes), within a quarter of the
     device's memory at an estimated 64 bytes per input value (the input, its copies and
     gradient, the saved activations of a model about as wide as its input)."""
     if x.device.type != "cuda":
@@ -435,10 +464,20 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     # (4) polish each row's winner: polishing every feasible start cost 1.29x the solver's
     # time on Purchase-shaped rows and changed no small-case result (see BENCHMARKS.md)
     shine = (feasible & (eta.abs().sum(1) > 0)).nonzero()[:, 0]
+    if oracle.precision != "float32":
+        # the verdict on the rows the polish does not judge, in strict float32
+        unpolished = torch.ones(m, dtype=torch.bool, device=x.device)
+        unpolished[shine] = False
+        zero = unpolished & (eta.abs().sum(1) == 0)  # eta = 0: H at x, already float32
+        entropy = torch.where(zero, oracle.entropy_at_x[rows], entropy)
+        judge = (unpolished & ~zero).nonzero()[:, 0]
+        if judge.numel():
+            entropy[judge] = oracle.value(eta[judge], rows[judge], strict=True)
+        feasible = torch.where(unpolished, entropy >= tau, feasible)
     if shine.numel():
         r = rows[shine]
-        eta[shine], entropy[shine] = _polish(oracle, r, eta[shine], entropy[shine], budget[r],
-                                             radius[r], tau, polish_iter)
+        eta[shine], entropy[shine], feasible[shine] = _polish(
+            oracle, r, eta[shine], budget[r], radius[r], tau, polish_iter)
         total_iterations[shine] += polish_iter
     return eta, entropy, feasible, total_iterations
 
@@ -561,27 +600,29 @@ def _cosine(start: float, end: float, k: int, total: int) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * k / max(total, 1))) / 2
 
 
-def _polish(oracle, rows, eta, entropy, u, rho, tau, iters: int):
-    """Polish of feasible solutions by a fast-minimum-norm walk: each iteration takes a
-    normalised ascent step of H and projects onto the box ∩ a search ball, whose radius
-    shrinks by ``1 - gamma`` (below the current norm) while H >= tau and grows by
-    ``1 + gamma`` while not. The walk slides along the level set H = tau to shorter
-    points, and out of the dead ends where the ray searches of :func:`_reduce_norm` find
-    nothing shorter. Keeps the shortest feasible iterate: (eta, its entropy); one
-    gradient per iteration."""
-    if iters == 0:
-        return eta, entropy
+def _polish(oracle, rows, eta, u, rho, tau, iters: int):
+    """Polish of solutions by a fast-minimum-norm walk: each iteration takes a normalised
+    ascent step of H and projects onto the box ∩ a search ball, whose radius shrinks by
+    ``1 - gamma`` (below the current norm) while H >= tau and grows by ``1 + gamma`` while
+    not. The walk slides along the level set H = tau to shorter points, and out of the dead
+    ends where the ray searches of :func:`_reduce_norm` find nothing shorter. Every value
+    is strict float32 (the verdict): a start that met tau only in the search's arithmetic
+    is walked back over the level set. Returns (eta, its entropy, feasible): the shortest
+    feasible iterate, or the start where none was; one gradient per iteration."""
     ops = oracle.ops
-    best, best_norm, best_value = eta.clone(), eta.norm(dim=1), entropy.clone()
-    radius = best_norm.clone()
+    best, best_value = eta.clone(), torch.empty_like(eta[:, 0])
+    best_norm = torch.full_like(best_value, math.inf)
+    radius = eta.norm(dim=1)
     everyone = torch.ones(len(rows), dtype=torch.bool, device=eta.device)
     for k in range(iters + 1):
         if k < iters:
-            value, _, grad = oracle.value_and_grad(eta, rows)
+            value, _, grad = oracle.value_and_grad(eta, rows, strict=True)
         else:  # the last iterate needs no gradient
-            value = oracle.value(eta, rows)
+            value = oracle.value(eta, rows, strict=True)
         norm = eta.norm(dim=1)
         ok = value >= tau
+        if k == 0:
+            best_value = value  # the start's own value, kept where nothing is feasible
         take = ok & (norm < best_norm)
         best = torch.where(take[:, None], eta, best)
         best_norm = torch.where(take, norm, best_norm)
@@ -594,7 +635,7 @@ def _polish(oracle, rows, eta, entropy, u, rho, tau, iters: int):
         step = _cosine(*_POLISH_STEP, k, iters) * radius
         eta = ops.ascend_and_project(eta, _unit(grad), step.to(eta.dtype), u,
                                      torch.minimum(radius, rho), everyone)
-    return best, best_value
+    return best, best_value, best_norm < math.inf
 
 
 # ----------------------------------------------------------------------------- baseline

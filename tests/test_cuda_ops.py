@@ -594,6 +594,37 @@ def test_optimal_noise_cuda_matches_cpu_kernel():
     assert (gpu.norm <= gpu.radius * (1 + 1e-5) + 1e-6).all()
 
 
+@noise_only
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_optimal_noise_cuda_search_precision_keeps_float32_verdict(precision):
+    """TF32/bf16 search passes on CUDA, float32 polish and verdict: the flags and entropies
+    are strict float32 ones (TF32 off), and the solutions agree with the float32 run."""
+    model = small_mlp(16, k=5, seed=1, scale=4.0).cuda()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)).cuda()
+    phi = oni.shapley_values(model, x, n_permutations=16, seed=0).values
+    kwargs = dict(tau_fraction=0.5, eps=0.6, beta=0.5, seed=0, backend="kernel")
+    with _no_warning_check():
+        strict = oni.optimal_noise(model, x, phi, **kwargs)
+        fast = oni.optimal_noise(model, x, phi, **kwargs, precision=precision)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(x + fast.eta).double(), dim=1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    h = -(log_p.exp() * log_p).sum(1)
+    torch.testing.assert_close(fast.entropy.double(), h, rtol=0, atol=1e-5)
+    assert (h[fast.feasible] >= fast.tau - 1e-5).all()
+    assert (h[~fast.feasible] < fast.tau + 1e-5).all()
+    assert (fast.eta.abs() <= fast.budget * (1 + 1e-6)).all()
+    assert (fast.norm <= fast.radius * (1 + 1e-5) + 1e-6).all()
+    assert (fast.feasible == strict.feasible).double().mean() >= 0.9
+    both = fast.feasible & strict.feasible & (strict.norm > 0)
+    assert both.sum() >= 16
+    assert 0.97 <= (fast.norm[both] / strict.norm[both]).median() <= 1.03
+
+
 @contextlib.contextmanager
 def _no_warning_check():
     with warnings.catch_warnings():

@@ -673,6 +673,76 @@ def test_float32_model_and_inputs():
     assert res.feasible.sum() >= 8
 
 
+class _LiesUnderAutocast(torch.nn.Module):
+    """A model whose logits shrink by ``factor`` (a flatter softmax, a higher entropy) while
+    autocast is on: a search in bf16 sees tau reached where float32 does not."""
+
+    def __init__(self, net, factor):
+        super().__init__()
+        self.net, self.factor = net, factor
+
+    def forward(self, z):
+        out = self.net(z)
+        return out.float() * self.factor if torch.is_autocast_enabled("cpu") else out
+
+
+def _check_strict_verdict(model, x, res, atol):
+    """Every flag and entropy of ``res`` is the float32 one: recomputed here in float64."""
+    h = _entropy(model, x + res.eta)
+    torch.testing.assert_close(res.entropy.double(), h, rtol=0, atol=atol)
+    assert (h[res.feasible] >= res.tau - atol).all(), "a row flagged feasible misses tau"
+    assert (h[~res.feasible] < res.tau + atol).all(), "a row that meets tau is flagged infeasible"
+    assert (res.eta.abs() <= res.budget * (1 + 1e-6)).all(), "box violated"
+    assert (res.norm <= res.radius * (1 + 1e-6)).all(), "ball violated"
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_bf16_search_keeps_the_float32_verdict_and_solutions():
+    """precision="bf16" searches in bfloat16 (autocast) but polishes and judges in float32:
+    the flags and entropies are float32 ones, and the solutions match the float32 run's
+    (measured: 32 of 32 flags, 21 feasible; norm ratio median 1.0003, a few rows reach
+    another local solution, 0.71-1.04)."""
+    model = small_mlp(16, k=5, seed=1, scale=4.0)  # no row meets tau at x
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    phi = oni.shapley_values(model, x, n_permutations=32, seed=0).values
+    kwargs = dict(tau_fraction=0.5, eps=0.6, beta=0.5)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 stays strict and restores it
+    try:
+        strict = oni.optimal_noise(model, x, phi, **kwargs)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    fast = oni.optimal_noise(model, x, phi, **kwargs, precision="bf16")
+    _check_strict_verdict(model, x, strict, 1e-5)
+    _check_strict_verdict(model, x, fast, 1e-5)
+    assert strict.feasible.sum() >= 16 and (strict.norm[strict.feasible] > 0).all()
+    assert (fast.feasible == strict.feasible).double().mean() >= 0.9
+    both = fast.feasible & strict.feasible & (strict.norm > 0)
+    ratio = fast.norm[both] / strict.norm[both]
+    assert 0.97 <= ratio.median() <= 1.03, ratio
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_search_arithmetic_never_decides_feasibility():
+    """A search whose arithmetic lies (logits shrunk 25% under autocast, so it stops short
+    of the true level set): the float32 polish walks the rows back over the level set, and
+    no row is flagged feasible unless float32 says so. Without the strict verdict most
+    flags would be wrong (checked below on the search's own numbers)."""
+    net = small_mlp(16, k=5, seed=1, scale=4.0)
+    model = _LiesUnderAutocast(net, 0.75).eval()
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    phi = oni.shapley_values(net, x, n_permutations=32, seed=0).values
+    kwargs = dict(tau_fraction=0.5, eps=0.6, beta=0.5)
+    strict = oni.optimal_noise(net, x, phi, **kwargs)
+    res = oni.optimal_noise(model, x, phi, **kwargs, precision="bf16")
+    _check_strict_verdict(net, x, res, 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lied = _entropy(model, x + strict.eta)
+    assert (lied[strict.feasible] > strict.tau + 0.02).all()  # the lie is large
+    assert res.feasible.sum() >= 0.8 * strict.feasible.sum()
+
+
 # ============================================================================ 6. bad input
 
 _D, _N = 6, 4
@@ -726,6 +796,10 @@ _OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
     (lambda m, x, p: dict(phi=p, importance="relative", **_OK), ValueError,
      r"importance must be one of \('signed', 'abs'\)"),
     (lambda m, x, p: dict(phi=p, backend="cuda", **_OK), ValueError, "backend must be one of"),
+    (lambda m, x, p: dict(phi=p, precision="fp16", **_OK), ValueError,
+     r"precision must be one of \('float32', 'tf32', 'bf16'\)"),
+    (lambda m, x, p: dict(phi=p, precision="tf32", **_OK), ValueError,
+     r"precision='tf32' needs x on a CUDA device"),
     (lambda m, x, p: dict(phi=p, max_iter=0, **_OK), ValueError, "max_iter must be >= 1"),
     (lambda m, x, p: dict(phi=p, starts=0, **_OK), ValueError, "starts must be >= 1"),
     (lambda m, x, p: dict(phi=p, refine_iter=-1, **_OK), ValueError, "refine_iter must be >= 0"),
