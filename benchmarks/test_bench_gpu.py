@@ -13,7 +13,10 @@ Noise workload: 20,000 Purchase-shaped training rows (d = 600), phi from the Sha
 (20 walks, not timed), ``tau_fraction=0.5, eps=0.1, beta=0.5``, the solver's defaults; the
 timed call includes the radius and every iteration. Precisions: float32 (strict), and the
 opt-in tf32 and bf16 search passes (polish and verdict in float32), each with its flags and
-norms against the float32 run on the same rows.
+norms against the float32 run on the same rows. Each kernel case also makes one profiled
+call (``profile_breakdown``): GPU kernel seconds by kind, the share of the wall the GPU was
+busy, and the host's launches and syncs, so one run says whether the solver is bound by the
+GPU or by the host issuing passes.
 
 Shadow workload (issue 6 on a GPU): the 16 paper MLPs of benchmarks/test_bench_shadows.py
 (``ONI_GPU_SHADOW_MODELS``), 5,000 rows each, 2 epochs, batch 128, trained one by one with
@@ -104,6 +107,51 @@ def _peak_tflops(precision: str) -> float:
         torch.backends.cuda.matmul.allow_tf32 = previous
     _SUMMARY["peak_tflops"][precision] = 2 * n ** 3 / seconds / 1e12
     return _SUMMARY["peak_tflops"][precision]
+
+
+_GEMM_MARKS = ("gemm", "xmma", "cutlass", "cublas", "sm90_", "sm80_")
+_ONI_MARKS = ("entropy_and_grad", "ascend_and_project", "check_projection")
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+               "cudaMemcpy", "cudaEventSynchronize")
+
+
+def profile_breakdown(fn, activities=None) -> dict:
+    """One profiled call of ``fn``: its wall seconds (profiler overhead included), the GPU
+    kernel seconds by kind (matmuls, oni's kernels, the rest), the share of the wall the
+    GPU was busy, and the host's kernel launches and synchronising calls: together they say
+    whether a solver version is bound by the GPU or by the host issuing small passes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if activities is None:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernel_s = {"matmul": 0.0, "oni": 0.0, "other": 0.0}
+    launches = syncs = 0
+    for event in prof.key_averages():
+        name = event.key
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:  # older profilers
+            device_us = getattr(event, "self_cuda_time_total", 0)
+        if name.startswith(("cudaLaunchKernel", "cuLaunchKernel")):
+            launches += event.count
+        elif name.startswith(_SYNC_CALLS):
+            syncs += event.count
+        elif device_us > 0 and event.device_type == DeviceType.CUDA:  # kernels, not ops
+            low = name.lower()
+            kind = ("oni" if any(m in low for m in _ONI_MARKS) else
+                    "matmul" if any(m in low for m in _GEMM_MARKS) else "other")
+            kernel_s[kind] += device_us / 1e6
+    busy = sum(kernel_s.values())
+    return {"wall_s": wall, "kernel_s": kernel_s, "gpu_busy_fraction": busy / wall,
+            "kernel_launches": launches, "sync_calls": syncs}
 
 
 def _tail_flops_per_step(model) -> int:
@@ -280,6 +328,12 @@ def test_noise_gpu(benchmark, noise_case, backend, precision):
         row["norm_ratio_vs_float32"] = ([float(ratio.quantile(q)) for q in (0.1, 0.5, 0.9)]
                                         if ratio.numel() else None)
     _NOISE_RESULTS[f"{backend}/{precision}"] = result
+    if backend == "kernel":
+        # where the time goes: GPU-bound (busy near 1) or host-bound (many small passes)
+        try:
+            row["profile"] = profile_breakdown(run)
+        except Exception as error:  # the timing above stands without it
+            row["profile"] = {"error": repr(error)}
     _SUMMARY["noise"].append(row)
     _save_summary()
     print(f"\n[gpu] noise {backend}: {len(x)} rows in {seconds:.2f} s, "
@@ -365,6 +419,13 @@ def summary_table(summary: dict) -> str:
                      f"{'feas %.3f' % r['feasible_rate']:>11}"
                      + (f"  norm/f32 {norm[1]:.4f}, same flag {r['same_flag_as_float32']:.3f}"
                         if norm else ""))
+        prof = r.get("profile", {})
+        if "kernel_s" in prof:
+            k = prof["kernel_s"]
+            lines.append(f"{'':<15}profiled: GPU busy {100 * prof['gpu_busy_fraction']:.0f}% of "
+                         f"{prof['wall_s']:.2f} s (matmul {k['matmul']:.2f} s, oni "
+                         f"{k['oni']:.2f} s, other {k['other']:.2f} s); "
+                         f"{prof['kernel_launches']} launches, {prof['sync_calls']} syncs")
     shadows = summary.get("shadows", [])
     one_by_one = next((t for t in shadows if t["case"] == "train_model"), None)
     for r in shadows:

@@ -192,14 +192,15 @@ class _EntropyOracle:
         """(H, objective, gradient of the objective in eta). The objective is H, or on rows
         where ``spread`` is set the mean log-probability over classes (the log-likelihood of
         the uniform distribution), which lifts every class at once instead of the runner-up
-        alone and so does not stall on a two-class ridge."""
+        alone and so does not stall on a two-class ridge. Pass ``spread=None`` when no row
+        climbs it."""
         z = (self.x[rows] + eta).detach().requires_grad_(True)
         # the backward pass's matmuls read the TF32 switch too: both inside the context
         with torch.enable_grad(), self._arithmetic(strict):
             logits = self._logits(z)
             entropy, d_logits = self.ops.entropy_and_grad(logits.detach())
             objective = entropy
-            if spread is not None and spread.any():
+            if spread is not None:  # no .any(): a host sync per pass on a GPU
                 log_p = torch.log_softmax(logits.detach().double(), dim=1)
                 objective = torch.where(spread, log_p.mean(1).to(entropy.dtype), entropy)
                 d_spread = 1.0 / logits.shape[1] - log_p.exp()
@@ -392,6 +393,7 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     rep = rows.repeat_interleave(starts)
     u, rho = budget[rep], radius[rep]
     kind, scale, spread = _start_plan(starts, rescue, x.device)
+    climbs_spread = bool(spread.any())  # once per batch, not once per pass
     kind, scale, spread = kind.repeat(m), scale.repeat(m).to(x.dtype), spread.repeat(m)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     eta = (torch.rand((len(rep), d), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * u
@@ -404,7 +406,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
     eta = ops.ascend_and_project(eta, torch.zeros_like(eta), torch.zeros_like(rho), u, rho,
                                  everyone)
-    entropy, objective, grad = oracle.value_and_grad(eta, rep, spread)
+    entropy, objective, grad = oracle.value_and_grad(eta, rep,
+                                                     spread if climbs_spread else None)
     # a row whose x already meets tau is done at eta = 0: none of its starts move
     done = oracle.entropy_at_x[rep] >= tau
     feasible = done | (entropy >= tau)
@@ -425,8 +428,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         flat = direction.abs().sum(1) == 0  # a flat point: nowhere to go
         candidate = ops.ascend_and_project(eta[live], direction, step[live], u[live], rho[live],
                                            ~flat)
-        new_entropy, new_objective, new_grad = oracle.value_and_grad(candidate, rep[live],
-                                                                     spread[live])
+        new_entropy, new_objective, new_grad = oracle.value_and_grad(
+            candidate, rep[live], spread[live] if climbs_spread else None)
         iterations[live] += 1
         better = ~flat & (new_objective > objective[live])
         # accept improvements; halve the step where H dropped (and retry from eta)

@@ -1,0 +1,124 @@
+"""Counts what one ``oni.optimal_noise`` call asks of a device, to predict its GPU time from
+a CPU run: the sequential model passes (oracle calls) and their rows, the aten ops the host
+issues (each one a kernel launch on a GPU), the host syncs, and the FLOPs of the model's
+matmuls.
+
+Why: the H100 figure for the noise target (20,000 rows in 6.3-8.6 s, BENCHMARKS.md "GPU")
+was taken when the solver ran 4,096 starts per batch, so 20 batches one after another; a
+run on the GPU is host-bound when every pass is small. The counts let a CPU session say how
+many launches and FLOPs a solver version needs before a GPU is lent to time it.
+
+    python -m benchmarks.noise_passes --rows 2048 [--batch 262144] [--precision bf16]
+
+``--batch`` sets the starts per batched pass (the CUDA default, 262,144, puts 20,000 rows
+of 4 starts in one batch; the CPU default is 4,096). The workload is that of
+``benchmarks/test_bench_noise.py`` (the same rows, phi and settings). Counting slows the
+run (a Python hook per aten op); the CPU seconds it prints are not a benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_SYNCS = {"aten.nonzero.default", "aten._local_scalar_dense.default",
+          "aten.is_nonzero.default", "aten.item.default"}
+# views and metadata: no kernel on a GPU
+_NO_KERNEL = {"aten.t.default", "aten.detach.default", "aten.unsqueeze.default",
+              "aten.view.default", "aten._unsafe_view.default", "aten.expand.default",
+              "aten.slice.Tensor", "aten.select.int", "aten.alias.default",
+              "aten.transpose.int", "aten.reshape.default", "aten.permute.default",
+              "aten.squeeze.dim", "aten.as_strided.default", "aten.split.Tensor"}
+
+
+class _Count(TorchDispatchMode):
+    """Aten ops, launches (ops that are not views), syncs and matmul FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.launches = self.syncs = self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        self.ops[name] += 1
+        self.launches += name not in _NO_KERNEL
+        self.syncs += name in _SYNCS
+        if name in ("aten.mm.default", "aten.addmm.default"):
+            a, b = (args[1], args[2]) if name == "aten.addmm.default" else (args[0], args[1])
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return out
+
+
+def count(model, x, phi, settings: dict, batch: int, precision: str = "float32") -> dict:
+    """Run the solver once on the CPU under the counter, ``batch`` starts per pass."""
+    import oni
+    from oni import noise
+
+    passes = []  # (kind, rows, launches since the previous pass)
+    counter = _Count()
+    oracle = noise._EntropyOracle
+    value, value_and_grad = oracle.value, oracle.value_and_grad
+    row_batch = noise._row_batch
+    last = [0]
+
+    def logged(method, kind):
+        def call(self, eta, rows, *args, **kwargs):
+            passes.append((kind, len(rows), counter.launches - last[0]))
+            last[0] = counter.launches
+            return method(self, eta, rows, *args, **kwargs)
+        return call
+
+    oracle.value, oracle.value_and_grad = logged(value, "f"), logged(value_and_grad, "fb")
+    noise._row_batch = lambda _x: batch
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings(), counter:
+            warnings.filterwarnings("ignore", message=".*flagged infeasible")
+            res = oni.optimal_noise(model, x, phi, backend="kernel", precision=precision,
+                                    **settings)
+        seconds = time.perf_counter() - start
+    finally:
+        oracle.value, oracle.value_and_grad = value, value_and_grad
+        noise._row_batch = row_batch
+    sizes = collections.Counter("<512" if r < 512 else "<4096" if r < 4096 else
+                                "<65536" if r < 65536 else ">=65536" for _, r, _ in passes)
+    return {
+        "rows": len(x), "batch": batch, "precision": precision, "cpu_seconds": seconds,
+        "feasible_rate": float(res.feasible.double().mean()),
+        "passes": len(passes), "passes_forward_backward": sum(k == "fb" for k, _, _ in passes),
+        "pass_rows_total": sum(r for _, r, _ in passes),
+        "pass_sizes": dict(sizes), "aten_ops": sum(counter.ops.values()),
+        "launches": counter.launches, "syncs": counter.syncs,
+        "matmul_tflop": counter.flops / 1e12,
+        "top_ops": counter.ops.most_common(12),
+    }
+
+
+def main() -> None:
+    from . import workload
+    from .test_bench_noise import D, SETTINGS, _phi, _rows
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1 << 18)
+    parser.add_argument("--precision", default="float32", choices=("float32", "bf16"))
+    parser.add_argument("--json", help="also write the counts here")
+    args = parser.parse_args()
+    model = workload.trained_model(D, verbose=False)
+    x = _rows(args.rows)
+    out = count(model, x, _phi(model, x), SETTINGS, args.batch, args.precision)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
