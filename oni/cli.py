@@ -591,6 +591,17 @@ class _Experiment:
         return record, self.store.read_npz(stage, "scores.npz")
 
 
+def _check_device_settings(config: Mapping) -> None:
+    """Settings that need the device the run resolves to: refused before anything is written
+    or trained (the tf32 opt-in is a mode of NVIDIA tensor cores)."""
+    from .models import _resolve_device
+    device = _resolve_device(config["device"])
+    precision = (config["defenses"].get("oni") or {}).get("precision")
+    if "oni" in config["defenses"]["run"] and precision == "tf32" and device.type != "cuda":
+        raise ConfigError(f"defenses.oni.precision: tf32 needs a CUDA device, the run is on "
+                          f"{device} (device: {config['device']}); use float32 or bf16")
+
+
 def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False,
                    progress: bool = True) -> dict:
     """Runs (or resumes) the experiment ``config`` in ``run_dir``; returns the results.
@@ -612,6 +623,7 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
     dict
         What ``results.json`` holds.
     """
+    _check_device_settings(config)
     log = _Log(quiet)
     run_dir = Path(run_dir)
     wall_start = time.perf_counter()
@@ -739,6 +751,9 @@ def _model_and_rows(args):
     """(device, model, data, x on the device) for `oni shapley` and `oni noise`."""
     from .models import _resolve_device
     device = _resolve_device(args.device, "--device")
+    if args.precision == "tf32" and device.type != "cuda":
+        raise ConfigError(f"--precision tf32 needs a CUDA device, --device resolved to {device}; "
+                          f"use float32 or bf16")
     model = _load_model_dir(args.model_dir, device)
     data = _load_rows(args.data, args.rows, args.format)
     _check_width(model, data, args.model_dir)

@@ -190,6 +190,12 @@ def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
     assert cli.main(["run", "--set", "data.path=/no/such.csv"]) == 2
     assert "'data.path'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written for a bad config
+    # the tf32 opt-in needs a GPU: refused before anything is trained or written
+    assert cli.main(["run", "--set", "defenses.oni.precision=tf32", "--set", "device=cpu",
+                     "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "defenses.oni.precision: tf32 needs a CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()
 
 
 def test_dry_run_prints_the_resolved_config(capsys):
@@ -456,6 +462,21 @@ def test_noise_command(model_and_data, capsys):
     assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out", str(out),
                      "--phi", str(phi_path), "--rows", "0:10"]) == 2
     assert "--phi" in capsys.readouterr().err
+    # --precision: the opt-in search arithmetic, as optimal_noise's precision=
+    assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--phi", str(phi_path), "--tau-fraction", "0.3", "--eps", "0.8",
+                     "--beta", "0.4", "--max-iter", "10", "--starts", "1", "--seed", "5",
+                     "--precision", "bf16", "--device", "cpu"]) == 0
+    expected = oni.optimal_noise(model, data.x, torch.from_numpy(np.load(phi_path)),
+                                 tau_fraction=0.3, eps=0.8, beta=0.4, max_iter=10,
+                                 refine_iter=oni.DEFAULTS["oni"]["refine_iter"],
+                                 polish_iter=oni.DEFAULTS["oni"]["polish_iter"], starts=1,
+                                 seed=5, precision="bf16")
+    np.testing.assert_array_equal(np.load(out), expected.eta.numpy())
+    capsys.readouterr()
+    assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--phi", str(phi_path), "--precision", "tf32", "--device", "cpu"]) == 2
+    assert "--precision tf32 needs a CUDA device" in capsys.readouterr().err
 
 
 def _subparsers(parser):
