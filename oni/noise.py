@@ -424,22 +424,26 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         live = moving.nonzero()[:, 0]  # only the starts still climbing pay for a pass
         if live.numel() == 0:
             break
-        direction = _unit(grad[live])
+        # each state row gathered once per pass: on a GPU every gather is a launch
+        eta_live, grad_live, step_live = eta[live], grad[live], step[live]
+        direction = _unit(grad_live)
         flat = direction.abs().sum(1) == 0  # a flat point: nowhere to go
-        candidate = ops.ascend_and_project(eta[live], direction, step[live], u[live], rho[live],
+        candidate = ops.ascend_and_project(eta_live, direction, step_live, u[live], rho[live],
                                            ~flat)
         new_entropy, new_objective, new_grad = oracle.value_and_grad(
             candidate, rep[live], spread[live] if climbs_spread else None)
         iterations[live] += 1
-        better = ~flat & (new_objective > objective[live])
+        objective_live = objective[live]
+        better = ~flat & (new_objective > objective_live)
         # accept improvements; halve the step where H dropped (and retry from eta)
-        eta[live] = torch.where(better[:, None], candidate, eta[live])
-        grad[live] = torch.where(better[:, None], new_grad, grad[live])
-        entropy[live] = torch.where(better, new_entropy, entropy[live])
-        objective[live] = torch.where(better, new_objective, objective[live])
-        step[live] = torch.where(better, step[live], step[live] / 2)
+        eta[live] = torch.where(better[:, None], candidate, eta_live)
+        grad[live] = torch.where(better[:, None], new_grad, grad_live)
+        entropy_live = torch.where(better, new_entropy, entropy[live])
+        entropy[live] = entropy_live
+        objective[live] = torch.where(better, new_objective, objective_live)
+        step[live] = torch.where(better, step_live, step_live / 2)
         reached = torch.zeros_like(moving)
-        reached[live] = better & (entropy[live] >= tau)
+        reached[live] = better & (entropy_live >= tau)
         feasible |= reached
         moving[live] = ~flat
         moving &= ~reached & (step > reach * 1e-6)
@@ -567,25 +571,30 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
             break
         used[live] += 1
         r, e, w = rows[live], eta[live], weight[live]
-        everyone = torch.ones(len(live), dtype=torch.bool, device=eta.device)
         _, _, grad = oracle.value_and_grad(e, r)
         direction = (1 - w) * _unit(e) + w * _unit(grad)
         length = e.norm(dim=1)
 
-        def ray(step, sub):
-            return ops.ascend_and_project(torch.zeros_like(e[sub]), direction[sub], step,
-                                          u[live[sub]], rho[live[sub]], everyone[sub])
+        def along(sub):
+            """P(s dir) on the rays of ``sub``: their arguments gathered once, not per step
+            of the search (on a GPU every gather is a launch)."""
+            origin, ray_dir = torch.zeros_like(e[sub]), direction[sub]
+            ray_u, ray_rho = u[live[sub]], rho[live[sub]]
+            everyone = torch.ones(len(ray_dir), dtype=torch.bool, device=eta.device)
+            return lambda step: ops.ascend_and_project(origin, ray_dir, step, ray_u, ray_rho,
+                                                       everyone)
 
         # beyond s = |eta| / |dir| the unprojected point is already longer than eta
         hi = length / direction.norm(dim=1).clamp_min(1e-30)
-        f_hi = oracle.value(ray(hi, slice(None)), r) - tau
+        f_hi = oracle.value(along(slice(None))(hi), r) - tau
         # only rays that meet tau within that length are searched; the others are rejected
         hit = (f_hi >= 0).nonzero()[:, 0]
-        s, _ = _level_crossing(lambda s: oracle.value(ray(s, hit), r[hit]) - tau,
+        ray, r_hit = along(hit), r[hit]
+        s, _ = _level_crossing(lambda s: oracle.value(ray(s), r_hit) - tau,
                                torch.zeros_like(hi[hit]), hi[hit],
-                               oracle.entropy_at_x[r[hit]] - tau, f_hi[hit], _LEVEL_STEPS)
+                               oracle.entropy_at_x[r_hit] - tau, f_hi[hit], _LEVEL_STEPS)
         candidate = e.clone()
-        candidate[hit] = ray(s, hit)
+        candidate[hit] = ray(s)
         better = torch.zeros_like(length, dtype=torch.bool)
         better[hit] = candidate[hit].norm(dim=1) < length[hit]
         eta[live] = torch.where(better[:, None], candidate, e)
