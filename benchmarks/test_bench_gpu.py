@@ -109,7 +109,7 @@ def _peak_tflops(precision: str) -> float:
     return _SUMMARY["peak_tflops"][precision]
 
 
-_GEMM_MARKS = ("gemm", "xmma", "cutlass", "cublas", "sm90_", "sm80_")
+_GEMM_MARKS = ("gemm", "gemv", "xmma", "cutlass", "cublas", "nvjet", "sm90_", "sm80_")
 _ONI_MARKS = ("entropy_and_grad", "ascend_and_project", "check_projection")
 _SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
                "cudaMemcpy", "cudaEventSynchronize")
