@@ -134,6 +134,7 @@ def main():
     noise_ops()
     sparse_linear_ops()
     relu_bf16_ops()
+    adam_ops()
     torch.cuda.synchronize()
     print("[sanitizer case] all ops ran and matched the CPU kernels", flush=True)
 
@@ -217,6 +218,33 @@ def relu_bf16_ops():
         ok = torch.allclose(bias_dev.cpu().double(), bias.double(), rtol=2 ** -7, atol=1e-6)
         if not ok:
             raise SystemExit(f"[sanitizer case] MISMATCH in relu_backward_bf16_ bias {shape}")
+
+
+def adam_ops():
+    """adam_step_bf16: sizes off the block and grid-stride chunks, empty, a non-zero weight
+    decay; against the CPU kernel (float32 element-wise, so within float32 rounding), the
+    bfloat16 copy the kernel's own parameter rounded."""
+    if not _ops.has_kernel("cuda", ("adam_step_bf16",)):
+        raise SystemExit(f"[sanitizer case] adam_step_bf16 has no CUDA kernel "
+                         f"(oni.build_info(): {oni.build_info()})")
+    gen = torch.Generator().manual_seed(17)
+    for n, step, decay in ((0, 1, 0.0), (1, 1, 0.0), (257, 2, 0.01), (70_001, 1000, 0.0)):
+        param = torch.randn(n, generator=gen)
+        exp_avg = torch.randn(n, generator=gen) * 0.1
+        exp_avg_sq = torch.rand(n, generator=gen) * 0.01
+        grad = (torch.randn(n, generator=gen) * 0.5).to(torch.bfloat16)
+        state = [param, exp_avg, exp_avg_sq, torch.zeros(n, dtype=torch.bfloat16), grad]
+        host = [t.clone() for t in state]
+        dev = [t.to(DEV) for t in state]
+        scalars = (step, 1e-3, 0.9, 0.999, 1e-8, decay, 1e-30)
+        _ops.adam_step_bf16(*dev, *scalars)
+        _ops.adam_step_bf16(*host, *scalars)
+        for name, g, w in zip(("param", "exp_avg", "exp_avg_sq"), dev, host):
+            if not torch.allclose(g.cpu(), w, rtol=1e-6, atol=1e-7):
+                raise SystemExit(f"[sanitizer case] MISMATCH in adam_step_bf16 {name} n={n}")
+        if not torch.equal(dev[3].cpu(), dev[0].cpu().to(torch.bfloat16)):
+            raise SystemExit(f"[sanitizer case] MISMATCH in adam_step_bf16 bf16 copy n={n}")
+        print(f"[sanitizer case] ok: adam_step_bf16 n={n} step={step}", flush=True)
 
 
 if __name__ == "__main__":
