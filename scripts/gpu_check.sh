@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one command from the repo root on a machine with an NVIDIA GPU:
 #   build the extension for the GPU present, print oni.build_info(), run the tests (CUDA ones included),
-#   compute-sanitizer memcheck + racecheck on scripts/sanitizer_case.py, the benchmarks
-#   marked `cuda` (if any), then a summary table (step, status, seconds).
+#   the benchmarks marked `cuda` (if any), compute-sanitizer memcheck + racecheck on
+#   scripts/sanitizer_case.py, then a summary table (step, status, seconds).
 # Needs: torch (CUDA build) with a matching nvcc, ninja, pytest (pytest-benchmark for the
 # benchmarks); no network. Uses the active Python (or .venv when one exists and none is
 # active). Keeps going after a failed step; exits non-zero if any step failed. Fits in
@@ -140,23 +140,8 @@ if ((built)); then
   # shellcheck disable=SC2086
   run_step tests 240 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" ${ONI_GPU_TESTS:-tests} || true
 
-  # --- 4-5. compute-sanitizer (every buffer its own allocation: memcheck sees true bounds)
-  sanitizer="$(command -v compute-sanitizer || true)"
-  for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-              /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
-    if [[ -z "$sanitizer" && -x "$cand" ]]; then sanitizer="$cand"; fi
-  done
-  if [[ -n "$sanitizer" ]]; then
-    for tool in memcheck racecheck; do
-      run_step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" \
-        --tool "$tool" --error-exitcode 1 "$python" scripts/sanitizer_case.py || true
-    done
-  else
-    record sanitizer_memcheck "SKIP (no compute-sanitizer)" 0
-    record sanitizer_racecheck "SKIP (no compute-sanitizer)" 0
-  fi
-
-  # --- 6. benchmarks marked `cuda` (pytest exit 5 = none collected)
+  # --- 4. benchmarks marked `cuda` (pytest exit 5 = none collected), before the sanitizers:
+  # the timings are what a lent GPU is for, and a step with no time left is skipped
   if [[ -d benchmarks ]]; then
     rc=0
     "$python" -m pytest benchmarks -m cuda --collect-only -q -p no:cacheprovider \
@@ -174,8 +159,24 @@ if ((built)); then
   else
     record bench_cuda "SKIP (no benchmarks/)" 0
   fi
+
+  # --- 5-6. compute-sanitizer (every buffer its own allocation: memcheck sees true bounds)
+  sanitizer="$(command -v compute-sanitizer || true)"
+  for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+              /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    if [[ -z "$sanitizer" && -x "$cand" ]]; then sanitizer="$cand"; fi
+  done
+  if [[ -n "$sanitizer" ]]; then
+    for tool in memcheck racecheck; do
+      run_step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" \
+        --tool "$tool" --error-exitcode 1 "$python" scripts/sanitizer_case.py || true
+    done
+  else
+    record sanitizer_memcheck "SKIP (no compute-sanitizer)" 0
+    record sanitizer_racecheck "SKIP (no compute-sanitizer)" 0
+  fi
 else
-  for step in tests sanitizer_memcheck sanitizer_racecheck bench_cuda; do
+  for step in tests bench_cuda sanitizer_memcheck sanitizer_racecheck; do
     record "$step" "SKIP (build failed)" 0
   done
 fi
