@@ -212,6 +212,26 @@ def test_oni_kl_direction_is_an_option(data, confident_base):
     assert not _same_params(_params(paper), _params(forward))
 
 
+def test_oni_precision_reaches_the_shapley_walks_and_the_noise_search(data, confident_base):
+    """defenses.oni.precision is the opt-in of both: the defense's phi and eta are those of
+    shapley_values and optimal_noise called with it, and its verdicts are float32 ones."""
+    x = data[0]
+    dm = _defend("oni", data, base_model=confident_base,
+                 config={"tau_fraction": 0.6, "eps": 0.5, "precision": "bf16"}, seed=4)
+    noise = dm.artifacts["noise"]
+    base = confident_base.eval()
+    phi = oni.shapley_values(base, x, n_permutations=32, seed=_derived_seed(4, "oni:shapley"),
+                             precision="bf16")
+    assert torch.allclose(noise.budget, oni.noise_budget(phi, 0.5, 0.5))
+    plain = oni.shapley_values(base, x, n_permutations=32, seed=_derived_seed(4, "oni:shapley"))
+    assert not torch.equal(phi.values, plain.values)  # bf16 walks really ran
+    with torch.no_grad():
+        log_p = torch.log_softmax(base(x + noise.eta).double(), dim=1)
+    entropy = -(log_p.exp() * log_p).sum(1)
+    assert (entropy[noise.feasible] >= noise.tau - 1e-5).all()
+    assert noise.feasible.float().mean() > 0.5
+
+
 def test_uniform_noise_has_one_budget_and_is_trained_like_oni(data, confident_base):
     x, y, x_test, y_test = data
     dm = _defend("uniform", data, base_model=confident_base, config={"eps": 0.2}, seed=6)
