@@ -522,22 +522,24 @@ def _level_crossing(evaluate, lo, hi, f_lo, f_hi, steps: int):
     """A root of ``f(s) = evaluate(s) - tau`` in a bracket ``f(lo) < 0 <= f(hi)``, by the
     Illinois variant of false position (superlinear on smooth f; each step keeps a bracket,
     so a non-monotone f still yields a crossing). Returns (hi, f(hi)): the feasible end,
-    ``f(hi) >= 0``, after ``steps`` evaluations."""
-    side = torch.zeros_like(lo, dtype=torch.int8)  # which end moved last: -1 lo, +1 hi
+    ``f(hi) >= 0``, after ``steps`` evaluations. Written in few element-wise ops: on a GPU
+    each is a launch, and these searches run on a handful of rows."""
+    last_ok = None  # which end moved last (True: hi); None before the first step
     for _ in range(steps):
-        width = hi - lo
-        t = (f_hi / (f_hi - f_lo).clamp_min(1e-30)).clamp(0.0, 1.0)
-        # keep probes off the ends so the bracket always shrinks
-        s = hi - width * t.clamp(0.02, 0.98)
+        # keep probes off the ends (t in [0.02, 0.98]) so the bracket always shrinks
+        t = (f_hi / (f_hi - f_lo).clamp_min(1e-30)).clamp(0.02, 0.98)
+        s = hi - (hi - lo) * t
         f_s = evaluate(s)
         ok = f_s >= 0
         # Illinois: an end kept twice running has its value halved, so the next secant
         # point moves past the root instead of creeping towards it from one side
-        f_lo = torch.where(ok & (side > 0), f_lo / 2, f_lo)
-        f_hi = torch.where(~ok & (side < 0), f_hi / 2, f_hi)
-        hi, f_hi = torch.where(ok, s, hi), torch.where(ok, f_s, f_hi)
-        lo, f_lo = torch.where(ok, lo, s), torch.where(ok, f_lo, f_s)
-        side = torch.where(ok, 1, -1).to(torch.int8)
+        if last_ok is None:
+            f_lo, f_hi = torch.where(ok, f_lo, f_s), torch.where(ok, f_s, f_hi)
+        else:
+            f_lo = torch.where(ok, torch.where(last_ok, f_lo / 2, f_lo), f_s)
+            f_hi = torch.where(ok, f_s, torch.where(last_ok, f_hi, f_hi / 2))
+        hi, lo = torch.where(ok, s, hi), torch.where(ok, lo, s)
+        last_ok = ok
     return hi, f_hi
 
 
