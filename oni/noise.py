@@ -420,33 +420,36 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
 
     # (1) projected normalised ascent until H >= tau
     history = []  # H a _STALL_WINDOW of iterations ago, for the stall test
+    floor = reach * 1e-6  # a start whose step fell below this has stopped moving
+    one = torch.ones((), dtype=iterations.dtype, device=x.device)
     for it in range(max_iter):
         live = moving.nonzero()[:, 0]  # only the starts still climbing pay for a pass
         if live.numel() == 0:
             break
-        # each state row gathered once per pass: on a GPU every gather is a launch
+        # each state row gathered once per pass and each mask made once: on a GPU every
+        # element-wise op is a launch
         eta_live, grad_live, step_live = eta[live], grad[live], step[live]
         direction = _unit(grad_live)
-        flat = direction.abs().sum(1) == 0  # a flat point: nowhere to go
+        moves = direction.abs().sum(1) != 0  # else a flat point: nowhere to go
         candidate = ops.ascend_and_project(eta_live, direction, step_live, u[live], rho[live],
-                                           ~flat)
+                                           moves)
         new_entropy, new_objective, new_grad = oracle.value_and_grad(
             candidate, rep[live], spread[live] if climbs_spread else None)
-        iterations[live] += 1
+        iterations.index_put_((live,), one, accumulate=True)
         objective_live = objective[live]
-        better = ~flat & (new_objective > objective_live)
+        better = moves & (new_objective > objective_live)
         # accept improvements; halve the step where H dropped (and retry from eta)
         eta[live] = torch.where(better[:, None], candidate, eta_live)
         grad[live] = torch.where(better[:, None], new_grad, grad_live)
         entropy_live = torch.where(better, new_entropy, entropy[live])
         entropy[live] = entropy_live
         objective[live] = torch.where(better, new_objective, objective_live)
-        step[live] = torch.where(better, step_live, step_live / 2)
-        reached = torch.zeros_like(moving)
-        reached[live] = better & (entropy_live >= tau)
-        feasible |= reached
-        moving[live] = ~flat
-        moving &= ~reached & (step > reach * 1e-6)
+        step_live = torch.where(better, step_live, step_live / 2)
+        step[live] = step_live
+        # a live start was not feasible before this pass: moving never holds a feasible one
+        reached = better & (entropy_live >= tau)
+        feasible[live] = reached
+        moving[live] = moves & ~reached & (step_live > floor[live])
         # a start whose rate of climb over the last window, kept up for every remaining
         # iteration, would still end below tau is stalled (a plateau or a ridge): stop it
         history.append(entropy.clone())
@@ -514,8 +517,10 @@ def _start_plan(starts: int, rescue: bool, device):
 
 
 def _unit(v: Tensor) -> Tensor:
+    """Rows of v scaled to unit norm; zero (and NaN-norm) rows to zero: nowhere to go."""
     norm = v.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), 0.0)
+    positive = norm > 0
+    return torch.where(positive, v / torch.where(positive, norm, 1.0), 0.0)
 
 
 def _level_crossing(evaluate, lo, hi, f_lo, f_hi, steps: int):
