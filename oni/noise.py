@@ -572,11 +572,12 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
     eta = _shrink_to_level(oracle, rows, eta, tau)
     weight = torch.full((len(rows), 1), 0.1, dtype=eta.dtype, device=eta.device)
     used = torch.zeros(len(rows), dtype=torch.long, device=eta.device)
+    one = torch.ones((), dtype=torch.long, device=eta.device)
     for _ in range(rounds):
         live = (weight[:, 0] >= 0.005).nonzero()[:, 0]
         if live.numel() == 0:
             break
-        used[live] += 1
+        used.index_put_((live,), one, accumulate=True)  # one launch, not three
         r, e, w = rows[live], eta[live], weight[live]
         _, _, grad = oracle.value_and_grad(e, r)
         direction = (1 - w) * _unit(e) + w * _unit(grad)
