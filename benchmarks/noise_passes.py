@@ -1,7 +1,7 @@
 """Counts what one ``oni.optimal_noise`` call asks of a device, to predict its GPU time from
 a CPU run: the sequential model passes (oracle calls) and their rows, the aten ops the host
-issues (each one a kernel launch on a GPU), the host syncs, and the FLOPs of the model's
-matmuls.
+issues (each one a kernel launch on a GPU), the host syncs, the FLOPs of the model's
+matmuls, and the bytes the other launches read and write.
 
 Why: the H100 figure for the noise target (20,000 rows in 6.3-8.6 s, BENCHMARKS.md "GPU")
 was taken when the solver ran 4,096 starts per batch, so 20 batches one after another; a
@@ -37,12 +37,14 @@ _NO_KERNEL = {"aten.t.default", "aten.detach.default", "aten.unsqueeze.default",
 
 
 class _Count(TorchDispatchMode):
-    """Aten ops, launches (ops that are not views), syncs and matmul FLOPs."""
+    """Aten ops, launches (ops that are not views), syncs, matmul FLOPs, and the bytes the
+    other launches read and write (their tensor arguments and results: an upper bound on
+    their memory traffic, for the element-wise side of a GPU's time)."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
-        self.launches = self.syncs = self.flops = 0
+        self.launches = self.syncs = self.flops = self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -53,6 +55,11 @@ class _Count(TorchDispatchMode):
         if name in ("aten.mm.default", "aten.addmm.default"):
             a, b = (args[1], args[2]) if name == "aten.addmm.default" else (args[0], args[1])
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        elif name not in _NO_KERNEL:
+            results = out if isinstance(out, (tuple, list)) else (out,)
+            for t in (*args, *results):
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
         return out
 
 
@@ -97,6 +104,7 @@ def count(model, x, phi, settings: dict, batch: int, precision: str = "float32")
         "pass_sizes": dict(sizes), "aten_ops": sum(counter.ops.values()),
         "launches": counter.launches, "syncs": counter.syncs,
         "matmul_tflop": counter.flops / 1e12,
+        "other_launches_gb": counter.bytes / 1e9,
         "top_ops": counter.ops.most_common(12),
     }
 
