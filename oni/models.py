@@ -92,6 +92,17 @@ def _resolve_device(device, name: str = "device") -> torch.device:
     return resolved
 
 
+def _native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), from the flags in
+    ``/proc/cpuinfo``; None where that file cannot be read (not Linux): unknown."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return None
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 # ----------------------------------------------------------------------------- model
 
 class MLP(nn.Sequential):

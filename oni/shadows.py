@@ -66,7 +66,7 @@ from torch import Tensor
 
 from . import _ops, reference
 from ._checks import check_int
-from .models import MLP, _resolve_device, init_parameters_
+from .models import MLP, _native_bf16_cpu, _resolve_device, init_parameters_
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_labels, _progress, flush_tiny_moments_)
 
@@ -244,17 +244,6 @@ def _check_seeds(seeds, n_models: int) -> List[int]:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(f"seeds[{j}] must be an int, got {type(s).__name__}")
     return [int(s) for s in seeds]
-
-
-def _native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), from the flags in
-    ``/proc/cpuinfo``; None where that file cannot be read (not Linux): unknown."""
-    try:
-        with open(cpuinfo) as f:
-            flags = {word for line in f if line.startswith("flags") for word in line.split()}
-    except OSError:
-        return None
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def _check_precision(precision) -> str:

@@ -8,6 +8,7 @@ present and skip CUDA, with the reason, until ``oni._ops.has_kernel("cuda", NOIS
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -814,6 +815,22 @@ def test_optimal_noise_bad_input(make, error, message):
     x_arg, phi_arg = kwargs.pop("x"), kwargs.pop("phi")
     with pytest.raises(error, match=message):
         oni.optimal_noise(model, x_arg, phi_arg, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_bf16_on_a_cpu_without_native_bfloat16_warns(monkeypatch):
+    """bf16 search passes are an opt-in for speed: where the CPU lacks AMX and AVX512-BF16
+    they are slower than float32, and the solver says so (still solving)."""
+    from oni import noise
+    model, x, phi = _bad_setup()
+    monkeypatch.setattr(noise, "_native_bf16_cpu", lambda: False)
+    with pytest.warns(UserWarning, match="without native bfloat16 products"):
+        oni.optimal_noise(model, x, phi, **_OK, max_iter=3, precision="bf16")
+    monkeypatch.setattr(noise, "_native_bf16_cpu", lambda: True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*native bfloat16")
+        oni.optimal_noise(model, x, phi, **_OK, max_iter=3, precision="bf16")
+        oni.optimal_noise(model, x, phi, **_OK, max_iter=3)  # float32: never
 
 
 def test_budget_radius_uniform_bad_input():
