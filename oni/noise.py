@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from .models import _native_bf16_cpu
+from .models import SLOW_BF16_CPU, _native_bf16_cpu
 from .shapley import (
     ShapleyResult,
     _check_backend,
@@ -312,11 +312,7 @@ def optimal_noise(
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     precision = _check_precision(precision, x.device)
     if precision == "bf16" and x.device.type == "cpu" and _native_bf16_cpu() is False:
-        warnings.warn("precision='bf16' on a CPU without native bfloat16 products (no AMX or "
-                      "AVX512-BF16 flag in /proc/cpuinfo): bfloat16 products run far slower "
-                      "than float32 ones there (67x measured for the shadow trainer's on a "
-                      "2-core AVX2 AMD EPYC); precision='float32' is the faster choice here",
-                      stacklevel=2)
+        warnings.warn(SLOW_BF16_CPU, stacklevel=2)
     ops = _ops if use_kernel else reference
     with torch.no_grad(), _walk_precision("float32", x.device):
         logits = _check_logits(model(x), n, "model output at x").to(x.dtype)
@@ -480,14 +476,15 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     eta, entropy, feasible = eta[pick], entropy[pick], feasible[pick]
     # (4) polish each row's winner: polishing every feasible start cost 1.29x the solver's
     # time on Purchase-shaped rows and changed no small-case result (see BENCHMARKS.md)
-    shine = (feasible & (eta.abs().sum(1) > 0)).nonzero()[:, 0]
+    moved = eta.abs().sum(1) > 0
+    polished = feasible & moved
+    shine = polished.nonzero()[:, 0]
     if oracle.precision != "float32":
         # the verdict on the rows the polish does not judge, in strict float32
-        unpolished = torch.ones(m, dtype=torch.bool, device=x.device)
-        unpolished[shine] = False
-        zero = unpolished & (eta.abs().sum(1) == 0)  # eta = 0: H at x, already float32
+        unpolished = ~polished
+        zero = unpolished & ~moved  # eta = 0: H at x, already float32
         entropy = torch.where(zero, oracle.entropy_at_x[rows], entropy)
-        judge = (unpolished & ~zero).nonzero()[:, 0]
+        judge = (unpolished & moved).nonzero()[:, 0]
         if judge.numel():
             entropy[judge] = oracle.value(eta[judge], rows[judge], strict=True)
         feasible = torch.where(unpolished, entropy >= tau, feasible)
@@ -637,9 +634,9 @@ def _polish(oracle, rows, eta, u, rho, tau, iters: int):
     is walked back over the level set. Returns (eta, its entropy, feasible): the shortest
     feasible iterate, or the start where none was; one gradient per iteration."""
     ops = oracle.ops
-    best, best_value = eta.clone(), torch.empty_like(eta[:, 0])
-    best_norm = torch.full_like(best_value, math.inf)
+    best = eta.clone()
     radius = eta.norm(dim=1)
+    best_norm = torch.full_like(radius, math.inf)
     everyone = torch.ones(len(rows), dtype=torch.bool, device=eta.device)
     for k in range(iters + 1):
         if k < iters:

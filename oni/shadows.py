@@ -66,7 +66,7 @@ from torch import Tensor
 
 from . import _ops, reference
 from ._checks import check_int
-from .models import MLP, _native_bf16_cpu, _resolve_device, init_parameters_
+from .models import MLP, SLOW_BF16_CPU, _native_bf16_cpu, _resolve_device, init_parameters_
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_labels, _progress, flush_tiny_moments_)
 
@@ -633,10 +633,7 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     seeds = _check_seeds(seeds, idx.shape[0])
     device = _resolve_device(config.device, "config.device")
     if precision == "bf16" and device.type == "cpu" and _native_bf16_cpu() is False:
-        warnings.warn("precision='bf16' on a CPU without native bfloat16 products (no AMX or "
-                      "AVX512-BF16 flag in /proc/cpuinfo): the products run far slower than in "
-                      "float32 there (67x measured on a 2-core AVX2 AMD EPYC); "
-                      "precision='float32' is the faster choice on this CPU", stacklevel=2)
+        warnings.warn(SLOW_BF16_CPU, stacklevel=2)
     if precision == "float32":
         # parameter, gradient, two Adam moments
         state_bytes = 4 * 4 * _n_parameters(d, k, hidden)
