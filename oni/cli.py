@@ -877,6 +877,7 @@ Re-running a command resumes it: finished stages whose settings did not change a
 
 def build_parser() -> argparse.ArgumentParser:
     from .defenses import DEFAULTS as DEFENSE_DEFAULTS
+    from .shapley import PRECISIONS
     oni_defaults = DEFENSE_DEFAULTS["oni"]
     parser = argparse.ArgumentParser(
         prog="oni", description="Optimal Noise Injection against membership inference: run "
@@ -930,7 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", default="auto", choices=("auto", "kernel", "torch"),
                         help="kernel: the C++/CUDA ops; torch: their pure-PyTorch twins; "
                              "auto (default): the kernels when compiled for the device")
-    common.add_argument("--precision", default="float32", choices=("float32", "tf32", "bf16"),
+    common.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="arithmetic of the batched model evaluations (the Shapley walks, "
                              "the noise solver's search passes): float32 (default, strict), "
                              "tf32 (CUDA only) or bf16; an opt-in that trades accuracy for "

@@ -55,7 +55,7 @@ from .models import (
     save_model,
 )
 from .noise import NoiseResult, optimal_noise, uniform_noise
-from .shapley import shapley_values
+from .shapley import PRECISIONS, shapley_values
 from .train import (
     FLUSH_EVERY,
     History,
@@ -151,7 +151,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "polish_iter": _Param(8, _integer(0)),
         "starts": _Param(2, _integer(1)),
         "backend": _Param("auto", _choice(("auto", "kernel", "torch"))),
-        "precision": _Param("float32", _choice(("float32", "tf32", "bf16"))),
+        "precision": _Param("float32", _choice(PRECISIONS)),
     },
     "dynanoise": {
         "sigma0_sq": _Param(0.3, _number(0.0)),
