@@ -320,13 +320,9 @@ def test_noise_gpu(benchmark, noise_case, backend, precision):
     strict = _NOISE_RESULTS.get("kernel/float32")
     if strict is not None and (backend, precision) != ("kernel", "float32"):
         # what the opt-in costs: flags and norms against the float32 kernels on the same rows
-        m = len(x)
-        both = (result.feasible & strict.feasible[:m] & (strict.norm[:m] > 0)).cpu()
-        ratio = (result.norm.cpu()[both] / strict.norm[:m].cpu()[both]).double()
-        row["same_flag_as_float32"] = float((result.feasible == strict.feasible[:m])
-                                            .double().mean())
-        row["norm_ratio_vs_float32"] = ([float(ratio.quantile(q)) for q in (0.1, 0.5, 0.9)]
-                                        if ratio.numel() else None)
+        from .test_bench_noise import agreement
+
+        row["agreement_with_float32"] = agreement(result, strict)
     _NOISE_RESULTS[f"{backend}/{precision}"] = result
     if backend == "kernel":
         # where the time goes: GPU-bound (busy near 1) or host-bound (many small passes)
@@ -412,13 +408,13 @@ def summary_table(summary: dict) -> str:
     for r in noise:
         twin = next((t for t in noise if t["backend"] == "torch"), None)
         ratio = f"{r['rows_per_s'] / twin['rows_per_s']:.1f}" if twin else "-"
-        norm = r.get("norm_ratio_vs_float32")
+        agree = r.get("agreement_with_float32")
         lines.append(f"{'optimal_noise':<15}{'d=%d N=%d' % (r['d'], r['n_rows']):<22}"
                      f"{r['backend'] + '/' + r.get('precision', 'float32'):<16}"
                      f"{r['seconds']:>8.3f}{r['rows_per_s']:>10.0f}{ratio:>8}"
                      f"{'feas %.3f' % r['feasible_rate']:>11}"
-                     + (f"  norm/f32 {norm[1]:.4f}, same flag {r['same_flag_as_float32']:.3f}"
-                        if norm else ""))
+                     + (f"  norm/f32 {agree['norm_ratio_median_both_feasible']:.4f}, same "
+                        f"flag {agree['same_feasible_flag']:.3f}" if agree else ""))
         prof = r.get("profile", {})
         if "kernel_s" in prof:
             k = prof["kernel_s"]
