@@ -39,12 +39,15 @@ _NO_KERNEL = {"aten.t.default", "aten.detach.default", "aten.unsqueeze.default",
 class _Count(TorchDispatchMode):
     """Aten ops, launches (ops that are not views), syncs, matmul FLOPs, and the bytes the
     other launches read and write (their tensor arguments and results: an upper bound on
-    their memory traffic, for the element-wise side of a GPU's time)."""
+    their memory traffic, for the element-wise side of a GPU's time). Syncs are those a CUDA
+    run would make: the aten-level ones and the projection op's value scan (a readback on
+    CUDA, skipped with ``check_values=False``); the CUDA op's own launches are not seen."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
         self.launches = self.syncs = self.flops = self.bytes = 0
+        self.projections = self.projection_syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -52,6 +55,11 @@ class _Count(TorchDispatchMode):
         self.ops[name] += 1
         self.launches += name not in _NO_KERNEL
         self.syncs += name in _SYNCS
+        if name == "oni.ascend_and_project.default":
+            self.projections += 1
+            scans = args[6] if len(args) > 6 else (kwargs or {}).get("check_values", True)
+            self.projection_syncs += bool(scans)
+            self.syncs += bool(scans)
         if name in ("aten.mm.default", "aten.addmm.default"):
             a, b = (args[1], args[2]) if name == "aten.addmm.default" else (args[0], args[1])
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
@@ -103,6 +111,7 @@ def count(model, x, phi, settings: dict, batch: int, precision: str = "float32")
         "pass_rows_total": sum(r for _, r, _ in passes),
         "pass_sizes": dict(sizes), "aten_ops": sum(counter.ops.values()),
         "launches": counter.launches, "syncs": counter.syncs,
+        "projections": counter.projections, "projection_syncs": counter.projection_syncs,
         "matmul_tflop": counter.flops / 1e12,
         "other_launches_gb": counter.bytes / 1e9,
         "top_ops": counter.ops.most_common(12),

@@ -51,8 +51,13 @@ TORCH_LIBRARY(oni, m) {
   // (KKT: eta = clip(z / (1 + lambda), -budget, budget), lambda >= 0 the smallest keeping
   // the norm <= radius). Inactive rows are returned unchanged. eta, direction, budget
   // [N, d]; step, radius [N] (radius may be +inf); active [N] bool. -> eta [N, d]
+  // check_values: scan budget (finite, >= 0) and radius (>= 0, not NaN) and raise on the
+  // first bad one. False skips the scan on CUDA, where it costs a device-to-host readback
+  // (a host sync) per call; for callers that validated both once (the noise solver calls
+  // this on every pass). The CPU kernel always scans: it is cheap there, and its sort of
+  // the breakpoints must not see a NaN.
   m.def("ascend_and_project(Tensor eta, Tensor direction, Tensor step, Tensor budget, "
-        "Tensor radius, Tensor active) -> Tensor");
+        "Tensor radius, Tensor active, bool check_values=True) -> Tensor");
 
   // Shadow-model training (oni/shadows.py, precision="bf16"). One mixed-precision Adam step
   // in one pass over memory, in place: g = float32(grad_bf16) (+ weight_decay * param, L2 as

@@ -108,9 +108,13 @@ def ascend_and_project(
     budget: Tensor,  # [N, d]
     radius: Tensor,  # [N]
     active: Tensor,  # [N] bool
+    check_values: bool = True,
 ) -> Tensor:  # [N, d]
-    """eta + step * direction projected exactly onto the box ∩ ball, on active rows."""
-    return torch.ops.oni.ascend_and_project.default(eta, direction, step, budget, radius, active)
+    """eta + step * direction projected exactly onto the box ∩ ball, on active rows.
+    ``check_values=False`` skips the scan of budget and radius on CUDA (a host sync per
+    call), for callers that validated them once; the CPU kernel scans anyway."""
+    return torch.ops.oni.ascend_and_project.default(eta, direction, step, budget, radius, active,
+                                                    check_values)
 
 
 @torch.library.register_fake("oni::entropy_and_grad")
@@ -120,7 +124,7 @@ def _(logits):
 
 
 @torch.library.register_fake("oni::ascend_and_project")
-def _(eta, direction, step, budget, radius, active):
+def _(eta, direction, step, budget, radius, active, check_values=True):
     torch._check(eta.dim() == 2 and direction.shape == eta.shape and budget.shape == eta.shape)
     return torch.empty_like(eta)
 

@@ -122,7 +122,15 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
     score = phi if importance == "signed" else phi.abs()
     scale = score.amax(dim=1, keepdim=True) if score.shape[1] else score.new_zeros((len(score), 1))
     ratio = torch.where(scale > 0, score / torch.where(scale > 0, scale, 1.0), 0.0)
-    return (eps * (1.0 - beta * ratio)).clamp(min=0.0)
+    budget = (eps * (1.0 - beta * ratio)).clamp(min=0.0)
+    if not torch.isfinite(budget).all():
+        # a value far below a tiny positive max: phi_i / max_j phi_j overflows the dtype
+        row = int((~torch.isfinite(budget)).any(1).nonzero()[0, 0])
+        raise ValueError(f"phi row {row}: the ratio phi_i / max_j phi_j of eq. 7 overflows "
+                         f"{phi.dtype} (max {float(scale[row, 0]):.3g}, min "
+                         f"{float(score[row].min()):.3g}); pass phi in float64 or use "
+                         f"importance='abs'")
+    return budget
 
 
 # ----------------------------------------------------------------------------- eq. 8
@@ -337,6 +345,8 @@ def optimal_noise(
     budget = noise_budget(phi.to(x.dtype), eps, beta, importance=importance)
     with _walk_precision("float32", x.device):
         radius = robustness_radius(model, x)
+    # the solver's projections skip their value scans (on CUDA a host sync per pass):
+    # noise_budget returns finite budgets >= 0, robustness_radius radii >= 0 or +inf
 
     oracle = _EntropyOracle(model, x, logits, ops, precision)
     row_batch = _row_batch(x)
@@ -410,7 +420,7 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         eta[signed] = scale[signed, None] * u[signed] * grad0.sign()
     everyone = torch.ones(len(rep), dtype=torch.bool, device=x.device)
     eta = ops.ascend_and_project(eta, torch.zeros_like(eta), torch.zeros_like(rho), u, rho,
-                                 everyone)
+                                 everyone, check_values=False)
     entropy, objective, grad = oracle.value_and_grad(eta, rep,
                                                      spread if climbs_spread else None)
     # a row whose x already meets tau is done at eta = 0: none of its starts move
@@ -437,7 +447,7 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         direction = _unit(grad_live)
         moves = direction.abs().sum(1) != 0  # else a flat point: nowhere to go
         candidate = ops.ascend_and_project(eta_live, direction, step_live, u[live], rho[live],
-                                           moves)
+                                           moves, check_values=False)
         new_entropy, new_objective, new_grad = oracle.value_and_grad(
             candidate, rep[live], spread[live] if climbs_spread else None)
         iterations.index_put_((live,), one, accumulate=True)
@@ -596,7 +606,7 @@ def _reduce_norm(oracle, rows, eta, u, rho, tau, rounds: int):
             ray_u, ray_rho = u[live[sub]], rho[live[sub]]
             everyone = torch.ones(len(ray_dir), dtype=torch.bool, device=eta.device)
             return lambda step: ops.ascend_and_project(origin, ray_dir, step, ray_u, ray_rho,
-                                                       everyone)
+                                                       everyone, check_values=False)
 
         # beyond s = |eta| / |dir| the unprojected point is already longer than eta
         hi = length / direction.norm(dim=1).clamp_min(1e-30)
@@ -660,7 +670,7 @@ def _polish(oracle, rows, eta, u, rho, tau, iters: int):
         radius = torch.minimum(radius, best_norm)
         step = _cosine(*_POLISH_STEP, k, iters) * radius
         eta = ops.ascend_and_project(eta, _unit(grad), step.to(eta.dtype), u,
-                                     torch.minimum(radius, rho), everyone)
+                                     torch.minimum(radius, rho), everyone, check_values=False)
     return best, best_value, best_norm < math.inf
 
 

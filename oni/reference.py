@@ -224,12 +224,14 @@ def ascend_and_project(
     budget: Tensor,  # [N, d]
     radius: Tensor,  # [N]
     active: Tensor,  # [N] bool
+    check_values: bool = True,
 ) -> Tensor:  # [N, d]
     """One projected ascent step ``eta + step * direction`` onto the box ∩ ball, on the rows
-    where ``active``; the other rows are returned unchanged."""
-    if (radius < 0).any() or radius.isnan().any():
+    where ``active``; the other rows are returned unchanged. ``check_values=False`` skips
+    the checks of budget and radius (the caller validated them; on CUDA each is a sync)."""
+    if check_values and ((radius < 0).any() or radius.isnan().any()):
         raise ValueError("radius must be >= 0")
-    if (budget < 0).any() or not torch.isfinite(budget).all():
+    if check_values and ((budget < 0).any() or not torch.isfinite(budget).all()):
         raise ValueError("budget must be finite and >= 0")
     z = eta.double() + step.double()[:, None] * direction.double()
     projected = project_box_ball(z, budget, radius).to(eta.dtype)

@@ -165,6 +165,9 @@ def noise_ops():
             strided = [torch.stack([t, t], -1)[..., 0] if t.dim() == 2 else t for t in args]
             check(f"ascend_and_project n={n} d={d} {tag}",
                   _ops.ascend_and_project(*on(DEV, *strided)), _ops.ascend_and_project(*args))
+            check(f"ascend_and_project n={n} d={d} {tag} check_values=False",
+                  _ops.ascend_and_project(*on(DEV, *args), check_values=False),
+                  _ops.ascend_and_project(*args))
         bad = budget.clone()
         bad[0, 0] = -1
         expect_error("negative budget", lambda: _ops.ascend_and_project(

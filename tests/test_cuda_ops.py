@@ -566,6 +566,27 @@ def test_ascend_and_project_rejects_bad_values():
 
 
 @noise_only
+def test_ascend_and_project_check_values_false():
+    """check_values=False skips only the value scan (its readback): the same projection bit
+    for bit on valid values, and with bad ones the op returns (no error, no crash; the
+    caller vouched for the values)."""
+    args = _projection_case(129, 600, seed=8)
+    _poison_cache()
+    got = _ops.ascend_and_project(*args, check_values=False)
+    assert torch.equal(got, _ops.ascend_and_project(*args))
+    eta, direction, step, budget, radius, active = args
+    bad_budget, bad_radius = budget.clone(), radius.clone()
+    bad_budget[2, 3], bad_radius[1] = -1.0, float("nan")
+    out = _ops.ascend_and_project(eta, direction, step, bad_budget, bad_radius, active,
+                                  check_values=False)
+    torch.cuda.synchronize()
+    assert out.shape == eta.shape
+    torch.library.opcheck(torch.ops.oni.ascend_and_project.default,
+                          tuple(_projection_case(9, 7, seed=5, dtype=torch.float32)),
+                          {"check_values": False})
+
+
+@noise_only
 @pytest.mark.parametrize("op", ["entropy_and_grad", "ascend_and_project"])
 def test_noise_opcheck(op):
     if op == "entropy_and_grad":

@@ -364,6 +364,16 @@ def test_noise_budget_abs_variant():
                                torch.full((40,), eps * (1 - beta), dtype=torch.float64))
 
 
+def test_noise_budget_rejects_an_overflowing_ratio():
+    # float32: a huge negative value over a tiny positive max overflows phi_i / max_j phi_j
+    phi = torch.tensor([[0.1, 0.2, -0.1], [1e-38, -1e38, 0.0]], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"phi row 1: .* overflows torch.float32"):
+        oni.noise_budget(phi, eps=0.1, beta=0.5)
+    # the same values in float64 do not overflow, nor with importance='abs' (ratio <= 1)
+    assert torch.isfinite(oni.noise_budget(phi.double(), eps=0.1, beta=0.5)).all()
+    assert torch.isfinite(oni.noise_budget(phi, eps=0.1, beta=0.5, importance="abs")).all()
+
+
 def test_noise_budget_accepts_shapley_result():
     model = small_mlp(6, k=3, seed=2)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
@@ -905,6 +915,50 @@ def test_reference_projection_rejects_bad_values_too(mutate):
     mutate(args)
     with pytest.raises(ValueError, match="must be"):
         reference.ascend_and_project(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ascend_and_project_check_values_false_same_answer(device):
+    """check_values=False only skips the value scan: bit for bit the same projection, in
+    the kernel and in the twin."""
+    _need_noise_kernels(device)
+    args = _project_case(40, 9, device, torch.float32, seed=11)
+    assert torch.equal(_ops.ascend_and_project(*args, check_values=False),
+                       _ops.ascend_and_project(*args))
+    assert torch.equal(reference.ascend_and_project(*args, check_values=False),
+                       reference.ascend_and_project(*args))
+    torch.library.opcheck(torch.ops.oni.ascend_and_project.default, args,
+                          {"check_values": False})
+
+
+def test_ascend_and_project_check_values_false_on_cpu_still_scans():
+    """The CPU kernel scans anyway (its breakpoint sort must not see NaN); the twin skips."""
+    args = _project_args()
+    args["budget"][0, 0] = math.nan
+    with pytest.raises(RuntimeError, match=r"budget\[0, 0\] = nan must be finite"):
+        _ops.ascend_and_project(**args, check_values=False)
+    args = _project_args()
+    args["radius"][2] = -0.5
+    assert reference.ascend_and_project(**args, check_values=False).shape == (4, 5)
+
+
+def test_solver_projections_skip_the_value_scan(monkeypatch):
+    """Every projection of the solver passes check_values=False (on CUDA each scan is a
+    host sync, once per pass); the budget and radius are validated once up front."""
+    model, x, phi = _mlp_problem(8, seed=3, scale=2.0)
+    seen = []
+    project = reference.ascend_and_project
+
+    def spy(*args, check_values=True):
+        seen.append(check_values)
+        return project(*args, check_values=check_values)
+
+    monkeypatch.setattr(reference, "ascend_and_project", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oni.optimal_noise(model, x, phi, tau_fraction=0.5, eps=0.5, beta=0.5, backend="torch",
+                          max_iter=5, refine_iter=1, polish_iter=1, rescue_starts=2)
+    assert len(seen) > 5 and not any(seen)
 
 
 def test_entropy_and_grad_bad_input():

@@ -104,7 +104,8 @@ void project_row(double* z, const double* u, double rho, int64_t d, std::vector<
 
 at::Tensor ascend_and_project_cpu(const at::Tensor& eta, const at::Tensor& direction,
                                   const at::Tensor& step, const at::Tensor& budget,
-                                  const at::Tensor& radius, const at::Tensor& active) {
+                                  const at::Tensor& radius, const at::Tensor& active,
+                                  bool /*check_values: scanned always, see ops.cpp*/) {
   check_project_inputs(eta, direction, step, budget, radius, active);
   const int64_t N = eta.size(0), d = eta.size(1);
   auto out = eta.contiguous().clone();
