@@ -9,6 +9,10 @@
 # 10 minutes on an H100 (each step is capped; a step with no time left is skipped).
 #   ONI_GPU_CHECK_BUDGET  total seconds for all steps (default 570)
 #   ONI_GPU_TESTS         the test paths to run (default: tests)
+#   ONI_GPU_STEPS         which steps after the build, comma-separated, in this order:
+#                         tests, bench, sanitizer (default: all three). A lease too short
+#                         for all can split them over two calls, e.g. bench first, then
+#                         ONI_GPU_STEPS=tests,sanitizer (the build is kept on a warm machine)
 #   TORCH_CUDA_ARCH_LIST  respected when set; otherwise taken from the GPU present
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +22,14 @@ if [[ -z "${VIRTUAL_ENV:-}" && -x .venv/bin/python ]]; then
 fi
 python="${PYTHON:-python}"
 budget="${ONI_GPU_CHECK_BUDGET:-570}"
+steps=",${ONI_GPU_STEPS:-tests,bench,sanitizer},"
+for step in ${steps//,/ }; do
+  case "$step" in
+    tests|bench|sanitizer) ;;
+    *) echo "ONI_GPU_STEPS: unknown step '$step' (expected tests, bench, sanitizer)" >&2; exit 2 ;;
+  esac
+done
+wanted() { [[ "$steps" == *",$1,"* ]]; }
 start=$SECONDS
 logdir="$(mktemp -d "${TMPDIR:-/tmp}/oni-gpu-check.XXXXXX")"
 names=() statuses=() times=()
@@ -137,12 +149,18 @@ if ((built)); then
   # reported as that test's failure instead of ending the run
   xdist=()
   if "$python" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
-  # shellcheck disable=SC2086
-  run_step tests 240 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" ${ONI_GPU_TESTS:-tests} || true
+  if wanted tests; then
+    # shellcheck disable=SC2086
+    run_step tests 240 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" ${ONI_GPU_TESTS:-tests} || true
+  else
+    record tests "SKIP (ONI_GPU_STEPS)" 0
+  fi
 
   # --- 4. benchmarks marked `cuda` (pytest exit 5 = none collected), before the sanitizers:
   # the timings are what a lent GPU is for, and a step with no time left is skipped
-  if [[ -d benchmarks ]]; then
+  if ! wanted bench; then
+    record bench_cuda "SKIP (ONI_GPU_STEPS)" 0
+  elif [[ -d benchmarks ]]; then
     rc=0
     "$python" -m pytest benchmarks -m cuda --collect-only -q -p no:cacheprovider \
       >"$logdir/bench_collect.log" 2>&1 || rc=$?
@@ -166,7 +184,10 @@ if ((built)); then
               /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     if [[ -z "$sanitizer" && -x "$cand" ]]; then sanitizer="$cand"; fi
   done
-  if [[ -n "$sanitizer" ]]; then
+  if ! wanted sanitizer; then
+    record sanitizer_memcheck "SKIP (ONI_GPU_STEPS)" 0
+    record sanitizer_racecheck "SKIP (ONI_GPU_STEPS)" 0
+  elif [[ -n "$sanitizer" ]]; then
     for tool in memcheck racecheck; do
       run_step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" \
         --tool "$tool" --error-exitcode 1 "$python" scripts/sanitizer_case.py || true
