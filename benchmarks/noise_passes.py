@@ -118,6 +118,55 @@ def count(model, x, phi, settings: dict, batch: int, precision: str = "float32")
     }
 
 
+_STAGES = ("_solve_rows", "_reduce_norm", "_polish")
+
+
+def stage_seconds(fn, sync=lambda: None) -> dict:
+    """Runs ``fn()`` (one ``optimal_noise`` call) with the solver's stages timed: seconds
+    of the first pass and of the rescue, each split into the ascent (with the starts, the
+    pick of a winner and the verdict), the norm reduction and the polish, plus ``outside``
+    (the model at x, the budget, the radius). ``sync`` (``torch.cuda.synchronize`` on a
+    GPU) runs at each stage boundary: a few per batch, so the timing barely moves the run.
+    Returns ``{"total": s, "first/ascent": s, ..., "rescue/polish": s, "outside": s}``."""
+    from oni import noise
+
+    spent = collections.Counter()
+    which = ["first"]  # the pass the stage belongs to
+    originals = {name: getattr(noise, name) for name in _STAGES}
+
+    def timed(name, function):
+        def call(*args, **kwargs):
+            if name == "_solve_rows":
+                which[0] = "rescue" if kwargs.get("rescue") else "first"
+            sync()
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sync()
+                spent[which[0], name] += time.perf_counter() - start
+        return call
+
+    for name, function in originals.items():  # module globals: _solve_rows looks them up
+        setattr(noise, name, timed(name, function))
+    try:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        total = time.perf_counter() - start
+    finally:
+        for name, function in originals.items():
+            setattr(noise, name, function)
+    out = {"total": total}
+    for part in ("first", "rescue"):
+        reduce, polish = spent[part, "_reduce_norm"], spent[part, "_polish"]
+        out[f"{part}/ascent"] = spent[part, "_solve_rows"] - reduce - polish
+        out[f"{part}/reduce_norm"], out[f"{part}/polish"] = reduce, polish
+    out["outside"] = total - spent["first", "_solve_rows"] - spent["rescue", "_solve_rows"]
+    return out
+
+
 def main() -> None:
     from . import workload
     from .test_bench_noise import D, SETTINGS, _phi, _rows
@@ -127,10 +176,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1 << 18)
     parser.add_argument("--precision", default="float32", choices=("float32", "bf16"))
     parser.add_argument("--json", help="also write the counts here")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time the solver's stages in a second, uncounted call")
     args = parser.parse_args()
     model = workload.trained_model(D, verbose=False)
     x = _rows(args.rows)
-    out = count(model, x, _phi(model, x), SETTINGS, args.batch, args.precision)
+    phi = _phi(model, x)
+    out = count(model, x, phi, SETTINGS, args.batch, args.precision)
+    if args.stages:
+        import oni
+        from oni import noise
+
+        saved, noise._row_batch = noise._row_batch, lambda _x: args.batch
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flagged infeasible")
+                out["stage_seconds"] = stage_seconds(lambda: oni.optimal_noise(
+                    model, x, phi, backend="kernel", precision=args.precision, **SETTINGS))
+        finally:
+            noise._row_batch = saved
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -16,7 +16,9 @@ opt-in tf32 and bf16 search passes (polish and verdict in float32), each with it
 norms against the float32 run on the same rows. Each kernel case also makes one profiled
 call (``profile_breakdown``): GPU kernel seconds by kind, the share of the wall the GPU was
 busy, and the host's launches and syncs, so one run says whether the solver is bound by the
-GPU or by the host issuing passes.
+GPU or by the host issuing passes; and one call timed by stage
+(``noise_passes.stage_seconds``: the first pass's and the rescue's ascent, norm reduction
+and polish).
 
 Shadow workload (issue 6 on a GPU): the 16 paper MLPs of benchmarks/test_bench_shadows.py
 (``ONI_GPU_SHADOW_MODELS``), 5,000 rows each, 2 epochs, batch 128, trained one by one with
@@ -325,11 +327,18 @@ def test_noise_gpu(benchmark, noise_case, backend, precision):
         row["agreement_with_float32"] = agreement(result, strict)
     _NOISE_RESULTS[f"{backend}/{precision}"] = result
     if backend == "kernel":
-        # where the time goes: GPU-bound (busy near 1) or host-bound (many small passes)
+        # where the time goes: GPU-bound (busy near 1) or host-bound (many small passes),
+        # and which stage of the solver takes it
+        from .noise_passes import stage_seconds
+
         try:
             row["profile"] = profile_breakdown(run)
         except Exception as error:  # the timing above stands without it
             row["profile"] = {"error": repr(error)}
+        try:
+            row["stage_seconds"] = stage_seconds(run, torch.cuda.synchronize)
+        except Exception as error:
+            row["stage_seconds"] = {"error": repr(error)}
     _SUMMARY["noise"].append(row)
     _save_summary()
     print(f"\n[gpu] noise {backend}: {len(x)} rows in {seconds:.2f} s, "
@@ -422,6 +431,11 @@ def summary_table(summary: dict) -> str:
                          f"{prof['wall_s']:.2f} s (matmul {k['matmul']:.2f} s, oni "
                          f"{k['oni']:.2f} s, other {k['other']:.2f} s); "
                          f"{prof['kernel_launches']} launches, {prof['sync_calls']} syncs")
+        stages = r.get("stage_seconds", {})
+        if "total" in stages:
+            lines.append(f"{'':<15}stages (s): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in stages.items() if k != "total" and v > 0)
+                + f"; total {stages['total']:.2f}")
     shadows = summary.get("shadows", [])
     one_by_one = next((t for t in shadows if t["case"] == "train_model"), None)
     for r in shadows:
