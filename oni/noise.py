@@ -106,6 +106,11 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
 
     Returns:
         ``[N, d]`` budgets ``u >= 0`` in phi's dtype.
+
+    Raises:
+        ValueError: phi is not finite, or a ratio ``phi_i / max_j phi_j`` overflows phi's
+            dtype (a huge negative value over a tiny positive maximum), which would give an
+            infinite budget.
     """
     if isinstance(phi, ShapleyResult):
         phi = phi.values
@@ -128,8 +133,8 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
         row = int((~torch.isfinite(budget)).any(1).nonzero()[0, 0])
         raise ValueError(f"phi row {row}: the ratio phi_i / max_j phi_j of eq. 7 overflows "
                          f"{phi.dtype} (max {float(scale[row, 0]):.3g}, min "
-                         f"{float(score[row].min()):.3g}); pass phi in float64 or use "
-                         f"importance='abs'")
+                         f"{float(score[row].min()):.3g}); use float64 (optimal_noise casts phi to "
+                         f"x's dtype) or importance='abs'")
     return budget
 
 
