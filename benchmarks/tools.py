@@ -143,9 +143,10 @@ def _shap_kernel_budget(walks: int, row: Tensor) -> int:
 
 # ----------------------------------------------------------------------------- captum
 
-def _captum(model, x, classes, budget, seed):
+def _captum(model, x, classes, budget, seed, rows_per_call: int = CAPTUM_ROWS_PER_CALL):
     """``budget``: ``n_samples`` permutations (forward walks over all d features), all rows
-    in one call (captum shares each permutation across the batch)."""
+    in one call (captum shares each permutation across the batch). On any device (x's);
+    ``rows_per_call`` sets captum's ``perturbations_per_eval`` (a GPU takes larger calls)."""
     from captum.attr import ShapleyValueSampling
 
     budget = _scalar(budget)
@@ -154,11 +155,11 @@ def _captum(model, x, classes, budget, seed):
     def forward(z):
         return torch.softmax(model(z), dim=1)
 
-    ppe = max(1, CAPTUM_ROWS_PER_CALL // x.shape[0])
+    ppe = max(1, rows_per_call // x.shape[0])
     with torch.inference_mode():
         phi = ShapleyValueSampling(forward).attribute(
             x, baselines=0.0, target=classes, n_samples=int(budget), perturbations_per_eval=ppe)
-    return phi.double().numpy()
+    return phi.cpu().double().numpy()
 
 
 # ----------------------------------------------------------------------------- shapiq

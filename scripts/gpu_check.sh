@@ -14,6 +14,8 @@
 #                         for all can split them over two calls, e.g. bench first, then
 #                         ONI_GPU_STEPS=tests,sanitizer (the build is kept on a warm machine)
 #   TORCH_CUDA_ARCH_LIST  respected when set; otherwise taken from the GPU present
+# Wheels in .whl/ (scripts/gpu_wheels.sh fetches them; carry .whl) are installed into a
+# temporary folder on PYTHONPATH first: captum, for the outside-baseline benchmark row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${VIRTUAL_ENV:-}" && -x .venv/bin/python ]]; then
@@ -113,6 +115,16 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
     "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")"
   export TORCH_CUDA_ARCH_LIST
   echo "TORCH_CUDA_ARCH_LIST unset: using the GPU's $TORCH_CUDA_ARCH_LIST"
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site="$(mktemp -d "${TMPDIR:-/tmp}/oni-wheels.XXXXXX")"
+  if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target "$site" .whl/*.whl; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "carried wheels installed in $site: $(cd .whl && echo *.whl)"
+  else
+    echo "carried wheels in .whl/ failed to install: the rows that need them will skip" >&2
+  fi
 fi
 command -v nvcc >/dev/null || export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
 nvcc --version | tail -n 2 || true
