@@ -130,6 +130,23 @@ def test_nan_gradient_propagates(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_no_decay_term_without_weight_decay(device):
+    """weight_decay = 0 adds nothing, as torch.optim.Adam and the twin: an infinite
+    parameter stays infinite with finite moments (0 * inf would make the step NaN); with
+    decay the twin's NaN is matched."""
+    for weight_decay in (0.0, 0.01):
+        state = _state(4, device)
+        state[0][1], state[0][2] = math.inf, -math.inf
+        got = _run(_ops.adam_step_bf16, state, 1, weight_decay)
+        want = _run(reference.adam_step_bf16, state, 1, weight_decay)
+        for g, w in zip(got[:4], want[:4]):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, equal_nan=True)
+        if weight_decay == 0.0:
+            assert got[0][1] == math.inf and got[0][2] == -math.inf
+            assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     state = _state(37, device, step=2)
     torch.library.opcheck(torch.ops.oni.adam_step_bf16.default,

@@ -25,9 +25,12 @@ ONI_VECTOR_CLONES
 void adam_update(float* __restrict param, float* __restrict exp_avg,
                  float* __restrict exp_avg_sq, uint16_t* __restrict param_bf16,
                  const uint16_t* __restrict grad_bf16, int64_t n, AdamScalars s) {
+  // as torch.optim.Adam, no decay term at all when weight_decay = 0: 0 * inf would be NaN
+  const bool decay = s.weight_decay != 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float p = param[i];
-    const float g = bf16_bits_to_float(grad_bf16[i]) + s.weight_decay * p;  // decay 0: g + 0
+    const float grad = bf16_bits_to_float(grad_bf16[i]);
+    const float g = decay ? grad + s.weight_decay * p : grad;
     float m = exp_avg[i];
     m = m + s.lerp_weight * (g - m);
     float v = exp_avg_sq[i] * s.beta2 + s.one_minus_beta2 * g * g;

@@ -27,7 +27,9 @@ __global__ void adam_step_bf16_kernel(float* __restrict__ param, float* __restri
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     const float p = param[i];
-    const float g = __fadd_rn(__bfloat162float(grad_bf16[i]), __fmul_rn(s.weight_decay, p));
+    const float grad = __bfloat162float(grad_bf16[i]);
+    // as torch.optim.Adam, no decay term at all when weight_decay = 0: 0 * inf would be NaN
+    const float g = s.weight_decay != 0.0f ? __fadd_rn(grad, __fmul_rn(s.weight_decay, p)) : grad;
     float m = exp_avg[i];
     m = __fadd_rn(m, __fmul_rn(s.lerp_weight, __fsub_rn(g, m)));
     float v = __fadd_rn(__fmul_rn(exp_avg_sq[i], s.beta2),
