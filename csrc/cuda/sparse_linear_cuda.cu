@@ -3,7 +3,8 @@
 // output element; a block's threads share one input row (forward) or one input column
 // (weight gradient), so the test for a zero is uniform across the block and the weight or
 // gradient rows are read coalesced. Every output sums its non-zeros in the CPU kernel's
-// order (ascending j, ascending b). The shadow trainer uses cuBLAS on the GPU; these serve
+// order (ascending j, ascending b); nvcc fuses each multiply-add (FMA), so the sums match
+// the CPU's to rounding, not bit for bit. The shadow trainer uses cuBLAS on the GPU; these serve
 // the op on every device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
