@@ -72,7 +72,8 @@ class _Count(TorchDispatchMode):
 
 
 def count(model, x, phi, settings: dict, batch: int, precision: str = "float32") -> dict:
-    """Run the solver once on the CPU under the counter, ``batch`` starts per pass."""
+    """Run the solver once under the counter (on x's device: the CPU for a prediction, or the
+    GPU for the FLOPs behind a measured time), ``batch`` starts per pass."""
     import oni
     from oni import noise
 

@@ -18,7 +18,8 @@ call (``profile_breakdown``): GPU kernel seconds by kind, the share of the wall 
 busy, and the host's launches and syncs, so one run says whether the solver is bound by the
 GPU or by the host issuing passes; and one call timed by stage
 (``noise_passes.stage_seconds``: the first pass's and the rescue's ascent, norm reduction
-and polish).
+and polish); and one counted call (``noise_passes.count``) whose matmul FLOPs over the timed
+seconds give the achieved TFLOP/s against the measured peak of that precision.
 
 Shadow workload (issue 6 on a GPU): the 16 paper MLPs of benchmarks/test_bench_shadows.py
 (``ONI_GPU_SHADOW_MODELS``), 5,000 rows each, 2 epochs, batch 128, trained one by one with
@@ -383,6 +384,19 @@ def test_noise_gpu(benchmark, noise_case, backend, precision):
             row["stage_seconds"] = stage_seconds(run, torch.cuda.synchronize)
         except Exception as error:
             row["stage_seconds"] = {"error": repr(error)}
+        # achieved TFLOP/s: the matmul FLOPs of one counted (untimed) call over the time
+        from oni import noise
+        from .noise_passes import count
+
+        try:
+            counted = count(model, x, phi, NOISE_SETTINGS, noise._row_batch(x), precision)
+            peak = _peak_tflops(precision)
+            row.update(matmul_tflop=counted["matmul_tflop"], launches=counted["launches"],
+                       passes=counted["passes"], tflops=counted["matmul_tflop"] / seconds,
+                       peak_tflops=peak,
+                       fraction_of_peak=counted["matmul_tflop"] / seconds / peak)
+        except Exception as error:
+            row["count_error"] = repr(error)
     _SUMMARY["noise"].append(row)
     _save_summary()
     print(f"\n[gpu] noise {backend}: {len(x)} rows in {seconds:.2f} s, "
@@ -467,12 +481,14 @@ def summary_table(summary: dict) -> str:
         twin = next((t for t in noise if t["backend"] == "torch"), None)
         ratio = f"{r['rows_per_s'] / twin['rows_per_s']:.1f}" if twin else "-"
         agree = r.get("agreement_with_float32")
+        flops = (f"  {r['tflops']:.1f} TFLOP/s, {100 * r['fraction_of_peak']:.0f}% of peak "
+                 f"({r['matmul_tflop']:.1f} TFLOP, {r['passes']} passes)" if "tflops" in r else "")
         lines.append(f"{'optimal_noise':<15}{'d=%d N=%d' % (r['d'], r['n_rows']):<22}"
                      f"{r['backend'] + '/' + r.get('precision', 'float32'):<16}"
                      f"{r['seconds']:>8.3f}{r['rows_per_s']:>10.0f}{ratio:>8}"
                      f"{'feas %.3f' % r['feasible_rate']:>11}"
                      + (f"  norm/f32 {agree['norm_ratio_median_both_feasible']:.4f}, same "
-                        f"flag {agree['same_feasible_flag']:.3f}" if agree else ""))
+                        f"flag {agree['same_feasible_flag']:.3f}" if agree else "") + flops)
         prof = r.get("profile", {})
         if "kernel_s" in prof:
             k = prof["kernel_s"]
