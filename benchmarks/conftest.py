@@ -54,6 +54,7 @@ _RUN_FIRST = ("test_noise_gpu", "test_shapley_gpu_captum")
 
 
 def pytest_collection_modifyitems(items):
+    # sorted() is stable: a test's parametrisations keep their order
     first = sorted((item for item in items if getattr(item, "originalname", None) in _RUN_FIRST),
-                   key=lambda item: _RUN_FIRST.index(item.originalname))  # stable: params keep order
+                   key=lambda item: _RUN_FIRST.index(item.originalname))
     items[:] = first + [item for item in items if item not in first]

@@ -163,7 +163,8 @@ if ((built)); then
   if "$python" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
   if wanted tests; then
     # shellcheck disable=SC2086
-    run_step tests 240 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" ${ONI_GPU_TESTS:-tests} || true
+    run_step tests 240 "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+      ${ONI_GPU_TESTS:-tests} || true
   else
     record tests "SKIP (ONI_GPU_STEPS)" 0
   fi
