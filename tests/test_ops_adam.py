@@ -170,23 +170,34 @@ BAD_TENSORS = [
     (_bad("grad_bf16", lambda t: t.float()), "grad_bf16 must be BFloat16, got Float"),
     (_bad("exp_avg", lambda t: t[:-1]), r"exp_avg must have param's shape \[10\], got \[9\]"),
     (_bad("grad_bf16", lambda t: t.view(2, 5)), r"grad_bf16 must have param's shape \[10\]"),
-    (_bad("param_bf16", lambda t: torch.empty(20, dtype=t.dtype)[::2]),
+    (_bad("param_bf16", lambda t: torch.empty(20, dtype=t.dtype, device=t.device)[::2]),
      "param_bf16 must be contiguous"),
-    (_bad("exp_avg_sq", lambda t: torch.zeros(10, 2)[:, 0]), "exp_avg_sq must be contiguous"),
+    (_bad("exp_avg_sq", lambda t: torch.zeros(10, 2, device=t.device)[:, 0]),
+     "exp_avg_sq must be contiguous"),
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mutate, message", BAD_TENSORS)
-def test_bad_tensors_are_refused(mutate, message):
-    state = mutate(_state(10, "cpu"))
+def test_bad_tensors_are_refused(device, mutate, message):
+    state = mutate(_state(10, device))
     with pytest.raises(RuntimeError, match=message):
         _ops.adam_step_bf16(*state, 1, LR, BETA1, BETA2, EPS, 0.0, TINY)
 
 
-def test_non_contiguous_param_is_refused():
-    state = _state(10, "cpu")
-    state[0] = torch.randn(20)[::2]
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_param_is_refused(device):
+    state = _state(10, device)
+    state[0] = torch.randn(20, device=device)[::2]
     with pytest.raises(RuntimeError, match="param must be contiguous"):
+        _ops.adam_step_bf16(*state, 1, LR, BETA1, BETA2, EPS, 0.0, TINY)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels")
+def test_state_on_another_device_is_refused_on_cuda():
+    state = _state(10, "cuda")
+    state[1] = state[1].cpu()
+    with pytest.raises(RuntimeError, match="exp_avg must be on param's device cuda"):
         _ops.adam_step_bf16(*state, 1, LR, BETA1, BETA2, EPS, 0.0, TINY)
 
 
@@ -210,9 +221,10 @@ def test_wrong_device_is_refused():
     (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
     (dict(flush_below=math.nan), "flush_below must be >= 0"),
 ])
-def test_bad_scalars_are_refused(scalars, message):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_scalars_are_refused(device, scalars, message):
     args = dict(step=1, lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.0,
                 flush_below=TINY)
     args.update(scalars)
     with pytest.raises(RuntimeError, match=message):
-        _ops.adam_step_bf16(*_state(10, "cpu"), *args.values())
+        _ops.adam_step_bf16(*_state(10, device), *args.values())

@@ -125,34 +125,47 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.oni.relu_backward_bf16_.default, (grad, output, bias))
 
 
-def test_relu_refuses_bad_tensors():
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_refuses_bad_tensors(device):
     with pytest.raises(RuntimeError, match="x must be bfloat16, got Float"):
-        _ops.relu_bf16_(torch.randn(4))
+        _ops.relu_bf16_(torch.randn(4, device=device))
     with pytest.raises(RuntimeError, match="x must be contiguous"):
-        _ops.relu_bf16_(torch.randn(4, 4).to(BF16).t())
+        _ops.relu_bf16_(torch.randn(4, 4, device=device).to(BF16).t())
 
 
-def _backward_args():
-    grad = torch.randn(2, 3, 8).to(BF16)
-    return [grad, grad.clone().relu_(), torch.empty(2, 3, dtype=BF16)]
+def _backward_args(device="cpu"):
+    grad = torch.randn(2, 3, 8, device=device).to(BF16)
+    return [grad, grad.clone().relu_(), torch.empty(2, 3, dtype=BF16, device=device)]
 
 
-@pytest.mark.parametrize("index, bad, message", [
-    (0, torch.randn(2, 3, 8), "grad must be bfloat16, got Float"),
-    (1, torch.randn(2, 3, 8).half(), "output must be bfloat16, got Half"),
-    (2, torch.empty(2, 3), "bias_grad must be bfloat16, got Float"),
-    (0, torch.randn(2, 8, 3).to(BF16).transpose(1, 2), "grad must be contiguous"),
-    (1, torch.randn(2, 3, 16).to(BF16)[:, :, ::2], "output must be contiguous"),
-    (1, torch.randn(2, 3, 9).to(BF16), r"output must have grad's shape \[2, 3, 8\], got "
-                                       r"\[2, 3, 9\]"),
-    (2, torch.empty(2, 3, 8, dtype=BF16), r"bias_grad must be grad's shape without its last "
-                                          r"dim \[2, 3\], got \[2, 3, 8\]"),
-    (0, torch.tensor(1.0, dtype=BF16), "grad must be at least 1-D"),
+# each bad tensor made on the device under test (a copy would lose the strides)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index, make_bad, message", [
+    (0, lambda dev: torch.randn(2, 3, 8, device=dev), "grad must be bfloat16, got Float"),
+    (1, lambda dev: torch.randn(2, 3, 8, device=dev).half(), "output must be bfloat16, got Half"),
+    (2, lambda dev: torch.empty(2, 3, device=dev), "bias_grad must be bfloat16, got Float"),
+    (0, lambda dev: torch.randn(2, 8, 3, device=dev).to(BF16).transpose(1, 2),
+     "grad must be contiguous"),
+    (1, lambda dev: torch.randn(2, 3, 16, device=dev).to(BF16)[:, :, ::2],
+     "output must be contiguous"),
+    (1, lambda dev: torch.randn(2, 3, 9, device=dev).to(BF16),
+     r"output must have grad's shape \[2, 3, 8\], got \[2, 3, 9\]"),
+    (2, lambda dev: torch.empty(2, 3, 8, dtype=BF16, device=dev),
+     r"bias_grad must be grad's shape without its last dim \[2, 3\], got \[2, 3, 8\]"),
+    (0, lambda dev: torch.tensor(1.0, dtype=BF16, device=dev), "grad must be at least 1-D"),
 ])
-def test_relu_backward_refuses_bad_tensors(index, bad, message):
-    args = _backward_args()
-    args[index] = bad
+def test_relu_backward_refuses_bad_tensors(device, index, make_bad, message):
+    args = _backward_args(device)
+    args[index] = make_bad(device)
     with pytest.raises(RuntimeError, match=message):
+        _ops.relu_backward_bf16_(*args)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels")
+def test_relu_backward_refuses_a_cpu_tensor_on_cuda():
+    args = _backward_args("cuda")
+    args[1] = args[1].cpu()
+    with pytest.raises(RuntimeError, match="output must be on grad's device cuda"):
         _ops.relu_backward_bf16_(*args)
 
 
