@@ -162,6 +162,8 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
         z = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = _check_logits(model(z), z.shape[0], "model output")
+            # NaN logits would give a NaN gap, and rho = 0 without a word
+            _check_finite(logits.detach(), "model output")
             probs = torch.softmax(logits, dim=1)
             top2 = probs.topk(2, dim=1).values
             gap = top2[:, 0] - top2[:, 1]

@@ -419,6 +419,18 @@ def test_radius_edge_cases():
     assert torch.isinf(oni.robustness_radius(flat, x)).all()
 
 
+def test_radius_refuses_a_model_with_nan_outputs():
+    """A NaN logit makes the gap NaN; the radius would be 0 without a word."""
+    def broken(z):
+        out = torch.stack([z.sum(1), -z.sum(1), z[:, 0]], dim=1)
+        return torch.where(torch.arange(len(z))[:, None] == 1, math.nan, out)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
+    with pytest.raises(ValueError, match=r"model output contains NaN or Inf \(first at index "
+                                         r"\[1, 0\]\)"):
+        oni.robustness_radius(broken, x)
+
+
 def test_radius_of_a_constant_model_is_inf():
     """A model whose output does not depend on its input at all (no autograd graph) has
     zero input gradient too: rho = +inf, not an autograd error."""
