@@ -584,6 +584,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
                 stderr_max = _stderr(m2[alive], count[alive]).nan_to_num(nan=math.inf).amax(1)
                 alive = alive[~(stderr_max <= tol)]
 
+        _check_game_finite(mean)
         stderr = _stderr(m2, count)
         # exact rows: one active feature or none (the walk is forced)
         stderr[n_active <= 1] = 0.0
@@ -596,6 +597,18 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             f_baseline=f_base.to(x.dtype),
             target=classes,
         )
+
+
+def _check_game_finite(values: Tensor) -> None:
+    """The outputs at x and at the baseline are checked up front; the coalitions in between
+    are not (a pass over every walk step's logits), but a NaN or Inf there reaches the values:
+    one check of the result, not of each step."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0, 0])
+        raise ValueError(f"the Shapley values of row {row} are not finite: the model's output "
+                         f"on some coalition (x with the other features at the baseline) "
+                         f"contains NaN or Inf")
 
 
 def _stderr(m2: Tensor, count: Tensor) -> Tensor:
@@ -697,6 +710,7 @@ def exact_shapley(
             values[row, players], f_base[row] = _exact_row(
                 game, x[row], refs, players, classes[row])
         fx = reference.class_value(logits_x, classes, game.softmax)
+    _check_game_finite(values)
     return ShapleyResult(
         values=values.to(x.dtype),
         stderr=torch.zeros_like(values, dtype=x.dtype),

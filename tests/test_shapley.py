@@ -360,6 +360,29 @@ def test_bad_input_gets_a_clear_error(call, error, message):
         call(model, x)
 
 
+def _nan_inside(model):
+    """finite at x and at the zero baseline, NaN on coalitions with feature 0 off and 1 on"""
+    def call(z):
+        out = model(z)
+        return torch.where((z[:, 0:1] == 0) & (z[:, 1:2] != 0), math.nan, out)
+    return call
+
+
+@pytest.mark.parametrize("run", [
+    lambda m, x: oni.shapley_values(m, x, n_permutations=8, backend="kernel"),
+    lambda m, x: oni.shapley_values(m, x, n_permutations=8, backend="torch"),
+    lambda m, x: oni.shapley_values(m, x, n_permutations=32, tol=1e-3),
+    lambda m, x: oni.exact_shapley(m, x),
+], ids=["kernel", "torch", "tol", "exact"])
+def test_nan_model_output_on_a_coalition_is_a_clear_error(run):
+    """Only x and the baseline are checked up front; a NaN on a coalition in between must not
+    come back as NaN values without a word."""
+    model, _ = _model_and_x()
+    x = torch.rand(4, model[0].in_features, generator=torch.Generator().manual_seed(1)) + 0.1
+    with pytest.raises(ValueError, match=r"Shapley values of row 0 are not finite: .*coalition"):
+        run(_nan_inside(model), x)
+
+
 def test_training_mode_warns():
     model, x = _model_and_x()
     model.train()
