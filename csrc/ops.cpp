@@ -44,7 +44,8 @@ TORCH_LIBRARY(oni, m) {
 
   // Noise solver (DESIGN.md, "The method" 4). Shannon entropy H = -sum p log p of
   // softmax(logits) per row and its gradient dH/dlogits = -p (log p + H), fused and stable
-  // (log-sum-exp; p log p = 0 at p = 0). logits [N, k] -> (H [N], grad [N, k]).
+  // (log-sum-exp; p log p = 0 at p = 0; a row with a NaN or +inf logit, or all -inf, gets
+  // NaN, as torch.softmax). logits [N, k] -> (H [N], grad [N, k]).
   m.def("entropy_and_grad(Tensor logits) -> (Tensor entropy, Tensor grad)");
   // One projected ascent step on the rows where active: z = eta + step * direction, then
   // the exact Euclidean projection onto {|eta_i| <= budget_i} ∩ {||eta||_2 <= radius}

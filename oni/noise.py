@@ -190,6 +190,13 @@ class _EntropyOracle:
         self.model, self.x, self.ops, self.precision = model, x, ops, precision
         # H at eta = 0: the infeasible end of every bracket in the line searches
         self.entropy_at_x = ops.entropy_and_grad(logits_at_x)[0]
+        # the sum of every H evaluated, kept on the device (two launches a pass, no sync):
+        # finite unless the model gave NaN or Inf somewhere inside the box and ball
+        self.entropy_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+
+    def _seen(self, entropy: Tensor) -> Tensor:
+        self.entropy_sum += entropy.sum()
+        return entropy
 
     def _arithmetic(self, strict: bool):
         return _walk_precision("float32" if strict else self.precision, self.x.device)
@@ -201,7 +208,7 @@ class _EntropyOracle:
     def value(self, eta: Tensor, rows: Tensor, strict: bool = False) -> Tensor:
         with torch.no_grad(), self._arithmetic(strict):
             logits = self._logits(self.x[rows] + eta)
-        return self.ops.entropy_and_grad(logits)[0]
+        return self._seen(self.ops.entropy_and_grad(logits)[0])
 
     def value_and_grad(self, eta: Tensor, rows: Tensor, spread: Optional[Tensor] = None,
                        strict: bool = False):
@@ -215,7 +222,7 @@ class _EntropyOracle:
         with torch.enable_grad(), self._arithmetic(strict):
             logits = self._logits(z)
             entropy, d_logits = self.ops.entropy_and_grad(logits.detach())
-            objective = entropy
+            objective = self._seen(entropy)
             if spread is not None:  # no .any(): a host sync per pass on a GPU
                 log_p = torch.log_softmax(logits.detach().double(), dim=1)
                 objective = torch.where(spread, log_p.mean(1).to(entropy.dtype), entropy)
@@ -380,6 +387,11 @@ def optimal_noise(
         eta[stuck] = torch.where(better[:, None], r_eta, eta[stuck])
         entropy[stuck] = torch.where(better, r_entropy, entropy[stuck])
         feasible[stuck] = r_feasible
+    if not torch.isfinite(oracle.entropy_sum):
+        # such points count as failures of the search, so rows may be flagged for that
+        warnings.warn("the model's output was NaN or Inf at some points x + eta the solver "
+                      "evaluated inside the budget box and radius ball; they were treated as "
+                      "not reaching tau", stacklevel=2)
     if not feasible.all():
         warnings.warn(f"{int((~feasible).sum())} of {n} rows cannot reach entropy tau = "
                       f"{tau:.4f} inside their budget box and radius ball: flagged infeasible "
@@ -489,7 +501,9 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
         iterations[idx] += rounds
 
     # (3) per row: the smallest feasible start, else the highest-entropy one
-    score = torch.where(feasible, -eta.norm(dim=1), entropy - 1e30).reshape(m, starts)
+    # a start the model gave NaN at (H = NaN) ranks last, not first as argmax ranks NaN
+    score = torch.where(feasible, -eta.norm(dim=1),
+                        entropy.nan_to_num(nan=-math.inf) - 1e30).reshape(m, starts)
     pick = score.argmax(dim=1) + torch.arange(m, device=x.device) * starts
     total_iterations = iterations.reshape(m, starts).sum(1)
     eta, entropy, feasible = eta[pick], entropy[pick], feasible[pick]

@@ -183,14 +183,16 @@ def entropy_and_grad(logits: Tensor) -> Tuple[Tensor, Tensor]:  # H [N], dH/dlog
     """Shannon entropy (nats) of ``softmax(logits)`` per row and its gradient at the logits.
 
     ``H = -sum_j p_j log p_j`` and ``dH/dz_j = -p_j (log p_j + H)``; computed in float64
-    with log-sum-exp, ``p log p = 0`` where ``p = 0``; returned in the logits' dtype.
+    with log-sum-exp, ``p log p = 0`` where ``p = 0``; returned in the logits' dtype. A row
+    whose softmax is undefined (a NaN logit, a +inf one, or all -inf, as in
+    ``torch.softmax``) gets NaN entropy and gradient, never a made-up 0.
     """
     z = logits.double()
     log_p = torch.log_softmax(z, dim=1)
     p = log_p.exp()
-    p_log_p = torch.where(p > 0, p * log_p, 0.0)
+    p_log_p = torch.where(p == 0, 0.0, p * log_p)  # p = NaN stays NaN
     entropy = -p_log_p.sum(dim=1)
-    grad = torch.where(p > 0, -p * (log_p + entropy[:, None]), 0.0)
+    grad = torch.where(p == 0, 0.0, -p * (log_p + entropy[:, None]))
     return entropy.to(logits.dtype), grad.to(logits.dtype)
 
 

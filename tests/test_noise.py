@@ -973,6 +973,46 @@ def test_solver_projections_skip_the_value_scan(monkeypatch):
     assert len(seen) > 5 and not any(seen)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_and_grad_of_an_undefined_softmax_is_nan(device):
+    """A NaN logit, a +inf one, or a row of -inf: softmax is undefined (torch.softmax gives
+    NaN); the entropy is NaN too, not a made-up 0, and the other rows are untouched."""
+    _need_noise_kernels(device)
+    nan, inf = math.nan, math.inf
+    logits = torch.tensor([[nan, 1.0, 2.0], [inf, 0.0, 0.0], [-inf, -inf, -inf],
+                           [-inf, 0.0, 1.0], [0.5, 1.0, 2.0]], device=device)
+    for h, g in (_ops.entropy_and_grad(logits), reference.entropy_and_grad(logits)):
+        assert h[:3].isnan().all() and g[:3].isnan().all()
+        assert torch.isfinite(h[3:]).all() and torch.isfinite(g[3:]).all()
+        h_ok, g_ok = reference.entropy_and_grad(logits[3:].double())
+        torch.testing.assert_close(h[3:].double(), h_ok, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g[3:].double(), g_ok, rtol=1e-6, atol=1e-7)
+        assert g[3, 0] == 0  # a -inf logit among finite ones: p = 0, no gradient
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_solver_warns_when_the_model_gives_nan_inside_the_box():
+    """Points where the model's output is NaN count as failures, and a warning says so
+    (the flags alone would blame the budget); no NaN reaches eta."""
+    model = small_mlp(5, k=3, seed=4, scale=6.0)
+    x = torch.rand(6, 5, generator=torch.Generator().manual_seed(2)).double() * 0.5
+    model = model.double()
+
+    def nan_off_x(z):  # finite at the rows of x only
+        known = (z[:, None, :] == x[None]).all(2).any(1, keepdim=True)
+        return torch.where(known, model(z), math.nan)
+
+    phi = torch.rand(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match="NaN or Inf at some points x \\+ eta"):
+        res = oni.optimal_noise(nan_off_x, x, phi, tau_fraction=0.95, eps=0.5, beta=0.5)
+    assert not res.feasible.any() and torch.isfinite(res.eta).all()
+    assert (res.eta == 0).all()  # every step off x lands on NaN: the starts stay at x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*flagged infeasible")
+        oni.optimal_noise(model, x, phi, tau_fraction=0.95, eps=0.5, beta=0.5)
+
+
 def test_entropy_and_grad_bad_input():
     with pytest.raises(RuntimeError, match="logits must be 2-D"):
         _ops.entropy_and_grad(torch.randn(5))

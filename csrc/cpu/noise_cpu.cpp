@@ -37,12 +37,12 @@ std::tuple<at::Tensor, at::Tensor> entropy_and_grad_cpu(const at::Tensor& logits
         for (int64_t j = 0; j < k; ++j) {
           logp[j] = (static_cast<double>(row[j]) - mx) - log_sum;
           const double p = std::exp(logp[j]);
-          if (p > 0.0) h -= p * logp[j];  // p log p -> 0 as p -> 0
+          if (p != 0.0) h -= p * logp[j];  // p log p -> 0 as p -> 0; a NaN propagates
         }
         hp[n] = static_cast<scalar_t>(h);
         for (int64_t j = 0; j < k; ++j) {
           const double p = std::exp(logp[j]);
-          gp[n * k + j] = static_cast<scalar_t>(p > 0.0 ? -p * (logp[j] + h) : 0.0);
+          gp[n * k + j] = static_cast<scalar_t>(p != 0.0 ? -p * (logp[j] + h) : 0.0);
         }
       }
     });

@@ -58,14 +58,14 @@ __global__ void entropy_and_grad_kernel(const scalar_t* __restrict__ z, int64_t 
     for (int64_t j = lane; j < k; j += 32) {
       const double logp = (static_cast<double>(row[j]) - mx) - log_sum;
       const double p = exp(logp);
-      if (p > 0.0) h -= p * logp;  // p log p -> 0 as p -> 0
+      if (p != 0.0) h -= p * logp;  // p log p -> 0 as p -> 0; a NaN propagates
     }
     h = warp_sum(h);
     if (lane == 0) entropy[n] = static_cast<scalar_t>(h);
     for (int64_t j = lane; j < k; j += 32) {
       const double logp = (static_cast<double>(row[j]) - mx) - log_sum;
       const double p = exp(logp);
-      grad[n * k + j] = static_cast<scalar_t>(p > 0.0 ? -p * (logp + h) : 0.0);
+      grad[n * k + j] = static_cast<scalar_t>(p != 0.0 ? -p * (logp + h) : 0.0);
     }
   }
 }
