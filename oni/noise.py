@@ -190,13 +190,18 @@ class _EntropyOracle:
         self.model, self.x, self.ops, self.precision = model, x, ops, precision
         # H at eta = 0: the infeasible end of every bracket in the line searches
         self.entropy_at_x = ops.entropy_and_grad(logits_at_x)[0]
-        # the sum of every H evaluated, kept on the device (two launches a pass, no sync):
-        # finite unless the model gave NaN or Inf somewhere inside the box and ball
-        self.entropy_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        # the sum of each pass's H, kept on the device (one launch a pass, no sync): finite
+        # unless the model gave NaN or Inf somewhere inside the box and ball
+        self._entropy_sums = []
 
     def _seen(self, entropy: Tensor) -> Tensor:
-        self.entropy_sum += entropy.sum()
+        self._entropy_sums.append(entropy.sum())
         return entropy
+
+    def saw_non_finite(self) -> bool:
+        """Whether any H evaluated so far was NaN or Inf (one sync)."""
+        sums = self._entropy_sums
+        return bool(sums) and not bool(torch.isfinite(torch.stack(sums).sum()))
 
     def _arithmetic(self, strict: bool):
         return _walk_precision("float32" if strict else self.precision, self.x.device)
@@ -387,7 +392,7 @@ def optimal_noise(
         eta[stuck] = torch.where(better[:, None], r_eta, eta[stuck])
         entropy[stuck] = torch.where(better, r_entropy, entropy[stuck])
         feasible[stuck] = r_feasible
-    if not torch.isfinite(oracle.entropy_sum):
+    if oracle.saw_non_finite():
         # such points count as failures of the search, so rows may be flagged for that
         warnings.warn("the model's output was NaN or Inf at some points x + eta the solver "
                       "evaluated inside the budget box and radius ball; they were treated as "
