@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import time
 import warnings
@@ -71,6 +72,19 @@ class _Count(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _patched(target, **replacements):
+    """``target``'s attributes replaced for the block, restored however it ends."""
+    saved = {name: getattr(target, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(target, name, value)
+
+
 def count(model, x, phi, settings: dict, batch: int, precision: str = "float32") -> dict:
     """Run the solver once under the counter (on x's device: the CPU for a prediction, or the
     GPU for the FLOPs behind a measured time), ``batch`` starts per pass."""
@@ -80,8 +94,6 @@ def count(model, x, phi, settings: dict, batch: int, precision: str = "float32")
     passes = []  # (kind, rows, launches since the previous pass)
     counter = _Count()
     oracle = noise._EntropyOracle
-    value, value_and_grad = oracle.value, oracle.value_and_grad
-    row_batch = noise._row_batch
     last = [0]
 
     def logged(method, kind):
@@ -91,18 +103,15 @@ def count(model, x, phi, settings: dict, batch: int, precision: str = "float32")
             return method(self, eta, rows, *args, **kwargs)
         return call
 
-    oracle.value, oracle.value_and_grad = logged(value, "f"), logged(value_and_grad, "fb")
-    noise._row_batch = lambda _x: batch
-    try:
+    with _patched(oracle, value=logged(oracle.value, "f"),
+                  value_and_grad=logged(oracle.value_and_grad, "fb")), \
+            _patched(noise, _row_batch=lambda _x: batch):
         start = time.perf_counter()
         with warnings.catch_warnings(), counter:
             warnings.filterwarnings("ignore", message=".*flagged infeasible")
             res = oni.optimal_noise(model, x, phi, backend="kernel", precision=precision,
                                     **settings)
         seconds = time.perf_counter() - start
-    finally:
-        oracle.value, oracle.value_and_grad = value, value_and_grad
-        noise._row_batch = row_batch
     sizes = collections.Counter("<512" if r < 512 else "<4096" if r < 4096 else
                                 "<65536" if r < 65536 else ">=65536" for _, r, _ in passes)
     return {
@@ -133,7 +142,6 @@ def stage_seconds(fn, sync=lambda: None) -> dict:
 
     spent = collections.Counter()
     which = ["first"]  # the pass the stage belongs to
-    originals = {name: getattr(noise, name) for name in _STAGES}
 
     def timed(name, function):
         def call(*args, **kwargs):
@@ -148,17 +156,13 @@ def stage_seconds(fn, sync=lambda: None) -> dict:
                 spent[which[0], name] += time.perf_counter() - start
         return call
 
-    for name, function in originals.items():  # module globals: _solve_rows looks them up
-        setattr(noise, name, timed(name, function))
-    try:
+    # module globals: _solve_rows looks them up at each call
+    with _patched(noise, **{name: timed(name, getattr(noise, name)) for name in _STAGES}):
         sync()
         start = time.perf_counter()
         fn()
         sync()
         total = time.perf_counter() - start
-    finally:
-        for name, function in originals.items():
-            setattr(noise, name, function)
     out = {"total": total}
     for part in ("first", "rescue"):
         reduce, polish = spent[part, "_reduce_norm"], spent[part, "_polish"]
@@ -188,14 +192,10 @@ def main() -> None:
         import oni
         from oni import noise
 
-        saved, noise._row_batch = noise._row_batch, lambda _x: args.batch
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*flagged infeasible")
-                out["stage_seconds"] = stage_seconds(lambda: oni.optimal_noise(
-                    model, x, phi, backend="kernel", precision=args.precision, **SETTINGS))
-        finally:
-            noise._row_batch = saved
+        with _patched(noise, _row_batch=lambda _x: args.batch), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flagged infeasible")
+            out["stage_seconds"] = stage_seconds(lambda: oni.optimal_noise(
+                model, x, phi, backend="kernel", precision=args.precision, **SETTINGS))
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
