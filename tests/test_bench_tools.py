@@ -2,7 +2,9 @@
 is what BENCHMARKS.md's GPU predictions rest on, so they are tested like the library."""
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -66,3 +68,76 @@ def test_stage_seconds_splits_the_call_and_restores_the_solver():
         none = noise_passes.stage_seconds(
             lambda: oni.optimal_noise(model, x, phi, **SETTINGS, rescue_starts=0))
     assert none["rescue/ascent"] == none["rescue/reduce_norm"] == none["rescue/polish"] == 0
+
+
+# ----------------------------------------------------------------------------- GPU summary
+# scripts/gpu_check.sh ends with this table; a lease is too rare to find a broken printer
+# there, so it is run here on the recorded H100 summary plus one row of each later kind.
+
+def _gpu_summary() -> dict:
+    summary = json.loads((Path(__file__).parents[1] / "benchmarks" / "gpu_summary_h100.json")
+                         .read_text())
+    summary["baselines"] = [{"d": 600, "n_inputs": 16, "walks": 10, "seconds": 3.2,
+                             "inputs_per_s": 5.0, "oni_kernel_speedup": {"tf32": 4000.0}}]
+    summary["noise"] += [
+        {"op": "optimal_noise", "d": 600, "backend": "kernel", "precision": "tf32",
+         "n_rows": 20000, "seconds": 1.25, "rows_per_s": 16000.0, "feasible_rate": 0.945,
+         "iterations_median": 150.0,
+         "agreement_with_float32": {"norm_ratio_median_both_feasible": 1.0012,
+                                    "same_feasible_flag": 0.999},
+         "profile": {"wall_s": 1.5, "gpu_busy_fraction": 0.75, "kernel_launches": 32851,
+                     "sync_calls": 287, "kernel_s": {"matmul": 0.8, "oni": 0.2,
+                                                     "other": 0.125}},
+         "stage_seconds": {"total": 1.3, "first/ascent": 0.4, "first/reduce_norm": 0.5,
+                           "rescue/polish": 0.0, "outside": 0.05},
+         "matmul_tflop": 40.8, "passes": 637, "tflops": 32.6, "fraction_of_peak": 0.082},
+        {"op": "optimal_noise", "d": 600, "backend": "kernel", "precision": "bf16",
+         "n_rows": 20000, "seconds": 1.1, "rows_per_s": 18181.8, "feasible_rate": 0.944,
+         "iterations_median": 150.0, "profile": {"error": "RuntimeError('x')"},
+         "stage_seconds": {"error": "RuntimeError('x')"}, "count_error": "RuntimeError('x')"},
+]
+    summary["shadows"] = [
+        {"op": "shadow_training", "case": "train_model", "n_models": 16, "rows_per_model": 5000,
+         "epochs": 2, "seconds": 8.0, "model_steps_per_s": 160.0, "mean_test_acc": 0.61},
+        {"op": "shadow_training", "case": "batched", "n_models": 16, "rows_per_model": 5000,
+         "epochs": 2, "seconds": 1.0, "model_steps_per_s": 1280.0, "mean_test_acc": 0.612}]
+    return summary
+
+
+def test_gpu_summary_table_prints_every_kind_of_row():
+    from benchmarks import test_bench_gpu
+
+    lines = test_bench_gpu.summary_table(_gpu_summary()).splitlines()
+    assert lines[0].startswith("GPU: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130")
+    # the recorded kernel / float32 row at d = 600, and its ratio to the twin (2.698 / 1.604)
+    row = next(line for line in lines if "kernel/float32" in line and "d=600 N=8192" in line)
+    assert "5106" in row and " 1.7 " in row
+    assert any("captum" in line and "tf32 4000x faster" in line for line in lines)
+    tf32 = next(line for line in lines if "optimal_noise" in line and "kernel/tf32" in line)
+    assert "16000" in tf32 and "norm/f32 1.0012" in tf32 and "32.6 TFLOP/s, 8% of peak" in tf32
+    # over the recorded twin's rows/s: 16000 / 42.37
+    assert " 377.7 " in tf32
+    assert any("GPU busy 75% of 1.50 s" in line and "32851 launches, 287 syncs" in line
+               for line in lines)
+    stages = next(line for line in lines if line.strip().startswith("stages (s):"))
+    assert "first/ascent 0.40" in stages and "rescue/polish" not in stages
+    assert "total 1.30" in stages
+    # rows whose profile, stages or count failed still print their timing
+    assert any("kernel/bf16" in line and "18182" in line for line in lines)
+    batched = next(line for line in lines if line.startswith("shadows") and "batched" in line)
+    assert " 8.0 " in batched and "acc 0.612" in batched
+
+
+def test_profile_breakdown_runs_where_there_is_no_gpu():
+    from torch.profiler import ProfilerActivity
+
+    from benchmarks.test_bench_gpu import profile_breakdown
+
+    calls = []
+    out = profile_breakdown(lambda: calls.append(torch.ones(64, 64) @ torch.ones(64, 64)),
+                            [ProfilerActivity.CPU])
+    assert len(calls) == 1
+    assert out["wall_s"] > 0 and set(out["kernel_s"]) == {"matmul", "oni", "other"}
+    # no CUDA activity was recorded: no kernel time, launches or syncs, and a busy share of 0
+    assert sum(out["kernel_s"].values()) == 0 and out["gpu_busy_fraction"] == 0
+    assert out["kernel_launches"] == 0 and out["sync_calls"] == 0
