@@ -7,7 +7,7 @@ adds noise to; ``purchase_like`` with the training seed). ``phi`` comes from
 ``oni.shapley_values(model, x, n_permutations=20)``, computed once outside the timed region
 and cached under ``.benchmarks/workload/``. Settings: ``tau_fraction=0.5`` (tau = 0.5 log 100
 = 2.30 nats), ``eps=0.1``, ``beta=0.5``, the solver's defaults otherwise (``max_iter=100``,
-``refine_iter=16``, ``polish_iter=32``, ``starts=4``, ``rescue_starts=16``). One timed call
+``refine_iter=8``, ``polish_iter=64``, ``starts=4``, ``rescue_starts=16``). One timed call
 per backend (``rounds=1``): a call on N rows is many batched passes, so its own run-to-run
 noise is small next to the machine's.
 

@@ -373,8 +373,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {
         "preset": "paper",
         "train": {"epochs": 100},
-        "defenses": {"oni": {"n_permutations": 100, "max_iter": 100, "refine_iter": 16,
-                             "polish_iter": 32, "starts": 4}},
+        "defenses": {"oni": {"n_permutations": 100, "max_iter": 100, "refine_iter": 8,
+                             "polish_iter": 64, "starts": 4}},
         "attacks": {"lira_offline": {"n_shadows": 16}, "lira_online": {"n_shadows": 16}},
     },
     # Location30 (5,010 rows, 446 binary features, 30 classes): the proportional split

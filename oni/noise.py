@@ -248,8 +248,8 @@ def optimal_noise(
     beta: float,
     importance: str = "signed",
     max_iter: int = 100,
-    refine_iter: int = 16,
-    polish_iter: int = 32,
+    refine_iter: int = 8,
+    polish_iter: int = 64,
     starts: int = 4,
     rescue_starts: int = 16,
     seed: int = 0,
@@ -283,7 +283,7 @@ def optimal_noise(
     shortest feasible start after (4), the choice of that start. (5) The rescue pass
     (``rescue_starts``) for rows still infeasible, from other kinds of start: the corners
     ``±u * sign(grad H)`` of the box where the linearised H at x points (full and half
-    size), then random points, every other one climbing the spread objective, with 4x the
+    size), then random points, every other one climbing the spread objective, with 2x the
     polish effort. Rows that never reach ``tau`` are flagged infeasible
     and return the highest-entropy point found, inside the box and ball; a warning says how
     many.
@@ -376,14 +376,14 @@ def optimal_noise(
     eta, entropy, feasible, iterations = (torch.cat(p) for p in zip(*parts))
     if rescue_starts > 0 and not feasible.all():
         # the rescue: other kinds of start than the first pass's (its zero starts would
-        # repeat themselves), a seed disjoint from its, and 4x the polish effort (from a far
-        # random start the walk to the minimum is long). Not 4x the norm reduction: on a
-        # handful of rows its 8 passes a round are a GPU's launch cost alone, and on the
+        # repeat themselves), a seed disjoint from its, and 2x the polish effort (from a far
+        # random start the walk to the minimum is long). Not more norm-reduction rounds: on
+        # a handful of rows their 8 passes a round are a GPU's launch cost alone, and on the
         # Purchase-shaped benchmark 4x bought no norm the polish did not (BENCHMARKS.md)
         stuck = (~feasible).nonzero()[:, 0]
         batch = max(1, row_batch // rescue_starts)
         parts = [_solve_rows(oracle, stuck[lo:lo + batch], budget, radius, tau, max_iter,
-                             refine_iter, 4 * polish_iter, rescue_starts,
+                             refine_iter, 2 * polish_iter, rescue_starts,
                              seed + 0x9E3779B9, rescue=True)
                  for lo in range(0, len(stuck), batch)]
         r_eta, r_entropy, r_feasible, r_iterations = (torch.cat(p) for p in zip(*parts))
