@@ -122,7 +122,8 @@ def profile_breakdown(fn, activities=None) -> dict:
     """One profiled call of ``fn``: its wall seconds (profiler overhead included), the GPU
     kernel seconds by kind (matmuls, oni's kernels, the rest), the share of the wall the
     GPU was busy, and the host's kernel launches and synchronising calls: together they say
-    whether a solver version is bound by the GPU or by the host issuing small passes."""
+    whether a solver version is bound by the GPU or by the host issuing small passes.
+    ``aten_ops`` counts the host's ATen calls the trace holds (a check that it holds any)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -137,9 +138,11 @@ def profile_breakdown(fn, activities=None) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
     kernel_s = {"matmul": 0.0, "oni": 0.0, "other": 0.0}
-    launches = syncs = 0
+    launches = syncs = host_ops = 0
     for event in prof.key_averages():
         name = event.key
+        if name.startswith("aten::"):
+            host_ops += event.count  # all zero kernel seconds with ops seen: no CUDA trace
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:  # older profilers
             device_us = getattr(event, "self_cuda_time_total", 0)
@@ -154,7 +157,7 @@ def profile_breakdown(fn, activities=None) -> dict:
             kernel_s[kind] += device_us / 1e6
     busy = sum(kernel_s.values())
     return {"wall_s": wall, "kernel_s": kernel_s, "gpu_busy_fraction": busy / wall,
-            "kernel_launches": launches, "sync_calls": syncs}
+            "kernel_launches": launches, "sync_calls": syncs, "aten_ops": host_ops}
 
 
 def _tail_flops_per_step(model) -> int:
