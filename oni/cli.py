@@ -597,9 +597,15 @@ def _check_device_settings(config: Mapping) -> None:
     from .models import _resolve_device
     device = _resolve_device(config["device"])
     precision = (config["defenses"].get("oni") or {}).get("precision")
-    if "oni" in config["defenses"]["run"] and precision == "tf32" and device.type != "cuda":
-        raise ConfigError(f"defenses.oni.precision: tf32 needs a CUDA device, the run is on "
-                          f"{device} (device: {config['device']}); use float32 or bf16")
+    if "oni" in config["defenses"]["run"]:
+        _check_tf32_device(precision, device, "defenses.oni.precision",
+                           f"the run is on {device} (device: {config['device']})")
+
+
+def _check_tf32_device(precision, device, name: str, where: str) -> None:
+    """tf32 is a mode of NVIDIA tensor cores: refused up front off CUDA, naming the setting."""
+    if precision == "tf32" and device.type != "cuda":
+        raise ConfigError(f"{name}: tf32 needs a CUDA device, {where}; use float32 or bf16")
 
 
 def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False,
@@ -751,9 +757,8 @@ def _model_and_rows(args):
     """(device, model, data, x on the device) for `oni shapley` and `oni noise`."""
     from .models import _resolve_device
     device = _resolve_device(args.device, "--device")
-    if args.precision == "tf32" and device.type != "cuda":
-        raise ConfigError(f"--precision tf32 needs a CUDA device, --device resolved to {device}; "
-                          f"use float32 or bf16")
+    _check_tf32_device(args.precision, device, "--precision",
+                       f"--device resolved to {device}")
     model = _load_model_dir(args.model_dir, device)
     data = _load_rows(args.data, args.rows, args.format)
     _check_width(model, data, args.model_dir)
