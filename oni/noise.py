@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
+from ._checks import check_finite as _check_finite, first_bad_row
 from .models import SLOW_BF16_CPU, _native_bf16_cpu
 from .shapley import (
     ShapleyResult,
     _check_backend,
-    _check_finite,
     _check_inputs,
     _check_int,
     _check_logits,
@@ -128,9 +128,9 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
     scale = score.amax(dim=1, keepdim=True) if score.shape[1] else score.new_zeros((len(score), 1))
     ratio = torch.where(scale > 0, score / torch.where(scale > 0, scale, 1.0), 0.0)
     budget = (eps * (1.0 - beta * ratio)).clamp(min=0.0)
-    if not torch.isfinite(budget).all():
+    row = first_bad_row(~torch.isfinite(budget))
+    if row is not None:
         # a value far below a tiny positive max: phi_i / max_j phi_j overflows the dtype
-        row = int((~torch.isfinite(budget)).any(1).nonzero()[0, 0])
         raise ValueError(f"phi row {row}: the ratio phi_i / max_j phi_j of eq. 7 overflows "
                          f"{phi.dtype} (max {float(scale[row, 0]):.3g}, min "
                          f"{float(score[row].min()):.3g}); use float64 (optimal_noise casts phi to "

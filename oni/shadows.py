@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_int
+from ._checks import check_int, first_bad_row
 from .models import MLP, SLOW_BF16_CPU, _native_bf16_cpu, _resolve_device, init_parameters_
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_labels, _progress, flush_tiny_moments_)
@@ -534,9 +534,8 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
         for lo in range(0, n, bs):
             loss_sum += step(order[:, lo:lo + bs])
         mean_loss = (loss_sum / n).cpu()
-        bad = (~torch.isfinite(mean_loss)).nonzero().flatten().tolist()
-        if bad:
-            j = bad[0]
+        j = first_bad_row(~torch.isfinite(mean_loss))
+        if j is not None:
             raise FloatingPointError(
                 f"training diverged: model {first + j} (seed {seeds[j]}) has mean training "
                 f"loss {float(mean_loss[j])} in epoch {epoch} (lr = {config.lr}); lower "

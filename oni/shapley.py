@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops, reference
-from ._checks import check_int as _check_int
+from ._checks import check_finite as _check_finite, check_int as _check_int, first_bad_row
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -97,12 +97,6 @@ class ShapleyResult:
 
 
 # ----------------------------------------------------------------------------- validation
-
-def _check_finite(t: Tensor, name: str) -> None:
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-        raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
-
 
 def _check_inputs(x) -> Tensor:
     if not isinstance(x, Tensor):
@@ -374,9 +368,8 @@ def _resolve_target(target, labels, logits_x: Tensor) -> Tensor:
     else:
         raise ValueError(f"target must be 'pred', 'label', an int or a tensor of classes, "
                          f"got {type(target).__name__}")
-    bad = (classes < 0) | (classes >= k)
-    if bad.any():
-        i = int(bad.nonzero()[0])
+    i = first_bad_row((classes < 0) | (classes >= k))
+    if i is not None:
         raise ValueError(f"{name}[{i}] = {int(classes[i])} is not a class index in [0, {k}) "
                          f"(the model has k = {k} outputs)")
     return classes
@@ -603,9 +596,8 @@ def _check_game_finite(values: Tensor) -> None:
     """The outputs at x and at the baseline are checked up front; the coalitions in between
     are not (a pass over every walk step's logits), but a NaN or Inf there reaches the values:
     one check of the result, not of each step."""
-    bad = ~torch.isfinite(values)
-    if bad.any():
-        row = int(bad.any(1).nonzero()[0, 0])
+    row = first_bad_row(~torch.isfinite(values))
+    if row is not None:
         raise ValueError(f"the Shapley values of row {row} are not finite: the model's output "
                          f"on some coalition (x with the other features at the baseline) "
                          f"contains NaN or Inf")
