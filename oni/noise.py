@@ -157,13 +157,20 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
     x = _check_inputs(x)
     _check_model(model)
     batch_size = _check_int(batch_size, "batch_size", 1)
-    radii = []
+    return _radius_and_logits(model, x, batch_size)[0]
+
+
+def _radius_and_logits(model, x: Tensor, batch_size: int = 8192,
+                       what: str = "model output") -> tuple:
+    """(radii, the logits at x, detached, in x's dtype): the solver needs both, and they come
+    from the same forward passes."""
+    radii, outputs = [], []
     for lo in range(0, x.shape[0], batch_size):
         z = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = _check_logits(model(z), z.shape[0], "model output")
+            logits = _check_logits(model(z), z.shape[0], what)
             # NaN logits would give a NaN gap, and rho = 0 without a word
-            _check_finite(logits.detach(), "model output")
+            _check_finite(logits.detach(), what)
             probs = torch.softmax(logits, dim=1)
             top2 = probs.topk(2, dim=1).values
             gap = top2[:, 0] - top2[:, 1]
@@ -174,7 +181,8 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
         gap, norm = gap.detach(), grad.norm(dim=1)
         rho = torch.where(norm > 0, gap / torch.where(norm > 0, norm, 1.0), math.inf)
         radii.append(torch.where(gap > 0, rho, 0.0).to(x.dtype))
-    return torch.cat(radii)
+        outputs.append(logits.detach().to(x.dtype))
+    return torch.cat(radii), torch.cat(outputs)
 
 
 # ----------------------------------------------------------------------------- eqs. 5-8
@@ -341,9 +349,9 @@ def optimal_noise(
     if precision == "bf16" and x.device.type == "cpu" and _native_bf16_cpu() is False:
         warnings.warn(SLOW_BF16_CPU, stacklevel=2)
     ops = _ops if use_kernel else reference
-    with torch.no_grad(), _walk_precision("float32", x.device):
-        logits = _check_logits(model(x), n, "model output at x").to(x.dtype)
-    _check_finite(logits, "model output at x")
+    # the radius (eq. 8) and the logits at x, from the same strict float32 passes
+    with _walk_precision("float32", x.device):
+        radius, logits = _radius_and_logits(model, x, what="model output at x")
     log_k = math.log(logits.shape[1])
     if (tau is None) == (tau_fraction is None):
         raise ValueError("give exactly one of tau (nats) and tau_fraction (of log k)")
@@ -362,8 +370,6 @@ def optimal_noise(
     if phi.device != x.device:
         raise ValueError(f"phi must be on x's device {x.device}, got {phi.device}")
     budget = noise_budget(phi.to(x.dtype), eps, beta, importance=importance)
-    with _walk_precision("float32", x.device):
-        radius = robustness_radius(model, x)
     # the solver's projections skip their value scans (on CUDA a host sync per pass):
     # noise_budget returns finite budgets >= 0, robustness_radius radii >= 0 or +inf
 

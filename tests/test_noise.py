@@ -839,6 +839,20 @@ def test_optimal_noise_bad_input(make, error, message):
         oni.optimal_noise(model, x_arg, phi_arg, **kwargs)
 
 
+def test_optimal_noise_refuses_nan_model_output_at_x():
+    """The logits at x set the infeasible end of every line search and the radius: a NaN
+    there is named, row and class, before any work."""
+    model, x, phi = _bad_setup()
+
+    def nan_at_row_2(z):
+        out = model(z)
+        return torch.where(torch.arange(len(z))[:, None] == 2, math.nan, out)
+
+    with pytest.raises(ValueError, match=r"^model output at x contains NaN or Inf \(first at "
+                                         r"index \[2, 0\]\)$"):
+        oni.optimal_noise(nan_at_row_2, x, phi, **_OK)
+
+
 @pytest.mark.filterwarnings("ignore:.*flagged infeasible")
 def test_bf16_on_a_cpu_without_native_bfloat16_warns(monkeypatch):
     """bf16 search passes are an opt-in for speed: where the CPU lacks AMX and AVX512-BF16
