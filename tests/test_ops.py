@@ -205,6 +205,39 @@ def test_walk_linear_bad_input(mutate, message):
         _ops.permutation_walk_linear(**args)
 
 
+def test_walk_check_forgets_each_inputs_features():
+    """One thread checks consecutive inputs with the same tables: input 0's features must not
+    count as input 1's (a walk of input 1 through feature 0 is refused), and input 1 may walk
+    input 0's features when they are its own."""
+    x = torch.rand(2, 6)
+    base = torch.zeros(2, 1, 6)
+    n_active = torch.tensor([3, 3])
+    good = torch.tensor([[[0, 1, 2], [2, 1, 0]], [[3, 4, 5], [5, 3, 4]]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _ops.permutation_walk_masked(x, base, good, n_active, 8)
+        _ops.permutation_walk_masked(x, base, torch.tensor([[[0, 1, 2], [2, 1, 0]],
+                                                            [[1, 2, 0], [0, 2, 1]]]), n_active, 8)
+        bad = good.clone()
+        bad[1, 1] = torch.tensor([3, 4, 0])
+        with pytest.raises(RuntimeError, match="perm row 1: .* forming the same set"):
+            _ops.permutation_walk_masked(x, base, bad, n_active, 8)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n_features", [2 ** 43, 2 ** 62])
+def test_accumulate_n_features_beyond_memory_is_an_error(n_features):
+    """n_features sets the outputs' width ([N, n_features] float64, twice): a width no
+    memory holds gets the allocator's error before any per-thread table of that length
+    is made (which, allocated first, was a process killed for memory)."""
+    args = (torch.randn(0, 3), torch.randn(1, 1, 3), torch.randn(1, 3), torch.tensor([0]),
+            torch.tensor([[[0]]]), torch.tensor([1]), n_features, 1, True)
+    with pytest.raises(RuntimeError, match="allocate|overflow"):
+        _ops.shapley_accumulate(*args)
+
+
 def test_accumulate_bad_input():
     args = list(_accumulate_inputs(CASES[0], "cpu", torch.float32, True))
     bad_target = list(args)

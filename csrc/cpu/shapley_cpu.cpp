@@ -32,7 +32,6 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
     std::vector<char> row_mark(n_features, 0);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t a = act_a[n];
-      std::fill(row_mark.begin(), row_mark.end(), 0);
       bool ok = true;
       for (int64_t p = 0; p < P && ok; ++p) {
         for (int64_t k = 0; k < a; ++k) {
@@ -48,6 +47,9 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
         while (n < seen && !bad_row.compare_exchange_weak(seen, n)) {}
         return;
       }
+      // unmark walk 0's features only: a fill of all n_features per input would cost
+      // O(N * n_features) on wide inputs
+      for (int64_t k = 0; k < a; ++k) row_mark[perm_a[n][0][k]] = 0;
     }
   });
   TORCH_CHECK(bad_row.load() == N, "perm row ", bad_row.load(),
@@ -204,6 +206,11 @@ std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
   const auto perm_c = perm.contiguous();
   const auto act_c = n_active.contiguous();
   const auto target_c = target.contiguous();
+  // the outputs first: an n_features too large for memory gets the allocator's error, which
+  // names the size, before the walk check allocates its per-thread tables of that length
+  auto opts = end_logits.options().dtype(at::kDouble);
+  auto mean = at::zeros({N, n_features}, opts);
+  auto m2 = at::zeros({N, n_features}, opts);
   const auto row_offset = validate_walks(perm_c, act_c, n_features, B);
   TORCH_CHECK(row_offset.back() == step_logits.size(0), "shapley_accumulate: step_logits has ",
               step_logits.size(0), " rows but the walks have ", row_offset.back(),
@@ -213,9 +220,6 @@ std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
     TORCH_CHECK(tp[n] >= 0 && tp[n] < k, "target[", n, "] = ", tp[n], " is not a class index in [0, ",
                 k, ")");
 
-  auto opts = end_logits.options().dtype(at::kDouble);
-  auto mean = at::zeros({N, n_features}, opts);
-  auto m2 = at::zeros({N, n_features}, opts);
   const auto steps_c = step_logits.contiguous();
   const auto start_c = start_logits.contiguous();
   const auto end_c = end_logits.contiguous();
