@@ -1,9 +1,11 @@
 // Argument checks shared by the CPU and CUDA kernels: shapes, dtypes and devices only
 // (value checks that need to read data live in each backend).
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <iterator>
 #include <utility>
 
 namespace oni {
@@ -19,6 +21,15 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* n
               ref.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ",
               ref.scalar_type(), ", got ", t.scalar_type());
+}
+
+// An op that writes `written` in place while it reads or writes `other` needs them apart: the
+// kernels read through __restrict__ pointers, and an alias would be read after it was written.
+inline void check_no_overlap(const at::Tensor& written, const char* written_name,
+                             const at::Tensor& other, const char* other_name) {
+  TORCH_CHECK(at::get_overlap_status(written, other) == at::MemOverlapStatus::No, written_name,
+              " and ", other_name, " must not share memory (", written_name,
+              " is written in place); pass separate tensors, e.g. ", other_name, ".clone()");
 }
 
 // x [N, d], baseline [N, B, d], perm [N, P, L] int64, n_active [N] int64.
@@ -155,6 +166,15 @@ inline void check_adam_inputs(const at::Tensor& param, const at::Tensor& exp_avg
   for (const auto& [t, name] : state) {
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
+  // the four written tensors, and the gradient, pairwise apart
+  const std::pair<const at::Tensor*, const char*> all[] = {
+      {&param, "param"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+      {&param_bf16, "param_bf16"}, {&grad_bf16, "grad_bf16"}};
+  for (size_t i = 0; i + 1 < std::size(all); ++i) {
+    for (size_t j = i + 1; j < std::size(all); ++j) {
+      check_no_overlap(*all[i].first, all[i].second, *all[j].first, all[j].second);
+    }
+  }
   TORCH_CHECK(step >= 1, "step must be >= 1 (the count including this step), got ", step);
   TORCH_CHECK(lr >= 0.0, "lr must be >= 0, got ", lr);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
@@ -200,6 +220,8 @@ inline void check_sparse_weight_grad_inputs(const at::Tensor& x, const at::Tenso
               "], got ", out.sizes());
   check_same(out, x, "out", "x");
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous (it is written in place)");
+  check_no_overlap(out, "out", x, "x");
+  check_no_overlap(out, "out", grad, "grad");
 }
 
 // relu_bf16_ / relu_backward_bf16_: bfloat16, contiguous, one device and shape.
@@ -224,6 +246,9 @@ inline void check_relu_backward_inputs(const at::Tensor& grad, const at::Tensor&
               grad.device(), ", got ", output.device());
   TORCH_CHECK(bias_grad.device() == grad.device(), "bias_grad must be on grad's device ",
               grad.device(), ", got ", bias_grad.device());
+  check_no_overlap(grad, "grad", output, "output");
+  check_no_overlap(bias_grad, "bias_grad", grad, "grad");
+  check_no_overlap(bias_grad, "bias_grad", output, "output");
 }
 
 }  // namespace oni

@@ -1,7 +1,12 @@
 // The one place every oni op schema lives. Kernels register per device in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); oni/reference.py is the spec.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #ifndef ONI_CUDA_VERSION
 #define ONI_CUDA_VERSION 0
@@ -50,7 +55,8 @@ TORCH_LIBRARY(oni, m) {
   // One projected ascent step on the rows where active: z = eta + step * direction, then
   // the exact Euclidean projection onto {|eta_i| <= budget_i} ∩ {||eta||_2 <= radius}
   // (KKT: eta = clip(z / (1 + lambda), -budget, budget), lambda >= 0 the smallest keeping
-  // the norm <= radius). Inactive rows are returned unchanged. eta, direction, budget
+  // the norm <= radius). Inactive rows are returned unchanged; an active row whose z holds
+  // a NaN or an infinity (no projection exists) comes back all NaN. eta, direction, budget
   // [N, d]; step, radius [N] (radius may be +inf); active [N] bool. -> eta [N, d]
   // check_values: scan budget (finite, >= 0) and radius (>= 0, not NaN) and raise on the
   // first bad one. False skips the scan on CUDA, where it costs a device-to-host readback
@@ -96,4 +102,65 @@ TORCH_LIBRARY(oni, m) {
 
   // CUDA toolkit version the extension was compiled with (major*1000 + minor*10), 0 if none.
   m.def("cuda_version() -> int", []() -> int64_t { return ONI_CUDA_VERSION; });
+}
+
+// No op has a derivative, and none runs silently on tensors that require grad (torch's own
+// fallback for custom ops only warns, then gives None gradients):
+// - the functional ops get torch's not-implemented kernel: their outputs carry a grad_fn
+//   whose backward raises "derivative for oni::... is not implemented";
+// - the in-place ops refuse such tensors at the call (a tensor written in place cannot take
+//   a grad_fn when the schema returns nothing, so its old history would give wrong
+//   gradients), and bump the version counter of every tensor they write, as aten's in-place
+//   ops do, so autograd notices when a tensor it saved was overwritten.
+namespace {
+constexpr const char* kFunctionalOps[] = {"permutation_walk_linear", "permutation_walk_masked",
+                                          "shapley_accumulate", "entropy_and_grad",
+                                          "ascend_and_project", "sparse_input_linear"};
+constexpr const char* kInPlaceOps[] = {"adam_step_bf16", "sparse_input_weight_grad", "relu_bf16_",
+                                       "relu_backward_bf16_"};
+
+void refuse_grad_in_place(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                          torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t start = stack->size() - args.size();
+  if (c10::GradMode::is_enabled()) {
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& value = (*stack)[start + i];
+      TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad()), op.schema().name(),
+                  ": ", args[i].name(), " requires grad, but this op writes in place and has no "
+                  "derivative; call it under torch.no_grad() or on detached tensors");
+    }
+  }
+  const at::AutoDispatchBelowAutograd below;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                           torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t start = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    const c10::IValue& value = (*stack)[start + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor()) written.push_back(value.toTensor());
+  }
+  {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(oni, Autograd, m) {
+  for (const char* name : kFunctionalOps)
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  for (const char* name : kInPlaceOps)
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad_in_place>());
+}
+
+TORCH_LIBRARY_IMPL(oni, ADInplaceOrView, m) {
+  for (const char* name : kInPlaceOps)
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }

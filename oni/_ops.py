@@ -73,25 +73,99 @@ def has_kernel(device_type: str, names=OP_NAMES) -> bool:
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"oni::{name}", key)
                for name in names)
 
+# ----------------------------------------------------------------------------- fake kernels
+# Shapes, dtypes and devices of the outputs for torch.compile and meta tensors, with the
+# checks of csrc/checks.h and the same wording. A call that mixes meta and real tensors also
+# lands here (the dispatcher prefers the Meta key): the device check refuses it, where a fake
+# kernel that checks nothing would return uninitialised real tensors or skip an in-place
+# update without a word.
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _require(cond, message: str) -> None:
+    torch._check(cond, lambda: message)
+
+
+def _same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None:
+            _require(t.device == ref.device,
+                     f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _dtype_in(t: Tensor, name: str, dtypes) -> None:
+    want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+    _require(t.dtype in dtypes, f"{name} must be {want}, got {t.dtype}")
+
+
+def _fake_walk(x, baseline, perm, n_active):
+    _require(x.dim() == 2, f"x must be 2-D [N, d], got {x.dim()}-D")
+    _dtype_in(x, "x", _FLOATS)
+    _same_device("x", x, baseline=baseline, perm=perm, n_active=n_active)
+    _require(baseline.dim() == 3 and baseline.shape[0] == x.shape[0]
+             and baseline.shape[2] == x.shape[1],
+             f"baseline must be [N, B, d] = [{x.shape[0]}, B, {x.shape[1]}], got "
+             f"{tuple(baseline.shape)}")
+    _require(baseline.dtype == x.dtype, f"baseline must have x's dtype {x.dtype}, got "
+                                        f"{baseline.dtype}")
+    _require(perm.dim() == 3 and perm.shape[0] == x.shape[0],
+             f"perm must be [N, P, L] with N = {x.shape[0]}, got {tuple(perm.shape)}")
+    _dtype_in(perm, "perm", (torch.int64,))
+    _require(n_active.dim() == 1 and n_active.shape[0] == x.shape[0],
+             f"n_active must be [N] = [{x.shape[0]}], got {tuple(n_active.shape)}")
+    _dtype_in(n_active, "n_active", (torch.int64,))
+
 
 @torch.library.register_fake("oni::permutation_walk_linear")
 def _(x, baseline, perm, n_active, weight, bias, total_steps, relu=False):
-    torch._check(x.dim() == 2 and baseline.dim() == 3 and perm.dim() == 3)
-    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1])
+    _fake_walk(x, baseline, perm, n_active)
+    _same_device("x", x, weight=weight, bias=bias)
+    _require(weight.dim() == 2 and weight.shape[1] == x.shape[1],
+             f"weight must be [H, d] with d = {x.shape[1]}, got {tuple(weight.shape)}")
+    _require(weight.dtype == x.dtype, f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    _require(bias is None or tuple(bias.shape) == (weight.shape[0],),
+             f"bias must be [H] = [{weight.shape[0]}], got "
+             f"{None if bias is None else tuple(bias.shape)}")
+    _require(total_steps >= 0, f"total_steps must be >= 0, got {total_steps}")
     return x.new_empty((total_steps, weight.shape[0]))
 
 
 @torch.library.register_fake("oni::permutation_walk_masked")
 def _(x, baseline, perm, n_active, total_steps):
-    torch._check(x.dim() == 2 and baseline.dim() == 3 and perm.dim() == 3)
+    _fake_walk(x, baseline, perm, n_active)
+    _require(total_steps >= 0, f"total_steps must be >= 0, got {total_steps}")
     return x.new_empty((total_steps, x.shape[1]))
 
 
 @torch.library.register_fake("oni::shapley_accumulate")
 def _(step_logits, start_logits, end_logits, target, perm, n_active, n_features,
       walks_per_sample, softmax):
-    torch._check(end_logits.dim() == 2 and start_logits.dim() == 3)
-    n = end_logits.shape[0]
+    _require(end_logits.dim() == 2, f"end_logits must be 2-D [N, k], got {end_logits.dim()}-D")
+    _dtype_in(end_logits, "end_logits", _FLOATS)
+    _same_device("end_logits", end_logits, step_logits=step_logits, start_logits=start_logits,
+                 target=target, perm=perm, n_active=n_active)
+    n, k = end_logits.shape
+    _require(step_logits.dim() == 2 and step_logits.shape[1] == k,
+             f"step_logits must be [S, k] with k = {k}, got {tuple(step_logits.shape)}")
+    _require(start_logits.dim() == 3 and start_logits.shape[0] == n
+             and start_logits.shape[2] == k,
+             f"start_logits must be [N, B, k] = [{n}, B, {k}], got {tuple(start_logits.shape)}")
+    for name, t in (("step_logits", step_logits), ("start_logits", start_logits)):
+        _require(t.dtype == end_logits.dtype,
+                 f"{name} must have end_logits's dtype {end_logits.dtype}, got {t.dtype}")
+    _require(tuple(target.shape) == (n,), f"target must be [N] = [{n}], got "
+                                          f"{tuple(target.shape)}")
+    _dtype_in(target, "target", (torch.int64,))
+    _require(perm.dim() == 3 and perm.shape[0] == n,
+             f"perm must be [N, P, L] with N = {n}, got {tuple(perm.shape)}")
+    _dtype_in(perm, "perm", (torch.int64,))
+    _require(tuple(n_active.shape) == (n,) and n_active.dtype == torch.int64,
+             f"n_active must be int64 [N] = [{n}], got {n_active.dtype} {tuple(n_active.shape)}")
+    _require(n_features >= 1 and n_features >= perm.shape[2],
+             f"n_features = {n_features} must be >= 1 and >= the walk length L = "
+             f"{perm.shape[2]}")
+    _require(walks_per_sample >= 1, f"walks_per_sample must be >= 1, got {walks_per_sample}")
     mean = end_logits.new_empty((n, n_features), dtype=torch.float64)
     return mean, torch.empty_like(mean)
 
@@ -119,13 +193,28 @@ def ascend_and_project(
 
 @torch.library.register_fake("oni::entropy_and_grad")
 def _(logits):
-    torch._check(logits.dim() == 2)
+    _require(logits.dim() == 2, f"logits must be 2-D [N, k], got {logits.dim()}-D")
+    _dtype_in(logits, "logits", _FLOATS)
+    _require(logits.shape[1] >= 1, "logits must have at least one class (k >= 1), got k = 0")
     return logits.new_empty((logits.shape[0],)), torch.empty_like(logits)
 
 
 @torch.library.register_fake("oni::ascend_and_project")
 def _(eta, direction, step, budget, radius, active, check_values=True):
-    torch._check(eta.dim() == 2 and direction.shape == eta.shape and budget.shape == eta.shape)
+    _require(eta.dim() == 2, f"eta must be 2-D [N, d], got {eta.dim()}-D")
+    _dtype_in(eta, "eta", _FLOATS)
+    _same_device("eta", eta, direction=direction, step=step, budget=budget, radius=radius,
+                 active=active)
+    n, d = eta.shape
+    for name, t, shape, dims in (("direction", direction, (n, d), "[N, d]"),
+                                 ("budget", budget, (n, d), "[N, d]"),
+                                 ("step", step, (n,), "[N]"), ("radius", radius, (n,), "[N]")):
+        _require(tuple(t.shape) == shape, f"{name} must be {dims} = {list(shape)}, got "
+                                          f"{list(t.shape)}")
+        _require(t.dtype == eta.dtype, f"{name} must have eta's dtype {eta.dtype}, got {t.dtype}")
+    _require(tuple(active.shape) == (n,), f"active must be [N] = [{n}], got "
+                                          f"{tuple(active.shape)}")
+    _dtype_in(active, "active", (torch.bool,))
     return torch.empty_like(eta)
 
 
@@ -152,8 +241,17 @@ def adam_step_bf16(
 @torch.library.register_fake("oni::adam_step_bf16")
 def _(param, exp_avg, exp_avg_sq, param_bf16, grad_bf16, step, lr, beta1, beta2, eps,
       weight_decay, flush_below):
-    torch._check(exp_avg.shape == param.shape and exp_avg_sq.shape == param.shape)
-    torch._check(param_bf16.shape == param.shape and grad_bf16.shape == param.shape)
+    _dtype_in(param, "param", (torch.float32,))
+    _same_device("param", param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, param_bf16=param_bf16,
+                 grad_bf16=grad_bf16)
+    for name, t, dtype in (("exp_avg", exp_avg, torch.float32),
+                           ("exp_avg_sq", exp_avg_sq, torch.float32),
+                           ("param_bf16", param_bf16, torch.bfloat16),
+                           ("grad_bf16", grad_bf16, torch.bfloat16)):
+        _dtype_in(t, name, (dtype,))
+        _require(t.shape == param.shape, f"{name} must have param's shape "
+                                         f"{tuple(param.shape)}, got {tuple(t.shape)}")
+    _require(step >= 1, f"step must be >= 1 (the count including this step), got {step}")
 
 
 def sparse_input_linear(
@@ -173,14 +271,34 @@ def sparse_input_weight_grad(x: Tensor, grad: Tensor, out: Tensor) -> None:
 
 @torch.library.register_fake("oni::sparse_input_linear")
 def _(x, weight_t, bias):
-    torch._check(x.dim() == 3 and weight_t.dim() == 3 and weight_t.shape[1] == x.shape[2])
+    _require(x.dim() == 3, f"x must be 3-D [K, B, d], got {x.dim()}-D")
+    _dtype_in(x, "x", _FLOATS)
+    _same_device("x", x, weight_t=weight_t, bias=bias)
+    k, _, d = x.shape
+    _require(weight_t.dim() == 3 and weight_t.shape[0] == k and weight_t.shape[1] == d,
+             f"weight_t must be [K, d, H] = [{k}, {d}, H], got {tuple(weight_t.shape)}")
+    _require(weight_t.dtype == x.dtype, f"weight_t must have x's dtype {x.dtype}, got "
+                                        f"{weight_t.dtype}")
+    if bias is not None:
+        _require(tuple(bias.shape) == (k, weight_t.shape[2]),
+                 f"bias must be [K, H] = [{k}, {weight_t.shape[2]}], got {tuple(bias.shape)}")
+        _require(bias.dtype == x.dtype, f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
     return x.new_empty((x.shape[0], x.shape[1], weight_t.shape[2]))
 
 
 @torch.library.register_fake("oni::sparse_input_weight_grad")
 def _(x, grad, out):
-    torch._check(x.dim() == 3 and grad.dim() == 3 and grad.shape[1] == x.shape[1])
-    torch._check(out.shape == (x.shape[0], x.shape[2], grad.shape[2]))
+    _require(x.dim() == 3, f"x must be 3-D [K, B, d], got {x.dim()}-D")
+    _dtype_in(x, "x", _FLOATS)
+    _same_device("x", x, grad=grad, out=out)
+    _require(grad.dim() == 3 and grad.shape[:2] == x.shape[:2],
+             f"grad must be [K, B, H] = [{x.shape[0]}, {x.shape[1]}, H], got "
+             f"{tuple(grad.shape)}")
+    want = (x.shape[0], x.shape[2], grad.shape[2])
+    _require(tuple(out.shape) == want, f"out must be [K, d, H] = {list(want)}, got "
+                                       f"{tuple(out.shape)}")
+    for name, t in (("grad", grad), ("out", out)):
+        _require(t.dtype == x.dtype, f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
 
 
 def relu_bf16_(x: Tensor) -> None:
@@ -196,10 +314,17 @@ def relu_backward_bf16_(grad: Tensor, output: Tensor, bias_grad: Tensor) -> None
 
 @torch.library.register_fake("oni::relu_bf16_")
 def _(x):
-    torch._check(x.dtype == torch.bfloat16)
+    _dtype_in(x, "x", (torch.bfloat16,))
 
 
 @torch.library.register_fake("oni::relu_backward_bf16_")
 def _(grad, output, bias_grad):
-    torch._check(grad.dim() >= 1 and output.shape == grad.shape)
-    torch._check(bias_grad.shape == grad.shape[:-1])
+    _require(grad.dim() >= 1, "grad must be at least 1-D [..., B], got 0-D")
+    _same_device("grad", grad, output=output, bias_grad=bias_grad)
+    for name, t in (("grad", grad), ("output", output), ("bias_grad", bias_grad)):
+        _dtype_in(t, name, (torch.bfloat16,))
+    _require(output.shape == grad.shape, f"output must have grad's shape {tuple(grad.shape)}, "
+                                         f"got {tuple(output.shape)}")
+    _require(bias_grad.shape == grad.shape[:-1],
+             f"bias_grad must be grad's shape without its last dim {tuple(grad.shape[:-1])}, "
+             f"got {tuple(bias_grad.shape)}")

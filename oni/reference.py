@@ -229,15 +229,18 @@ def ascend_and_project(
     check_values: bool = True,
 ) -> Tensor:  # [N, d]
     """One projected ascent step ``eta + step * direction`` onto the box ∩ ball, on the rows
-    where ``active``; the other rows are returned unchanged. ``check_values=False`` skips
-    the checks of budget and radius (the caller validated them; on CUDA each is a sync)."""
+    where ``active``; the other rows are returned unchanged. An active row whose point
+    ``eta + step * direction`` holds a NaN or an infinity has no projection: it comes back
+    all NaN. ``check_values=False`` skips the checks of budget and radius (the caller
+    validated them; on CUDA each is a sync)."""
     if check_values and ((radius < 0).any() or radius.isnan().any()):
         raise ValueError("radius must be >= 0")
     if check_values and ((budget < 0).any() or not torch.isfinite(budget).all()):
         raise ValueError("budget must be finite and >= 0")
     z = eta.double() + step.double()[:, None] * direction.double()
-    projected = project_box_ball(z, budget, radius).to(eta.dtype)
-    return torch.where(active[:, None], projected, eta)
+    projected = project_box_ball(z, budget, radius)
+    projected = torch.where(torch.isfinite(z).all(1, keepdim=True), projected, math.nan)
+    return torch.where(active[:, None], projected.to(eta.dtype), eta)
 
 
 def adam_step_bf16(

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -134,10 +135,16 @@ at::Tensor ascend_and_project_cpu(const at::Tensor& eta, const at::Tensor& direc
       std::vector<int64_t> order(d);
       for (int64_t n = begin; n < end; ++n) {
         if (!ap[n]) continue;
+        bool finite = true;
         for (int64_t i = 0; i < d; ++i) {
           z[i] = static_cast<double>(op[n * d + i]) +
                  static_cast<double>(sp[n]) * static_cast<double>(dp[n * d + i]);
           uu[i] = static_cast<double>(up[n * d + i]);
+          finite = finite && std::isfinite(z[i]);
+        }
+        if (!finite) {  // no projection of a NaN or infinite point: the row is NaN
+          std::fill(op + n * d, op + (n + 1) * d, std::numeric_limits<scalar_t>::quiet_NaN());
+          continue;
         }
         project_row(z.data(), uu.data(), static_cast<double>(rp[n]), d, knot, order);
         for (int64_t i = 0; i < d; ++i) op[n * d + i] = static_cast<scalar_t>(z[i]);

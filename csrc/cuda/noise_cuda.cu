@@ -152,8 +152,23 @@ __global__ void ascend_and_project_kernel(
       }
       return block_sum(acc, s_partial);
     };
+    // the box alone (t = 1), and whether z is finite: a NaN or infinite point has no
+    // projection, and its row becomes NaN
+    double box_acc = 0.0;
+    int not_finite = 0;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const double zi = z_at(i), ui = static_cast<double>(ur[i]);
+      not_finite |= !isfinite(zi);
+      const double c = fmin(fmax(zi, -ui), ui);
+      box_acc += c * c;
+    }
+    if (__syncthreads_or(not_finite)) {
+      for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+        out[n * d + i] = static_cast<scalar_t>(NAN);
+      continue;
+    }
     double t = 1.0;
-    if (clipped_norm2(1.0) > r2) {
+    if (block_sum(box_acc, s_partial) > r2) {
       if (!(r > 0.0)) {
         t = 0.0;
       } else {
