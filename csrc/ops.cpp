@@ -56,7 +56,9 @@ TORCH_LIBRARY(oni, m) {
   // the exact Euclidean projection onto {|eta_i| <= budget_i} ∩ {||eta||_2 <= radius}
   // (KKT: eta = clip(z / (1 + lambda), -budget, budget), lambda >= 0 the smallest keeping
   // the norm <= radius). Inactive rows are returned unchanged; an active row whose z holds
-  // a NaN or an infinity (no projection exists) comes back all NaN. eta, direction, budget
+  // a NaN or an infinity (no projection exists) comes back all NaN, as does one where the
+  // ball binds and ||z||^2 overflows the float64 arithmetic inside (|z| beyond ~1e154; no
+  // float32 input gets there). eta, direction, budget
   // [N, d]; step, radius [N] (radius may be +inf); active [N] bool. -> eta [N, d]
   // check_values: scan budget (finite, >= 0) and radius (>= 0, not NaN) and raise on the
   // first bad one. False skips the scan on CUDA, where it costs a device-to-host readback

@@ -230,8 +230,9 @@ def ascend_and_project(
 ) -> Tensor:  # [N, d]
     """One projected ascent step ``eta + step * direction`` onto the box ∩ ball, on the rows
     where ``active``; the other rows are returned unchanged. An active row whose point
-    ``eta + step * direction`` holds a NaN or an infinity has no projection: it comes back
-    all NaN. ``check_values=False`` skips the checks of budget and radius (the caller
+    ``z = eta + step * direction`` holds a NaN or an infinity has no projection: it comes
+    back all NaN, as does one where the ball binds and ``||z||^2`` overflows float64 (``|z|``
+    beyond about 1e154, which no float32 input reaches). ``check_values=False`` skips the checks of budget and radius (the caller
     validated them; on CUDA each is a sync)."""
     if check_values and ((radius < 0).any() or radius.isnan().any()):
         raise ValueError("radius must be >= 0")
@@ -239,7 +240,11 @@ def ascend_and_project(
         raise ValueError("budget must be finite and >= 0")
     z = eta.double() + step.double()[:, None] * direction.double()
     projected = project_box_ball(z, budget, radius)
-    projected = torch.where(torch.isfinite(z).all(1, keepdim=True), projected, math.nan)
+    # no answer either where the ball binds and ||z||^2 overflows float64 (|z| > ~1e154)
+    box = torch.maximum(torch.minimum(z, budget.double()), -budget.double())
+    binds = (box.square().sum(1) > radius.double().square()) & (radius > 0)
+    answered = torch.isfinite(z).all(1) & ~(binds & ~torch.isfinite(z.square().sum(1)))
+    projected = torch.where(answered[:, None], projected, math.nan)
     return torch.where(active[:, None], projected.to(eta.dtype), eta)
 
 

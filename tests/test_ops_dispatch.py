@@ -254,3 +254,26 @@ def test_projection_of_a_non_finite_point_is_nan(device):
     finite = _ops.ascend_and_project(eta[2:3].nan_to_num(), direction[2:3].nan_to_num(posinf=0),
                                      step[2:3], budget[2:3], radius[2:3], active[2:3])
     assert torch.isfinite(finite).all() and finite.norm() <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_where_the_squared_norm_overflows(device):
+    """float64 points beyond ~1e154 overflow ||z||^2: NaN where the ball binds (no silent 0),
+    the box's answer where it does not; float32's largest values project correctly."""
+    f64 = dict(dtype=torch.float64, device=device)
+    eta = torch.tensor([[1e155, 3e155, 4e155], [1e155, 0.1, 0.1]], **f64)
+    zeros, step = torch.zeros_like(eta), torch.zeros(2, **f64)
+    budget = torch.tensor([[1.0, 10.0, 10.0], [1.0, 10.0, 10.0]], **f64)
+    radius = torch.tensor([1.0, 5.0], **f64)  # row 1: the box alone is inside the ball
+    active = torch.ones(2, dtype=torch.bool, device=device)
+    for impl in (_ops, oni.reference):
+        out = impl.ascend_and_project(eta, zeros, step, budget, radius, active)
+        assert out[0].isnan().all(), impl
+        torch.testing.assert_close(out[1], torch.tensor([1.0, 0.1, 0.1], **f64))
+    big = torch.full((2, 3), torch.finfo(torch.float32).max, device=device)
+    z32 = torch.zeros_like(big)
+    out = _ops.ascend_and_project(big, z32, z32[:, 0], budget.float(), radius.float(), active)
+    twin = oni.reference.ascend_and_project(big, z32, z32[:, 0], budget.float(), radius.float(),
+                                            active)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, twin, rtol=1e-6, atol=1e-6)

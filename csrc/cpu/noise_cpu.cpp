@@ -77,6 +77,10 @@ void project_row(double* z, const double* u, double rho, int64_t d, std::vector<
   // prefix sums over the sorted features: clipped mass C_j (first j clipped), free mass A_j
   double total_z2 = 0.0;
   for (int64_t i = 0; i < d; ++i) total_z2 += z[i] * z[i];
+  if (!std::isfinite(total_z2)) {  // |z| beyond ~1e154: the masses overflow, no answer
+    std::fill(z, z + d, std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
   // g at the left end of segment j (t = knot[order[j]], features order[0..j-1] clipped)
   // is increasing in j; find the last j whose left end is still <= rho^2.
   double clipped = 0.0, free_z2 = total_z2, t = 0.0;

@@ -154,21 +154,27 @@ __global__ void ascend_and_project_kernel(
     };
     // the box alone (t = 1), and whether z is finite: a NaN or infinite point has no
     // projection, and its row becomes NaN
-    double box_acc = 0.0;
+    double box_acc = 0.0, z2_acc = 0.0;
     int not_finite = 0;
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
       const double zi = z_at(i), ui = static_cast<double>(ur[i]);
       not_finite |= !isfinite(zi);
       const double c = fmin(fmax(zi, -ui), ui);
       box_acc += c * c;
+      z2_acc += zi * zi;
     }
-    if (__syncthreads_or(not_finite)) {
+    const bool any_not_finite = __syncthreads_or(not_finite);
+    const double box2 = block_sum(box_acc, s_partial);
+    const double z2 = block_sum(z2_acc, s_partial);
+    // as the CPU kernel: when the ball binds and the squared norm of z overflows (|z| beyond
+    // ~1e154), the masses of the closed form are not finite either, and the row is NaN
+    if (any_not_finite || (box2 > r2 && r > 0.0 && !isfinite(z2))) {
       for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
         out[n * d + i] = static_cast<scalar_t>(NAN);
       continue;
     }
     double t = 1.0;
-    if (block_sum(box_acc, s_partial) > r2) {
+    if (box2 > r2) {
       if (!(r > 0.0)) {
         t = 0.0;
       } else {
