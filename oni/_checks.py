@@ -18,6 +18,18 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+MAX_SEED = 2 ** 63  # seeds are signed 64-bit integers in torch's generators and our hashes
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed in [0, 2**63): larger ones would wrap (2**64 seeds like 0) or overflow."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
 def check_finite(t: Tensor, name: str) -> None:
     """A ValueError naming ``name`` and the index of the first NaN or Inf, if ``t`` holds any.
 

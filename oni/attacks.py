@@ -103,7 +103,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int as _check_int
+from ._checks import check_int as _check_int, check_seed
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -304,7 +304,7 @@ def _check_inputs(target, data, splits, train_config, seed) -> None:
     if not isinstance(splits, Splits):
         raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
     _check_config(train_config)
-    _check_int(seed, "seed", 0)
+    check_seed(seed)
     for key in ("train", "known", "target", "shadow_pool"):
         idx = getattr(splits, key)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= data.n):

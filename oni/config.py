@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ._checks import MAX_SEED
+
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
            "GROUPS", "attack_groups"]
@@ -115,7 +117,7 @@ def _type_error(key: str, expected: str, value) -> ConfigError:
                        f"({type(value).__name__})")
 
 
-def _int(minimum: int, *, optional: bool = False):
+def _int(minimum: int, *, optional: bool = False, below: Optional[int] = None):
     def check(value, key):
         if value is None and optional:
             return None
@@ -124,6 +126,8 @@ def _int(minimum: int, *, optional: bool = False):
                               value)
         if value < minimum:
             raise ConfigError(f"config key '{key}': must be >= {minimum}, got {value}")
+        if below is not None and value >= below:
+            raise ConfigError(f"config key '{key}': must be < {below}, got {value}")
         return int(value)
     check.expected = f"int >= {minimum}" + (" or null" if optional else "")
     return check
@@ -237,7 +241,7 @@ def _attack_names() -> Tuple[str, ...]:
 SCHEMA: Dict[str, Any] = {
     "preset": Leaf(_choice(("default", "paper", "location30")),
                    "which defaults this config starts from (informational once resolved)"),
-    "seed": Leaf(_int(0), "seeds everything random: splits, training, defenses, attacks"),
+    "seed": Leaf(_int(0, below=MAX_SEED), "seeds everything random: splits, training, defenses, attacks"),
     "device": Leaf(_device, "where models train and attacks run: auto (cuda when "
                             "available), cpu, cuda, cuda:N"),
     "data": {
@@ -252,7 +256,7 @@ SCHEMA: Dict[str, Any] = {
             "n": Leaf(_int(18), "rows of oni.synthetic_purchase (when data.path is null)"),
             "d": Leaf(_int(1), "features (600 as Purchase100)"),
             "k": Leaf(_int(2), "classes (100 as Purchase100)"),
-            "seed": Leaf(_int(0), "the generator's seed"),
+            "seed": Leaf(_int(0, below=MAX_SEED), "the generator's seed"),
         },
     },
     "splits": {

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_int as _check_int
+from ._checks import check_int as _check_int, check_seed
 
 __all__ = [
     "DataError", "Dataset", "load_shokri_csv", "load_texas", "load_npz", "save_npz",
@@ -899,7 +899,7 @@ def synthetic_purchase(n: int = 20_000, *, d: int = 600, k: int = 100,
     n = _check_int(n, "n", 1)
     d = _check_int(d, "d", 1)
     k = _check_int(k, "k", 2)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n_hot = max(1, round(_SYNTHETIC_HOT_FRACTION * d))
     hot_share = n_hot / d
@@ -1033,7 +1033,7 @@ def make_splits(dataset: Dataset, *, preset: str = "auto",
     presets = ("auto", "proportional", *SPLIT_PRESETS)
     if preset not in presets:
         raise ValueError(f"make_splits: preset must be one of {presets}, got {preset!r}")
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     n = dataset.n
     rule = _auto_preset(dataset) if preset == "auto" else preset
     chosen = dict(SPLIT_PRESETS[rule]) if rule in SPLIT_PRESETS else _proportional_sizes(n)

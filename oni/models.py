@@ -32,6 +32,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._checks import check_seed as _check_seed
+
 __all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model",
            "load_model"]
 
@@ -46,7 +48,6 @@ STATE_DICT_FILE = "weights.pt"
 _MODEL_FILES = (CONFIG_FILE, SAFETENSORS_FILE, STATE_DICT_FILE)
 _MODEL_KINDS = ("mlp",)
 _MLP_KEYS = ("kind", "d", "k", "hidden")
-_MAX_SEED = 2 ** 63
 
 
 # ----------------------------------------------------------------------------- checks
@@ -65,13 +66,6 @@ def _check_hidden(hidden) -> Tuple[int, ...]:
                         f"got {type(hidden).__name__}")
     return tuple(_check_width(h, f"hidden[{i}]") for i, h in enumerate(hidden))
 
-
-def _check_seed(seed, name: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
-    return int(seed)
 
 
 def _resolve_device(device, name: str = "device") -> torch.device:

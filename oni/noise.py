@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_finite as _check_finite, first_bad_row
+from ._checks import check_finite as _check_finite, check_seed, first_bad_row
 from .models import SLOW_BF16_CPU, _native_bf16_cpu
 from .shapley import (
     ShapleyResult,
@@ -29,6 +29,7 @@ from .shapley import (
     _check_int,
     _check_logits,
     _check_model,
+    _check_model_input,
     _check_precision,
     _walk_precision,
     shapley_values,
@@ -108,9 +109,9 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
         ``[N, d]`` budgets ``u >= 0`` in phi's dtype.
 
     Raises:
-        ValueError: phi is not finite, or a ratio ``phi_i / max_j phi_j`` overflows phi's
-            dtype (a huge negative value over a tiny positive maximum), which would give an
-            infinite budget.
+        ValueError: phi is not finite, eps overflows phi's dtype in the budget, or a ratio
+            ``phi_i / max_j phi_j`` overflows phi's dtype (a huge negative value over a tiny
+            positive maximum), which would give an infinite budget.
     """
     if isinstance(phi, ShapleyResult):
         phi = phi.values
@@ -129,6 +130,9 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
     ratio = torch.where(scale > 0, score / torch.where(scale > 0, scale, 1.0), 0.0)
     budget = (eps * (1.0 - beta * ratio)).clamp(min=0.0)
     row = first_bad_row(~torch.isfinite(budget))
+    if row is not None and bool(torch.isfinite(ratio[row]).all()):
+        raise ValueError(f"eps = {eps:g} overflows phi's dtype {phi.dtype} in the budget "
+                         f"eps * (1 - beta * phi_i / max_j phi_j) of row {row}")
     if row is not None:
         # a value far below a tiny positive max: phi_i / max_j phi_j overflows the dtype
         raise ValueError(f"phi row {row}: the ratio phi_i / max_j phi_j of eq. 7 overflows "
@@ -157,14 +161,24 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
     x = _check_inputs(x)
     _check_model(model)
     batch_size = _check_int(batch_size, "batch_size", 1)
+    _check_model_input(model, x)
+    _check_autograd("robustness_radius")
     return _radius_and_logits(model, x, batch_size)[0]
+
+
+def _check_autograd(what: str) -> None:
+    """The radius and the solver need input gradients; under inference_mode every model
+    would look constant (zero gradient: rho = +inf, no ascent)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} needs autograd (input gradients of the model) and was "
+                           f"called under torch.inference_mode(); call it outside")
 
 
 def _radius_and_logits(model, x: Tensor, batch_size: int = 8192,
                        what: str = "model output") -> tuple:
     """(radii, the logits at x, detached, in x's dtype): the solver needs both, and they come
     from the same forward passes."""
-    radii, outputs = [], []
+    radii, outputs, no_graph = [], [], False
     for lo in range(0, x.shape[0], batch_size):
         z = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
@@ -177,11 +191,17 @@ def _radius_and_logits(model, x: Tensor, batch_size: int = 8192,
             # a model that ignores its input has no graph to z: its gradient is zero
             grad = (torch.autograd.grad(gap.sum(), z, allow_unused=True)[0]
                     if gap.requires_grad else None)
+        no_graph = no_graph or grad is None
         grad = torch.zeros_like(z) if grad is None else grad
         gap, norm = gap.detach(), grad.norm(dim=1)
         rho = torch.where(norm > 0, gap / torch.where(norm > 0, norm, 1.0), math.inf)
         radii.append(torch.where(gap > 0, rho, 0.0).to(x.dtype))
         outputs.append(logits.detach().to(x.dtype))
+    if no_graph:
+        warnings.warn("the model's output has no autograd graph back to its input (a constant "
+                      "model, or one that detaches or runs under torch.no_grad() inside): its "
+                      "input gradient is taken as zero, so rho = +inf (no radius) and the noise "
+                      "solver cannot climb", stacklevel=3)
     return torch.cat(radii), torch.cat(outputs)
 
 
@@ -241,7 +261,11 @@ class _EntropyOracle:
                 objective = torch.where(spread, log_p.mean(1).to(entropy.dtype), entropy)
                 d_spread = 1.0 / logits.shape[1] - log_p.exp()
                 d_logits = torch.where(spread[:, None], d_spread.to(d_logits.dtype), d_logits)
-            (grad,) = torch.autograd.grad(logits, z, grad_outputs=d_logits.to(logits.dtype))
+            # a model with no graph back to z (constant) has zero input gradient; the radius
+            # has warned about it already
+            grad = (torch.autograd.grad(logits, z, grad_outputs=d_logits.to(logits.dtype),
+                                        allow_unused=True)[0] if logits.requires_grad else None)
+            grad = torch.zeros_like(z) if grad is None else grad
         return entropy, objective, grad
 
 
@@ -343,9 +367,11 @@ def optimal_noise(
     polish_iter = _check_int(polish_iter, "polish_iter", 0)
     starts = _check_int(starts, "starts", 1)
     rescue_starts = _check_int(rescue_starts, "rescue_starts", 0)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     precision = _check_precision(precision, x.device)
+    _check_model_input(model, x)
+    _check_autograd("optimal_noise")
     if precision == "bf16" and x.device.type == "cpu" and _native_bf16_cpu() is False:
         warnings.warn(SLOW_BF16_CPU, stacklevel=2)
     ops = _ops if use_kernel else reference
@@ -715,7 +741,8 @@ def uniform_noise(x: Tensor, eps: float, *, kind: str = "uniform", seed: int = 0
         x: ``[N, d]`` inputs (only their shape, dtype and device are used).
         eps: the budget: ``kind="uniform"`` draws ``eta_i ~ U(-eps, eps)``,
             ``kind="gaussian"`` draws ``eta_i ~ N(0, eps^2)``.
-        seed: seed of the draw (a ``torch.Generator`` on x's device).
+        seed: seed of the draw (a ``torch.Generator`` on x's device; on the CPU torch's
+            generator keeps only the seed's low 32 bits, so seeds 2**32 apart draw alike).
 
     Returns:
         ``[N, d]`` noise ``eta``; the noisy data is ``x + eta``.
@@ -724,8 +751,12 @@ def uniform_noise(x: Tensor, eps: float, *, kind: str = "uniform", seed: int = 0
     eps = _check_number(eps, "eps", 0.0)
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if kind == "uniform":
-        return (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
-    return torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) * eps
+        eta = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        eta = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype) * eps
+    if not bool(torch.isfinite(x + eta).all()):
+        raise ValueError(f"eps = {eps:g} overflows x's dtype {x.dtype}: x + eta is not finite")
+    return eta

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops, reference
-from ._checks import check_finite as _check_finite, check_int as _check_int, first_bad_row
+from ._checks import check_finite as _check_finite, check_int as _check_int, check_seed
+from ._checks import first_bad_row
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -119,7 +120,14 @@ def _check_baseline(baseline, x: Tensor, per_row: bool = False) -> Tensor:
     if baseline is None:
         return x.new_zeros((1, d))
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
-        return x.new_full((1, d), float(baseline))
+        try:
+            value = float(baseline)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value) or abs(value) > torch.finfo(x.dtype).max:
+            raise ValueError(f"baseline must be a finite number in x's dtype {x.dtype}, got "
+                             f"{baseline!r:.40}")
+        return x.new_full((1, d), value)
     if not isinstance(baseline, Tensor):
         raise TypeError(f"baseline must be None, a number or a tensor, got {type(baseline).__name__}")
     if baseline.device != x.device:
@@ -308,6 +316,25 @@ def _check_model(model, stacklevel: int = 3) -> None:
                       "random and mix rows; call model.eval()", stacklevel=stacklevel)
 
 
+def _check_model_input(model, x: Tensor) -> None:
+    """A model whose first layer is a plain nn.Linear (an nn.Sequential, e.g.
+    oni.models.MLP) must take x's width, dtype and device: said here, naming both, instead
+    of torch's "mat1 and mat2 shapes cannot be multiplied" from inside the model."""
+    split = _split_first_linear(model) if isinstance(model, nn.Module) else None
+    if split is None:
+        return
+    weight = split[0].weight
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"the model's first layer takes {weight.shape[1]} features, x has "
+                         f"d = {x.shape[1]}")
+    if weight.device != x.device:
+        raise ValueError(f"the model is on {weight.device}, x on {x.device}: move one to the "
+                         f"other's device")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"the model's weights are {weight.dtype}, x is {x.dtype}: cast one "
+                        f"to the other (model.to({x.dtype}) or x.to({weight.dtype}))")
+
+
 def _check_logits(out, n: int, what: str, min_classes: int = 2, hint: str = "") -> Tensor:
     """A model output must be ``[n, k]`` class scores, ``k >= min_classes``; float16/bfloat16
     outputs are widened to float32."""
@@ -323,12 +350,17 @@ def _check_logits(out, n: int, what: str, min_classes: int = 2, hint: str = "") 
 
 
 def _split_first_linear(model: nn.Module) -> Optional[Tuple[nn.Linear, nn.Module]]:
-    """(first nn.Linear, rest of the network) for an nn.Sequential starting with nn.Linear."""
-    if type(model).forward is not nn.Sequential.forward or len(model) == 0:
+    """(first nn.Linear, rest of the network) for an nn.Sequential starting with nn.Linear.
+    Only plain modules qualify (no hooks, no subclass with its own forward): the walk kernel
+    computes the first layer itself, and would skip what a hook or an override does."""
+    if (type(model).forward is not nn.Sequential.forward or len(model) == 0
+            or model._forward_hooks or model._forward_pre_hooks):
         return None
     first = model[0]
-    if isinstance(first, nn.Linear):
+    if _is_plain(first, nn.Linear):
         return first, model[1:]
+    if isinstance(first, nn.Linear):
+        return None
     inner = _split_first_linear(first) if isinstance(first, nn.Module) else None
     if inner is None:
         return None
@@ -354,6 +386,9 @@ def _resolve_target(target, labels, logits_x: Tensor) -> Tensor:
     if isinstance(target, bool):
         raise TypeError(f"{name} must be a class index, got a bool")
     if isinstance(target, numbers.Integral):
+        if not 0 <= target < k:  # here: an int beyond int64 cannot reach the tensor below
+            raise ValueError(f"{name}[0] = {target} is not a class index in [0, {k}) (the "
+                             f"model has k = {k} outputs)")
         classes = torch.full((n,), int(target), dtype=torch.long, device=device)
     elif isinstance(target, Tensor):
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -515,7 +550,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
                      link, precision="float32") -> ShapleyResult:
     n, d = x.shape
     n_permutations = _check_int(n_permutations, "n_permutations", 1)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     if max_batch_evals is not None:
         max_batch_evals = _check_int(max_batch_evals, "max_batch_evals", 1)
     if tol is not None:
@@ -523,6 +558,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             raise ValueError(f"tol must be None or a positive number, got {tol!r}")
     use_kernel = _check_backend(backend, x.device)
     precision = _check_precision(precision, x.device)
+    _check_model_input(model, x)
     game = _Game(model, link)
     ops = _ops if use_kernel else reference
 
@@ -689,6 +725,7 @@ def exact_shapley(
         raise ValueError(f"exact_shapley enumerates 2^d coalitions and supports d <= "
                          f"{MAX_EXACT_FEATURES}, got d = {d}; use shapley_values")
     refs = _check_baseline(baseline, x)
+    _check_model_input(model, x)
     game = _Game(model, link)
     with torch.no_grad():
         logits_x = game(x, "model output at x")
@@ -789,6 +826,9 @@ class ShapleyValueSampling:
                                       "supported; pass constants or close over them")
         x = _check_inputs(inputs)
         if isinstance(baselines, tuple):
+            if len(baselines) != 1:
+                raise ValueError(f"baselines as a tuple must hold one entry (one input), got "
+                                 f"{len(baselines)}")
             baselines = baselines[0]
         refs = _check_baseline(baselines, x, per_row=True)
         per_row = refs.shape[0] == x.shape[0] and x.shape[0] > 1
@@ -798,6 +838,14 @@ class ShapleyValueSampling:
             return out[:, None] if isinstance(out, Tensor) and out.dim() == 1 else out
 
         if target is None:
+            # as captum: no target means a model with one output; explaining column 0 of
+            # several would be a silent choice
+            with torch.no_grad():
+                out = game(x[:1])
+            if isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] > 1:
+                raise ValueError(f"target=None needs a forward_func with one output per "
+                                 f"input; this one has {out.shape[1]}: pass target (a class "
+                                 f"index or a tensor [N] of them)")
             target = 0
         result = _sampled_shapley(game, x, refs, per_row, target=target, labels=None,
                                   n_permutations=n_samples, antithetic=True, tol=None,

@@ -150,6 +150,8 @@ def test_presets(tmp_path):
     (["data.path=/no/such/file.csv"], "data.path"),              # missing data file
     (["splits.target=7"], "splits.target"),
     (["data.format=xml"], "data.format"),
+    ([f"seed={2 ** 63}"], "seed"),                               # beyond a signed int64
+    ([f"data.synthetic.seed={2 ** 64}"], "data.synthetic.seed"),
 ])
 def test_bad_configs_name_the_key(sets, key):
     with pytest.raises(ConfigError) as info:

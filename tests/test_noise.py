@@ -438,7 +438,32 @@ def test_radius_of_a_constant_model_is_inf():
         return torch.tensor([[2.0, 0.0, 0.0]]).expand(len(z), 3)
 
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
-    assert torch.isinf(oni.robustness_radius(constant, x)).all()
+    with pytest.warns(UserWarning, match="no autograd graph back to its input"):
+        assert torch.isinf(oni.robustness_radius(constant, x)).all()
+
+
+def test_radius_and_solver_refuse_inference_mode():
+    """Under inference_mode no model has an input gradient: every radius would be +inf and
+    the solver could not climb. Said at once, instead."""
+    model, x, phi = _bad_setup()
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="robustness_radius needs autograd .* "
+                                               "torch.inference_mode"):
+            oni.robustness_radius(model, x)
+        with pytest.raises(RuntimeError, match="optimal_noise needs autograd"):
+            oni.optimal_noise(model, x, phi, **_OK)
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+def test_solver_on_a_model_that_detaches_its_output_warns_and_flags():
+    """No input gradient (the output detached inside the model): no autograd error from deep
+    inside; a warning, and the rows that do not meet tau at x flagged infeasible (their
+    random starts are all the solver has)."""
+    model, x, phi = _bad_setup()
+    with pytest.warns(UserWarning, match="no autograd graph back to its input"):
+        result = oni.optimal_noise(lambda z: model(z).detach(), x, phi, **_OK, max_iter=5)
+    assert not result.feasible.all()
+    assert torch.equal(result.feasible, result.entropy >= result.tau)
 
 
 # ============================================================================ 5. solver quality
@@ -829,6 +854,12 @@ _OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
     (lambda m, x, p: dict(phi=p, polish_iter=-1, **_OK), ValueError, "polish_iter must be >= 0"),
     (lambda m, x, p: dict(phi=p, polish_iter=2.5, **_OK), TypeError, "polish_iter must be"),
     (lambda m, x, p: dict(phi=p, **{**_OK, "eps": "0.5"}), TypeError, "eps must be a number"),
+    (lambda m, x, p: dict(phi=p, **{**_OK, "eps": 1e300}), ValueError,
+     "eps = 1e\\+300 overflows phi's dtype torch.float32 in the budget"),
+    (lambda m, x, p: dict(phi=p, seed=2 ** 63, **_OK), ValueError,
+     "seed must be in \\[0, 2\\*\\*63\\)"),
+    (lambda m, x, p: dict(x=x[:, :-1], phi=p[:, :-1], **_OK), ValueError,
+     "the model's first layer takes 6 features, x has d = 5"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_optimal_noise_bad_input(make, error, message):
     model, x, phi = _bad_setup()
@@ -895,6 +926,14 @@ def test_budget_radius_uniform_bad_input():
         oni.uniform_noise(x, -0.5)
     with pytest.raises(TypeError, match="x must be float32 or float64"):
         oni.uniform_noise(x.long(), 0.5)
+    for kind in ("uniform", "gaussian"):
+        with pytest.raises(ValueError, match="eps = 1e\\+300 overflows x's dtype torch.float32"):
+            oni.uniform_noise(x, 1e300, kind=kind)
+    assert torch.isfinite(oni.uniform_noise(x.double(), 1e300)).all()
+    with pytest.raises(ValueError, match="seed must be in"):
+        oni.uniform_noise(x, 0.5, seed=2 ** 64)
+    with pytest.raises(ValueError, match="the model's first layer takes 6 features"):
+        oni.robustness_radius(model, x[:, :2])
 
 
 def _project_args():

@@ -329,6 +329,22 @@ def _model_and_x():
     (lambda m, x: oni.shapley_values(m, x, target=3), ValueError,
      "target\\[0\\] = 3 is not a class index in \\[0, 3\\)"),
     (lambda m, x: oni.shapley_values(m, x, target=-1), ValueError, "is not a class index"),
+    (lambda m, x: oni.shapley_values(m, x, target=2 ** 70), ValueError,
+     "target\\[0\\] = 1180591620717411303424 is not a class index"),
+    (lambda m, x: oni.shapley_values(m, x, math.nan), ValueError,
+     "baseline must be a finite number in x's dtype"),
+    (lambda m, x: oni.shapley_values(m, x, 10 ** 400), ValueError,
+     "baseline must be a finite number"),
+    (lambda m, x: oni.shapley_values(m, x, 1e300), ValueError,
+     "baseline must be a finite number in x's dtype torch.float32"),
+    (lambda m, x: oni.shapley_values(m, x, seed=2 ** 64), ValueError,
+     "seed must be in \\[0, 2\\*\\*63\\), got 18446744073709551616"),
+    (lambda m, x: oni.shapley_values(m, x[:, :4]), ValueError,
+     "the model's first layer takes 5 features, x has d = 4"),
+    (lambda m, x: oni.exact_shapley(m, x[:, :4]), ValueError,
+     "the model's first layer takes 5 features"),
+    (lambda m, x: oni.shapley_values(m, x.double()), TypeError,
+     "the model's weights are torch.float32, x is torch.float64"),
     (lambda m, x: oni.shapley_values(m, x, target=torch.tensor([0, 1])), ValueError,
      "target must be \\[N\\] = \\[4\\]"),
     (lambda m, x: oni.shapley_values(m, x, target="label", labels=torch.tensor([0, 1, 2, 7])),
@@ -395,3 +411,42 @@ def test_kernel_backend_without_cuda_kernels_is_a_clear_error():
     from oni.shapley import _check_backend
     with pytest.raises(RuntimeError, match="without kernels for"):
         _check_backend("kernel", torch.device("meta"))
+
+
+@pytest.mark.parametrize("hook", ["first_linear", "sequential", "subclass"])
+def test_first_layer_with_a_hook_or_override_is_not_skipped(hook):
+    """The walk kernel computes the first Linear itself: a hook on it, a hook on the
+    Sequential, or a Linear subclass with its own forward must send the model down the
+    generic path, which runs the model as it is (here made constant: every value is 0)."""
+    model, x = _model_and_x()
+    if hook == "first_linear":
+        model[0].register_forward_hook(lambda mod, inp, out: out * 0)
+    elif hook == "sequential":
+        model.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0,))
+    else:
+        class Zeroed(torch.nn.Linear):
+            def forward(self, z):
+                return super().forward(z * 0)
+        zeroed = Zeroed(5, model[0].out_features)
+        zeroed.load_state_dict(model[0].state_dict())
+        model[0] = zeroed
+    # constant up to rounding (the batched rows of a GEMM); the fast path gave up to 0.02
+    values = oni.shapley_values(model, x, n_permutations=8, backend="kernel").values
+    assert values.abs().max() < 1e-7
+    assert oni.exact_shapley(model, x).values.abs().max() < 1e-7
+
+
+def test_shapley_value_sampling_without_target_needs_one_output():
+    """captum's contract: target=None is for a model with one output per input; with several
+    it is an error, not column 0 chosen in silence."""
+    model, x = _model_and_x()
+    explainer = oni.ShapleyValueSampling(model)
+    with pytest.raises(ValueError, match="target=None needs a forward_func with one output per "
+                                         "input; this one has 3"):
+        explainer.attribute(x, n_samples=2)
+    one = oni.ShapleyValueSampling(lambda z: model(z)[:, 1])
+    torch.testing.assert_close(one.attribute(x, n_samples=4),
+                               explainer.attribute(x, target=1, n_samples=4))
+    with pytest.raises(ValueError, match="baselines as a tuple must hold one entry"):
+        explainer.attribute(x, baselines=(), target=0)
+
