@@ -103,7 +103,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int as _check_int, check_seed
+from ._checks import check_int as _check_int, check_seed, first_bad_row
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -572,6 +572,24 @@ def _shadow_attack(cfg, ref: _Reference, target_probs: Tensor, target_labels: Te
 
 # ----------------------------------------------------------------------------- metric attacks
 
+def _check_probs_and_labels(probs, labels) -> None:
+    """probs ``[..., n, k]`` floating, labels ``[n]`` integer class indices in [0, k): a
+    mismatch would broadcast (one label for every row) or gather the wrong rows."""
+    if not isinstance(probs, Tensor) or probs.dim() < 2 or not probs.dtype.is_floating_point:
+        raise ValueError(f"probs must be a floating tensor [..., n, k], got "
+                         f"{tuple(probs.shape) if isinstance(probs, Tensor) else type(probs)}")
+    n, k = probs.shape[-2:]
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != n:
+        raise ValueError(f"labels must be a tensor [n] = [{n}] (one per row of probs), got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
+    row = first_bad_row((labels < 0) | (labels >= k))
+    if row is not None:
+        raise ValueError(f"labels[{row}] = {int(labels[row])} is not a class index in "
+                         f"[0, {k})")
+
+
 def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     """Song & Mittal's per-row values, oriented so that higher = more likely a member.
 
@@ -592,6 +610,9 @@ def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    _check_probs_and_labels(probs, labels)
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [n, k], got shape {tuple(probs.shape)}")
     p = probs.double()
     y = labels.long().unsqueeze(1)
     p_y = p.gather(1, y).squeeze(1)
@@ -741,6 +762,7 @@ def scaled_logit(probs: Tensor, labels: Tensor) -> Tensor:
     Tensor
         ``[..., n]`` float64.
     """
+    _check_probs_and_labels(probs, labels)
     p = probs.double()
     y = labels.long().expand(p.shape[:-1]).unsqueeze(-1)
     p_y = p.gather(-1, y).squeeze(-1)

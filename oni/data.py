@@ -190,10 +190,12 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
         raise ValueError(f"y must be 1-D with one label per row of x ([{x32.shape[0]}]), "
                          f"got shape {y_np.shape}")
     if y_np.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(y_np) | (y_np != np.round(y_np)))
+        # whole numbers that an int64 holds exactly (beyond 2**63 the cast would wrap)
+        bad = np.flatnonzero(~np.isfinite(y_np) | (y_np != np.round(y_np))
+                             | (np.abs(y_np) >= 2.0 ** 63))
         if bad.size:
-            raise ValueError(f"y must hold whole-number labels, got {y_np[bad[0]]} at "
-                             f"row {bad[0]}")
+            raise ValueError(f"y must hold whole-number labels within int64, got "
+                             f"{y_np[bad[0]]} at row {bad[0]}")
     elif y_np.dtype.kind not in "biuUS":
         raise TypeError(f"y must hold integer, whole-number float, string or bool labels, "
                         f"got dtype {y_np.dtype}")
@@ -313,12 +315,17 @@ class _TableParser:
             raise self.error(first, f"the {n_lines} lines from here do not parse as "
                              f"{n_lines} x {self.n_fields} numbers")
         values = values.reshape(n_lines, self.n_fields)
-        bad = np.argwhere(~np.isfinite(values))
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            features = values[:, 1:].astype(np.float32)
+        # finite in float64 is not enough: the features are kept as float32
+        bad = np.argwhere(~np.isfinite(values) | ~np.isfinite(np.hstack(
+            [values[:, :1], features])))
         if bad.size:
             row, col = (int(v) for v in bad[0])
             raise self.error(first + row, f"field {col + 1} is {values[row, col]}, "
-                             f"expected a finite number")
-        return values[:, 0].copy(), values[:, 1:].astype(np.float32)
+                             f"expected a finite number" + (" within float32's range"
+                                                            if col else ""))
+        return values[:, 0].copy(), features
 
     def _raise_bad_field(self, text: bytes, first: int) -> None:
         """Finds the first field that is not a number, line by line, and raises for it."""
@@ -405,6 +412,11 @@ def _check_labels(labels: np.ndarray, features: Optional[np.ndarray], source: st
         row = int(fractional[0])
         raise DataError(f"{source}, line {row + 1}: the label ({where}) is "
                         f"{labels[row]:g}, not a whole number{hint}")
+    huge = np.flatnonzero(np.abs(labels) >= 2.0 ** 63)  # the int64 cast would wrap
+    if huge.size:
+        row = int(huge[0])
+        raise DataError(f"{source}, line {row + 1}: the label ({where}) is {labels[row]:g}, "
+                        f"beyond the int64 range of class labels")
     if np.unique(labels).size < 2:
         raise DataError(f"{source}, line 1: every record has the label {labels[0]:g} "
                         f"({where}); a classification data set needs at least two classes")

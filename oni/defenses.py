@@ -332,6 +332,14 @@ class DynaNoise:
         self.temperature = _number(0.0, low_open=True)(temperature, "temperature")
         self.draws = _integer(1)(draws, "draws")
         self.noise_seed = _check_seed(noise_seed, "noise_seed")
+        # the noise is drawn and scaled in float32, as the logits are
+        f32 = torch.finfo(torch.float32)
+        if not self.sigma0_sq * (1.0 + self.lam) <= f32.max:
+            raise ValueError(f"sigma0_sq * (1 + lam) = {self.sigma0_sq * (1.0 + self.lam):g} "
+                             f"overflows float32, the dtype of the logits and the noise")
+        if self.temperature < f32.tiny:
+            raise ValueError(f"temperature = {self.temperature:g} is below float32's smallest "
+                             f"normal number {f32.tiny:g}: the logits / temperature overflow")
         self.reset()
 
     def reset(self) -> None:
@@ -349,7 +357,14 @@ class DynaNoise:
         certainty = 1.0 - entropy / math.log(k) if k > 1 else torch.zeros_like(entropy)
         sigma = (self.sigma0_sq * (1.0 + self.lam * certainty)).sqrt()
         noisy = logits + sigma[:, None] * noise  # [draws, N, k]
-        return torch.softmax(noisy / self.temperature, dim=2).mean(dim=0)
+        probs = torch.softmax(noisy / self.temperature, dim=2).mean(dim=0)
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError(
+                f"DynaNoise's released probabilities are not finite: the noisy logits "
+                f"(sigma0_sq = {self.sigma0_sq:g}, lam = {self.lam:g}) over the temperature "
+                f"({self.temperature:g}) overflow float32; use smaller noise or a larger "
+                f"temperature")
+        return probs
 
 
 # ----------------------------------------------------------------------------- result

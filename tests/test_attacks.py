@@ -238,6 +238,24 @@ def test_scaled_logit_is_stable():
     assert batched.shape == (2, 3) and torch.equal(batched[0], phi)
 
 
+@pytest.mark.parametrize("call", [lambda p, y: metric_values("loss", p, y), scaled_logit])
+def test_metric_values_and_scaled_logit_check_their_labels(call):
+    """A label per row of probs, each a class index: fewer labels used to broadcast (one
+    label for every row) and give a result of the wrong rows, without a word."""
+    p = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), 1)
+    with pytest.raises(ValueError, match=r"labels must be a tensor \[n\] = \[4\]"):
+        call(p, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"labels must be a tensor \[n\] = \[4\]"):
+        call(p, torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"labels\[2\] = 3 is not a class index in \[0, 3\)"):
+        call(p, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(TypeError, match="labels must hold integer class indices"):
+        call(p, torch.zeros(4))
+    with pytest.raises(ValueError, match="probs must be a floating tensor"):
+        call(p[0], torch.tensor([0]))
+    assert call(p, torch.tensor([0, 1, 2, 0])).shape == (4,)
+
+
 def test_best_threshold_is_song_and_mittals_rule():
     # "member iff value >= t": t = 0.8 gives (2/3 + 1) / 2, t = 0.6 gives (1 + 4/5) / 2
     values = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=torch.float64)

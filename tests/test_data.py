@@ -150,6 +150,9 @@ BAD_SHOKRI = {
                                "empty line"),
     "header line": ("label,f1,f2,f3\n" + "\n".join(GOOD) + "\n", 1, "header"),
     "not finite": (_with(2, "2,1,nan,0"), 2, "finite"),
+    "beyond float32": (_with(2, "2,1,1e300,0"), 2, "field 3 is 1e+300, expected a finite number "
+                                                   "within float32's range"),
+    "label beyond int64": (_with(3, "1e300,0,0,1"), 3, "beyond the int64 range"),
     "fractional label": (_with(3, "0.5,0,0,1"), 3, "not a whole number"),
     "labels in the last column": ("0,1,0,7\n1,0,1,3\n0,0,1,7\n", 1, "last"),
     "labels in the last column, later line": ("0,1,0,1\n1,0,1,0\n0,0,1,12\n", 3, "last"),
@@ -420,6 +423,8 @@ def test_from_arrays(tmp_path):
         data.from_arrays(np.where(x > 0, np.inf, 0), y)
     with pytest.raises(ValueError, match="whole-number"):
         data.from_arrays(x, y + 0.5)
+    with pytest.raises(ValueError, match="whole-number labels within int64, got 1e\\+300 at row 0"):
+        data.from_arrays(x, np.where(np.arange(len(y)) == 0, 1e300, y))
     with pytest.raises(TypeError, match="numbers"):
         data.from_arrays(np.array([["a"]]), [1])
     with pytest.raises(ValueError, match="no rows"):

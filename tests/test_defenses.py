@@ -321,6 +321,15 @@ def test_dynanoise_noise_grows_with_certainty_and_vanishes_without_sigma():
         DynaNoise(model, temperature=0.0)
     with pytest.raises(TypeError, match="draws"):
         DynaNoise(model, draws=1.5)
+    # values that pass the range checks but overflow float32: refused, not NaN released
+    with pytest.raises(ValueError, match="sigma0_sq \\* \\(1 \\+ lam\\) = 3e\\+300 overflows"):
+        DynaNoise(model, sigma0_sq=1e300)
+    with pytest.raises(ValueError, match="temperature = 1e-300 is below float32's smallest"):
+        DynaNoise(model, temperature=1e-300)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([1e3, 0.0, 0.0, 0.0]))
+    with pytest.raises(FloatingPointError, match="released probabilities are not finite"):
+        DynaNoise(model, sigma0_sq=0.0, temperature=1e-37)(x)
 
 
 # ----------------------------------------------------------------------------- DP-SGD
