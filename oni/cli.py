@@ -476,7 +476,10 @@ class _Experiment:
                 "history": _history_dict(defended.history),
                 "config": defended.config,
                 "report": {k: v for k, v in defended.report.items() if _jsonable(v)}}
-        return ["model/model.json"], meta
+        # every file of the model (its weights too): a damaged one is found and recomputed
+        files = sorted(path.relative_to(directory).as_posix()
+                       for path in (directory / "model").rglob("*") if path.is_file())
+        return files, meta
 
     def _target(self) -> None:
         from .defenses import defend, load_defended
@@ -632,15 +635,41 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
     _check_device_settings(config)
     log = _Log(quiet)
     run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
     wall_start = time.perf_counter()
+    config_bytes = cfgmod.dump_yaml(config).encode()
     with _run_lock(run_dir):
-        write_atomic(run_dir / "config.yaml", cfgmod.dump_yaml(config).encode())
+        # config.yaml describes results.json: over a finished run it is replaced only with
+        # the new results, so a run that fails leaves the old pair as it was
+        if not (run_dir / "results.json").exists():
+            write_atomic(run_dir / "config.yaml", config_bytes)
         results, roc = _Experiment(config, run_dir, log, progress and not quiet).run()
         results["wall_seconds"] = time.perf_counter() - wall_start
         write_atomic(run_dir / "roc.npz", _npz_bytes(roc))
         write_atomic(run_dir / "results.json", _json_bytes(results))
+        write_atomic(run_dir / "config.yaml", config_bytes)
         build_report(run_dir)
     return results
+
+
+# what `oni run` writes in its directory; any other entry means the directory is not a run's
+_RUN_ENTRIES = {".lock", "config.yaml", "stages", "results.json", "results.csv", "roc.npz",
+                "report.md", "figures"}
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run goes to a new or empty directory, or one an earlier run wrote (to resume or
+    update it); a directory of other files is refused before anything in it is replaced."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
+    if not run_dir.is_dir():
+        return
+    entries = {entry.name for entry in run_dir.iterdir()} - {".lock"}
+    if entries and not entries & {"config.yaml", "stages"}:
+        foreign = sorted(entries - _RUN_ENTRIES)[:3] or sorted(entries)[:3]
+        raise ConfigError(f"--out {run_dir} holds files that no oni run wrote (e.g. "
+                          f"{', '.join(foreign)}), and a run would replace its report.md, "
+                          f"results.csv and figures/: use a new or empty directory")
 
 
 def _balanced(metrics: Mapping) -> float:
@@ -765,16 +794,56 @@ def _model_and_rows(args):
     return device, model, data, data.x.to(device)
 
 
+def _check_output_paths(outputs: Mapping[str, Optional[str]],
+                        inputs: Mapping[str, Optional[str]]) -> None:
+    """Before any work: every output goes to its own file, none overwrites an input (the
+    data, --phi, --baseline) or is a directory."""
+    seen: Dict[Path, str] = {}
+    for flag, path in inputs.items():
+        if path:
+            seen[Path(path).expanduser().resolve()] = flag
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise ConfigError(f"{flag} {path} is also {seen[resolved]}: it would be "
+                              f"overwritten; write to another file")
+        if resolved.is_dir():
+            raise ConfigError(f"{flag} {path} is a directory; give a file name")
+        seen[resolved] = flag
+
+
+def _load_array(path: str, flag: str) -> np.ndarray:
+    """A numeric .npy array, or a ConfigError naming the flag."""
+    import zipfile
+    try:
+        array = np.load(Path(path).expanduser(), allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{flag} {path}: not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ConfigError(f"{flag} {path}: an .npz archive; expected one .npy array")
+    if array.dtype.kind not in "biuf":
+        raise ConfigError(f"{flag} {path}: expected numbers, got dtype {array.dtype}")
+    return array
+
+
 def _cmd_shapley(args) -> int:
     import torch
 
     from .shapley import shapley_values
+    baseline_file = args.baseline if args.baseline not in ("zero", "mean", None) else None
+    _check_output_paths({"--out": args.out, "--stderr-out": args.stderr_out},
+                        {"DATA": args.data, "--baseline": baseline_file})
     device, model, data, x = _model_and_rows(args)
     baseline = None
     if args.baseline == "mean":
         baseline = x.mean(dim=0)
-    elif args.baseline not in ("zero", None):
-        baseline = torch.from_numpy(np.load(args.baseline)).float().to(device)
+    elif baseline_file:
+        baseline = torch.from_numpy(_load_array(baseline_file, "--baseline")).float().to(device)
     target = args.target
     labels = None
     if target == "label":
@@ -806,10 +875,12 @@ def _cmd_noise(args) -> int:
     import torch
 
     from .noise import optimal_noise
+    _check_output_paths({"--out": args.out, "--details": args.details},
+                        {"DATA": args.data, "--phi": args.phi})
     device, model, data, x = _model_and_rows(args)
     phi = None
     if args.phi:
-        phi = torch.from_numpy(np.load(args.phi)).to(device, x.dtype)
+        phi = torch.from_numpy(_load_array(args.phi, "--phi")).to(device, x.dtype)
         if tuple(phi.shape) != tuple(x.shape):
             raise ConfigError(f"--phi {args.phi}: shape {tuple(phi.shape)} does not match the "
                               f"selected data rows {tuple(x.shape)} (use the same --rows)")
@@ -1029,6 +1100,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"oni {args.command}: error: {err}", file=sys.stderr)
             return 2
         raise
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        # the library's own checks name the argument and what was expected: a message, not a
+        # traceback (ONI_TRACEBACK=1 shows it); a bad value is a usage error (2), a run that
+        # failed on its numbers (diverged training) a failure (1)
+        if os.environ.get("ONI_TRACEBACK"):
+            raise
+        kind = type(err).__name__
+        print(f"oni {args.command}: error: {err} ({kind}; ONI_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1 if isinstance(err, FloatingPointError) else 2
     except KeyboardInterrupt:
         if args.command == "run":
             print("oni run: interrupted; the finished stages are saved: run the same command "

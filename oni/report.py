@@ -24,6 +24,7 @@ import json
 import math
 import os
 import secrets
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -366,8 +367,16 @@ def build_report(run_dir: os.PathLike) -> Path:
     """Writes ``results.csv``, ``figures/*.png`` and ``report.md`` of a run directory from
     its ``results.json`` and ``roc.npz``; returns the path of ``report.md``."""
     run_dir = Path(run_dir)
-    results, roc = _load(run_dir)
-    write_atomic(run_dir / "results.csv", _csv_bytes(results_rows(results)))
+    try:
+        results, roc = _load(run_dir)
+        rows = results_rows(results)
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:  # JSON, UTF-8, npz damage
+        raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
+                         f"same `oni run` again to rewrite them") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{run_dir}: results.json is not what `oni run` writes (no "
+                         f"{err}); run the same `oni run` again to rewrite it") from None
+    write_atomic(run_dir / "results.csv", _csv_bytes(rows))
     figures_dir = run_dir / "figures"
     figures = {
         "accuracy": _fig_accuracy(results, figures_dir / FIGURES["accuracy"]),
@@ -376,4 +385,7 @@ def build_report(run_dir: os.PathLike) -> Path:
         "lira": _fig_lira(results, roc, figures_dir / FIGURES["lira"]),
         "tradeoff": _fig_tradeoff(results, figures_dir / FIGURES["tradeoff"]),
     }
+    for key, name in figures.items():  # a figure this run has not (LiRA not run): drop the
+        if not name:                    # one an earlier run in this directory left
+            (figures_dir / FIGURES[key]).unlink(missing_ok=True)
     return write_atomic(run_dir / "report.md", _markdown(results, figures).encode())

@@ -4,6 +4,7 @@ shapley / noise commands."""
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -347,10 +348,12 @@ def test_corrupt_or_missing_stage_files_are_recomputed(small_reference, tiny_yam
     scores.write_bytes(scores.read_bytes()[:100])          # a torn file
     (out / "stages" / "defense-dynanoise" / "stage.json").unlink()   # a stage never finished
     (out / "stages" / "oni-phi" / "stage.json").write_text("{not json")  # a torn record
+    weights = next((out / "stages" / "defense-oni" / "model").glob("weights.*"))
+    weights.write_bytes(weights.read_bytes()[:-8])  # a model's weights, torn
     assert _run(_small(tiny_yaml, out)) == 0
     status = _stage_status(out)
     assert not status["attack-oni-lira_online"] and not status["defense-dynanoise"]
-    assert not status["oni-phi"]
+    assert not status["oni-phi"] and not status["defense-oni"]
     assert status["target"] and status["attack-undefended-lira_online"]
     assert _metrics(out) == _metrics(small_reference)
 
@@ -508,3 +511,103 @@ def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "oni.cli", "--help"], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "shapley" in proc.stdout and "report" in proc.stdout
+
+
+def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_and_data,
+                                                                         capsys, tmp_path):
+    """Outputs that would overwrite an input or each other, unreadable --phi/--baseline
+    files and values the library refuses: a one-line error naming them, exit 2, and
+    nothing written."""
+    root, model, data = model_and_data
+    model_dir, data_path = str(root / "model"), str(root / "data.npz")
+    out = tmp_path / "o.npy"
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    (tmp_path / "torn.npy").write_bytes(b"\x93NUMPY\x01")
+    np.savez(tmp_path / "two.npz", a=np.zeros(3))
+    cases = [
+        (["noise", model_dir, data_path, "--out", str(out), "--details", str(out)],
+         "--details .* is also --out"),
+        (["noise", model_dir, data_path, "--out", data_path], "--out .* is also DATA"),
+        (["shapley", model_dir, data_path, "--out", str(tmp_path)], "is a directory"),
+        (["noise", model_dir, data_path, "--out", str(out), "--phi",
+          str(tmp_path / "text.npy")], "--phi .*: expected numbers, got dtype <U1"),
+        (["noise", model_dir, data_path, "--out", str(out), "--phi",
+          str(tmp_path / "torn.npy")], "--phi .*: not a readable .npy array"),
+        (["shapley", model_dir, data_path, "--out", str(out), "--baseline",
+          str(tmp_path / "two.npz")], "--baseline .*: an .npz archive"),
+        (["shapley", model_dir, data_path, "--out", str(out), "--n-permutations", "0"],
+         "n_permutations must be >= 1"),
+        (["noise", model_dir, data_path, "--out", str(out), "--eps", "-1"],
+         "eps must be a finite number"),
+        (["shapley", model_dir, data_path, "--out", str(out), "--baseline",
+          str(tmp_path / "two.npz").replace("two.npz", "none.npy")], "no such file"),
+    ]
+    for argv, message in cases:
+        assert cli.main([*argv, "--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err), (message, err)
+        assert "Traceback" not in err
+    assert not out.exists()
+    assert np.load(data_path) is not None  # the data file is intact
+
+
+def test_run_refuses_a_directory_of_other_files(tiny_yaml, tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    assert _run([tiny_yaml, "--out", mine]) == 2
+    assert "holds files that no oni run wrote (e.g. report.md)" in capsys.readouterr().err
+    assert (mine / "report.md").read_text() == "my own report"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    (tmp_path / "file").write_text("x")
+    assert _run([tiny_yaml, "--out", tmp_path / "file"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def cfgmod_load(path):
+    from oni.config import load_yaml
+    return load_yaml(path.read_text(), source=str(path))
+
+
+def test_a_failed_run_over_a_finished_one_keeps_its_config_and_figures(small_reference,
+                                                                       tiny_yaml, tmp_path,
+                                                                       monkeypatch):
+    """config.yaml describes results.json: a later run that fails leaves the pair as it was;
+    a later run without LiRA drops the old LiRA figure instead of showing it as its own."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "results.json")}
+    assert (out / "figures" / "lira_roc.png").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(cli, "_oni_distill", broken)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        _run(_small(tiny_yaml, out, "defenses.oni.tau_fraction=0.8"))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss]")) == 0
+    assert (out / "config.yaml").read_bytes() != before["config.yaml"]  # the new pair
+    assert _results(out)["config"] == cfgmod_load(out / "config.yaml")
+    assert not (out / "figures" / "lira_roc.png").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc"])
+def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, tmp_path,
+                                                               capsys, damage):
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    results = out / "results.json"
+    report = (out / "report.md").read_bytes()
+    if damage == "roc":
+        (out / "roc.npz").write_bytes(b"PK\x03\x04 torn")
+    else:
+        results.write_bytes({"truncated": results.read_bytes()[:50], "empty object": b"{}",
+                             "list": b"[]", "not utf-8": b"\xff\xfe{"}[damage])
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err or "not what `oni run` writes" in err, err
+    assert "Traceback" not in err
+    assert (out / "report.md").read_bytes() == report  # the last good report is kept
+
