@@ -27,6 +27,8 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
+from ._checks import first_bad_row
+
 __all__ = [
     "prediction_accuracy",
     "utility_report",
@@ -132,6 +134,11 @@ def prediction_accuracy(outputs, labels) -> float:
         raise ValueError(f"outputs has {len(pred)} rows but labels has {len(lab)}")
     if len(lab) == 0:
         raise ValueError("labels is empty: accuracy of no rows is undefined")
+    k = out.shape[1] if out.ndim == 2 else None
+    row = first_bad_row((lab < 0) if k is None else (lab < 0) | (lab >= k))
+    if row is not None:
+        raise ValueError(f"labels[{row}] = {int(lab[row])} is not a class index"
+                         + (f" in [0, {k})" if k is not None else " (>= 0)"))
     return float((pred.long() == lab.long()).double().mean())
 
 

@@ -395,6 +395,8 @@ def optimal_noise(
         raise ValueError(f"phi must be [N, d] = [{n}, {d}] like x, got {got}")
     if phi.device != x.device:
         raise ValueError(f"phi must be on x's device {x.device}, got {phi.device}")
+    if not phi.dtype.is_floating_point:  # before the cast below would accept ints, bools
+        raise TypeError(f"phi must be a float tensor, got {phi.dtype}")
     budget = noise_budget(phi.to(x.dtype), eps, beta, importance=importance)
     # the solver's projections skip their value scans (on CUDA a host sync per pass):
     # noise_budget returns finite budgets >= 0, robustness_radius radii >= 0 or +inf

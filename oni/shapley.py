@@ -550,6 +550,9 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
                      link, precision="float32") -> ShapleyResult:
     n, d = x.shape
     n_permutations = _check_int(n_permutations, "n_permutations", 1)
+    if not isinstance(antithetic, bool):
+        raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__} "
+                        f"{antithetic!r}")
     seed = check_seed(seed)
     if max_batch_evals is not None:
         max_batch_evals = _check_int(max_batch_evals, "max_batch_evals", 1)

@@ -210,6 +210,10 @@ def test_prediction_accuracy_from_scores_or_labels():
         metrics.prediction_accuracy(torch.tensor([[float("nan"), 0.0]]), [0])
     with pytest.raises(ValueError, match="labels must be a 1-D vector of class indices"):
         metrics.prediction_accuracy(logits, y.float())
+    with pytest.raises(ValueError, match=r"labels\[2\] = 2 is not a class index in \[0, 2\)"):
+        metrics.prediction_accuracy(logits, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"labels\[0\] = -1 is not a class index \(>= 0\)"):
+        metrics.prediction_accuracy(torch.tensor([0, 1, 1]), torch.tensor([-1, 1, 1]))
 
 
 def test_utility_report_on_a_hand_set_model():

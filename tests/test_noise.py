@@ -856,6 +856,8 @@ _OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
     (lambda m, x, p: dict(phi=p, **{**_OK, "eps": "0.5"}), TypeError, "eps must be a number"),
     (lambda m, x, p: dict(phi=p, **{**_OK, "eps": 1e300}), ValueError,
      "eps = 1e\\+300 overflows phi's dtype torch.float32 in the budget"),
+    (lambda m, x, p: dict(phi=p.long(), **_OK), TypeError, "phi must be a float tensor"),
+    (lambda m, x, p: dict(phi=p.bool(), **_OK), TypeError, "phi must be a float tensor"),
     (lambda m, x, p: dict(phi=p, seed=2 ** 63, **_OK), ValueError,
      "seed must be in \\[0, 2\\*\\*63\\)"),
     (lambda m, x, p: dict(x=x[:, :-1], phi=p[:, :-1], **_OK), ValueError,

@@ -339,6 +339,8 @@ def _model_and_x():
      "baseline must be a finite number in x's dtype torch.float32"),
     (lambda m, x: oni.shapley_values(m, x, seed=2 ** 64), ValueError,
      "seed must be in \\[0, 2\\*\\*63\\), got 18446744073709551616"),
+    (lambda m, x: oni.shapley_values(m, x, antithetic="no"), TypeError,
+     "antithetic must be a bool, got str 'no'"),
     (lambda m, x: oni.shapley_values(m, x[:, :4]), ValueError,
      "the model's first layer takes 5 features, x has d = 4"),
     (lambda m, x: oni.exact_shapley(m, x[:, :4]), ValueError,

@@ -435,6 +435,9 @@ def test_predict_logits_and_proba(trained, data):
     proba = predict_proba(trained, x_test, batch_size=33)
     torch.testing.assert_close(proba, torch.softmax(expected, 1))
     torch.testing.assert_close(proba.sum(1), torch.ones(100))
+    with pytest.raises(ValueError, match=f"the model's first layer takes {D} features, x has "
+                                         f"d = {D - 1}"):
+        predict_logits(trained, x_test[:, 1:])
 
 
 def test_predict_uses_eval_mode_and_restores_the_mode(data):
