@@ -639,6 +639,8 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
     wall_start = time.perf_counter()
     config_bytes = cfgmod.dump_yaml(config).encode()
     with _run_lock(run_dir):
+        # stages/ first: it marks the directory as a run's, for a resume after a kill
+        (run_dir / "stages").mkdir(exist_ok=True)
         # config.yaml describes results.json: over a finished run it is replaced only with
         # the new results, so a run that fails leaves the old pair as it was
         if not (run_dir / "results.json").exists():
@@ -665,7 +667,7 @@ def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     entries = {entry.name for entry in run_dir.iterdir()} - {".lock"}
-    if entries and not entries & {"config.yaml", "stages"}:
+    if entries and not (run_dir / "stages").is_dir():
         foreign = sorted(entries - _RUN_ENTRIES)[:3] or sorted(entries)[:3]
         raise ConfigError(f"--out {run_dir} holds files that no oni run wrote (e.g. "
                           f"{', '.join(foreign)}), and a run would replace its report.md, "
@@ -741,6 +743,10 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         sys.stdout.write(cfgmod.dump_yaml(config))
         return 0
+    if args.config and Path(args.config).expanduser().resolve() == \
+            (run_dir / "config.yaml").expanduser().resolve():
+        raise ConfigError(f"the config file {args.config} is where the run writes its resolved "
+                          f"config; keep it elsewhere or use another --out")
     start = time.perf_counter()
     results = run_experiment(config, run_dir, quiet=args.quiet,
                              progress=not args.no_progress)
@@ -800,8 +806,12 @@ def _check_output_paths(outputs: Mapping[str, Optional[str]],
     data, --phi, --baseline) or is a directory."""
     seen: Dict[Path, str] = {}
     for flag, path in inputs.items():
-        if path:
-            seen[Path(path).expanduser().resolve()] = flag
+        if not path:
+            continue
+        path = Path(path).expanduser().resolve()
+        seen[path] = flag
+        if path.is_dir():  # MODEL_DIR: each of its files
+            seen.update({entry: f"a file of {flag}" for entry in path.iterdir()})
     for flag, path in outputs.items():
         if not path:
             continue
@@ -814,8 +824,8 @@ def _check_output_paths(outputs: Mapping[str, Optional[str]],
         seen[resolved] = flag
 
 
-def _load_array(path: str, flag: str) -> np.ndarray:
-    """A numeric .npy array, or a ConfigError naming the flag."""
+def _load_array(path: str, flag: str, kinds: str = "biuf") -> np.ndarray:
+    """A .npy array of numbers (numpy kinds ``kinds``), or a ConfigError naming the flag."""
     import zipfile
     try:
         array = np.load(Path(path).expanduser(), allow_pickle=False)
@@ -826,8 +836,9 @@ def _load_array(path: str, flag: str) -> np.ndarray:
     if not isinstance(array, np.ndarray):
         array.close()
         raise ConfigError(f"{flag} {path}: an .npz archive; expected one .npy array")
-    if array.dtype.kind not in "biuf":
-        raise ConfigError(f"{flag} {path}: expected numbers, got dtype {array.dtype}")
+    if array.dtype.kind not in kinds:
+        what = "floating-point numbers" if kinds == "f" else "numbers"
+        raise ConfigError(f"{flag} {path}: expected {what}, got dtype {array.dtype}")
     return array
 
 
@@ -837,7 +848,8 @@ def _cmd_shapley(args) -> int:
     from .shapley import shapley_values
     baseline_file = args.baseline if args.baseline not in ("zero", "mean", None) else None
     _check_output_paths({"--out": args.out, "--stderr-out": args.stderr_out},
-                        {"DATA": args.data, "--baseline": baseline_file})
+                        {"DATA": args.data, "MODEL_DIR": args.model_dir,
+                         "--baseline": baseline_file})
     device, model, data, x = _model_and_rows(args)
     baseline = None
     if args.baseline == "mean":
@@ -876,11 +888,11 @@ def _cmd_noise(args) -> int:
 
     from .noise import optimal_noise
     _check_output_paths({"--out": args.out, "--details": args.details},
-                        {"DATA": args.data, "--phi": args.phi})
+                        {"DATA": args.data, "MODEL_DIR": args.model_dir, "--phi": args.phi})
     device, model, data, x = _model_and_rows(args)
     phi = None
     if args.phi:
-        phi = torch.from_numpy(_load_array(args.phi, "--phi")).to(device, x.dtype)
+        phi = torch.from_numpy(_load_array(args.phi, "--phi", "f")).to(device, x.dtype)
         if tuple(phi.shape) != tuple(x.shape):
             raise ConfigError(f"--phi {args.phi}: shape {tuple(phi.shape)} does not match the "
                               f"selected data rows {tuple(x.shape)} (use the same --rows)")

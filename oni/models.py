@@ -80,6 +80,9 @@ def _resolve_device(device, name: str = "device") -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"{name}={device!r} is not a device ('auto', 'cpu', 'cuda', "
                          f"'cuda:1', ...): {err}") from None
+    if resolved.type == "meta":
+        raise ValueError(f"{name}={device!r}: meta tensors hold no values to train or "
+                         f"explain; use 'cpu', 'cuda' or 'auto'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}={device!r} but CUDA is not available on this machine "
                          f"(use 'cpu' or 'auto')")

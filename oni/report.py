@@ -369,14 +369,19 @@ def build_report(run_dir: os.PathLike) -> Path:
     run_dir = Path(run_dir)
     try:
         results, roc = _load(run_dir)
-        rows = results_rows(results)
     except (ValueError, EOFError, zipfile.BadZipFile) as err:  # JSON, UTF-8, npz damage
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
                          f"same `oni run` again to rewrite them") from None
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{run_dir}: results.json is not what `oni run` writes (no "
-                         f"{err}); run the same `oni run` again to rewrite it") from None
-    write_atomic(run_dir / "results.csv", _csv_bytes(rows))
+    try:
+        return _write_report(run_dir, results, roc)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{run_dir}: results.json or roc.npz is not what `oni run` writes "
+                         f"({type(err).__name__}: {err}); run the same `oni run` again to "
+                         f"rewrite them") from None
+
+
+def _write_report(run_dir: Path, results: Mapping, roc: Mapping) -> Path:
+    write_atomic(run_dir / "results.csv", _csv_bytes(results_rows(results)))
     figures_dir = run_dir / "figures"
     figures = {
         "accuracy": _fig_accuracy(results, figures_dir / FIGURES["accuracy"]),

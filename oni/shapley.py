@@ -271,8 +271,13 @@ def _walk_precision(precision: str, device: torch.device, autocast: bool = True)
 
 
 def _is_plain(module: nn.Module, kind: type) -> bool:
-    """``module`` is exactly ``kind`` (not a subclass) with no hooks: safe to fuse."""
-    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
+    """``module`` is exactly ``kind`` (not a subclass), its forward not replaced on the
+    instance, with no hooks of its own or global ones: safe to compute without calling it."""
+    from torch.nn.modules import module as torch_module
+    return (type(module) is kind and "forward" not in module.__dict__
+            and not (module._forward_hooks or module._forward_pre_hooks)
+            and not (torch_module._global_forward_hooks
+                     or torch_module._global_forward_pre_hooks))
 
 
 def _plain_layers(modules) -> Optional[list]:
@@ -354,7 +359,7 @@ def _split_first_linear(model: nn.Module) -> Optional[Tuple[nn.Linear, nn.Module
     Only plain modules qualify (no hooks, no subclass with its own forward): the walk kernel
     computes the first layer itself, and would skip what a hook or an override does."""
     if (type(model).forward is not nn.Sequential.forward or len(model) == 0
-            or model._forward_hooks or model._forward_pre_hooks):
+            or not _is_plain(model, type(model))):
         return None
     first = model[0]
     if _is_plain(first, nn.Linear):

@@ -530,7 +530,8 @@ def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_a
         (["noise", model_dir, data_path, "--out", data_path], "--out .* is also DATA"),
         (["shapley", model_dir, data_path, "--out", str(tmp_path)], "is a directory"),
         (["noise", model_dir, data_path, "--out", str(out), "--phi",
-          str(tmp_path / "text.npy")], "--phi .*: expected numbers, got dtype <U1"),
+          str(tmp_path / "text.npy")],
+         "--phi .*: expected floating-point numbers, got dtype <U1"),
         (["noise", model_dir, data_path, "--out", str(out), "--phi",
           str(tmp_path / "torn.npy")], "--phi .*: not a readable .npy array"),
         (["shapley", model_dir, data_path, "--out", str(out), "--baseline",
@@ -547,6 +548,20 @@ def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_a
         err = capsys.readouterr().err
         assert re.search(message, err), (message, err)
         assert "Traceback" not in err
+    weights = next((root / "model").glob("weights.*"))
+    before = weights.read_bytes()
+    np.save(tmp_path / "ints.npy", np.zeros((120, 12), dtype=np.int64))
+    for argv, message in [
+            (["shapley", model_dir, data_path, "--out", str(weights)], "is also a file of "
+                                                                        "MODEL_DIR"),
+            (["noise", model_dir, data_path, "--out", str(out), "--phi",
+              str(tmp_path / "ints.npy")], "--phi .*: expected floating-point numbers"),
+            (["shapley", model_dir, data_path, "--out", str(out), "--device", "meta"],
+             "meta tensors hold no values")]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (message, err)
+    assert weights.read_bytes() == before
     assert not out.exists()
     assert np.load(data_path) is not None  # the data file is intact
 
@@ -562,6 +577,18 @@ def test_run_refuses_a_directory_of_other_files(tiny_yaml, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert _run([tiny_yaml, "--out", tmp_path / "file"]) == 2
     assert "is a file" in capsys.readouterr().err
+    # a config.yaml of the user's own among other files does not make a run directory
+    (mine / "config.yaml").write_text("# my notes\n")
+    assert _run([tiny_yaml, "--out", mine]) == 2
+    assert "holds files that no oni run wrote" in capsys.readouterr().err
+    assert (mine / "config.yaml").read_text() == "# my notes\n"
+    # nor may the run overwrite the config file it was given
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(tiny_yaml, own / "config.yaml")
+    assert _run([own / "config.yaml", "--out", own]) == 2
+    assert "is where the run writes its resolved config" in capsys.readouterr().err
+    assert (own / "config.yaml").read_bytes() == Path(tiny_yaml).read_bytes()
 
 
 def cfgmod_load(path):
@@ -593,7 +620,8 @@ def test_a_failed_run_over_a_finished_one_keeps_its_config_and_figures(small_ref
     assert not (out / "figures" / "lira_roc.png").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc"])
+@pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc",
+                                    "wrong structure"])
 def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, tmp_path,
                                                                capsys, damage):
     out = tmp_path / "run"
@@ -603,8 +631,10 @@ def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, 
     if damage == "roc":
         (out / "roc.npz").write_bytes(b"PK\x03\x04 torn")
     else:
+        wrong = {**json.loads(results.read_text()), "defenses": {"x": 1}}
         results.write_bytes({"truncated": results.read_bytes()[:50], "empty object": b"{}",
-                             "list": b"[]", "not utf-8": b"\xff\xfe{"}[damage])
+                             "list": b"[]", "not utf-8": b"\xff\xfe{",
+                             "wrong structure": json.dumps(wrong).encode()}[damage])
     assert cli.main(["report", str(out)]) == 2
     err = capsys.readouterr().err
     assert "damaged" in err or "not what `oni run` writes" in err, err

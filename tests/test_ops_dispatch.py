@@ -4,6 +4,8 @@ ops is silent under autograd, the in-place ops bump version counters and refuse 
 arguments. Run on every device with compiled kernels."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -279,3 +281,38 @@ def test_projection_where_the_squared_norm_overflows(device):
                                             active)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, twin, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("big", [1e3, 1e8, 1e12, 1e150])
+def test_projection_next_to_one_large_coordinate_is_exact(device, big):
+    """One coordinate far larger than the rest, clipped by the box while the ball binds on
+    the others: their mass must not be lost to cancellation against the large one (it was
+    computed as total minus clipped: 2% off at 1e8, 50% at 1e12)."""
+    f64 = dict(dtype=torch.float64, device=device)
+    eta = torch.tensor([[big, 1.0, 1.0]], **f64)
+    budget = torch.tensor([[1.0, 10.0, 10.0]], **f64)
+    radius = torch.tensor([1.5], **f64)
+    out = _ops.ascend_and_project(eta, torch.zeros_like(eta), torch.zeros(1, **f64), budget,
+                                  radius, torch.tensor([True], device=device))
+    t = math.sqrt((1.5 ** 2 - 1.0) / 2.0)  # clipped at 1, the rest t * 1: 1 + 2 t^2 = 1.5^2
+    torch.testing.assert_close(out, torch.tensor([[1.0, t, t]], **f64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_of_in_place_ops_are_not_taken_for_aliases(device):
+    """torch does not compute the overlap of strided views ("too hard"): one that lies in
+    another storage than the written tensor cannot overlap it and must be accepted."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 10, generator=gen).to(device)[:, :, ::2]  # [2, 6, 5], strided
+    grad = torch.randn(2, 4, 6, generator=gen).to(device).transpose(1, 2)  # [2, 6, 4]
+    out = torch.empty(2, 5, 4, device=device)
+    _ops.sparse_input_weight_grad(x, grad, out)
+    torch.testing.assert_close(out, torch.bmm(x.transpose(1, 2), grad))
+    expanded = torch.randn(1, 6, 5, generator=gen).to(device).expand(2, 6, 5)
+    _ops.sparse_input_weight_grad(expanded, grad, out)
+    torch.testing.assert_close(out, torch.bmm(expanded.transpose(1, 2), grad))
+    in_out = out.view(-1).as_strided((2, 6, 5), (0, 5, 1))  # strided, in out's storage
+    with pytest.raises(RuntimeError, match="out and x must not share memory"):
+        _ops.sparse_input_weight_grad(in_out, grad, out)
+

@@ -415,7 +415,8 @@ def test_kernel_backend_without_cuda_kernels_is_a_clear_error():
         _check_backend("kernel", torch.device("meta"))
 
 
-@pytest.mark.parametrize("hook", ["first_linear", "sequential", "subclass"])
+@pytest.mark.parametrize("hook", ["first_linear", "sequential", "subclass", "instance_forward",
+                                  "global_hook"])
 def test_first_layer_with_a_hook_or_override_is_not_skipped(hook):
     """The walk kernel computes the first Linear itself: a hook on it, a hook on the
     Sequential, or a Linear subclass with its own forward must send the model down the
@@ -425,6 +426,13 @@ def test_first_layer_with_a_hook_or_override_is_not_skipped(hook):
         model[0].register_forward_hook(lambda mod, inp, out: out * 0)
     elif hook == "sequential":
         model.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0,))
+    elif hook == "instance_forward":
+        first = model[0]
+        model[0].forward = lambda z: torch.nn.Linear.forward(first, z * 0)
+    elif hook == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda mod, inp: (inp[0] * 0,) if isinstance(mod, torch.nn.Linear)
+            and mod.in_features == 5 else None)
     else:
         class Zeroed(torch.nn.Linear):
             def forward(self, z):
@@ -433,9 +441,13 @@ def test_first_layer_with_a_hook_or_override_is_not_skipped(hook):
         zeroed.load_state_dict(model[0].state_dict())
         model[0] = zeroed
     # constant up to rounding (the batched rows of a GEMM); the fast path gave up to 0.02
-    values = oni.shapley_values(model, x, n_permutations=8, backend="kernel").values
-    assert values.abs().max() < 1e-7
-    assert oni.exact_shapley(model, x).values.abs().max() < 1e-7
+    try:
+        values = oni.shapley_values(model, x, n_permutations=8, backend="kernel").values
+        assert values.abs().max() < 1e-7
+        assert oni.exact_shapley(model, x).values.abs().max() < 1e-7
+    finally:
+        if hook == "global_hook":
+            handle.remove()
 
 
 def test_shapley_value_sampling_without_target_needs_one_output():

@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_and_grad_cpu(const at::Tensor& logits
 // the breakpoints t_i = u_i / |z_i| where feature i starts to clip: walk the sorted
 // breakpoints to the segment that reaches rho^2, then solve t^2 = (rho^2 - C) / A there.
 void project_row(double* z, const double* u, double rho, int64_t d, std::vector<double>& knot,
-                 std::vector<int64_t>& order) {
+                 std::vector<int64_t>& order, std::vector<double>& free_mass) {
   double norm2 = 0.0;
   for (int64_t i = 0; i < d; ++i) {
     const double c = std::clamp(z[i], -u[i], u[i]);
@@ -81,9 +81,13 @@ void project_row(double* z, const double* u, double rho, int64_t d, std::vector<
     std::fill(z, z + d, std::numeric_limits<double>::quiet_NaN());
     return;
   }
+  // free_mass[j] = sum of z^2 over order[j..d-1], summed from the small end: subtracting
+  // the clipped features from the total instead loses the small ones next to a large one
+  free_mass[d] = 0.0;
+  for (int64_t j = d - 1; j >= 0; --j) free_mass[j] = free_mass[j + 1] + z[order[j]] * z[order[j]];
   // g at the left end of segment j (t = knot[order[j]], features order[0..j-1] clipped)
   // is increasing in j; find the last j whose left end is still <= rho^2.
-  double clipped = 0.0, free_z2 = total_z2, t = 0.0;
+  double clipped = 0.0, free_z2 = free_mass[0], t = 0.0;
   int64_t j = 0;
   for (; j < d; ++j) {
     const int64_t i = order[j];
@@ -91,7 +95,7 @@ void project_row(double* z, const double* u, double rho, int64_t d, std::vector<
     if (!std::isfinite(tk) || tk > 1.0) break;
     if (free_z2 * tk * tk + clipped > rho2) break;  // the crossing lies before this knot
     clipped += u[i] * u[i];
-    free_z2 -= z[i] * z[i];
+    free_z2 = free_mass[j + 1];
   }
   t = free_z2 > 0.0 ? std::sqrt(std::max(rho2 - clipped, 0.0) / free_z2) : 1.0;
   t = std::min(t, 1.0);
@@ -135,7 +139,7 @@ at::Tensor ascend_and_project_cpu(const at::Tensor& eta, const at::Tensor& direc
     const bool* ap = act.data_ptr<bool>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      std::vector<double> z(d), uu(d), knot(d);
+      std::vector<double> z(d), uu(d), knot(d), free_mass(d + 1);
       std::vector<int64_t> order(d);
       for (int64_t n = begin; n < end; ++n) {
         if (!ap[n]) continue;
@@ -150,7 +154,8 @@ at::Tensor ascend_and_project_cpu(const at::Tensor& eta, const at::Tensor& direc
           std::fill(op + n * d, op + (n + 1) * d, std::numeric_limits<scalar_t>::quiet_NaN());
           continue;
         }
-        project_row(z.data(), uu.data(), static_cast<double>(rp[n]), d, knot, order);
+        project_row(z.data(), uu.data(), static_cast<double>(rp[n]), d, knot, order,
+                    free_mass);
         for (int64_t i = 0; i < d; ++i) op[n * d + i] = static_cast<scalar_t>(z[i]);
       }
     });
