@@ -668,10 +668,13 @@ def _check_run_dir(run_dir: Path) -> None:
         return
     entries = {entry.name for entry in run_dir.iterdir()} - {".lock"}
     if entries and not (run_dir / "stages").is_dir():
-        foreign = sorted(entries - _RUN_ENTRIES)[:3] or sorted(entries)[:3]
-        raise ConfigError(f"--out {run_dir} holds files that no oni run wrote (e.g. "
-                          f"{', '.join(foreign)}), and a run would replace its report.md, "
-                          f"results.csv and figures/: use a new or empty directory")
+        foreign = sorted(entries - _RUN_ENTRIES)[:3]
+        shown = (f"files that no oni run wrote (e.g. {', '.join(foreign)})" if foreign else
+                 f"{', '.join(sorted(entries)[:3])} but no stages/, so it is not recognisable "
+                 f"as a run's")
+        raise ConfigError(f"--out {run_dir} holds {shown}, and a run would replace its "
+                          f"config.yaml, report.md, results.csv and figures/: use a new or "
+                          f"empty directory")
 
 
 def _balanced(metrics: Mapping) -> float:

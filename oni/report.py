@@ -373,6 +373,9 @@ def build_report(run_dir: os.PathLike) -> Path:
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
                          f"same `oni run` again to rewrite them") from None
     try:
+        # the text first, with no figure: a results.json of another shape fails here, before
+        # any file of the last good report is replaced
+        _markdown(results, dict.fromkeys(FIGURES))
         return _write_report(run_dir, results, roc)
     except (KeyError, TypeError, AttributeError, IndexError) as err:
         raise ValueError(f"{run_dir}: results.json or roc.npz is not what `oni run` writes "

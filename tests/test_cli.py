@@ -571,16 +571,17 @@ def test_run_refuses_a_directory_of_other_files(tiny_yaml, tmp_path, capsys):
     mine.mkdir()
     (mine / "report.md").write_text("my own report")
     assert _run([tiny_yaml, "--out", mine]) == 2
-    assert "holds files that no oni run wrote (e.g. report.md)" in capsys.readouterr().err
+    assert "holds report.md but no stages/" in capsys.readouterr().err
     assert (mine / "report.md").read_text() == "my own report"
-    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]  # nothing created
     (tmp_path / "file").write_text("x")
     assert _run([tiny_yaml, "--out", tmp_path / "file"]) == 2
     assert "is a file" in capsys.readouterr().err
     # a config.yaml of the user's own among other files does not make a run directory
     (mine / "config.yaml").write_text("# my notes\n")
+    (mine / "notes.txt").write_text("mine")
     assert _run([tiny_yaml, "--out", mine]) == 2
-    assert "holds files that no oni run wrote" in capsys.readouterr().err
+    assert "holds files that no oni run wrote (e.g. notes.txt)" in capsys.readouterr().err
     assert (mine / "config.yaml").read_text() == "# my notes\n"
     # nor may the run overwrite the config file it was given
     own = tmp_path / "own"
@@ -627,7 +628,7 @@ def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, 
     out = tmp_path / "run"
     shutil.copytree(small_reference, out)
     results = out / "results.json"
-    report = (out / "report.md").read_bytes()
+    report, csv = (out / "report.md").read_bytes(), (out / "results.csv").read_bytes()
     if damage == "roc":
         (out / "roc.npz").write_bytes(b"PK\x03\x04 torn")
     else:
@@ -640,4 +641,5 @@ def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, 
     assert "damaged" in err or "not what `oni run` writes" in err, err
     assert "Traceback" not in err
     assert (out / "report.md").read_bytes() == report  # the last good report is kept
+    assert (out / "results.csv").read_bytes() == csv
 

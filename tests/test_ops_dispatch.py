@@ -316,3 +316,15 @@ def test_strided_inputs_of_in_place_ops_are_not_taken_for_aliases(device):
     with pytest.raises(RuntimeError, match="out and x must not share memory"):
         _ops.sparse_input_weight_grad(in_out, grad, out)
 
+
+@pytest.mark.parametrize("big", [1e8, 1e60, 1e150])
+def test_the_twin_projects_exactly_far_outside_the_ball(big):
+    """The spec must be exact where the kernel is: bisection on log(1 + lam) keeps its
+    precision when ||z|| / radius is huge (on lam itself it was off by 0.58 radius)."""
+    f64 = dict(dtype=torch.float64)
+    z = torch.tensor([[big, 1.0, 1.0]], **f64)
+    out = oni.reference.project_box_ball(z, torch.tensor([[1.0, 10.0, 10.0]], **f64),
+                                         torch.tensor([1.5], **f64))
+    t = math.sqrt((1.5 ** 2 - 1.0) / 2.0)
+    torch.testing.assert_close(out, torch.tensor([[1.0, t, t]], **f64), rtol=1e-12, atol=0)
+
