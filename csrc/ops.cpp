@@ -145,7 +145,8 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   for (size_t i = 0; i < args.size(); ++i) {
     const c10::AliasInfo* alias = args[i].alias_info();
     const c10::IValue& value = (*stack)[start + i];
-    if (alias != nullptr && alias->isWrite() && value.isTensor()) written.push_back(value.toTensor());
+    if (alias != nullptr && alias->isWrite() && value.isTensor())
+      written.push_back(value.toTensor());
   }
   {
     const at::AutoDispatchBelowADInplaceOrView below;

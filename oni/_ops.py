@@ -94,6 +94,13 @@ def _same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None
                      f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
+def _same_dtype(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None:
+            _require(t.dtype == ref.dtype,
+                     f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
 def _dtype_in(t: Tensor, name: str, dtypes) -> None:
     want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
     _require(t.dtype in dtypes, f"{name} must be {want}, got {t.dtype}")
@@ -107,8 +114,7 @@ def _fake_walk(x, baseline, perm, n_active):
              and baseline.shape[2] == x.shape[1],
              f"baseline must be [N, B, d] = [{x.shape[0]}, B, {x.shape[1]}], got "
              f"{tuple(baseline.shape)}")
-    _require(baseline.dtype == x.dtype, f"baseline must have x's dtype {x.dtype}, got "
-                                        f"{baseline.dtype}")
+    _same_dtype("x", x, baseline=baseline)
     _require(perm.dim() == 3 and perm.shape[0] == x.shape[0],
              f"perm must be [N, P, L] with N = {x.shape[0]}, got {tuple(perm.shape)}")
     _dtype_in(perm, "perm", (torch.int64,))
@@ -123,7 +129,7 @@ def _(x, baseline, perm, n_active, weight, bias, total_steps, relu=False):
     _same_device("x", x, weight=weight, bias=bias)
     _require(weight.dim() == 2 and weight.shape[1] == x.shape[1],
              f"weight must be [H, d] with d = {x.shape[1]}, got {tuple(weight.shape)}")
-    _require(weight.dtype == x.dtype, f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    _same_dtype("x", x, weight=weight)
     _require(bias is None or tuple(bias.shape) == (weight.shape[0],),
              f"bias must be [H] = [{weight.shape[0]}], got "
              f"{None if bias is None else tuple(bias.shape)}")
@@ -151,9 +157,7 @@ def _(step_logits, start_logits, end_logits, target, perm, n_active, n_features,
     _require(start_logits.dim() == 3 and start_logits.shape[0] == n
              and start_logits.shape[2] == k,
              f"start_logits must be [N, B, k] = [{n}, B, {k}], got {tuple(start_logits.shape)}")
-    for name, t in (("step_logits", step_logits), ("start_logits", start_logits)):
-        _require(t.dtype == end_logits.dtype,
-                 f"{name} must have end_logits's dtype {end_logits.dtype}, got {t.dtype}")
+    _same_dtype("end_logits", end_logits, step_logits=step_logits, start_logits=start_logits)
     _require(tuple(target.shape) == (n,), f"target must be [N] = [{n}], got "
                                           f"{tuple(target.shape)}")
     _dtype_in(target, "target", (torch.int64,))
@@ -211,7 +215,7 @@ def _(eta, direction, step, budget, radius, active, check_values=True):
                                  ("step", step, (n,), "[N]"), ("radius", radius, (n,), "[N]")):
         _require(tuple(t.shape) == shape, f"{name} must be {dims} = {list(shape)}, got "
                                           f"{list(t.shape)}")
-        _require(t.dtype == eta.dtype, f"{name} must have eta's dtype {eta.dtype}, got {t.dtype}")
+    _same_dtype("eta", eta, direction=direction, budget=budget, step=step, radius=radius)
     _require(tuple(active.shape) == (n,), f"active must be [N] = [{n}], got "
                                           f"{tuple(active.shape)}")
     _dtype_in(active, "active", (torch.bool,))
@@ -277,12 +281,11 @@ def _(x, weight_t, bias):
     k, _, d = x.shape
     _require(weight_t.dim() == 3 and weight_t.shape[0] == k and weight_t.shape[1] == d,
              f"weight_t must be [K, d, H] = [{k}, {d}, H], got {tuple(weight_t.shape)}")
-    _require(weight_t.dtype == x.dtype, f"weight_t must have x's dtype {x.dtype}, got "
-                                        f"{weight_t.dtype}")
+    _same_dtype("x", x, weight_t=weight_t)
     if bias is not None:
         _require(tuple(bias.shape) == (k, weight_t.shape[2]),
                  f"bias must be [K, H] = [{k}, {weight_t.shape[2]}], got {tuple(bias.shape)}")
-        _require(bias.dtype == x.dtype, f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        _same_dtype("x", x, bias=bias)
     return x.new_empty((x.shape[0], x.shape[1], weight_t.shape[2]))
 
 
@@ -297,8 +300,7 @@ def _(x, grad, out):
     want = (x.shape[0], x.shape[2], grad.shape[2])
     _require(tuple(out.shape) == want, f"out must be [K, d, H] = {list(want)}, got "
                                        f"{tuple(out.shape)}")
-    for name, t in (("grad", grad), ("out", out)):
-        _require(t.dtype == x.dtype, f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    _same_dtype("x", x, grad=grad, out=out)
 
 
 def relu_bf16_(x: Tensor) -> None:

@@ -241,7 +241,8 @@ def _attack_names() -> Tuple[str, ...]:
 SCHEMA: Dict[str, Any] = {
     "preset": Leaf(_choice(("default", "paper", "location30")),
                    "which defaults this config starts from (informational once resolved)"),
-    "seed": Leaf(_int(0, below=MAX_SEED), "seeds everything random: splits, training, defenses, attacks"),
+    "seed": Leaf(_int(0, below=MAX_SEED),
+                 "seeds everything random: splits, training, defenses, attacks"),
     "device": Leaf(_device, "where models train and attacks run: auto (cuda when "
                             "available), cpu, cuda, cuda:N"),
     "data": {

@@ -318,8 +318,7 @@ class _TableParser:
         with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
             features = values[:, 1:].astype(np.float32)
         # finite in float64 is not enough: the features are kept as float32
-        bad = np.argwhere(~np.isfinite(values) | ~np.isfinite(np.hstack(
-            [values[:, :1], features])))
+        bad = np.argwhere(~np.isfinite(np.hstack([values[:, :1], features])))
         if bad.size:
             row, col = (int(v) for v in bad[0])
             raise self.error(first + row, f"field {col + 1} is {values[row, col]}, "

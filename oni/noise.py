@@ -40,6 +40,7 @@ __all__ = ["NoiseResult", "noise_budget", "robustness_radius", "optimal_noise", 
 _IMPORTANCE = ("signed", "abs")
 _KINDS = ("uniform", "gaussian")
 _ROW_BATCH = 4096  # rows per solver pass on the CPU: bounds the activations kept for backward
+_RADIUS_BATCH = 8192  # rows per forward and backward pass of the radius (eq. 8)
 _CUDA_ROW_BATCH = 1 << 18  # on a GPU a pass is cheap, their number counts: fewer, larger ones
 _STALL_WINDOW = 10  # ascent iterations over which a start's rate of climb is judged
 _LEVEL_STEPS = 6  # false-position steps per line search to the level set H = tau
@@ -130,10 +131,10 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
     ratio = torch.where(scale > 0, score / torch.where(scale > 0, scale, 1.0), 0.0)
     budget = (eps * (1.0 - beta * ratio)).clamp(min=0.0)
     row = first_bad_row(~torch.isfinite(budget))
-    if row is not None and bool(torch.isfinite(ratio[row]).all()):
-        raise ValueError(f"eps = {eps:g} overflows phi's dtype {phi.dtype} in the budget "
-                         f"eps * (1 - beta * phi_i / max_j phi_j) of row {row}")
     if row is not None:
+        if bool(torch.isfinite(ratio[row]).all()):
+            raise ValueError(f"eps = {eps:g} overflows phi's dtype {phi.dtype} in the budget "
+                             f"eps * (1 - beta * phi_i / max_j phi_j) of row {row}")
         # a value far below a tiny positive max: phi_i / max_j phi_j overflows the dtype
         raise ValueError(f"phi row {row}: the ratio phi_i / max_j phi_j of eq. 7 overflows "
                          f"{phi.dtype} (max {float(scale[row, 0]):.3g}, min "
@@ -145,7 +146,7 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
 # ----------------------------------------------------------------------------- eq. 8
 
 def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
-                      batch_size: int = 8192) -> Tensor:
+                      batch_size: int = _RADIUS_BATCH) -> Tensor:
     """Local-robustness radius, eq. 8: ``rho(x) = f_gap(x) / ||grad_x f_gap(x)||_2``.
 
     ``f_gap`` is the top-1 minus the top-2 softmax probability at ``x`` (the two classes are
@@ -174,7 +175,7 @@ def _check_autograd(what: str) -> None:
                            f"called under torch.inference_mode(); call it outside")
 
 
-def _radius_and_logits(model, x: Tensor, batch_size: int = 8192,
+def _radius_and_logits(model, x: Tensor, batch_size: int = _RADIUS_BATCH,
                        what: str = "model output") -> tuple:
     """(radii, the logits at x, detached, in x's dtype): the solver needs both, and they come
     from the same forward passes."""

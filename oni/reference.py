@@ -203,6 +203,9 @@ def project_box_ball(z: Tensor, budget: Tensor, radius: Tensor, iters: int = 200
     ``||e|| <= radius``; ``lam`` by bisection per row (float64), as the design states, on
     ``log(1 + lam)``: relative precision in ``1 + lam`` whatever its size (on ``lam`` itself,
     ``||z|| / radius`` of 1e60 left an error of order 1 after 200 halvings).
+
+    A row with no answer comes back NaN: one holding a NaN or an infinity, and one where the
+    ball binds and ``||z||^2`` overflows float64 (``|z|`` beyond about 1e154).
     """
     z, u, rho = z.double(), budget.double(), radius.double()
     box = torch.maximum(torch.minimum(z, u), -u)
@@ -218,7 +221,10 @@ def project_box_ball(z: Tensor, budget: Tensor, radius: Tensor, iters: int = 200
         hi = torch.where(too_long, hi, mid)
     e = torch.maximum(torch.minimum(z / torch.exp(hi)[:, None], u), -u)
     e = torch.where((rho > 0)[:, None], e, 0.0)
-    return torch.where(inside[:, None], box, e)
+    projected = torch.where(inside[:, None], box, e)
+    overflow = ~inside & (rho > 0) & ~torch.isfinite(z.square().sum(1))
+    answered = torch.isfinite(z).all(1) & ~overflow
+    return torch.where(answered[:, None], projected, math.nan)
 
 
 def ascend_and_project(
@@ -232,22 +238,17 @@ def ascend_and_project(
 ) -> Tensor:  # [N, d]
     """One projected ascent step ``eta + step * direction`` onto the box ∩ ball, on the rows
     where ``active``; the other rows are returned unchanged. An active row whose point
-    ``z = eta + step * direction`` holds a NaN or an infinity has no projection: it comes
-    back all NaN, as does one where the ball binds and ``||z||^2`` overflows float64 (``|z|``
-    beyond about 1e154, which no float32 input reaches). ``check_values=False`` skips the checks of budget and radius (the caller
-    validated them; on CUDA each is a sync)."""
+    ``z = eta + step * direction`` has no projection (:func:`project_box_ball`: a NaN or an
+    infinity, or ``|z|`` beyond about 1e154, which no float32 input reaches) comes back all
+    NaN. ``check_values=False`` skips the checks of budget and radius (the caller validated
+    them; on CUDA each is a sync)."""
     if check_values and ((radius < 0).any() or radius.isnan().any()):
         raise ValueError("radius must be >= 0")
     if check_values and ((budget < 0).any() or not torch.isfinite(budget).all()):
         raise ValueError("budget must be finite and >= 0")
     z = eta.double() + step.double()[:, None] * direction.double()
-    projected = project_box_ball(z, budget, radius)
-    # no answer either where the ball binds and ||z||^2 overflows float64 (|z| > ~1e154)
-    box = torch.maximum(torch.minimum(z, budget.double()), -budget.double())
-    binds = (box.square().sum(1) > radius.double().square()) & (radius > 0)
-    answered = torch.isfinite(z).all(1) & ~(binds & ~torch.isfinite(z.square().sum(1)))
-    projected = torch.where(answered[:, None], projected, math.nan)
-    return torch.where(active[:, None], projected.to(eta.dtype), eta)
+    projected = project_box_ball(z, budget, radius).to(eta.dtype)
+    return torch.where(active[:, None], projected, eta)
 
 
 def adam_step_bf16(

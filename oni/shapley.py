@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from . import _ops, reference
 from ._checks import check_finite as _check_finite, check_int as _check_int, check_seed
@@ -273,7 +274,6 @@ def _walk_precision(precision: str, device: torch.device, autocast: bool = True)
 def _is_plain(module: nn.Module, kind: type) -> bool:
     """``module`` is exactly ``kind`` (not a subclass), its forward not replaced on the
     instance, with no hooks of its own or global ones: safe to compute without calling it."""
-    from torch.nn.modules import module as torch_module
     return (type(module) is kind and "forward" not in module.__dict__
             and not (module._forward_hooks or module._forward_pre_hooks)
             and not (torch_module._global_forward_hooks
@@ -321,17 +321,26 @@ def _check_model(model, stacklevel: int = 3) -> None:
                       "random and mix rows; call model.eval()", stacklevel=stacklevel)
 
 
-def _check_model_input(model, x: Tensor) -> None:
+def _check_model_width(model, d: int) -> Optional[nn.Linear]:
     """A model whose first layer is a plain nn.Linear (an nn.Sequential, e.g.
-    oni.models.MLP) must take x's width, dtype and device: said here, naming both, instead
-    of torch's "mat1 and mat2 shapes cannot be multiplied" from inside the model."""
+    oni.models.MLP) must take x's width ``d``: said here, naming both, instead of torch's
+    "mat1 and mat2 shapes cannot be multiplied" from inside the model. Returns that layer
+    (None for other models)."""
     split = _split_first_linear(model) if isinstance(model, nn.Module) else None
     if split is None:
+        return None
+    if split[0].in_features != d:
+        raise ValueError(f"the model's first layer takes {split[0].in_features} features, x "
+                         f"has d = {d}")
+    return split[0]
+
+
+def _check_model_input(model, x: Tensor) -> None:
+    """As :func:`_check_model_width`, and the first layer's device and dtype must be x's."""
+    first = _check_model_width(model, x.shape[1])
+    if first is None:
         return
-    weight = split[0].weight
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"the model's first layer takes {weight.shape[1]} features, x has "
-                         f"d = {x.shape[1]}")
+    weight = first.weight
     if weight.device != x.device:
         raise ValueError(f"the model is on {weight.device}, x on {x.device}: move one to the "
                          f"other's device")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ._checks import check_finite as _check_finite, check_int as _check_int
 from .models import _check_seed, _resolve_device, init_parameters_
+from .shapley import _check_model_width
 
 __all__ = ["TrainConfig", "History", "train_model", "predict_logits", "predict_proba",
            "accuracy"]
@@ -535,12 +536,7 @@ def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
             raise ValueError(f"device={str(device)!r} but the model is on {model_device}; "
                              f"move it with model.to(...) or leave device=None")
     dtype = dtype if dtype is not None and dtype.is_floating_point else x.dtype
-    from .shapley import _split_first_linear
-    split = _split_first_linear(model) if isinstance(model, nn.Module) else None
-    if split is not None and split[0].in_features != x.shape[1]:
-        # said here, not as torch's "mat1 and mat2 shapes cannot be multiplied"
-        raise ValueError(f"the model's first layer takes {split[0].in_features} features, x "
-                         f"has d = {x.shape[1]}")
+    _check_model_width(model, x.shape[1])  # x is cast to the model's dtype and device below
     outs, k = [], 0
     with torch.no_grad(), _eval_mode(model):
         # one pass even when N = 0, so the result has the model's k columns

@@ -74,17 +74,15 @@ void project_row(double* z, const double* u, double rho, int64_t d, std::vector<
   for (int64_t i = 0; i < d; ++i) knot[i] = z[i] != 0.0 ? u[i] / std::abs(z[i]) : INFINITY;
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return knot[a] < knot[b]; });
-  // prefix sums over the sorted features: clipped mass C_j (first j clipped), free mass A_j
-  double total_z2 = 0.0;
-  for (int64_t i = 0; i < d; ++i) total_z2 += z[i] * z[i];
-  if (!std::isfinite(total_z2)) {  // |z| beyond ~1e154: the masses overflow, no answer
-    std::fill(z, z + d, std::numeric_limits<double>::quiet_NaN());
-    return;
-  }
+  // prefix sums over the sorted features: clipped mass C_j (first j clipped), free mass A_j.
   // free_mass[j] = sum of z^2 over order[j..d-1], summed from the small end: subtracting
   // the clipped features from the total instead loses the small ones next to a large one
   free_mass[d] = 0.0;
   for (int64_t j = d - 1; j >= 0; --j) free_mass[j] = free_mass[j + 1] + z[order[j]] * z[order[j]];
+  if (!std::isfinite(free_mass[0])) {  // |z| beyond ~1e154: the masses overflow, no answer
+    std::fill(z, z + d, std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
   // g at the left end of segment j (t = knot[order[j]], features order[0..j-1] clipped)
   // is increasing in j; find the last j whose left end is still <= rho^2.
   double clipped = 0.0, free_z2 = free_mass[0], t = 0.0;
