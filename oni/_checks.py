@@ -20,6 +20,12 @@ def check_int(value, name: str, minimum: int) -> int:
 
 MAX_SEED = 2 ** 63  # seeds are signed 64-bit integers in torch's generators and our hashes
 
+# Adam's first step moves a parameter by lr / (1 - beta1) = 10 lr, and weight decay adds
+# weight_decay * param to the gradient: torch converts both scalars to the float32 parameters'
+# dtype and fails mid-training with an overflow error when they do not fit.
+MAX_ADAM_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
+MAX_ADAM_WEIGHT_DECAY = float(torch.finfo(torch.float32).max)
+
 
 def check_seed(seed, name: str = "seed") -> int:
     """A seed in [0, 2**63): larger ones would wrap (2**64 seeds like 0) or overflow."""

@@ -103,7 +103,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int as _check_int, check_seed, first_bad_row
+from ._checks import MAX_ADAM_LR, check_int as _check_int, check_seed, first_bad_row
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -209,10 +209,12 @@ def _check_widths(value, name: str) -> Tuple[int, ...]:
     return tuple(_check_int(w, f"{name}[{i}]", 1) for i, w in enumerate(value))
 
 
-def _check_positive(value, name: str) -> float:
+def _check_positive(value, name: str, at_most: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
             not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if value > at_most:
+        raise ValueError(f"{name} must be at most {at_most:.4g}, got {value!r}")
     return float(value)
 
 
@@ -264,8 +266,8 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
         cfg["attack_epochs"] = _check_int(cfg["attack_epochs"], "config['attack_epochs']", 1)
         cfg["attack_batch_size"] = _check_int(cfg["attack_batch_size"],
                                               "config['attack_batch_size']", 1)
-        for key in ("weight_std", "attack_lr"):
-            cfg[key] = _check_positive(cfg[key], f"config[{key!r}]")
+        cfg["weight_std"] = _check_positive(cfg["weight_std"], "config['weight_std']")
+        cfg["attack_lr"] = _check_positive(cfg["attack_lr"], "config['attack_lr']", MAX_ADAM_LR)
     else:
         if cfg["thresholds"] not in ("class", "global"):
             raise ValueError(f"config['thresholds'] must be 'class' or 'global', got "
@@ -549,6 +551,11 @@ def _train_attack_net(cfg, probs: Tensor, labels: Tensor, member: Tensor, k: int
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    # one check at the end: a diverged net would only surface later as NaN scores
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+        raise FloatingPointError(f"the shadow attack's model diverged (its weights hold NaN or "
+                                 f"Inf); lower config['attack_lr'] = {cfg['attack_lr']:g} or "
+                                 f"config['weight_std'] = {cfg['weight_std']:g}")
     return net.eval()
 
 
@@ -697,6 +704,10 @@ def _robustness(predict: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, 
         z = torch.randn(len(xb), n_queries, d, generator=gen, dtype=xb.dtype)
         for i, sigma in enumerate(sigmas):
             noisy = (xb.unsqueeze(1) + sigma * z).reshape(-1, d)  # [b * n_queries, d]
+            if not bool(torch.isfinite(noisy).all()):  # x is finite: sigma overflowed
+                raise ValueError(f"the label-only queries x + sigma * z overflow {x.dtype} at "
+                                 f"sigma = {sigma:g}; lower config['sigma'] or "
+                                 f"config['sigma_grid']")
             predicted = _query(predict, noisy, k, who).argmax(1).view(len(xb), n_queries)
             kept[i, lo:lo + len(xb)] = (predicted == yb).sum(1).double()
     return (kept + (clean == labels).double()) / (n_queries + 1)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ._checks import MAX_SEED
+from ._checks import MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED
 
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
@@ -278,8 +278,9 @@ SCHEMA: Dict[str, Any] = {
     "train": {
         "epochs": Leaf(_int(1), "training epochs of every model (the paper: 100)"),
         "batch_size": Leaf(_int(1), "Adam minibatch size"),
-        "lr": Leaf(_float(0.0, low_open=True), "Adam learning rate (the paper: 1e-3)"),
-        "weight_decay": Leaf(_float(0.0), "Adam weight decay"),
+        "lr": Leaf(_float(0.0, MAX_ADAM_LR, low_open=True),
+                   "Adam learning rate (the paper: 1e-3)"),
+        "weight_decay": Leaf(_float(0.0, MAX_ADAM_WEIGHT_DECAY), "Adam weight decay"),
     },
     "defenses": {
         "run": Leaf(None, "the defenses to evaluate, in order; must include undefended (the "

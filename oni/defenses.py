@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._checks import MAX_ADAM_LR
 from .models import (
     MLP,
     PAPER_HIDDEN,
@@ -166,13 +167,13 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "accountant": _Param("rdp", _choice(("rdp", "prv"))),
         "grad_sample_mode": _Param("ghost", _choice(("ghost", "hooks"))),
         "optimizer": _Param("sgd", _choice(("sgd", "adam"))),
-        "lr": _Param(0.1, _number(0.0, low_open=True)),
+        "lr": _Param(0.1, _number(0.0, MAX_ADAM_LR, low_open=True)),
     },
     "advreg": {
         "lambda": _Param(1.0, _number(0.0)),
         "k_steps": _Param(1, _integer(1)),
         "reference_fraction": _Param(0.2, _number(0.0, 1.0, low_open=True)),
-        "attack_lr": _Param(1e-3, _number(0.0, low_open=True)),
+        "attack_lr": _Param(1e-3, _number(0.0, MAX_ADAM_LR, low_open=True)),
     },
     "label_smoothing": {
         "smoothing": _Param(0.1, _number(0.0, 1.0)),

@@ -22,7 +22,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite as _check_finite, check_int as _check_int
+from ._checks import (MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, check_finite as _check_finite,
+                      check_int as _check_int)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -121,13 +122,16 @@ class History:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_real(value, name: str, *, positive: bool) -> float:
+def _check_real(value, name: str, *, positive: bool, at_most: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
                          f"got {value}")
+    if value > at_most:
+        raise ValueError(f"{name} must be at most {at_most:.4g} (Adam's update must fit "
+                         f"float32), got {value}")
     return value
 
 
@@ -136,8 +140,9 @@ def _check_config(config) -> None:
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_int(config.epochs, "config.epochs", 1)
     _check_int(config.batch_size, "config.batch_size", 1)
-    _check_real(config.lr, "config.lr", positive=True)
-    _check_real(config.weight_decay, "config.weight_decay", positive=False)
+    _check_real(config.lr, "config.lr", positive=True, at_most=MAX_ADAM_LR)
+    _check_real(config.weight_decay, "config.weight_decay", positive=False,
+                at_most=MAX_ADAM_WEIGHT_DECAY)
     _check_seed(config.seed, "config.seed")
     if not isinstance(config.device, (str, torch.device)):
         raise TypeError(f"config.device must be 'auto', a device string or a torch.device, "

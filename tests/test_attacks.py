@@ -463,6 +463,19 @@ def test_bad_inputs_get_clear_errors(overfit, data, splits):
         run_attacks("shadow", overfit, data, splits, train_config=TRAIN)
 
 
+def test_overflowing_settings_name_the_setting(overfit, data, splits):
+    tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
+    shadow = {**SMALL_NET, "n_shadows": 1, "attack_epochs": 2}
+    with pytest.raises(ValueError, match=r"config\['attack_lr'\] must be at most"):
+        run_attack("shadow", overfit, data, splits, config={**shadow, "attack_lr": 1e38}, **tiny)
+    # fits float32 but blows the attack net up: named, not NaN scores
+    with pytest.raises(FloatingPointError, match=r"diverged.*attack_lr"):
+        run_attack("shadow", overfit, data, splits, config={**shadow, "attack_lr": 1e30}, **tiny)
+    with pytest.raises(ValueError, match=r"overflow torch.float32 at sigma = 1e\+300"):
+        run_attack("label_only", overfit, data, splits,
+                   config={"n_shadows": 1, "n_queries": 2, "sigma": 1e300}, **tiny)
+
+
 def test_settings_are_checked_before_any_training(overfit, data, splits, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking the settings")

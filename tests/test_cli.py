@@ -148,6 +148,10 @@ def test_presets(tmp_path):
     (["defenses.run=[oni]"], "defenses.run"),                    # undefended is required
     (["attacks.lira_online.n_shadows=3"], "attacks.lira_online.n_shadows"),
     (["attacks.shadow.attack_lr=fast"], "attacks.shadow.attack_lr"),
+    (["attacks.shadow.attack_lr=1e38"], "attacks.shadow.attack_lr"),  # Adam overflows float32
+    (["train.weight_decay=1e308"], "train.weight_decay"),
+    (["train.lr=1e38"], "train.lr"),
+    (["defenses.dpsgd.lr=1e38"], "defenses.dpsgd.lr"),
     (["data.path=/no/such/file.csv"], "data.path"),              # missing data file
     (["splits.target=7"], "splits.target"),
     (["data.format=xml"], "data.format"),

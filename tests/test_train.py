@@ -270,6 +270,7 @@ def test_exploding_lr_raises(data):
     ("batch_size", 0, ValueError), ("batch_size", True, TypeError),
     ("lr", 0.0, ValueError), ("lr", -1e-3, ValueError), ("lr", float("nan"), ValueError),
     ("lr", "1e-3", TypeError), ("weight_decay", -0.1, ValueError),
+    ("lr", 1e38, ValueError), ("weight_decay", 1e308, ValueError),  # Adam overflows float32
     ("seed", -1, ValueError), ("seed", 0.5, TypeError),
     ("device", 3, TypeError), ("device", "nonsense", ValueError),
     ("progress", "yes", TypeError),
