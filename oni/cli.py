@@ -830,8 +830,11 @@ def _check_output_paths(outputs: Mapping[str, Optional[str]],
 def _load_array(path: str, flag: str, kinds: str = "biuf") -> np.ndarray:
     """A .npy array of numbers (numpy kinds ``kinds``), or a ConfigError naming the flag."""
     import zipfile
+    source = Path(path).expanduser()
+    if source.exists() and not source.is_file():  # a FIFO would block np.load
+        raise ConfigError(f"{flag} {path}: not a regular file; expected a .npy array")
     try:
-        array = np.load(Path(path).expanduser(), allow_pickle=False)
+        array = np.load(source, allow_pickle=False)
     except FileNotFoundError:
         raise ConfigError(f"{flag} {path}: no such file") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:

@@ -631,6 +631,11 @@ def _existing(path: PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if not (path.is_file() or path.is_dir()):
+        # a FIFO would block until a writer comes, and a pipe's data cannot be read twice
+        # (the cache key hashes the file before it is parsed)
+        raise DataError(f"{path}: not a regular file or directory (a pipe, socket or "
+                        f"device); save the data to a file first")
     return path
 
 

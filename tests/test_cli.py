@@ -528,7 +528,13 @@ def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_a
     np.save(tmp_path / "text.npy", np.array(["a", "b"]))
     (tmp_path / "torn.npy").write_bytes(b"\x93NUMPY\x01")
     np.savez(tmp_path / "two.npz", a=np.zeros(3))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # reading it would block until a writer comes
     cases = [
+        (["noise", model_dir, data_path, "--out", str(out), "--phi", str(fifo)],
+         "--phi .*fifo: not a regular file"),
+        (["shapley", model_dir, str(fifo), "--out", str(out)],
+         "fifo: not a regular file or directory"),
         (["noise", model_dir, data_path, "--out", str(out), "--details", str(out)],
          "--details .* is also --out"),
         (["noise", model_dir, data_path, "--out", data_path], "--out .* is also DATA"),

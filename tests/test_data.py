@@ -213,6 +213,11 @@ def test_missing_path_and_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         data.load_shokri_csv(tmp_path / "nothing-here")
     _raises_at(tmp_path, 1, "directory", data.load_shokri_csv, tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # would block until a writer came, and could not be read twice
+    for load in (data.load_dataset, data.load_shokri_csv, data.load_texas, data.load_npz):
+        with pytest.raises(DataError, match="fifo: not a regular file or directory"):
+            load(fifo)
 
 
 # ----------------------------------------------------------------------------- cache
