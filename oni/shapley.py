@@ -271,10 +271,17 @@ def _walk_precision(precision: str, device: torch.device, autocast: bool = True)
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+# the forwards the fast paths compute themselves, as they were when oni was imported: a class
+# patched later (nn.Linear.forward = ...) must run as patched
+_TORCH_FORWARDS = {kind: kind.forward for kind in (nn.Linear, nn.ReLU, nn.Sequential)}
+
+
 def _is_plain(module: nn.Module, kind: type) -> bool:
     """``module`` is exactly ``kind`` (not a subclass), its forward not replaced on the
-    instance, with no hooks of its own or global ones: safe to compute without calling it."""
+    instance or the class, with no hooks of its own or global ones: safe to compute without
+    calling it."""
     return (type(module) is kind and "forward" not in module.__dict__
+            and kind.forward is _TORCH_FORWARDS.get(kind, kind.forward)
             and not (module._forward_hooks or module._forward_pre_hooks)
             and not (torch_module._global_forward_hooks
                      or torch_module._global_forward_pre_hooks))
@@ -367,7 +374,7 @@ def _split_first_linear(model: nn.Module) -> Optional[Tuple[nn.Linear, nn.Module
     """(first nn.Linear, rest of the network) for an nn.Sequential starting with nn.Linear.
     Only plain modules qualify (no hooks, no subclass with its own forward): the walk kernel
     computes the first layer itself, and would skip what a hook or an override does."""
-    if (type(model).forward is not nn.Sequential.forward or len(model) == 0
+    if (type(model).forward is not _TORCH_FORWARDS[nn.Sequential] or len(model) == 0
             or not _is_plain(model, type(model))):
         return None
     first = model[0]

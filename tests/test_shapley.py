@@ -416,13 +416,18 @@ def test_kernel_backend_without_cuda_kernels_is_a_clear_error():
 
 
 @pytest.mark.parametrize("hook", ["first_linear", "sequential", "subclass", "instance_forward",
-                                  "global_hook"])
-def test_first_layer_with_a_hook_or_override_is_not_skipped(hook):
+                                  "global_hook", "class_forward"])
+def test_first_layer_with_a_hook_or_override_is_not_skipped(hook, monkeypatch):
     """The walk kernel computes the first Linear itself: a hook on it, a hook on the
-    Sequential, or a Linear subclass with its own forward must send the model down the
-    generic path, which runs the model as it is (here made constant: every value is 0)."""
+    Sequential, a Linear subclass with its own forward, or nn.Linear.forward patched on the
+    class must send the model down the generic path, which runs the model as it is (here
+    made constant: every value is 0)."""
     model, x = _model_and_x()
-    if hook == "first_linear":
+    if hook == "class_forward":
+        linear_forward = torch.nn.Linear.forward
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, z: linear_forward(
+            self, z * 0 if self.in_features == 5 else z))
+    elif hook == "first_linear":
         model[0].register_forward_hook(lambda mod, inp, out: out * 0)
     elif hook == "sequential":
         model.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0,))
@@ -433,7 +438,7 @@ def test_first_layer_with_a_hook_or_override_is_not_skipped(hook):
         handle = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda mod, inp: (inp[0] * 0,) if isinstance(mod, torch.nn.Linear)
             and mod.in_features == 5 else None)
-    else:
+    elif hook == "subclass":
         class Zeroed(torch.nn.Linear):
             def forward(self, z):
                 return super().forward(z * 0)
