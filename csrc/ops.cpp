@@ -43,6 +43,8 @@ TORCH_LIBRARY(oni, m) {
   // each walk, averaged over each group of `walks_per_sample` walks (2 = antithetic pair),
   // and accumulated over samples into a per-feature mean and sum of squared deviations
   // (float64, [N, n_features] each). Deterministic: one input's walks are summed in order.
+  // A feature with a non-finite contribution (NaN or infinite logits, or an overflow) gets
+  // NaN in both mean and m2.
   m.def("shapley_accumulate(Tensor step_logits, Tensor start_logits, Tensor end_logits, "
         "Tensor target, Tensor perm, Tensor n_active, int n_features, int walks_per_sample, "
         "bool softmax) -> (Tensor mean, Tensor m2)");

@@ -140,7 +140,8 @@ def shapley_accumulate(
     values (they telescope to ``v(N) - v(empty)``: efficiency holds per walk). A *sample* is
     the mean of ``walks_per_sample`` consecutive walks (2 = an antithetic pair); returns the
     mean over samples and the sum of squared deviations from it (``m2``; the variance of a
-    sample is ``m2 / (n_samples - 1)``). Features never on a walk get exactly 0.
+    sample is ``m2 / (n_samples - 1)``). Features never on a walk get exactly 0; a feature
+    with a non-finite contribution (NaN or infinite logits) gets NaN in both.
     """
     n, k = end_logits.shape
     n_refs = start_logits.shape[1]
@@ -174,7 +175,9 @@ def shapley_accumulate(
     samples = dense.reshape(n, n_walks // walks_per_sample, walks_per_sample, n_features).mean(2)
     mean = samples.mean(dim=1)
     m2 = (samples - mean[:, None]).square().sum(dim=1)
-    return mean, m2
+    # a non-finite contribution gives inf or NaN by the order of the sums: NaN, as the kernels
+    no_answer = ~(mean.isfinite() & m2.isfinite())
+    return mean.masked_fill(no_answer, math.nan), m2.masked_fill(no_answer, math.nan)
 
 
 # ------------------------------------------------------------------------------ noise solver

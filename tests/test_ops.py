@@ -106,6 +106,39 @@ def test_accumulate_matches_reference(device, case, softmax, walks_per_sample):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("softmax", [True, False])
+@pytest.mark.parametrize("where", ["step", "start", "end"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_accumulate_non_finite_logits_give_nan_features(device, softmax, where, bad):
+    """A non-finite logit makes some contributions inf or NaN, whichever the order of the
+    sums gives: the affected features are NaN in mean and m2 on every device and the twin,
+    and the rest of the row is what it was."""
+    args = list(_accumulate_inputs(CASES[0], device, torch.float64, softmax))
+    clean_mean, clean_m2 = _ops.shapley_accumulate(*args)
+    steps, start, end, target, perm, n_active = args[:6]
+    n0 = int((n_active >= 2).nonzero()[0, 0])  # an input with interior steps
+    first_step = int((perm.shape[1] * start.shape[1] * (n_active[:n0] - 1).clamp(min=0)).sum())
+    c = int(target[n0])
+    bad_logits = {"step": steps, "start": start, "end": end}[where].clone()
+    bad_logits[{"step": (first_step, c), "start": (n0, 0, c), "end": (n0, c)}[where]] = bad
+    args[{"step": 0, "start": 1, "end": 2}[where]] = bad_logits
+    mean, m2 = _ops.shapley_accumulate(*args)
+    mean_ref, m2_ref = reference.shapley_accumulate(*args)
+    for got, want in ((mean, mean_ref), (m2, m2_ref)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert got.isfinite().logical_or(got.isnan()).all()  # no inf: NaN or a number
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+    assert torch.equal(mean.isnan(), m2.isnan())
+    if softmax and bad == float("-inf"):  # probability 0: a finite value, no NaN
+        assert not mean.isnan().any()
+        return
+    nan_rows = mean.isnan().any(1).nonzero().flatten().tolist()
+    assert nan_rows == [n0]
+    fine = ~mean.isnan()
+    assert torch.equal(mean[fine], clean_mean[fine]) and torch.equal(m2[fine], clean_m2[fine])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_accumulate_efficiency_and_dummies(device):
     """Each walk telescopes: the feature sums equal v(x) - v(baseline) exactly-ish; features
     not on the walk get exactly 0."""

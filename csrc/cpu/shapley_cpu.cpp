@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
@@ -273,6 +274,13 @@ std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
             mrow[i] += delta / count;
             m2row[i] += delta * (value - mrow[i]);
           }
+        }
+        // a non-finite contribution (NaN or infinite logits with the identity link) leaves
+        // inf or NaN depending on the order of the sums: one rule, NaN, on every device
+        for (int64_t j = 0; j < a; ++j) {
+          const int64_t i = walk0[j];
+          if (!(std::isfinite(mrow[i]) && std::isfinite(m2row[i])))
+            mrow[i] = m2row[i] = std::numeric_limits<double>::quiet_NaN();
         }
       }
     });

@@ -599,6 +599,7 @@ __global__ void accumulate_welford_kernel(
         mu += delta / static_cast<double>(s + 1);
         ss += delta * (value - mu);
       }
+      if (!(isfinite(mu) && isfinite(ss))) mu = ss = NAN;  // as the CPU kernel: one rule
       mean[n * n_features + i] = mu;
       m2[n * n_features + i] = ss;
     }
