@@ -95,7 +95,8 @@ TORCH_LIBRARY(oni, m) {
 
   // Shadow-model training, precision="bf16" (oni/shadows.py): the ReLUs of the hidden layers
   // on bfloat16 activations [..., B], in place; faster on the CPU than aten's bfloat16 ops,
-  // which round-trip through float32. relu_bf16_: x = max(x, 0), NaN kept (torch.relu).
+  // which round-trip through float32. relu_bf16_: x = max(x, 0), -0 and NaN kept (as
+  // torch.relu).
   m.def("relu_bf16_(Tensor(a!) x) -> ()");
   // The ReLU's backward fused with the preceding layer's bias gradient: grad (the gradient of
   // the ReLU's output) is zeroed in place where output (the ReLU's output) is not > 0

@@ -304,7 +304,7 @@ def _(x, grad, out):
 
 
 def relu_bf16_(x: Tensor) -> None:
-    """``x = relu(x)`` in place on a contiguous bfloat16 tensor (NaN kept)."""
+    """``x = relu(x)`` in place on a contiguous bfloat16 tensor (-0 and NaN kept)."""
     torch.ops.oni.relu_bf16_.default(x)
 
 

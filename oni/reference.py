@@ -310,7 +310,7 @@ def sparse_input_weight_grad(x: Tensor, grad: Tensor, out: Tensor) -> None:
 
 def relu_bf16_(x: Tensor) -> None:
     """``x = max(x, 0)`` in place (bfloat16 activations of shadow training,
-    ``precision="bf16"``); NaN stays NaN, as in ``torch.relu``."""
+    ``precision="bf16"``); -0 and NaN stay, as in ``torch.relu``."""
     x.copy_(torch.relu(x))
 
 

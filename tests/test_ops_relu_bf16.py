@@ -1,5 +1,7 @@
 """oni::relu_bf16_ and oni::relu_backward_bf16_ (the bfloat16 ReLU passes of shadow
 training) against their twins in oni.reference, on every device present."""
+import math
+
 import pytest
 import torch
 
@@ -40,10 +42,10 @@ def test_relu_matches_reference(device, shape):
     _ops.relu_bf16_(got)
     reference.relu_bf16_(want)
     assert got.dtype == BF16 and got.shape == x.shape
-    # the same values (torch.equal: -0 == +0), NaN where x was NaN
+    # the same bits as torch.relu (-0 kept), NaN where x was NaN
     assert torch.equal(got.isnan(), x.isnan())
     keep = ~x.isnan()
-    assert torch.equal(got[keep], want[keep])
+    assert torch.equal(_bits(got[keep]), _bits(want[keep]))
     assert (got[keep] >= 0).all()
     assert torch.equal(got[x > 0], x[x > 0])  # positives untouched, bit for bit
     assert torch.equal(_bits(got[x > 0]), _bits(x[x > 0]))
@@ -55,6 +57,7 @@ def test_relu_zeroes_negatives_keeps_nan_and_inf(device):
     _ops.relu_bf16_(x)
     values = x.float().tolist()
     assert values[:4] == [0.0, 0.0, float("inf"), 0.0]
+    assert [math.copysign(1.0, v) for v in values[:2]] == [1.0, -1.0]  # -0 kept, as torch
     assert all(v != v for v in values[4:7])  # NaNs of both signs stay NaN
     assert values[7] > 0 and values[8] == 0.0  # +subnormal kept, -subnormal zeroed
 

@@ -36,14 +36,14 @@ void relu_span(uint16_t* __restrict x, int64_t n) {
   for (; i + kLanes <= n; i += kLanes) {
     u16x16 v;
     std::memcpy(&v, x + i, sizeof v);
-    // keep the non-negative patterns and every NaN; negatives (and -0) become +0
-    const u16x16 keep = (u16x16)((v < kSign) | ((v & (uint16_t)0x7fff) > kPlusInf));
+    // keep the non-negative patterns, -0 (as torch.relu) and every NaN; negatives become +0
+    const u16x16 keep = (u16x16)((v <= kSign) | ((v & (uint16_t)0x7fff) > kPlusInf));
     v &= keep;
     std::memcpy(x + i, &v, sizeof v);
   }
   for (; i < n; ++i) {
     const uint16_t v = x[i];
-    x[i] = (v < kSign || (v & 0x7fff) > kPlusInf) ? v : uint16_t(0);
+    x[i] = (v <= kSign || (v & 0x7fff) > kPlusInf) ? v : uint16_t(0);
   }
 }
 

@@ -24,8 +24,8 @@ __global__ void relu_bf16_kernel(uint16_t* __restrict__ x, int64_t n) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
     const uint16_t v = x[i];
-    // keep the non-negative patterns and every NaN; negatives (and -0) become +0
-    if (!(v < 0x8000u || (v & 0x7fffu) > kPlusInf)) x[i] = 0;
+    // keep the non-negative patterns, -0 (as torch.relu) and every NaN; negatives become +0
+    if (!(v <= 0x8000u || (v & 0x7fffu) > kPlusInf)) x[i] = 0;
   }
 }
 
