@@ -767,11 +767,14 @@ def _load_rows(path: str, rows: Optional[str], data_format: str):
     if rows is None:
         return data
     try:
-        start, _, stop = rows.partition(":")
+        start, colon, stop = rows.partition(":")
+        if not colon:  # "5" could mean row 5, the first 5 rows or 5:END: ask
+            raise ValueError
         lo = int(start) if start else 0
         hi = int(stop) if stop else data.n
     except ValueError:
-        raise ConfigError(f"--rows {rows!r}: expected START:STOP (e.g. 0:1000)") from None
+        raise ConfigError(f"--rows {rows!r}: expected START:STOP (e.g. 0:1000, :1000 for the "
+                          f"first 1000 rows, 1000: for the rest)") from None
     if not 0 <= lo < hi <= data.n:
         raise ConfigError(f"--rows {rows!r}: must select rows within 0:{data.n} ({path} has "
                           f"{data.n} rows)")
@@ -1018,7 +1021,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--format", default="auto", choices=("auto", "shokri", "texas", "npz"),
                         help="how to read DATA (default: from the path)")
     common.add_argument("--rows", metavar="START:STOP",
-                        help="process only these rows of DATA (default: all)")
+                        help="process only these rows of DATA, e.g. 0:1000, :1000 or 1000: "
+                             "(default: all)")
     common.add_argument("--seed", type=int, default=0,
                         help="seed of the permutation walks (and of the noise solver's "
                              "random starts); default 0")

@@ -439,9 +439,12 @@ def test_shapley_command(model_and_data, capsys):
     expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2)
     np.testing.assert_array_equal(phi, expected.values.numpy())
     assert np.load(root / "se.npy").shape == (30, 12)
-    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out",
-                     str(out), "--rows", "50:9999"]) == 2
-    assert "--rows" in capsys.readouterr().err
+    for rows, message in (("50:9999", "must select rows within 0:120"),
+                          ("5", "expected START:STOP"),  # row 5? 5 rows? 5:END? ask
+                          ("a:b", "expected START:STOP"), ("7:7", "must select rows")):
+        assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out",
+                         str(out), "--rows", rows]) == 2
+        assert f"--rows '{rows}': {message}" in capsys.readouterr().err
 
 
 def test_noise_command(model_and_data, capsys):
