@@ -55,7 +55,7 @@ from .models import (
     load_model,
     save_model,
 )
-from .noise import NoiseResult, optimal_noise, uniform_noise
+from .noise import MAX_STARTS, NoiseResult, optimal_noise, uniform_noise
 from .shapley import PRECISIONS, shapley_values
 from .train import (
     FLUSH_EVERY,
@@ -103,12 +103,14 @@ def _number(low: float = -math.inf, high: float = math.inf, *, low_open: bool = 
     return check
 
 
-def _integer(minimum: int):
+def _integer(minimum: int, maximum: float = math.inf):
     def check(value, name):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise ValueError(f"{name} must be <= {maximum}, got {value}")
         return int(value)
     return check
 
@@ -150,7 +152,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "max_iter": _Param(50, _integer(1)),
         "refine_iter": _Param(8, _integer(0)),
         "polish_iter": _Param(8, _integer(0)),
-        "starts": _Param(2, _integer(1)),
+        "starts": _Param(2, _integer(1, MAX_STARTS)),
         "backend": _Param("auto", _choice(("auto", "kernel", "torch"))),
         "precision": _Param("float32", _choice(PRECISIONS)),
     },

@@ -42,6 +42,7 @@ _KINDS = ("uniform", "gaussian")
 _ROW_BATCH = 4096  # rows per solver pass on the CPU: bounds the activations kept for backward
 _RADIUS_BATCH = 8192  # rows per forward and backward pass of the radius (eq. 8)
 _CUDA_ROW_BATCH = 1 << 18  # on a GPU a pass is cheap, their number counts: fewer, larger ones
+MAX_STARTS = _ROW_BATCH  # a row's starts share one batch: more would outgrow its memory bound
 _STALL_WINDOW = 10  # ascent iterations over which a start's rate of climb is judged
 _LEVEL_STEPS = 6  # false-position steps per line search to the level set H = tau
 
@@ -333,12 +334,13 @@ def optimal_noise(
         max_iter: ascent iterations at most (>= 1).
         refine_iter: norm-reduction rounds (>= 0).
         polish_iter: polish iterations (>= 0; one gradient each) after them.
-        starts: starting points per row (>= 1): ``eta = 0``, ``eta = 0`` on the spread
-            objective, then seeded random points of the box ∩ ball; the smallest feasible
-            result wins.
+        starts: starting points per row (1 to ``MAX_STARTS`` = 4096): ``eta = 0``,
+            ``eta = 0`` on the spread objective, then seeded random points of the box ∩ ball;
+            the smallest feasible result wins.
         rescue_starts: rows still infeasible after that are solved again from this many
-            fresh starts (Method, 5) (>= 0; 0 turns the rescue off). H is not concave, and more
-            starts find feasible points that the first ones miss; only those rows pay.
+            fresh starts (Method, 5) (0 to 4096; 0 turns the rescue off). H is not concave,
+            and more starts find feasible points that the first ones miss; only those rows
+            pay.
         seed: seed of the random starts, and of the Shapley walks when ``phi`` is None.
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
         precision: arithmetic of the search passes (1, 2 and 5: the ascents and the
@@ -368,6 +370,10 @@ def optimal_noise(
     polish_iter = _check_int(polish_iter, "polish_iter", 0)
     starts = _check_int(starts, "starts", 1)
     rescue_starts = _check_int(rescue_starts, "rescue_starts", 0)
+    for value, name in ((starts, "starts"), (rescue_starts, "rescue_starts")):
+        if value > MAX_STARTS:
+            raise ValueError(f"{name} must be <= {MAX_STARTS} (a row's starts are solved in "
+                             f"one batch), got {value}")
     seed = check_seed(seed)
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     precision = _check_precision(precision, x.device)

@@ -416,6 +416,7 @@ def test_defaults_are_the_resolved_empty_config():
     ("oni", {"n_permutations": 0}, ValueError, r"n_permutations'\] of 'oni' must be >= 1"),
     ("oni", {"max_iter": 2.5}, TypeError, "max_iter.*int"),
     ("oni", {"starts": True}, TypeError, "starts.*int"),
+    ("oni", {"starts": 10 ** 8}, ValueError, r"starts'\] of 'oni' must be <= 4096"),
     ("oni", {"precision": "fp16"}, ValueError, r"precision.*'float32', 'tf32', 'bf16'"),
     ("dynanoise", {"temperature": 0}, ValueError, "temperature"),
     ("dynanoise", {"draws": 0}, ValueError, "draws"),

@@ -624,6 +624,9 @@ def test_rescue_starts_find_the_feasible_rows_the_first_pass_missed():
         assert bool(res.feasible[i]) == (ref is not None), f"row {i}"
     with pytest.raises(ValueError, match="rescue_starts"):
         oni.optimal_noise(model, x, phi, **kwargs, rescue_starts=-1)
+    for name in ("starts", "rescue_starts"):  # one row's starts must fit one batch
+        with pytest.raises(ValueError, match=rf"^{name} must be <= 4096 .*got 4097"):
+            oni.optimal_noise(model, x, phi, **{**kwargs, name: 4097})
 
 
 @pytest.mark.filterwarnings("ignore:.*flagged infeasible")
