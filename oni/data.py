@@ -535,6 +535,9 @@ def _arrays_for_npz(dataset: Dataset) -> Dict[str, np.ndarray]:
     # binary/small-count data stored as uint8: 4x smaller, exact
     x_store = x8 if np.array_equal(x8, x) else x
     classes = np.asarray(dataset.classes)
+    if classes.dtype.kind == "f" and all(isinstance(c, int) for c in dataset.classes):
+        # uint64 labels beyond int64: numpy picks float64, which merges neighbours
+        classes = np.array(dataset.classes, dtype=np.uint64)
     return {"x": x_store, "y": dataset.y.numpy(), "classes": classes,
             "name": np.asarray(dataset.name)}
 

@@ -393,6 +393,11 @@ def test_npz_round_trip_and_raw_labels(tmp_path):
     named = data.from_arrays(x, np.array(["b", "a", "c"] * 4))
     data.save_npz(named, tmp_path / "named.npz")
     assert data.load_npz(tmp_path / "named.npz").classes == ("a", "b", "c")
+    # uint64 labels beyond int64 stay distinct (a float64 classes array merged them)
+    huge = data.from_arrays(x, np.array([2 ** 63, 2 ** 63 + 1, 5] * 4, dtype=np.uint64))
+    data.save_npz(huge, tmp_path / "huge.npz")
+    assert data.load_npz(tmp_path / "huge.npz").classes == (5, 2 ** 63, 2 ** 63 + 1)
+    _assert_same(data.load_npz(tmp_path / "huge.npz"), huge)
 
 
 def test_npz_bad_files(tmp_path):
