@@ -858,8 +858,12 @@ def _cmd_shapley(args) -> int:
     baseline_file = args.baseline if args.baseline not in ("zero", "mean", None) else None
     _check_output_paths({"--out": args.out, "--stderr-out": args.stderr_out},
                         {"DATA": args.data, "MODEL_DIR": args.model_dir,
-                         "--baseline": baseline_file})
+                         "--baseline": baseline_file, "--groups": args.groups})
     device, model, data, x = _model_and_rows(args)
+    groups = None
+    if args.groups:
+        groups = torch.from_numpy(_load_array(args.groups, "--groups", "iu").astype(np.int64))
+        groups = groups.to(device)
     baseline = None
     if args.baseline == "mean":
         baseline = x.mean(dim=0)
@@ -878,7 +882,7 @@ def _cmd_shapley(args) -> int:
     start = time.perf_counter()
     res = shapley_values(model, x, baseline, target=target, labels=labels,
                          n_permutations=args.n_permutations, tol=args.tol, seed=args.seed,
-                         backend=args.backend, precision=args.precision)
+                         backend=args.backend, precision=args.precision, groups=groups)
     seconds = time.perf_counter() - start
     buffer = io.BytesIO()
     np.save(buffer, res.values.cpu().numpy())
@@ -887,7 +891,8 @@ def _cmd_shapley(args) -> int:
         buffer = io.BytesIO()
         np.save(buffer, res.stderr.cpu().numpy())
         write_atomic(Path(args.stderr_out), buffer.getvalue())
-    print(f"oni shapley: {data.n} rows x {data.d} features in {seconds:.1f} s "
+    players = f"{res.values.shape[1]} groups" if groups is not None else f"{data.d} features"
+    print(f"oni shapley: {data.n} rows x {players} in {seconds:.1f} s "
           f"(largest standard error {float(res.stderr.max()):.2e}); phi written to {args.out}")
     return 0
 
@@ -1056,6 +1061,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: run all walks)")
     shap.add_argument("--stderr-out", metavar="FILE.npy",
                       help="also write the [N, d] standard errors there")
+    shap.add_argument("--groups", metavar="GROUPS.npy",
+                      help="a .npy of d integer group ids (e.g. one id per one-hot encoded "
+                           "attribute): the groups are the players, and phi is [N, G], one "
+                           "column per distinct id in increasing order")
     shap.set_defaults(handler=_cmd_shapley)
 
     noise = sub.add_parser(

@@ -63,6 +63,9 @@ class ShapleyResult:
         f_baseline: ``[N]`` explained-class value at the baseline (``v(empty)``, the mean
             over references for a background set).
         target: ``[N]`` int64 explained class of each row.
+        groups: None when every feature is a player; with feature groups, the ``[d]`` int64
+            player (column of ``values``) of each feature, and ``values``/``stderr`` are
+            ``[N, G]``.
     """
 
     values: Tensor
@@ -71,6 +74,7 @@ class ShapleyResult:
     fx: Tensor
     f_baseline: Tensor
     target: Tensor
+    groups: Optional[Tensor] = None
 
     def to_shap(self, x: Tensor, feature_names: Optional[Sequence[str]] = None):
         """This result as a ``shap.Explanation`` (needs the optional ``shap`` package).
@@ -130,7 +134,8 @@ def _check_baseline(baseline, x: Tensor, per_row: bool = False) -> Tensor:
                              f"{baseline!r:.40}")
         return x.new_full((1, d), value)
     if not isinstance(baseline, Tensor):
-        raise TypeError(f"baseline must be None, a number or a tensor, got {type(baseline).__name__}")
+        raise TypeError(f"baseline must be None, a number or a tensor, got "
+                        f"{type(baseline).__name__}")
     if baseline.device != x.device:
         raise ValueError(f"baseline must be on x's device {x.device}, got {baseline.device}")
     if baseline.dtype != x.dtype:
@@ -147,6 +152,26 @@ def _check_baseline(baseline, x: Tensor, per_row: bool = False) -> Tensor:
                          f"got shape {tuple(baseline.shape)}")
     _check_finite(baseline, "baseline")
     return baseline
+
+
+def _check_groups(groups, x: Tensor) -> Optional[Tuple[Tensor, int]]:
+    """(player of each feature [d] int64 on x's device, number of players G), the players
+    being the distinct group ids in increasing order; None for no groups."""
+    if groups is None:
+        return None
+    if not isinstance(groups, Tensor):
+        raise TypeError(f"groups must be None or an integer tensor [d], got "
+                        f"{type(groups).__name__}")
+    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+        raise TypeError(f"groups must hold integer group ids, got {groups.dtype}")
+    d = x.shape[1]
+    if groups.dim() != 1 or groups.shape[0] != d:
+        raise ValueError(f"groups must be [d] with d = {d} (x's width), got shape "
+                         f"{tuple(groups.shape)}")
+    if groups.device != x.device:
+        raise ValueError(f"groups must be on x's device {x.device}, got {groups.device}")
+    ids, player = torch.unique(groups, return_inverse=True)
+    return player.to(torch.long), ids.numel()
 
 
 # Device types whose kernels "auto" picks: CPU, and CUDA since scripts/gpu_check.sh passed on
@@ -520,6 +545,7 @@ def shapley_values(
     max_batch_evals: Optional[int] = None,
     link: str = "softmax",
     precision: str = "float32",
+    groups: Optional[Tensor] = None,
 ) -> ShapleyResult:
     """Sampled-permutation Shapley values of a classifier's explained-class probability.
 
@@ -554,6 +580,11 @@ def shapley_values(
             or ``"bf16"`` (autocast to bfloat16, ~1e-2). The model's outputs at x and at the
             baseline stay in float32, so efficiency still holds exactly per walk; the error
             each mode costs is measured in BENCHMARKS.md ("GPU").
+        groups: ``[d]`` integer group id of each feature (e.g. the columns of one one-hot
+            encoded attribute): the players are then the groups, a coalition takes all the
+            features of its groups from x, and ``values``/``stderr`` are ``[N, G]``, one
+            column per distinct id in increasing order (``ShapleyResult.groups`` maps features
+            to columns). None: every feature is a player.
 
     Returns:
         :class:`ShapleyResult`.
@@ -563,13 +594,14 @@ def shapley_values(
     return _sampled_shapley(model, x, refs, False, target=target, labels=labels,
                             n_permutations=n_permutations, antithetic=antithetic, tol=tol,
                             seed=seed, backend=backend, max_batch_evals=max_batch_evals,
-                            link=link, precision=precision)
+                            link=link, precision=precision, groups=groups)
 
 
 def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, target, labels,
                      n_permutations, antithetic, tol, seed, backend, max_batch_evals,
-                     link, precision="float32") -> ShapleyResult:
+                     link, precision="float32", groups=None) -> ShapleyResult:
     n, d = x.shape
+    grouping = _check_groups(groups, x)
     n_permutations = _check_int(n_permutations, "n_permutations", 1)
     if not isinstance(antithetic, bool):
         raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__} "
@@ -605,8 +637,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             for r in refs:
                 active |= x != r
         n_active = active.sum(dim=1)
-        # active feature indices first, in increasing order
-        active_index = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices
+        walk = _Walks(active, grouping)
 
         walks_per_sample = 2 if antithetic else 1
         total_samples = math.ceil(n_permutations / walks_per_sample)
@@ -617,8 +648,9 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             width, logits_x.shape[1], x.device, x.element_size())
 
         count = torch.zeros(n, dtype=torch.long, device=x.device)
-        mean = torch.zeros((n, d), dtype=torch.float64, device=x.device)
+        mean = torch.zeros((n, walk.n_players), dtype=torch.float64, device=x.device)
         m2 = torch.zeros_like(mean)
+        # the plan counts feature steps: with groups, the walk ops still make one per feature
         alive = torch.argsort(n_active, stable=True)  # similar lengths share chunks
         done = 0
         while done < total_samples and alive.numel() > 0:
@@ -626,8 +658,8 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             for rows, first, n_samples in _plan_chunks(alive, n_active, todo, walks_per_sample,
                                                        n_refs, budget):
                 chunk_mean, chunk_m2 = _run_chunk(
-                    ops, game, x, refs, refs_per_row, logits_x, logits_r, classes, active_index,
-                    n_active, rows, seed, done + first, n_samples, antithetic, walks_per_sample,
+                    ops, game, x, refs, refs_per_row, logits_x, logits_r, classes, walk,
+                    rows, seed, done + first, n_samples, antithetic, walks_per_sample,
                     precision)
                 count_rows, mean_rows, m2_rows = _merge(
                     count[rows], mean[rows], m2[rows], n_samples, chunk_mean, chunk_m2)
@@ -639,9 +671,9 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
 
         _check_game_finite(mean)
         stderr = _stderr(m2, count)
-        # exact rows: one active feature or none (the walk is forced)
-        stderr[n_active <= 1] = 0.0
-        stderr[~active] = 0.0
+        # exact rows: one active player or none (the walk is forced)
+        stderr[walk.n_active <= 1] = 0.0
+        stderr[~walk.active] = 0.0
         return ShapleyResult(
             values=mean.to(x.dtype),
             stderr=stderr.to(x.dtype),
@@ -649,7 +681,78 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             fx=fx.to(x.dtype),
             f_baseline=f_base.to(x.dtype),
             target=classes,
+            groups=None if grouping is None else grouping[0],
         )
+
+
+class _Walks:
+    """The players of every row and how their walks become feature walks for the ops.
+
+    Without groups the players are the active features (x_i != r_i for some reference) and
+    a walk is a permutation of them. With groups a player is a group holding an active
+    feature; a group walk is run as the feature walk taking each group's active features
+    together, and only the steps at group boundaries are evaluated."""
+
+    def __init__(self, active: Tensor, grouping: Optional[Tuple[Tensor, int]]):
+        self.feature_active = active
+        self.n_features_active = active.sum(dim=1)
+        if grouping is None:
+            self.player, self.n_players, self.active = None, active.shape[1], active
+        else:
+            self.player, self.n_players = grouping
+            n = active.shape[0]
+            per_group = torch.zeros((n, self.n_players), dtype=torch.long, device=active.device)
+            per_group.index_add_(1, self.player, active.long())
+            self.features_in = per_group  # [N, G] active features of each group
+            self.active = per_group > 0
+        self.n_active = self.active.sum(dim=1)
+        # active players first, in increasing order
+        self.index = torch.sort((~self.active).to(torch.uint8), dim=1, stable=True).indices
+        if grouping is not None:  # and the same for the features
+            self.feature_index = torch.sort((~active).to(torch.uint8), dim=1,
+                                            stable=True).indices
+
+    def feature_walks(self, rows: Tensor, perm: Tensor, n_refs: int):
+        """(feature walks [R, P, L], their lengths [R], the indices of the group-boundary
+        steps among the feature walks' steps, in the ops' [row][walk][reference][step]
+        order) for the group walks ``perm`` of ``rows``; None for the indices when the
+        players are the features (every step is a boundary)."""
+        if self.player is None:
+            return perm, self.n_active[rows], None
+        n_rows, n_walks, length = perm.shape
+        a_groups, a_features = self.n_active[rows], self.n_features_active[rows]
+        device = perm.device
+        steps = torch.arange(length, device=device)
+        # Everything is sized by the walks' lengths, never by d or G (a chunk of short walks
+        # has many of them). Groups get row-local ids (the active ones 0..a - 1), so that
+        # each walk's inverse permutation gives every group its position on the walk.
+        local = torch.empty((n_rows, self.n_players), dtype=torch.long, device=device)
+        local.scatter_(1, self.index[rows], torch.arange(self.n_players, device=device)
+                       .expand(n_rows, -1).contiguous())
+        local_perm = local.gather(1, perm.reshape(n_rows, -1)).reshape(perm.shape)
+        position = torch.empty_like(local_perm)
+        position.scatter_(2, local_perm, steps.expand(n_rows, n_walks, length).contiguous())
+        # every active feature sorted by its group's position on the walk (ties: by index)
+        f_length = int(a_features.max())
+        feature_index = self.feature_index[rows, :f_length]  # active first, increasing
+        on_feature_walk = torch.arange(f_length, device=device) < a_features[:, None]
+        group_of = torch.where(on_feature_walk, local.gather(1, self.player[feature_index]), 0)
+        key = position.gather(2, group_of[:, None, :].expand(n_rows, n_walks, f_length)) \
+            * f_length + torch.arange(f_length, device=device)
+        key = torch.where(on_feature_walk[:, None, :], key, torch.iinfo(key.dtype).max)
+        features = feature_index[:, None, :].expand(n_rows, n_walks, f_length).gather(
+            2, torch.argsort(key, dim=2, stable=True))
+        # group j's last feature step is at (features in the first j + 1 groups) - 1
+        sizes = self.features_in[rows].gather(1, perm.reshape(n_rows, -1)).reshape(perm.shape)
+        last = sizes.cumsum(dim=2) - 1  # [R, P, Lg]
+        row_first = torch.cumsum(n_walks * n_refs * (a_features - 1).clamp(min=0), 0) \
+            - n_walks * n_refs * (a_features - 1).clamp(min=0)
+        walk_first = row_first[:, None, None] + (
+            torch.arange(n_walks, device=device)[:, None] * n_refs
+            + torch.arange(n_refs, device=device)[None, :]) * (a_features - 1)[:, None, None]
+        index = walk_first[..., None] + last[:, :, None, :length - 1]  # [R, P, B, Lg - 1]
+        interior = steps[None, :length - 1] < (a_groups - 1)[:, None]  # [R, Lg - 1]
+        return features, a_features, index[interior[:, None, None, :].expand_as(index)]
 
 
 def _check_game_finite(values: Tensor) -> None:
@@ -691,13 +794,12 @@ def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sampl
 
 
 def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, classes,
-               active_index, n_active, rows, seed, first_sample, n_samples, antithetic,
+               walk: _Walks, rows, seed, first_sample, n_samples, antithetic,
                walks_per_sample, precision="float32"):
     """Mean and m2 over ``n_samples`` samples for the given rows."""
-    d = x.shape[1]
-    a = n_active[rows]
+    a = walk.n_active[rows]
     length = int(a.max())
-    perm = _walk_permutations(seed, rows, first_sample, n_samples, active_index[rows, :length],
+    perm = _walk_permutations(seed, rows, first_sample, n_samples, walk.index[rows, :length],
                               a, antithetic)
     xs = x[rows]
     if refs_per_row:
@@ -707,23 +809,28 @@ def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, clas
         base = refs[None].expand(len(rows), -1, -1)
         start_logits = logits_r[None].expand(len(rows), -1, -1)
     n_walks, n_refs = perm.shape[1], base.shape[1]
-    total = reference.interior_steps(a, n_walks, n_refs)
-    if total == 0:
+    feature_perm, a_features, boundaries = walk.feature_walks(rows, perm, n_refs)
+    total = reference.interior_steps(a_features, n_walks, n_refs)
+    if total == 0 or (boundaries is not None and boundaries.numel() == 0):
         steps = logits_x.new_empty((0, logits_x.shape[1]))
     elif game.first_linear is not None:
-        pre = ops.permutation_walk_linear(xs, base, perm, a, game.first_weight, game.first_bias,
-                                          total, game.fuse_first_relu)
+        pre = ops.permutation_walk_linear(xs, base, feature_perm, a_features, game.first_weight,
+                                          game.first_bias, total, game.fuse_first_relu)
+        if boundaries is not None:
+            pre = pre.index_select(0, boundaries)
         tail_batch = _TAIL_BATCH if pre.device.type == "cpu" else _CUDA_TAIL_BATCH
         with _walk_precision(precision, x.device, autocast=game.plain_layers is None
                              or not pre.is_cuda):
             steps = game.tail_outputs(pre, tail_batch, precision)
     else:
-        walk_inputs = ops.permutation_walk_masked(xs, base, perm, a, total)
+        walk_inputs = ops.permutation_walk_masked(xs, base, feature_perm, a_features, total)
+        if boundaries is not None:
+            walk_inputs = walk_inputs.index_select(0, boundaries)
         with _walk_precision(precision, x.device):
             steps = game(walk_inputs)
     steps = steps.to(logits_x.dtype)
     return ops.shapley_accumulate(steps, start_logits.contiguous(), logits_x[rows], classes[rows],
-                                  perm, a, d, walks_per_sample, game.softmax)
+                                  perm, a, walk.n_players, walks_per_sample, game.softmax)
 
 
 # ----------------------------------------------------------------------------- exact
@@ -736,18 +843,25 @@ def exact_shapley(
     target: Union[str, int, Tensor] = "pred",
     labels: Optional[Tensor] = None,
     link: str = "softmax",
+    groups: Optional[Tensor] = None,
 ) -> ShapleyResult:
-    """Exact Shapley values by subset enumeration, for ``d <= 20``.
+    """Exact Shapley values by subset enumeration, for ``d <= 20`` players.
 
-    Same game and arguments as :func:`shapley_values`. Each row enumerates the ``2^a``
-    coalitions of its ``a`` active features (dummies are exactly 0); values are computed in
-    float64 from the model's outputs. ``stderr`` is 0 and ``n_permutations`` 0.
+    Same game and arguments as :func:`shapley_values` (with ``groups``, the players are
+    the groups and ``d`` may be larger as long as there are at most 20 groups). Each row
+    enumerates the ``2^a`` coalitions of its ``a`` active players (dummies are exactly 0);
+    values are computed in float64 from the model's outputs. ``stderr`` is 0 and
+    ``n_permutations`` 0.
     """
     x = _check_inputs(x)
     n, d = x.shape
-    if d > MAX_EXACT_FEATURES:
+    grouping = _check_groups(groups, x)
+    player, n_players = grouping if grouping is not None else (
+        torch.arange(d, device=x.device), d)
+    if n_players > MAX_EXACT_FEATURES:
+        what = f"G = {n_players} groups" if grouping is not None else f"d = {d}"
         raise ValueError(f"exact_shapley enumerates 2^d coalitions and supports d <= "
-                         f"{MAX_EXACT_FEATURES}, got d = {d}; use shapley_values")
+                         f"{MAX_EXACT_FEATURES} players, got {what}; use shapley_values")
     refs = _check_baseline(baseline, x)
     _check_model_input(model, x)
     game = _Game(model, link)
@@ -755,13 +869,15 @@ def exact_shapley(
         logits_x = game(x, "model output at x")
         _check_finite(logits_x, "model output at x")
         classes = _resolve_target(target, labels, logits_x)
-        values = torch.zeros((n, d), dtype=torch.float64, device=x.device)
+        values = torch.zeros((n, n_players), dtype=torch.float64, device=x.device)
         f_base = torch.empty(n, dtype=torch.float64, device=x.device)
+        members = player[None, :] == torch.arange(n_players, device=x.device)[:, None]  # [G, d]
         for row in range(n):
-            # only active features are players; the others are dummies (value 0)
-            players = (x[row] != refs).any(0).nonzero()[:, 0]
+            # only players holding an active feature play; the others are dummies (value 0)
+            active = (x[row] != refs).any(0)
+            players = (members & active).any(1).nonzero()[:, 0]
             values[row, players], f_base[row] = _exact_row(
-                game, x[row], refs, players, classes[row])
+                game, x[row], refs, members[players], classes[row])
         fx = reference.class_value(logits_x, classes, game.softmax)
     _check_game_finite(values)
     return ShapleyResult(
@@ -771,12 +887,14 @@ def exact_shapley(
         fx=fx.to(x.dtype),
         f_baseline=f_base.to(x.dtype),
         target=classes,
+        groups=None if grouping is None else player,
     )
 
 
-def _exact_row(game: "_Game", x_row: Tensor, refs: Tensor, players: Tensor, target: Tensor):
-    """Exact values of one row's players by enumerating their 2^a coalitions, and v(empty)."""
-    a, device = players.numel(), x_row.device
+def _exact_row(game: "_Game", x_row: Tensor, refs: Tensor, members: Tensor, target: Tensor):
+    """Exact values of one row's players (``members [a, d]``: the features each one takes
+    from x) by enumerating their 2^a coalitions, and v(empty)."""
+    a, device = members.shape[0], x_row.device
     n_coalitions = 1 << a
     bits = torch.arange(a, device=device)
     masks = ((torch.arange(n_coalitions, device=device)[:, None] >> bits) & 1).bool()
@@ -788,9 +906,9 @@ def _exact_row(game: "_Game", x_row: Tensor, refs: Tensor, players: Tensor, targ
     batch = max(1, (1 << 16) // refs.shape[0])
     for lo in range(0, n_coalitions, batch):
         m = masks[lo:lo + batch]
-        z = refs[None].repeat(len(m), 1, 1)  # [b, B, d]
-        taken = m[:, None, :].expand(-1, refs.shape[0], -1)
-        z[..., players] = torch.where(taken, x_row[players], z[..., players])
+        # [b, d] the features taken from x (a GEMM of 0/1: exact; CUDA has no integer one)
+        taken = (m.float() @ members.float()) > 0
+        z = torch.where(taken[:, None, :], x_row, refs[None])  # [b, B, d]
         out = game(z.reshape(-1, x_row.numel()), "model output")
         value_of[lo:lo + batch] = reference.class_value(out, target, game.softmax).reshape(
             len(m), -1).mean(1)
@@ -830,7 +948,9 @@ class ShapleyValueSampling:
             target: None (forward output ``[N]`` or ``[N, 1]``), an int, a list or a
                 tensor ``[N]`` of output columns.
             additional_forward_args: extra non-batched arguments passed to forward_func.
-            feature_mask: not supported (raises); every feature is its own player.
+            feature_mask: None (every feature is a player) or integer group ids ``[d]``,
+                ``[1, d]``, or ``[N, d]`` with identical rows: the players are the groups and,
+                as in captum, every feature of a group gets the group's value.
             n_samples: permutation walks per input.
             perturbations_per_eval, show_progress: accepted for compatibility; oni batches
                 evaluations to a memory budget by itself.
@@ -839,9 +959,11 @@ class ShapleyValueSampling:
             if len(inputs) != 1:
                 raise ValueError("oni.ShapleyValueSampling supports a single 2-D input tensor")
             inputs = inputs[0]
-        if feature_mask is not None:
-            raise NotImplementedError("feature_mask (feature groups) is not supported by "
-                                      "oni.ShapleyValueSampling; every feature is a player")
+        if isinstance(feature_mask, tuple):
+            if len(feature_mask) != 1:
+                raise ValueError(f"feature_mask as a tuple must hold one entry (one input), "
+                                 f"got {len(feature_mask)}")
+            feature_mask = feature_mask[0]
         extra = () if additional_forward_args is None else (
             additional_forward_args if isinstance(additional_forward_args, tuple)
             else (additional_forward_args,))
@@ -856,6 +978,7 @@ class ShapleyValueSampling:
             baselines = baselines[0]
         refs = _check_baseline(baselines, x, per_row=True)
         per_row = refs.shape[0] == x.shape[0] and x.shape[0] > 1
+        groups = _shared_feature_mask(feature_mask, x)
 
         def game(z: Tensor) -> Tensor:
             out = self.forward_func(z, *extra)
@@ -874,5 +997,23 @@ class ShapleyValueSampling:
         result = _sampled_shapley(game, x, refs, per_row, target=target, labels=None,
                                   n_permutations=n_samples, antithetic=True, tol=None,
                                   seed=seed, backend=backend, max_batch_evals=None,
-                                  link="identity")
-        return result.values
+                                  link="identity", groups=groups)
+        if result.groups is None:
+            return result.values
+        return result.values[:, result.groups]  # each feature: its group's value
+
+
+def _shared_feature_mask(feature_mask, x: Tensor) -> Optional[Tensor]:
+    """captum's feature_mask as oni's groups ``[d]``: one grouping for every input."""
+    if feature_mask is None:
+        return None
+    if not isinstance(feature_mask, Tensor):
+        raise TypeError(f"feature_mask must be None or an integer tensor, got "
+                        f"{type(feature_mask).__name__}")
+    if feature_mask.dim() == 2:
+        if feature_mask.shape[0] == 0 or (feature_mask != feature_mask[:1]).any():
+            raise NotImplementedError(
+                f"feature_mask {tuple(feature_mask.shape)}: oni groups the features of every "
+                f"input alike; pass one mask [d] or [1, d] (per-input masks differ here)")
+        feature_mask = feature_mask[0]
+    return feature_mask

@@ -439,6 +439,18 @@ def test_shapley_command(model_and_data, capsys):
     expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2)
     np.testing.assert_array_equal(phi, expected.values.numpy())
     assert np.load(root / "se.npy").shape == (30, 12)
+    np.save(root / "groups.npy", np.arange(12, dtype=np.int32) // 3)  # 4 groups of 3
+    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--n-permutations", "6", "--seed", "2", "--rows", "10:40",
+                     "--groups", str(root / "groups.npy"), "--device", "cpu"]) == 0
+    assert "30 rows x 4 groups" in capsys.readouterr().out
+    expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2,
+                                  groups=torch.arange(12) // 3)
+    np.testing.assert_array_equal(np.load(out), expected.values.numpy())
+    np.save(root / "float_groups.npy", np.zeros(12))
+    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out", str(out),
+                     "--groups", str(root / "float_groups.npy"), "--device", "cpu"]) == 2
+    assert "--groups" in capsys.readouterr().err
     for rows, message in (("50:9999", "must select rows within 0:120"),
                           ("5", "expected START:STOP"),  # row 5? 5 rows? 5:END? ask
                           ("a:b", "expected START:STOP"), ("7:7", "must select rows")):

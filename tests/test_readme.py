@@ -6,9 +6,14 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _run_section(title: str) -> None:
-    section = README.read_text().split(title, 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, f"README.md:{title}", "exec"), {})
+    """Every python block of the section, in order, in one namespace (later blocks build
+    on the first)."""
+    section = README.read_text().split(title, 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, f"no python block under {title}"
+    namespace = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md:{title}[{i}]", "exec"), namespace)
 
 
 def test_readme_quickstart_runs():

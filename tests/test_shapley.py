@@ -243,6 +243,145 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=0, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------- feature groups
+
+GROUPS = torch.tensor([7, 7, -1, 3, 3, 3, 10, 5, 5, 12])  # any integer ids, in any order
+
+
+def _brute_force_group_values(model, x_row, refs, groups, target):
+    """Shapley values of the groups straight from the definition: every coalition of every
+    group, weights |S|! (G - |S| - 1)! / G!, probabilities averaged over the references."""
+    import itertools
+    ids = sorted(set(groups.tolist()))
+
+    def value(coalition):
+        taken = torch.zeros(len(groups), dtype=torch.bool)
+        for g in coalition:
+            taken |= groups == g
+        z = torch.where(taken, x_row, refs)
+        return torch.softmax(model(z).double(), 1)[:, target].mean()
+
+    n = len(ids)
+    phi = torch.zeros(n, dtype=torch.float64)
+    for i, g in enumerate(ids):
+        others = [h for h in ids if h != g]
+        for size in range(n):
+            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+            for coalition in itertools.combinations(others, size):
+                phi[i] += weight * (value(coalition + (g,)) - value(coalition))
+    return phi
+
+
+def test_exact_groups_match_the_definition():
+    model = small_mlp(10, k=4, seed=40)
+    x = _gaussian_rows(3, 10, seed=41)
+    x[0, [0, 1]] = 0.0  # group 7 all at the baseline: a dummy group
+    refs = torch.cat([torch.zeros(1, 10), _gaussian_rows(1, 10, seed=42)])
+    refs[:, [0, 1]] = 0.0
+    with torch.no_grad():
+        exact = oni.exact_shapley(model, x, refs, groups=GROUPS)
+        for row in range(3):
+            truth = _brute_force_group_values(model, x[row], refs, GROUPS,
+                                              int(exact.target[row]))
+            torch.testing.assert_close(exact.values[row].double(), truth, rtol=0, atol=1e-6)
+    assert exact.values.shape == (3, 6) and exact.values[0, 3] == 0  # id 7 is column 3
+    assert exact.groups.tolist() == [3, 3, 0, 1, 1, 1, 4, 2, 2, 5]
+    torch.testing.assert_close(exact.values.sum(1), exact.fx - exact.f_baseline, rtol=0,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["incremental", "generic"])
+def test_sampled_groups_within_standard_errors_of_exact(backend, path):
+    model = small_mlp(10, k=4, seed=43)
+    x = _binary_rows(8, 10, seed=44, p=0.6)
+    x[0] = 0.0  # nothing active
+    x[1, :] = 0.0
+    x[1, 3] = 1.0  # one active group: forced walk
+    bg = _binary_rows(2, 10, seed=45, p=0.2)
+    explained = model if path == "incremental" else Wrapped(model).eval()
+    for baseline in (None, bg):
+        exact = oni.exact_shapley(model, x, baseline, groups=GROUPS)
+        res = oni.shapley_values(explained, x, baseline, groups=GROUPS, n_permutations=400,
+                                 seed=3, backend=backend)
+        assert res.values.shape == res.stderr.shape == (8, 6)
+        assert torch.equal(res.groups, exact.groups)
+        torch.testing.assert_close(res.values.sum(1), res.fx - res.f_baseline, rtol=0,
+                                   atol=1e-5)  # efficiency per walk
+        err = (res.values - exact.values).abs().double()
+        sampled = res.stderr > 0
+        assert (err[sampled] / res.stderr[sampled].double()).max() < 5.0
+        assert (err[~sampled] < 1e-6).all()  # dummies and forced walks: exact
+        if baseline is None:
+            assert (res.values[0] == 0).all() and (res.stderr[1] == 0).all()
+
+
+def test_one_feature_groups_are_the_features_bit_for_bit():
+    model = small_mlp(10, k=4, seed=46)
+    x = _gaussian_rows(6, 10, seed=47)
+    x[2, 4:] = 0.0
+    relabelled = torch.arange(10) * 3 - 5  # one feature per group, same order
+    for backend in BACKENDS:
+        plain = oni.shapley_values(model, x, n_permutations=10, seed=5, backend=backend)
+        grouped = oni.shapley_values(model, x, n_permutations=10, seed=5, backend=backend,
+                                     groups=relabelled)
+        assert torch.equal(plain.values, grouped.values)
+        assert torch.equal(plain.stderr, grouped.stderr) and plain.groups is None
+    assert torch.equal(oni.exact_shapley(model, x).values,
+                       oni.exact_shapley(model, x, groups=relabelled).values)
+
+
+def test_groups_with_tol_kernel_equals_torch_and_chunking():
+    model = small_mlp(10, k=4, seed=48)
+    x = _gaussian_rows(9, 10, seed=49)
+    runs = [oni.shapley_values(model, x, groups=GROUPS, n_permutations=32, seed=6,
+                               backend=backend, max_batch_evals=evals)
+            for backend, evals in (("kernel", None), ("torch", None), ("kernel", 7))]
+    torch.testing.assert_close(runs[0].values, runs[1].values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(runs[0].values, runs[2].values, rtol=0, atol=1e-6)
+    early = oni.shapley_values(model, x, groups=GROUPS, n_permutations=400, tol=1e9, seed=6)
+    assert (early.n_permutations < 400).all() and early.values.shape == (9, 6)
+
+
+def test_exact_groups_lift_the_feature_limit():
+    model = small_mlp(30, k=3, seed=50)
+    x = _gaussian_rows(2, 30, seed=51)
+    groups = torch.arange(30) // 8  # 4 groups of up to 8 features
+    exact = oni.exact_shapley(model, x, groups=groups)
+    assert exact.values.shape == (2, 4)
+    sampled = oni.shapley_values(model, x, groups=groups, n_permutations=600, seed=7)
+    assert ((sampled.values - exact.values).abs() <= 5 * sampled.stderr + 1e-6).all()
+    with pytest.raises(ValueError, match="supports d <= 20 players, got G = 30 groups"):
+        oni.exact_shapley(model, x, groups=torch.arange(30))
+
+
+@pytest.mark.parametrize("groups, error, message", [
+    (torch.zeros(10), TypeError, "groups must hold integer group ids, got torch.float32"),
+    (torch.zeros(10, dtype=torch.bool), TypeError, "integer group ids"),
+    ([0] * 10, TypeError, "groups must be None or an integer tensor"),
+    (torch.zeros(9, dtype=torch.long), ValueError, r"groups must be \[d\] with d = 10"),
+    (torch.zeros(1, 10, dtype=torch.long), ValueError, r"got shape \(1, 10\)"),
+    (torch.zeros(10, dtype=torch.long, device="meta"), ValueError, "groups must be on x's"),
+])
+def test_bad_groups_get_clear_errors(groups, error, message):
+    model, x = small_mlp(10, k=3, seed=52), _gaussian_rows(2, 10, seed=53)
+    for call in (oni.shapley_values, oni.exact_shapley):
+        with pytest.raises(error, match=message):
+            call(model, x, groups=groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_groups_match_cpu():
+    model = small_mlp(10, k=4, seed=54)
+    x = _gaussian_rows(5, 10, seed=55)
+    cpu = oni.shapley_values(model, x, groups=GROUPS, n_permutations=8)
+    gpu = oni.shapley_values(model.cuda(), x.cuda(), groups=GROUPS.cuda(), n_permutations=8)
+    torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=0, atol=1e-6)
+    exact = oni.exact_shapley(model.cuda(), x.cuda(), groups=GROUPS.cuda())
+    torch.testing.assert_close(exact.values.cpu(), oni.exact_shapley(model.cpu(), x,
+                                                                     groups=GROUPS).values)
+
+
 # ------------------------------------------------------------------------- independent tools
 
 def test_agrees_with_captum_on_the_same_game():
@@ -277,8 +416,20 @@ def test_drop_in_shapley_value_sampling():
     attr = oni.ShapleyValueSampling(lambda z: model(z)[:, 0]).attribute(x, n_samples=4)
     torch.testing.assert_close(attr.sum(1), model(x)[:, 0] - model(torch.zeros(1, 8))[:, 0],
                                rtol=0, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="feature_mask"):
-        oni.ShapleyValueSampling(model).attribute(x, feature_mask=torch.zeros(1, 8).long())
+    # feature groups: as captum, every feature of a group gets the group's value
+    mask = torch.tensor([[0, 0, 1, 2, 2, 2, 3, 4]])
+    grouped = oni.ShapleyValueSampling(model).attribute(x, target=1, feature_mask=mask,
+                                                        n_samples=400)
+    exact = oni.exact_shapley(model, x, target=1, link="identity", groups=mask[0])
+    assert grouped.shape == x.shape and torch.equal(grouped[:, 0], grouped[:, 1])
+    assert (grouped - exact.values[:, exact.groups]).norm() / exact.values.norm() < 0.03
+    same = oni.ShapleyValueSampling(model).attribute(x, target=1, feature_mask=mask.expand(5, 8),
+                                                     n_samples=400)
+    assert torch.equal(same, grouped)  # [N, d] of identical rows is one mask
+    per_input = mask.repeat(5, 1)
+    per_input[2, 0] = 5
+    with pytest.raises(NotImplementedError, match="feature_mask .*per-input masks differ"):
+        oni.ShapleyValueSampling(model).attribute(x, feature_mask=per_input)
 
 
 def test_to_shap():
