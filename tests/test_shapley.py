@@ -398,6 +398,15 @@ def test_agrees_with_captum_on_the_same_game():
     scale = exact.values.norm()
     assert (theirs - exact.values).norm() / scale < 0.05  # captum is right about the game
     assert (ours.values - theirs).norm() / scale < 0.05
+    # and about feature groups: each feature gets its group's value
+    mask = torch.tensor([[0, 0, 1, 2, 2, 2, 3, 4, 4, 4]])
+    torch.manual_seed(0)
+    theirs = captum.ShapleyValueSampling(prob).attribute(x, baselines=0.0, target=target,
+                                                         feature_mask=mask, n_samples=600)
+    exact = oni.exact_shapley(model, x, groups=mask[0])
+    assert torch.equal(exact.groups, mask[0])
+    scale = exact.values.norm()
+    assert (theirs - exact.values[:, exact.groups]).norm() / scale < 0.05
 
 
 def test_drop_in_shapley_value_sampling():
