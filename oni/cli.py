@@ -862,8 +862,10 @@ def _cmd_shapley(args) -> int:
     device, model, data, x = _model_and_rows(args)
     groups = None
     if args.groups:
-        groups = torch.from_numpy(_load_array(args.groups, "--groups", "iu").astype(np.int64))
-        groups = groups.to(device)
+        # the ids' ranks: uint64 ids beyond int64 would wrap (and reorder) in an int64 cast
+        ids = _load_array(args.groups, "--groups", "iu")
+        groups = torch.from_numpy(np.unique(ids, return_inverse=True)[1].reshape(ids.shape)
+                                  .astype(np.int64)).to(device)
     baseline = None
     if args.baseline == "mean":
         baseline = x.mean(dim=0)
@@ -907,6 +909,10 @@ def _cmd_noise(args) -> int:
     phi = None
     if args.phi:
         phi = torch.from_numpy(_load_array(args.phi, "--phi", "f")).to(device, x.dtype)
+        if phi.dim() == 2 and phi.shape[0] == x.shape[0] and phi.shape[1] != x.shape[1]:
+            raise ConfigError(f"--phi {args.phi}: {phi.shape[1]} values per row, but the data "
+                              f"has d = {x.shape[1]} features; the noise needs one value per "
+                              f"feature (not the per-group phi of `oni shapley --groups`)")
         if tuple(phi.shape) != tuple(x.shape):
             raise ConfigError(f"--phi {args.phi}: shape {tuple(phi.shape)} does not match the "
                               f"selected data rows {tuple(x.shape)} (use the same --rows)")
@@ -1022,7 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the data file whose rows are processed (Shokri CSV, Texas100 "
                              "directory or archive, .npz)")
     common.add_argument("--out", required=True, metavar="FILE.npy",
-                        help="where to write the [N, d] float32 result (numpy .npy)")
+                        help="where to write the [N, d] float32 result (numpy .npy; [N, G] "
+                             "for `shapley --groups`)")
     common.add_argument("--format", default="auto", choices=("auto", "shokri", "texas", "npz"),
                         help="how to read DATA (default: from the path)")
     common.add_argument("--rows", metavar="START:STOP",
@@ -1060,7 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop a row once its largest standard error is below TOL "
                            "(default: run all walks)")
     shap.add_argument("--stderr-out", metavar="FILE.npy",
-                      help="also write the [N, d] standard errors there")
+                      help="also write the standard errors there (the shape of --out)")
     shap.add_argument("--groups", metavar="GROUPS.npy",
                       help="a .npy of d integer group ids (e.g. one id per one-hot encoded "
                            "attribute): the groups are the players, and phi is [N, G], one "

@@ -89,8 +89,11 @@ class ShapleyResult:
             raise ImportError("ShapleyResult.to_shap needs the optional package 'shap' "
                               "(pip install shap)") from err
         if tuple(x.shape) != tuple(self.values.shape):
+            grouped = "" if self.groups is None else (
+                " (the values are per group: pass x as [N, G] group-level data, e.g. "
+                "x[:, first feature of each group], and the G group names)")
             raise ValueError(f"x must have the shape of the values {tuple(self.values.shape)}, "
-                             f"got {tuple(x.shape)}")
+                             f"got {tuple(x.shape)}{grouped}")
         if feature_names is not None and len(feature_names) != x.shape[1]:
             raise ValueError(f"feature_names must have d = {x.shape[1]} names, "
                              f"got {len(feature_names)}")
@@ -164,6 +167,8 @@ def _check_groups(groups, x: Tensor) -> Optional[Tuple[Tensor, int]]:
                         f"{type(groups).__name__}")
     if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
         raise TypeError(f"groups must hold integer group ids, got {groups.dtype}")
+    if groups.layout != torch.strided:
+        raise TypeError(f"groups must be a dense tensor, got layout {groups.layout}")
     d = x.shape[1]
     if groups.dim() != 1 or groups.shape[0] != d:
         raise ValueError(f"groups must be [d] with d = {d} (x's width), got shape "
@@ -571,7 +576,10 @@ def shapley_values(
         backend: ``"kernel"`` (C++/CUDA ops), ``"torch"`` (the pure-PyTorch twin in
             :mod:`oni.reference`), ``"auto"`` (kernel when compiled for x's device).
         max_batch_evals: model evaluations (interior walk steps) per chunk; the default keeps
-            the step tensors near 16 MiB on CPU and 2 GiB on CUDA. Memory stays flat in N.
+            the step tensors near 16 MiB on CPU and a quarter of the GPU's memory (at most
+            8 GiB) on CUDA. A chunk's rows are capped too, so that its dense ``[rows, d]``
+            statistics take at most ~4x that. Beyond the inputs and the result, memory stays
+            flat in N.
         link: ``"softmax"`` explains the class probability (the paper's ``f_c``),
             ``"identity"`` the raw model output of the class.
         precision: arithmetic of the batched model evaluation along the walks (the bulk of
@@ -646,6 +654,10 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         width = game.first_linear.out_features if game.first_linear is not None else d
         budget = max_batch_evals or _default_max_batch_evals(
             width, logits_x.shape[1], x.device, x.element_size())
+        # and rows per chunk: a chunk also holds a few dense [rows, d] float64 tensors (its
+        # statistics and their merge), which for short walks at large d outgrow the steps;
+        # they get about 4x the steps' bytes
+        max_rows = max(1, budget * x.element_size() * (width + logits_x.shape[1]) // (16 * d))
 
         count = torch.zeros(n, dtype=torch.long, device=x.device)
         mean = torch.zeros((n, walk.n_players), dtype=torch.float64, device=x.device)
@@ -656,7 +668,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         while done < total_samples and alive.numel() > 0:
             todo = min(round_samples, total_samples - done)
             for rows, first, n_samples in _plan_chunks(alive, n_active, todo, walks_per_sample,
-                                                       n_refs, budget):
+                                                       n_refs, budget, max_rows):
                 chunk_mean, chunk_m2 = _run_chunk(
                     ops, game, x, refs, refs_per_row, logits_x, logits_r, classes, walk,
                     rows, seed, done + first, n_samples, antithetic, walks_per_sample,
@@ -772,8 +784,9 @@ def _stderr(m2: Tensor, count: Tensor) -> Tensor:
 
 
 def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sample: int,
-                 n_refs: int, budget: int):
-    """Yields (rows, first sample, n samples) so each chunk has about <= budget steps."""
+                 n_refs: int, budget: int, max_rows: int):
+    """Yields (rows, first sample, n samples) so each chunk has about <= budget steps and
+    at most max_rows rows."""
     per_sample = (walks_per_sample * n_refs * (n_active[rows] - 1).clamp(min=1)).tolist()
     start = 0
     while start < len(per_sample):
@@ -786,7 +799,8 @@ def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sampl
             start += 1
             continue
         stop, total = start, 0
-        while stop < len(per_sample) and total + per_sample[stop] * n_samples <= budget:
+        while stop < len(per_sample) and stop - start < max_rows \
+                and total + per_sample[stop] * n_samples <= budget:
             total += per_sample[stop] * n_samples
             stop += 1
         yield rows[start:stop], 0, n_samples
@@ -903,7 +917,10 @@ def _exact_row(game: "_Game", x_row: Tensor, refs: Tensor, members: Tensor, targ
     weights = torch.tensor([math.factorial(s) * math.factorial(a - s - 1) / math.factorial(a)
                             for s in range(a)], dtype=torch.float64, device=device)
     value_of = torch.empty(n_coalitions, dtype=torch.float64, device=device)
-    batch = max(1, (1 << 16) // refs.shape[0])
+    # coalitions per model call: [batch, B, d] inputs of at most ~4M values (d is large only
+    # with groups, up to 2^20 coalitions of them)
+    n_refs = refs.shape[0]
+    batch = max(1, min((1 << 16) // n_refs, (1 << 22) // (n_refs * x_row.numel())))
     for lo in range(0, n_coalitions, batch):
         m = masks[lo:lo + batch]
         # [b, d] the features taken from x (a GEMM of 0/1: exact; CUDA has no integer one)
@@ -1007,13 +1024,29 @@ def _shared_feature_mask(feature_mask, x: Tensor) -> Optional[Tensor]:
     """captum's feature_mask as oni's groups ``[d]``: one grouping for every input."""
     if feature_mask is None:
         return None
-    if not isinstance(feature_mask, Tensor):
-        raise TypeError(f"feature_mask must be None or an integer tensor, got "
-                        f"{type(feature_mask).__name__}")
+    n, d = x.shape
+    if not isinstance(feature_mask, Tensor) or feature_mask.layout != torch.strided:
+        raise TypeError(f"feature_mask must be None or a dense integer tensor, got "
+                        f"{_describe(feature_mask)}")
+    if feature_mask.dtype.is_floating_point or feature_mask.dtype.is_complex \
+            or feature_mask.dtype == torch.bool:
+        raise TypeError(f"feature_mask must hold integer group ids, got {feature_mask.dtype}")
+    if feature_mask.device != x.device:
+        raise ValueError(f"feature_mask must be on the inputs' device {x.device}, got "
+                         f"{feature_mask.device}")
+    if feature_mask.shape not in ((d,), (1, d), (n, d)):
+        raise ValueError(f"feature_mask must be [d], [1, d] or [N, d] with N = {n}, d = {d}, "
+                         f"got shape {tuple(feature_mask.shape)}")
     if feature_mask.dim() == 2:
-        if feature_mask.shape[0] == 0 or (feature_mask != feature_mask[:1]).any():
+        if (feature_mask != feature_mask[:1]).any():
             raise NotImplementedError(
                 f"feature_mask {tuple(feature_mask.shape)}: oni groups the features of every "
                 f"input alike; pass one mask [d] or [1, d] (per-input masks differ here)")
         feature_mask = feature_mask[0]
     return feature_mask
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.layout} tensor"
+    return type(value).__name__

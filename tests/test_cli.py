@@ -447,6 +447,16 @@ def test_shapley_command(model_and_data, capsys):
     expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2,
                                   groups=torch.arange(12) // 3)
     np.testing.assert_array_equal(np.load(out), expected.values.numpy())
+    # uint64 ids beyond int64 keep their order (an int64 cast would wrap them negative)
+    np.save(root / "big_groups.npy", (np.arange(12, dtype=np.uint64) // 3) * np.uint64(2 ** 62))
+    assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out",
+                     str(root / "big.npy"), "--n-permutations", "6", "--seed", "2", "--rows",
+                     "10:40", "--groups", str(root / "big_groups.npy"), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(root / "big.npy"), expected.values.numpy())
+    # a per-group phi is not the per-feature phi the noise needs
+    assert cli.main(["noise", str(root / "model"), str(root / "data.npz"), "--out",
+                     str(root / "eta.npy"), "--rows", "10:40", "--phi", str(out)]) == 2
+    assert "4 values per row, but the data has d = 12" in capsys.readouterr().err
     np.save(root / "float_groups.npy", np.zeros(12))
     assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out", str(out),
                      "--groups", str(root / "float_groups.npy"), "--device", "cpu"]) == 2

@@ -362,12 +362,63 @@ def test_exact_groups_lift_the_feature_limit():
     (torch.zeros(9, dtype=torch.long), ValueError, r"groups must be \[d\] with d = 10"),
     (torch.zeros(1, 10, dtype=torch.long), ValueError, r"got shape \(1, 10\)"),
     (torch.zeros(10, dtype=torch.long, device="meta"), ValueError, "groups must be on x's"),
+    (torch.zeros(10, dtype=torch.long).to_sparse(), TypeError, "groups must be a dense tensor"),
 ])
 def test_bad_groups_get_clear_errors(groups, error, message):
     model, x = small_mlp(10, k=3, seed=52), _gaussian_rows(2, 10, seed=53)
     for call in (oni.shapley_values, oni.exact_shapley):
         with pytest.raises(error, match=message):
             call(model, x, groups=groups)
+
+
+@pytest.mark.parametrize("mask, error, message", [
+    (torch.zeros(8), TypeError, "feature_mask must hold integer group ids"),
+    (torch.zeros(9, dtype=torch.long), ValueError,
+     r"feature_mask must be \[d\], \[1, d\] or \[N, d\] with N = 5, d = 8, got shape \(9,\)"),
+    (torch.zeros(7, 8, dtype=torch.long), ValueError, r"got shape \(7, 8\)"),
+    (torch.zeros(0, 8, dtype=torch.long), ValueError, r"got shape \(0, 8\)"),
+    (torch.zeros(1, 8, dtype=torch.long, device="meta"), ValueError, "inputs' device"),
+    (torch.zeros(1, 8, dtype=torch.long).to_sparse(), TypeError, "dense integer tensor"),
+    ((torch.zeros(8, dtype=torch.long),) * 2, ValueError, "one entry"),
+])
+def test_drop_in_feature_mask_errors_name_it(mask, error, message):
+    model, x = small_mlp(8, k=3, seed=56), _gaussian_rows(5, 8, seed=57)
+    with pytest.raises(error, match=message):
+        oni.ShapleyValueSampling(model).attribute(x, target=0, feature_mask=mask)
+
+
+def test_exact_groups_call_the_model_on_bounded_batches():
+    """2^14 coalitions of 14 groups over d = 3000 features: each model call gets at most
+    2^22 input values, not all the coalitions at once."""
+    model = small_mlp(3000, k=3, hidden=(4,), seed=58)
+    sizes = []
+
+    def counted(z):
+        sizes.append(z.numel())
+        return model(z)
+
+    x = _gaussian_rows(1, 3000, seed=59)
+    exact = oni.exact_shapley(counted, x, groups=torch.arange(3000) % 14)
+    assert exact.values.shape == (1, 14) and max(sizes) <= 1 << 22 and len(sizes) > 2
+    torch.testing.assert_close(exact.values.sum(1), exact.fx - exact.f_baseline, rtol=0,
+                               atol=1e-6)
+
+
+def test_chunks_of_short_walks_are_capped_in_rows():
+    """Rows of one or two active features are cheap in steps, but a chunk holds dense
+    [rows, d] statistics: the plan caps its rows too, and the values do not change."""
+    from oni.shapley import _plan_chunks
+    n_active = torch.tensor([2] * 10 + [40])
+    chunks = list(_plan_chunks(torch.arange(11), n_active, 4, 2, 1, budget=10_000, max_rows=3))
+    assert [len(rows) for rows, _, _ in chunks] == [3, 3, 3, 2]
+    assert torch.equal(torch.cat([rows for rows, _, _ in chunks]), torch.arange(11))
+    model = small_mlp(50, k=3, seed=60)
+    x = torch.zeros(30, 50)
+    x[torch.arange(30), torch.arange(30)] = 1.0
+    x[torch.arange(30), torch.arange(30) + 20] = -1.0
+    wide = oni.shapley_values(model, x, n_permutations=6, seed=1)
+    capped = oni.shapley_values(model, x, n_permutations=6, seed=1, max_batch_evals=4)
+    torch.testing.assert_close(wide.values, capped.values, rtol=0, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
