@@ -394,8 +394,15 @@ def optimal_noise(
         tau = _check_number(tau_fraction, "tau_fraction", 0.0, 1.0) * log_k
 
     if phi is None:
+        if (shapley_kwargs or {}).get("groups") is not None:
+            raise ValueError("shapley_kwargs: 'groups' gives one value per group; the noise "
+                             "budget (eq. 7) needs one Shapley value per feature")
         phi = shapley_values(model, x, seed=seed, backend=backend, **(shapley_kwargs or {}))
     if isinstance(phi, ShapleyResult):
+        if phi.groups is not None:
+            raise ValueError(f"phi holds {phi.values.shape[1]} values per row, one per group "
+                             f"(shapley_values(groups=)); the noise budget (eq. 7) needs one "
+                             f"Shapley value per feature")
         phi = phi.values
     if not isinstance(phi, Tensor) or tuple(phi.shape) != (n, d):
         got = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__

@@ -865,6 +865,12 @@ _OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
      "seed must be in \\[0, 2\\*\\*63\\)"),
     (lambda m, x, p: dict(x=x[:, :-1], phi=p[:, :-1], **_OK), ValueError,
      "the model's first layer takes 6 features, x has d = 5"),
+    # per-group Shapley values: the budget needs one per feature
+    (lambda m, x, p: dict(phi=oni.shapley_values(m, x, n_permutations=2,
+                                                 groups=torch.arange(_D) // 2), **_OK),
+     ValueError, "phi holds 3 values per row, one per group"),
+    (lambda m, x, p: dict(phi=None, shapley_kwargs={"groups": torch.arange(_D) // 2}, **_OK),
+     ValueError, "shapley_kwargs: 'groups' gives one value per group"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_optimal_noise_bad_input(make, error, message):
     model, x, phi = _bad_setup()
