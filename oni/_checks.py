@@ -36,6 +36,15 @@ def check_seed(seed, name: str = "seed") -> int:
     return int(seed)
 
 
+def check_row_offset(row_offset, n_rows: int) -> int:
+    """The global index of a shard's first row (an int >= 0 whose rows stay below 2**62,
+    so the hashes' row keys cannot overflow)."""
+    row_offset = check_int(row_offset, "row_offset", 0)
+    if row_offset + n_rows > 1 << 62:
+        raise ValueError(f"row_offset + N must be at most 2**62, got {row_offset} + {n_rows}")
+    return row_offset
+
+
 def check_finite(t: Tensor, name: str) -> None:
     """A ValueError naming ``name`` and the index of the first NaN or Inf, if ``t`` holds any.
 

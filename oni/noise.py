@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_finite as _check_finite, check_seed, first_bad_row
+from ._checks import (check_finite as _check_finite, check_row_offset, check_seed,
+                      first_bad_row)
 from .models import SLOW_BF16_CPU, _native_bf16_cpu
 from .shapley import (
     ShapleyResult,
@@ -31,6 +32,9 @@ from .shapley import (
     _check_model,
     _check_model_input,
     _check_precision,
+    _mix64,
+    _seed_term,
+    _shr,
     _walk_precision,
     shapley_values,
 )
@@ -290,6 +294,7 @@ def optimal_noise(
     backend: str = "auto",
     precision: str = "float32",
     shapley_kwargs: Optional[dict] = None,
+    row_offset: int = 0,
 ) -> NoiseResult:
     """Minimum-norm noise that lifts the prediction entropy to ``tau`` (eqs. 5-8).
 
@@ -354,6 +359,11 @@ def optimal_noise(
             The cost in norm and feasibility is measured in BENCHMARKS.md ("Noise solver").
             Only the model's passes change; the fused ops stay in float64 inside.
         shapley_kwargs: extra arguments for :func:`oni.shapley_values`.
+        row_offset: the index of x's first row in a larger batch. The random starts (and
+            the Shapley walks when ``phi`` is None) are drawn from a hash of the seed, the
+            row's index in that batch and the start, so a shard ``x[lo:hi]`` with
+            ``row_offset=lo`` is solved from the starts its rows get in the whole batch,
+            whatever the batching or device (:mod:`oni.distributed`).
 
     Returns:
         :class:`NoiseResult`.
@@ -375,6 +385,7 @@ def optimal_noise(
             raise ValueError(f"{name} must be <= {MAX_STARTS} (a row's starts are solved in "
                              f"one batch), got {value}")
     seed = check_seed(seed)
+    row_offset = check_row_offset(row_offset, n)
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     precision = _check_precision(precision, x.device)
     _check_model_input(model, x)
@@ -397,7 +408,8 @@ def optimal_noise(
         if (shapley_kwargs or {}).get("groups") is not None:
             raise ValueError("shapley_kwargs: 'groups' gives one value per group; the noise "
                              "budget (eq. 7) needs one Shapley value per feature")
-        phi = shapley_values(model, x, seed=seed, backend=backend, **(shapley_kwargs or {}))
+        phi = shapley_values(model, x, seed=seed, backend=backend, row_offset=row_offset,
+                             **(shapley_kwargs or {}))
     if isinstance(phi, ShapleyResult):
         if phi.groups is not None:
             raise ValueError(f"phi holds {phi.values.shape[1]} values per row, one per group "
@@ -419,7 +431,8 @@ def optimal_noise(
     row_batch = _row_batch(x)
     batch = max(1, row_batch // starts)
     parts = [_solve_rows(oracle, torch.arange(lo, min(lo + batch, n), device=x.device),
-                         budget, radius, tau, max_iter, refine_iter, polish_iter, starts, seed)
+                         budget, radius, tau, max_iter, refine_iter, polish_iter, starts, seed,
+                         row_offset)
              for lo in range(0, n, batch)]
     eta, entropy, feasible, iterations = (torch.cat(p) for p in zip(*parts))
     if rescue_starts > 0 and not feasible.all():
@@ -432,7 +445,7 @@ def optimal_noise(
         batch = max(1, row_batch // rescue_starts)
         parts = [_solve_rows(oracle, stuck[lo:lo + batch], budget, radius, tau, max_iter,
                              refine_iter, 2 * polish_iter, rescue_starts,
-                             seed + 0x9E3779B9, rescue=True)
+                             seed + 0x9E3779B9, row_offset, rescue=True)
                  for lo in range(0, len(stuck), batch)]
         r_eta, r_entropy, r_feasible, r_iterations = (torch.cat(p) for p in zip(*parts))
         iterations[stuck] += r_iterations
@@ -466,7 +479,7 @@ def _row_batch(x: Tensor) -> int:
 
 def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Tensor,
                 tau: float, max_iter: int, refine_iter: int, polish_iter: int, starts: int,
-                seed: int, rescue: bool = False):
+                seed: int, row_offset: int = 0, rescue: bool = False):
     """The solver on one batch of rows: (eta, entropy, feasible, iterations).
 
     Every row is solved from ``starts`` points (:func:`_start_plan`; ``rescue`` picks the
@@ -482,8 +495,8 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
     kind, scale, spread = _start_plan(starts, rescue, x.device)
     climbs_spread = bool(spread.any())  # once per batch, not once per pass
     kind, scale, spread = kind.repeat(m), scale.repeat(m).to(x.dtype), spread.repeat(m)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    eta = (torch.rand((len(rep), d), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * u
+    start_index = torch.arange(starts, device=x.device).repeat(m)
+    eta = _uniform_starts(seed, (rep + row_offset) * starts + start_index, d, x.dtype) * u
     eta = torch.where((kind == _ZERO)[:, None], 0.0, eta)
     signed = (kind == _SIGN).nonzero()[:, 0]
     if signed.numel():
@@ -583,6 +596,21 @@ def _solve_rows(oracle: _EntropyOracle, rows: Tensor, budget: Tensor, radius: Te
 
 
 _ZERO, _SIGN, _RANDOM = 0, 1, 2  # kinds of start
+
+
+def _uniform_starts(seed: int, keys: Tensor, d: int, dtype: torch.dtype) -> Tensor:
+    """``[len(keys), d]`` uniform values in [-1, 1) from a counter-based hash of ``(seed,
+    key, coordinate)``: a start depends on its key (global row and start index) alone, not
+    on the batch it is drawn in or the device. A block of keys at a time bounds the int64
+    temporaries."""
+    out = torch.empty((len(keys), d), dtype=dtype, device=keys.device)
+    coordinate = torch.arange(d, device=keys.device) * 0x2545F4914F6CDD1D
+    block = max(1, (1 << 22) // max(d, 1))
+    for lo in range(0, len(keys), block):
+        key = _mix64(keys[lo:lo + block] * 0x61C8864680B583EB + _seed_term(seed))
+        bits = _shr(_mix64(key[:, None] + coordinate), 11)  # 53 random bits
+        out[lo:lo + block] = (bits.double() * 2.0 ** -52 - 1.0).to(dtype)
+    return out
 
 
 def _start_plan(starts: int, rescue: bool, device):

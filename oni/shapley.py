@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from . import _ops, reference
-from ._checks import check_finite as _check_finite, check_int as _check_int, check_seed
-from ._checks import first_bad_row
+from ._checks import check_finite as _check_finite, check_int as _check_int
+from ._checks import check_row_offset, check_seed, first_bad_row
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -477,6 +477,12 @@ def _mix64(z: Tensor) -> Tensor:
     return z ^ _shr(z, 31)
 
 
+def _seed_term(seed: int) -> int:
+    """The seed mixed into the counter-based hashes, as a signed int64 (any Python int)."""
+    term = (seed * 0x5851F42D4C957F2D + 0x2545F4914F6CDD1D) % (1 << 64)
+    return term - (1 << 64) if term >= (1 << 63) else term
+
+
 def _walk_permutations(seed: int, rows: Tensor, first_sample: int, n_samples: int,
                        active_index: Tensor, n_active: Tensor, antithetic: bool) -> Tensor:
     """Permutations of each row's active features, ``[R, n_samples * wps, L]`` int64.
@@ -488,9 +494,7 @@ def _walk_permutations(seed: int, rows: Tensor, first_sample: int, n_samples: in
     n_rows, length = active_index.shape
     device = rows.device
     samples = torch.arange(first_sample, first_sample + n_samples, device=device)
-    seed_term = (seed * 0x5851F42D4C957F2D + 0x2545F4914F6CDD1D) % (1 << 64)
-    seed_term -= (1 << 64) if seed_term >= (1 << 63) else 0  # as a signed int64
-    key = _mix64(_mix64(rows * 0x3C6EF372 + seed_term)[:, None]
+    key = _mix64(_mix64(rows * 0x3C6EF372 + _seed_term(seed))[:, None]
                  + samples[None, :] * 0x14057B7EF767814F)  # [R, S]
     pos = torch.arange(length, device=device)
     keys = _mix64(key[:, :, None] + pos * 0x2545F4914F6CDD1D)  # [R, S, L]
@@ -551,6 +555,7 @@ def shapley_values(
     link: str = "softmax",
     precision: str = "float32",
     groups: Optional[Tensor] = None,
+    row_offset: int = 0,
 ) -> ShapleyResult:
     """Sampled-permutation Shapley values of a classifier's explained-class probability.
 
@@ -593,6 +598,9 @@ def shapley_values(
             features of its groups from x, and ``values``/``stderr`` are ``[N, G]``, one
             column per distinct id in increasing order (``ShapleyResult.groups`` maps features
             to columns). None: every feature is a player.
+        row_offset: the index of x's first row in a larger batch, which the walks are
+            drawn for: a shard ``x[lo:hi]`` with ``row_offset=lo`` gets the walks (and so
+            the values) its rows get in the whole batch (:mod:`oni.distributed`).
 
     Returns:
         :class:`ShapleyResult`.
@@ -602,14 +610,17 @@ def shapley_values(
     return _sampled_shapley(model, x, refs, False, target=target, labels=labels,
                             n_permutations=n_permutations, antithetic=antithetic, tol=tol,
                             seed=seed, backend=backend, max_batch_evals=max_batch_evals,
-                            link=link, precision=precision, groups=groups)
+                            link=link, precision=precision, groups=groups,
+                            row_offset=row_offset)
 
 
 def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, target, labels,
                      n_permutations, antithetic, tol, seed, backend, max_batch_evals,
-                     link, precision="float32", groups=None) -> ShapleyResult:
+                     link, precision="float32", groups=None,
+                     row_offset: int = 0) -> ShapleyResult:
     n, d = x.shape
     grouping = _check_groups(groups, x)
+    row_offset = check_row_offset(row_offset, n)
     n_permutations = _check_int(n_permutations, "n_permutations", 1)
     if not isinstance(antithetic, bool):
         raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__} "
@@ -672,7 +683,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
                 chunk_mean, chunk_m2 = _run_chunk(
                     ops, game, x, refs, refs_per_row, logits_x, logits_r, classes, walk,
                     rows, seed, done + first, n_samples, antithetic, walks_per_sample,
-                    precision)
+                    precision, row_offset)
                 count_rows, mean_rows, m2_rows = _merge(
                     count[rows], mean[rows], m2[rows], n_samples, chunk_mean, chunk_m2)
                 count[rows], mean[rows], m2[rows] = count_rows, mean_rows, m2_rows
@@ -809,12 +820,12 @@ def _plan_chunks(rows: Tensor, n_active: Tensor, n_samples: int, walks_per_sampl
 
 def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, classes,
                walk: _Walks, rows, seed, first_sample, n_samples, antithetic,
-               walks_per_sample, precision="float32"):
+               walks_per_sample, precision="float32", row_offset: int = 0):
     """Mean and m2 over ``n_samples`` samples for the given rows."""
     a = walk.n_active[rows]
     length = int(a.max())
-    perm = _walk_permutations(seed, rows, first_sample, n_samples, walk.index[rows, :length],
-                              a, antithetic)
+    perm = _walk_permutations(seed, rows + row_offset, first_sample, n_samples,
+                              walk.index[rows, :length], a, antithetic)
     xs = x[rows]
     if refs_per_row:
         base = refs[rows][:, None, :]

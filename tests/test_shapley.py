@@ -243,6 +243,23 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=0, atol=1e-6)
 
 
+def test_row_offset_gives_a_shard_the_walks_of_the_whole_batch():
+    model = small_mlp(10, k=4, seed=61, dtype=torch.float64)
+    x = _gaussian_rows(9, 10, seed=62).double()
+    for groups in (None, torch.arange(10) // 3):
+        whole = oni.shapley_values(model, x, n_permutations=6, seed=2, groups=groups)
+        parts = [oni.shapley_values(model, x[lo:hi], n_permutations=6, seed=2, groups=groups,
+                                    row_offset=lo) for lo, hi in ((0, 4), (4, 9))]
+        torch.testing.assert_close(torch.cat([p.values for p in parts]), whole.values,
+                                   rtol=0, atol=1e-12)
+        unshifted = oni.shapley_values(model, x[4:], n_permutations=6, seed=2, groups=groups)
+        assert not torch.allclose(unshifted.values, whole.values[4:])  # other walks
+    with pytest.raises(ValueError, match="row_offset must be >= 0"):
+        oni.shapley_values(model, x, row_offset=-1)
+    with pytest.raises(ValueError, match=r"row_offset \+ N must be at most 2\*\*62"):
+        oni.shapley_values(model, x, row_offset=2 ** 62)
+
+
 # ---------------------------------------------------------------------------- feature groups
 
 GROUPS = torch.tensor([7, 7, -1, 3, 3, 3, 10, 5, 5, 12])  # any integer ids, in any order
