@@ -1,7 +1,7 @@
 """oni: Optimal Noise Injection against membership inference, with fast Shapley kernels."""
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _ops, reference  # noqa: F401
+from . import _ops, distributed, reference  # noqa: F401
 from .attacks import ATTACKS, AttackResult, run_attack, run_attacks
 from .data import (
     DataError,

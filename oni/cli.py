@@ -794,6 +794,25 @@ def _check_width(model, data, path: str) -> None:
         raise ConfigError(f"the model in {path} takes {d} features but the data has {data.d}")
 
 
+def _join_ranks(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (nccl with one GPU per rank,
+    cuda:LOCAL_RANK, when the device is CUDA; gloo on CPUs) and returns this rank; 0 alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    from .models import _resolve_device
+    if not dist.is_initialized():
+        device = _resolve_device(args.device, "--device")
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
+
+
 def _model_and_rows(args):
     """(device, model, data, x on the device) for `oni shapley` and `oni noise`."""
     from .models import _resolve_device
@@ -854,11 +873,12 @@ def _load_array(path: str, flag: str, kinds: str = "biuf") -> np.ndarray:
 def _cmd_shapley(args) -> int:
     import torch
 
-    from .shapley import shapley_values
+    from .distributed import shapley_values  # one rank: the plain oni.shapley_values
     baseline_file = args.baseline if args.baseline not in ("zero", "mean", None) else None
     _check_output_paths({"--out": args.out, "--stderr-out": args.stderr_out},
                         {"DATA": args.data, "MODEL_DIR": args.model_dir,
                          "--baseline": baseline_file, "--groups": args.groups})
+    rank = _join_ranks(args)
     device, model, data, x = _model_and_rows(args)
     groups = None
     if args.groups:
@@ -886,6 +906,8 @@ def _cmd_shapley(args) -> int:
                          n_permutations=args.n_permutations, tol=args.tol, seed=args.seed,
                          backend=args.backend, precision=args.precision, groups=groups)
     seconds = time.perf_counter() - start
+    if rank != 0:  # every rank holds the whole result; rank 0 writes it
+        return 0
     buffer = io.BytesIO()
     np.save(buffer, res.values.cpu().numpy())
     write_atomic(Path(args.out), buffer.getvalue())
@@ -902,9 +924,10 @@ def _cmd_shapley(args) -> int:
 def _cmd_noise(args) -> int:
     import torch
 
-    from .noise import optimal_noise
+    from .distributed import optimal_noise  # one rank: the plain oni.optimal_noise
     _check_output_paths({"--out": args.out, "--details": args.details},
                         {"DATA": args.data, "MODEL_DIR": args.model_dir, "--phi": args.phi})
+    rank = _join_ranks(args)
     device, model, data, x = _model_and_rows(args)
     phi = None
     if args.phi:
@@ -930,6 +953,8 @@ def _cmd_noise(args) -> int:
                         shapley_kwargs={"n_permutations": args.n_permutations,
                                         "precision": args.precision})
     seconds = time.perf_counter() - start
+    if rank != 0:
+        return 0
     buffer = io.BytesIO()
     np.save(buffer, res.eta.cpu().numpy())
     write_atomic(Path(args.out), buffer.getvalue())
@@ -1128,8 +1153,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .data import DataError
+    from .distributed import OtherRankFailed
     try:
         return args.handler(args)
+    except OtherRankFailed as err:  # the failed rank printed its own error
+        print(f"oni {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -1153,6 +1182,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("oni run: interrupted; the finished stages are saved: run the same command "
                   "again to resume", file=sys.stderr)
         return 130
+    finally:
+        _leave_ranks()
+
+
+def _leave_ranks() -> None:
+    """Leaves the process group `_join_ranks` joined (torchrun's ranks exit cleanly)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

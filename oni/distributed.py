@@ -1,0 +1,168 @@
+"""Data parallelism over ``torch.distributed`` ranks for the per-row solvers.
+
+Shapley values and ONI noise are computed row by row, so N inputs split across ranks with no
+communication until the end: every rank passes the same whole batch ``x``, solves the
+contiguous shard of rows :func:`shard` gives it, and the shards are gathered back in order,
+so every rank returns the result for the whole batch. The walks and the random starts are
+drawn from hashes of the seed and each row's index in the whole batch (``row_offset``), so
+one rank and N ranks give the same answer for the same seed, up to the rounding of the
+model's batched matrix products (whose batches differ).
+
+Launch with ``torchrun --nproc-per-node=G script.py`` and initialise the process group
+first: ``nccl`` for CUDA tensors (one GPU per rank: ``torch.cuda.set_device(local_rank)``),
+``gloo`` for CPU ones. Without an initialised process group the functions are the plain
+single-process ones. The ``oni shapley`` and ``oni noise`` commands do all of this
+themselves when run under ``torchrun``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .noise import NoiseResult, optimal_noise as _optimal_noise
+from .shapley import ShapleyResult, _check_groups, _check_inputs, shapley_values as _shapley
+
+__all__ = ["shard", "shapley_values", "optimal_noise", "world", "OtherRankFailed"]
+
+
+class OtherRankFailed(RuntimeError):
+    """Raised on the ranks that succeeded when another rank failed on its rows."""
+
+
+def world(group=None) -> Tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """The rows of a batch of ``n`` that rank ``rank`` of ``world_size`` solves: contiguous
+    and in rank order, sizes differing by at most one (the first ``n % world_size`` ranks
+    take one more)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
+
+
+def shapley_values(model, x: Tensor, baseline=None, *, group=None, **kwargs) -> ShapleyResult:
+    """:func:`oni.shapley_values` with x's rows split across the ranks of ``group`` (default:
+    the world); every rank passes the same ``x`` (and ``labels``, a per-row ``target``) and
+    gets the whole :class:`~oni.ShapleyResult`."""
+    rank, size = world(group)
+    if size == 1:
+        return _shapley(model, x, baseline, **kwargs)
+    x = _check_inputs(x)
+    if "row_offset" in kwargs:
+        raise TypeError("shapley_values: row_offset is set per rank by oni.distributed")
+    rows = shard(x.shape[0], rank, size)
+    groups = kwargs.get("groups")
+    grouping = _check_groups(groups, x)
+    n_players = x.shape[1] if grouping is None else grouping[1]
+    local = _per_row_sliced(kwargs, rows, x.shape[0])
+    part = _agreed(lambda: _shapley(model, x[rows], baseline, row_offset=rows.start, **local)
+                   if rows.stop > rows.start else None, rows, x.device, group)
+    long = dict(dtype=torch.long, device=x.device)
+    fields = {"values": ((n_players,), dict(dtype=x.dtype, device=x.device)),
+              "stderr": ((n_players,), dict(dtype=x.dtype, device=x.device)),
+              "n_permutations": ((), long),
+              "fx": ((), dict(dtype=x.dtype, device=x.device)),
+              "f_baseline": ((), dict(dtype=x.dtype, device=x.device)),
+              "target": ((), long)}
+    gathered = {name: _gather_rows(getattr(part, name) if part is not None else None, shape,
+                                   like, x.shape[0], size, group)
+                for name, (shape, like) in fields.items()}
+    return ShapleyResult(**gathered, groups=None if grouping is None else grouping[0])
+
+
+def optimal_noise(model, x: Tensor, phi=None, *, group=None, **kwargs) -> NoiseResult:
+    """:func:`oni.optimal_noise` with x's rows (and ``phi``'s) split across the ranks of
+    ``group`` (default: the world); every rank passes the same ``x`` and ``phi`` and gets
+    the whole :class:`~oni.NoiseResult`. Each rank warns about its own infeasible rows."""
+    rank, size = world(group)
+    if size == 1:
+        return _optimal_noise(model, x, phi, **kwargs)
+    x = _check_inputs(x)
+    if "row_offset" in kwargs:
+        raise TypeError("optimal_noise: row_offset is set per rank by oni.distributed")
+    n, d = x.shape
+    rows = shard(n, rank, size)
+    if isinstance(phi, ShapleyResult) and phi.groups is None:  # (a grouped one is refused)
+        phi = phi.values
+    phi = _row_slice(phi, rows, n)
+    local = dict(kwargs)
+    if local.get("shapley_kwargs"):
+        local["shapley_kwargs"] = _per_row_sliced(local["shapley_kwargs"], rows, n)
+    part = _agreed(lambda: _optimal_noise(model, x[rows], phi, row_offset=rows.start, **local)
+                   if rows.stop > rows.start else None, rows, x.device, group)
+    real = dict(dtype=x.dtype, device=x.device)
+    fields = {"eta": ((d,), real), "entropy": ((), real), "norm": ((), real),
+              "feasible": ((), dict(dtype=torch.bool, device=x.device)),
+              "iterations": ((), dict(dtype=torch.long, device=x.device)),
+              "budget": ((d,), real), "radius": ((), real)}
+    gathered = {name: _gather_rows(getattr(part, name) if part is not None else None, shape,
+                                   like, n, size, group)
+                for name, (shape, like) in fields.items()}
+    tau = torch.tensor([part.tau if part is not None else -1.0], dtype=torch.float64,
+                       device=x.device)
+    dist.all_reduce(tau, op=dist.ReduceOp.MAX, group=group)  # one value: any solving rank's
+    return NoiseResult(**gathered, tau=float(tau))
+
+
+def _agreed(solve, rows: slice, device: torch.device, group):
+    """``solve()`` on this rank, then a vote: if any rank failed, every rank raises (the
+    failed ones their own error, saying which rows it had) instead of the others waiting
+    forever in the gather."""
+    error = None
+    try:
+        part = solve()
+    except Exception as err:  # re-raised below, after the vote
+        error, part = err, None
+    failed = torch.tensor([int(error is not None)], device=device)
+    dist.all_reduce(failed, group=group)
+    if error is not None:
+        where = (f"rank {dist.get_rank(group)}, rows {rows.start}:{rows.stop} of the batch "
+                 f"(row indices below count from {rows.start}): ")
+        try:
+            located = type(error)(where + str(error))
+        except Exception:  # an exception type that does not take one message
+            raise error
+        raise located from error
+    if int(failed):
+        raise OtherRankFailed(f"{int(failed)} other rank(s) failed on their rows; their "
+                              f"error messages say why")
+    return part
+
+
+def _per_row_sliced(kwargs: dict, rows: slice, n: int) -> dict:
+    """Keyword arguments with the per-row ones (labels, a tensor target) cut to the shard."""
+    return {key: _row_slice(value, rows, n) if key in ("labels", "target") else value
+            for key, value in kwargs.items()}
+
+
+def _row_slice(value, rows: slice, n: int):
+    """A per-row argument's shard (tensors of n rows); anything else as it is."""
+    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == n:
+        return value[rows]
+    return value
+
+
+def _gather_rows(part: Optional[Tensor], shape: Sequence[int], like: dict, n: int,
+                 world_size: int, group) -> Tensor:
+    """The ranks' row shards, concatenated in rank order: all_gather needs one size, so each
+    shard is padded to the largest; bools travel as uint8 (gloo has no bool)."""
+    biggest = -(-n // world_size)
+    dtype = like["dtype"]
+    wire = torch.uint8 if dtype == torch.bool else dtype
+    padded = torch.zeros((biggest, *shape), dtype=wire, device=like["device"])
+    if part is not None and len(part):
+        padded[:len(part)] = part.to(wire)
+    pieces = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(pieces, padded, group=group)
+    sizes = [len(range(*shard(n, r, world_size).indices(n))) for r in range(world_size)]
+    return torch.cat([p[:s] for p, s in zip(pieces, sizes)]).to(dtype)

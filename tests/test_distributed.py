@@ -1,0 +1,158 @@
+"""oni.distributed: rows split over torch.distributed ranks (gloo on the CPU here) give the
+single-process answer; a rank that fails makes every rank fail instead of a hang."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import oni
+from helpers import small_mlp
+from oni.distributed import OtherRankFailed, shard, world
+
+REPO = Path(__file__).resolve().parents[1]
+NOISE = dict(tau_fraction=0.8, eps=0.5, beta=0.5, seed=4, max_iter=30)
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _problem():
+    """float64: a rank's shard batches the model's products differently than the whole
+    batch, and float32 rounding of that (~1e-7) can flip a step of the non-concave noise
+    search (measured: eta 5e-3 apart on one row of 13); float64 keeps them together."""
+    model = small_mlp(12, k=4, seed=11, scale=3.0, dtype=torch.float64)
+    x = (torch.rand(13, 12, generator=torch.Generator().manual_seed(12)) < 0.5).double()
+    return model, x
+
+
+def test_shards_cover_the_rows_in_order():
+    for n in (0, 1, 5, 13, 64):
+        for size in (1, 2, 3, 8):
+            rows = [shard(n, r, size) for r in range(size)]
+            assert [i for s in rows for i in range(n)[s]] == list(range(n))
+            lengths = [len(range(n)[s]) for s in rows]
+            assert max(lengths) - min(lengths) <= 1
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard(10, 2, 2)
+
+
+def test_without_a_process_group_the_plain_functions_run():
+    model, x = _problem()
+    assert world() == (0, 1)
+    got = oni.distributed.shapley_values(model, x, n_permutations=6, seed=1)
+    assert torch.equal(got.values, oni.shapley_values(model, x, n_permutations=6, seed=1).values)
+
+
+def _worker(rank, size, store, out, phi):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    torch.set_num_threads(2)  # as the parent: the solver's paths are sensitive to rounding
+    try:
+        model, x = _problem()
+        labels = torch.arange(13) % 4
+        res = {
+            "plain": oni.distributed.shapley_values(model, x, n_permutations=8, seed=3),
+            "grouped": oni.distributed.shapley_values(model, x, n_permutations=8, seed=3,
+                                                      groups=torch.arange(12) // 5),
+            "labels": oni.distributed.shapley_values(model, x, n_permutations=8, seed=3,
+                                                     target="label", labels=labels),
+            "noise": oni.distributed.optimal_noise(model, x, phi.values, **NOISE),
+            "noise_own_phi": oni.distributed.optimal_noise(
+                model, x, **NOISE, shapley_kwargs={"n_permutations": 8}),
+        }
+        bad = labels.clone()
+        bad[-1] = 9  # a label only the last rank's shard holds
+        try:
+            oni.distributed.shapley_values(model, x, n_permutations=8, target="label",
+                                           labels=bad)
+            res["failure"] = "none"
+        except OtherRankFailed:
+            res["failure"] = "other rank"
+        except ValueError as err:
+            res["failure"] = f"own: {err}"
+        torch.save(res, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_ranks_give_the_single_process_answer(tmp_path, size):
+    torch.set_num_threads(2)
+    model, x = _problem()
+    labels = torch.arange(13) % 4
+    phi = oni.shapley_values(model, x, n_permutations=8, seed=3)
+    mp.spawn(_worker, args=(size, tmp_path / "store", tmp_path, phi), nprocs=size, join=True)
+    want = {
+        "plain": phi,
+        "grouped": oni.shapley_values(model, x, n_permutations=8, seed=3,
+                                      groups=torch.arange(12) // 5),
+        "labels": oni.shapley_values(model, x, n_permutations=8, seed=3, target="label",
+                                     labels=labels),
+        "noise": oni.optimal_noise(model, x, phi.values, **NOISE),
+        "noise_own_phi": oni.optimal_noise(model, x, **NOISE,
+                                           shapley_kwargs={"n_permutations": 8}),
+    }
+    for rank in range(size):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for key in ("plain", "grouped", "labels"):
+            for field in ("values", "stderr", "fx", "f_baseline"):
+                # the same walks; only the model's batched GEMMs may round differently
+                torch.testing.assert_close(getattr(got[key], field),
+                                           getattr(want[key], field), rtol=0, atol=1e-12)
+            assert torch.equal(got[key].target, want[key].target)
+            assert torch.equal(got[key].n_permutations, want[key].n_permutations)
+        assert torch.equal(got["grouped"].groups, want["grouped"].groups)
+        for key in ("noise", "noise_own_phi"):
+            assert torch.equal(got[key].feasible, want[key].feasible)
+            assert got[key].tau == want[key].tau
+            torch.testing.assert_close(got[key].radius, want[key].radius, rtol=1e-6, atol=0)
+        # the same phi: the same starts and the same steps, up to the batches' rounding
+        for field in ("eta", "norm", "entropy", "budget"):
+            torch.testing.assert_close(getattr(got["noise"], field),
+                                       getattr(want["noise"], field), rtol=1e-9, atol=1e-9)
+        # phi computed per shard: its last-bit differences (the batches' rounding) can flip a
+        # discrete choice of the non-concave search on a row (measured: eta 1.5e-4 apart on
+        # one row of 13), so the norms are compared, not eta
+        torch.testing.assert_close(got["noise_own_phi"].norm, want["noise_own_phi"].norm,
+                                   rtol=1e-2, atol=1e-6)
+        if rank == size - 1:
+            lo = shard(13, rank, size).start
+            assert got["failure"] == (
+                f"own: rank {rank}, rows {lo}:13 of the batch (row indices below count from "
+                f"{lo}): labels[{12 - lo}] = 9 is not a class index in [0, 4) (the model has "
+                f"k = 4 outputs)")
+        else:
+            assert got["failure"] == "other rank"
+
+
+def test_oni_commands_under_torchrun(tmp_path):
+    _, x = _problem()
+    oni.models.save_model(oni.models.MLP(12, 4, (16,)), tmp_path / "model")
+    oni.save_npz(oni.from_arrays(x, torch.arange(13) % 4), tmp_path / "data.npz")
+    common = [str(tmp_path / "model"), str(tmp_path / "data.npz"), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+
+    def oni_cli(*argv, ranks=1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", str(ranks), "-m", "oni.cli"] if ranks > 1 else \
+            [sys.executable, "-m", "oni.cli"]
+        return subprocess.run([*launcher, *argv], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    for ranks in (1, 2):
+        out = oni_cli("shapley", *common, "--n-permutations", "8", "--out",
+                      str(tmp_path / f"phi{ranks}.npy"), ranks=ranks)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("phi written") == 1  # rank 0 alone writes and reports
+        out = oni_cli("noise", *common, "--phi", str(tmp_path / "phi1.npy"), "--max-iter", "30",
+                      "--out", str(tmp_path / f"eta{ranks}.npy"), ranks=ranks)
+        assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "phi2.npy"), np.load(tmp_path / "phi1.npy"),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "eta2.npy"), np.load(tmp_path / "eta1.npy"),
+                               rtol=0, atol=1e-4)
