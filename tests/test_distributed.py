@@ -17,8 +17,9 @@ from oni.distributed import OtherRankFailed, shard, world
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = dict(tau_fraction=0.8, eps=0.5, beta=0.5, seed=4, max_iter=30)
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.filterwarnings("ignore:.*flagged infeasible")]
 
 
 def _problem():
