@@ -54,29 +54,20 @@ def shapley_values(model, x: Tensor, baseline=None, *, group=None, **kwargs) -> 
     """:func:`oni.shapley_values` with x's rows split across the ranks of ``group`` (default:
     the world); every rank passes the same ``x`` (and ``labels``, a per-row ``target``) and
     gets the whole :class:`~oni.ShapleyResult`."""
-    rank, size = world(group)
-    if size == 1:
+    if world(group)[1] == 1:
         return _shapley(model, x, baseline, **kwargs)
-    x = _check_inputs(x)
-    if "row_offset" in kwargs:
-        raise TypeError("shapley_values: row_offset is set per rank by oni.distributed")
-    rows = shard(x.shape[0], rank, size)
-    groups = kwargs.get("groups")
-    grouping = _check_groups(groups, x)
+    x = _check_sharded_call(x, kwargs, "shapley_values")
+    grouping = _check_groups(kwargs.get("groups"), x)
     n_players = x.shape[1] if grouping is None else grouping[1]
-    local = _per_row_sliced(kwargs, rows, x.shape[0])
-    part = _agreed(lambda: _shapley(model, x[rows], baseline, row_offset=rows.start, **local)
-                   if rows.stop > rows.start else None, rows, x.device, group)
-    long = dict(dtype=torch.long, device=x.device)
-    fields = {"values": ((n_players,), dict(dtype=x.dtype, device=x.device)),
-              "stderr": ((n_players,), dict(dtype=x.dtype, device=x.device)),
-              "n_permutations": ((), long),
-              "fx": ((), dict(dtype=x.dtype, device=x.device)),
-              "f_baseline": ((), dict(dtype=x.dtype, device=x.device)),
-              "target": ((), long)}
-    gathered = {name: _gather_rows(getattr(part, name) if part is not None else None, shape,
-                                   like, x.shape[0], size, group)
-                for name, (shape, like) in fields.items()}
+
+    def solve(rows: slice) -> ShapleyResult:
+        local = _per_row_sliced(kwargs, rows, x.shape[0])
+        return _shapley(model, x[rows], baseline, row_offset=rows.start, **local)
+
+    fields = {"values": ((n_players,), x.dtype), "stderr": ((n_players,), x.dtype),
+              "n_permutations": ((), torch.long), "fx": ((), x.dtype),
+              "f_baseline": ((), x.dtype), "target": ((), torch.long)}
+    _, gathered = _solve_sharded(x, group, solve, fields)
     return ShapleyResult(**gathered, groups=None if grouping is None else grouping[0])
 
 
@@ -84,34 +75,49 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, **kwargs) -> NoiseR
     """:func:`oni.optimal_noise` with x's rows (and ``phi``'s) split across the ranks of
     ``group`` (default: the world); every rank passes the same ``x`` and ``phi`` and gets
     the whole :class:`~oni.NoiseResult`. Each rank warns about its own infeasible rows."""
-    rank, size = world(group)
-    if size == 1:
+    if world(group)[1] == 1:
         return _optimal_noise(model, x, phi, **kwargs)
-    x = _check_inputs(x)
-    if "row_offset" in kwargs:
-        raise TypeError("optimal_noise: row_offset is set per rank by oni.distributed")
+    x = _check_sharded_call(x, kwargs, "optimal_noise")
     n, d = x.shape
-    rows = shard(n, rank, size)
     if isinstance(phi, ShapleyResult) and phi.groups is None:  # (a grouped one is refused)
         phi = phi.values
-    phi = _row_slice(phi, rows, n)
-    local = dict(kwargs)
-    if local.get("shapley_kwargs"):
-        local["shapley_kwargs"] = _per_row_sliced(local["shapley_kwargs"], rows, n)
-    part = _agreed(lambda: _optimal_noise(model, x[rows], phi, row_offset=rows.start, **local)
-                   if rows.stop > rows.start else None, rows, x.device, group)
-    real = dict(dtype=x.dtype, device=x.device)
-    fields = {"eta": ((d,), real), "entropy": ((), real), "norm": ((), real),
-              "feasible": ((), dict(dtype=torch.bool, device=x.device)),
-              "iterations": ((), dict(dtype=torch.long, device=x.device)),
-              "budget": ((d,), real), "radius": ((), real)}
-    gathered = {name: _gather_rows(getattr(part, name) if part is not None else None, shape,
-                                   like, n, size, group)
-                for name, (shape, like) in fields.items()}
+
+    def solve(rows: slice) -> NoiseResult:
+        local = dict(kwargs)
+        if local.get("shapley_kwargs"):
+            local["shapley_kwargs"] = _per_row_sliced(local["shapley_kwargs"], rows, n)
+        return _optimal_noise(model, x[rows], _row_slice(phi, rows, n), row_offset=rows.start,
+                              **local)
+
+    fields = {"eta": ((d,), x.dtype), "entropy": ((), x.dtype), "norm": ((), x.dtype),
+              "feasible": ((), torch.bool), "iterations": ((), torch.long),
+              "budget": ((d,), x.dtype), "radius": ((), x.dtype)}
+    part, gathered = _solve_sharded(x, group, solve, fields)
     tau = torch.tensor([part.tau if part is not None else -1.0], dtype=torch.float64,
                        device=x.device)
     dist.all_reduce(tau, op=dist.ReduceOp.MAX, group=group)  # one value: any solving rank's
     return NoiseResult(**gathered, tau=float(tau))
+
+
+def _check_sharded_call(x, kwargs: dict, name: str) -> Tensor:
+    """Checks every rank makes alike (the same whole x), before any rank solves."""
+    if "row_offset" in kwargs:
+        raise TypeError(f"{name}: row_offset is set per rank by oni.distributed")
+    return _check_inputs(x)
+
+
+def _solve_sharded(x: Tensor, group, solve, fields: dict):
+    """``solve(rows)`` on this rank's shard (agreed on by every rank), and each field of its
+    result, ``[rows, *shape]`` of a dtype, gathered over the ranks into ``[N, *shape]``."""
+    rank, size = world(group)
+    n = x.shape[0]
+    rows = shard(n, rank, size)
+    part = _agreed(lambda: solve(rows) if rows.stop > rows.start else None, rows, x.device,
+                   group)
+    gathered = {name: _gather_rows(getattr(part, name) if part is not None else None, shape,
+                                   dtype, x.device, n, size, group)
+                for name, (shape, dtype) in fields.items()}
+    return part, gathered
 
 
 def _agreed(solve, rows: slice, device: torch.device, group):
@@ -152,14 +158,13 @@ def _row_slice(value, rows: slice, n: int):
     return value
 
 
-def _gather_rows(part: Optional[Tensor], shape: Sequence[int], like: dict, n: int,
-                 world_size: int, group) -> Tensor:
+def _gather_rows(part: Optional[Tensor], shape: Sequence[int], dtype: torch.dtype,
+                 device: torch.device, n: int, world_size: int, group) -> Tensor:
     """The ranks' row shards, concatenated in rank order: all_gather needs one size, so each
     shard is padded to the largest; bools travel as uint8 (gloo has no bool)."""
     biggest = -(-n // world_size)
-    dtype = like["dtype"]
     wire = torch.uint8 if dtype == torch.bool else dtype
-    padded = torch.zeros((biggest, *shape), dtype=wire, device=like["device"])
+    padded = torch.zeros((biggest, *shape), dtype=wire, device=device)
     if part is not None and len(part):
         padded[:len(part)] = part.to(wire)
     pieces = [torch.empty_like(padded) for _ in range(world_size)]
