@@ -36,7 +36,11 @@ def world(group=None) -> Tuple[int, int]:
     """(rank, world size) in ``group``; (0, 1) without an initialised process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of "
+                         f"the group it passed: only the group's ranks may call")
+    return rank, dist.get_world_size(group)
 
 
 def shard(n: int, rank: int, world_size: int) -> slice:
@@ -56,7 +60,7 @@ def shapley_values(model, x: Tensor, baseline=None, *, group=None, **kwargs) -> 
     gets the whole :class:`~oni.ShapleyResult`."""
     if world(group)[1] == 1:
         return _shapley(model, x, baseline, **kwargs)
-    x = _check_sharded_call(x, kwargs, "shapley_values")
+    x, kwargs = _check_sharded_call(x, kwargs, "shapley_values", group)
     grouping = _check_groups(kwargs.get("groups"), x)
     n_players = x.shape[1] if grouping is None else grouping[1]
 
@@ -77,10 +81,11 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, **kwargs) -> NoiseR
     the whole :class:`~oni.NoiseResult`. Each rank warns about its own infeasible rows."""
     if world(group)[1] == 1:
         return _optimal_noise(model, x, phi, **kwargs)
-    x = _check_sharded_call(x, kwargs, "optimal_noise")
-    n, d = x.shape
     if isinstance(phi, ShapleyResult) and phi.groups is None:  # (a grouped one is refused)
         phi = phi.values
+    x, kwargs = _check_sharded_call(x, {**kwargs, "phi": phi}, "optimal_noise", group)
+    phi = kwargs.pop("phi")
+    n, d = x.shape
 
     def solve(rows: slice) -> NoiseResult:
         local = dict(kwargs)
@@ -94,16 +99,68 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, **kwargs) -> NoiseR
               "budget": ((d,), x.dtype), "radius": ((), x.dtype)}
     part, gathered = _solve_sharded(x, group, solve, fields)
     tau = torch.tensor([part.tau if part is not None else -1.0], dtype=torch.float64,
-                       device=x.device)
+                       device=_vote_device(group))
     dist.all_reduce(tau, op=dist.ReduceOp.MAX, group=group)  # one value: any solving rank's
     return NoiseResult(**gathered, tau=float(tau))
 
 
-def _check_sharded_call(x, kwargs: dict, name: str) -> Tensor:
-    """Checks every rank makes alike (the same whole x), before any rank solves."""
-    if "row_offset" in kwargs:
-        raise TypeError(f"{name}: row_offset is set per rank by oni.distributed")
-    return _check_inputs(x)
+_PER_ROW = ("labels", "target", "phi")  # arguments with one entry per row of x
+
+
+def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict]:
+    """(x, kwargs) checked as the whole batch, on every rank and before any rank solves: x,
+    the per-row arguments' lengths (a shard-sized one would be taken for the shard's own),
+    and that every rank holds the same x. A rank whose check fails makes all raise."""
+    def check():
+        inner = kwargs.get("shapley_kwargs") or {}
+        if "row_offset" in kwargs or "row_offset" in inner:
+            raise TypeError(f"{name}: row_offset is set per rank by oni.distributed")
+        checked_x = _check_inputs(x)
+        n = checked_x.shape[0]
+        checked = {key: _whole_batch(value, key, n) if key in _PER_ROW else value
+                   for key, value in kwargs.items()}
+        phi = checked.get("phi")
+        if isinstance(phi, Tensor) and tuple(phi.shape) != tuple(checked_x.shape):
+            raise ValueError(f"phi must be [N, d] = {list(checked_x.shape)} like x, got "
+                             f"{tuple(phi.shape)}")
+        if inner:
+            checked["shapley_kwargs"] = {
+                key: _whole_batch(value, f"shapley_kwargs[{key!r}]", n) if key in _PER_ROW
+                else value for key, value in inner.items()}
+        return checked_x, checked
+
+    x, kwargs = _agreed(check, None, group)
+    _check_same_x(x, group)
+    return x, kwargs
+
+
+def _whole_batch(value, name: str, n: int):
+    """A per-row argument: a tensor or sequence of n entries (sequences become tensors, to be
+    sliced); a str or int target, None: as it is."""
+    if isinstance(value, (list, tuple)):
+        value = torch.as_tensor(value)
+    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != n:
+        raise ValueError(f"{name} must have one entry per row of x (N = {n}), got shape "
+                         f"{tuple(value.shape)}")
+    return value
+
+
+def _check_same_x(x: Tensor, group) -> None:
+    """Every rank must pass the same x: its shape and two wrapping integer sums of its bits
+    (plain and position-weighted) must agree on all ranks, or every rank raises."""
+    bits = x.detach().contiguous().view(-1)
+    bits = bits.view(torch.int64 if bits.element_size() == 8 else torch.int32).long()
+    weights = torch.arange(1, bits.numel() + 1, device=x.device) % 1_000_003
+    meta = torch.stack([torch.tensor(x.shape[0], device=x.device),
+                        torch.tensor(x.shape[1], device=x.device),
+                        bits.sum(), (bits * weights).sum()]).to(_vote_device(group))
+    low, high = meta.clone(), meta.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ValueError(f"x differs across the ranks (shapes from [{int(low[0])}, "
+                         f"{int(low[1])}] to [{int(high[0])}, {int(high[1])}], or the values): "
+                         f"every rank must pass the same whole batch")
 
 
 def _solve_sharded(x: Tensor, group, solve, fields: dict):
@@ -112,15 +169,21 @@ def _solve_sharded(x: Tensor, group, solve, fields: dict):
     rank, size = world(group)
     n = x.shape[0]
     rows = shard(n, rank, size)
-    part = _agreed(lambda: solve(rows) if rows.stop > rows.start else None, rows, x.device,
-                   group)
+    part = _agreed(lambda: solve(rows) if rows.stop > rows.start else None, rows, group)
     gathered = {name: _gather_rows(getattr(part, name) if part is not None else None, shape,
                                    dtype, x.device, n, size, group)
                 for name, (shape, dtype) in fields.items()}
     return part, gathered
 
 
-def _agreed(solve, rows: slice, device: torch.device, group):
+def _vote_device(group) -> torch.device:
+    """Where the small control tensors go: NCCL takes only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agreed(solve, rows: Optional[slice], group):
     """``solve()`` on this rank, then a vote: if any rank failed, every rank raises (the
     failed ones their own error, saying which rows it had) instead of the others waiting
     forever in the gather."""
@@ -129,14 +192,18 @@ def _agreed(solve, rows: slice, device: torch.device, group):
         part = solve()
     except Exception as err:  # re-raised below, after the vote
         error, part = err, None
-    failed = torch.tensor([int(error is not None)], device=device)
+    failed = torch.tensor([int(error is not None)], device=_vote_device(group))
     dist.all_reduce(failed, group=group)
     if error is not None:
+        if rows is None:  # the checks of the whole call: the same on every rank
+            raise error
         where = (f"rank {dist.get_rank(group)}, rows {rows.start}:{rows.stop} of the batch "
                  f"(row indices below count from {rows.start}): ")
         try:
             located = type(error)(where + str(error))
         except Exception:  # an exception type that does not take one message
+            if hasattr(error, "add_note"):
+                error.add_note(where.rstrip(": "))
             raise error
         raise located from error
     if int(failed):
@@ -147,7 +214,7 @@ def _agreed(solve, rows: slice, device: torch.device, group):
 
 def _per_row_sliced(kwargs: dict, rows: slice, n: int) -> dict:
     """Keyword arguments with the per-row ones (labels, a tensor target) cut to the shard."""
-    return {key: _row_slice(value, rows, n) if key in ("labels", "target") else value
+    return {key: _row_slice(value, rows, n) if key in _PER_ROW else value
             for key, value in kwargs.items()}
 
 
