@@ -117,16 +117,13 @@ def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict
             raise TypeError(f"{name}: row_offset is set per rank by oni.distributed")
         checked_x = _check_inputs(x)
         n = checked_x.shape[0]
-        checked = {key: _whole_batch(value, key, n) if key in _PER_ROW else value
-                   for key, value in kwargs.items()}
+        checked = _whole_batch_rows(kwargs, n)
         phi = checked.get("phi")
         if isinstance(phi, Tensor) and tuple(phi.shape) != tuple(checked_x.shape):
             raise ValueError(f"phi must be [N, d] = {list(checked_x.shape)} like x, got "
                              f"{tuple(phi.shape)}")
         if inner:
-            checked["shapley_kwargs"] = {
-                key: _whole_batch(value, f"shapley_kwargs[{key!r}]", n) if key in _PER_ROW
-                else value for key, value in inner.items()}
+            checked["shapley_kwargs"] = _whole_batch_rows(inner, n, "shapley_kwargs[{!r}]")
         return checked_x, checked
 
     x, kwargs = _agreed(check, None, group)
@@ -134,15 +131,19 @@ def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict
     return x, kwargs
 
 
-def _whole_batch(value, name: str, n: int):
-    """A per-row argument: a tensor or sequence of n entries (sequences become tensors, to be
-    sliced); a str or int target, None: as it is."""
-    if isinstance(value, (list, tuple)):
-        value = torch.as_tensor(value)
-    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != n:
-        raise ValueError(f"{name} must have one entry per row of x (N = {n}), got shape "
-                         f"{tuple(value.shape)}")
-    return value
+def _whole_batch_rows(kwargs: dict, n: int, label: str = "{}") -> dict:
+    """``kwargs`` with each per-row argument checked to be a tensor or sequence of n entries
+    (sequences become tensors, to be sliced); a str or int target, None: as it is. ``label``
+    formats a key into the name the error gives."""
+    checked = dict(kwargs)
+    for key in _PER_ROW:
+        value = checked.get(key)
+        if isinstance(value, (list, tuple)):
+            value = checked[key] = torch.as_tensor(value)
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != n:
+            raise ValueError(f"{label.format(key)} must have one entry per row of x (N = {n}), "
+                             f"got shape {tuple(value.shape)}")
+    return checked
 
 
 def _check_same_x(x: Tensor, group) -> None:
@@ -236,5 +237,5 @@ def _gather_rows(part: Optional[Tensor], shape: Sequence[int], dtype: torch.dtyp
         padded[:len(part)] = part.to(wire)
     pieces = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(pieces, padded, group=group)
-    sizes = [len(range(*shard(n, r, world_size).indices(n))) for r in range(world_size)]
-    return torch.cat([p[:s] for p, s in zip(pieces, sizes)]).to(dtype)
+    rows = [shard(n, r, world_size) for r in range(world_size)]
+    return torch.cat([p[:s.stop - s.start] for p, s in zip(pieces, rows)]).to(dtype)

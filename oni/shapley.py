@@ -655,7 +655,6 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             active = torch.zeros((n, d), dtype=torch.bool, device=x.device)
             for r in refs:
                 active |= x != r
-        n_active = active.sum(dim=1)
         walk = _Walks(active, grouping)
 
         walks_per_sample = 2 if antithetic else 1
@@ -674,6 +673,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         mean = torch.zeros((n, walk.n_players), dtype=torch.float64, device=x.device)
         m2 = torch.zeros_like(mean)
         # the plan counts feature steps: with groups, the walk ops still make one per feature
+        n_active = walk.n_features_active
         alive = torch.argsort(n_active, stable=True)  # similar lengths share chunks
         done = 0
         while done < total_samples and alive.numel() > 0:
@@ -717,7 +717,6 @@ class _Walks:
     together, and only the steps at group boundaries are evaluated."""
 
     def __init__(self, active: Tensor, grouping: Optional[Tuple[Tensor, int]]):
-        self.feature_active = active
         self.n_features_active = active.sum(dim=1)
         if grouping is None:
             self.player, self.n_players, self.active = None, active.shape[1], active
@@ -768,13 +767,13 @@ class _Walks:
         # group j's last feature step is at (features in the first j + 1 groups) - 1
         sizes = self.features_in[rows].gather(1, perm.reshape(n_rows, -1)).reshape(perm.shape)
         last = sizes.cumsum(dim=2) - 1  # [R, P, Lg]
-        row_first = torch.cumsum(n_walks * n_refs * (a_features - 1).clamp(min=0), 0) \
-            - n_walks * n_refs * (a_features - 1).clamp(min=0)
+        row_steps = n_walks * n_refs * (a_features - 1).clamp(min=0)
+        row_first = row_steps.cumsum(0) - row_steps
         walk_first = row_first[:, None, None] + (
             torch.arange(n_walks, device=device)[:, None] * n_refs
             + torch.arange(n_refs, device=device)[None, :]) * (a_features - 1)[:, None, None]
         index = walk_first[..., None] + last[:, :, None, :length - 1]  # [R, P, B, Lg - 1]
-        interior = steps[None, :length - 1] < (a_groups - 1)[:, None]  # [R, Lg - 1]
+        interior = reference._interior_mask(a_groups, length - 1)  # [R, Lg - 1]
         return features, a_features, index[interior[:, None, None, :].expand_as(index)]
 
 
