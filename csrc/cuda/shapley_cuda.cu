@@ -302,9 +302,11 @@ __global__ void walk_linear_kernel(
         if (mine) {
 #pragma unroll 4
           for (int64_t t = 0; t < tile; ++t) {
-            // Same arithmetic as the CPU kernel: product in scalar_t, sum in float64.
+            // Same arithmetic as the CPU kernel: product in scalar_t, sum in float64,
+            // ReLU of the rounded value (-0 and NaN pass).
             acc += static_cast<double>(column[s_index[t] * H] * s_delta[t]);
-            *dst = static_cast<scalar_t>(relu ? fmax(acc, 0.0) : acc);
+            const scalar_t value = static_cast<scalar_t>(acc);
+            *dst = relu && value < scalar_t(0) ? scalar_t(0) : value;
             dst += H;
           }
         }
