@@ -245,6 +245,26 @@ def test_projection_equals_brute_force(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_projection_with_tied_and_unreachable_breakpoints(device):
+    """Rows whose breakpoints u_i / |z_i| tie (the CPU kernel sorts only those <= 1, ties by
+    index) or all lie beyond 1, against the brute force."""
+    _need_noise_kernels(device)
+    gen = torch.Generator().manual_seed(11)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    z = torch.randn(12, 40, **f64).sign() * torch.randint(1, 4, (12, 40), generator=gen)
+    u = 0.5 * z.abs()  # every breakpoint 0.5, three distinct |z| levels
+    u[4:8] = 2.0 * z[4:8].abs()  # every breakpoint 2: none reachable, the ball alone
+    u[8:, ::3] = 0.0  # zero budgets (breakpoint 0) next to tied ones
+    box_norm = torch.maximum(torch.minimum(z, u), -u).norm(dim=1)
+    rho = box_norm * torch.linspace(0.05, 0.95, 12, dtype=torch.float64)
+    got = _project(z, u, rho, device)
+    truth = np.stack([_project_numpy(z[i].numpy(), u[i].numpy(), rho[i].item())
+                      for i in range(len(z))])
+    np.testing.assert_allclose(got.numpy(), truth, rtol=0, atol=1e-9)
+    assert (got.norm(dim=1) <= rho * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_projection_feasible_idempotent_non_expansive(device):
     _need_noise_kernels(device)
     z, u, rho = _projection_rows(seed=1)
