@@ -186,7 +186,8 @@ def _vote_device(group) -> torch.device:
 
 def _agreed(solve, rows: Optional[slice], group):
     """``solve()`` on this rank, then a vote: if any rank failed, every rank raises (the
-    failed ones their own error, saying which rows it had) instead of the others waiting
+    failed ones their own error, saying which rows it had; the others
+    :class:`OtherRankFailed` quoting the first failed rank) instead of the others waiting
     forever in the gather."""
     error = None
     try:
@@ -195,22 +196,28 @@ def _agreed(solve, rows: Optional[slice], group):
         error, part = err, None
     failed = torch.tensor([int(error is not None)], device=_vote_device(group))
     dist.all_reduce(failed, group=group)
-    if error is not None:
-        if rows is None:  # the checks of the whole call: the same on every rank
-            raise error
+    if not int(failed):
+        return part
+    raised = cause = error
+    if error is not None and rows is not None:
         where = (f"rank {dist.get_rank(group)}, rows {rows.start}:{rows.stop} of the batch "
                  f"(row indices below count from {rows.start}): ")
         try:
-            located = type(error)(where + str(error))
+            raised = type(error)(where + str(error))
         except Exception:  # an exception type that does not take one message
             if hasattr(error, "add_note"):
                 error.add_note(where.rstrip(": "))
-            raise error
-        raise located from error
-    if int(failed):
-        raise OtherRankFailed(f"{int(failed)} other rank(s) failed on their rows; their "
-                              f"error messages say why")
-    return part
+    # every rank learns what the first failed one said: a rank with no rows never ran the
+    # checks that failed on the others
+    reports = [None] * world(group)[1]
+    own = None if raised is None else f"{type(raised).__name__}: {raised}"
+    dist.all_gather_object(reports, own, group=group)
+    if raised is cause:
+        if raised is not None:
+            raise raised
+        first = next(report for report in reports if report is not None)
+        raise OtherRankFailed(f"{int(failed)} other rank(s) failed; the first said: {first}")
+    raise raised from cause
 
 
 def _per_row_sliced(kwargs: dict, rows: slice, n: int) -> dict:

@@ -85,10 +85,18 @@ def _worker(rank, size, store, out, phi):
             oni.distributed.shapley_values(model, x, n_permutations=8, target="label",
                                            labels=bad)
             res["failure"] = "none"
-        except OtherRankFailed:
-            res["failure"] = "other rank"
+        except OtherRankFailed as err:
+            res["failure"] = f"other rank: {err}"
         except ValueError as err:
             res["failure"] = f"own: {err}"
+        # one row: the ranks without rows never run the check that fails on rank 0
+        try:
+            oni.distributed.shapley_values(model, x[:1], n_permutations=0)
+            res["one_row"] = "none"
+        except OtherRankFailed as err:
+            res["one_row"] = f"other rank: {err}"
+        except ValueError as err:
+            res["one_row"] = f"own: {err}"
         torch.save(res, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -143,14 +151,23 @@ def test_ranks_give_the_single_process_answer(tmp_path, size):
                                               "(N = 13)")
         assert got["short_phi"].startswith("phi must have one entry per row of x (N = 13)")
         assert got["other_x"].startswith("x differs across the ranks")
-        if rank == size - 1:
-            lo = shard(13, rank, size).start
-            assert got["failure"] == (
-                f"own: rank {rank}, rows {lo}:13 of the batch (row indices below count from "
-                f"{lo}): labels[{12 - lo}] = 9 is not a class index in [0, 4) (the model has "
-                f"k = 4 outputs)")
+        last = size - 1
+        lo = shard(13, last, size).start
+        located = (f"rank {last}, rows {lo}:13 of the batch (row indices below count from "
+                   f"{lo}): labels[{12 - lo}] = 9 is not a class index in [0, 4) (the model "
+                   f"has k = 4 outputs)")
+        if rank == last:
+            assert got["failure"] == f"own: {located}"
+        else:  # the other ranks quote the failed one
+            assert got["failure"] == ("other rank: 1 other rank(s) failed; the first said: "
+                                      f"ValueError: {located}")
+        one_row = ("rank 0, rows 0:1 of the batch (row indices below count from 0): "
+                   "n_permutations must be >= 1, got 0")
+        if rank == 0:
+            assert got["one_row"] == f"own: {one_row}"
         else:
-            assert got["failure"] == "other rank"
+            assert got["one_row"] == ("other rank: 1 other rank(s) failed; the first said: "
+                                      f"ValueError: {one_row}")
 
 
 def test_oni_commands_under_torchrun(tmp_path):
