@@ -78,6 +78,17 @@ inline void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// The walk's output dtype: x's, or bfloat16 from float32 x (rounded from the float32 value, so
+// the output equals the float32 one .to(bfloat16) bit for bit).
+inline at::ScalarType walk_out_dtype(const at::Tensor& x,
+                                     const c10::optional<at::ScalarType>& out_dtype) {
+  const at::ScalarType dtype = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(dtype == x.scalar_type() || (dtype == at::kBFloat16 && x.scalar_type() == at::kFloat),
+              "out_dtype must be x's dtype ", x.scalar_type(), " or, for float32 x, bfloat16; got ",
+              dtype);
+  return dtype;
+}
+
 // step_logits [S, k], start_logits [N, B, k], end_logits [N, k], target [N] int64.
 inline void check_accumulate_inputs(const at::Tensor& step_logits, const at::Tensor& start_logits,
                                     const at::Tensor& end_logits, const at::Tensor& target,

@@ -32,9 +32,12 @@ TORCH_LIBRARY(oni, m) {
 
   // First-layer pre-activations W z + bias of every interior prefix z, by cumulative sums of
   // permuted weight columns W[:, perm] * (x - baseline)[perm]; with relu, max(0, .) of them
-  // (the activation that follows, fused: one pass over [S, H] fewer). -> [S, H]
+  // (the activation that follows, fused: one pass over [S, H] fewer). -> [S, H] of x's dtype,
+  // or with out_dtype=bfloat16 (float32 x only) the float32 values rounded to bfloat16 (half
+  // the bytes written, and no conversion pass before a bfloat16 model tail).
   m.def("permutation_walk_linear(Tensor x, Tensor baseline, Tensor perm, Tensor n_active, "
-        "Tensor weight, Tensor? bias, int total_steps, bool relu=False) -> Tensor");
+        "Tensor weight, Tensor? bias, int total_steps, bool relu=False, "
+        "ScalarType? out_dtype=None) -> Tensor");
   // The masked inputs z themselves (x on the prefix, baseline elsewhere). -> [S, d]
   m.def("permutation_walk_masked(Tensor x, Tensor baseline, Tensor perm, Tensor n_active, "
         "int total_steps) -> Tensor");

@@ -28,11 +28,13 @@ def permutation_walk_linear(
     bias: Optional[Tensor],  # [H]
     total_steps: int,
     relu: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:  # [S, H]
     """First-layer pre-activations of every interior prefix of every walk (``relu``: their
-    ReLU, fused)."""
+    ReLU, fused), in x's dtype or, with ``out_dtype=torch.bfloat16`` (float32 x), rounded to
+    bfloat16."""
     return torch.ops.oni.permutation_walk_linear.default(
-        x, baseline, perm, n_active, weight, bias, total_steps, relu)
+        x, baseline, perm, n_active, weight, bias, total_steps, relu, out_dtype)
 
 
 def permutation_walk_masked(
@@ -123,8 +125,16 @@ def _fake_walk(x, baseline, perm, n_active):
     _dtype_in(n_active, "n_active", (torch.int64,))
 
 
+def _walk_out_dtype(x: Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    dtype = x.dtype if out_dtype is None else out_dtype
+    _require(dtype == x.dtype or (dtype == torch.bfloat16 and x.dtype == torch.float32),
+             f"out_dtype must be x's dtype {x.dtype} or, for float32 x, torch.bfloat16; got "
+             f"{dtype}")
+    return dtype
+
+
 @torch.library.register_fake("oni::permutation_walk_linear")
-def _(x, baseline, perm, n_active, weight, bias, total_steps, relu=False):
+def _(x, baseline, perm, n_active, weight, bias, total_steps, relu=False, out_dtype=None):
     _fake_walk(x, baseline, perm, n_active)
     _same_device("x", x, weight=weight, bias=bias)
     _require(weight.dim() == 2 and weight.shape[1] == x.shape[1],
@@ -134,7 +144,7 @@ def _(x, baseline, perm, n_active, weight, bias, total_steps, relu=False):
              f"bias must be [H] = [{weight.shape[0]}], got "
              f"{None if bias is None else tuple(bias.shape)}")
     _require(total_steps >= 0, f"total_steps must be >= 0, got {total_steps}")
-    return x.new_empty((total_steps, weight.shape[0]))
+    return x.new_empty((total_steps, weight.shape[0]), dtype=_walk_out_dtype(x, out_dtype))
 
 
 @torch.library.register_fake("oni::permutation_walk_masked")

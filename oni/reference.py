@@ -53,9 +53,11 @@ def permutation_walk_linear(
     bias: Optional[Tensor],  # [H]
     total_steps: int,
     relu: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:  # [S, H]
     """First-layer pre-activations ``W z + bias`` of every interior prefix ``z`` (with
-    ``relu``, ``max(0, W z + bias)``: the activation that follows, fused).
+    ``relu``, ``max(0, W z + bias)``: the activation that follows, fused), in x's dtype or
+    ``out_dtype`` (bfloat16 for float32 x: the float32 values rounded).
 
     Incremental first layer: a walk starts at ``W r + bias`` and each step adds the permuted
     column ``W[:, i] * (x_i - r_i)``, so all prefixes are one cumulative sum.
@@ -64,9 +66,13 @@ def permutation_walk_linear(
     n_refs, (n_walks, length) = baseline.shape[1], perm.shape[1:]
     hidden = weight.shape[0]
     _check_total(total_steps, n_active, n_walks, n_refs, "permutation_walk_linear")
+    dtype = x.dtype if out_dtype is None else out_dtype
+    if not (dtype == x.dtype or (dtype == torch.bfloat16 and x.dtype == torch.float32)):
+        raise ValueError(f"out_dtype must be x's dtype {x.dtype} or, for float32 x, "
+                         f"torch.bfloat16; got {dtype}")
     steps = max(length - 1, 0)
     if total_steps == 0:
-        return x.new_empty((0, hidden))
+        return x.new_empty((0, hidden), dtype=dtype)
     interior = _interior_mask(n_active, steps)  # [N, steps]
     idx = torch.where(interior[:, None, :], perm[:, :, :steps], 0)  # [N, P, steps]
     x_on_walk = x.gather(1, idx.reshape(n, -1)).reshape(n, n_walks, 1, steps)
@@ -81,7 +87,7 @@ def permutation_walk_linear(
         columns[:, :, None] * delta[..., None], dim=3)  # [N, P, B, steps, H]
     keep = interior[:, None, None, :].expand(n, n_walks, n_refs, steps)
     out = prefix[keep]
-    return out.relu_() if relu else out
+    return (out.relu_() if relu else out).to(dtype)
 
 
 def permutation_walk_masked(

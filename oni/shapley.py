@@ -838,8 +838,13 @@ def _run_chunk(ops, game: _Game, x, refs, refs_per_row, logits_x, logits_r, clas
     if total == 0 or (boundaries is not None and boundaries.numel() == 0):
         steps = logits_x.new_empty((0, logits_x.shape[1]))
     elif game.first_linear is not None:
+        # a bfloat16 run of a plain Linear/ReLU tail starts by rounding the first layer's
+        # output to bfloat16: the walk writes it so (the same bits, half the bytes, no pass)
+        walk_dtype = torch.bfloat16 if (precision == "bf16" and game.plain_layers is not None
+                                        and x.dtype == torch.float32) else None
         pre = ops.permutation_walk_linear(xs, base, feature_perm, a_features, game.first_weight,
-                                          game.first_bias, total, game.fuse_first_relu)
+                                          game.first_bias, total, game.fuse_first_relu,
+                                          walk_dtype)
         if boundaries is not None:
             pre = pre.index_select(0, boundaries)
         tail_batch = _TAIL_BATCH if pre.device.type == "cpu" else _CUDA_TAIL_BATCH

@@ -139,6 +139,13 @@ def test_walk_linear_matches_twin(name):
         # fused ReLU: exactly max(0, .) of the same pre-activations, in both dtypes
         assert torch.equal(_ops.permutation_walk_linear(*args, True), got.clamp(min=0))
         assert torch.equal(_ops.permutation_walk_linear(*args32, True), got32.clamp(min=0))
+        # bfloat16 output: the float32 one rounded, bit for bit, with and without the ReLU
+        for relu in (False, True):
+            wide = _ops.permutation_walk_linear(*args32, relu)
+            narrow = _ops.permutation_walk_linear(*args32, relu, torch.bfloat16)
+            assert narrow.dtype == torch.bfloat16
+            assert torch.equal(narrow.view(torch.int16),
+                               wide.to(torch.bfloat16).view(torch.int16))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -343,6 +350,9 @@ def test_opcheck(op):
                                                 dtype=torch.float32)
         args = (steps, start, end, target, perm, n_active, case["d"], 2, True)
     torch.library.opcheck(getattr(torch.ops.oni, op).default, args)
+    if op == "permutation_walk_linear":  # and the bfloat16 output
+        torch.library.opcheck(getattr(torch.ops.oni, op).default,
+                              (*args, True, torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -60,6 +60,41 @@ def test_walk_linear_matches_reference(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_walk_linear_bfloat16_output(device, case, relu):
+    """out_dtype=bfloat16 is the float32 output rounded to bfloat16, bit for bit (NaN
+    payloads aside), on the kernel and the twin."""
+    x, base, perm, n_active, total = _inputs(case, device)
+    w, b = _layer(case["d"], 11, device, torch.float32)
+    args = (x, base, perm, n_active, w, b, total, relu)
+    for ops in (_ops, reference):
+        wide = ops.permutation_walk_linear(*args)
+        narrow = ops.permutation_walk_linear(*args, torch.bfloat16)
+        assert narrow.dtype == torch.bfloat16 and narrow.shape == wide.shape
+        assert torch.equal(narrow.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+    # values far apart in magnitude, and a NaN weight column: rounding and NaN both survive
+    w2 = w.clone()
+    w2[:, 0] = float("nan")
+    w2[0] *= 1e30
+    wide = _ops.permutation_walk_linear(x, base, perm, n_active, w2, b, total, relu)
+    narrow = _ops.permutation_walk_linear(x, base, perm, n_active, w2, b, total, relu,
+                                          torch.bfloat16)
+    torch.testing.assert_close(narrow, wide.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("out_dtype, x_dtype", [(torch.float16, torch.float32),
+                                                (torch.bfloat16, torch.float64),
+                                                (torch.float64, torch.float32)])
+def test_walk_linear_refuses_other_output_dtypes(out_dtype, x_dtype):
+    x, base, perm, n_active, w, b, total = _good()
+    args = [t.to(x_dtype) if t.is_floating_point() else t for t in (x, base, perm, n_active, w, b)]
+    for ops, error in ((_ops, RuntimeError), (reference, ValueError)):
+        with pytest.raises(error, match="out_dtype must be x's dtype"):
+            ops.permutation_walk_linear(*args, total, False, out_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
 def test_walk_masked_matches_reference(device, case):
     x, base, perm, n_active, total = _inputs(case, device)
     got = _ops.permutation_walk_masked(x, base, perm, n_active, total)
@@ -198,6 +233,8 @@ def test_opcheck(device):
     w, b = _layer(case["d"], 4, device, torch.float32)
     torch.library.opcheck(torch.ops.oni.permutation_walk_linear.default,
                           (x, base, perm, n_active, w, b, total))
+    torch.library.opcheck(torch.ops.oni.permutation_walk_linear.default,
+                          (x, base, perm, n_active, w, b, total, True, torch.bfloat16))
     torch.library.opcheck(torch.ops.oni.permutation_walk_masked.default,
                           (x, base, perm, n_active, total))
     torch.library.opcheck(torch.ops.oni.shapley_accumulate.default,

@@ -5,10 +5,13 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
+#include "vector.h"
 
 namespace oni {
 namespace {
@@ -59,21 +62,47 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
   return row_offset;
 }
 
-// One walk step: acc += col * delta, then dst = acc rounded to the output dtype (with Relu,
-// negatives of it set to +0; -0 and NaN pass).
-template <typename scalar_t, bool Relu>
-inline void step_and_store(
+#if defined(__GNUC__) || defined(__clang__)
+#define ONI_INLINE inline __attribute__((always_inline))
+#else
+#define ONI_INLINE inline
+#endif
+
+// Stores a walk value: as it is, or as the bits of its bfloat16 rounding.
+ONI_INLINE void store(float* dst, float value) { *dst = value; }
+ONI_INLINE void store(double* dst, double value) { *dst = value; }
+ONI_INLINE void store(uint16_t* dst, float value) { *dst = float_to_bf16_bits(value); }
+
+// One walk step: acc += col * delta, then dst = acc rounded to scalar_t (with Relu, negatives
+// of it set to +0; -0 and NaN pass), stored as out_t. Element-wise and free of a * b + c in
+// one precision, so every ISA's clone below gives the same bits.
+template <typename scalar_t, typename out_t, bool Relu>
+ONI_INLINE void step_and_store_impl(
     double* __restrict__ acc, const scalar_t* __restrict__ col, scalar_t delta,
-    scalar_t* __restrict__ dst, int64_t H) {
+    out_t* __restrict__ dst, int64_t H) {
   for (int64_t h = 0; h < H; ++h) {
     acc[h] += static_cast<double>(col[h] * delta);
     const scalar_t value = static_cast<scalar_t>(acc[h]);
     // The ReLU acts on the rounded value, as torch.relu on the twin's output. Written as a
     // select on scalar_t so gcc vectorises it: std::max(acc[h], 0.0) compiled to a branch on
     // the sign, which mispredicts on every other unit of a real layer (20x slower).
-    dst[h] = Relu ? (value < scalar_t(0) ? scalar_t(0) : value) : value;
+    store(dst + h, Relu ? (value < scalar_t(0) ? scalar_t(0) : value) : value);
   }
 }
+
+// One vectorised entry point per (input, output) type: target_clones takes no templates.
+#define ONI_WALK_STEP(scalar_t, out_t)                                                      \
+  ONI_VECTOR_CLONES_V4 void step_and_store(double* __restrict__ acc,                        \
+                                           const scalar_t* __restrict__ col, scalar_t delta, \
+                                           out_t* __restrict__ dst, int64_t H, bool relu) {  \
+    if (relu) step_and_store_impl<scalar_t, out_t, true>(acc, col, delta, dst, H);          \
+    else step_and_store_impl<scalar_t, out_t, false>(acc, col, delta, dst, H);              \
+  }
+ONI_WALK_STEP(float, float)
+ONI_WALK_STEP(double, double)
+ONI_WALK_STEP(float, uint16_t)
+ONI_WALK_STEP(double, uint16_t)  // compiled for the dispatch, refused by walk_out_dtype
+#undef ONI_WALK_STEP
 
 void check_total_steps(const std::vector<int64_t>& row_offset, int64_t total_steps,
                        const char* what) {
@@ -86,9 +115,11 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
                                        const at::Tensor& perm, const at::Tensor& n_active,
                                        const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias,
-                                       int64_t total_steps, bool relu) {
+                                       int64_t total_steps, bool relu,
+                                       c10::optional<at::ScalarType> out_dtype) {
   check_walk_inputs(x, baseline, perm, n_active);
   check_linear_inputs(x, weight, bias);
+  const at::ScalarType dtype = walk_out_dtype(x, out_dtype);
   const int64_t N = x.size(0), d = x.size(1), B = baseline.size(1), P = perm.size(1);
   const int64_t H = weight.size(0);
   const auto perm_c = perm.contiguous();
@@ -96,7 +127,7 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
   const auto row_offset = validate_walks(perm_c, act_c, d, B);
   check_total_steps(row_offset, total_steps, "permutation_walk_linear");
 
-  auto out = at::empty({total_steps, H}, x.options());
+  auto out = at::empty({total_steps, H}, x.options().dtype(dtype));
   if (total_steps == 0) return out;
   const auto x_c = x.contiguous();
   // A background set shared by every input (an expanded view, stride 0 over N) is read in
@@ -112,35 +143,42 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
   const int64_t origin_stride = shared ? 0 : B * H;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cpu", [&] {
-    using acc_t = double;
     const scalar_t* xp = x_c.data_ptr<scalar_t>();
     const scalar_t* rp = base_c.data_ptr<scalar_t>();
     const scalar_t* wt = weight_t.data_ptr<scalar_t>();
     const scalar_t* op = origin.data_ptr<scalar_t>();
     const int64_t* pp = perm_c.data_ptr<int64_t>();
     const int64_t* ap = act_c.data_ptr<int64_t>();
-    scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t L = perm.size(2);
-    at::parallel_for(0, N * P * B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(H);
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t n = w / (P * B), p = (w / B) % P, b = w % B;
-        const int64_t a = ap[n];
-        if (a <= 1) continue;
-        const scalar_t* xr = xp + n * d;
-        const scalar_t* rr = rp + n * base_stride + b * d;
-        const scalar_t* orig = op + n * origin_stride + b * H;
-        const int64_t* walk = pp + (n * P + p) * L;
-        scalar_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * H;
-        for (int64_t h = 0; h < H; ++h) acc[h] = orig[h];
-        for (int64_t k = 0; k < a - 1; ++k, dst += H) {
-          const int64_t i = walk[k];
-          const scalar_t delta = xr[i] - rr[i];
-          if (relu) step_and_store<scalar_t, true>(acc.data(), wt + i * H, delta, dst, H);
-          else step_and_store<scalar_t, false>(acc.data(), wt + i * H, delta, dst, H);
+    auto walks = [&](auto* outp) {
+      using out_t = std::remove_pointer_t<decltype(outp)>;
+      at::parallel_for(0, N * P * B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<double> acc(H);
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t n = w / (P * B), p = (w / B) % P, b = w % B;
+          const int64_t a = ap[n];
+          if (a <= 1) continue;
+          const scalar_t* xr = xp + n * d;
+          const scalar_t* rr = rp + n * base_stride + b * d;
+          const scalar_t* orig = op + n * origin_stride + b * H;
+          const int64_t* walk = pp + (n * P + p) * L;
+          out_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] = orig[h];
+          for (int64_t k = 0; k < a - 1; ++k, dst += H) {
+            const int64_t i = walk[k];
+            const scalar_t delta = xr[i] - rr[i];
+            step_and_store(acc.data(), wt + i * H, delta, dst, H, relu);
+          }
         }
+      });
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (dtype == at::kBFloat16) {
+        walks(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+        return;
       }
-    });
+    }
+    walks(out.data_ptr<scalar_t>());
   });
   return out;
 }

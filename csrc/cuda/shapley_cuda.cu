@@ -18,6 +18,7 @@
 #include <climits>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../checks.h"
 
@@ -261,7 +262,7 @@ constexpr int kLinearTile = 256;
 
 // No __launch_bounds__ here and on the endpoints kernel: with them ptxas (CUDA 13, sm_90)
 // caps registers low enough to spill.
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 __global__ void walk_linear_kernel(
     const scalar_t* __restrict__ x, int64_t xs0, int64_t xs1,            // [N, d]
     const scalar_t* __restrict__ base, int64_t bs0, int64_t bs1, int64_t bs2,  // [N, B, d]
@@ -269,7 +270,7 @@ __global__ void walk_linear_kernel(
     const int64_t* __restrict__ row_offset,                              // [N + 1]
     const scalar_t* __restrict__ weight_t,                               // [d, H] contiguous
     const scalar_t* __restrict__ origin, int64_t os0, int64_t os1,       // [N, B, H], h stride 1
-    scalar_t* __restrict__ out,                                          // [S, H]
+    out_t* __restrict__ out,                                             // [S, H]
     int64_t P, int64_t B, int64_t L, int64_t d, int64_t H, int64_t n_walks, bool relu) {
   __shared__ int64_t s_index[kLinearTile];
   __shared__ scalar_t s_delta[kLinearTile];
@@ -281,14 +282,14 @@ __global__ void walk_linear_kernel(
     const scalar_t* xr = x + n * xs0;
     const scalar_t* rr = base + n * bs0 + b * bs1;
     const scalar_t* orig = origin + n * os0 + b * os1;
-    scalar_t* dst0 = out + (row_offset[n] + (p * B + b) * steps) * H;
+    out_t* dst0 = out + (row_offset[n] + (p * B + b) * steps) * H;
     for (int64_t h0 = static_cast<int64_t>(blockIdx.y) * blockDim.x; h0 < H;
          h0 += static_cast<int64_t>(gridDim.y) * blockDim.x) {
       const int64_t h = h0 + threadIdx.x;
       const bool mine = h < H;
       double acc = mine ? static_cast<double>(orig[h]) : 0.0;
       const scalar_t* column = weight_t + h;  // W[h, :] as a strided row of W^T
-      scalar_t* dst = dst0 + h;
+      out_t* dst = dst0 + h;
       for (int64_t k0 = 0; k0 < steps; k0 += kLinearTile) {
         const int64_t tile = std::min<int64_t>(kLinearTile, steps - k0);
         __syncthreads();  // previous tile fully consumed
@@ -306,7 +307,8 @@ __global__ void walk_linear_kernel(
             // ReLU of the rounded value (-0 and NaN pass).
             acc += static_cast<double>(column[s_index[t] * H] * s_delta[t]);
             const scalar_t value = static_cast<scalar_t>(acc);
-            *dst = relu && value < scalar_t(0) ? scalar_t(0) : value;
+            // bfloat16 output: rounded from the scalar_t value (c10's round-to-nearest-even)
+            *dst = static_cast<out_t>(relu && value < scalar_t(0) ? scalar_t(0) : value);
             dst += H;
           }
         }
@@ -319,9 +321,11 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
                                         const at::Tensor& perm, const at::Tensor& n_active,
                                         const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
-                                        int64_t total_steps, bool relu) {
+                                        int64_t total_steps, bool relu,
+                                        c10::optional<at::ScalarType> out_dtype) {
   check_walk_inputs(x, baseline, perm, n_active);
   check_linear_inputs(x, weight, bias);
+  const at::ScalarType dtype = walk_out_dtype(x, out_dtype);
   TORCH_CHECK(x.is_cuda(), "permutation_walk_linear (CUDA): x must be a CUDA tensor, got ",
               x.device());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -331,7 +335,7 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
   const auto plan = plan_walks(perm, n_active, d, B, nullptr, 0, stream);
   check_total_steps(plan.total_steps, total_steps, "permutation_walk_linear");
 
-  auto out = at::empty({total_steps, H}, x.options());
+  auto out = at::empty({total_steps, H}, x.options().dtype(dtype));
   if (total_steps == 0 || H == 0) return out;
   const auto weight_t = weight.t().contiguous();  // [d, H]: a walk step reads one row
   // Walk origins W r + bias; a reference set shared by every input (expanded over N, as the
@@ -347,13 +351,23 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
   const int threads = threads_for(H, 256);
   const dim3 grid(grid_x(n_walks), grid_y(ceil_div(H, threads)));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cuda", [&] {
-    walk_linear_kernel<scalar_t><<<grid, threads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), baseline.data_ptr<scalar_t>(),
-        baseline.stride(0), baseline.stride(1), baseline.stride(2), perm_view(perm),
-        n_active.data_ptr<int64_t>(), n_active.stride(0), plan.row_offset.data_ptr<int64_t>(),
-        weight_t.data_ptr<scalar_t>(), origin.data_ptr<scalar_t>(), os0, os1,
-        out.data_ptr<scalar_t>(), P, B, L, d, H, n_walks, relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto* out_ptr) {
+      using out_t = std::remove_pointer_t<decltype(out_ptr)>;
+      walk_linear_kernel<scalar_t, out_t><<<grid, threads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), baseline.data_ptr<scalar_t>(),
+          baseline.stride(0), baseline.stride(1), baseline.stride(2), perm_view(perm),
+          n_active.data_ptr<int64_t>(), n_active.stride(0), plan.row_offset.data_ptr<int64_t>(),
+          weight_t.data_ptr<scalar_t>(), origin.data_ptr<scalar_t>(), os0, os1, out_ptr, P, B,
+          L, d, H, n_walks, relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (dtype == at::kBFloat16) {
+        launch(out.data_ptr<at::BFloat16>());
+        return;
+      }
+    }
+    launch(out.data_ptr<scalar_t>());
   });
   return out;
 }
