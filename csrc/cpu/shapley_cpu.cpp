@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -61,12 +62,6 @@ std::vector<int64_t> validate_walks(const at::Tensor& perm, const at::Tensor& n_
               "[0, ", n_features, ") forming the same set in every walk");
   return row_offset;
 }
-
-#if defined(__GNUC__) || defined(__clang__)
-#define ONI_INLINE inline __attribute__((always_inline))
-#else
-#define ONI_INLINE inline
-#endif
 
 // Stores a walk value: as it is, or as the bits of its bfloat16 rounding.
 ONI_INLINE void store(float* dst, float value) { *dst = value; }
@@ -276,6 +271,18 @@ std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
     const int64_t* ap = act_c.data_ptr<int64_t>();
     double* meanp = mean.data_ptr<double>();
     double* m2p = m2.data_ptr<double>();
+    // The explained-class value of every step row first, in parallel over the rows: a chunk
+    // of long walks often holds one input, and the loop below, parallel over inputs, then
+    // ran the softmaxes (most of its time) on one thread. Same values, same sums after.
+    const int64_t S = step_logits.size(0);
+    std::vector<double> step_value(S);
+    at::parallel_for(0, S, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = std::upper_bound(row_offset.begin(), row_offset.end(), r) -
+                          row_offset.begin() - 1;
+        step_value[r] = class_value(sp + r * k, k, tp[n], softmax);
+      }
+    });
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> sample(n_features, 0.0);
       for (int64_t n = begin; n < end; ++n) {
@@ -293,14 +300,13 @@ std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
           for (int64_t q = 0; q < walks_per_sample; ++q) {
             const int64_t p = s * walks_per_sample + q;
             const int64_t* walk = pp + (n * P + p) * L;
-            const scalar_t* rows = sp + (row_offset[n] + p * B * (a - 1)) * k;
+            const double* values = step_value.data() + row_offset[n] + p * B * (a - 1);
             double prev = v_start;
             for (int64_t j = 0; j < a; ++j) {
               double cur = v_end;
               if (j < a - 1) {
                 cur = 0.0;
-                for (int64_t b = 0; b < B; ++b)
-                  cur += class_value(rows + (b * (a - 1) + j) * k, k, c, softmax);
+                for (int64_t b = 0; b < B; ++b) cur += values[b * (a - 1) + j];
                 cur /= static_cast<double>(B);
               }
               sample[walk[j]] += cur - prev;

@@ -17,15 +17,8 @@
 #include "../checks.h"
 #include "vector.h"
 
-#if defined(__GNUC__) || defined(__clang__)
-#define ONI_INLINE inline __attribute__((always_inline))
-#else
-#define ONI_INLINE inline
-#endif
-
 namespace oni {
 namespace {
-
 
 // The non-zeros of x viewed as [rows, d], row by row, columns ascending: row r's are
 // cols/vals[begin(r), end(r)). Each row is followed by one spare slot, so the fill can be

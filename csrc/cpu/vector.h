@@ -23,6 +23,14 @@
 #define ONI_VECTOR_CLONES_V4 ONI_VECTOR_CLONES
 #endif
 
+// Inlined into each clone (a helper called from a target_clones function is otherwise
+// compiled once, for the baseline ISA).
+#if defined(__GNUC__) || defined(__clang__)
+#define ONI_INLINE inline __attribute__((always_inline))
+#else
+#define ONI_INLINE inline
+#endif
+
 namespace oni {
 
 inline float bf16_bits_to_float(uint16_t h) {
