@@ -198,26 +198,27 @@ def _agreed(solve, rows: Optional[slice], group):
     dist.all_reduce(failed, group=group)
     if not int(failed):
         return part
-    raised = cause = error
+    located = None  # this rank's error, saying which rows it had
     if error is not None and rows is not None:
         where = (f"rank {dist.get_rank(group)}, rows {rows.start}:{rows.stop} of the batch "
                  f"(row indices below count from {rows.start}): ")
         try:
-            raised = type(error)(where + str(error))
+            located = type(error)(where + str(error))
         except Exception:  # an exception type that does not take one message
             if hasattr(error, "add_note"):
                 error.add_note(where.rstrip(": "))
+    shown = located if located is not None else error
     # every rank learns what the first failed one said: a rank with no rows never ran the
     # checks that failed on the others
     reports = [None] * world(group)[1]
-    own = None if raised is None else f"{type(raised).__name__}: {raised}"
-    dist.all_gather_object(reports, own, group=group)
-    if raised is cause:
-        if raised is not None:
-            raise raised
-        first = next(report for report in reports if report is not None)
-        raise OtherRankFailed(f"{int(failed)} other rank(s) failed; the first said: {first}")
-    raise raised from cause
+    dist.all_gather_object(reports, None if shown is None else f"{type(shown).__name__}: {shown}",
+                           group=group)
+    if located is not None:
+        raise located from error
+    if error is not None:
+        raise error
+    first = next(report for report in reports if report is not None)
+    raise OtherRankFailed(f"{int(failed)} other rank(s) failed; the first said: {first}")
 
 
 def _per_row_sliced(kwargs: dict, rows: slice, n: int) -> dict:
