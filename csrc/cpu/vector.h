@@ -16,7 +16,9 @@
 // bits needs AVX-512's 16-bit lanes to vectorise (measured on the walk kernel: 2x slower
 // stores under plain avx512f). For loops whose results do not depend on the clone: v4 has
 // FMA, so a loop where gcc could contract a * b + c must not use it.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+// (gcc names the x86-64-v4 level from gcc 11; 12 is the oldest built here)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12
 #define ONI_VECTOR_CLONES_V4 \
   __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
