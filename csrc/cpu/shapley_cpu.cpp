@@ -96,7 +96,6 @@ ONI_INLINE void step_and_store_impl(
 ONI_WALK_STEP(float, float)
 ONI_WALK_STEP(double, double)
 ONI_WALK_STEP(float, uint16_t)
-ONI_WALK_STEP(double, uint16_t)  // compiled for the dispatch, refused by walk_out_dtype
 #undef ONI_WALK_STEP
 
 void check_total_steps(const std::vector<int64_t>& row_offset, int64_t total_steps,
@@ -137,7 +136,11 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
   origin = origin.contiguous();
   const int64_t origin_stride = shared ? 0 : B * H;
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cpu", [&] {
+  // scalar_t from the tag, out_t from the output pointer: a bfloat16 output exists for
+  // float32 x only (walk_out_dtype), so only that step loop is compiled for it
+  auto walks = [&](auto scalar_tag, auto* outp) {
+    using scalar_t = decltype(scalar_tag);
+    using out_t = std::remove_pointer_t<decltype(outp)>;
     const scalar_t* xp = x_c.data_ptr<scalar_t>();
     const scalar_t* rp = base_c.data_ptr<scalar_t>();
     const scalar_t* wt = weight_t.data_ptr<scalar_t>();
@@ -145,36 +148,32 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
     const int64_t* pp = perm_c.data_ptr<int64_t>();
     const int64_t* ap = act_c.data_ptr<int64_t>();
     const int64_t L = perm.size(2);
-    auto walks = [&](auto* outp) {
-      using out_t = std::remove_pointer_t<decltype(outp)>;
-      at::parallel_for(0, N * P * B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<double> acc(H);
-        for (int64_t w = begin; w < end; ++w) {
-          const int64_t n = w / (P * B), p = (w / B) % P, b = w % B;
-          const int64_t a = ap[n];
-          if (a <= 1) continue;
-          const scalar_t* xr = xp + n * d;
-          const scalar_t* rr = rp + n * base_stride + b * d;
-          const scalar_t* orig = op + n * origin_stride + b * H;
-          const int64_t* walk = pp + (n * P + p) * L;
-          out_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] = orig[h];
-          for (int64_t k = 0; k < a - 1; ++k, dst += H) {
-            const int64_t i = walk[k];
-            const scalar_t delta = xr[i] - rr[i];
-            step_and_store(acc.data(), wt + i * H, delta, dst, H, relu);
-          }
+    at::parallel_for(0, N * P * B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(H);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t n = w / (P * B), p = (w / B) % P, b = w % B;
+        const int64_t a = ap[n];
+        if (a <= 1) continue;
+        const scalar_t* xr = xp + n * d;
+        const scalar_t* rr = rp + n * base_stride + b * d;
+        const scalar_t* orig = op + n * origin_stride + b * H;
+        const int64_t* walk = pp + (n * P + p) * L;
+        out_t* dst = outp + (row_offset[n] + (p * B + b) * (a - 1)) * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] = orig[h];
+        for (int64_t k = 0; k < a - 1; ++k, dst += H) {
+          const int64_t i = walk[k];
+          const scalar_t delta = xr[i] - rr[i];
+          step_and_store(acc.data(), wt + i * H, delta, dst, H, relu);
         }
-      });
-    };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (dtype == at::kBFloat16) {
-        walks(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-        return;
       }
-    }
-    walks(out.data_ptr<scalar_t>());
-  });
+    });
+  };
+  if (dtype == at::kBFloat16) {
+    walks(float{}, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cpu",
+                               [&] { walks(scalar_t{}, out.data_ptr<scalar_t>()); });
+  }
   return out;
 }
 

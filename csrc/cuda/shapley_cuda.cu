@@ -350,25 +350,25 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
   const int64_t n_walks = N * P * B;
   const int threads = threads_for(H, 256);
   const dim3 grid(grid_x(n_walks), grid_y(ceil_div(H, threads)));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cuda", [&] {
-    auto launch = [&](auto* out_ptr) {
-      using out_t = std::remove_pointer_t<decltype(out_ptr)>;
-      walk_linear_kernel<scalar_t, out_t><<<grid, threads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), baseline.data_ptr<scalar_t>(),
-          baseline.stride(0), baseline.stride(1), baseline.stride(2), perm_view(perm),
-          n_active.data_ptr<int64_t>(), n_active.stride(0), plan.row_offset.data_ptr<int64_t>(),
-          weight_t.data_ptr<scalar_t>(), origin.data_ptr<scalar_t>(), os0, os1, out_ptr, P, B,
-          L, d, H, n_walks, relu);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (dtype == at::kBFloat16) {
-        launch(out.data_ptr<at::BFloat16>());
-        return;
-      }
-    }
-    launch(out.data_ptr<scalar_t>());
-  });
+  // scalar_t from the tag, out_t from the output pointer: a bfloat16 output exists for
+  // float32 x only (walk_out_dtype), so only that kernel is compiled for it
+  auto launch = [&](auto scalar_tag, auto* out_ptr) {
+    using scalar_t = decltype(scalar_tag);
+    using out_t = std::remove_pointer_t<decltype(out_ptr)>;
+    walk_linear_kernel<scalar_t, out_t><<<grid, threads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), baseline.data_ptr<scalar_t>(),
+        baseline.stride(0), baseline.stride(1), baseline.stride(2), perm_view(perm),
+        n_active.data_ptr<int64_t>(), n_active.stride(0), plan.row_offset.data_ptr<int64_t>(),
+        weight_t.data_ptr<scalar_t>(), origin.data_ptr<scalar_t>(), os0, os1, out_ptr, P, B, L,
+        d, H, n_walks, relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dtype == at::kBFloat16) {
+    launch(float{}, out.data_ptr<at::BFloat16>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "permutation_walk_linear_cuda",
+                               [&] { launch(scalar_t{}, out.data_ptr<scalar_t>()); });
+  }
   return out;
 }
 
