@@ -15,3 +15,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    # ONI_CUDA_EMULATION=1: the CPU kernels are replaced by the CUDA kernels of csrc/cuda/,
+    # run under the CPU emulation of tests/cuda_emu (see its README), so the CPU tests check
+    # the CUDA code on a machine without a GPU.
+    if os.environ.get("ONI_CUDA_EMULATION") == "1":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+        import build as cuda_emu_build
+
+        cuda_emu_build.load()

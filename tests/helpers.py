@@ -1,12 +1,22 @@
 """Shared builders for the tests: small models and valid walk inputs."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
 import oni
 from oni import reference
 from oni.shapley import _walk_permutations
+
+
+# ONI_CUDA_EMULATION=1 (tests/cuda_emu/README.md): the CPU kernels have been replaced by the
+# CUDA kernels of csrc/cuda/, run under a CPU emulation.
+CUDA_EMULATION = os.environ.get("ONI_CUDA_EMULATION") == "1"
+only_real_cpu_kernels = pytest.mark.skipif(
+    CUDA_EMULATION, reason="checks the CPU kernels themselves, replaced under ONI_CUDA_EMULATION")
 
 
 def devices(names=oni._ops.SHAPLEY_OPS):

@@ -1,7 +1,10 @@
 """The CUDA kernels (csrc/cuda/*.cu) against their twins in oni.reference.
 
-Runs only on a machine with a CUDA device and an oni build with CUDA kernels; elsewhere every
-test is skipped with the reason. Tolerance rule (STYLE.md): on float32 inputs, the kernel's
+Runs on a machine with a CUDA device and an oni build with CUDA kernels, or with
+ONI_CUDA_EMULATION=1 on CPU tensors, whose kernels are then the CUDA ones run under the CPU
+emulation of tests/cuda_emu (the tests that compare the CUDA kernels with the CPU kernels are
+skipped there: both sides would be the same code); elsewhere every test is skipped with the
+reason. Tolerance rule (STYLE.md): on float32 inputs, the kernel's
 error against the float64 reference is at most 2x that of the plain-PyTorch twin run in
 float32, plus a tiny floor; masked inputs are pure copies and must match bit for bit.
 """
@@ -17,10 +20,12 @@ import torch
 import oni
 from oni import _ops, reference
 from oni.shapley import _walk_permutations
-from helpers import Wrapped, small_mlp
+from helpers import CUDA_EMULATION, Wrapped, small_mlp
 
 
 def _skip_reason():
+    if CUDA_EMULATION:
+        return None
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
     if not _ops.has_kernel("cuda", _ops.SHAPLEY_OPS):
@@ -31,7 +36,14 @@ def _skip_reason():
 
 SKIP = _skip_reason()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
-DEVICE = "cuda"
+DEVICE = "cpu" if CUDA_EMULATION else "cuda"
+against_cpu_kernels = pytest.mark.skipif(
+    CUDA_EMULATION, reason="under emulation the CPU kernels are the emulated CUDA kernels")
+
+
+def _sync():
+    if not CUDA_EMULATION:
+        torch.cuda.synchronize()
 OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
 
 
@@ -195,6 +207,7 @@ def test_accumulate_efficiency_and_dummies():
     assert (mean[~on_walk] == 0).all() and (m2[~on_walk] == 0).all()
 
 
+@against_cpu_kernels
 @pytest.mark.parametrize("name", ["ragged", "three_refs", "many_walks", "large_d"])
 def test_cuda_equals_cpu_kernels(name):
     case = CASES[name]
@@ -424,7 +437,7 @@ def test_bad_input_same_error_as_cpu(label, kind, mutate, message):
     good = _good()
     _run("linear", good)
     _run("acc", good)
-    torch.cuda.synchronize()
+    _sync()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -474,8 +487,9 @@ def test_shapley_values_kernel_equals_torch_and_cpu(dtype, path, background):
 
 # ----------------------------------------------------------------------------- noise ops
 
-NOISE_SKIP = None if SKIP is not None or _ops.has_kernel("cuda", _ops.NOISE_OPS) else \
-    f"the noise ops have no CUDA kernels in this build ({oni.build_info()})"
+NOISE_SKIP = None
+if SKIP is None and not CUDA_EMULATION and not _ops.has_kernel("cuda", _ops.NOISE_OPS):
+    NOISE_SKIP = f"the noise ops have no CUDA kernels in this build ({oni.build_info()})"
 noise_only = pytest.mark.skipif(NOISE_SKIP is not None, reason=NOISE_SKIP or "")
 
 
@@ -483,7 +497,7 @@ def _poison_cache(nbytes=64 << 20):
     """Fill freed caching-allocator memory with NaN, so an op output that is left unwritten
     shows as NaN instead of a lucky zero."""
     torch.empty(nbytes // 4, device=DEVICE).fill_(float("nan"))
-    torch.cuda.synchronize()
+    _sync()
 
 
 NOISE_SHAPES = [(1, 1), (3, 2), (257, 100), (1001, 7), (64, 6170), (5, 20_000)]
@@ -589,7 +603,7 @@ def test_ascend_and_project_check_values_false():
     bad_budget[2, 3], bad_radius[1] = -1.0, float("nan")
     out = _ops.ascend_and_project(eta, direction, step, bad_budget, bad_radius, active,
                                   check_values=False)
-    torch.cuda.synchronize()
+    _sync()
     assert out.shape == eta.shape
     torch.library.opcheck(torch.ops.oni.ascend_and_project.default,
                           tuple(_projection_case(9, 7, seed=5, dtype=torch.float32)),
@@ -607,6 +621,7 @@ def test_noise_opcheck(op):
 
 
 @noise_only
+@against_cpu_kernels
 def test_optimal_noise_cuda_matches_cpu_kernel():
     """The whole solver on CUDA (kernel backend) agrees with the CPU kernel backend."""
     model = small_mlp(12, k=5, seed=4)
@@ -615,7 +630,7 @@ def test_optimal_noise_cuda_matches_cpu_kernel():
     kwargs = dict(tau_fraction=0.6, eps=0.5, beta=0.5, seed=0, backend="kernel")
     with _no_warning_check():
         cpu = oni.optimal_noise(model, x, phi, **kwargs)
-        gpu = oni.optimal_noise(copy.deepcopy(model).cuda(), x.cuda(), phi.cuda(), **kwargs)
+        gpu = oni.optimal_noise(copy.deepcopy(model).to(DEVICE), x.to(DEVICE), phi.to(DEVICE), **kwargs)
     # the GPU's float32 model arithmetic differs in the last bits, and a non-concave H can
     # send an iterate to another local solution: agreement on most rows, not bit equality
     assert (gpu.feasible.cpu() == cpu.feasible).double().mean() >= 0.95
@@ -630,8 +645,10 @@ def test_optimal_noise_cuda_matches_cpu_kernel():
 def test_optimal_noise_cuda_search_precision_keeps_float32_verdict(precision):
     """TF32/bf16 search passes on CUDA, float32 polish and verdict: the flags and entropies
     are strict float32 ones (TF32 off), and the solutions agree with the float32 run."""
-    model = small_mlp(16, k=5, seed=1, scale=4.0).cuda()
-    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)).cuda()
+    if precision == "tf32" and CUDA_EMULATION:
+        pytest.skip("TF32 is a mode of CUDA devices; the emulation runs on CPU tensors")
+    model = small_mlp(16, k=5, seed=1, scale=4.0).to(DEVICE)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     phi = oni.shapley_values(model, x, n_permutations=16, seed=0).values
     kwargs = dict(tau_fraction=0.5, eps=0.6, beta=0.5, seed=0, backend="kernel")
     with _no_warning_check():

@@ -17,7 +17,7 @@ from scipy.optimize import minimize
 
 import oni
 from oni import _ops, reference
-from helpers import small_mlp
+from helpers import only_real_cpu_kernels, small_mlp
 
 # helpers.devices() lists CUDA only when *every* op (noise ops included) has a CUDA kernel;
 # list the devices present and skip per test where the noise ops lack kernels.
@@ -1035,6 +1035,7 @@ def test_ascend_and_project_check_values_false_same_answer(device):
                           {"check_values": False})
 
 
+@only_real_cpu_kernels
 def test_ascend_and_project_check_values_false_on_cpu_still_scans():
     """The CPU kernel scans anyway (its breakpoint sort must not see NaN); the twin skips."""
     args = _project_args()

@@ -300,6 +300,42 @@ def test_projection_next_to_one_large_coordinate_is_exact(device, big):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_whose_answer_lies_decades_below_one(device, dtype):
+    """t = 1 / (1 + lambda) far below 2^-64 (a tiny radius next to unit points, one budget
+    tinier still): the CUDA kernel's bisection halved t linearly, stopped at 2^-64 and
+    returned 0 (found by the CPU emulation of tests/cuda_emu); it now halves log t."""
+    f = dict(dtype=dtype, device=device)
+    eta = torch.ones(2, 3, **f)
+    budget = torch.tensor([[1.0, 1e-21, 1.0], [1e-30, 1.0, 1.0]], **f)
+    radius = torch.tensor([1e-25, 1e-25], **f)
+    t0 = 1e-25 / math.sqrt(3.0)  # row 0: nothing clipped
+    t1 = math.sqrt((1e-50 - 1e-60) / 2.0)  # row 1: the first feature held at its 1e-30
+    expected = torch.tensor([[t0, t0, t0], [1e-30, t1, t1]], **f)
+    if dtype == torch.float32:  # 1e-30 ** 2 underflows float32's budget arithmetic: keep row 0
+        eta, budget, radius, expected = eta[:1], budget[:1], radius[:1], expected[:1]
+    zeros = torch.zeros_like(eta)
+    active = torch.ones(len(eta), dtype=torch.bool, device=device)
+    tol = dict(rtol=1e-6, atol=0) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+    for impl in (_ops, oni.reference):
+        out = impl.ascend_and_project(eta, zeros, zeros[:, 0], budget, radius, active)
+        torch.testing.assert_close(out, expected, **tol, msg=lambda m: f"{impl.__name__}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_onto_a_zero_radius_is_plus_zero(device):
+    """radius 0 leaves only the origin: +0 in every coordinate, also where eta is negative
+    (0 * z kept z's sign on CUDA: -0 where the CPU kernel and the twin give +0)."""
+    eta = torch.tensor([[-1.0, 2.0, -0.0]], dtype=torch.float64, device=device)
+    zeros = torch.zeros_like(eta)
+    for impl in (_ops, oni.reference):
+        out = impl.ascend_and_project(eta, zeros, zeros[:, 0], torch.ones_like(eta),
+                                      torch.zeros(1, dtype=torch.float64, device=device),
+                                      torch.ones(1, dtype=torch.bool, device=device))
+        assert (out == 0).all() and not out.signbit().any(), (impl.__name__, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs_of_in_place_ops_are_not_taken_for_aliases(device):
     """torch does not compute the overlap of strided views ("too hard"): one that lies in
     another storage than the written tensor cannot overlap it and must be accepted."""

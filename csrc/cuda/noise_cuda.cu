@@ -122,8 +122,8 @@ __global__ void check_projection_values_kernel(const scalar_t* __restrict__ u,
 
 // Block per row (grid-stride). z = eta + step * direction; e = clip(t z, -u, u) with
 // t = 1 / (1 + lambda) in (0, 1], g(t) = ||e||^2 nondecreasing. t = 1 when the box alone
-// is inside the ball; t = rho / ||z|| when no breakpoint u_i / |z_i| is <= 1; else
-// bisection narrows the segment between breakpoints that holds
+// is inside the ball; t = rho / ||z|| when no breakpoint u_i / |z_i| is <= 1; else a
+// bisection in log t over [rho / ||z||, 1] narrows the segment between breakpoints that holds
 // g(t) = rho^2, where g is A t^2 + C (A: free mass, C: clipped mass), solved in closed form.
 // z is recomputed from global memory on every pass (L1/L2-resident for one row), so any d
 // works without shared-memory limits.
@@ -186,9 +186,14 @@ __global__ void ascend_and_project_kernel(
         // CPU) 97% of the rows the ball binds on are like this. z2 = box2 > r2 > 0 here.
         t = sqrt(r2 / z2);
       } else {
-        double lo = 0.0, hi = 1.0;  // g(lo) <= r2 < g(hi)
+        // g(t) <= t^2 ||z||^2, so g(lo) <= r2 < g(hi) from lo = rho / ||z||. The answer can
+        // lie many decades below 1 (float32's largest z and rho = 1 put it near 1e-38), so
+        // the bracket is halved in log t (geometric midpoints): 64 passes narrow it to a
+        // relative width of ulps, where linear halving would stop at 2^-64 absolute.
+        double lo = sqrt(r2 / z2), hi = 1.0;
         for (int it = 0; it < bisections; ++it) {
-          const double mid = 0.5 * (lo + hi);
+          const double mid = sqrt(lo * hi);
+          if (!(mid > lo && mid < hi)) break;  // the bracket is down to adjacent doubles
           if (clipped_norm2(mid) > r2) hi = mid; else lo = mid;
         }
         // Closed form on the segment: features clipped at hi (|z_i| hi > u_i) are clipped on
@@ -215,7 +220,9 @@ __global__ void ascend_and_project_kernel(
     const double pull = out2 > r2 ? r / sqrt(out2) : 1.0;
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
       const double ui = static_cast<double>(ur[i]);
-      out[n * d + i] = static_cast<scalar_t>(fmin(fmax(t * z_at(i), -ui), ui) * pull);
+      // t = 0 (rho = 0): +0 everywhere, as the CPU kernel; 0 * z_i would keep z_i's sign
+      const double e = t > 0.0 ? fmin(fmax(t * z_at(i), -ui), ui) * pull : 0.0;
+      out[n * d + i] = static_cast<scalar_t>(e);
     }
   }
 }

@@ -254,6 +254,11 @@ void check_total_steps(int64_t expected, int64_t total_steps, const char* what) 
 
 // ----------------------------------------------------------------------------- walk linear
 
+// A product rounded on its own: nvcc would fuse a float64 product into the float64 sum that
+// follows (an FMA, one rounding fewer than the CPU kernel's arithmetic).
+__device__ __forceinline__ float product_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double product_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // Block per walk (n, p, b) (grid-stride) x a slice of H per blockIdx.y; each thread owns one
 // hidden unit h at a time and runs the walk's cumulative sum in a float64 register. The walk's
 // feature indices and x - r deltas are staged through shared memory a tile at a time; loads
@@ -305,7 +310,7 @@ __global__ void walk_linear_kernel(
           for (int64_t t = 0; t < tile; ++t) {
             // Same arithmetic as the CPU kernel: product in scalar_t, sum in float64,
             // ReLU of the rounded value (-0 and NaN pass).
-            acc += static_cast<double>(column[s_index[t] * H] * s_delta[t]);
+            acc += static_cast<double>(product_rn(column[s_index[t] * H], s_delta[t]));
             const scalar_t value = static_cast<scalar_t>(acc);
             // bfloat16 output: rounded from the scalar_t value (c10's round-to-nearest-even)
             *dst = static_cast<out_t>(relu && value < scalar_t(0) ? scalar_t(0) : value);

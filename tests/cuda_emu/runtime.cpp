@@ -1,0 +1,272 @@
+// The block scheduler behind cuda_emu.h: one fiber per CUDA thread, one block at a time.
+// A fiber starts once per launch (makecontext) and runs the kernel for every block in turn;
+// switches use _setjmp / _longjmp, which save no signal mask (swapcontext makes two system
+// calls per switch, measured as a third of the emulated test run's time).
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+namespace oni_emu {
+namespace {
+
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute opt-in
+constexpr int kNotWaiting = 0, kAtBlockBarrier = 1, kAtWarpBarrier = 2;
+
+struct Fiber {
+  ucontext_t context;  // the entry, used once per launch
+  jmp_buf resume;      // where it waits
+  std::unique_ptr<char[]> stack;
+  dim3 index;
+  bool started = false;
+  bool done = false;
+  int waiting = kNotWaiting;
+  int line = 0;          // source line of the barrier it waits at
+  int* predicate = nullptr;  // __syncthreads_or: in/out
+  uint64_t bits = 0;     // shuffle: value offered, then value received
+  int src_lane = 0;
+  unsigned mask = 0;
+};
+
+struct Block {
+  const char* kernel = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<unsigned char> shared;
+  jmp_buf scheduler;
+  int current = -1;
+};
+
+Block* g_block = nullptr;
+
+void yield_to_scheduler(Fiber& fiber) {
+  if (_setjmp(fiber.resume) == 0) _longjmp(g_block->scheduler, 1);
+}
+
+void fiber_main() {
+  for (;;) {  // one pass per block; the scheduler drops the fiber after the last one
+    (*g_block->body)();
+    Fiber& fiber = g_block->fibers[g_block->current];
+    fiber.done = true;
+    yield_to_scheduler(fiber);
+  }
+}
+
+void resume(Block& block, Fiber& fiber) {
+  if (_setjmp(block.scheduler) != 0) return;  // the fiber yielded
+  if (!fiber.started) {
+    fiber.started = true;
+    setcontext(&fiber.context);
+  }
+  _longjmp(fiber.resume, 1);
+}
+
+Fiber& running_fiber() {
+  TORCH_CHECK(g_block != nullptr && g_block->current >= 0,
+              "a CUDA device function ran outside an emulated kernel launch");
+  return g_block->fibers[g_block->current];
+}
+
+void wait_here(Fiber& fiber, int kind, int line) {
+  fiber.waiting = kind;
+  fiber.line = line;
+  yield_to_scheduler(fiber);
+}
+
+[[noreturn]] void fail(const Block& block, const std::string& what) {
+  std::ostringstream message;
+  message << "emulated CUDA kernel " << block.kernel << " (block " << blockIdx.x << ", "
+          << blockIdx.y << ", " << blockIdx.z << "): " << what;
+  TORCH_CHECK(false, message.str());
+}
+
+// Releases every warp whose live lanes all wait at one shuffle; true if any was released.
+bool release_warps(Block& block) {
+  bool released = false;
+  const int n = static_cast<int>(block.fibers.size());
+  for (int base = 0; base < n; base += 32) {
+    const int width = std::min(32, n - base);
+    int waiting = 0, live = 0, line = -1;
+    for (int lane = 0; lane < width; ++lane) {
+      const Fiber& f = block.fibers[base + lane];
+      if (f.done) continue;
+      ++live;
+      if (f.waiting != kAtWarpBarrier) continue;
+      ++waiting;
+      if (line >= 0 && f.line != line) {
+        fail(block, "lanes of warp " + std::to_string(base / 32) + " shuffle on different lines (" +
+                        std::to_string(line) + " and " + std::to_string(f.line) + ")");
+      }
+      line = f.line;
+    }
+    if (waiting == 0 || waiting != live) continue;
+    std::vector<uint64_t> offered(32, 0);
+    for (int lane = 0; lane < width; ++lane) offered[lane] = block.fibers[base + lane].bits;
+    for (int lane = 0; lane < width; ++lane) {
+      Fiber& f = block.fibers[base + lane];
+      if (f.done) continue;
+      for (int other = 0; other < 32; ++other) {
+        if (!(f.mask >> other & 1u)) continue;
+        if (other >= width || block.fibers[base + other].done) {
+          fail(block, "shuffle on line " + std::to_string(line) + " names lane " +
+                          std::to_string(other) + " of warp " + std::to_string(base / 32) +
+                          " in its mask, but that lane " +
+                          (other >= width ? "does not exist" : "has exited"));
+        }
+      }
+      const int src = f.src_lane;
+      if (src < 0 || src >= width || !(f.mask >> src & 1u) || block.fibers[base + src].done) {
+        fail(block, "shuffle on line " + std::to_string(line) + " reads lane " +
+                        std::to_string(src) + ", which does not take part");
+      }
+      f.bits = offered[src];
+      f.waiting = kNotWaiting;
+    }
+    released = true;
+  }
+  return released;
+}
+
+bool release_block(Block& block) {
+  int line = -1, any = 0;
+  for (const Fiber& f : block.fibers) {
+    if (f.done) continue;
+    if (f.waiting != kAtBlockBarrier) return false;
+    if (line >= 0 && f.line != line) {
+      fail(block, "threads wait at __syncthreads on different lines (" + std::to_string(line) +
+                      " and " + std::to_string(f.line) + "): a divergent barrier");
+    }
+    line = f.line;
+    if (f.predicate != nullptr && *f.predicate != 0) any = 1;
+  }
+  if (line < 0) return false;
+  for (Fiber& f : block.fibers) {
+    if (f.done) continue;
+    if (f.predicate != nullptr) *f.predicate = any;
+    f.predicate = nullptr;
+    f.waiting = kNotWaiting;
+  }
+  return true;
+}
+
+std::string describe_waits(const Block& block) {
+  int done = 0, at_block = 0, at_warp = 0;
+  for (const Fiber& f : block.fibers) {
+    if (f.done) ++done;
+    else if (f.waiting == kAtBlockBarrier) ++at_block;
+    else if (f.waiting == kAtWarpBarrier) ++at_warp;
+  }
+  return std::to_string(at_block) + " threads at __syncthreads, " + std::to_string(at_warp) +
+         " at a warp shuffle, " + std::to_string(done) + " exited";
+}
+
+void run_block(Block& block) {
+  for (Fiber& f : block.fibers) {
+    f.done = false;
+    f.waiting = kNotWaiting;
+  }
+  // poisoned like uninitialised device memory: a kernel must write before it reads
+  std::fill(block.shared.begin(), block.shared.end(), static_cast<unsigned char>(0xff));
+  const int n = static_cast<int>(block.fibers.size());
+  for (;;) {
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = block.fibers[i];
+      if (f.done || f.waiting != kNotWaiting) continue;
+      block.current = i;
+      threadIdx = f.index;
+      resume(block, f);
+    }
+    block.current = -1;
+    bool all_done = true;
+    for (const Fiber& f : block.fibers) all_done = all_done && f.done;
+    if (all_done) return;
+    if (release_warps(block) || release_block(block)) continue;
+    fail(block, "deadlock: " + describe_waits(block));
+  }
+}
+
+void check_config(const char* kernel, const LaunchConfig& c, int launch_bound) {
+  const auto where = [&] { return std::string("emulated launch of ") + kernel + ": "; };
+  TORCH_CHECK(c.grid.x >= 1 && c.grid.y >= 1 && c.grid.z >= 1, where(), "grid (", c.grid.x, ", ",
+              c.grid.y, ", ", c.grid.z, ") has a zero dimension (CUDA: invalid configuration)");
+  TORCH_CHECK(c.grid.x <= 2147483647u && c.grid.y <= 65535u && c.grid.z <= 65535u, where(),
+              "grid (", c.grid.x, ", ", c.grid.y, ", ", c.grid.z, ") exceeds (2^31-1, 65535, 65535)");
+  const uint64_t threads = uint64_t{c.block.x} * c.block.y * c.block.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && c.block.z <= 64, where(), "block (", c.block.x,
+              ", ", c.block.y, ", ", c.block.z, ") must hold 1..1024 threads");
+  TORCH_CHECK(launch_bound <= 0 || threads <= static_cast<uint64_t>(launch_bound), where(),
+              threads, " threads exceed __launch_bounds__(", launch_bound, ")");
+  TORCH_CHECK(c.shared_bytes <= kMaxDynamicShared, where(), c.shared_bytes,
+              " bytes of dynamic shared memory exceed 48 KiB");
+}
+
+}  // namespace
+
+void run_kernel(const char* kernel, const LaunchConfig& config, int launch_bound,
+                const std::function<void()>& body) {
+  check_config(kernel, config, launch_bound);
+  TORCH_CHECK(g_block == nullptr, "emulated kernel ", kernel, " launched from inside a kernel");
+  Block block;
+  block.kernel = kernel;
+  block.body = &body;
+  block.shared.resize(config.shared_bytes);
+  const dim3 b = config.block;
+  block.fibers.resize(static_cast<size_t>(b.x) * b.y * b.z);
+  size_t i = 0;
+  for (unsigned z = 0; z < b.z; ++z)
+    for (unsigned y = 0; y < b.y; ++y)
+      for (unsigned x = 0; x < b.x; ++x, ++i) {
+        Fiber& f = block.fibers[i];
+        f.index = dim3(x, y, z);
+        f.stack.reset(new char[kStackBytes]);
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack.get();
+        f.context.uc_stack.ss_size = kStackBytes;
+        f.context.uc_link = nullptr;  // fiber_main never returns
+        makecontext(&f.context, fiber_main, 0);
+      }
+  blockDim = config.block;
+  gridDim = config.grid;
+  g_block = &block;
+  try {
+    for (unsigned z = 0; z < config.grid.z; ++z)
+      for (unsigned y = 0; y < config.grid.y; ++y)
+        for (unsigned x = 0; x < config.grid.x; ++x) {
+          blockIdx = dim3(x, y, z);
+          run_block(block);
+        }
+  } catch (...) {
+    g_block = nullptr;
+    throw;
+  }
+  g_block = nullptr;
+}
+
+void* dynamic_shared() {
+  TORCH_CHECK(g_block != nullptr, "extern __shared__ memory read outside a kernel launch");
+  return g_block->shared.empty() ? nullptr : g_block->shared.data();
+}
+
+void block_sync(int line, int* predicate) {
+  Fiber& fiber = running_fiber();
+  fiber.predicate = predicate;
+  wait_here(fiber, kAtBlockBarrier, line);
+}
+
+uint64_t warp_exchange(int line, uint64_t bits, int src_lane, unsigned mask) {
+  Fiber& fiber = running_fiber();
+  fiber.bits = bits;
+  fiber.src_lane = src_lane;
+  fiber.mask = mask;
+  wait_here(fiber, kAtWarpBarrier, line);
+  return fiber.bits;
+}
+
+}  // namespace oni_emu

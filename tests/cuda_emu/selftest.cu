@@ -1,0 +1,100 @@
+// Kernels that check the emulation itself (tests/test_cuda_emu.py): correct ones whose answer
+// is known, and broken ones that a GPU would reject or leave undefined, which the emulation
+// must report. Built only into the emulation library (tests/cuda_emu/build.py), never by nvcc.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Correct: per warp, an xor butterfly sum, a shfl_down sum (in lane 0) and a block-wide
+// __syncthreads_or; then a shared-memory reversal across the block. Block b writes
+// out[b, 4, blockDim.x].
+__global__ void collectives_kernel(int64_t* out) {
+  __shared__ int64_t s_values[1024];
+  const int t = threadIdx.x, lane = t & 31;
+  const int64_t n = blockDim.x;
+  int64_t* mine = out + blockIdx.x * 4 * n;
+  int64_t butterfly = t;
+  for (int off = 16; off > 0; off >>= 1) butterfly += __shfl_xor_sync(kFullMask, butterfly, off);
+  int64_t down = t;
+  for (int off = 16; off > 0; off >>= 1) down += __shfl_down_sync(kFullMask, down, off);
+  const int any = __syncthreads_or(t == static_cast<int>(blockIdx.x));
+  s_values[t] = t;
+  __syncthreads();
+  mine[t] = butterfly;
+  mine[n + t] = lane == 0 ? down : -1;
+  mine[2 * n + t] = any;
+  mine[3 * n + t] = s_values[n - 1 - t];
+}
+
+// Broken: half the block waits at one __syncthreads, half at another.
+__global__ void divergent_barrier_kernel(int64_t* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// Broken: lane 31 skips a full-mask shuffle and exits.
+__global__ void missing_lane_kernel(int64_t* out) {
+  int64_t v = threadIdx.x;
+  if (threadIdx.x < 31) v = __shfl_xor_sync(kFullMask, v, 1);
+  out[threadIdx.x] = v;
+}
+
+// Broken: half a warp waits at __syncthreads while the other half waits at a shuffle.
+__global__ void deadlock_kernel(int64_t* out) {
+  int64_t v = threadIdx.x;
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    v = __shfl_xor_sync(kFullMask, v, 1);
+    __syncthreads();
+  }
+  out[threadIdx.x] = v;
+}
+
+__global__ void __launch_bounds__(64) bounded_kernel(int64_t* out) { out[threadIdx.x] = 1; }
+
+__global__ void dynamic_shared_kernel(int64_t* out) {
+  extern __shared__ int64_t s_dynamic[];
+  out[threadIdx.x] = s_dynamic[threadIdx.x];  // unwritten: the poison pattern
+}
+
+at::Tensor run_case(const std::string& name, int64_t blocks, int64_t threads) {
+  auto out = at::zeros({4 * blocks * threads}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = out.data_ptr<int64_t>();
+  const auto b = static_cast<unsigned>(blocks);
+  const auto t = static_cast<unsigned>(threads);
+  if (name == "collectives") {
+    collectives_kernel<<<b, t>>>(p);
+  } else if (name == "divergent_barrier") {
+    divergent_barrier_kernel<<<b, t>>>(p);
+  } else if (name == "missing_lane") {
+    missing_lane_kernel<<<b, t>>>(p);
+  } else if (name == "deadlock") {
+    deadlock_kernel<<<b, t>>>(p);
+  } else if (name == "bounded") {
+    bounded_kernel<<<b, t>>>(p);
+  } else if (name == "dynamic_shared") {
+    dynamic_shared_kernel<<<b, t, threads * sizeof(int64_t)>>>(p);
+  } else if (name == "too_much_shared") {
+    dynamic_shared_kernel<<<b, t, 48 * 1024 + 8>>>(p);
+  } else {
+    TORCH_CHECK(false, "unknown case ", name);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(oni_emu_selftest, m) {
+  m.def("run(str name, int blocks, int threads) -> Tensor", &run_case);
+}
