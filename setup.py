@@ -91,8 +91,11 @@ def build_extensions():
 
     cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # the C++ standard is left to torch (C++20 from torch 2.14). -fno-math-errno: sqrt (always
-    # correctly rounded) may then be vectorised; no oni code reads errno
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # correctly rounded) may then be vectorised; no oni code reads errno. -ffp-contract=off:
+    # gcc fuses a * b + c into an FMA only in the clones whose ISA has one (AVX-512 here, not
+    # the AVX2 or baseline clones), so float64 walks and the float32 sparse layers and Adam
+    # gave different bits on different machines; unfused, every clone computes the same
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
     if not build_cuda:

@@ -3,11 +3,21 @@
 # (README there): builds the emulation library with g++, then runs the tests that call the
 # kernels, with the emulated CUDA kernels in place of the CPU ones. No GPU needed; needs oni
 # installed (scripts/setup.sh). Extra arguments go to pytest.
+# ONI_CUDA_EMU_ASAN=1: the emulation built with AddressSanitizer, python run with libasan
+# preloaded, so a kernel's access outside any allocation aborts the run with a report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . "${ONI_VENV:-.venv}/bin/activate"
 start=$(date +%s)
+if [[ "${ONI_CUDA_EMU_ASAN:-0}" == 1 ]]; then
+  python tests/cuda_emu/build.py  # built before libasan is preloaded into every process
+  # libstdc++ too: ASan resolves __cxa_throw at start-up, and python itself does not load it
+  export LD_PRELOAD="$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=libstdc++.so.6)"
+  # python and torch leak by design at exit, and their own code is not instrumented
+  # (tests that ask for more memory than exists expect an error, not an abort)
+  export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1"
+fi
 ONI_CUDA_EMULATION=1 python -m pytest -p no:cacheprovider \
   tests/test_cuda_emu.py tests/test_cuda_ops.py tests/test_ops.py tests/test_ops_adam.py \
   tests/test_ops_dispatch.py tests/test_ops_relu_bf16.py tests/test_ops_sparse_linear.py \

@@ -94,6 +94,29 @@ def test_walk_linear_refuses_other_output_dtypes(out_dtype, x_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_walk_linear_float64_steps_are_unfused(device):
+    """Each float64 step is acc + round(w_i * delta_i): two roundings, as the op documents and
+    every vectorised clone and the CUDA kernel compute. An FMA (one rounding) differs in the
+    last bit on 12% of these steps; gcc made one in the AVX-512 clone until the CPU build
+    turned contraction off, so the bits depended on the machine."""
+    x, base, perm, n_active, total = walk_inputs(2, 50, 1, 2, seed=4, device=device,
+                                                 dtype=torch.float64, active_counts=[50, 40])
+    w, b = _layer(50, 257, device, torch.float64)
+    out = _ops.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    row = 0
+    for n in range(2):
+        a = int(n_active[n])
+        delta = (x[n] - base[n, 0])[perm[n, :, :a]]  # [P, a]
+        for p in range(perm.shape[1]):
+            steps = out[row:row + a - 1]
+            for k in range(1, a - 1):  # row k adds the walk's feature k
+                column = w[:, perm[n, p, k]]
+                assert torch.equal(steps[k], steps[k - 1] + column * delta[p, k]), (n, p, k)
+            row += a - 1
+    assert row == total
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 def test_walk_masked_matches_reference(device, case):
     x, base, perm, n_active, total = _inputs(case, device)

@@ -69,8 +69,9 @@ ONI_INLINE void store(double* dst, double value) { *dst = value; }
 ONI_INLINE void store(uint16_t* dst, float value) { *dst = float_to_bf16_bits(value); }
 
 // One walk step: acc += col * delta, then dst = acc rounded to scalar_t (with Relu, negatives
-// of it set to +0; -0 and NaN pass), stored as out_t. Element-wise and free of a * b + c in
-// one precision, so every ISA's clone below gives the same bits.
+// of it set to +0; -0 and NaN pass), stored as out_t. Element-wise, and built with
+// -ffp-contract=off (setup.py): for double, col * delta + acc is one precision, and the v4
+// clone fused it into an FMA. So every ISA's clone below gives the same bits.
 template <typename scalar_t, typename out_t, bool Relu>
 ONI_INLINE void step_and_store_impl(
     double* __restrict__ acc, const scalar_t* __restrict__ col, scalar_t delta,

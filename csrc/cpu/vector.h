@@ -14,8 +14,9 @@
 
 // The same with an x86-64-v4 clone (AVX-512 F/BW/DQ/VL) first: narrowing float32 to bfloat16
 // bits needs AVX-512's 16-bit lanes to vectorise (measured on the walk kernel: 2x slower
-// stores under plain avx512f). For loops whose results do not depend on the clone: v4 has
-// FMA, so a loop where gcc could contract a * b + c must not use it.
+// stores under plain avx512f). Both macros rely on -ffp-contract=off (setup.py): avx512f and
+// v4 have FMA, and without it gcc fuses a * b + c there but not in the other clones, so the
+// bits would depend on the machine.
 // (gcc names the x86-64-v4 level from gcc 11; 12 is the oldest built here)
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     __GNUC__ >= 12

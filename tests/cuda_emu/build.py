@@ -20,7 +20,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [HERE / "selftest.cu"]
-BUILD_DIR = ROOT / "build" / "cuda_emu"
+# ONI_CUDA_EMU_ASAN=1: built with AddressSanitizer, so a kernel's read or write past a tensor
+# is reported (run python with libasan preloaded: scripts/cuda_emu_check.sh does).
+ASAN = os.environ.get("ONI_CUDA_EMU_ASAN") == "1"
+BUILD_DIR = ROOT / "build" / ("cuda_emu_asan" if ASAN else "cuda_emu")
 LIBRARY = BUILD_DIR / "liboni_cuda_emu.so"
 
 _BOUNDS = re.compile(r"__launch_bounds__\(\s*([^()]+?)\s*\)\s*(\w+)\s*\(")
@@ -70,6 +73,9 @@ def _flags():
                      *includes]
     lib = Path(torch.__file__).parent / "lib"
     link_flags = ["-shared", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    if ASAN:
+        compile_flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        link_flags += ["-fsanitize=address"]
     return compile_flags, link_flags
 
 

@@ -5,6 +5,15 @@
 #include <setjmp.h>
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)  // ONI_CUDA_EMU_ASAN=1 (build.py): tell ASan about each switch
+#include <sanitizer/common_interface_defs.h>
+#define ONI_EMU_START_SWITCH(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define ONI_EMU_FINISH_SWITCH(save, bottom, size) __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define ONI_EMU_START_SWITCH(save, bottom, size) ((void)(save), (void)(bottom), (void)(size))
+#define ONI_EMU_FINISH_SWITCH(save, bottom, size) ((void)(save), (void)(bottom), (void)(size))
+#endif
+
 #include <algorithm>
 #include <memory>
 #include <sstream>
@@ -33,6 +42,7 @@ struct Fiber {
   uint64_t bits = 0;     // shuffle: value offered, then value received
   int src_lane = 0;
   unsigned mask = 0;
+  void* asan_fake_stack = nullptr;
 };
 
 struct Block {
@@ -42,15 +52,25 @@ struct Block {
   std::vector<unsigned char> shared;
   jmp_buf scheduler;
   int current = -1;
+  void* asan_fake_stack = nullptr;  // the scheduler's (ASan builds)
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_size = 0;
 };
 
 Block* g_block = nullptr;
 
 void yield_to_scheduler(Fiber& fiber) {
-  if (_setjmp(fiber.resume) == 0) _longjmp(g_block->scheduler, 1);
+  if (_setjmp(fiber.resume) == 0) {
+    ONI_EMU_START_SWITCH(&fiber.asan_fake_stack, g_block->scheduler_stack,
+                         g_block->scheduler_stack_size);
+    _longjmp(g_block->scheduler, 1);
+  }
+  ONI_EMU_FINISH_SWITCH(fiber.asan_fake_stack, &g_block->scheduler_stack,
+                        &g_block->scheduler_stack_size);
 }
 
 void fiber_main() {
+  ONI_EMU_FINISH_SWITCH(nullptr, &g_block->scheduler_stack, &g_block->scheduler_stack_size);
   for (;;) {  // one pass per block; the scheduler drops the fiber after the last one
     (*g_block->body)();
     Fiber& fiber = g_block->fibers[g_block->current];
@@ -60,7 +80,11 @@ void fiber_main() {
 }
 
 void resume(Block& block, Fiber& fiber) {
-  if (_setjmp(block.scheduler) != 0) return;  // the fiber yielded
+  if (_setjmp(block.scheduler) != 0) {  // the fiber yielded
+    ONI_EMU_FINISH_SWITCH(block.asan_fake_stack, nullptr, nullptr);
+    return;
+  }
+  ONI_EMU_START_SWITCH(&block.asan_fake_stack, fiber.stack.get(), kStackBytes);
   if (!fiber.started) {
     fiber.started = true;
     setcontext(&fiber.context);
