@@ -15,6 +15,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -58,6 +59,14 @@ struct Block {
 };
 
 Block* g_block = nullptr;
+
+// ONI_CUDA_EMU_ORDER=reverse: between two barriers the threads run last to first. A missing
+// __syncthreads between one thread's write and another's read of shared memory gives the
+// right answer in one of the two orders only, so running the tests in both catches it.
+const bool g_reverse_order = [] {
+  const char* order = std::getenv("ONI_CUDA_EMU_ORDER");
+  return order != nullptr && std::string(order) == "reverse";
+}();
 
 void yield_to_scheduler(Fiber& fiber) {
   if (_setjmp(fiber.resume) == 0) {
@@ -200,7 +209,8 @@ void run_block(Block& block) {
   std::fill(block.shared.begin(), block.shared.end(), static_cast<unsigned char>(0xff));
   const int n = static_cast<int>(block.fibers.size());
   for (;;) {
-    for (int i = 0; i < n; ++i) {
+    for (int step = 0; step < n; ++step) {
+      const int i = g_reverse_order ? n - 1 - step : step;
       Fiber& f = block.fibers[i];
       if (f.done || f.waiting != kNotWaiting) continue;
       block.current = i;
