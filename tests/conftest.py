@@ -30,3 +30,10 @@ def pytest_configure(config):
         # with their maximum), so an output element a kernel never writes shows up
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = True
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("ONI_CUDA_EMULATION") == "1":
+        counts = torch.ops.oni_emu_selftest.launch_counts()
+        terminalreporter.write_sep("-", "emulated CUDA kernel launches")
+        terminalreporter.write(counts or "none\n")

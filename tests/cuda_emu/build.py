@@ -85,8 +85,17 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def build(jobs: int | None = None, verbose: bool = False) -> Path:
-    """Translate and compile (only what changed); returns the library's path."""
+    """Translate and compile (only what changed); returns the library's path. Processes
+    that build at once (pytest-xdist workers) take turns."""
+    import fcntl
+
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(jobs, verbose)
+
+
+def _build_locked(jobs, verbose):
     compile_flags, link_flags = _flags()
     units = []
     for source in SOURCES:

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -105,6 +106,9 @@ void launch(const char* name, const LaunchConfig& config, int launch_bound,
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   run_kernel(name, config, launch_bound, [&] { std::apply(kernel, params); });
 }
+
+// "name count" lines, one per kernel launched in this process so far, by name.
+std::string launch_counts();
 
 void* dynamic_shared();
 void block_sync(int line, int* predicate);

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -241,10 +242,22 @@ void check_config(const char* kernel, const LaunchConfig& c, int launch_bound) {
               " bytes of dynamic shared memory exceed 48 KiB");
 }
 
+std::map<std::string, int64_t>& launches() {
+  static std::map<std::string, int64_t> counts;
+  return counts;
+}
+
 }  // namespace
+
+std::string launch_counts() {
+  std::string out;
+  for (const auto& [name, count] : launches()) out += name + " " + std::to_string(count) + "\n";
+  return out;
+}
 
 void run_kernel(const char* kernel, const LaunchConfig& config, int launch_bound,
                 const std::function<void()>& body) {
+  ++launches()[kernel];
   check_config(kernel, config, launch_bound);
   TORCH_CHECK(g_block == nullptr, "emulated kernel ", kernel, " launched from inside a kernel");
   Block block;

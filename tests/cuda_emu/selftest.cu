@@ -97,4 +97,5 @@ at::Tensor run_case(const std::string& name, int64_t blocks, int64_t threads) {
 
 TORCH_LIBRARY(oni_emu_selftest, m) {
   m.def("run(str name, int blocks, int threads) -> Tensor", &run_case);
+  m.def("launch_counts() -> str", [] { return ::oni_emu::launch_counts(); });
 }
