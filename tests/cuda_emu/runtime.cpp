@@ -1,7 +1,8 @@
 // The block scheduler behind cuda_emu.h: one fiber per CUDA thread, one block at a time.
 // A fiber starts once per launch (makecontext) and runs the kernel for every block in turn;
 // switches use _setjmp / _longjmp, which save no signal mask (swapcontext makes two system
-// calls per switch, measured as a third of the emulated test run's time).
+// calls per switch: with it, and fresh contexts per block, the emulated solver and Shapley
+// tests took 763 s here; with this, 163 s).
 #include <setjmp.h>
 #include <ucontext.h>
 
