@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from helpers import CUDA_EMULATION  # noqa: E402  (helpers lives beside this file)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -21,7 +23,7 @@ def pytest_configure(config):
     # ONI_CUDA_EMULATION=1: the CPU kernels are replaced by the CUDA kernels of csrc/cuda/,
     # run under the CPU emulation of tests/cuda_emu (see its README), so the CPU tests check
     # the CUDA code on a machine without a GPU.
-    if os.environ.get("ONI_CUDA_EMULATION") == "1":
+    if CUDA_EMULATION:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
         import build as cuda_emu_build
 
@@ -33,7 +35,7 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if os.environ.get("ONI_CUDA_EMULATION") == "1":
+    if CUDA_EMULATION:
         counts = torch.ops.oni_emu_selftest.launch_counts()
         terminalreporter.write_sep("-", "emulated CUDA kernel launches")
         terminalreporter.write(counts or "none\n")

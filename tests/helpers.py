@@ -16,7 +16,8 @@ from oni.shapley import _walk_permutations
 # CUDA kernels of csrc/cuda/, run under a CPU emulation.
 CUDA_EMULATION = os.environ.get("ONI_CUDA_EMULATION") == "1"
 only_real_cpu_kernels = pytest.mark.skipif(
-    CUDA_EMULATION, reason="checks the CPU kernels themselves, replaced under ONI_CUDA_EMULATION")
+    CUDA_EMULATION, reason="needs oni's own CPU kernels, which ONI_CUDA_EMULATION replaces with "
+                           "the emulated CUDA ones")
 
 
 def devices(names=oni._ops.SHAPLEY_OPS):

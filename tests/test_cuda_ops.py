@@ -4,9 +4,9 @@ Runs on a machine with a CUDA device and an oni build with CUDA kernels, or with
 ONI_CUDA_EMULATION=1 on CPU tensors, whose kernels are then the CUDA ones run under the CPU
 emulation of tests/cuda_emu (the tests that compare the CUDA kernels with the CPU kernels are
 skipped there: both sides would be the same code); elsewhere every test is skipped with the
-reason. Tolerance rule (STYLE.md): on float32 inputs, the kernel's
-error against the float64 reference is at most 2x that of the plain-PyTorch twin run in
-float32, plus a tiny floor; masked inputs are pure copies and must match bit for bit.
+reason. Tolerance rule (STYLE.md): on float32 inputs, the kernel's error against the float64
+reference is at most 2x that of the plain-PyTorch twin run in float32, plus a tiny floor;
+masked inputs are pure copies and must match bit for bit.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import oni
 from oni import _ops, reference
 from oni.shapley import _walk_permutations
-from helpers import CUDA_EMULATION, Wrapped, small_mlp
+from helpers import CUDA_EMULATION, Wrapped, only_real_cpu_kernels, small_mlp
 
 
 def _skip_reason():
@@ -37,14 +37,12 @@ def _skip_reason():
 SKIP = _skip_reason()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 DEVICE = "cpu" if CUDA_EMULATION else "cuda"
-against_cpu_kernels = pytest.mark.skipif(
-    CUDA_EMULATION, reason="under emulation the CPU kernels are the emulated CUDA kernels")
+OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
 
 
 def _sync():
     if not CUDA_EMULATION:
         torch.cuda.synchronize()
-OPS = ("permutation_walk_linear", "permutation_walk_masked", "shapley_accumulate")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -207,7 +205,7 @@ def test_accumulate_efficiency_and_dummies():
     assert (mean[~on_walk] == 0).all() and (m2[~on_walk] == 0).all()
 
 
-@against_cpu_kernels
+@only_real_cpu_kernels
 @pytest.mark.parametrize("name", ["ragged", "three_refs", "many_walks", "large_d"])
 def test_cuda_equals_cpu_kernels(name):
     case = CASES[name]
@@ -621,7 +619,7 @@ def test_noise_opcheck(op):
 
 
 @noise_only
-@against_cpu_kernels
+@only_real_cpu_kernels
 def test_optimal_noise_cuda_matches_cpu_kernel():
     """The whole solver on CUDA (kernel backend) agrees with the CPU kernel backend."""
     model = small_mlp(12, k=5, seed=4)
@@ -630,7 +628,8 @@ def test_optimal_noise_cuda_matches_cpu_kernel():
     kwargs = dict(tau_fraction=0.6, eps=0.5, beta=0.5, seed=0, backend="kernel")
     with _no_warning_check():
         cpu = oni.optimal_noise(model, x, phi, **kwargs)
-        gpu = oni.optimal_noise(copy.deepcopy(model).to(DEVICE), x.to(DEVICE), phi.to(DEVICE), **kwargs)
+        gpu = oni.optimal_noise(copy.deepcopy(model).to(DEVICE), x.to(DEVICE), phi.to(DEVICE),
+                                **kwargs)
     # the GPU's float32 model arithmetic differs in the last bits, and a non-concave H can
     # send an iterate to another local solution: agreement on most rows, not bit equality
     assert (gpu.feasible.cpu() == cpu.feasible).double().mean() >= 0.95

@@ -33,30 +33,40 @@ _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;
 _CUDA_INCLUDE = re.compile(r'#include\s*<(c10/cuda/[^>]*|cuda_bf16\.h|cuda_runtime[^>]*)>\n')
 
 
+def _breaks(match: re.Match, kept: str) -> str:
+    """The line breaks of a replaced match that its replacement does not keep in ``kept``."""
+    return "\n" * (match.group(0).count("\n") - kept.count("\n"))
+
+
 def translate(text: str, origin: str) -> str:
     """One .cu file as C++ for cuda_emu.h; raises if a construct was left untranslated."""
+    source = text
     bounds = {name: bound for bound, name in _BOUNDS.findall(text)}
-    text = _BOUNDS.sub(lambda m: f"{m.group(2)}(", text)
+    text = _BOUNDS.sub(lambda m: f"{m.group(2)}({_breaks(m, m.group(2))}", text)
 
     def launch(m: re.Match) -> str:
-        name, targs = m.group("name"), m.group("targs") or ""
-        cfg = " ".join(m.group("cfg").split())
-        return (f'::oni_emu::launch("{name}", ::oni_emu::LaunchConfig({cfg}), '
-                f'{bounds.get(name, "0")}, {name}{targs}, ')
+        name, targs, cfg = m.group("name"), m.group("targs") or "", m.group("cfg")
+        return (f'::oni_emu::launch({_breaks(m, targs + cfg)}"{name}", '
+                f'::oni_emu::LaunchConfig({cfg}), {bounds.get(name, "0")}, {name}{targs}, ')
 
     text = _LAUNCH.sub(launch, text)
     text = _DYNAMIC_SHARED.sub(
         lambda m: f"{m.group(1)}* {m.group(2)} = "
                   f"static_cast<{m.group(1)}*>(::oni_emu::dynamic_shared());", text)
-    text = _CUDA_INCLUDE.sub("", text)
+    text = _CUDA_INCLUDE.sub("\n", text)
     text = text.replace('#include "../', '#include "')  # csrc/ is on the include path
-    text = re.sub(r"^\s*#pragma unroll.*\n", "", text, flags=re.M)
+    text = re.sub(r"^[ \t]*#pragma unroll.*$", "", text, flags=re.M)
     text = text.replace(".is_cuda()", ".is_cpu()")
-    text = re.sub(r"TORCH_LIBRARY_IMPL\(\s*oni\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(oni, CPU,", text)
+    text = re.sub(r"TORCH_LIBRARY_IMPL\(\s*oni\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(oni, CPU,",
+                  text)
     code = re.sub(r"//.*", "", text)
-    for leftover in ("<<<", "__launch_bounds__", "extern __shared__", "TORCH_LIBRARY_IMPL(oni, CUDA"):
+    for leftover in ("<<<", "__launch_bounds__", "extern __shared__",
+                     "TORCH_LIBRARY_IMPL(oni, CUDA"):
         if leftover in code:
             raise RuntimeError(f"{origin}: '{leftover}' was not translated")
+    # every line where it was: the emulation's messages and compiler errors name .cu lines
+    if text.count("\n") != source.count("\n"):
+        raise RuntimeError(f"{origin}: the translation moved lines")
     return f'#include "cuda_emu.h"\n#line 1 "{origin}"\n{text}'
 
 
