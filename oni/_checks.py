@@ -63,3 +63,16 @@ def first_bad_row(bad: Tensor) -> Optional[int]:
     if not bool(rows.any()):
         return None
     return int(rows.nonzero()[0, 0])
+
+
+def check_class_indices(labels: Tensor, name: str, n_classes: Optional[int],
+                        why: str = "") -> None:
+    """A ValueError naming the first entry of the integer tensor ``labels`` that is not a
+    class index in [0, n_classes) (or, with n_classes None, that is negative); ``why`` is
+    appended to the message."""
+    bad = labels < 0 if n_classes is None else (labels < 0) | (labels >= n_classes)
+    row = first_bad_row(bad)
+    if row is not None:
+        where = "(>= 0)" if n_classes is None else f"in [0, {n_classes})"
+        raise ValueError(f"{name}[{row}] = {int(labels[row])} is not a class index {where}"
+                         f"{why}")

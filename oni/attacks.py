@@ -103,7 +103,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import MAX_ADAM_LR, check_int as _check_int, check_seed, first_bad_row
+from ._checks import MAX_ADAM_LR, check_class_indices, check_int as _check_int, check_seed
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -591,11 +591,7 @@ def _check_probs_and_labels(probs, labels) -> None:
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
-    row = first_bad_row((labels < 0) | (labels >= k))
-    if row is not None:
-        raise ValueError(f"labels[{row}] = {int(labels[row])} is not a class index in "
-                         f"[0, {k})")
-
+    check_class_indices(labels, "labels", k)
 
 def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     """Song & Mittal's per-row values, oriented so that higher = more likely a member.

@@ -27,7 +27,7 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import first_bad_row
+from ._checks import check_class_indices
 
 __all__ = [
     "prediction_accuracy",
@@ -135,10 +135,7 @@ def prediction_accuracy(outputs, labels) -> float:
     if len(lab) == 0:
         raise ValueError("labels is empty: accuracy of no rows is undefined")
     k = out.shape[1] if out.ndim == 2 else None
-    row = first_bad_row((lab < 0) if k is None else (lab < 0) | (lab >= k))
-    if row is not None:
-        raise ValueError(f"labels[{row}] = {int(lab[row])} is not a class index"
-                         + (f" in [0, {k})" if k is not None else " (>= 0)"))
+    check_class_indices(lab, "labels", k)
     return float((pred.long() == lab.long()).double().mean())
 
 

@@ -68,7 +68,7 @@ from . import _ops, reference
 from ._checks import check_int, first_bad_row
 from .models import MLP, SLOW_BF16_CPU, _native_bf16_cpu, _resolve_device, init_parameters_
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
-                    _check_labels, _progress, flush_tiny_moments_)
+                    _check_label_range, _check_labels, _progress, flush_tiny_moments_)
 
 __all__ = ["StackedMLP", "stack_mlps", "train_mlps_batched", "predict_logits_batched"]
 
@@ -625,9 +625,7 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     if x.shape[1] != d:
         raise ValueError(f"x must have d = {d} columns, got shape {tuple(x.shape)}")
     y = _check_labels(y, "y", x.shape[0], "x")
-    if int(y.min()) < 0 or int(y.max()) >= k:
-        raise ValueError(f"y must hold class indices in [0, {k}), got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
+    _check_label_range(y, "y", k)
     idx = _check_index_sets(xs_idx, x.shape[0])
     seeds = _check_seeds(seeds, idx.shape[0])
     device = _resolve_device(config.device, "config.device")

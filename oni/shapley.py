@@ -32,7 +32,7 @@ from torch.nn.modules import module as torch_module
 
 from . import _ops, reference
 from ._checks import check_finite as _check_finite, check_int as _check_int
-from ._checks import check_row_offset, check_seed, first_bad_row
+from ._checks import check_class_indices, check_row_offset, check_seed, first_bad_row
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -162,21 +162,24 @@ def _check_groups(groups, x: Tensor) -> Optional[Tuple[Tensor, int]]:
     being the distinct group ids in increasing order; None for no groups."""
     if groups is None:
         return None
-    if not isinstance(groups, Tensor):
-        raise TypeError(f"groups must be None or an integer tensor [d], got "
-                        f"{type(groups).__name__}")
-    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-        raise TypeError(f"groups must hold integer group ids, got {groups.dtype}")
-    if groups.layout != torch.strided:
-        raise TypeError(f"groups must be a dense tensor, got layout {groups.layout}")
+    _check_group_ids(groups, "groups", x, "x's")
     d = x.shape[1]
     if groups.dim() != 1 or groups.shape[0] != d:
         raise ValueError(f"groups must be [d] with d = {d} (x's width), got shape "
                          f"{tuple(groups.shape)}")
-    if groups.device != x.device:
-        raise ValueError(f"groups must be on x's device {x.device}, got {groups.device}")
     ids, player = torch.unique(groups, return_inverse=True)
     return player.to(torch.long), ids.numel()
+
+
+def _check_group_ids(ids, name: str, x: Tensor, x_name: str) -> None:
+    """Type, dtype, layout and device of a tensor of integer group ids (oni's groups,
+    captum's feature_mask); the caller checks its shape."""
+    if not isinstance(ids, Tensor) or ids.layout != torch.strided:
+        raise TypeError(f"{name} must be None or a dense integer tensor, got {_describe(ids)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer group ids, got {ids.dtype}")
+    if ids.device != x.device:
+        raise ValueError(f"{name} must be on {x_name} device {x.device}, got {ids.device}")
 
 
 # Device types whose kernels "auto" picks: CPU, and CUDA since scripts/gpu_check.sh passed on
@@ -454,10 +457,7 @@ def _resolve_target(target, labels, logits_x: Tensor) -> Tensor:
     else:
         raise ValueError(f"target must be 'pred', 'label', an int or a tensor of classes, "
                          f"got {type(target).__name__}")
-    i = first_bad_row((classes < 0) | (classes >= k))
-    if i is not None:
-        raise ValueError(f"{name}[{i}] = {int(classes[i])} is not a class index in [0, {k}) "
-                         f"(the model has k = {k} outputs)")
+    check_class_indices(classes, name, k, why=f" (the model has k = {k} outputs)")
     return classes
 
 
@@ -1040,15 +1040,7 @@ def _shared_feature_mask(feature_mask, x: Tensor) -> Optional[Tensor]:
     if feature_mask is None:
         return None
     n, d = x.shape
-    if not isinstance(feature_mask, Tensor) or feature_mask.layout != torch.strided:
-        raise TypeError(f"feature_mask must be None or a dense integer tensor, got "
-                        f"{_describe(feature_mask)}")
-    if feature_mask.dtype.is_floating_point or feature_mask.dtype.is_complex \
-            or feature_mask.dtype == torch.bool:
-        raise TypeError(f"feature_mask must hold integer group ids, got {feature_mask.dtype}")
-    if feature_mask.device != x.device:
-        raise ValueError(f"feature_mask must be on the inputs' device {x.device}, got "
-                         f"{feature_mask.device}")
+    _check_group_ids(feature_mask, "feature_mask", x, "the inputs'")
     if feature_mask.shape not in ((d,), (1, d), (n, d)):
         raise ValueError(f"feature_mask must be [d], [1, d] or [N, d] with N = {n}, d = {d}, "
                          f"got shape {tuple(feature_mask.shape)}")

@@ -375,11 +375,11 @@ def test_exact_groups_lift_the_feature_limit():
 @pytest.mark.parametrize("groups, error, message", [
     (torch.zeros(10), TypeError, "groups must hold integer group ids, got torch.float32"),
     (torch.zeros(10, dtype=torch.bool), TypeError, "integer group ids"),
-    ([0] * 10, TypeError, "groups must be None or an integer tensor"),
+    ([0] * 10, TypeError, "groups must be None or a dense integer tensor, got list"),
     (torch.zeros(9, dtype=torch.long), ValueError, r"groups must be \[d\] with d = 10"),
     (torch.zeros(1, 10, dtype=torch.long), ValueError, r"got shape \(1, 10\)"),
     (torch.zeros(10, dtype=torch.long, device="meta"), ValueError, "groups must be on x's"),
-    (torch.zeros(10, dtype=torch.long).to_sparse(), TypeError, "groups must be a dense tensor"),
+    (torch.zeros(10, dtype=torch.long).to_sparse(), TypeError, "groups must be None or a dense integer tensor, got a torch.sparse_coo"),
 ])
 def test_bad_groups_get_clear_errors(groups, error, message):
     model, x = small_mlp(10, k=3, seed=52), _gaussian_rows(2, 10, seed=53)
