@@ -246,9 +246,9 @@ def test_empty_inputs_match_cpu():
 
 
 def test_wide_feature_space_validation():
-    """n_features past the shared-memory bitmask size (2 x 196,608 bits) takes the global
+    """n_features past the shared-memory bitmask size (393,216 bits) takes the global
     scratch path of the walk validation."""
-    d = 200_003
+    d = 400_003
     x, base, perm, n_active, total = walk_case(n=3, d=d, n_refs=2, n_walks=4,
                                                counts=[5, 0, 3])
     masked = _ops.permutation_walk_masked(x, base, perm, n_active, total)
@@ -260,6 +260,29 @@ def test_wide_feature_space_validation():
     bad = perm.clone()
     bad[2, 1, 0] = bad[2, 1, 1]
     with pytest.raises(RuntimeError, match="perm row 2"):
+        _ops.permutation_walk_masked(x, base, bad, n_active, total)
+
+
+@pytest.mark.parametrize("d, a", [(8, 2), (400_003, 1)], ids=["shared mask", "scratch mask"])
+def test_walk_validation_with_more_walks_than_blocks(d, a):
+    """The validation's blocks take walk after walk (4,096 blocks with the bitmask in shared
+    memory, 1,024 with it in global scratch), clearing the bits each walk set: 1,100 inputs
+    of 4 walks through the same features pass (a bit left set would read as a duplicate in
+    the block's next walk), and a walk past the first round of blocks with another set is
+    refused."""
+    n, n_walks = 1100, 4
+    x = torch.ones(1, d, device=DEVICE, dtype=torch.float64).expand(n, d)  # [n, d], no copy
+    base = torch.zeros(1, 1, d, device=DEVICE, dtype=torch.float64).expand(n, 1, d)
+    walks = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]]) if a == 2 else torch.zeros(4, 1)
+    perm = walks.long().expand(n, n_walks, a).contiguous().to(DEVICE)
+    n_active = torch.full((n,), a, device=DEVICE)
+    total = reference.interior_steps(n_active.cpu(), n_walks, 1)
+    got = _ops.permutation_walk_masked(x, base, perm, n_active, total)
+    assert torch.equal(got.cpu(), reference.permutation_walk_masked(
+        x.cpu(), base.cpu(), perm.cpu(), n_active.cpu(), total))
+    bad = perm.clone()
+    bad[1050, 3, a - 1] = 5  # walk 4,203 of 4,400: not the set {0, .., a - 1} of walk 0
+    with pytest.raises(RuntimeError, match="perm row 1050: .* forming the same set"):
         _ops.permutation_walk_masked(x, base, bad, n_active, total)
 
 

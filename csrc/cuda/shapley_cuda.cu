@@ -143,55 +143,47 @@ __global__ void __launch_bounds__(kPlanThreads) walk_plan_kernel(
   }
 }
 
-// Block per input (grid-stride): the first a entries of every walk must be distinct indices in
-// [0, n_features) forming walk 0's set. Two bitmasks of n_features bits (walk 0's set, this
-// walk's set) live in shared memory, or in a per-block slice of `scratch` when too large.
+// Block per walk (n, p) (grid-stride): the first a entries of walk p must be distinct indices
+// in [0, n_features) and (p > 0) cover the first a entries of walk 0, which then makes the two
+// sets equal (walk 0's own entries are checked by its block). The walk's set is a bitmask of
+// n_features bits in shared memory, or in a per-block slice of `scratch` when too large; each
+// walk clears the bits it set. Walks, not inputs, per block: an input's P walks checked one
+// after another took P rounds of barriers in one block (100 at M = 100), and a chunk of a
+// few large inputs (32 at d = 6170) left most of the GPU idle.
 __global__ void validate_walks_kernel(PermView perm, const int64_t* __restrict__ n_active,
                                       int64_t act_stride, int64_t N, int64_t P, int64_t L,
                                       int64_t n_features, int64_t words,
                                       uint32_t* __restrict__ scratch,
                                       int64_t* __restrict__ status) {
-  extern __shared__ uint32_t s_masks[];
-  uint32_t* set0 = scratch != nullptr ? scratch + blockIdx.x * 2 * words : s_masks;
-  uint32_t* seen = set0 + words;
+  extern __shared__ uint32_t s_mask[];
+  uint32_t* set = scratch != nullptr ? scratch + blockIdx.x * words : s_mask;
   if (scratch == nullptr)
-    for (int64_t w = threadIdx.x; w < 2 * words; w += blockDim.x) set0[w] = 0u;
+    for (int64_t w = threadIdx.x; w < words; w += blockDim.x) set[w] = 0u;
   __syncthreads();
-  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+  for (int64_t walk = blockIdx.x; walk < N * P; walk += gridDim.x) {
+    const int64_t n = walk / P, p = walk % P;
     const int64_t a = n_active[n * act_stride];
     if (a < 0 || a > L) continue;  // reported by walk_plan_kernel
-    bool bad = false;              // this thread's verdict; row_bad is the block's
+    bool bad = false;              // this thread's verdict; walk_bad is the block's
     for (int64_t j = threadIdx.x; j < a; j += blockDim.x) {
-      const int64_t i = perm(n, 0, j);
+      const int64_t i = perm(n, p, j);
       if (i < 0 || i >= n_features) { bad = true; continue; }
       const uint32_t bit = 1u << (i & 31);
-      if (atomicOr(&set0[i >> 5], bit) & bit) bad = true;
+      if (atomicOr(&set[i >> 5], bit) & bit) bad = true;
     }
-    int row_bad = __syncthreads_or(bad);
-    for (int64_t p = 1; p < P && !row_bad; ++p) {
-      for (int64_t j = threadIdx.x; j < a; j += blockDim.x) {
-        const int64_t i = perm(n, p, j);
-        if (i < 0 || i >= n_features) { bad = true; continue; }
-        const uint32_t bit = 1u << (i & 31);
-        if ((atomicOr(&seen[i >> 5], bit) & bit) || !(set0[i >> 5] & bit)) bad = true;
-      }
-      row_bad = __syncthreads_or(bad);
-      for (int64_t j = threadIdx.x; j < a; j += blockDim.x) {
-        const int64_t i = perm(n, p, j);
-        if (i >= 0 && i < n_features) atomicAnd(&seen[i >> 5], ~(1u << (i & 31)));
-      }
-      __syncthreads();
-    }
-    if (row_bad) {
-      for (int64_t w = threadIdx.x; w < 2 * words; w += blockDim.x) set0[w] = 0u;
-      if (threadIdx.x == 0)
-        atomic_min_row(reinterpret_cast<unsigned long long*>(status + kBadPerm), n);
-    } else {
+    __syncthreads();
+    if (p > 0)
       for (int64_t j = threadIdx.x; j < a; j += blockDim.x) {
         const int64_t i = perm(n, 0, j);
-        atomicAnd(&set0[i >> 5], ~(1u << (i & 31)));
+        if (i < 0 || i >= n_features || !(set[i >> 5] & (1u << (i & 31)))) bad = true;
       }
+    const int walk_bad = __syncthreads_or(bad);
+    for (int64_t j = threadIdx.x; j < a; j += blockDim.x) {
+      const int64_t i = perm(n, p, j);
+      if (i >= 0 && i < n_features) atomicAnd(&set[i >> 5], ~(1u << (i & 31)));
     }
+    if (walk_bad && threadIdx.x == 0)
+      atomic_min_row(reinterpret_cast<unsigned long long*>(status + kBadPerm), n);
     __syncthreads();
   }
 }
@@ -220,13 +212,13 @@ WalkPlan plan_walks(const at::Tensor& perm, const at::Tensor& n_active, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (N > 0 && P > 0 && L > 0) {
     const int64_t words = ceil_div(n_features, 32);
-    const size_t mask_bytes = static_cast<size_t>(2 * words) * sizeof(uint32_t);
+    const size_t mask_bytes = static_cast<size_t>(words) * sizeof(uint32_t);
     const bool in_shared = mask_bytes <= 48 * 1024;
-    const int64_t blocks = std::min<int64_t>(N, in_shared ? 4096 : 1024);
+    const int64_t blocks = std::min<int64_t>(N * P, in_shared ? 4096 : 1024);
     at::Tensor scratch;
-    if (!in_shared) scratch = at::zeros({blocks * 2 * words}, n_active.options().dtype(at::kInt));
-    validate_walks_kernel<<<static_cast<unsigned>(blocks), 256, in_shared ? mask_bytes : 0,
-                            stream>>>(
+    if (!in_shared) scratch = at::zeros({blocks * words}, n_active.options().dtype(at::kInt));
+    validate_walks_kernel<<<static_cast<unsigned>(blocks), threads_for(L, 256),
+                            in_shared ? mask_bytes : 0, stream>>>(
         perm_view(perm), n_active.data_ptr<int64_t>(), n_active.stride(0), N, P, L, n_features,
         words, in_shared ? nullptr : reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>()),
         status.data_ptr<int64_t>());
