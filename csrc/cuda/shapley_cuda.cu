@@ -463,8 +463,10 @@ at::Tensor permutation_walk_masked_cuda(const at::Tensor& x, const at::Tensor& b
 // Explained-class value of one output row (softmax probability of class c, or the raw output)
 // in float64, computed by a group of `width` lanes (a power of two <= 32) with the classes
 // strided over the lanes: max and log-sum-exp by xor shuffles, fixed order. Every lane of the
-// warp must call it together (lanes without a row pass valid = false); all lanes of a group
-// return the value.
+// warp must call it together (lanes without a row pass valid = false). The value is returned
+// on the group's lane c % width, the lane that computed exp(x_c - max) for the sum (so it is
+// not computed twice: one exp of the 4-5 per lane at k = 100); other lanes get 0 in the
+// softmax case.
 template <typename scalar_t>
 __device__ __forceinline__ double group_class_value(const scalar_t* row, int64_t col_stride,
                                                     int64_t k, int64_t c, bool softmax,
@@ -475,12 +477,15 @@ __device__ __forceinline__ double group_class_value(const scalar_t* row, int64_t
     for (int64_t j = lane; j < k; j += width)
       mx = fmax(mx, static_cast<double>(row[j * col_stride]));
   for (int off = width / 2; off > 0; off >>= 1) mx = fmax(mx, __shfl_xor_sync(kFullMask, mx, off));
-  double sum = 0.0;
+  double sum = 0.0, e_c = 0.0;
   if (valid)
-    for (int64_t j = lane; j < k; j += width)
-      sum += exp(static_cast<double>(row[j * col_stride]) - mx);
+    for (int64_t j = lane; j < k; j += width) {
+      const double e = exp(static_cast<double>(row[j * col_stride]) - mx);
+      sum += e;
+      if (j == c) e_c = e;
+    }
   for (int off = width / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(kFullMask, sum, off);
-  return valid ? exp(static_cast<double>(row[c * col_stride]) - mx) / sum : 0.0;
+  return valid ? e_c / sum : 0.0;
 }
 
 struct Logits3 {  // [N, B, k]
@@ -504,6 +509,7 @@ __global__ void accumulate_endpoints_kernel(
     const int64_t a = n_active[n * act_stride];
     if (a <= 0 || a > L) continue;
     const int64_t c = target[n * target_stride];
+    const int owner = static_cast<int>(c % width);  // the lane that gets a group's value
     for (int64_t j = threadIdx.x; j < a; j += blockDim.x) {
       const int64_t i = perm(n, 0, j);
       if (i >= 0 && i < n_features) pos0[n * n_features + i] = static_cast<int32_t>(j);
@@ -514,7 +520,7 @@ __global__ void accumulate_endpoints_kernel(
       const bool valid = b < B;
       const double v = group_class_value(start + n * st.s0 + (valid ? b : 0) * st.s1, st.s2, k, c,
                                          softmax, valid, lane, width);
-      if (lane == 0) s_vals[g] = v;
+      if (lane == owner) s_vals[g] = v;
       __syncthreads();
       if (threadIdx.x == 0)
         for (int q = 0; q < groups && b0 + q < B; ++q) v_start += s_vals[q];
@@ -523,10 +529,8 @@ __global__ void accumulate_endpoints_kernel(
     if (threadIdx.x < 32) {  // warp 0; group 0 holds the row
       const double v_end = group_class_value(end + n * es0, es1, k, c, softmax,
                                              threadIdx.x < width, lane, width);
-      if (threadIdx.x == 0) {
-        ends[2 * n] = v_start / static_cast<double>(B);
-        ends[2 * n + 1] = v_end;
-      }
+      if (threadIdx.x == 0) ends[2 * n] = v_start / static_cast<double>(B);
+      if (threadIdx.x == owner) ends[2 * n + 1] = v_end;
     }
   }
 }
@@ -555,6 +559,7 @@ __global__ void __launch_bounds__(kContribThreads) accumulate_walks_kernel(
     const int64_t a = n_active[n * act_stride];
     if (a <= 0 || a > L) continue;
     const int64_t c = target[n * target_stride];
+    const int owner = static_cast<int>(c % width);  // the lane that gets a group's value
     const double v_end = ends[2 * n + 1];
     double carry = ends[2 * n];  // value before the tile's first position
     const scalar_t* rows = steps + (row_offset[n] + p * B * (a - 1)) * ss0;
@@ -568,7 +573,8 @@ __global__ void __launch_bounds__(kContribThreads) accumulate_walks_kernel(
         for (int64_t b = 0; b < B; ++b)
           sum += group_class_value(rows + (b * (a - 1) + (interior ? j : 0)) * ss0, ss1, k, c,
                                    softmax, interior, lane, width);
-        if (lane == 0 && t < len) s_cur[t] = interior ? sum / static_cast<double>(B) : v_end;
+        if (lane == owner && t < len)
+          s_cur[t] = interior ? sum / static_cast<double>(B) : v_end;
       }
       __syncthreads();
       if (threadIdx.x < len) {
