@@ -223,14 +223,19 @@ at::Tensor permutation_walk_masked_cpu(const at::Tensor& x, const at::Tensor& ba
 }
 
 // Explained-class value of one output row: softmax probability of class c, or the raw output.
+// Class c's exp is kept from the sum, not computed again (k + 1 exps were a third more at k = 2).
 template <typename scalar_t>
 inline double class_value(const scalar_t* row, int64_t k, int64_t c, bool softmax) {
   if (!softmax) return static_cast<double>(row[c]);
   double mx = -INFINITY;
   for (int64_t j = 0; j < k; ++j) mx = std::max(mx, static_cast<double>(row[j]));
-  double denom = 0.0;
-  for (int64_t j = 0; j < k; ++j) denom += std::exp(static_cast<double>(row[j]) - mx);
-  return std::exp(static_cast<double>(row[c]) - mx) / denom;
+  double denom = 0.0, e_c = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    const double e = std::exp(static_cast<double>(row[j]) - mx);
+    denom += e;
+    if (j == c) e_c = e;
+  }
+  return e_c / denom;
 }
 
 std::tuple<at::Tensor, at::Tensor> shapley_accumulate_cpu(
