@@ -362,6 +362,10 @@ class _TableParser:
 
 def _fromstring(text: bytes) -> Optional[np.ndarray]:
     """Comma-separated numbers as float64, or None when some field is not a number."""
+    # numpy reads a field of blanks (" ") as -1 where it refuses an empty one: refuse both
+    squeezed = text.translate(None, b" \t\v\f")
+    if b",," in squeezed or squeezed.startswith(b",") or squeezed.endswith(b","):
+        return None
     try:
         with warnings.catch_warnings():
             # older numpy warns and returns what it read instead of raising at a bad field

@@ -144,6 +144,11 @@ BAD_SHOKRI = {
     "non-numeric field": (_with(2, "2,1,abc,0"), 2, "'abc'"),
     "missing label": (_with(4, ",1,0,1"), 4, "missing label"),
     "empty feature field": (_with(3, "3,0,,1"), 3, "empty field"),
+    # numpy's parser reads a field of blanks as -1: they must not pass as features or labels
+    "blank feature field": (_with(2, "2,1, ,0"), 2, "empty field: field 3"),
+    "blank last field": (_with(3, "3,0,0,\t"), 3, "empty field: field 4"),
+    "blank label": (_with(4, " ,1,0,1"), 4, "missing label"),
+    "blank float feature": ("1,0.5,0\n2,0.25, \n", 2, "empty field: field 3"),
     "blank line inside": ("\n".join(GOOD[:2] + [""] + GOOD[2:]) + "\n", 3, "empty line"),
     "blank first line": ("\n" + "\n".join(GOOD) + "\n", 1, "empty line"),
     "whitespace line inside": ("\n".join(GOOD[:3] + ["  "] + GOOD[3:]) + "\n", 4,
