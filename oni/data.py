@@ -118,16 +118,27 @@ class Dataset:
         return len(self.classes)
 
     def subset(self, idx) -> "Dataset":
-        """The rows ``idx`` (int indices or a bool mask of length N), with the same classes."""
-        idx = torch.as_tensor(idx)
+        """The rows ``idx`` (int indices in [-N, N), or a bool mask of length N), with the
+        same classes."""
+        if isinstance(idx, (list, tuple)) and len(idx) == 0:
+            idx = torch.zeros(0, dtype=torch.long)  # torch.as_tensor([]) is float32
+        idx = torch.as_tensor(idx).cpu()
         if idx.dtype == torch.bool:
             if idx.shape != (self.n,):
                 raise ValueError(f"subset: a bool mask must have shape [{self.n}], "
                                  f"got {tuple(idx.shape)}")
-        elif idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            return Dataset(self.x[idx].contiguous(), self.y[idx].contiguous(), self.classes,
+                           self.name)
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"subset: idx must hold integer indices or a bool mask, "
                             f"got {idx.dtype}")
-        idx = idx.cpu()
+        if idx.dim() != 1:
+            raise ValueError(f"subset: idx must be 1-D, got shape {tuple(idx.shape)}")
+        idx = idx.long()  # torch reads a uint8 index tensor as a mask
+        if idx.numel() and not (-self.n <= int(idx.min()) and int(idx.max()) < self.n):
+            bad = int(idx[(idx < -self.n) | (idx >= self.n)][0])
+            raise IndexError(f"subset: index {bad} is out of range for a data set of "
+                             f"{self.n} rows")
         return Dataset(self.x[idx].contiguous(), self.y[idx].contiguous(), self.classes,
                        self.name)
 
@@ -155,14 +166,25 @@ def _make_dataset(x: np.ndarray, labels: np.ndarray, name: str) -> Dataset:
 
 
 def _check_features(x) -> np.ndarray:
-    """``x`` as a C-contiguous float32 ``[N, d]`` array with N >= 1, all finite."""
-    x_np = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    """``x`` as a C-contiguous float32 ``[N, d]`` array with N >= 1 and d >= 1, all finite."""
+    if isinstance(x, Tensor):
+        if x.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16; float32 is exact
+            x = x.float()
+        x_np = x.detach().cpu().numpy()
+    else:
+        try:
+            x_np = np.asarray(x)
+        except ValueError as exc:  # nested lists of unequal lengths
+            raise ValueError(f"x must be a rectangular [N, d] array of numbers ({exc})") \
+                from None
     if x_np.dtype.kind not in "biuf":
         raise TypeError(f"x must hold numbers, got dtype {x_np.dtype}")
     if x_np.ndim != 2:
         raise ValueError(f"x must be 2-D [N, d], got shape {x_np.shape}")
     if x_np.shape[0] == 0:
         raise ValueError("x has no rows")
+    if x_np.shape[1] == 0:
+        raise ValueError(f"x has no features (shape {x_np.shape}, d = 0)")
     x32 = np.ascontiguousarray(x_np, dtype=np.float32)
     if not np.isfinite(x32).all():
         row, col = np.argwhere(~np.isfinite(x32))[0]
@@ -185,6 +207,8 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
         ValueError: wrong shapes, non-finite features, fractional labels.
     """
     x32 = _check_features(x)
+    if isinstance(y, Tensor) and y.dtype in (torch.bfloat16, torch.float16):
+        y = y.float()  # numpy has no bfloat16
     y_np = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
     if y_np.ndim != 1 or y_np.shape[0] != x32.shape[0]:
         raise ValueError(f"y must be 1-D with one label per row of x ([{x32.shape[0]}]), "
@@ -199,6 +223,9 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
     elif y_np.dtype.kind not in "biuUS":
         raise TypeError(f"y must hold integer, whole-number float, string or bool labels, "
                         f"got dtype {y_np.dtype}")
+    if np.unique(y_np).size < 2:
+        raise ValueError(f"y holds one label ({y_np[0].item()!r}) on every row; a classification "
+                         f"data set needs at least two classes")
     return _make_dataset(x32, y_np, name)
 
 
@@ -808,9 +835,9 @@ def load_npz(path: PathLike) -> Dataset:
         except (TypeError, ValueError) as exc:
             raise DataError(f"{path}: {exc}") from exc
     classes = arrays["classes"]
-    if classes.ndim != 1 or classes.size == 0:
-        raise DataError(f"{path}: array 'classes' must be 1-D and non-empty, got shape "
-                        f"{classes.shape}")
+    if classes.ndim != 1 or classes.size < 2:
+        raise DataError(f"{path}: array 'classes' must be 1-D with at least two classes, got "
+                        f"shape {classes.shape}")
     if y.dtype.kind not in "iu" or y.ndim != 1:
         raise DataError(f"{path}: array 'y' must hold integer class indices [N] when "
                         f"'classes' is given, got {y.dtype} {y.shape}")

@@ -416,9 +416,20 @@ def test_npz_bad_files(tmp_path):
     np.savez(tmp_path / "nan.npz", x=np.full((3, 2), np.nan), y=np.arange(3))
     with pytest.raises(DataError, match=r"nan\.npz.*finite"):
         data.load_npz(tmp_path / "nan.npz")
-    np.savez(tmp_path / "rows.npz", x=x, y=np.zeros(5, np.int64), classes=np.array([1]))
+    np.savez(tmp_path / "rows.npz", x=x, y=np.zeros(5, np.int64), classes=np.array([1, 2]))
     with pytest.raises(DataError, match=r"rows\.npz.*one class index per row"):
         data.load_npz(tmp_path / "rows.npz")
+    # one class: no classification task (oni run would report a meaningless attack)
+    np.savez(tmp_path / "one.npz", x=np.zeros((3, 2)), y=np.zeros(3, np.int64),
+             classes=np.array([7]))
+    with pytest.raises(DataError, match=r"one\.npz.*at least two classes"):
+        data.load_npz(tmp_path / "one.npz")
+    np.savez(tmp_path / "one_label.npz", x=np.zeros((3, 2)), y=np.zeros(3, np.int64))
+    with pytest.raises(DataError, match=r"one_label\.npz.*at least two classes"):
+        data.load_npz(tmp_path / "one_label.npz")
+    np.savez(tmp_path / "no_features.npz", x=np.zeros((3, 0)), y=np.arange(3))
+    with pytest.raises(DataError, match=r"no_features\.npz.*no features"):
+        data.load_npz(tmp_path / "no_features.npz")
     _write(tmp_path / "junk.npz", b"PK\x03\x04 not really a zip")
     with pytest.raises(DataError, match=r"junk\.npz.*not a readable"):
         data.load_npz(tmp_path / "junk.npz")
@@ -444,6 +455,15 @@ def test_from_arrays(tmp_path):
         data.from_arrays(np.array([["a"]]), [1])
     with pytest.raises(ValueError, match="no rows"):
         data.from_arrays(np.zeros((0, 3)), [])
+    with pytest.raises(ValueError, match=r"no features \(shape \(3, 0\), d = 0\)"):
+        data.from_arrays(np.zeros((3, 0)), [0, 1, 2])
+    with pytest.raises(ValueError, match="x must be a rectangular"):
+        data.from_arrays([[1, 2], [3]], [0, 1])
+    with pytest.raises(ValueError, match=r"one label \('b'\) on every row.*two classes"):
+        data.from_arrays(x, ["b"] * len(y))
+    # bfloat16 tensors (numpy has no such dtype) convert exactly
+    _assert_same(data.from_arrays(torch.from_numpy(x).bfloat16(), torch.from_numpy(y).bfloat16()),
+                 a)
 
 
 def test_load_dataset_dispatch(tmp_path):
@@ -491,6 +511,13 @@ def test_dataset_checks_and_subset():
         ds.subset(torch.tensor([True, False]))
     with pytest.raises(TypeError, match="integer indices"):
         ds.subset(torch.tensor([0.0]))
+    # uint8 holds indices here, as the check says (torch would read it as a mask)
+    assert ds.subset(torch.tensor([1, 0, 1], dtype=torch.uint8)).y.tolist() == [1, 0, 1]
+    assert ds.subset([]).n == 0 and ds.subset([-1]).y.tolist() == [2]
+    with pytest.raises(IndexError, match="index 6 is out of range for a data set of 6 rows"):
+        ds.subset([0, 6])
+    with pytest.raises(ValueError, match=r"1-D, got shape \(1, 1\)"):
+        ds.subset([[0]])
 
 
 # ----------------------------------------------------------------------------- Location30
