@@ -27,7 +27,8 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import check_class_indices
+from ._checks import check_class_indices, check_finite
+from .shapley import _check_model_width
 
 __all__ = [
     "prediction_accuracy",
@@ -50,6 +51,8 @@ REPORTED_FPRS = {"tpr@0.1%fpr": 0.001, "tpr@1%fpr": 0.01}
 
 def _as_numpy(values, name: str) -> np.ndarray:
     if isinstance(values, Tensor):
+        if values.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            values = values.float()
         values = values.detach().cpu().numpy()
     try:
         return np.asarray(values)
@@ -62,7 +65,7 @@ def _check_scores(scores, name: str = "scores") -> np.ndarray:
     arr = _as_numpy(scores, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(arr.shape)}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
@@ -140,11 +143,22 @@ def prediction_accuracy(outputs, labels) -> float:
 
 
 @torch.no_grad()
-def _model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+def _model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+                    name: str = "x") -> float:
     device = next(iter(model.parameters()), torch.empty(0)).device
     correct = 0
     for lo in range(0, len(x), batch_size):
-        logits = model(x[lo:lo + batch_size].to(device))
+        try:
+            logits = model(x[lo:lo + batch_size].to(device))
+        except RuntimeError as err:  # e.g. a width the model does not take: name the input
+            raise RuntimeError(f"the model failed on {name} x of shape {tuple(x.shape)}: "
+                               f"{err}") from err
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or \
+                logits.shape[0] != len(x[lo:lo + batch_size]):
+            raise ValueError(f"the model must map {name} [N, d] to class scores [N, k], got "
+                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else logits}")
+        if lo == 0:  # the labels must be the model's classes
+            check_class_indices(y, f"{name} labels", logits.shape[1])
         correct += int((logits.argmax(dim=1).cpu() == y[lo:lo + batch_size]).sum())
     return correct / len(x)
 
@@ -164,7 +178,9 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
     -------
     dict with ``train_acc``, ``test_acc`` and ``generalization_gap`` (train - test).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     accs = {}
     was_training = model.training
@@ -177,7 +193,16 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
             if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
                 raise ValueError(f"{name} must be x [N, d] and y [N] with N > 0, got shapes "
                                  f"{tuple(x.shape)} and {tuple(y.shape)}")
-            accs[name] = _model_accuracy(model, x, y.long().cpu(), batch_size)
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{name} x must be floating point, got {x.dtype}")
+            if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+                raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
+            check_finite(x, f"{name} x")
+            try:
+                _check_model_width(model, x.shape[1])
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+            accs[name] = _model_accuracy(model, x, y.long().cpu(), batch_size, name)
     finally:
         model.train(was_training)
     return {"train_acc": accs["train"], "test_acc": accs["test"],

@@ -194,6 +194,10 @@ def test_other_argument_errors_name_the_argument():
         metrics.attack_report(*PERFECT, calibration=[0.1, 0.2, 0.3])
     with pytest.raises(TypeError, match="scores must be real numbers"):
         metrics.roc_auc(["a", "b"], [0, 1])
+    with pytest.raises(TypeError, match="scores must be real numbers, got dtype complex"):
+        metrics.roc_auc(torch.tensor([0.1, 0.9]) + 1j, [0, 1])  # numpy would drop the 1j
+    # bfloat16 scores (no numpy dtype) are read exactly in float32
+    assert metrics.roc_auc(torch.tensor([0.25, 0.75]).bfloat16(), [0, 1]) == 1.0
 
 
 # ----------------------------------------------------------------------------- utility
@@ -232,6 +236,27 @@ def test_utility_report_on_a_hand_set_model():
     assert model.training  # mode restored
     with pytest.raises(ValueError, match="test must be x"):
         metrics.utility_report(model, (x_train, y_train), (x_test, y_train))
+    bad_inputs = [  # (train pair, keyword arguments, error, message)
+        ((x_train, torch.tensor([0, 2, 1])), {}, ValueError,
+         r"train labels\[1\] = 2 is not a class index in \[0, 2\)"),
+        ((x_train, torch.tensor([0, -1, 1])), {}, ValueError, r"train labels\[1\] = -1"),
+        ((x_train, y_train + 0.5), {}, TypeError, "train labels must be integer class indices"),
+        ((x_train * float("nan"), y_train), {}, ValueError, "train x contains NaN or Inf"),
+        ((x_train.long(), y_train), {}, TypeError, "train x must be floating point"),
+        ((torch.rand(3, 5), y_train), {}, RuntimeError,
+         r"the model failed on train x of shape \(3, 5\)"),
+        ((x_train, y_train), {"batch_size": True}, ValueError, "batch_size must be a positive"),
+    ]
+    for pair, kwargs, error, message in bad_inputs:
+        with pytest.raises(error, match=message):
+            metrics.utility_report(model, pair, (x_test, y_test), **kwargs)
+    with pytest.raises(TypeError, match="model must be a torch nn.Module, got function"):
+        metrics.utility_report(lambda z: z, (x_train, y_train), (x_test, y_test))
+    # a model of the paper's shape names the width it takes
+    mlp = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="train: the model's first layer takes 2 features, x "
+                                         "has d = 3"):
+        metrics.utility_report(mlp, (torch.rand(3, 3), y_train), (x_test, y_test))
 
 
 def test_generalization_gap():
