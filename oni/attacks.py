@@ -103,7 +103,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import MAX_ADAM_LR, check_class_indices, check_int as _check_int, check_seed
+from ._checks import (MAX_ADAM_LR, check_class_indices, check_finite, check_int as _check_int,
+                      check_seed)
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -592,6 +593,13 @@ def _check_probs_and_labels(probs, labels) -> None:
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
     check_class_indices(labels, "labels", k)
+    # probabilities (softmax outputs): NaN would pass silently into (or out of) the scores,
+    # and logits given by mistake would give entropies and losses of no meaning
+    check_finite(probs, "probs")
+    if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1):
+        raise ValueError(f"probs must be probabilities in [0, 1] (softmax outputs, not "
+                         f"logits), got values in [{float(probs.min()):g}, "
+                         f"{float(probs.max()):g}]")
 
 def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     """Song & Mittal's per-row values, oriented so that higher = more likely a member.

@@ -253,7 +253,15 @@ def test_metric_values_and_scaled_logit_check_their_labels(call):
         call(p, torch.zeros(4))
     with pytest.raises(ValueError, match="probs must be a floating tensor"):
         call(p[0], torch.tensor([0]))
-    assert call(p, torch.tensor([0, 1, 2, 0])).shape == (4,)
+    y = torch.tensor([0, 1, 2, 0])
+    nan = p.clone()
+    nan[1, 0] = float("nan")  # the loss of row 1 (label 1) would not even see it
+    with pytest.raises(ValueError, match=r"probs contains NaN or Inf \(first at index \[1, 0\]\)"):
+        call(nan, y)
+    with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\] \(softmax "
+                                         r"outputs, not logits\)"):
+        call(torch.log(p), y)
+    assert call(p, y).shape == (4,)
 
 
 def test_best_threshold_is_song_and_mittals_rule():
