@@ -324,10 +324,23 @@ def _check_save_target(path: Path) -> None:
     if not path.is_dir() or path.is_symlink():
         raise FileExistsError(f"cannot save a model to {path}: it exists and is not a "
                               f"directory")
-    others = sorted(p.name for p in path.iterdir() if p.name not in _MODEL_FILES)
+    names = sorted(p.name for p in path.iterdir())
+    others = [name for name in names if name not in _MODEL_FILES]
     if others:
         raise FileExistsError(f"refusing to overwrite {path}: it holds files that are not "
                               f"part of a saved oni model ({others[:5]})")
+    if names and not _is_oni_meta(path / CONFIG_FILE):  # a user's own model.json, say
+        raise FileExistsError(f"refusing to overwrite {path}: its {names} are not a saved "
+                              f"oni model's ({CONFIG_FILE} is missing or was not written by "
+                              f"save_model)")
+
+
+def _is_oni_meta(meta_path: Path) -> bool:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
 
 
 def _new_sibling(path: Path, tag: str) -> Path:
@@ -530,11 +543,15 @@ def load_model(path: Union[str, os.PathLike], *,
         raise ValueError(f"{weights_path} is corrupt or does not belong to {meta_path}: its "
                          f"SHA-256 differs from the one recorded there")
     try:
-        model = build_model(meta["config"])
+        # shapes only (no memory): a corrupt config's sizes must meet the weights' shapes
+        # before anything of that size is allocated
+        with torch.device("meta"):
+            skeleton = build_model(meta["config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{meta_path}: bad \"config\": {err}") from None
     state = _read_state(weights_path, blob)
-    _check_state(state, model, weights_path, meta_path)
+    _check_state(state, skeleton, weights_path, meta_path)
+    model = build_model(meta["config"])
     model.to(next(iter(state.values())).dtype)
     model.load_state_dict(state)
     model.to(device).eval()

@@ -259,6 +259,14 @@ def test_save_refuses_to_overwrite_other_files(tmp_path, small):
     with pytest.raises(FileExistsError, match="not a directory"):
         save_model(small, tmp_path / "file")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    # a user's own file that happens to bear a model file's name
+    for name, text in ((models.CONFIG_FILE, "my notes"), (models.STATE_DICT_FILE, "mine")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / name).write_text(text)
+        with pytest.raises(FileExistsError, match=r"are not a saved oni model's \(model\.json "
+                                                  r"is missing or was not written by save_model"):
+            save_model(small, tmp_path / name)
+        assert (tmp_path / name / name).read_text() == text
     (tmp_path / "empty").mkdir()
     save_model(small, tmp_path / "empty")  # an empty directory is fine
     assert load_model(tmp_path / "empty")[0].config == small.config
@@ -375,6 +383,16 @@ def test_load_mismatched_weights_name_both_files(saved, small):
     with pytest.raises(ValueError, match=r"m/weights\.pt does not match the architecture in "
                                          r".*m/model\.json: .*wrong shapes \['2\.weight: "
                                          r"\(5, 8\) \(expected \(4, 8\)\)"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize("width", [4 * 10 ** 12, 10 ** 8])
+def test_load_checks_a_corrupt_configs_sizes_before_allocating(saved, small, width):
+    """A config whose widths were corrupted meets the weights' shapes first: allocating its
+    layers failed in the allocator (4e12 features: 80 TB), or spent gigabytes (1e8)."""
+    _edit_meta(saved, config={**small.config, "d": width})
+    with pytest.raises(ValueError, match=rf"does not match the architecture in .*wrong shapes "
+                                         rf"\['0\.weight: \(8, 6\) \(expected \(8, {width}\)\)"):
         load_model(saved)
 
 
