@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <iterator>
+#include <limits>
 #include <utility>
 
 namespace oni {
@@ -39,6 +40,23 @@ inline void check_no_overlap(const at::Tensor& written, const char* written_name
               ".clone()");
 }
 
+// The step rows S = sum_n P * B * max(n_active[n] - 1, 0) (n_active[n] <= L) are counted in
+// int64, so their bound N * P * B * L must fit: an expanded baseline of 2^61 references made
+// the count wrap to 0, and the op returned an empty result.
+inline void check_step_count_fits(const at::Tensor& perm, int64_t B) {
+  const int64_t factors[] = {perm.size(0), perm.size(1), B, perm.size(2)};
+  int64_t bound = 1;
+  bool fits = true;
+  for (const int64_t f : factors) {
+    if (f == 0) return;  // no steps at all
+    fits = fits && bound <= std::numeric_limits<int64_t>::max() / f;
+    if (fits) bound *= f;
+  }
+  TORCH_CHECK(fits, "the walks' step count may exceed int64: N * P * B * L = ", factors[0],
+              " * ", factors[1], " * ", factors[2], " * ", factors[3],
+              " (inputs, walks, references, walk length)");
+}
+
 // x [N, d], baseline [N, B, d], perm [N, P, L] int64, n_active [N] int64.
 inline void check_walk_inputs(const at::Tensor& x, const at::Tensor& baseline,
                               const at::Tensor& perm, const at::Tensor& n_active) {
@@ -64,6 +82,7 @@ inline void check_walk_inputs(const at::Tensor& x, const at::Tensor& baseline,
               n_active.scalar_type());
   TORCH_CHECK(n_active.device() == x.device(), "n_active must be on x's device ", x.device(),
               ", got ", n_active.device());
+  check_step_count_fits(perm, baseline.size(1));
 }
 
 inline void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -126,6 +145,7 @@ inline void check_accumulate_inputs(const at::Tensor& step_logits, const at::Ten
   TORCH_CHECK(walks_per_sample >= 1, "walks_per_sample must be >= 1, got ", walks_per_sample);
   TORCH_CHECK(perm.size(1) % walks_per_sample == 0, "the number of walks P = ", perm.size(1),
               " must be a multiple of walks_per_sample = ", walks_per_sample);
+  check_step_count_fits(perm, start_logits.size(1));
 }
 
 // logits [N, k], k >= 1.

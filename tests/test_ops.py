@@ -350,3 +350,26 @@ def test_accumulate_bad_input():
     wide[1] = args[1][..., :4]
     with pytest.raises(RuntimeError, match="start_logits must be \\[N, B, k\\]"):
         _ops.shapley_accumulate(*wide)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_count_beyond_int64_is_an_error(device):
+    """N * P * B * L bounds the step rows counted in int64: 2^61 expanded references used to
+    wrap the count to 0, and the walk returned an empty result without a word."""
+    refs = 2 ** 61
+    x = torch.rand(1, 3, device=device)
+    baseline = torch.zeros(1, 1, 3, device=device).expand(1, refs, 3)
+    perm = torch.tensor([[[0, 1, 2]]], device=device).expand(1, 4, 3)
+    n_active = torch.tensor([3], device=device)
+    message = rf"step count may exceed int64: N \* P \* B \* L = 1 \* 4 \* {refs} \* 3"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.oni.permutation_walk_masked(x, baseline, perm, n_active, 0)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.oni.permutation_walk_linear(x, baseline, perm, n_active,
+                                              torch.rand(2, 3, device=device), None, 0)
+    start = torch.zeros(1, 1, 3, device=device).expand(1, refs, 3)  # numel 3 * 2^61 < 2^63
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.oni.shapley_accumulate(torch.zeros(0, 3, device=device), start,
+                                         torch.zeros(1, 3, device=device),
+                                         torch.tensor([0], device=device), perm, n_active, 3, 1,
+                                         True)
