@@ -125,6 +125,9 @@ def prediction_accuracy(outputs, labels) -> float:
         raise ValueError(f"labels must be a 1-D vector of class indices, got shape "
                          f"{tuple(lab.shape)} and dtype {lab.dtype}")
     if out.ndim == 2:
+        if out.shape[1] == 0:
+            raise ValueError(f"outputs must have at least one class column, got shape "
+                             f"{tuple(out.shape)}")
         if out.dtype.is_floating_point and torch.isnan(out).any():
             raise ValueError("outputs contains NaN: the class scores are not usable")
         pred = out.argmax(dim=1)

@@ -14,7 +14,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -386,6 +386,9 @@ def optimal_noise(
                              f"one batch), got {value}")
     seed = check_seed(seed)
     row_offset = check_row_offset(row_offset, n)
+    if shapley_kwargs is not None and not isinstance(shapley_kwargs, Mapping):
+        raise TypeError(f"shapley_kwargs must be a dict of oni.shapley_values arguments, got "
+                        f"{type(shapley_kwargs).__name__}")
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
     precision = _check_precision(precision, x.device)
     _check_model_input(model, x)

@@ -987,6 +987,7 @@ class ShapleyValueSampling:
             perturbations_per_eval, show_progress: accepted for compatibility; oni batches
                 evaluations to a memory budget by itself.
         """
+        n_samples = _check_int(n_samples, "n_samples", 1)
         if isinstance(inputs, tuple):
             if len(inputs) != 1:
                 raise ValueError("oni.ShapleyValueSampling supports a single 2-D input tensor")

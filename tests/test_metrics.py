@@ -212,6 +212,8 @@ def test_prediction_accuracy_from_scores_or_labels():
         metrics.prediction_accuracy(logits, y[:2])
     with pytest.raises(ValueError, match="outputs contains NaN"):
         metrics.prediction_accuracy(torch.tensor([[float("nan"), 0.0]]), [0])
+    with pytest.raises(ValueError, match=r"at least one class column, got shape \(3, 0\)"):
+        metrics.prediction_accuracy(torch.zeros(3, 0), y)
     with pytest.raises(ValueError, match="labels must be a 1-D vector of class indices"):
         metrics.prediction_accuracy(logits, y.float())
     with pytest.raises(ValueError, match=r"labels\[2\] = 2 is not a class index in \[0, 2\)"):

@@ -899,6 +899,8 @@ _OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
      ValueError, "phi holds 3 values per row, one per group"),
     (lambda m, x, p: dict(phi=None, shapley_kwargs={"groups": torch.arange(_D) // 2}, **_OK),
      ValueError, "shapley_kwargs: 'groups' gives one value per group"),
+    (lambda m, x, p: dict(phi=None, shapley_kwargs=[("n_permutations", 4)], **_OK),
+     TypeError, "shapley_kwargs must be a dict of oni.shapley_values arguments, got list"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_optimal_noise_bad_input(make, error, message):
     model, x, phi = _bad_setup()

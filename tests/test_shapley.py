@@ -507,6 +507,8 @@ def test_drop_in_shapley_value_sampling():
     per_input[2, 0] = 5
     with pytest.raises(NotImplementedError, match="feature_mask .*per-input masks differ"):
         oni.ShapleyValueSampling(model).attribute(x, feature_mask=per_input)
+    with pytest.raises(ValueError, match="n_samples must be >= 1, got 0"):  # captum's name
+        oni.ShapleyValueSampling(model).attribute(x, target=1, n_samples=0)
 
 
 def test_to_shap():
