@@ -5,6 +5,7 @@ Schemas live in ``csrc/ops.cpp``; the executable spec of every op is in
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -108,6 +109,13 @@ def _dtype_in(t: Tensor, name: str, dtypes) -> None:
     _require(t.dtype in dtypes, f"{name} must be {want}, got {t.dtype}")
 
 
+def _step_count_fits(perm: Tensor, n_refs) -> None:
+    factors = (perm.shape[0], perm.shape[1], n_refs, perm.shape[2])
+    _require(0 in factors or math.prod(factors) < 2 ** 63,
+             f"the walks' step count may exceed int64: N * P * B * L = "
+             f"{' * '.join(str(f) for f in factors)} (inputs, walks, references, walk length)")
+
+
 def _fake_walk(x, baseline, perm, n_active):
     _require(x.dim() == 2, f"x must be 2-D [N, d], got {x.dim()}-D")
     _dtype_in(x, "x", _FLOATS)
@@ -123,6 +131,7 @@ def _fake_walk(x, baseline, perm, n_active):
     _require(n_active.dim() == 1 and n_active.shape[0] == x.shape[0],
              f"n_active must be [N] = [{x.shape[0]}], got {tuple(n_active.shape)}")
     _dtype_in(n_active, "n_active", (torch.int64,))
+    _step_count_fits(perm, baseline.shape[1])
 
 
 def _walk_out_dtype(x: Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -180,6 +189,7 @@ def _(step_logits, start_logits, end_logits, target, perm, n_active, n_features,
              f"n_features = {n_features} must be >= 1 and >= the walk length L = "
              f"{perm.shape[2]}")
     _require(walks_per_sample >= 1, f"walks_per_sample must be >= 1, got {walks_per_sample}")
+    _step_count_fits(perm, start_logits.shape[1])
     mean = end_logits.new_empty((n, n_features), dtype=torch.float64)
     return mean, torch.empty_like(mean)
 

@@ -163,6 +163,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 
 _PHI_FLOOR = 1e-45  # probabilities below this count as this (float32's smallest subnormal)
 _LOG_FLOOR = 1e-30  # probabilities are floored here inside the metric attacks' logarithms
+# How far a predict_proba's row sums, and so its largest probabilities, may stray from 1
+# (float rounding of a model's own normalisation).
+_PROB_SLACK = 1e-3
 _MIN_VARIANCE = 1e-12  # LiRA: keeps constant shadow outputs from dividing by zero
 _PHI_MODEL_CHUNK = 8  # LiRA: shadow models evaluated at a time (bounds the [K, n, k] block)
 _NOISE_BLOCK = 1 << 22  # label-only: noise values drawn at a time (16 MiB of float32)
@@ -342,7 +345,7 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
                          f"floating probabilities, got {got}")
     probs = probs.detach().float().cpu()
     if probs.numel() and (not torch.isfinite(probs).all() or probs.min() < 0 or
-                          (probs.sum(1) - 1).abs().max() > 1e-3):
+                          (probs.sum(1) - 1).abs().max() > _PROB_SLACK):
         raise ValueError(f"{who}.predict_proba must return probabilities (finite, >= 0, rows "
                          f"summing to 1): got values in [{float(probs.min())}, "
                          f"{float(probs.max())}] (logits instead of probabilities?)")
@@ -594,9 +597,10 @@ def _check_probs_and_labels(probs, labels) -> None:
         raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
     check_class_indices(labels, "labels", k)
     # probabilities (softmax outputs): NaN would pass silently into (or out of) the scores,
-    # and logits given by mistake would give entropies and losses of no meaning
+    # and logits given by mistake would give entropies and losses of no meaning. The slack
+    # is _query's, which takes a predict_proba's rows summing to 1 within it.
     check_finite(probs, "probs")
-    if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1):
+    if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1 + _PROB_SLACK):
         raise ValueError(f"probs must be probabilities in [0, 1] (softmax outputs, not "
                          f"logits), got values in [{float(probs.min()):g}, "
                          f"{float(probs.max()):g}]")

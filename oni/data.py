@@ -96,8 +96,9 @@ class Dataset:
                 or self.y.device.type != "cpu":
             raise ValueError(f"Dataset y must be an int64 CPU tensor [{self.x.shape[0]}], got "
                              f"{self.y.dtype} {tuple(self.y.shape)} on {self.y.device}")
-        if not isinstance(self.classes, tuple) or not self.classes:
-            raise ValueError(f"Dataset classes must be a non-empty tuple, got {self.classes!r}")
+        if not isinstance(self.classes, tuple) or len(self.classes) < 2:
+            raise ValueError(f"Dataset classes must be a tuple of at least two classes (a "
+                             f"classification task), got {self.classes!r}")
         if self.y.numel() and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes)):
             raise ValueError(f"Dataset y must hold class indices in 0..{len(self.classes) - 1}, "
                              f"got {int(self.y.min())}..{int(self.y.max())}")

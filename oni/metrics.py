@@ -153,6 +153,8 @@ def _model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
     for lo in range(0, len(x), batch_size):
         try:
             logits = model(x[lo:lo + batch_size].to(device))
+        except torch.OutOfMemoryError:
+            raise  # as it is: a caller may retry with a smaller batch_size
         except RuntimeError as err:  # e.g. a width the model does not take: name the input
             raise RuntimeError(f"the model failed on {name} x of shape {tuple(x.shape)}: "
                                f"{err}") from err

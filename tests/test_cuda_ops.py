@@ -99,6 +99,9 @@ def logits_case(n, n_refs, total, k, seed=2, device=DEVICE, dtype=torch.float64)
 CASES = {  # name: walk_case arguments
     "ragged": dict(n=6, d=9, n_refs=1, n_walks=4, counts=[0, 1, 2, 9, 5, 3], pad=0),
     "three_refs": dict(n=5, d=12, n_refs=3, n_walks=2, density=0.6, pad=2),
+    # more references than the endpoint kernel's lane groups at k >= 33 (4 of 32 lanes), so
+    # the class's lane (c % 32, rarely 0) hands its value over in several rounds
+    "nine_refs": dict(n=4, d=10, n_refs=9, n_walks=2, density=0.6),
     "d1": dict(n=3, d=1, n_refs=2, n_walks=2, counts=[1, 0, 1]),
     "no_active": dict(n=4, d=5, n_refs=1, n_walks=2, counts=[0, 0, 0, 0]),
     "one_active": dict(n=3, d=8, n_refs=2, n_walks=2, counts=[1, 1, 1], pad=3),

@@ -507,6 +507,8 @@ def test_dataset_checks_and_subset():
         data.Dataset(x, y.int(), ("a", "b", "c"))
     with pytest.raises(ValueError, match="class indices"):
         data.Dataset(x, y, ("a", "b"))
+    with pytest.raises(ValueError, match="at least two classes"):
+        data.Dataset(x, torch.zeros(6, dtype=torch.long), ("a",))
     with pytest.raises(ValueError, match="bool mask"):
         ds.subset(torch.tensor([True, False]))
     with pytest.raises(TypeError, match="integer indices"):

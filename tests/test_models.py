@@ -386,10 +386,10 @@ def test_load_mismatched_weights_name_both_files(saved, small):
         load_model(saved)
 
 
-@pytest.mark.parametrize("width", [4 * 10 ** 12, 10 ** 8])
+@pytest.mark.parametrize("width", [4 * 10 ** 12])
 def test_load_checks_a_corrupt_configs_sizes_before_allocating(saved, small, width):
     """A config whose widths were corrupted meets the weights' shapes first: allocating its
-    layers failed in the allocator (4e12 features: 80 TB), or spent gigabytes (1e8)."""
+    layers failed in the allocator (4e12 features: 80 TB)."""
     _edit_meta(saved, config={**small.config, "d": width})
     with pytest.raises(ValueError, match=rf"does not match the architecture in .*wrong shapes "
                                          rf"\['0\.weight: \(8, 6\) \(expected \(8, {width}\)\)"):

@@ -352,7 +352,7 @@ def test_accumulate_bad_input():
         _ops.shapley_accumulate(*wide)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES + ["meta"])  # meta: the fake kernels
 def test_a_step_count_beyond_int64_is_an_error(device):
     """N * P * B * L bounds the step rows counted in int64: 2^61 expanded references used to
     wrap the count to 0, and the walk returned an empty result without a word."""

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <limits>
@@ -214,7 +215,12 @@ WalkPlan plan_walks(const at::Tensor& perm, const at::Tensor& n_active, int64_t 
     const int64_t words = ceil_div(n_features, 32);
     const size_t mask_bytes = static_cast<size_t>(words) * sizeof(uint32_t);
     const bool in_shared = mask_bytes <= 48 * 1024;
-    const int64_t blocks = std::min<int64_t>(N * P, in_shared ? 4096 : 1024);
+    // in global scratch, a mask a block: at most 64 MiB of them, zeroed at every call
+    const int64_t max_blocks =
+        in_shared ? 4096
+                  : std::clamp<int64_t>((int64_t{64} << 20) / static_cast<int64_t>(mask_bytes),
+                                        1, 1024);
+    const int64_t blocks = std::min<int64_t>(N * P, max_blocks);
     at::Tensor scratch;
     if (!in_shared) scratch = at::zeros({blocks * words}, n_active.options().dtype(at::kInt));
     validate_walks_kernel<<<static_cast<unsigned>(blocks), threads_for(L, 256),
