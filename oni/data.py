@@ -205,7 +205,8 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
 
     Raises:
         TypeError: non-numeric features.
-        ValueError: wrong shapes, non-finite features, fractional labels.
+        ValueError: wrong shapes (d = 0 included), non-finite features, fractional labels,
+            a single label on every row.
     """
     x32 = _check_features(x)
     if isinstance(y, Tensor) and y.dtype in (torch.bfloat16, torch.float16):
@@ -813,8 +814,8 @@ def load_npz(path: PathLike) -> Dataset:
 
     Raises:
         FileNotFoundError: no such file.
-        DataError: not a readable ``.npz``, a missing array, bad shapes or values; the
-            message names the file and the array.
+        DataError: not a readable ``.npz``, a missing array, bad shapes or values, fewer
+            than two classes; the message names the file and the array.
     """
     path = _existing(path)
     try:
