@@ -422,6 +422,10 @@ def test_defaults_are_the_resolved_empty_config():
     ("dynanoise", {"draws": 0}, ValueError, "draws"),
     ("dpsgd", {"epsilon": 0.0}, ValueError, "epsilon"),
     ("dpsgd", {"delta": 1.5}, ValueError, "delta"),
+    # opacus's noise search never ended at 1e16 (rdp); a delta of 1 guarantees nothing
+    ("dpsgd", {"epsilon": 1e16}, ValueError, r"epsilon'\] of 'dpsgd' must be a finite number "
+                                             r"in \(0.0, 100.0\]"),
+    ("dpsgd", {"delta": 1.0}, ValueError, r"delta'\] of 'dpsgd' .* in \(0.0, 1.0\), got 1.0"),
     ("dpsgd", {"accountant": "gdp"}, ValueError, "accountant"),
     ("advreg", {"reference_fraction": 1.5}, ValueError, "reference_fraction"),
     ("label_smoothing", {"smoothing": -0.1}, ValueError, "smoothing"),
