@@ -30,6 +30,7 @@ import math
 import numbers
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -64,11 +65,26 @@ _FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)
 
 def _loader():
     """PyYAML's safe loader, reading ``1e-3`` as a float (YAML 1.2) rather than a string
-    (YAML 1.1 insists on a dot: ``1.0e-3``), so learning rates can be written naturally."""
+    (YAML 1.1 insists on a dot: ``1.0e-3``), so learning rates can be written naturally, and
+    refusing a key given twice in one mapping (PyYAML keeps the last without a word, so a
+    setting the user wrote was lost)."""
     yaml = _yaml()
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    if isinstance(key, (str, int, float, bool)) or key is None:
+                        if key in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"the key {key!r} is given twice in one mapping",
+                                key_node.start_mark)
+                        seen.add(key)
+            return super().construct_mapping(node, deep)
 
     Loader.yaml_implicit_resolvers = {
         key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
@@ -85,6 +101,8 @@ def load_yaml(text: str, *, source: str) -> Any:
         return yaml.load(text, Loader=_loader())
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply to read") from None
 
 
 def dump_yaml(config: Mapping) -> str:
@@ -112,8 +130,18 @@ class Leaf:
     help: str
 
 
+# Values in messages: a YAML alias can make a small file a huge structure (shared, so cheap
+# to hold, but not to print in full)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 80
+
+
+def _show(value) -> str:
+    return _SHORT.repr(value)
+
+
 def _type_error(key: str, expected: str, value) -> ConfigError:
-    return ConfigError(f"config key '{key}': expected {expected}, got {value!r} "
+    return ConfigError(f"config key '{key}': expected {expected}, got {_show(value)} "
                        f"({type(value).__name__})")
 
 
@@ -155,7 +183,7 @@ def _choice(options: Sequence[str]):
     def check(value, key):
         if not isinstance(value, str) or value not in options:
             raise ConfigError(f"config key '{key}': must be one of {list(options)}, got "
-                              f"{value!r}")
+                              f"{_show(value)}")
         return value
     check.expected = " | ".join(options)
     return check
@@ -437,12 +465,12 @@ def _check_layer(layer, schema: Mapping, prefix: str, source: str) -> None:
     """Unknown keys and non-mappings where sections belong, in a user layer."""
     if not isinstance(layer, Mapping):
         where = f"config key '{prefix}'" if prefix else source
-        raise ConfigError(f"{where}: expected a mapping of settings, got {layer!r} "
+        raise ConfigError(f"{where}: expected a mapping of settings, got {_show(layer)} "
                           f"({type(layer).__name__})")
     for key, value in layer.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: config key {path!r} is not a string")
+            raise ConfigError(f"{source}: config key {_show(path)} is not a string")
         if key in schema:
             if isinstance(schema[key], Mapping):
                 _check_layer(value, schema[key], path, source)
@@ -452,7 +480,7 @@ def _check_layer(layer, schema: Mapping, prefix: str, source: str) -> None:
             if key in known:
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"config key '{path}': expected a mapping of the "
-                                      f"{prefix[:-1]}'s settings, got {value!r}")
+                                      f"{prefix[:-1]}'s settings, got {_show(value)}")
                 continue  # its keys are checked with the method
             raise ConfigError(f"config key '{path}': unknown {prefix[:-1]} {key!r} "
                               f"({source}); known keys here: run"
@@ -507,7 +535,11 @@ def resolve_config(config_file: Optional[os.PathLike] = None, sets: Sequence[str
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = load_yaml(path.read_text(), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {err}") from None
+        loaded = load_yaml(text, source=str(path))
         loaded = {} if loaded is None else loaded
         _check_layer(loaded, SCHEMA, "", str(path))
         layers.append((str(path), loaded))

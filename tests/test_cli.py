@@ -169,6 +169,28 @@ def test_bad_config_files(tmp_path):
     bad_yaml.write_text("train: {epochs: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         resolve_config(bad_yaml)
+    # a key given twice: PyYAML kept the last one, so the user's first setting was lost
+    for text, key in (("train: {epochs: 5}\ntrain: {lr: 0.01}\n", "train"),
+                      ("train:\n  epochs: 5\n  epochs: 7\n", "epochs")):
+        bad_yaml.write_text(text)
+        with pytest.raises(ConfigError, match=f"not valid YAML: the key '{key}' is given twice"):
+            resolve_config(bad_yaml)
+    merged = tmp_path / "merge.yaml"  # merge keys still work
+    merged.write_text("defenses:\n  oni: &o {eps: 0.2}\n  uniform:\n    <<: *o\n")
+    assert resolve_config(merged)["defenses"]["uniform"]["eps"] == 0.2
+    # aliases nested nine deep: 9^9 entries if printed in full; the message stays short
+    lines = ["seed:", "- &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"- &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bad_yaml.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="'seed': expected an int") as info:
+        resolve_config(bad_yaml)
+    assert len(str(info.value)) < 1000
+    bad_yaml.write_text("seed: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="bad.yaml: the YAML is nested too deeply"):
+        resolve_config(bad_yaml)
+    bad_yaml.write_bytes(b"train:\n  epochs: \xff\n")
+    with pytest.raises(ConfigError, match="bad.yaml' is not UTF-8 text"):
+        resolve_config(bad_yaml)
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
