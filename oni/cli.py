@@ -45,7 +45,7 @@ from .report import build_report, write_atomic
 __all__ = ["main", "run_experiment", "StageStore"]
 
 _STAGE_FORMAT = "oni-stage"
-_STAGE_VERSION = 1
+_STAGE_VERSION = 2  # 2: records carry their own SHA-256
 _RECORD = "stage.json"
 
 
@@ -124,6 +124,12 @@ def _json_bytes(value) -> bytes:
     return (json.dumps(value, indent=1, default=_json_default) + "\n").encode()
 
 
+def _record_digest(record: Mapping) -> str:
+    """SHA-256 of a stage record's fields (a record edited by hand, or half-corrupted into
+    other valid JSON, would otherwise feed missing or mistyped facts into the run)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 class StageStore:
     """The finished stages of one run directory.
 
@@ -149,6 +155,9 @@ class StageStore:
             return None
         if not isinstance(record, dict) or record.get("format") != _STAGE_FORMAT:
             return None
+        if record.get("version") == _STAGE_VERSION and \
+                record.pop("sha256", None) != _record_digest(record):
+            return None  # edited or corrupt: its fields cannot be trusted (recomputed)
         return record
 
     def check(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
@@ -198,7 +207,9 @@ class StageStore:
                   "files": {rel: _sha256_file(directory / rel) for rel in files},
                   "meta": dict(meta), "seconds": seconds,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(directory / _RECORD, _json_bytes(record))
+        record = json.loads(_json_bytes(record))  # as a reader will see it
+        write_atomic(directory / _RECORD, _json_bytes({**record,
+                                                       "sha256": _record_digest(record)}))
         return record
 
     def write_npz(self, name: str, rel: str, arrays: Mapping[str, np.ndarray]) -> str:
