@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._checks import check_int
 from .noise import NoiseResult, optimal_noise as _optimal_noise
 from .shapley import ShapleyResult, _check_groups, _check_inputs, shapley_values as _shapley
 
@@ -47,7 +48,10 @@ def shard(n: int, rank: int, world_size: int) -> slice:
     """The rows of a batch of ``n`` that rank ``rank`` of ``world_size`` solves: contiguous
     and in rank order, sizes differing by at most one (the first ``n % world_size`` ranks
     take one more)."""
-    if world_size < 1 or not 0 <= rank < world_size:
+    n = check_int(n, "n", 0)  # a negative n gave slice(0, n): the rows but the last -n
+    rank = check_int(rank, "rank", 0)
+    world_size = check_int(world_size, "world_size", 1)
+    if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     base, extra = divmod(n, world_size)
     lo = rank * base + min(rank, extra)

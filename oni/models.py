@@ -83,6 +83,9 @@ def _resolve_device(device, name: str = "device") -> torch.device:
     if resolved.type == "meta":
         raise ValueError(f"{name}={device!r}: meta tensors hold no values to train or "
                          f"explain; use 'cpu', 'cuda' or 'auto'")
+    if resolved.type not in ("cpu", "cuda"):  # mps, xpu, ...: failed deep inside torch
+        raise ValueError(f"{name}={device!r}: oni runs on 'cpu' or 'cuda' devices (or "
+                         f"'auto'), got device type {resolved.type!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}={device!r} but CUDA is not available on this machine "
                          f"(use 'cpu' or 'auto')")

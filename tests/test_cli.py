@@ -619,7 +619,9 @@ def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_a
             (["noise", model_dir, data_path, "--out", str(out), "--phi",
               str(tmp_path / "ints.npy")], "--phi .*: expected floating-point numbers"),
             (["shapley", model_dir, data_path, "--out", str(out), "--device", "meta"],
-             "meta tensors hold no values")]:
+             "meta tensors hold no values"),
+            (["shapley", model_dir, data_path, "--out", str(out), "--device", "mps"],
+             "oni runs on 'cpu' or 'cuda' devices .* got device type 'mps'")]:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert re.search(message, err) and "Traceback" not in err, (message, err)

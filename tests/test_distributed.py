@@ -40,6 +40,12 @@ def test_shards_cover_the_rows_in_order():
             assert max(lengths) - min(lengths) <= 1
     with pytest.raises(ValueError, match="rank must be in"):
         shard(10, 2, 2)
+    with pytest.raises(ValueError, match="n must be >= 0, got -5"):
+        shard(-5, 0, 1)  # was slice(0, -5): all rows but the last five
+    with pytest.raises(TypeError, match="world_size must be an int, got float"):
+        shard(5, 0, 2.0)
+    with pytest.raises(TypeError, match="rank must be an int, got bool"):
+        shard(5, True, 2)
 
 
 def test_without_a_process_group_the_plain_functions_run():
