@@ -313,6 +313,11 @@ def _check_inputs(target, data, splits, train_config, seed) -> None:
     check_seed(seed)
     for key in ("train", "known", "target", "shadow_pool"):
         idx = getattr(splits, key)
+        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+            got = (f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor)
+                   else type(idx).__name__)
+            raise TypeError(f"splits.{key} must be a 1-D int64 tensor of row indices, got "
+                            f"{got}")
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= data.n):
             raise ValueError(f"splits.{key} indexes rows up to {int(idx.max())} but data has "
                              f"{data.n} rows: the splits belong to another data set")

@@ -161,6 +161,11 @@ def _check_config(config) -> None:
 def _check_features(x, name: str, *, allow_empty: bool = False) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N, d], got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout} (convert it "
+                        f"with {name}.to_dense())")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it holds no values to train on")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, d], got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
@@ -178,6 +183,9 @@ def _check_labels(y, name: str, n: int, x_name: str) -> Tensor:
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N] of class indices, "
                         f"got {type(y).__name__}")
+    if y.layout != torch.strided or y.device.type == "meta":
+        raise TypeError(f"{name} must be a dense tensor with values, got layout {y.layout} "
+                        f"on {y.device}")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class indices, got {y.dtype}")
     if y.dim() != 1 or y.shape[0] != n:

@@ -2,6 +2,7 @@
 model that never saw them, and keep their shapes, orientation, seeds and error messages."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import types
@@ -456,6 +457,12 @@ def test_bad_inputs_get_clear_errors(overfit, data, splits):
         run(data_=synthetic_purchase(500, d=100, k=10))
     with pytest.raises(TypeError, match="splits must be"):
         run(splits_={"target": splits.target})
+    with pytest.raises(TypeError, match=r"splits\.target must be a 1-D int64 tensor of row "
+                                        r"indices, got list"):
+        run(splits_=dataclasses.replace(splits, target=splits.target.tolist()))
+    with pytest.raises(TypeError, match=r"splits\.shadow_pool must be a 1-D int64 tensor .*"
+                                        r"torch\.float32"):
+        run(splits_=dataclasses.replace(splits, shadow_pool=splits.shadow_pool.float()))
     with pytest.raises(TypeError, match="defense must be"):
         run(defense="oni")
     with pytest.raises(ValueError, match="shadow_size"):

@@ -335,6 +335,10 @@ def _bad_inputs():
         (dict(model=nn.ReLU()), ValueError, "model has no parameters"),
         (dict(model=nn.Sequential(nn.Linear(D, K), nn.BatchNorm1d(K))), TypeError,
          "initialises nn.Linear layers only"),
+        (dict(x=x.to_sparse()), TypeError, "x must be a dense tensor, got layout "
+                                           "torch.sparse_coo"),
+        (dict(x=x.to("meta")), ValueError, "x is on the meta device"),
+        (dict(y=y.to("meta")), TypeError, "y must be a dense tensor with values"),
     ]
 
 
