@@ -648,8 +648,10 @@ def _defend_uniform(job: _Job, cfg: dict) -> DefendedModel:
 
 
 def _oni_noise(base: nn.Module, job: _Job, cfg: dict) -> Tuple[NoiseResult, dict]:
-    """Shapley values -> budget (eq. 7) -> radius (eq. 8) -> noise (eqs. 5-8), on the device."""
-    x = job.x.to(job.device)
+    """Shapley values -> budget (eq. 7) -> radius (eq. 8) -> noise (eqs. 5-8), on the device,
+    in the base model's dtype (defend may have built that model: x's dtype is not the user's
+    to match to it)."""
+    x = job.x.to(job.device, next(iter(base.parameters()), job.x).dtype)
     start = time.perf_counter()
     phi = shapley_values(base, x, n_permutations=cfg["n_permutations"],
                          seed=_derived_seed(job.seed, "oni:shapley"), backend=cfg["backend"],

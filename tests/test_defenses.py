@@ -500,3 +500,12 @@ def test_readme_defenses_example_runs():
     section = readme.read_text().split("## Defenses", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md:## Defenses", "exec"), {})
+
+
+def test_oni_takes_float64_rows_for_the_model_it_builds(data):
+    """defend builds the float32 base model itself, so float64 x (which the other defenses
+    take) is the defense's to cast, not the user's: it said "cast one to the other"."""
+    x, y, _, _ = data
+    dm = defend("oni", x[:60].double(), y[:60], hidden=HIDDEN, train_config=TRAIN,
+                config={"n_permutations": 4, "max_iter": 5})
+    assert dm.report["feasible_rate"] >= 0 and dm.model(x[:2]).shape == (2, K)
