@@ -719,13 +719,14 @@ def _defend_label_smoothing(job: _Job, cfg: dict) -> DefendedModel:
 
 
 def _record(history: History, model: nn.Module, job: _Job, x: Tensor, y: Tensor,
-            loss_sum: float, n_loss: int, bar) -> None:
-    """Appends one epoch to history (train_model's records) and updates the progress bar."""
+            loss_sum: float, n_loss: int, bar, settings: str) -> None:
+    """Appends one epoch to history (train_model's records) and updates the progress bar.
+    ``settings``: what to lower when the loss is not finite (the defense's own, named)."""
     train_loss = loss_sum / max(n_loss, 1)
     if not math.isfinite(train_loss):
         raise FloatingPointError(
             f"training diverged: the mean training loss of epoch {len(history.epochs) + 1} is "
-            f"{train_loss} (lr = {job.train_config.lr}); lower train_config.lr")
+            f"{train_loss}; lower {settings}")
     train_acc = accuracy(model, x, y)
     test_acc = accuracy(model, job.x_test, job.y_test) if job.x_test is not None else None
     history.epochs.append(len(history.epochs) + 1)
@@ -835,7 +836,9 @@ def _defend_dpsgd(job: _Job, cfg: dict) -> DefendedModel:
                     loss_sum += float(loss.detach()) * xb.shape[0]
                     n_loss += xb.shape[0]
                 private_model.eval()
-                _record(history, model, job, x, y, loss_sum, n_loss, bar)
+                _record(history, model, job, x, y, loss_sum, n_loss, bar,
+                        f"config['lr'] = {cfg['lr']} or config['max_grad_norm'] = "
+                        f"{cfg['max_grad_norm']} of 'dpsgd'")
         history.seconds = time.perf_counter() - start
         epsilon = _epsilon_spent(tuple(engine.accountant.history), cfg["delta"],
                                  cfg["accountant"])
@@ -949,7 +952,9 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
                     flush_tiny_moments_(attack_optimizer)
                 loss_sum += loss.detach().double() * b
             model.eval()
-            _record(history, model, job, x_mem, y_mem, float(loss_sum), n, bar)
+            _record(history, model, job, x_mem, y_mem, float(loss_sum), n, bar,
+                    f"train_config.lr = {job.train_config.lr} or config['lambda'] = "
+                    f"{cfg['lambda']} of 'advreg'")
     history.seconds = time.perf_counter() - start
     attack.eval()
     with torch.no_grad():

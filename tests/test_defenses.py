@@ -509,3 +509,19 @@ def test_oni_takes_float64_rows_for_the_model_it_builds(data):
     dm = defend("oni", x[:60].double(), y[:60], hidden=HIDDEN, train_config=TRAIN,
                 config={"n_permutations": 4, "max_iter": 5})
     assert dm.report["feasible_rate"] >= 0 and dm.model(x[:2]).shape == (2, K)
+
+
+@pytest.mark.parametrize("name, config, hint", [
+    ("advreg", {"lambda": 1e308}, r"lower train_config\.lr = .* or config\['lambda'\] = "
+                                  r"1e\+308 of 'advreg'"),
+    pytest.param("dpsgd", {"lr": 1e30}, r"lower config\['lr'\] = 1e\+30 or "
+                                        r"config\['max_grad_norm'\] = 1.0 of 'dpsgd'",
+                 marks=needs_opacus),
+])
+def test_divergence_names_the_defenses_own_settings(data, name, config, hint):
+    """DP-SGD trains at config['lr']: the message told the user to lower train_config.lr,
+    which it never uses."""
+    x, y, _, _ = data
+    with pytest.raises(FloatingPointError, match="training diverged: .*" + hint):
+        defend(name, x[:60], y[:60], hidden=HIDDEN, config=config,
+               train_config=TrainConfig(epochs=2, batch_size=32, progress=False))
