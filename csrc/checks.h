@@ -4,9 +4,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <algorithm>
 #include <iterator>
-#include <limits>
 #include <utility>
 
 namespace oni {
@@ -45,14 +46,12 @@ inline void check_no_overlap(const at::Tensor& written, const char* written_name
 // the count wrap to 0, and the op returned an empty result.
 inline void check_step_count_fits(const at::Tensor& perm, int64_t B) {
   const int64_t factors[] = {perm.size(0), perm.size(1), B, perm.size(2)};
+  // a zero factor: no steps at all
+  if (std::find(std::begin(factors), std::end(factors), 0) != std::end(factors)) return;
   int64_t bound = 1;
-  bool fits = true;
-  for (const int64_t f : factors) {
-    if (f == 0) return;  // no steps at all
-    fits = fits && bound <= std::numeric_limits<int64_t>::max() / f;
-    if (fits) bound *= f;
-  }
-  TORCH_CHECK(fits, "the walks' step count may exceed int64: N * P * B * L = ", factors[0],
+  bool overflows = false;
+  for (const int64_t f : factors) overflows = overflows || c10::mul_overflows(bound, f, &bound);
+  TORCH_CHECK(!overflows, "the walks' step count may exceed int64: N * P * B * L = ", factors[0],
               " * ", factors[1], " * ", factors[2], " * ", factors[3],
               " (inputs, walks, references, walk length)");
 }

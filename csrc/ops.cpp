@@ -34,6 +34,11 @@ PyObject* PyInit__C(void) {
 //   ops do, so autograd notices when a tensor it saved was overwritten.
 namespace {
 
+// Tensor(a!) in a schema: the op writes this argument.
+bool is_written(const c10::Argument& arg) {
+  return arg.alias_info() != nullptr && arg.alias_info()->isWrite();
+}
+
 void refuse_grad_in_place(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                           torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
@@ -56,10 +61,8 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   const size_t start = stack->size() - args.size();
   std::vector<at::Tensor> written;
   for (size_t i = 0; i < args.size(); ++i) {
-    const c10::AliasInfo* alias = args[i].alias_info();
     const c10::IValue& value = (*stack)[start + i];
-    if (alias != nullptr && alias->isWrite() && value.isTensor())
-      written.push_back(value.toTensor());
+    if (is_written(args[i]) && value.isTensor()) written.push_back(value.toTensor());
   }
   {
     const at::AutoDispatchBelowADInplaceOrView below;
@@ -74,9 +77,7 @@ void define(torch::Library& m, const char* schema_text) {
   c10::FunctionSchema schema = torch::schema(schema_text);
   const std::string name = schema.name();
   const auto& args = schema.arguments();
-  const bool in_place = std::any_of(args.begin(), args.end(), [](const c10::Argument& a) {
-    return a.alias_info() != nullptr && a.alias_info()->isWrite();
-  });
+  const bool in_place = std::any_of(args.begin(), args.end(), is_written);
   m.def(std::move(schema));
   if (in_place) {
     m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::Autograd,
