@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -76,3 +77,11 @@ def check_class_indices(labels: Tensor, name: str, n_classes: Optional[int],
         where = "(>= 0)" if n_classes is None else f"in [0, {n_classes})"
         raise ValueError(f"{name}[{row}] = {int(labels[row])} is not a class index {where}"
                          f"{why}")
+
+
+def tensor_to_numpy(t: Tensor) -> np.ndarray:
+    """``t``'s values on the CPU as a numpy array; bfloat16 and float16, which numpy lacks
+    (or sklearn refuses), as float32, which holds them exactly."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()

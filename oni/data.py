@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_int as _check_int, check_seed
+from ._checks import check_int as _check_int, check_seed, tensor_to_numpy
 
 __all__ = [
     "DataError", "Dataset", "load_shokri_csv", "load_texas", "load_npz", "save_npz",
@@ -128,18 +128,17 @@ class Dataset:
             if idx.shape != (self.n,):
                 raise ValueError(f"subset: a bool mask must have shape [{self.n}], "
                                  f"got {tuple(idx.shape)}")
-            return Dataset(self.x[idx].contiguous(), self.y[idx].contiguous(), self.classes,
-                           self.name)
-        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        elif idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"subset: idx must hold integer indices or a bool mask, "
                             f"got {idx.dtype}")
-        if idx.dim() != 1:
-            raise ValueError(f"subset: idx must be 1-D, got shape {tuple(idx.shape)}")
-        idx = idx.long()  # torch reads a uint8 index tensor as a mask
-        if idx.numel() and not (-self.n <= int(idx.min()) and int(idx.max()) < self.n):
-            bad = int(idx[(idx < -self.n) | (idx >= self.n)][0])
-            raise IndexError(f"subset: index {bad} is out of range for a data set of "
-                             f"{self.n} rows")
+        else:
+            if idx.dim() != 1:
+                raise ValueError(f"subset: idx must be 1-D, got shape {tuple(idx.shape)}")
+            idx = idx.long()  # torch reads a uint8 index tensor as a mask
+            if idx.numel() and not (-self.n <= int(idx.min()) and int(idx.max()) < self.n):
+                bad = int(idx[(idx < -self.n) | (idx >= self.n)][0])
+                raise IndexError(f"subset: index {bad} is out of range for a data set of "
+                                 f"{self.n} rows")
         return Dataset(self.x[idx].contiguous(), self.y[idx].contiguous(), self.classes,
                        self.name)
 
@@ -162,6 +161,9 @@ def _integral_labels(labels: np.ndarray) -> np.ndarray:
 
 def _make_dataset(x: np.ndarray, labels: np.ndarray, name: str) -> Dataset:
     y, classes = _remap_labels(_integral_labels(labels))
+    if len(classes) < 2:  # said here, in terms of y (Dataset would name its classes tuple)
+        raise ValueError(f"y holds one label ({classes[0]!r}) on every row; a classification "
+                         f"data set needs at least two classes")
     x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     return Dataset(x_t, torch.from_numpy(y), classes, name)
 
@@ -169,9 +171,7 @@ def _make_dataset(x: np.ndarray, labels: np.ndarray, name: str) -> Dataset:
 def _check_features(x) -> np.ndarray:
     """``x`` as a C-contiguous float32 ``[N, d]`` array with N >= 1 and d >= 1, all finite."""
     if isinstance(x, Tensor):
-        if x.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16; float32 is exact
-            x = x.float()
-        x_np = x.detach().cpu().numpy()
+        x_np = tensor_to_numpy(x)
     else:
         try:
             x_np = np.asarray(x)
@@ -209,9 +209,7 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
             a single label on every row.
     """
     x32 = _check_features(x)
-    if isinstance(y, Tensor) and y.dtype in (torch.bfloat16, torch.float16):
-        y = y.float()  # numpy has no bfloat16
-    y_np = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+    y_np = tensor_to_numpy(y) if isinstance(y, Tensor) else np.asarray(y)
     if y_np.ndim != 1 or y_np.shape[0] != x32.shape[0]:
         raise ValueError(f"y must be 1-D with one label per row of x ([{x32.shape[0]}]), "
                          f"got shape {y_np.shape}")
@@ -225,9 +223,6 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
     elif y_np.dtype.kind not in "biuUS":
         raise TypeError(f"y must hold integer, whole-number float, string or bool labels, "
                         f"got dtype {y_np.dtype}")
-    if np.unique(y_np).size < 2:
-        raise ValueError(f"y holds one label ({y_np[0].item()!r}) on every row; a classification "
-                         f"data set needs at least two classes")
     return _make_dataset(x32, y_np, name)
 
 

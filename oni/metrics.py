@@ -27,7 +27,7 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import check_class_indices, check_finite
+from ._checks import check_class_indices, check_finite, tensor_to_numpy
 from .shapley import _check_model_width
 
 __all__ = [
@@ -51,9 +51,7 @@ REPORTED_FPRS = {"tpr@0.1%fpr": 0.001, "tpr@1%fpr": 0.01}
 
 def _as_numpy(values, name: str) -> np.ndarray:
     if isinstance(values, Tensor):
-        if values.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
-            values = values.float()
-        values = values.detach().cpu().numpy()
+        values = tensor_to_numpy(values)
     try:
         return np.asarray(values)
     except (TypeError, ValueError) as err:

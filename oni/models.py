@@ -554,7 +554,7 @@ def load_model(path: Union[str, os.PathLike], *,
         raise ValueError(f"{meta_path}: bad \"config\": {err}") from None
     state = _read_state(weights_path, blob)
     _check_state(state, skeleton, weights_path, meta_path)
-    model = build_model(meta["config"])
+    model = skeleton.to_empty(device="cpu")  # every parameter is loaded just below
     model.to(next(iter(state.values())).dtype)
     model.load_state_dict(state)
     model.to(device).eval()
