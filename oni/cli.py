@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from . import config as cfgmod
 from .config import ConfigError
 from .report import build_report, write_atomic
 
-__all__ = ["main", "run_experiment", "StageStore"]
+__all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory"]
 
 _STAGE_FORMAT = "oni-stage"
 _STAGE_VERSION = 2  # 2: records carry their own SHA-256
@@ -252,6 +253,66 @@ class _Stage:
     settings: Dict[str, Any]
     parents: Dict[str, str]
     hash: str = ""
+    # settings outside the hash that still size the stage's memory (named when it runs out)
+    sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class RunOutOfMemory(MemoryError):
+    """A step of ``oni run`` needed more memory than the machine has: the message names the
+    step, what it asked for and the settings that size it (the allocator's own message names
+    none of them)."""
+
+
+# what torch's and numpy's allocators say when a request cannot be met (the CPU allocator
+# raises a plain RuntimeError; a size beyond int64 fails before allocating)
+_OUT_OF_MEMORY_MARKERS = ("can't allocate memory", "out of memory", "not enough memory",
+                          "size calculation overflowed")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and \
+        any(marker in str(err).lower() for marker in _OUT_OF_MEMORY_MARKERS)
+
+
+def _requested(err: BaseException) -> str:
+    """What the failed allocation asked for, as the allocator said it."""
+    message = str(err)
+    found = re.search(r"allocate (\d+) bytes", message)  # CPU allocator, numpy
+    if found:
+        size = float(found.group(1))
+        for unit in ("bytes", "kB", "MB", "GB", "TB"):
+            if size < 1000 or unit == "TB":
+                return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+            size /= 1000
+    found = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]i?B)", message)  # CUDA caching
+    if found:
+        return found.group(1)
+    return "more than the machine has"
+
+
+def _out_of_memory_error(step: str, err: BaseException, settings: Mapping[str, Any]
+                         ) -> RunOutOfMemory:
+    """``err`` restated for the user: the step, the request and the integer settings of
+    ``settings`` (seeds aside), largest first."""
+    sizes = [(key, value) for key, value in settings.items()
+             if _is_size(value) and not any(
+                 word in key.rsplit(".", 1)[-1] for word in ("seed", "epochs"))]
+    sizes.sort(key=lambda item: -max(item[1]) if isinstance(item[1], list) else -item[1])
+    shown = ", ".join(f"{key} = {value}" for key, value in sizes[:8]) or "none"
+    return RunOutOfMemory(
+        f"{step} ran out of memory: it asked for {_requested(err)} "
+        f"({type(err).__name__}). The settings that size it: {shown}. Lower them or use a "
+        f"machine with more memory; finished stages are saved, and the same command resumes "
+        f"after them.")
+
+
+def _is_size(value) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(_is_size(item) for item in value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _data_fingerprint(dataset) -> str:
@@ -372,11 +433,14 @@ class _Experiment:
     # -- the stage mechanics
 
     def _stage(self, name: str, kind: str, describe: str, keys: Sequence[str],
-               parents: Sequence[str], extra: Optional[Mapping] = None) -> _Stage:
+               parents: Sequence[str], extra: Optional[Mapping] = None,
+               size_keys: Sequence[str] = ()) -> _Stage:
         settings = cfgmod.config_subset(self.config, keys)
         settings.update(extra or {})
         parent_hashes = {parent: self.hashes[parent] for parent in parents}
-        st = _Stage(name, kind, describe, settings, parent_hashes)
+        # every stage's models have the target's widths (shadows too, unless set apart)
+        sizes = cfgmod.config_subset(self.config, ("model.hidden", *size_keys))
+        st = _Stage(name, kind, describe, settings, parent_hashes, sizes=sizes)
         st.hash = cfgmod.stage_hash(kind, settings, sorted(parent_hashes.values()))
         return st
 
@@ -394,7 +458,13 @@ class _Experiment:
             self.log(f"{where}: {st.describe}")
             directory = self.store.begin(st.name)
             start = time.perf_counter()
-            files, meta = compute(directory)
+            try:
+                files, meta = compute(directory)
+            except Exception as err:
+                if not _is_out_of_memory(err):
+                    raise
+                raise _out_of_memory_error(f"stage {st.name}", err,
+                                           {**st.sizes, **st.settings}) from err
             seconds = time.perf_counter() - start
             record = self.store.finish(st.name, st.hash, st.settings, st.parents, files, meta,
                                        seconds)
@@ -425,7 +495,13 @@ class _Experiment:
         from .metrics import midput
         source = self.config["data"]["path"] or "synthetic Purchase-shaped data"
         self.log(f"loading data ({source})")
-        self.data = _load_data(self.config)
+        try:
+            self.data = _load_data(self.config)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            raise _out_of_memory_error(f"loading the data ({source})", err,
+                                       cfgmod.config_subset(self.config, ("data",))) from err
         self.fingerprint = _data_fingerprint(self.data)
         data = self.data
         self.log(f"data: {data.name}, {data.n} rows, {data.d} features, {data.k} classes "
@@ -578,7 +654,8 @@ class _Experiment:
         stage = f"attack-{name}-{group}"
         st = self._stage(stage, "attack", f"{', '.join(attacks)} against {name} "
                          f"({'adaptive' if adaptive else 'plain'} shadows)", keys,
-                         (self._defense_stage(name),), {"attacks": list(attacks)})
+                         (self._defense_stage(name),), {"attacks": list(attacks)},
+                         size_keys=(f"defenses.{name}",))
 
         def compute(directory):
             target = load_defended(self._model_dir(name))  # a fresh noise stream (DynaNoise)
@@ -1170,14 +1247,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OtherRankFailed as err:  # the failed rank printed its own error
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except RunOutOfMemory as err:
+        if os.environ.get("ONI_TRACEBACK"):
+            raise
+        print(f"oni {args.command}: error: {err} (ONI_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
+    except (RuntimeError, MemoryError) as err:
         if "another oni run" in str(err):
             print(f"oni {args.command}: error: {err}", file=sys.stderr)
             return 2
-        raise
+        if not _is_out_of_memory(err) or os.environ.get("ONI_TRACEBACK"):
+            raise
+        print(f"oni {args.command}: error: out of memory: it asked for {_requested(err)} "
+              f"({type(err).__name__}; ONI_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError, FloatingPointError) as err:
         # the library's own checks name the argument and what was expected: a message, not a
         # traceback (ONI_TRACEBACK=1 shows it); a bad value is a usage error (2), a run that

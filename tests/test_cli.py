@@ -415,6 +415,66 @@ def test_a_second_concurrent_run_is_refused(tiny_yaml, tmp_path, capsys):
     assert "another oni run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, step, named", [
+    ("model.hidden=[4000000000]", "stage target", "model.hidden = [4000000000]"),
+    ("data.synthetic.n=100000000000", "loading the data", "data.synthetic.n = 100000000000"),
+])
+def test_a_run_out_of_memory_names_the_step_and_its_size_settings(tiny_yaml, tmp_path, capsys,
+                                                                  setting, step, named):
+    """A size no machine holds ends in the allocator's error, which names no setting: the
+    run restates it (exit 1, no traceback) with the step and the settings that size it."""
+    out = tmp_path / "run"
+    assert _run([tiny_yaml, "--out", out, "--set", setting]) == 1
+    err = capsys.readouterr().err
+    assert f"{step}" in err and "ran out of memory" in err and named in err, err
+    assert "Traceback" not in err and "enforce fail" not in err
+    if step == "stage target":  # the stages before it are kept
+        assert (out / "stages" / "splits" / "stage.json").is_file()
+
+
+def test_an_attack_out_of_memory_names_the_attacked_defense_settings(small_reference,
+                                                                     tiny_yaml, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Queries of a DynaNoise model are sized by its draws, a setting outside the attack
+    stage's own: a CUDA out-of-memory error in that stage names it too."""
+    import oni.attacks
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 "
+                                     "has a total capacity of 79.19 GiB")
+
+    monkeypatch.setattr(oni.attacks, "run_attacks", out_of_memory)
+    args = _small(tiny_yaml, out, "attacks.lira_online.n_shadows=6")
+    assert cli.main(["run", *map(str, args), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "stage attack-undefended-lira_online ran out of memory: it asked for 20.00 GiB" \
+        in err, err
+    assert "attacks.lira_online.n_shadows = 6" in err and "model.hidden = [16]" in err
+    monkeypatch.setenv("ONI_TRACEBACK", "1")  # the original error stays reachable
+    with pytest.raises(cli.RunOutOfMemory) as caught:
+        cli.main(["run", *map(str, args), "-q"])
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    monkeypatch.delenv("ONI_TRACEBACK")
+    # against DynaNoise, the attacked defense's settings are named too
+    monkeypatch.undo()
+    real_run_attacks = oni.attacks.run_attacks
+
+    def out_of_memory_against_dynanoise(attacks, target, *args, **kwargs):
+        if target.name == "dynanoise":
+            out_of_memory()
+        return real_run_attacks(attacks, target, *args, **kwargs)
+
+    monkeypatch.setattr(oni.attacks, "run_attacks", out_of_memory_against_dynanoise)
+    args = _small(tiny_yaml, out, "attacks.run=[lira_online]", "attacks.adaptive=false",
+                  "defenses.dynanoise.draws=3")
+    assert cli.main(["run", *map(str, args), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "stage attack-dynanoise-lira_online" in err and "defenses.dynanoise.draws = 3" \
+        in err, err
+
+
 def test_staged_oni_equals_defend(tmp_path):
     """`oni run` computes ONI's phi, eta and model as separate stages; together they must
     give the model oni.defend('oni') gives."""
@@ -628,6 +688,31 @@ def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_a
     assert weights.read_bytes() == before
     assert not out.exists()
     assert np.load(data_path) is not None  # the data file is intact
+
+
+def test_solver_commands_report_out_of_memory_without_a_traceback(model_and_data, capsys,
+                                                                   tmp_path, monkeypatch):
+    import oni.distributed
+    root, _, _ = model_and_data
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 123456789012 bytes.")
+
+    monkeypatch.setattr(oni.distributed, "shapley_values", out_of_memory)
+    out = tmp_path / "o.npy"
+    argv = ["shapley", str(root / "model"), str(root / "data.npz"), "--out", str(out)]
+    assert cli.main([*argv, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "oni shapley: error: out of memory: it asked for 123.5 GB" in err, err
+    assert "Traceback" not in err and not out.exists()
+    # any other RuntimeError is a bug: its traceback is shown
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(oni.distributed, "shapley_values", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([*argv, "--device", "cpu"])
 
 
 def test_run_refuses_a_directory_of_other_files(tiny_yaml, tmp_path, capsys):
