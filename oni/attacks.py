@@ -13,6 +13,9 @@ holds population data (``splits.shadow_pool``: rows the target never trained on)
 of the training set (``splits.known``), and knows the labels of the rows it attacks. It
 never sees ``splits.train`` beyond ``known``, ``splits.test``, or ``splits.target_member``.
 It may query the target on any input (the label-only attack queries noisy copies of rows).
+Hand-made splits are held to these definitions before any attack runs
+(:meth:`oni.data.Splits.check`): a shadow pool that holds training rows, or a
+``target_member`` that disagrees with ``train``, would give a silently wrong attack.
 
 **Adaptive attacks** (the paper's threat model: the attacker knows the defense): with
 ``defense=(name, config)`` every shadow model is trained with
@@ -311,16 +314,7 @@ def _check_inputs(target, data, splits, train_config, seed) -> None:
         raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
     _check_config(train_config)
     check_seed(seed)
-    for key in ("train", "known", "target", "shadow_pool"):
-        idx = getattr(splits, key)
-        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-            got = (f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor)
-                   else type(idx).__name__)
-            raise TypeError(f"splits.{key} must be a 1-D int64 tensor of row indices, got "
-                            f"{got}")
-        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= data.n):
-            raise ValueError(f"splits.{key} indexes rows up to {int(idx.max())} but data has "
-                             f"{data.n} rows: the splits belong to another data set")
+    splits.check(data.n)
     if len(splits.target) == 0:
         raise ValueError("splits.target is empty: there is nothing to attack")
 

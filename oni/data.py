@@ -1024,6 +1024,62 @@ class Splits:
     def __repr__(self) -> str:
         return f"Splits(preset={self.preset!r}, seed={self.seed}, {self.sizes()})"
 
+    def check(self, n_rows: int) -> None:
+        """Raises TypeError/ValueError naming the field when these splits break the
+        definitions above for a data set of ``n_rows`` rows: index fields that are not 1-D
+        int64 or out of range, a row listed twice in one set, sets that must be disjoint and
+        overlap (a shadow pool holding members would train "non-member" shadows on them),
+        ``known`` outside ``train``, or ``target_member`` not saying which target rows are in
+        ``train`` (every score would be judged against wrong labels)."""
+        for key in ("train", "test", "known", "target", "shadow_pool"):
+            idx = getattr(self, key)
+            if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+                got = (f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor)
+                       else type(idx).__name__)
+                raise TypeError(f"splits.{key} must be a 1-D int64 tensor of row indices, "
+                                f"got {got}")
+            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
+                raise ValueError(f"splits.{key} indexes rows up to {int(idx.max())} but data "
+                                 f"has {n_rows} rows: the splits belong to another data set")
+            if len(torch.unique(idx)) != len(idx):
+                raise ValueError(f"splits.{key} lists a row more than once (row "
+                                 f"{_first_repeat(idx)}): each set holds distinct rows")
+        member = self.target_member
+        if not isinstance(member, Tensor) or member.dtype != torch.bool or \
+                member.shape != self.target.shape:
+            got = (f"{member.dtype} {tuple(member.shape)}" if isinstance(member, Tensor)
+                   else type(member).__name__)
+            raise TypeError(f"splits.target_member must be a bool tensor shaped like "
+                            f"splits.target {tuple(self.target.shape)}, got {got}")
+        for a, b in (("test", "train"), ("test", "target"), ("test", "shadow_pool"),
+                     ("shadow_pool", "train"), ("shadow_pool", "target")):
+            shared = getattr(self, a)[torch.isin(getattr(self, a), getattr(self, b))]
+            if len(shared):
+                raise ValueError(f"splits.{a} and splits.{b} share {len(shared)} rows (e.g. "
+                                 f"row {int(shared[0])}); they must be disjoint")
+        outside = self.known[~torch.isin(self.known, self.train)]
+        if len(outside):
+            raise ValueError(f"splits.known holds {len(outside)} rows outside splits.train "
+                             f"(e.g. row {int(outside[0])}): the adversary's known members "
+                             f"are training rows")
+        wrong = torch.isin(self.target, self.train) != member
+        if bool(wrong.any()):
+            i = int(wrong.nonzero()[0])
+            raise ValueError(f"splits.target_member[{i}] is {bool(member[i])} but row "
+                             f"{int(self.target[i])} is {'not ' if member[i] else ''}in "
+                             f"splits.train ({int(wrong.sum())} entries disagree): "
+                             f"target_member says which target rows are members")
+        held = self.target[torch.isin(self.target, self.known)]
+        if len(held):
+            raise ValueError(f"splits.target and splits.known share {len(held)} rows (e.g. "
+                             f"row {int(held[0])}): the adversary never holds the rows it is "
+                             f"scored on")
+
+
+def _first_repeat(idx: Tensor) -> int:
+    values, counts = torch.unique(idx, return_counts=True)
+    return int(values[counts > 1][0])
+
 
 def _auto_preset(dataset: Dataset) -> str:
     if dataset.k == 100 and dataset.d == 600:

@@ -565,6 +565,7 @@ def _check_membership(splits: data.Splits, n: int):
     assert not outsiders & (sets["train"] | sets["test"] | sets["shadow_pool"])
     assert splits.target_member.dtype == torch.bool
     assert all(getattr(splits, name).dtype == torch.int64 for name in sets)
+    splits.check(n)  # the check the attacks run agrees with the definitions above
 
 
 def test_splits_membership_definitions_hold():
@@ -631,6 +632,51 @@ def test_splits_custom_sizes_and_errors():
         data.make_splits(_blank(17))
     with pytest.raises(TypeError, match="seed must be an int"):
         data.make_splits(ds, seed=1.5)
+
+
+def test_splits_check_refuses_splits_that_break_the_definitions():
+    """Hand-made splits reach the attacks unchecked by make_splits: each broken definition
+    is refused by name (an overlapping shadow pool or a wrong target_member gave a silently
+    wrong attack)."""
+    import dataclasses
+    good = data.make_splits(_blank(1000), seed=0)
+    good.check(1000)
+    train, pool, test = good.train, good.shadow_pool, good.test
+    member_row = good.target[good.target_member][0]
+    flipped = good.target_member.clone()
+    flipped[3] = ~flipped[3]
+    cases = [
+        (dict(shadow_pool=torch.cat([pool, train[:5]])), ValueError,
+         r"splits\.shadow_pool and splits\.train share 5 rows"),
+        (dict(shadow_pool=torch.cat([pool, pool[:1]])), ValueError,
+         rf"splits\.shadow_pool lists a row more than once \(row {int(pool[0])}\)"),
+        (dict(train=torch.cat([train, train[-1:]])), ValueError, r"splits\.train lists a row"),
+        (dict(test=torch.cat([test, train[:2]])), ValueError,
+         r"splits\.test and splits\.train share 2 rows"),
+        (dict(shadow_pool=torch.cat([pool, member_row[None]])), ValueError,
+         r"splits\.shadow_pool and splits\.train share"),
+        (dict(known=torch.cat([good.known, pool[:1]])), ValueError,
+         r"splits\.known holds 1 rows outside splits\.train"),
+        (dict(known=torch.cat([good.known, member_row[None]])), ValueError,
+         r"splits\.target and splits\.known share 1 rows"),
+        (dict(target_member=flipped), ValueError,
+         r"splits\.target_member\[3\] .* \(1 entries disagree\)"),
+        (dict(target_member=good.target_member.long()), TypeError,
+         r"splits\.target_member must be a bool tensor shaped like splits\.target"),
+        (dict(target_member=good.target_member[:-1]), TypeError, r"got torch\.bool"),
+        (dict(test=test.int()), TypeError, r"splits\.test must be a 1-D int64 tensor"),
+        (dict(known=good.known[None]), TypeError, r"splits\.known must be a 1-D"),
+        (dict(train=torch.cat([train, torch.tensor([1000])])), ValueError,
+         r"splits\.train indexes rows up to 1000 but data has 1000 rows"),
+    ]
+    for fields, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            dataclasses.replace(good, **fields).check(1000)
+    # rows in no set, and a target without members, break no definition
+    dataclasses.replace(good, shadow_pool=pool[:10], test=test[:0]).check(1000)
+    outsiders = ~good.target_member
+    dataclasses.replace(good, target=good.target[outsiders],
+                        target_member=good.target_member[outsiders]).check(1000)
 
 
 # ----------------------------------------------------------------------------- synthetic
