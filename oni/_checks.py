@@ -57,6 +57,18 @@ def check_finite(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
 
 
+def check_finite_weights(model, name: str, why: str) -> None:
+    """A ValueError naming ``name``, the first parameter or buffer holding NaN or Inf, and
+    ``why`` it matters, if ``model`` has one."""
+    for kind, tensors in (("parameter", model.named_parameters()),
+                          ("buffer", model.named_buffers())):
+        for key, t in tensors:
+            try:
+                check_finite(t.detach(), f"{name}'s {kind} {key!r}")
+            except ValueError as err:
+                raise ValueError(f"{err}: {why}") from None
+
+
 def first_bad_row(bad: Tensor) -> Optional[int]:
     """The first row of the mask ``bad`` (``[N]`` or ``[N, ...]``) that holds a True, None
     when none does: the row an error message names."""

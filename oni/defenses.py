@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import MAX_ADAM_LR
+from ._checks import MAX_ADAM_LR, check_finite_weights, first_bad_row
 from .models import (
     MLP,
     PAPER_HIDDEN,
@@ -357,6 +357,10 @@ class DynaNoise:
     def __call__(self, x: Tensor) -> Tensor:
         """Noisy probabilities ``[N, k]`` float32 on the CPU for inputs ``x`` ``[N, d]``."""
         logits = predict_logits(self.model, x)  # float32, CPU
+        bad = first_bad_row(~torch.isfinite(logits))
+        if bad is not None:  # the model's fault, not the noise's: say so before adding it
+            raise FloatingPointError(f"the model's logits at row {bad} of x are NaN or Inf: "
+                                     f"DynaNoise adds its noise to finite logits")
         n, k = logits.shape
         noise = torch.randn((self.draws, n, k), generator=self.generator)
         log_p = torch.log_softmax(logits, dim=1)
@@ -576,6 +580,9 @@ def defend(
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"base_model must be an nn.Module (a trained undefended model), "
                             f"got {type(base_model).__name__}")
+        # a diverged f would be released as "undefended" and give every defense NaN labels
+        check_finite_weights(base_model, "base_model", "a trained undefended model has "
+                             "finite weights (did its training diverge?)")
         base_model = copy.deepcopy(base_model).to(device).eval()
         width = _output_width(base_model, x[:1].to(device), d)
         if n_classes is not None and n_classes != width:
@@ -628,6 +635,10 @@ def _distill(job: _Job, x_noisy: Tensor, cfg: dict) -> Tuple[nn.Module, History]
     distillation_loss (y the hard labels)."""
     base, _ = _base(job)
     log_soft = torch.log_softmax(predict_logits(base, x_noisy), dim=1)
+    bad = first_bad_row(~torch.isfinite(log_soft))
+    if bad is not None:  # train_model would name its own argument, extra[0]
+        raise FloatingPointError(f"the undefended model's soft labels at noisy row {bad} are "
+                                 f"NaN or Inf: its logits there are not finite")
     loss_fn = functools.partial(distillation_loss, alpha=cfg["alpha"],
                                 kl_direction=cfg["kl_direction"])
     model = _fresh_model(job)

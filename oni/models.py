@@ -32,7 +32,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import check_seed as _check_seed
+from ._checks import check_finite_weights, check_seed as _check_seed
 
 __all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model",
            "load_model"]
@@ -557,5 +557,7 @@ def load_model(path: Union[str, os.PathLike], *,
     model = skeleton.to_empty(device="cpu")  # every parameter is loaded just below
     model.to(next(iter(state.values())).dtype)
     model.load_state_dict(state)
+    check_finite_weights(model, str(weights_path), "a model with it predicts NaN (was it "
+                         "saved after its training diverged?)")
     model.to(device).eval()
     return model, dict(meta["extra"] or {})

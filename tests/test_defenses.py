@@ -4,6 +4,7 @@ follows its formula; DP-SGD reports the epsilon it spent; bad configs are reject
 round-trip."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import sys
@@ -460,6 +461,32 @@ def test_bad_arguments_are_rejected(data, confident_base):
         defend("undefended", x, y, train_config=TRAIN, hidden=32)
     with pytest.raises(ValueError, match="seed"):
         defend("undefended", x, y, train_config=TRAIN, seed=-1)
+
+
+@pytest.mark.parametrize("name", DEFENSES)
+def test_a_diverged_base_model_is_refused_by_name(name, data, confident_base):
+    """A base model with a NaN weight was released as "undefended", or failed later as
+    extra[0] (distillation) or as DynaNoise's noise overflowing."""
+    broken = copy.deepcopy(confident_base)
+    with torch.no_grad():
+        broken[2].bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"base_model's parameter '2\.bias' contains NaN "
+                                         r"or Inf \(first at index \[1\]\).*diverge"):
+        _defend(name, data, base_model=broken)
+
+
+def test_non_finite_logits_of_a_finite_model_are_named(data, confident_base):
+    """Finite weights can still overflow: the logits are named, not the noise or extra[0]."""
+    x, y, _, _ = data
+    loud = copy.deepcopy(confident_base)
+    with torch.no_grad():
+        loud[0].weight.mul_(1e38)
+    with pytest.raises(FloatingPointError, match=r"soft labels at noisy row \d+ are NaN or "
+                                                 r"Inf"):
+        _defend("uniform", data, base_model=loud)
+    with pytest.raises(FloatingPointError, match=r"the model's logits at row \d+ of x are NaN "
+                                                 r"or Inf: DynaNoise adds its noise"):
+        DynaNoise(loud)(x)
 
 
 # ----------------------------------------------------------------------------- files

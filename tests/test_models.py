@@ -3,6 +3,7 @@ seeded initialisation, and model files: round trip, atomic saves, and clear erro
 missing, corrupt or mismatched files."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -394,6 +395,18 @@ def test_load_checks_a_corrupt_configs_sizes_before_allocating(saved, small, wid
     with pytest.raises(ValueError, match=rf"does not match the architecture in .*wrong shapes "
                                          rf"\['0\.weight: \(8, 6\) \(expected \(8, {width}\)\)"):
         load_model(saved)
+
+
+def test_load_refuses_non_finite_weights(tmp_path, small):
+    """A model saved after its training diverged loads as a NaN predictor: refused, naming
+    the file and the tensor."""
+    broken = copy.deepcopy(small)
+    with torch.no_grad():
+        next(broken.parameters())[1, 2] = float("inf")
+    path = save_model(broken, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"weights\.\w+'s parameter '0\.weight' contains NaN "
+                                         r"or Inf \(first at index \[1, 2\]\).*diverged"):
+        load_model(path)
 
 
 def test_load_checks_state_dict_contents(saved, small):
