@@ -152,7 +152,7 @@ class StageStore:
         """The stage's record, or None when absent or unreadable."""
         try:
             record = json.loads((self.path(name) / _RECORD).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
             return None
         if not isinstance(record, dict) or record.get("format") != _STAGE_FORMAT:
             return None

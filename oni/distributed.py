@@ -35,6 +35,10 @@ class OtherRankFailed(RuntimeError):
 
 def world(group=None) -> Tuple[int, int]:
     """(rank, world size) in ``group``; (0, 1) without an initialised process group."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        # checked before the early return: a wrong group must not pass on one process
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None (the world), "
+                        f"got {type(group).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     rank = dist.get_rank(group)

@@ -369,7 +369,8 @@ def build_report(run_dir: os.PathLike) -> Path:
     run_dir = Path(run_dir)
     try:
         results, roc = _load(run_dir)
-    except (ValueError, EOFError, zipfile.BadZipFile) as err:  # JSON, UTF-8, npz damage
+    # JSON, UTF-8, npz damage; JSON nested deeper than Python's recursion limit
+    except (ValueError, EOFError, zipfile.BadZipFile, RecursionError) as err:
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
                          f"same `oni run` again to rewrite them") from None
     try:

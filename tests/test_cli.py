@@ -374,6 +374,7 @@ def test_corrupt_or_missing_stage_files_are_recomputed(small_reference, tiny_yam
     scores.write_bytes(scores.read_bytes()[:100])          # a torn file
     (out / "stages" / "defense-dynanoise" / "stage.json").unlink()   # a stage never finished
     (out / "stages" / "oni-phi" / "stage.json").write_text("{not json")  # a torn record
+    (out / "stages" / "oni-eta" / "stage.json").write_text("[" * 100_000)  # json recurses
     weights = next((out / "stages" / "defense-oni" / "model").glob("weights.*"))
     weights.write_bytes(weights.read_bytes()[:-8])  # a model's weights, torn
     # a record edited into other valid JSON: its facts were used (a KeyError, mid-run)
@@ -771,7 +772,7 @@ def test_a_failed_run_over_a_finished_one_keeps_its_config_and_figures(small_ref
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc",
-                                    "wrong structure"])
+                                    "wrong structure", "nested too deep"])
 def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, tmp_path,
                                                                capsys, damage):
     out = tmp_path / "run"
@@ -784,7 +785,8 @@ def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, 
         wrong = {**json.loads(results.read_text()), "defenses": {"x": 1}}
         results.write_bytes({"truncated": results.read_bytes()[:50], "empty object": b"{}",
                              "list": b"[]", "not utf-8": b"\xff\xfe{",
-                             "wrong structure": json.dumps(wrong).encode()}[damage])
+                             "wrong structure": json.dumps(wrong).encode(),
+                             "nested too deep": b"[" * 100_000 + b"]" * 100_000}[damage])
     assert cli.main(["report", str(out)]) == 2
     err = capsys.readouterr().err
     assert "damaged" in err or "not what `oni run` writes" in err, err

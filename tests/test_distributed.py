@@ -51,6 +51,9 @@ def test_shards_cover_the_rows_in_order():
 def test_without_a_process_group_the_plain_functions_run():
     model, x = _problem()
     assert world() == (0, 1)
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup or "
+                                        "None .*got str"):
+        world("bogus")  # refused on one process too, not only where a group exists
     got = oni.distributed.shapley_values(model, x, n_permutations=6, seed=1)
     assert torch.equal(got.values, oni.shapley_values(model, x, n_permutations=6, seed=1).values)
 
