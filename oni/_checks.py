@@ -9,6 +9,11 @@ import torch
 from torch import Tensor
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds indices: an integer type (bool, float and complex do not)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_int(value, name: str, minimum: int) -> int:
     """``value`` as an int, or a TypeError (not an int; bools are refused) / ValueError
     (below ``minimum``) naming the argument."""

@@ -107,7 +107,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import (MAX_ADAM_LR, check_class_indices, check_finite, check_int as _check_int,
-                      check_seed)
+                      check_seed, is_integer_dtype)
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -592,7 +592,7 @@ def _check_probs_and_labels(probs, labels) -> None:
     if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != n:
         raise ValueError(f"labels must be a tensor [n] = [{n}] (one per row of probs), got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if not is_integer_dtype(labels.dtype):
         raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
     check_class_indices(labels, "labels", k)
     # probabilities (softmax outputs): NaN would pass silently into (or out of) the scores,

@@ -27,7 +27,7 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import check_class_indices, check_finite, tensor_to_numpy
+from ._checks import check_class_indices, check_finite, is_integer_dtype, tensor_to_numpy
 from .shapley import _check_model_width
 
 __all__ = [
@@ -119,7 +119,7 @@ def prediction_accuracy(outputs, labels) -> float:
     """
     out = torch.as_tensor(_as_numpy(outputs, "outputs"))
     lab = torch.as_tensor(_as_numpy(labels, "labels"))
-    if lab.ndim != 1 or lab.dtype.is_floating_point or lab.dtype == torch.bool:
+    if lab.ndim != 1 or not is_integer_dtype(lab.dtype):
         raise ValueError(f"labels must be a 1-D vector of class indices, got shape "
                          f"{tuple(lab.shape)} and dtype {lab.dtype}")
     if out.ndim == 2:
@@ -198,7 +198,7 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
                                  f"{tuple(x.shape)} and {tuple(y.shape)}")
             if not x.dtype.is_floating_point:
                 raise TypeError(f"{name} x must be floating point, got {x.dtype}")
-            if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            if not is_integer_dtype(y.dtype):
                 raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
             check_finite(x, f"{name} x")
             try:

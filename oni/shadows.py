@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_int, first_bad_row
+from ._checks import check_int, first_bad_row, is_integer_dtype
 from .models import MLP, SLOW_BF16_CPU, _native_bf16_cpu, _resolve_device, init_parameters_
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_label_range, _check_labels, _progress, flush_tiny_moments_)
@@ -217,7 +217,7 @@ def _check_index_sets(xs_idx, n_rows: int) -> Tensor:
     if len(rows) == 0:
         raise ValueError("xs_idx is empty: give at least one model's training indices")
     for j, r in enumerate(rows):
-        if r.dim() != 1 or r.dtype.is_floating_point or r.dtype == torch.bool:
+        if r.dim() != 1 or not is_integer_dtype(r.dtype):
             raise TypeError(f"xs_idx[{j}] must be a 1-D tensor of integer row indices, got "
                             f"shape {tuple(r.shape)} and dtype {r.dtype}")
         if len(r) != len(rows[0]):

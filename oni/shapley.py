@@ -32,7 +32,8 @@ from torch.nn.modules import module as torch_module
 
 from . import _ops, reference
 from ._checks import check_finite as _check_finite, check_int as _check_int
-from ._checks import check_class_indices, check_row_offset, check_seed, first_bad_row
+from ._checks import (check_class_indices, check_row_offset, check_seed, first_bad_row,
+                      is_integer_dtype)
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -176,7 +177,7 @@ def _check_group_ids(ids, name: str, x: Tensor, x_name: str) -> None:
     captum's feature_mask); the caller checks its shape."""
     if not isinstance(ids, Tensor) or ids.layout != torch.strided:
         raise TypeError(f"{name} must be None or a dense integer tensor, got {_describe(ids)}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if not is_integer_dtype(ids.dtype):
         raise TypeError(f"{name} must hold integer group ids, got {ids.dtype}")
     if ids.device != x.device:
         raise ValueError(f"{name} must be on {x_name} device {x.device}, got {ids.device}")
@@ -445,7 +446,7 @@ def _resolve_target(target, labels, logits_x: Tensor) -> Tensor:
                              f"model has k = {k} outputs)")
         classes = torch.full((n,), int(target), dtype=torch.long, device=device)
     elif isinstance(target, Tensor):
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        if not is_integer_dtype(target.dtype):
             raise TypeError(f"{name} must hold integer class indices, got {target.dtype}")
         if target.dim() == 0:
             target = target.expand(n)

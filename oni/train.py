@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import (MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, check_finite as _check_finite,
-                      check_int as _check_int)
+                      check_int as _check_int, is_integer_dtype)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -186,7 +186,7 @@ def _check_labels(y, name: str, n: int, x_name: str) -> Tensor:
     if y.layout != torch.strided or y.device.type == "meta":
         raise TypeError(f"{name} must be a dense tensor with values, got layout {y.layout} "
                         f"on {y.device}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+    if not is_integer_dtype(y.dtype):
         raise TypeError(f"{name} must hold integer class indices, got {y.dtype}")
     if y.dim() != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must be 1-D [N] with N = {n} ({x_name}'s rows), "
