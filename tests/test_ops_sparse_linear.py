@@ -197,3 +197,19 @@ def test_mixed_devices_are_rejected():
         _ops.sparse_input_linear(x, weight_t.cuda(), bias)
     with pytest.raises(RuntimeError, match="out must be on x's device"):
         _ops.sparse_input_weight_grad(x, grad, out.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_wider_than_one_launch_on_cuda():
+    """H past the grid's y limit (65535 blocks of 256 columns): the kernels loop over the
+    columns instead of refusing (the emulation runs the same loops at a lowered limit)."""
+    H = 65535 * 256 + 300
+    gen = torch.Generator().manual_seed(0)
+    x = torch.tensor([[[1.0, 0.0, -2.0], [0.0, 0.5, 0.0]]])  # [1, 2, 3]
+    weight_t = torch.randn(1, 3, H, generator=gen)
+    bias = torch.randn(1, H, generator=gen)
+    out = _ops.sparse_input_linear(x.cuda(), weight_t.cuda(), bias.cuda()).cpu()
+    torch.testing.assert_close(out, reference.sparse_input_linear(x, weight_t, bias))
+    grad = torch.randn(1, 2, H, generator=gen)
+    got = _weight_grad(_ops.sparse_input_weight_grad, x.cuda(), grad.cuda()).cpu()
+    torch.testing.assert_close(got, _weight_grad(reference.sparse_input_weight_grad, x, grad))

@@ -99,6 +99,23 @@ def test_kernel_backend_equals_torch_backend(device):
         assert torch.equal(k.n_permutations, t.n_permutations)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_backend_on_wide_layers(device):
+    """A first layer 1,030 units wide, 2,600 features and ~310 active ones: more columns
+    than the walk and accumulation kernels' blocks cover in one pass at the emulation's
+    launch limits (tests/cuda_emu), so their grid-stride loops run there (each was broken by
+    hand and caught here); the paper's first layer is 1,024 wide."""
+    gen = torch.Generator().manual_seed(21)
+    model = nn.Sequential(nn.Linear(2600, 1030), nn.ReLU(), nn.Linear(1030, 5)).eval()
+    x = (torch.rand(3, 2600, generator=gen) < 0.12).float()
+    model, x = model.to(device), x.to(device)
+    for net in (model, Wrapped(model).eval()):  # incremental, then masked-input walks
+        k = oni.shapley_values(net, x, n_permutations=2, seed=4, backend="kernel")
+        t = oni.shapley_values(net, x, n_permutations=2, seed=4, backend="torch")
+        torch.testing.assert_close(k.values, t.values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(k.values.sum(1), k.fx - k.f_baseline, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generic_path_equals_incremental_path(backend):
     model = small_mlp(10, k=4, seed=13)

@@ -14,6 +14,7 @@
 
 #include "../adam_scalars.h"
 #include "../checks.h"
+#include "../launch_limits.h"
 
 namespace oni {
 namespace {
@@ -56,7 +57,7 @@ void adam_step_bf16_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
   const AdamScalars s = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, flush_below);
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535LL * 8);
-  adam_step_bf16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
+  adam_step_bf16_kernel<<<grid_x(blocks), kThreads, 0,
                           c10::cuda::getCurrentCUDAStream()>>>(
       param.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
       reinterpret_cast<__nv_bfloat16*>(param_bf16.data_ptr()),

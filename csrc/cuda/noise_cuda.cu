@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../launch_limits.h"
 
 namespace oni {
 namespace {
@@ -20,10 +21,6 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 constexpr int kRowsPerBlock = 8;  // entropy: one warp per row
-
-inline unsigned grid_for(int64_t blocks) {
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), (1LL << 31) - 1));
-}
 
 // ----------------------------------------------------------------------------- entropy
 
@@ -80,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_and_grad_cuda(const at::Tensor& logit
   auto grad = at::empty({N, k}, logits.options());
   if (N == 0) return {entropy, grad};
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "entropy_and_grad_cuda", [&] {
-    entropy_and_grad_kernel<scalar_t><<<grid_for((N + kRowsPerBlock - 1) / kRowsPerBlock),
+    entropy_and_grad_kernel<scalar_t><<<grid_x((N + kRowsPerBlock - 1) / kRowsPerBlock),
                                         32 * kRowsPerBlock, 0, stream>>>(
         z.data_ptr<scalar_t>(), N, k, entropy.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -252,7 +249,7 @@ at::Tensor ascend_and_project_cuda(const at::Tensor& eta, const at::Tensor& dire
       auto status = at::empty({2}, eta.options().dtype(at::kLong)).fill_(kNone);
       const int64_t items = std::max<int64_t>(N * d, N);
       check_projection_values_kernel<scalar_t>
-          <<<grid_for(std::min<int64_t>((items + 255) / 256, 4096)), 256, 0, stream>>>(
+          <<<grid_x(std::min<int64_t>((items + 255) / 256, 4096)), 256, 0, stream>>>(
               u.data_ptr<scalar_t>(), rad.data_ptr<scalar_t>(), N, d,
               reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -269,7 +266,7 @@ at::Tensor ascend_and_project_cuda(const at::Tensor& eta, const at::Tensor& dire
     }
     if (d == 0) return;
     const int threads = d <= 1024 ? 128 : 256;
-    ascend_and_project_kernel<scalar_t><<<grid_for(N), threads, 0, stream>>>(
+    ascend_and_project_kernel<scalar_t><<<grid_x(N), threads, 0, stream>>>(
         eta_c.data_ptr<scalar_t>(), dir.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(),
         u.data_ptr<scalar_t>(), rad.data_ptr<scalar_t>(), act.data_ptr<bool>(), N, d,
         /*bisections=*/64, out.data_ptr<scalar_t>());

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "../launch_limits.h"
 
 namespace oni {
 namespace {
@@ -58,8 +59,7 @@ __global__ void relu_backward_bf16_kernel(uint16_t* __restrict__ grad,
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t work) {
-  return static_cast<unsigned>(std::max<int64_t>(
-      1, std::min<int64_t>((work + kThreads - 1) / kThreads, 65535LL * 8)));
+  return grid_x(std::min<int64_t>((work + kThreads - 1) / kThreads, 65535LL * 8));
 }
 
 void relu_bf16_cuda(const at::Tensor& x) {

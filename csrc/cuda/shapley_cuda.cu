@@ -22,23 +22,18 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../launch_limits.h"
 
 namespace oni {
 namespace {
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // "no bad row" in status
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
-constexpr int64_t kMaxGridY = 65535;
 
 // status[]: the values one sync brings back to the host.
 enum Status : int { kTotalSteps = 0, kTotalActive, kBadActive, kBadTarget, kBadPerm, kStatusSize };
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline unsigned grid_x(int64_t n) { return static_cast<unsigned>(std::min(n, kMaxGridX)); }
-
-inline unsigned grid_y(int64_t n) { return static_cast<unsigned>(std::min(n, kMaxGridY)); }
 
 // Threads per block for work spread over `width` items: a multiple of the warp size in
 // [32, cap], no more than the items need.
@@ -223,7 +218,7 @@ WalkPlan plan_walks(const at::Tensor& perm, const at::Tensor& n_active, int64_t 
     const int64_t blocks = std::min<int64_t>(N * P, max_blocks);
     at::Tensor scratch;
     if (!in_shared) scratch = at::zeros({blocks * words}, n_active.options().dtype(at::kInt));
-    validate_walks_kernel<<<static_cast<unsigned>(blocks), threads_for(L, 256),
+    validate_walks_kernel<<<grid_x(blocks), threads_for(L, 256),
                             in_shared ? mask_bytes : 0, stream>>>(
         perm_view(perm), n_active.data_ptr<int64_t>(), n_active.stride(0), N, P, L, n_features,
         words, in_shared ? nullptr : reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>()),

@@ -1,7 +1,7 @@
 // CUDA kernels of the batched linear layer with mostly-zero inputs (schemas in csrc/ops.cpp,
 // spec in oni/reference.py, CPU twin in csrc/cpu/sparse_linear_cpu.cpp). One thread per
-// output element; a block's threads share one input row (forward) or one input column
-// (weight gradient), so the test for a zero is uniform across the block and the weight or
+// output element (past the launch limits, a thread takes several in turn); a block's threads
+// share one input row (forward) or one input column (weight gradient) at a time, so the test for a zero is uniform across the block and the weight or
 // gradient rows are read coalesced. Every output sums its non-zeros in the CPU kernel's
 // order (ascending j, ascending b); nvcc fuses each multiply-add (FMA), so the sums match
 // the CPU's to rounding, not bit for bit. The shadow trainer uses cuBLAS on the GPU; these serve
@@ -16,55 +16,62 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "../launch_limits.h"
 
 namespace oni {
 namespace {
 
 constexpr int kThreads = 256;
 
-// out[r, h] = bias[k, h] + sum_j x[r, j] * weight_t[k, j, h], r = k * B + b (grid.x = K*B).
+// out[r, h] = bias[k, h] + sum_j x[r, j] * weight_t[k, j, h], r = k * B + b < rows. Grids
+// stop at the launch limits: a block takes rows blockIdx.x + i * gridDim.x and, in each,
+// columns blockIdx.y * blockDim.x + threadIdx.x + i * gridDim.y * blockDim.x.
 template <typename T>
 __global__ void sparse_input_linear_kernel(const T* __restrict__ x, const T* __restrict__ weight_t,
                                            const T* __restrict__ bias, T* __restrict__ out,
-                                           int64_t B, int64_t d, int64_t H) {
-  const int64_t r = blockIdx.x;
-  const int64_t h = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (h >= H) return;
-  const int64_t k = r / B;
-  const T* row = x + r * d;
-  const T* table = weight_t + k * d * H + h;
-  T acc = bias ? bias[k * H + h] : T(0);
-  for (int64_t j = 0; j < d; ++j) {
-    const T v = row[j];
-    if (v != T(0)) acc += v * table[j * H];
+                                           int64_t rows, int64_t B, int64_t d, int64_t H) {
+  const int64_t column_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t k = r / B;
+    const T* row = x + r * d;
+    for (int64_t h = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; h < H;
+         h += column_stride) {
+      const T* table = weight_t + k * d * H + h;
+      T acc = bias ? bias[k * H + h] : T(0);
+      for (int64_t j = 0; j < d; ++j) {
+        const T v = row[j];
+        if (v != T(0)) acc += v * table[j * H];
+      }
+      out[r * H + h] = acc;
+    }
   }
-  out[r * H + h] = acc;
 }
 
-// out[k, j, h] = sum_b x[k, b, j] * grad[k, b, h] (grid.x = K*d).
+// out[k, j, h] = sum_b x[k, b, j] * grad[k, b, h], over rows kj = k * d + j < rows, strided
+// as above.
 template <typename T>
 __global__ void sparse_input_weight_grad_kernel(const T* __restrict__ x, const T* __restrict__ grad,
-                                                T* __restrict__ out, int64_t B, int64_t d,
-                                                int64_t H) {
-  const int64_t kj = blockIdx.x;
-  const int64_t h = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (h >= H) return;
-  const int64_t k = kj / d, j = kj % d;
-  const T* column = x + k * B * d + j;
-  const T* g = grad + k * B * H + h;
-  T acc = T(0);
-  for (int64_t b = 0; b < B; ++b) {
-    const T v = column[b * d];
-    if (v != T(0)) acc += v * g[b * H];
+                                                T* __restrict__ out, int64_t rows, int64_t B,
+                                                int64_t d, int64_t H) {
+  const int64_t column_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  for (int64_t kj = blockIdx.x; kj < rows; kj += gridDim.x) {
+    const int64_t k = kj / d, j = kj % d;
+    const T* column = x + k * B * d + j;
+    for (int64_t h = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; h < H;
+         h += column_stride) {
+      const T* g = grad + k * B * H + h;
+      T acc = T(0);
+      for (int64_t b = 0; b < B; ++b) {
+        const T v = column[b * d];
+        if (v != T(0)) acc += v * g[b * H];
+      }
+      out[kj * H + h] = acc;
+    }
   }
-  out[kj * H + h] = acc;
 }
 
 dim3 grid_for(int64_t rows, int64_t H) {
-  TORCH_CHECK(rows < (int64_t(1) << 31), "too many rows for one launch: ", rows);
-  const int64_t column_blocks = (H + kThreads - 1) / kThreads;
-  TORCH_CHECK(column_blocks <= 65535, "H = ", H, " is too wide for one launch");
-  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(column_blocks));
+  return dim3(grid_x(rows), grid_y((H + kThreads - 1) / kThreads));
 }
 
 at::Tensor sparse_input_linear_cuda(const at::Tensor& x, const at::Tensor& weight_t,
@@ -82,11 +89,11 @@ at::Tensor sparse_input_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
   if (x.scalar_type() == at::kFloat) {
     sparse_input_linear_kernel<float><<<grid, kThreads, 0, stream>>>(
         xc.data_ptr<float>(), wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
-        out.data_ptr<float>(), B, d, H);
+        out.data_ptr<float>(), K * B, B, d, H);
   } else {
     sparse_input_linear_kernel<double><<<grid, kThreads, 0, stream>>>(
         xc.data_ptr<double>(), wc.data_ptr<double>(),
-        bc.defined() ? bc.data_ptr<double>() : nullptr, out.data_ptr<double>(), B, d, H);
+        bc.defined() ? bc.data_ptr<double>() : nullptr, out.data_ptr<double>(), K * B, B, d, H);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -104,10 +111,10 @@ void sparse_input_weight_grad_cuda(const at::Tensor& x, const at::Tensor& grad,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kFloat) {
     sparse_input_weight_grad_kernel<float><<<grid, kThreads, 0, stream>>>(
-        xc.data_ptr<float>(), gc.data_ptr<float>(), out.data_ptr<float>(), B, d, H);
+        xc.data_ptr<float>(), gc.data_ptr<float>(), out.data_ptr<float>(), K * d, B, d, H);
   } else {
     sparse_input_weight_grad_kernel<double><<<grid, kThreads, 0, stream>>>(
-        xc.data_ptr<double>(), gc.data_ptr<double>(), out.data_ptr<double>(), B, d, H);
+        xc.data_ptr<double>(), gc.data_ptr<double>(), out.data_ptr<double>(), K * d, B, d, H);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -25,6 +25,8 @@ SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [HERE / "selftest.cu"]
 ASAN = os.environ.get("ONI_CUDA_EMU_ASAN") == "1"
 BUILD_DIR = ROOT / "build" / ("cuda_emu_asan" if ASAN else "cuda_emu")
 LIBRARY = BUILD_DIR / "liboni_cuda_emu.so"
+# the launch limits the emulated kernels see (csrc/launch_limits.h; a GPU's: 2^31 - 1, 65535)
+EMULATED_MAX_GRID = (3, 2)
 
 _BOUNDS = re.compile(r"__launch_bounds__\(\s*([^()]+?)\s*\)\s*(\w+)\s*\(")
 _LAUNCH = re.compile(r"(?P<name>[A-Za-z_]\w*)(?P<targs><[^<>;{}]*>)?\s*<<<(?P<cfg>.*?)>>>\s*\(",
@@ -80,6 +82,9 @@ def _flags():
     compile_flags = ["-std=c++20", "-fPIC", "-O1", "-g0", "-ffp-contract=off", "-fno-math-errno",
                      "-U_FORTIFY_SOURCE",  # __longjmp_chk refuses jumps between fiber stacks
                      f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=oni_cuda_emu",
+                     # tiny grids: every kernel's grid-stride loops run on the tests' shapes
+                     f"-DONI_MAX_GRID_X={EMULATED_MAX_GRID[0]}",
+                     f"-DONI_MAX_GRID_Y={EMULATED_MAX_GRID[1]}",
                      *includes]
     lib = Path(torch.__file__).parent / "lib"
     link_flags = ["-shared", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]

@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "launch_limits.h"
+
 #include "cuda_emu.h"
 
 namespace oni_emu {
@@ -232,8 +234,10 @@ void check_config(const char* kernel, const LaunchConfig& c, int launch_bound) {
   const auto where = [&] { return std::string("emulated launch of ") + kernel + ": "; };
   TORCH_CHECK(c.grid.x >= 1 && c.grid.y >= 1 && c.grid.z >= 1, where(), "grid (", c.grid.x, ", ",
               c.grid.y, ", ", c.grid.z, ") has a zero dimension (CUDA: invalid configuration)");
-  TORCH_CHECK(c.grid.x <= 2147483647u && c.grid.y <= 65535u && c.grid.z <= 65535u, where(),
-              "grid (", c.grid.x, ", ", c.grid.y, ", ", c.grid.z, ") exceeds (2^31-1, 65535, 65535)");
+  // the limits this build emulates (lowered by build.py: a launch must go through grid_x/y)
+  TORCH_CHECK(c.grid.x <= oni::kMaxGridX && c.grid.y <= oni::kMaxGridY && c.grid.z <= 65535u,
+              where(), "grid (", c.grid.x, ", ", c.grid.y, ", ", c.grid.z, ") exceeds (",
+              oni::kMaxGridX, ", ", oni::kMaxGridY, ", 65535)");
   const uint64_t threads = uint64_t{c.block.x} * c.block.y * c.block.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024 && c.block.z <= 64, where(), "block (", c.block.x,
               ", ", c.block.y, ", ", c.block.z, ") must hold 1..1024 threads");
