@@ -214,8 +214,9 @@ def test_prediction_accuracy_from_scores_or_labels():
         metrics.prediction_accuracy(torch.tensor([[float("nan"), 0.0]]), [0])
     with pytest.raises(ValueError, match=r"at least one class column, got shape \(3, 0\)"):
         metrics.prediction_accuracy(torch.zeros(3, 0), y)
-    with pytest.raises(ValueError, match="labels must be a 1-D vector of class indices"):
-        metrics.prediction_accuracy(logits, y.float())
+    for wrong in (y.float(), y.to(torch.complex64), y.bool()):
+        with pytest.raises(ValueError, match="labels must be a 1-D vector of class indices"):
+            metrics.prediction_accuracy(logits, wrong)
     with pytest.raises(ValueError, match=r"labels\[2\] = 2 is not a class index in \[0, 2\)"):
         metrics.prediction_accuracy(logits, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"labels\[0\] = -1 is not a class index \(>= 0\)"):
