@@ -68,6 +68,9 @@ def check_finite_weights(model, name: str, why: str) -> None:
     for kind, tensors in (("parameter", model.named_parameters()),
                           ("buffer", model.named_buffers())):
         for key, t in tensors:
+            if t.is_meta:
+                raise ValueError(f"{name}'s {kind} {key!r} is on the meta device: meta "
+                                 f"tensors hold no values")
             try:
                 check_finite(t.detach(), f"{name}'s {kind} {key!r}")
             except ValueError as err:

@@ -296,7 +296,7 @@ def _requested(err: BaseException) -> str:
 def _out_of_memory_error(step: str, err: BaseException, settings: Mapping[str, Any]
                          ) -> RunOutOfMemory:
     """``err`` restated for the user: the step, the request and the integer settings of
-    ``settings`` (seeds aside), largest first."""
+    ``settings``, largest first (seeds and epoch counts size no memory)."""
     sizes = [(key, value) for key, value in settings.items()
              if _is_size(value) and not any(
                  word in key.rsplit(".", 1)[-1] for word in ("seed", "epochs"))]

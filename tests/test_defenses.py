@@ -473,6 +473,11 @@ def test_a_diverged_base_model_is_refused_by_name(name, data, confident_base):
     with pytest.raises(ValueError, match=r"base_model's parameter '2\.bias' contains NaN "
                                          r"or Inf \(first at index \[1\]\).*diverge"):
         _defend(name, data, base_model=broken)
+    with torch.device("meta"):
+        skeleton = MLP(D, K, HIDDEN)
+    with pytest.raises(ValueError, match=r"base_model's parameter '0\.weight' is on the meta "
+                                         r"device"):
+        _defend(name, data, base_model=skeleton)
 
 
 def test_non_finite_logits_of_a_finite_model_are_named(data, confident_base):
