@@ -77,6 +77,27 @@ def check_finite_weights(model, name: str, why: str) -> None:
                 raise ValueError(f"{err}: {why}") from None
 
 
+def check_logits(out, n_rows: int, name: str, row_offset: int = 0) -> Tensor:
+    """``out`` if it is what a classifier returns for ``n_rows`` rows of ``name``: a real
+    floating ``[n_rows, k >= 1]`` tensor, finite in float32 (oni's working precision); else a
+    TypeError/ValueError naming the row. A NaN row's argmax is class 0 and its softmax NaN:
+    unchecked, a broken model scored as accurate, and probabilities came back NaN."""
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n_rows:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the model must map {name} [n, d] to logits [n, k], got {got}")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"the model must return real floating logits, got {out.dtype}")
+    if out.shape[1] == 0:
+        raise ValueError(f"the model returned logits with k = 0 columns for {name}: a "
+                         f"classifier has at least one class")
+    wide = out.float()
+    if wide.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(wide))).all()):
+        row = first_bad_row(~torch.isfinite(wide))
+        raise ValueError(f"the model's logits at row {row + row_offset} of {name} are NaN or "
+                         f"beyond float32's range: a model must return finite logits")
+    return out
+
+
 def first_bad_row(bad: Tensor) -> Optional[int]:
     """The first row of the mask ``bad`` (``[N]`` or ``[N, ...]``) that holds a True, None
     when none does: the row an error message names."""

@@ -27,7 +27,8 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import check_class_indices, check_finite, is_integer_dtype, tensor_to_numpy
+from ._checks import (check_class_indices, check_finite, check_logits, is_integer_dtype,
+                      tensor_to_numpy)
 from .shapley import _check_model_width
 
 __all__ = [
@@ -156,10 +157,7 @@ def _model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
         except RuntimeError as err:  # e.g. a width the model does not take: name the input
             raise RuntimeError(f"the model failed on {name} x of shape {tuple(x.shape)}: "
                                f"{err}") from err
-        if not isinstance(logits, Tensor) or logits.dim() != 2 or \
-                logits.shape[0] != len(x[lo:lo + batch_size]):
-            raise ValueError(f"the model must map {name} [N, d] to class scores [N, k], got "
-                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else logits}")
+        check_logits(logits, len(x[lo:lo + batch_size]), f"{name} x", lo)
         if lo == 0:  # the labels must be the model's classes
             check_class_indices(y, f"{name} labels", logits.shape[1])
         correct += int((logits.argmax(dim=1).cpu() == y[lo:lo + batch_size]).sum())

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import (MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, check_finite as _check_finite,
-                      check_int as _check_int, is_integer_dtype)
+                      check_int as _check_int, check_logits, is_integer_dtype)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -240,12 +240,8 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _outputs(model, x: Tensor, name: str) -> Tensor:
-    out = model(x)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the model must map {name} [n, d] to logits [n, k], got {got}")
-    return out
+def _outputs(model, x: Tensor, name: str, row_offset: int = 0) -> Tensor:
+    return check_logits(model(x), x.shape[0], name, row_offset)
 
 
 def _output_width(model: nn.Module, x_row: Tensor, d: int) -> int:
@@ -268,7 +264,7 @@ def _output_width(model: nn.Module, x_row: Tensor, d: int) -> int:
 def _predicted_classes(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """argmax of the logits, [N] int64 on x's device (x already on the model's device)."""
     with torch.no_grad(), _eval_mode(model):
-        return torch.cat([_outputs(model, x[lo:lo + batch_size], "x").argmax(dim=1)
+        return torch.cat([_outputs(model, x[lo:lo + batch_size], "x", lo).argmax(dim=1)
                           for lo in range(0, x.shape[0], batch_size)])
 
 
@@ -554,7 +550,10 @@ def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
     with torch.no_grad(), _eval_mode(model):
         # one pass even when N = 0, so the result has the model's k columns
         for lo in range(0, max(x.shape[0], 1), batch_size):
-            logits = _outputs(model, x[lo:lo + batch_size].to(device, dtype), "x")
+            rows = x[lo:lo + batch_size].to(device, dtype)
+            if rows.dtype != x.dtype:  # finite in x's dtype, maybe not in the model's
+                _check_finite(rows, f"x cast to the model's {dtype}")
+            logits = _outputs(model, rows, "x", lo)
             k = logits.shape[1]
             outs.append(transform(logits).cpu())
     return torch.cat(outs), k
@@ -582,6 +581,14 @@ def predict_logits(model: Callable[[Tensor], Tensor], x: Tensor, *,
     -------
     Tensor
         ``[N, k]`` float32 on the CPU.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad ``x`` or ``batch_size``; ``x`` beyond the range of the model's dtype; or model
+        outputs that no classifier returns: not real floating ``[n, k >= 1]``, or NaN/Inf in
+        float32 (the error names the first such row). :func:`predict_proba` and
+        :func:`accuracy` check the same.
     """
     return _batched(model, x, batch_size, device, lambda z: z.float())[0]
 

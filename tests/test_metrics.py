@@ -255,6 +255,16 @@ def test_utility_report_on_a_hand_set_model():
             metrics.utility_report(model, pair, (x_test, y_test), **kwargs)
     with pytest.raises(TypeError, match="model must be a torch nn.Module, got function"):
         metrics.utility_report(lambda z: z, (x_train, y_train), (x_test, y_test))
+    # a model whose outputs are NaN on a row of the second batch: its argmax (class 0) was
+    # counted as a prediction, so a broken model scored as accurate on class-0 rows
+    class NanOnZeroRows(nn.Module):
+        def forward(self, z):
+            return torch.where(z.abs().sum(1, keepdim=True) == 0, float("nan"), model(z))
+
+    broken = NanOnZeroRows()
+    with pytest.raises(ValueError, match="the model's logits at row 2 of train x are NaN"):
+        metrics.utility_report(broken, (x_train * torch.tensor([[1.0], [1.0], [0.0]]),
+                                        y_train), (x_test, y_test), batch_size=2)
     # a model of the paper's shape names the width it takes
     mlp = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="train: the model's first layer takes 2 features, x "

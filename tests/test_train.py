@@ -487,6 +487,39 @@ def test_predict_rejects_bad_inputs(trained, kwargs, error, match):
         predict_logits(args.pop("model"), args.pop("x"), **args)
 
 
+@pytest.mark.parametrize("broken, error, match", [
+    (lambda out, z: out * float("nan"), ValueError, "logits at row 0 of x are NaN"),
+    (lambda out, z: torch.where(z[:, :1] == 6, float("inf"), out), ValueError,
+     "logits at row 6 of x are NaN or beyond float32's range"),  # in the second batch
+    (lambda out, z: out.double() * 1e300, ValueError, "beyond float32's range"),
+    (lambda out, z: out[:, :0], ValueError, "k = 0 columns"),
+    (lambda out, z: out > 0, TypeError, "real floating logits, got torch.bool"),
+    (lambda out, z: out.to(torch.complex64), TypeError, "got torch.complex64"),
+])
+def test_predict_and_accuracy_refuse_what_no_classifier_returns(trained, broken, error, match):
+    """A NaN row's argmax is class 0 and its softmax NaN: a broken model was scored 100%
+    accurate on class-0 rows, and its probabilities came back NaN without a word."""
+    x = torch.zeros(9, D)
+    x[:, 0] = torch.arange(9.0)  # the row's index, for the model that breaks on one row
+
+    def model(z):
+        return broken(trained(z), z)
+
+    for call in (lambda: predict_logits(model, x, batch_size=4),
+                 lambda: predict_proba(model, x, batch_size=4),
+                 lambda: accuracy(model, x, torch.zeros(9).long(), batch_size=4)):
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_predict_refuses_x_that_overflows_the_models_dtype(trained):
+    x = torch.zeros(3, D, dtype=torch.float64)
+    x[1, 2] = 1e300  # finite in float64, inf in the float32 model
+    with pytest.raises(ValueError, match=r"x cast to the model's torch\.float32 contains NaN or "
+                                         r"Inf \(first at index \[1, 2\]\)"):
+        predict_logits(trained, x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_predict_rejects_a_device_the_model_is_not_on(trained):
     with pytest.raises(ValueError, match="the model is on cpu"):
