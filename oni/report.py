@@ -131,14 +131,15 @@ def _figure(width: float = 6.4, height: float = 4.4):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, rendered: Dict[Path, bytes]) -> None:
+    """The figure's PNG into ``rendered`` (written only once every file has rendered)."""
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
-    write_atomic(path, buffer.getvalue())
+    rendered[path] = buffer.getvalue()
 
 
-def _fig_accuracy(results, path: Path) -> Optional[str]:
+def _fig_accuracy(results, path: Path, rendered: Dict[Path, bytes]) -> Optional[str]:
     fig = _figure()
     ax = fig.add_subplot()
     drawn, untrained = 0, []
@@ -160,7 +161,7 @@ def _fig_accuracy(results, path: Path) -> Optional[str]:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    _save(fig, path, rendered)
     return path.name
 
 
@@ -170,7 +171,7 @@ def _attack_order(results) -> List[str]:
     return [a for a in order if a in seen] + sorted(seen - set(order))
 
 
-def _fig_auc(results, path: Path) -> Optional[str]:
+def _fig_auc(results, path: Path, rendered: Dict[Path, bytes]) -> Optional[str]:
     defenses = list(results["defenses"])
     attacks = _attack_order(results)
     if not attacks:
@@ -191,14 +192,14 @@ def _fig_auc(results, path: Path) -> Optional[str]:
     ax.set_title("Attack AUC per defense (paper Fig. 3); 0.5 = chance", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="y")
-    _save(fig, path)
+    _save(fig, path, rendered)
     return path.name
 
 
 _MARKERS = "osD^v<>ph*"
 
 
-def _fig_gap(results, path: Path) -> Optional[str]:
+def _fig_gap(results, path: Path, rendered: Dict[Path, bytes]) -> Optional[str]:
     attacks = _attack_order(results)
     points = [(d, facts) for d, facts in results["defenses"].items()
               if facts.get("generalization_gap") is not None]
@@ -226,11 +227,11 @@ def _fig_gap(results, path: Path) -> Optional[str]:
     ax.set_title("Inference accuracy vs generalization gap (paper Fig. 4)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, ncol=2)
-    _save(fig, path)
+    _save(fig, path, rendered)
     return path.name
 
 
-def _fig_lira(results, roc, path: Path) -> Optional[str]:
+def _fig_lira(results, roc, path: Path, rendered: Dict[Path, bytes]) -> Optional[str]:
     liras = [a for a in _attack_order(results) if a.startswith("lira")]
     if not liras:
         return None
@@ -257,11 +258,11 @@ def _fig_lira(results, roc, path: Path) -> Optional[str]:
         ax.set_title(f"{attack} ROC (log-log)", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    _save(fig, path)
+    _save(fig, path, rendered)
     return path.name
 
 
-def _fig_tradeoff(results, path: Path) -> Optional[str]:
+def _fig_tradeoff(results, path: Path, rendered: Dict[Path, bytes]) -> Optional[str]:
     points = [(d, f) for d, f in results["defenses"].items()
               if f.get("test_acc") is not None and f.get("mean_balanced_attack_acc") is not None]
     if not points:
@@ -279,7 +280,7 @@ def _fig_tradeoff(results, path: Path) -> Optional[str]:
     ax.set_title("Privacy-utility plane (up and left is better)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(0.25)
-    _save(fig, path)
+    _save(fig, path, rendered)
     return path.name
 
 
@@ -363,6 +364,120 @@ def _markdown(results, figures: Mapping[str, Optional[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# an attack's metrics that are rates in [0, 1] (None where undefined; the first two never)
+_ATTACK_RATES = ("auc", "oracle_balanced_accuracy", "tpr@0.1%fpr", "tpr@1%fpr", "accuracy",
+                 "balanced_accuracy", "oracle_accuracy")
+
+
+def _check_value(value, where: str, *, low: float = -math.inf, high: float = math.inf,
+                 required: bool = False, integer: bool = False, finite: bool = True) -> None:
+    """``value`` is None (unless ``required``) or a number in [low, high]: an int when
+    ``integer``, a float that is not NaN (nor infinite when ``finite``) otherwise."""
+    if value is None and not required:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        ok = False
+    elif isinstance(value, float) and (math.isnan(value) or finite and math.isinf(value)):
+        ok = False
+    else:
+        ok = low <= value <= high
+    if not ok:
+        what = "an integer" if integer else ("a finite number" if finite else "a number")
+        bounds = "" if (low, high) == (-math.inf, math.inf) else \
+            f" in [{low:g}, {'inf' if high == math.inf else f'{high:g}'}]"
+        raise ValueError(f"results.json: {where} must be {what}{bounds}, got {value!r}")
+
+
+def _check_name(name, where: str) -> None:
+    # a name is a cell of the markdown tables and a key of roc.npz
+    if not isinstance(name, str) or not name or any(c in name for c in "|\n\r/"):
+        raise ValueError(f"results.json: {where} name {name!r} is not a name oni run writes "
+                         f"(a non-empty string without '|', '/' or line breaks)")
+
+
+def _mapping(value, where: str) -> Mapping:
+    if not isinstance(value, dict):
+        raise ValueError(f"results.json: {where} must be a JSON object, got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def _check_results(results, roc: Mapping[str, np.ndarray]) -> None:
+    """A ValueError naming the first value of ``results.json`` or ``roc.npz`` that the report
+    reads and that is not what ``oni run`` writes: numbers out of range, NaN or of the wrong
+    type, and ROC curves that are not equal-length 1-D rates in [0, 1]. Without it an edited
+    or damaged file gave a report of "nan" and "7.000" cells, or a numpy error naming none."""
+    defenses = _mapping(_mapping(results, "the top level").get("defenses"), "defenses")
+    attacks = _mapping(results.get("attacks"), "attacks")
+    if not defenses:
+        raise ValueError("results.json: defenses is empty; oni run always writes the "
+                         "undefended model's results")
+    if set(attacks) != set(defenses):
+        raise ValueError(f"results.json: attacks has results for {sorted(attacks)} but "
+                         f"defenses lists {sorted(defenses)}")
+    for defense, facts in defenses.items():
+        _check_name(defense, "defense")
+        where = f"defenses.{defense}"
+        facts = _mapping(facts, where)
+        for key in ("train_acc", "test_acc", "mean_balanced_attack_acc"):
+            _check_value(facts.get(key), f"{where}.{key}", low=0.0, high=1.0)
+        _check_value(facts.get("generalization_gap"), f"{where}.generalization_gap",
+                     low=-1.0, high=1.0)
+        _check_value(facts.get("midput"), f"{where}.midput")
+        history = facts.get("history")
+        if history is not None:
+            history = _mapping(history, f"{where}.history")
+            epochs, test_acc = history.get("epochs"), history.get("test_acc")
+            if not isinstance(epochs, list) or not isinstance(test_acc, list) or \
+                    len(epochs) != len(test_acc):
+                raise ValueError(f"results.json: {where}.history must hold lists epochs and "
+                                 f"test_acc of one length")
+            for i, (epoch, acc) in enumerate(zip(epochs, test_acc)):
+                _check_value(epoch, f"{where}.history.epochs[{i}]", low=1, integer=True,
+                             required=True)
+                _check_value(acc, f"{where}.history.test_acc[{i}]", low=0.0, high=1.0)
+        report = _mapping(facts.get("report") or {}, f"{where}.report")
+        # the notes column: ONI's feasibility and norm, a noise norm, DP's epsilon
+        noted = ("feasible_rate", "norm_mean") if "feasible_rate" in report else \
+            [key for key in ("noise_norm_mean", "epsilon_spent") if key in report]
+        for key in noted:
+            _check_value(report.get(key), f"{where}.report.{key}", low=0.0,
+                         high=1.0 if key == "feasible_rate" else math.inf, required=True)
+        for attack, found in _mapping(attacks[defense], f"attacks.{defense}").items():
+            _check_name(attack, f"attacks.{defense} attack")
+            there = f"attacks.{defense}.{attack}.metrics"
+            metrics = _mapping(_mapping(found, there[:-8]).get("metrics"), there)
+            for key in _ATTACK_RATES:
+                _check_value(metrics.get(key), f"{there}.{key}", low=0.0, high=1.0,
+                             required=key in _ATTACK_RATES[:2])
+            for key in ("threshold", "oracle_threshold"):  # +-inf: everything or nothing
+                _check_value(metrics.get(key), f"{there}.{key}", finite=False)
+            for key in ("n_members", "n_nonmembers"):
+                _check_value(metrics.get(key), f"{there}.{key}", low=0, integer=True)
+            _check_roc(roc, f"{defense}/{attack}")
+    for key in ("compute_seconds", "wall_seconds"):
+        _check_value(results.get(key), key, low=0.0)
+    for name, stage in _mapping(results.get("stages") or {}, "stages").items():
+        stage = _mapping(stage, f"stages.{name}")
+        _check_value(stage.get("seconds"), f"stages.{name}.seconds", low=0.0, required=True)
+
+
+def _check_roc(roc: Mapping[str, np.ndarray], key: str) -> None:
+    fpr, tpr = roc.get(f"{key}/fpr"), roc.get(f"{key}/tpr")
+    if fpr is None and tpr is None:
+        return
+    for part, curve in (("fpr", fpr), ("tpr", tpr)):
+        if curve is None or curve.ndim != 1 or curve.dtype.kind not in "fiu" or \
+                not len(curve) or not np.isfinite(curve).all() or \
+                curve.min() < 0 or curve.max() > 1:
+            got = "missing" if curve is None else f"{curve.dtype} {curve.shape}"
+            raise ValueError(f"roc.npz: {key}/{part} must be a non-empty 1-D array of rates "
+                             f"in [0, 1], got {got}")
+    if len(fpr) != len(tpr):
+        raise ValueError(f"roc.npz: {key}/fpr and {key}/tpr have {len(fpr)} and {len(tpr)} "
+                         f"points; a curve has one tpr per fpr")
+
+
 def build_report(run_dir: os.PathLike) -> Path:
     """Writes ``results.csv``, ``figures/*.png`` and ``report.md`` of a run directory from
     its ``results.json`` and ``roc.npz``; returns the path of ``report.md``."""
@@ -374,9 +489,11 @@ def build_report(run_dir: os.PathLike) -> Path:
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
                          f"same `oni run` again to rewrite them") from None
     try:
-        # the text first, with no figure: a results.json of another shape fails here, before
-        # any file of the last good report is replaced
-        _markdown(results, dict.fromkeys(FIGURES))
+        _check_results(results, roc)
+    except ValueError as err:
+        raise ValueError(f"{run_dir}: {err}, which is not what `oni run` writes; run the same "
+                         f"`oni run` again to rewrite it") from None
+    try:
         return _write_report(run_dir, results, roc)
     except (KeyError, TypeError, AttributeError, IndexError) as err:
         raise ValueError(f"{run_dir}: results.json or roc.npz is not what `oni run` writes "
@@ -385,16 +502,22 @@ def build_report(run_dir: os.PathLike) -> Path:
 
 
 def _write_report(run_dir: Path, results: Mapping, roc: Mapping) -> Path:
-    write_atomic(run_dir / "results.csv", _csv_bytes(results_rows(results)))
+    # every file rendered in memory first: a failure part way leaves the last report whole
     figures_dir = run_dir / "figures"
+    rendered: Dict[Path, bytes] = {run_dir / "results.csv": _csv_bytes(results_rows(results))}
     figures = {
-        "accuracy": _fig_accuracy(results, figures_dir / FIGURES["accuracy"]),
-        "auc": _fig_auc(results, figures_dir / FIGURES["auc"]),
-        "gap": _fig_gap(results, figures_dir / FIGURES["gap"]),
-        "lira": _fig_lira(results, roc, figures_dir / FIGURES["lira"]),
-        "tradeoff": _fig_tradeoff(results, figures_dir / FIGURES["tradeoff"]),
+        "accuracy": _fig_accuracy(results, figures_dir / FIGURES["accuracy"], rendered),
+        "auc": _fig_auc(results, figures_dir / FIGURES["auc"], rendered),
+        "gap": _fig_gap(results, figures_dir / FIGURES["gap"], rendered),
+        "lira": _fig_lira(results, roc, figures_dir / FIGURES["lira"], rendered),
+        "tradeoff": _fig_tradeoff(results, figures_dir / FIGURES["tradeoff"], rendered),
     }
+    report = _markdown(results, figures).encode()
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise ValueError(f"{figures_dir} is a file: the report's figures go in that directory")
+    for path, data in rendered.items():
+        write_atomic(path, data)
     for key, name in figures.items():  # a figure this run has not (LiRA not run): drop the
         if not name:                    # one an earlier run in this directory left
             (figures_dir / FIGURES[key]).unlink(missing_ok=True)
-    return write_atomic(run_dir / "report.md", _markdown(results, figures).encode())
+    return write_atomic(run_dir / "report.md", report)

@@ -794,3 +794,96 @@ def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, 
     assert (out / "report.md").read_bytes() == report  # the last good report is kept
     assert (out / "results.csv").read_bytes() == csv
 
+
+def _report_files(run_dir):
+    return {path.relative_to(run_dir).as_posix(): path.read_bytes()
+            for path in [run_dir / "report.md", run_dir / "results.csv",
+                         *sorted((run_dir / "figures").iterdir())]}
+
+
+def _set(tree, dotted, value):
+    *parents, last = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[last] = value
+
+
+NAN = float("nan")
+# (an edit of results.json: dotted key, value | of roc.npz: key, array), what the error says
+REPORT_DAMAGE = [
+    ("attacks.oni.lira_online.metrics.auc", NAN,
+     r"attacks\.oni\.lira_online\.metrics\.auc must be a finite number in \[0, 1\], got nan"),
+    ("attacks.oni.lira_online.metrics.auc", 7.0, r"metrics\.auc must be .* got 7\.0"),
+    ("attacks.oni.lira_online.metrics.auc", None, r"metrics\.auc must be .* got None"),
+    ("defenses.undefended.test_acc", "0.9", r"defenses\.undefended\.test_acc .* got '0\.9'"),
+    ("defenses.oni.midput", float("inf"), r"defenses\.oni\.midput must be a finite number"),
+    ("attacks.undefended.metric_loss.metrics.n_nonmembers", -5,
+     r"n_nonmembers must be an integer in \[0, inf\], got -5"),
+    ("compute_seconds", "x", r"compute_seconds must be a finite number in \[0, inf\]"),
+    ("defenses.oni.report.feasible_rate", "x", r"defenses\.oni\.report\.feasible_rate"),
+    ("defenses.oni.history.epochs", [1], r"defenses\.oni\.history must hold lists epochs and "
+                                         r"test_acc of one length"),
+    ("defenses", {}, r"defenses is empty"),
+    ("attacks.dynanoise", None, r"attacks\.dynanoise must be a JSON object, got NoneType"),
+    ("stages.target.seconds", NAN, r"stages\.target\.seconds must be a finite number"),
+    ("roc:undefended/lira_online/fpr", np.zeros(0), r"roc\.npz: undefended/lira_online/fpr must "
+                                                    r"be a non-empty 1-D array"),
+    ("roc:undefended/lira_online/fpr", np.zeros((2, 2)), r"got float64 \(2, 2\)"),
+    ("roc:undefended/lira_online/tpr", np.array([0.0, NAN, 1.0]), r"lira_online/tpr must be"),
+    ("roc:oni/metric_loss/tpr", np.array([0.0, 1.5]), r"oni/metric_loss/tpr must be"),
+    ("roc:oni/metric_loss/tpr", "drop last", r"oni/metric_loss/fpr and oni/metric_loss/tpr "
+                                             r"have \d+ and \d+ points"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", REPORT_DAMAGE,
+                         ids=[f"{k}={v!r}"[:60] for k, v, _ in REPORT_DAMAGE])
+def test_report_refuses_values_oni_run_never_writes(small_reference, tmp_path, capsys, key,
+                                                    value, message):
+    """Valid JSON and npz, wrong values: the report wrote "nan" and "7.000" cells, plotted a
+    string as a category, or failed in numpy naming no field; and the results.csv and figures
+    written before the failure replaced the last good ones."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    before = _report_files(out)
+    if key.startswith("roc:"):
+        with np.load(out / "roc.npz") as saved:
+            roc = {name: saved[name] for name in saved.files}
+        key = key[4:]
+        roc[key] = roc[key][:-1] if isinstance(value, str) else value
+        np.savez(out / "roc.npz", **roc)
+    else:
+        results = json.loads((out / "results.json").read_text())
+        _set(results, key, value)
+        if key == "defenses":
+            results["attacks"] = {}
+        (out / "results.json").write_text(json.dumps(results))
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "not what `oni run` writes" in err, err
+    assert _report_files(out) == before
+
+
+def test_a_report_that_fails_part_way_replaces_nothing(small_reference, tmp_path, capsys,
+                                                       monkeypatch):
+    """The files are rendered in memory, then written: a figure that fails after results.csv
+    and two figures were made leaves the last report whole."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    (out / "results.csv").write_bytes(b"an older table\n")  # what a rebuild would replace
+    before = _report_files(out)
+
+    def fails(*args, **kwargs):
+        raise ValueError("a figure that cannot be drawn")
+
+    monkeypatch.setattr(reportmod, "_fig_lira", fails)
+    assert cli.main(["report", str(out)]) == 2
+    assert "a figure that cannot be drawn" in capsys.readouterr().err
+    assert _report_files(out) == before
+    monkeypatch.undo()
+    shutil.rmtree(out / "figures")
+    (out / "figures").write_bytes(b"")  # a file where the figures go
+    assert cli.main(["report", str(out)]) == 2
+    assert "figures is a file" in capsys.readouterr().err
+    assert (out / "results.csv").read_bytes() == b"an older table\n"
+
