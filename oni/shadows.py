@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_int, first_bad_row, is_integer_dtype
+from ._checks import check_finite, check_int, first_bad_row, is_integer_dtype
 from .models import MLP, SLOW_BF16_CPU, _native_bf16_cpu, _resolve_device, init_parameters_
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_label_range, _check_labels, _progress, flush_tiny_moments_)
@@ -105,6 +105,20 @@ class StackedMLP:
     """
 
     def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor]):
+        for name, tensors in (("weights", weights), ("biases", biases)):
+            if not isinstance(tensors, Sequence) or isinstance(tensors, (str, bytes)):
+                raise TypeError(f"{name} must be a list of tensors, got "
+                                f"{type(tensors).__name__}")
+            for i, t in enumerate(tensors):
+                if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+                    got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                    raise TypeError(f"{name}[{i}] must be a floating torch.Tensor, got {got}")
+                if t.is_meta:
+                    raise ValueError(f"{name}[{i}] is on the meta device: meta tensors hold no "
+                                     f"values")
+                if t.numel() == 0:  # no models, or a layer of no units
+                    raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}: a stack holds at "
+                                     f"least one model, and every layer at least one unit")
         if len(weights) == 0 or len(weights) != len(biases):
             raise ValueError(f"weights and biases must be non-empty lists of equal length, got "
                              f"{len(weights)} and {len(biases)}")
@@ -118,6 +132,10 @@ class StackedMLP:
             if i > 0 and w.shape[2] != weights[i - 1].shape[1]:
                 raise ValueError(f"layer {i} takes {w.shape[2]} inputs but layer {i - 1} gives "
                                  f"{weights[i - 1].shape[1]}")
+            if w.device != weights[0].device or b.device != weights[0].device:
+                raise ValueError(f"layer {i}'s weights and biases must be on "
+                                 f"{weights[0].device}, where weights[0] is; got {w.device} "
+                                 f"and {b.device}")
         self.weights, self.biases = list(weights), list(biases)
 
     @property
@@ -175,6 +193,8 @@ def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
     device : str or torch.device, optional
         Where the stacked parameters go; default the first model's device.
     """
+    if device is not None:
+        device = _resolve_device(device)
     if isinstance(models, StackedMLP):
         if device is None:
             return models
@@ -190,6 +210,8 @@ def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
         if model.config != first.config:
             raise ValueError(f"models[{j}] has architecture {model.config} but models[0] has "
                              f"{first.config}: stacked models must share one")
+        if next(model.parameters()).is_meta:
+            raise ValueError(f"models[{j}] is on the meta device: meta tensors hold no values")
     if device is None:
         device = next(first.parameters()).device
     layers = [_linears(model) for model in models]
@@ -210,7 +232,13 @@ def _check_index_sets(xs_idx, n_rows: int) -> Tensor:
                              f"{tuple(xs_idx.shape)}")
         rows = list(xs_idx)
     elif isinstance(xs_idx, Sequence) and not isinstance(xs_idx, (str, bytes)):
-        rows = [torch.as_tensor(r) for r in xs_idx]
+        rows = []
+        for j, r in enumerate(xs_idx):
+            try:
+                rows.append(torch.as_tensor(r))
+            except (TypeError, ValueError, RuntimeError):  # strings, ragged nests
+                raise TypeError(f"xs_idx[{j}] must be a 1-D tensor of integer row indices, "
+                                f"got {type(r).__name__} {str(r)[:40]}") from None
     else:
         raise TypeError(f"xs_idx must be a [K, n] tensor or a sequence of K index tensors, got "
                         f"{type(xs_idx).__name__}")
@@ -220,6 +248,8 @@ def _check_index_sets(xs_idx, n_rows: int) -> Tensor:
         if r.dim() != 1 or not is_integer_dtype(r.dtype):
             raise TypeError(f"xs_idx[{j}] must be a 1-D tensor of integer row indices, got "
                             f"shape {tuple(r.shape)} and dtype {r.dtype}")
+        if r.is_meta:
+            raise ValueError(f"xs_idx[{j}] is on the meta device: meta tensors hold no values")
         if len(r) != len(rows[0]):
             raise ValueError(f"xs_idx[{j}] has {len(r)} indices but xs_idx[0] has "
                              f"{len(rows[0])}: batched training needs equal training-set "
@@ -644,7 +674,10 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     chunk = _check_chunk(chunk_size, max(1, budget // state_bytes))
 
     sparse_first = _choose_sparse_first(sparse_inputs, precision, x, device)
-    x = x.to(device, torch.float32 if precision == "float32" else torch.bfloat16).contiguous()
+    narrow = torch.float32 if precision == "float32" else torch.bfloat16
+    if x.dtype != narrow:  # finite in x's dtype, maybe not in the one training runs in
+        check_finite(x.to(narrow), f"x cast to {narrow}")
+    x = x.to(device, narrow).contiguous()
     y = y.to(device, torch.long)
     n_models = idx.shape[0]
     models: List[MLP] = []
@@ -717,6 +750,8 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
                             f"{type(source[0]).__name__}")
         d, k, widths = source[0].d, source[0].k, source[0].hidden
         home = next(source[0].parameters()).device
+    if home.type == "meta":
+        raise ValueError("models_or_stacked is on the meta device: meta tensors hold no values")
     device = home if device is None else _resolve_device(device)
     x = _check_features(x, "x", allow_empty=True)
     if x.shape[1] != d:
@@ -739,5 +774,7 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
             part = stack_mlps(source[first:last], device=device)
         for lo in range(0, x.shape[0], batch_size):
             rows = x[lo:lo + batch_size].to(device, torch.float32)
+            if first == 0 and x.dtype != torch.float32:
+                check_finite(rows, "x cast to float32")  # finite in float64, maybe not here
             out[first:last, lo:lo + batch_size] = _stacked_logits(part, rows).cpu()
     return out

@@ -216,6 +216,12 @@ def test_divergence_names_the_model():
     (dict(xs_idx=torch.zeros(2, 0, dtype=torch.long)), ValueError, "xs_idx holds no indices"),
     (dict(xs_idx=torch.zeros(3, dtype=torch.long)), ValueError, "xs_idx must be \\[K, n\\]"),
     (dict(xs_idx=[torch.tensor([0.5, 1.0])]), TypeError, "xs_idx\\[0\\] must be a 1-D tensor"),
+    (dict(xs_idx=[["a", "b"], ["c", "d"]]), TypeError, "xs_idx\\[0\\] must be a 1-D tensor of "
+                                                       "integer row indices, got list"),
+    (dict(xs_idx=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError,
+     "xs_idx\\[0\\] is on the meta device"),
+    (dict(x=torch.full((N_POOL, D), 1e300, dtype=torch.float64)), ValueError,
+     "x cast to torch.float32 contains NaN or Inf"),  # it was reported as a divergence
     (dict(seeds=[1]), ValueError, "seeds has 1 entries but xs_idx describes 2 models"),
     (dict(seeds=[1, "2"]), TypeError, "seeds\\[1\\] must be an int"),
     (dict(x=torch.zeros(N_POOL, D + 1)), ValueError, f"x must have d = {D} columns"),
@@ -458,6 +464,25 @@ def test_stacking_checks_the_models():
     with pytest.raises(ValueError, match="layer 1 takes 5 inputs but layer 0 gives 4"):
         StackedMLP([torch.zeros(2, 4, D), torch.zeros(2, 3, 5)],
                    [torch.zeros(2, 4), torch.zeros(2, 3)])
+    # each of these failed in prediction, with an AttributeError or a ZeroDivisionError
+    for weights, biases, error, message in [
+            ([[[[0.0]]]], [[[0.0]]], TypeError, r"weights\[0\] must be a floating torch\.Tensor, "
+                                                r"got list"),
+            ([torch.zeros(2, 3, D, dtype=torch.long)], [torch.zeros(2, 3)], TypeError,
+             r"weights\[0\] must be a floating torch\.Tensor, got torch\.int64"),
+            ([torch.zeros(0, 3, D)], [torch.zeros(0, 3)], ValueError,
+             r"weights\[0\] has shape \(0, 3, \d+\): a stack holds at least one model"),
+            ([torch.zeros(2, 0, D)], [torch.zeros(2, 0)], ValueError, "every layer at least one"),
+            ([torch.zeros(2, 3, D, device="meta")], [torch.zeros(2, 3)], ValueError,
+             r"weights\[0\] is on the meta device")]:
+        with pytest.raises(error, match=message):
+            StackedMLP(weights, biases)
+    with pytest.raises(ValueError, match="device='meta': meta tensors hold no values"):
+        stack_mlps([MLP(D, K_CLASSES, (4,))], device="meta")
+    with pytest.raises(ValueError, match="device='bogus' is not a device"):
+        stack_mlps([MLP(D, K_CLASSES, (4,))], device="bogus")
+    with pytest.raises(ValueError, match=r"models\[0\] is on the meta device"):
+        stack_mlps([MLP(D, K_CLASSES, (4,)).to("meta")])
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -495,6 +520,13 @@ def test_batched_prediction_checks_its_arguments():
         predict_logits_batched(models, torch.zeros(3, D), batch_size=0)
     with pytest.raises(ValueError, match="models\\[1\\] has architecture"):
         predict_logits_batched([models[0], MLP(D, K_CLASSES, (3,))], torch.zeros(3, D))
+    with pytest.raises(ValueError, match="models_or_stacked is on the meta device"):
+        predict_logits_batched([MLP(D, K_CLASSES, (3,)).to("meta")], torch.zeros(3, D))
+    x = torch.zeros(3, D, dtype=torch.float64)
+    x[2, 1] = 1e300  # finite in float64: the logits were NaN without a word
+    with pytest.raises(ValueError, match=r"x cast to float32 contains NaN or Inf \(first at "
+                                         r"index \[2, 1\]\)"):
+        predict_logits_batched(models, x)
 
 
 # ----------------------------------------------------------------------------- attacks
