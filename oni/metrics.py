@@ -52,12 +52,22 @@ REPORTED_FPRS = {"tpr@0.1%fpr": 0.001, "tpr@1%fpr": 0.01}
 
 def _as_numpy(values, name: str) -> np.ndarray:
     if isinstance(values, Tensor):
+        if values.is_meta:
+            raise ValueError(f"{name} is on the meta device: meta tensors hold no values")
+        if values.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {values.layout}")
         values = tensor_to_numpy(values)
     try:
         return np.asarray(values)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be array-like (a tensor, array or list), got "
                         f"{type(values).__name__}") from err
+
+
+def _fits_int64(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds {int(arr.max())}, beyond int64: not a class index")
+    return arr
 
 
 def _check_scores(scores, name: str = "scores") -> np.ndarray:
@@ -118,11 +128,16 @@ def prediction_accuracy(outputs, labels) -> float:
         argmax) or ``[N]`` predicted classes (integers).
     labels : Tensor or array ``[N]`` of class indices.
     """
-    out = torch.as_tensor(_as_numpy(outputs, "outputs"))
-    lab = torch.as_tensor(_as_numpy(labels, "labels"))
-    if lab.ndim != 1 or not is_integer_dtype(lab.dtype):
+    out, lab = _as_numpy(outputs, "outputs"), _as_numpy(labels, "labels")
+    if lab.ndim != 1 or lab.dtype.kind not in "iu":
         raise ValueError(f"labels must be a 1-D vector of class indices, got shape "
                          f"{tuple(lab.shape)} and dtype {lab.dtype}")
+    if out.dtype.kind not in "iuf":  # bool, complex, strings, objects: not class scores
+        raise TypeError(f"outputs must be real class scores or integer predictions, got dtype "
+                        f"{out.dtype}")
+    # torch compares and indexes int64 (uint32 and uint64 have no CPU kernels there)
+    out, lab = (torch.as_tensor(a.astype(np.int64) if a.dtype.kind == "u" else a)
+                for a in (_fits_int64(out, "outputs"), _fits_int64(lab, "labels")))
     if out.ndim == 2:
         if out.shape[1] == 0:
             raise ValueError(f"outputs must have at least one class column, got shape "
@@ -132,6 +147,7 @@ def prediction_accuracy(outputs, labels) -> float:
         pred = out.argmax(dim=1)
     elif out.ndim == 1 and not out.dtype.is_floating_point:
         pred = out
+        check_class_indices(pred, "outputs", None)  # predicted classes: >= 0
     else:
         raise ValueError(f"outputs must be [N, k] class scores or [N] integer predictions, got "
                          f"shape {tuple(out.shape)} and dtype {out.dtype}")
@@ -183,6 +199,8 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("model is on the meta device: meta tensors hold no values")
     accs = {}
     was_training = model.training
     model.eval()
@@ -198,6 +216,10 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
                 raise TypeError(f"{name} x must be floating point, got {x.dtype}")
             if not is_integer_dtype(y.dtype):
                 raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
+            for t, what in ((x, "x"), (y, "labels")):
+                if t.is_meta:
+                    raise ValueError(f"{name} {what} is on the meta device: meta tensors hold "
+                                     f"no values")
             check_finite(x, f"{name} x")
             try:
                 _check_model_width(model, x.shape[1])

@@ -536,6 +536,8 @@ def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
     batch_size = _check_int(batch_size, "batch_size", 1)
     x = _check_features(x, "x", allow_empty=True)
     model_device, dtype = _model_device_dtype(model)
+    if model_device is not None and model_device.type == "meta":
+        raise ValueError("model is on the meta device: meta tensors hold no values")
     if device is None:
         device = model_device if model_device is not None else x.device
     else:

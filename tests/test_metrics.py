@@ -198,6 +198,12 @@ def test_other_argument_errors_name_the_argument():
         metrics.roc_auc(torch.tensor([0.1, 0.9]) + 1j, [0, 1])  # numpy would drop the 1j
     # bfloat16 scores (no numpy dtype) are read exactly in float32
     assert metrics.roc_auc(torch.tensor([0.25, 0.75]).bfloat16(), [0, 1]) == 1.0
+    # tensors numpy cannot read: torch's own errors named no argument
+    with pytest.raises(ValueError, match="scores is on the meta device"):
+        metrics.roc_auc(torch.empty(2, device="meta"), [0, 1])
+    with pytest.raises(TypeError, match="scores must be a dense tensor, got layout "
+                                        "torch.sparse_coo"):
+        metrics.roc_auc(torch.tensor([0.25, 0.75]).to_sparse(), [0, 1])
 
 
 # ----------------------------------------------------------------------------- utility
@@ -217,6 +223,23 @@ def test_prediction_accuracy_from_scores_or_labels():
     for wrong in (y.float(), y.to(torch.complex64), y.bool()):
         with pytest.raises(ValueError, match="labels must be a 1-D vector of class indices"):
             metrics.prediction_accuracy(logits, wrong)
+    # unsigned labels are class indices too (torch has no uint32 comparisons on the CPU)
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        assert metrics.prediction_accuracy(logits, y.numpy().astype(dtype)) == \
+            metrics.prediction_accuracy(logits, y)
+    with pytest.raises(ValueError, match="labels holds 18446744073709551615, beyond int64"):
+        metrics.prediction_accuracy(logits, np.array([0, 1, 2 ** 64 - 1], dtype=np.uint64))
+    # outputs that are no class scores: bool predictions were compared with the labels, bool
+    # and complex scores failed inside argmax, strings inside torch
+    for outputs in (torch.tensor([False, True, True]), torch.ones(3, 2).bool(),
+                    torch.ones(3, 2, dtype=torch.complex64), np.array([["a", "b"]] * 3)):
+        with pytest.raises(TypeError, match="outputs must be real class scores or integer "
+                                            "predictions"):
+            metrics.prediction_accuracy(outputs, y)
+    with pytest.raises(ValueError, match=r"outputs\[0\] = -1 is not a class index"):
+        metrics.prediction_accuracy(torch.tensor([-1, 1, 1]), y)
+    with pytest.raises(ValueError, match="outputs is on the meta device"):
+        metrics.prediction_accuracy(logits.to("meta"), y)
     with pytest.raises(ValueError, match=r"labels\[2\] = 2 is not a class index in \[0, 2\)"):
         metrics.prediction_accuracy(logits, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"labels\[0\] = -1 is not a class index \(>= 0\)"):
@@ -255,6 +278,10 @@ def test_utility_report_on_a_hand_set_model():
             metrics.utility_report(model, pair, (x_test, y_test), **kwargs)
     with pytest.raises(TypeError, match="model must be a torch nn.Module, got function"):
         metrics.utility_report(lambda z: z, (x_train, y_train), (x_test, y_test))
+    with pytest.raises(ValueError, match="model is on the meta device"):
+        metrics.utility_report(nn.Linear(2, 2).to("meta"), (x_train, y_train), (x_test, y_test))
+    with pytest.raises(ValueError, match="test x is on the meta device"):
+        metrics.utility_report(model, (x_train, y_train), (x_test.to("meta"), y_test))
     # a model whose outputs are NaN on a row of the second batch: its argmax (class 0) was
     # counted as a prediction, so a broken model scored as accurate on class-0 rows
     class NanOnZeroRows(nn.Module):

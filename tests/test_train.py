@@ -512,6 +512,13 @@ def test_predict_and_accuracy_refuse_what_no_classifier_returns(trained, broken,
             call()
 
 
+def test_predict_refuses_a_model_on_the_meta_device(data):
+    with torch.device("meta"):
+        skeleton = MLP(D, K, (4,))
+    with pytest.raises(ValueError, match="model is on the meta device"):
+        predict_proba(skeleton, torch.zeros(2, D))
+
+
 def test_predict_refuses_x_that_overflows_the_models_dtype(trained):
     x = torch.zeros(3, D, dtype=torch.float64)
     x[1, 2] = 1e300  # finite in float64, inf in the float32 model
