@@ -19,6 +19,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import numbers
 from numbers import Real
 from typing import Mapping, Optional, Tuple
 
@@ -76,6 +77,11 @@ def _check_scores(scores, name: str = "scores") -> np.ndarray:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(arr.shape)}")
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind in "iu" and arr.size and \
+            max(abs(int(arr.min())), abs(int(arr.max()))) > 2 ** 53:
+        # float64, where the ROC is computed, would merge neighbouring scores
+        raise ValueError(f"{name} holds integers beyond 2**53, which float64 cannot tell "
+                         f"apart; rescale them (e.g. to float in [0, 1])")
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
         n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
@@ -98,6 +104,9 @@ def _check_membership(is_member, n: int, name: str = "is_member",
                              + (f" with values {np.unique(arr)[:5].tolist()}"
                                 if np.issubdtype(arr.dtype, np.number) else ""))
         arr = arr.astype(bool)
+    if n == 0:
+        raise ValueError(f"{scores_name} and {name} are empty: ROC metrics need members and "
+                         f"non-members")
     n_members = int(arr.sum())
     if n_members == 0 or n_members == n:
         only = "members" if n_members else "non-members"
@@ -197,8 +206,10 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or \
+            batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ValueError("model is on the meta device: meta tensors hold no values")
     accs = {}
@@ -251,6 +262,8 @@ def roc_curve(scores, is_member, *, drop_intermediate: bool = True
         drops points that do not change the curve's shape (scikit-learn's default).
     """
     s, m = _check_pair(scores, is_member)
+    if not isinstance(drop_intermediate, bool):
+        raise TypeError(f"drop_intermediate must be True or False, got {drop_intermediate!r}")
     return _skm.roc_curve(m, s, drop_intermediate=drop_intermediate)
 
 
@@ -294,6 +307,8 @@ def best_threshold(scores, is_member, *, balanced: bool = True) -> float:
     and apply it with :func:`accuracy_at_threshold` to the evaluated set.
     """
     s, m = _check_pair(scores, is_member)
+    if not isinstance(balanced, bool):
+        raise TypeError(f"balanced must be True or False, got {balanced!r}")
     fprs, tprs, thresholds, n_members, n_non = _rates(s, m)
     accuracy, balanced_accuracy = _accuracies(fprs, tprs, n_members, n_non)
     objective = balanced_accuracy if balanced else accuracy
@@ -303,7 +318,13 @@ def best_threshold(scores, is_member, *, balanced: bool = True) -> float:
 def accuracy_at_threshold(scores, is_member, threshold: float) -> Tuple[float, float]:
     """``(accuracy, balanced_accuracy)`` of the rule "member iff score >= threshold"."""
     s, m = _check_pair(scores, is_member)
-    if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise ValueError(f"threshold must be a real number (inf allowed), got {threshold!r}")
+    try:
+        threshold = float(threshold)
+    except OverflowError:  # an int past float64's range: above or below every score
+        threshold = math.inf if threshold > 0 else -math.inf
+    if math.isnan(threshold):
         raise ValueError(f"threshold must be a real number (inf allowed), got {threshold!r}")
     called = s >= threshold
     tpr = float(called[m].mean())
@@ -391,7 +412,7 @@ def midput(undefended: Mapping, defended: Mapping) -> float:
     acc_d, attacks_d = _check_outcome(defended, "defended")
     if set(attacks_u) != set(attacks_d):
         raise ValueError(f"undefended and defended must report the same attacks; only in "
-                         f"undefended: {sorted(set(attacks_u) - set(attacks_d))}, only in "
-                         f"defended: {sorted(set(attacks_d) - set(attacks_u))}")
-    privacy_gain = float(np.mean([attacks_u[a] - attacks_d[a] for a in sorted(attacks_u)]))
+                         f"undefended: {sorted(set(attacks_u) - set(attacks_d), key=str)}, "
+                         f"only in defended: {sorted(set(attacks_d) - set(attacks_u), key=str)}")
+    privacy_gain = float(np.mean([attacks_u[a] - attacks_d[a] for a in sorted(attacks_u, key=str)]))
     return privacy_gain - (acc_u - acc_d)

@@ -66,7 +66,8 @@ from torch import Tensor
 
 from . import _ops, reference
 from ._checks import check_finite, check_int, first_bad_row, is_integer_dtype
-from .models import MLP, SLOW_BF16_CPU, _native_bf16_cpu, _resolve_device, init_parameters_
+from .models import (MLP, SLOW_BF16_CPU, _check_seed, _native_bf16_cpu, _resolve_device,
+                     init_parameters_)
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_label_range, _check_labels, _progress, flush_tiny_moments_)
 
@@ -273,7 +274,8 @@ def _check_seeds(seeds, n_models: int) -> List[int]:
     for j, s in enumerate(seeds):
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(f"seeds[{j}] must be an int, got {type(s).__name__}")
-    return [int(s) for s in seeds]
+    # the range now, not when model j starts training (the message named "seed")
+    return [_check_seed(int(s), f"seeds[{j}]") for j, s in enumerate(seeds)]
 
 
 def _check_precision(precision) -> str:
@@ -740,6 +742,8 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
         d, k, widths = source.d, source.k, source.hidden
         home = source.device
     else:
+        if isinstance(models_or_stacked, torch.nn.ModuleList):  # a container of MLPs too
+            models_or_stacked = list(models_or_stacked)
         if isinstance(models_or_stacked, (str, bytes)) or \
                 not isinstance(models_or_stacked, Sequence) or len(models_or_stacked) == 0:
             raise TypeError("models_or_stacked must be a non-empty sequence of oni.models.MLP "

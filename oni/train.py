@@ -531,8 +531,9 @@ def train_model(
 
 def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
     """(``transform(logits)`` of every batch concatenated on the CPU, k)."""
-    if not callable(model):
-        raise TypeError(f"model must be an nn.Module or a function, got {type(model).__name__}")
+    if not callable(model) or isinstance(model, type):  # a class is callable: it builds one
+        got = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"model must be an nn.Module or a function, got {got}")
     batch_size = _check_int(batch_size, "batch_size", 1)
     x = _check_features(x, "x", allow_empty=True)
     model_device, dtype = _model_device_dtype(model)
@@ -555,7 +556,17 @@ def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
             rows = x[lo:lo + batch_size].to(device, dtype)
             if rows.dtype != x.dtype:  # finite in x's dtype, maybe not in the model's
                 _check_finite(rows, f"x cast to the model's {dtype}")
-            logits = _outputs(model, rows, "x", lo)
+            try:
+                logits = _outputs(model, rows, "x", lo)
+            except torch.OutOfMemoryError:
+                raise  # as it is: a caller may retry with a smaller batch_size
+            except RuntimeError as err:  # e.g. a width the model does not take: name x
+                raise RuntimeError(f"the model failed on x of shape {tuple(x.shape)} (rows "
+                                   f"{lo} to {lo + len(rows) - 1}): {err}") from err
+            if outs and logits.shape[1] != k:
+                raise ValueError(f"the model returned {logits.shape[1]} logit columns for x's "
+                                 f"rows from {lo} but {k} for the rows before: one model has "
+                                 f"one number of classes")
             k = logits.shape[1]
             outs.append(transform(logits).cpu())
     return torch.cat(outs), k

@@ -198,6 +198,19 @@ def test_other_argument_errors_name_the_argument():
         metrics.roc_auc(torch.tensor([0.1, 0.9]) + 1j, [0, 1])  # numpy would drop the 1j
     # bfloat16 scores (no numpy dtype) are read exactly in float32
     assert metrics.roc_auc(torch.tensor([0.25, 0.75]).bfloat16(), [0, 1]) == 1.0
+    # found by the third fuzz pass: each gave another library's error or a wrong value
+    with pytest.raises(ValueError, match="scores and is_member are empty"):
+        metrics.roc_auc([], [])
+    with pytest.raises(ValueError, match="integers beyond 2\\*\\*53"):  # AUC 0.625, not 0.75
+        metrics.roc_auc(torch.tensor([2 ** 62 + 1, 2 ** 62, 0, 1]), [1, 0, 0, 1])
+    assert metrics.accuracy_at_threshold(*PERFECT, 10 ** 400) == \
+        metrics.accuracy_at_threshold(*PERFECT, math.inf)  # an OverflowError before
+    with pytest.raises(TypeError, match="balanced must be True or False, got 'no'"):
+        metrics.best_threshold(*PERFECT, balanced="no")
+    with pytest.raises(TypeError, match="drop_intermediate must be True or False"):
+        metrics.roc_curve(*PERFECT, drop_intermediate="x")
+    outcome = {"test_acc": 0.5, "balanced_attack_acc": {1: 0.5, "1": 0.6}}
+    assert metrics.midput(outcome, outcome) == 0.0  # sorting int and str keys failed
     # tensors numpy cannot read: torch's own errors named no argument
     with pytest.raises(ValueError, match="scores is on the meta device"):
         metrics.roc_auc(torch.empty(2, device="meta"), [0, 1])
@@ -255,7 +268,8 @@ def test_utility_report_on_a_hand_set_model():
     x_train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     y_train = torch.tensor([0, 1, 1])  # last row wrong
     x_test, y_test = torch.tensor([[0.0, 1.0]]), torch.tensor([1])
-    report = metrics.utility_report(model, (x_train, y_train), (x_test, y_test), batch_size=2)
+    report = metrics.utility_report(model, (x_train, y_train), (x_test, y_test),
+                                    batch_size=np.int64(2))  # numpy integers are integers
     assert report["train_acc"] == pytest.approx(2 / 3)
     assert report["test_acc"] == 1.0
     assert report["generalization_gap"] == pytest.approx(-1 / 3)
@@ -272,6 +286,7 @@ def test_utility_report_on_a_hand_set_model():
         ((torch.rand(3, 5), y_train), {}, RuntimeError,
          r"the model failed on train x of shape \(3, 5\)"),
         ((x_train, y_train), {"batch_size": True}, ValueError, "batch_size must be a positive"),
+        ((x_train, y_train), {"batch_size": np.int64(0)}, ValueError, "batch_size must be a"),
     ]
     for pair, kwargs, error, message in bad_inputs:
         with pytest.raises(error, match=message):

@@ -224,6 +224,7 @@ def test_divergence_names_the_model():
      "x cast to torch.float32 contains NaN or Inf"),  # it was reported as a divergence
     (dict(seeds=[1]), ValueError, "seeds has 1 entries but xs_idx describes 2 models"),
     (dict(seeds=[1, "2"]), TypeError, "seeds\\[1\\] must be an int"),
+    (dict(seeds=[1, -1]), ValueError, "seeds\\[1\\] must be in \\[0, 2\\*\\*63\\)"),
     (dict(x=torch.zeros(N_POOL, D + 1)), ValueError, f"x must have d = {D} columns"),
     (dict(x=torch.zeros(N_POOL, D, dtype=torch.long)), TypeError, "x must be a floating"),
     (dict(y=torch.full((N_POOL,), K_CLASSES)), ValueError, "y must hold class indices in"),
@@ -497,6 +498,13 @@ def test_batched_prediction_matches_each_model(as_stacked, batch_size, chunk_siz
     assert logits.shape == (3, N_POOL, K_CLASSES) and logits.dtype == torch.float32
     for j, model in enumerate(models):
         torch.testing.assert_close(logits[j], predict_logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_prediction_takes_a_module_list():
+    models = _random_models(2)
+    x = torch.randn(5, D)
+    assert torch.equal(predict_logits_batched(torch.nn.ModuleList(models), x),
+                       predict_logits_batched(models, x))
 
 
 def test_batched_prediction_of_a_linear_model_and_of_no_rows():

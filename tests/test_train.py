@@ -479,6 +479,11 @@ def test_predict_accepts_functions(data):
     (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
     (dict(model="model"), TypeError, "model must be an nn.Module or a function"),
     (dict(model=lambda z: z[:, 0]), ValueError, r"logits \[n, k\], got \(5,\)"),
+    (dict(model=torch.nn.Linear), TypeError, "got the class Linear"),
+    (dict(model=torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(D + 1, 3))),
+     RuntimeError, r"the model failed on x of shape \(5, \d+\) \(rows 0 to 4\)"),
+    (dict(model=lambda z: z[:, :len(z)], batch_size=3), ValueError,
+     "the model returned 2 logit columns for x's rows from 3 but 3 for the rows before"),
 ])
 def test_predict_rejects_bad_inputs(trained, kwargs, error, match):
     args = dict(model=trained, x=torch.zeros(5, D))
