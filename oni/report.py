@@ -73,10 +73,10 @@ def write_atomic(path: os.PathLike, data: bytes) -> Path:
 
 def _load(run_dir: Path):
     results = json.loads((run_dir / "results.json").read_text())
-    roc: Dict[str, np.ndarray] = {}
-    if (run_dir / "roc.npz").is_file():
-        with np.load(run_dir / "roc.npz", allow_pickle=False) as data:
-            roc = {key: data[key] for key in data.files}
+    if not (run_dir / "roc.npz").is_file():  # oni run writes both (a curve per attack)
+        raise ValueError("roc.npz is missing")
+    with np.load(run_dir / "roc.npz", allow_pickle=False) as data:
+        roc = {key: data[key] for key in data.files}
     return results, roc
 
 
@@ -464,8 +464,6 @@ def _check_results(results, roc: Mapping[str, np.ndarray]) -> None:
 
 def _check_roc(roc: Mapping[str, np.ndarray], key: str) -> None:
     fpr, tpr = roc.get(f"{key}/fpr"), roc.get(f"{key}/tpr")
-    if fpr is None and tpr is None:
-        return
     for part, curve in (("fpr", fpr), ("tpr", tpr)):
         if curve is None or curve.ndim != 1 or curve.dtype.kind not in "fiu" or \
                 not len(curve) or not np.isfinite(curve).all() or \

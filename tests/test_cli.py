@@ -772,7 +772,7 @@ def test_a_failed_run_over_a_finished_one_keeps_its_config_and_figures(small_ref
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc",
-                                    "wrong structure", "nested too deep"])
+                                    "wrong structure", "nested too deep", "roc missing"])
 def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, tmp_path,
                                                                capsys, damage):
     out = tmp_path / "run"
@@ -781,6 +781,8 @@ def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, 
     report, csv = (out / "report.md").read_bytes(), (out / "results.csv").read_bytes()
     if damage == "roc":
         (out / "roc.npz").write_bytes(b"PK\x03\x04 torn")
+    elif damage == "roc missing":
+        (out / "roc.npz").unlink()
     else:
         wrong = {**json.loads(results.read_text()), "defenses": {"x": 1}}
         results.write_bytes({"truncated": results.read_bytes()[:50], "empty object": b"{}",
@@ -833,6 +835,7 @@ REPORT_DAMAGE = [
     ("roc:oni/metric_loss/tpr", np.array([0.0, 1.5]), r"oni/metric_loss/tpr must be"),
     ("roc:oni/metric_loss/tpr", "drop last", r"oni/metric_loss/fpr and oni/metric_loss/tpr "
                                              r"have \d+ and \d+ points"),
+    ("roc:oni/metric_loss/tpr", None, r"roc\.npz: oni/metric_loss/tpr must be .* got missing"),
 ]
 
 
@@ -850,7 +853,10 @@ def test_report_refuses_values_oni_run_never_writes(small_reference, tmp_path, c
         with np.load(out / "roc.npz") as saved:
             roc = {name: saved[name] for name in saved.files}
         key = key[4:]
-        roc[key] = roc[key][:-1] if isinstance(value, str) else value
+        if value is None:
+            del roc[key]
+        else:
+            roc[key] = roc[key][:-1] if isinstance(value, str) else value
         np.savez(out / "roc.npz", **roc)
     else:
         results = json.loads((out / "results.json").read_text())
