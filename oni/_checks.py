@@ -77,6 +77,11 @@ def check_finite_weights(model, name: str, why: str) -> None:
                 raise ValueError(f"{err}: {why}") from None
 
 
+class NonFiniteLogits(ValueError):
+    """A model returned NaN or Inf logits (a ValueError: the model is the argument at fault;
+    where the rows are a computation's own, callers re-raise it as a FloatingPointError)."""
+
+
 def check_logits(out, n_rows: int, name: str, row_offset: int = 0) -> Tensor:
     """``out`` if it is what a classifier returns for ``n_rows`` rows of ``name``: a real
     floating ``[n_rows, k >= 1]`` tensor, finite in float32 (oni's working precision); else a
@@ -93,9 +98,18 @@ def check_logits(out, n_rows: int, name: str, row_offset: int = 0) -> Tensor:
     wide = out.float()
     if wide.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(wide))).all()):
         row = first_bad_row(~torch.isfinite(wide))
-        raise ValueError(f"the model's logits at row {row + row_offset} of {name} are NaN or "
-                         f"beyond float32's range: a model must return finite logits")
+        raise NonFiniteLogits(f"the model's logits at row {row + row_offset} of {name} are "
+                              f"NaN or beyond float32's range: a model must return finite "
+                              f"logits")
     return out
+
+
+def non_finite_parameter(model) -> Optional[str]:
+    """The name of the model's first parameter holding NaN or Inf, None if none does."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None
 
 
 def first_bad_row(bad: Tensor) -> Optional[int]:

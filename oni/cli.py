@@ -271,6 +271,10 @@ _OUT_OF_MEMORY_MARKERS = ("can't allocate memory", "out of memory", "not enough 
 
 def _is_out_of_memory(err: BaseException) -> bool:
     import torch
+
+    from .distributed import OtherRankFailed
+    if isinstance(err, OtherRankFailed):  # it quotes another rank's error: that rank reports
+        return False
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return True
     return isinstance(err, RuntimeError) and \
@@ -280,16 +284,18 @@ def _is_out_of_memory(err: BaseException) -> bool:
 def _requested(err: BaseException) -> str:
     """What the failed allocation asked for, as the allocator said it."""
     message = str(err)
-    found = re.search(r"allocate (\d+) bytes", message)  # CPU allocator, numpy
+    found = re.search(r"allocate (\d+) bytes", message)  # torch's CPU allocator
     if found:
         size = float(found.group(1))
         for unit in ("bytes", "kB", "MB", "GB", "TB"):
             if size < 1000 or unit == "TB":
                 return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
             size /= 1000
-    found = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]i?B)", message)  # CUDA caching
+    # CUDA's caching allocator ("Tried to allocate 20.00 GiB"), numpy ("Unable to allocate
+    # 72.8 TiB")
+    found = re.search(r"allocate ([\d.]+ ?[KMGTPE]i?B)", message)
     if found:
-        return found.group(1)
+        return found.group(1).replace(". ", " ")  # numpy writes "728. TiB"
     return "more than the machine has"
 
 

@@ -1030,7 +1030,8 @@ class Splits:
         int64 or out of range, a row listed twice in one set, sets that must be disjoint and
         overlap (a shadow pool holding members would train "non-member" shadows on them),
         ``known`` outside ``train``, or ``target_member`` not saying which target rows are in
-        ``train`` (every score would be judged against wrong labels)."""
+        ``train`` (every score would be judged against wrong labels). ``test`` is held to its
+        definition too, although no attack reads it."""
         for key in ("train", "test", "known", "target", "shadow_pool"):
             idx = getattr(self, key)
             if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
@@ -1038,7 +1039,10 @@ class Splits:
                        else type(idx).__name__)
                 raise TypeError(f"splits.{key} must be a 1-D int64 tensor of row indices, "
                                 f"got {got}")
-            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
+            if len(idx) and int(idx.min()) < 0:
+                raise ValueError(f"splits.{key} holds the negative index {int(idx.min())}: "
+                                 f"row indices are in [0, {n_rows})")
+            if len(idx) and int(idx.max()) >= n_rows:
                 raise ValueError(f"splits.{key} indexes rows up to {int(idx.max())} but data "
                                  f"has {n_rows} rows: the splits belong to another data set")
             if len(torch.unique(idx)) != len(idx):

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import MAX_ADAM_LR, check_finite_weights
+from ._checks import (MAX_ADAM_LR, NonFiniteLogits, check_finite_weights,
+                      non_finite_parameter)
 from .models import (
     MLP,
     PAPER_HIDDEN,
@@ -58,9 +59,11 @@ from .models import (
 from .noise import MAX_STARTS, NoiseResult, optimal_noise, uniform_noise
 from .shapley import PRECISIONS, shapley_values
 from .train import (
+    _PREDICT_BATCH,
     FLUSH_EVERY,
     History,
     TrainConfig,
+    _batched,
     _check_config,
     _check_features,
     _check_labels,
@@ -356,7 +359,10 @@ class DynaNoise:
 
     def __call__(self, x: Tensor) -> Tensor:
         """Noisy probabilities ``[N, k]`` float32 on the CPU for inputs ``x`` ``[N, d]``."""
-        logits = predict_logits(self.model, x)  # float32, CPU
+        try:
+            logits = predict_logits(self.model, x)  # float32, CPU
+        except NonFiniteLogits as err:  # numbers, like the noise's own overflow below
+            raise FloatingPointError(f"DynaNoise: {err}") from None
         n, k = logits.shape
         noise = torch.randn((self.draws, n, k), generator=self.generator)
         log_p = torch.log_softmax(logits, dim=1)
@@ -630,7 +636,12 @@ def _distill(job: _Job, x_noisy: Tensor, cfg: dict) -> Tuple[nn.Module, History]
     """Soft labels of f at x_noisy, then a fresh model trained on (x_noisy, y') with
     distillation_loss (y the hard labels)."""
     base, _ = _base(job)
-    log_soft = torch.log_softmax(predict_logits(base, x_noisy), dim=1)
+    try:
+        logits = _batched(base, x_noisy, _PREDICT_BATCH, None, lambda z: z.float(),
+                          name="x + noise")[0]
+    except NonFiniteLogits as err:  # an outcome of the noise settings, not a bad argument
+        raise FloatingPointError(f"{err}; lower the noise (eps)") from None
+    log_soft = torch.log_softmax(logits, dim=1)
     loss_fn = functools.partial(distillation_loss, alpha=cfg["alpha"],
                                 kl_direction=cfg["kl_direction"])
     model = _fresh_model(job)
@@ -730,8 +741,17 @@ def _record(history: History, model: nn.Module, job: _Job, x: Tensor, y: Tensor,
         raise FloatingPointError(
             f"training diverged: the mean training loss of epoch {len(history.epochs) + 1} is "
             f"{train_loss}; lower {settings}")
-    train_acc = accuracy(model, x, y)
-    test_acc = accuracy(model, job.x_test, job.y_test) if job.x_test is not None else None
+    bad = non_finite_parameter(model)  # the loss was taken before each step
+    if bad is not None:
+        raise FloatingPointError(
+            f"training diverged: the last step of epoch {len(history.epochs) + 1} left NaN or "
+            f"Inf in {bad!r}; lower {settings}")
+    try:
+        train_acc = accuracy(model, x, y)
+        test_acc = accuracy(model, job.x_test, job.y_test) if job.x_test is not None else None
+    except NonFiniteLogits as err:  # finite weights whose logits overflow
+        raise FloatingPointError(f"training diverged: after epoch {len(history.epochs) + 1} "
+                                 f"{err}; lower {settings}") from None
     history.epochs.append(len(history.epochs) + 1)
     history.train_loss.append(train_loss)
     history.train_acc.append(train_acc)

@@ -77,12 +77,14 @@ def _check_scores(scores, name: str = "scores") -> np.ndarray:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(arr.shape)}")
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    wide = arr.astype(np.float64)
     if arr.dtype.kind in "iu" and arr.size and \
-            max(abs(int(arr.min())), abs(int(arr.max()))) > 2 ** 53:
-        # float64, where the ROC is computed, would merge neighbouring scores
-        raise ValueError(f"{name} holds integers beyond 2**53, which float64 cannot tell "
-                         f"apart; rescale them (e.g. to float in [0, 1])")
-    arr = arr.astype(np.float64)
+            max(abs(int(arr.min())), abs(int(arr.max()))) > 2 ** 53 and \
+            len(np.unique(wide)) != len(np.unique(arr)):
+        # float64, where the ROC is computed, merges some of them: the ranking changes
+        raise ValueError(f"{name} holds integers beyond 2**53 that float64 cannot tell apart; "
+                         f"rescale them (e.g. to float in [0, 1])")
+    arr = wide
     if not np.isfinite(arr).all():
         n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
         raise ValueError(f"{name} must be finite, got {n_nan} NaN and {n_inf} infinite "

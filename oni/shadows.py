@@ -572,6 +572,15 @@ def _train_chunk(d, k, hidden, idx: Tensor, x: Tensor, y: Tensor, seeds: List[in
                 f"training diverged: model {first + j} (seed {seeds[j]}) has mean training "
                 f"loss {float(mean_loss[j])} in epoch {epoch} (lr = {config.lr}); lower "
                 f"config.lr or check x and y")
+        # the losses were taken before each step: the epoch's last step is checked here
+        finite = torch.stack([torch.isfinite(t).flatten(1).all(1)
+                              for t in (*stacked.weights, *stacked.biases)]).all(0).cpu()
+        j = first_bad_row(~finite)
+        if j is not None:
+            raise FloatingPointError(
+                f"training diverged: the last step of epoch {epoch} left NaN or Inf in the "
+                f"weights of model {first + j} (seed {seeds[j]}) (lr = {config.lr}); lower "
+                f"config.lr or check x and y")
         bar.update({"models": f"{first + 1}-{first + len(seeds)}/{n_total}",
                     "mean loss": f"{float(mean_loss.mean()):.4f}"})
     if sparse_first:  # back to nn.Linear's [K, H, d]
@@ -677,9 +686,10 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
 
     sparse_first = _choose_sparse_first(sparse_inputs, precision, x, device)
     narrow = torch.float32 if precision == "float32" else torch.bfloat16
+    cast = x.to(device, narrow).contiguous()
     if x.dtype != narrow:  # finite in x's dtype, maybe not in the one training runs in
-        check_finite(x.to(narrow), f"x cast to {narrow}")
-    x = x.to(device, narrow).contiguous()
+        check_finite(cast, f"x cast to {narrow}")
+    x = cast
     y = y.to(device, torch.long)
     n_models = idx.shape[0]
     models: List[MLP] = []

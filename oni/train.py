@@ -22,8 +22,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import (MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, check_finite as _check_finite,
-                      check_int as _check_int, check_logits, is_integer_dtype)
+from ._checks import (MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
+                      check_finite as _check_finite,
+                      check_int as _check_int, check_logits, is_integer_dtype,
+                      non_finite_parameter)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -512,8 +514,19 @@ def train_model(
                     f"training diverged: the mean training loss of epoch {epoch} is "
                     f"{train_loss} (lr = {config.lr}); the model keeps that epoch's weights. "
                     f"Lower config.lr or check x, y and loss_fn")
-            train_acc = _accuracy_on_device(model, x, y)
-            test_acc = _accuracy_on_device(model, x_test, y_test) if has_test else None
+            bad = non_finite_parameter(model)  # the loss was taken before each step
+            if bad is not None:
+                raise FloatingPointError(
+                    f"training diverged: the last step of epoch {epoch} left NaN or Inf in "
+                    f"{bad!r} (lr = {config.lr}); the model keeps those weights. Lower "
+                    f"config.lr or check x, y and loss_fn")
+            try:
+                train_acc = _accuracy_on_device(model, x, y)
+                test_acc = _accuracy_on_device(model, x_test, y_test) if has_test else None
+            except NonFiniteLogits as err:  # finite weights whose logits overflow
+                raise FloatingPointError(
+                    f"training diverged: after epoch {epoch} {err} (lr = {config.lr}). Lower "
+                    f"config.lr or check x, y and loss_fn") from None
             history.epochs.append(epoch)
             history.train_loss.append(train_loss)
             history.train_acc.append(train_acc)
@@ -529,8 +542,9 @@ def train_model(
 
 # ----------------------------------------------------------------------------- prediction
 
-def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
-    """(``transform(logits)`` of every batch concatenated on the CPU, k)."""
+def _batched(model, x, batch_size, device, transform, name: str = "x") -> Tuple[Tensor, int]:
+    """(``transform(logits)`` of every batch concatenated on the CPU, k); ``name``: what the
+    rows are, for the messages."""
     if not callable(model) or isinstance(model, type):  # a class is callable: it builds one
         got = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
         raise TypeError(f"model must be an nn.Module or a function, got {got}")
@@ -555,18 +569,18 @@ def _batched(model, x, batch_size, device, transform) -> Tuple[Tensor, int]:
         for lo in range(0, max(x.shape[0], 1), batch_size):
             rows = x[lo:lo + batch_size].to(device, dtype)
             if rows.dtype != x.dtype:  # finite in x's dtype, maybe not in the model's
-                _check_finite(rows, f"x cast to the model's {dtype}")
+                _check_finite(rows, f"{name} cast to the model's {dtype}")
             try:
-                logits = _outputs(model, rows, "x", lo)
+                logits = _outputs(model, rows, name, lo)
             except torch.OutOfMemoryError:
                 raise  # as it is: a caller may retry with a smaller batch_size
             except RuntimeError as err:  # e.g. a width the model does not take: name x
-                raise RuntimeError(f"the model failed on x of shape {tuple(x.shape)} (rows "
-                                   f"{lo} to {lo + len(rows) - 1}): {err}") from err
+                raise RuntimeError(f"the model failed on {name} of shape {tuple(x.shape)} "
+                                   f"(rows {lo} to {lo + len(rows) - 1}): {err}") from err
             if outs and logits.shape[1] != k:
-                raise ValueError(f"the model returned {logits.shape[1]} logit columns for x's "
-                                 f"rows from {lo} but {k} for the rows before: one model has "
-                                 f"one number of classes")
+                raise ValueError(f"the model returned {logits.shape[1]} logit columns for "
+                                 f"{name}'s rows from {lo} but {k} for the rows before: one "
+                                 f"model has one number of classes")
             k = logits.shape[1]
             outs.append(transform(logits).cpu())
     return torch.cat(outs), k

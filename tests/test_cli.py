@@ -691,6 +691,21 @@ def test_solver_commands_refuse_bad_files_and_values_without_a_traceback(model_a
     assert np.load(data_path) is not None  # the data file is intact
 
 
+def test_out_of_memory_messages_of_each_allocator():
+    from oni.distributed import OtherRankFailed
+    numpy = MemoryError("Unable to allocate 728. TiB for an array with shape "
+                        "(100000000000000,) and data type float64")  # np.empty(10 ** 14)
+    assert cli._is_out_of_memory(numpy) and cli._requested(numpy) == "728 TiB"
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                       "2400 bytes.")
+    assert cli._is_out_of_memory(cpu) and cli._requested(cpu) == "2.4 kB"
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+    assert cli._is_out_of_memory(cuda) and cli._requested(cuda) == "20.00 GiB"
+    # another rank's failure quotes its error: that rank reports it, not this one
+    assert not cli._is_out_of_memory(OtherRankFailed("rank 1 failed: CUDA out of memory"))
+    assert not cli._is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
 def test_solver_commands_report_out_of_memory_without_a_traceback(model_and_data, capsys,
                                                                    tmp_path, monkeypatch):
     import oni.distributed

@@ -481,17 +481,33 @@ def test_a_diverged_base_model_is_refused_by_name(name, data, confident_base):
 
 
 def test_non_finite_logits_of_a_finite_model_are_named(data, confident_base):
-    """Finite weights can still overflow: the model's logits are named (predict_logits
-    checks them), not the noise or the distillation's extra[0]."""
+    """Finite weights can still overflow: the logits are named, on the rows the defense made
+    (x + noise), as a numerical failure (FloatingPointError, exit 1 in `oni run`), not as the
+    distillation's extra[0] or the noise's overflow."""
     x, y, _, _ = data
     loud = copy.deepcopy(confident_base)
     with torch.no_grad():
         loud[0].weight.mul_(1e38)
-    message = r"the model's logits at row \d+ of x are NaN or beyond float32's range"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FloatingPointError, match=r"the model's logits at row \d+ of x \+ noise "
+                                                 r"are NaN or beyond float32's range.*eps"):
         _defend("uniform", data, base_model=loud)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FloatingPointError, match=r"DynaNoise: the model's logits at row \d+ of "
+                                                 r"x are NaN"):
         DynaNoise(loud)(x)
+
+
+def test_a_divergence_on_an_epochs_last_step_is_a_divergence(data):
+    """The epoch's loss is taken before each step: a full batch at a huge learning rate left
+    NaN weights that the accuracy then blamed on the model (a ValueError, exit 2)."""
+    x, y, _, _ = data
+    full_batch = TrainConfig(epochs=2, batch_size=len(x), lr=1e30, progress=False,
+                             device="cpu")
+    diverged = r"training diverged: (the last step of epoch 1 left NaN or Inf|after epoch 1 " \
+        r"the model's logits at row \d+ of x are NaN or beyond float32's range)"
+    with pytest.raises(FloatingPointError, match=diverged):
+        defend("undefended", x, y, train_config=full_batch, hidden=HIDDEN)
+    with pytest.raises(FloatingPointError, match=diverged + ".*; lower .*train_config.lr"):
+        defend("advreg", x, y, train_config=full_batch, hidden=HIDDEN)
 
 
 # ----------------------------------------------------------------------------- files

@@ -208,6 +208,30 @@ def test_divergence_names_the_model():
         train_mlps_batched(D, K_CLASSES, (256,), idx, x, y, seeds=[5, 6], config=CONFIG)
 
 
+def test_divergence_in_an_epochs_last_step_names_the_model(monkeypatch):
+    """The losses are taken before each step, so NaN weights left by an epoch's last step
+    passed with a finite loss, and the shadow model came back NaN."""
+    import oni.shadows
+    x, y = _pool()
+    real_step = oni.shadows._train_step
+    calls = []
+
+    def nan_in_model_1_at_the_third_step(weights, *args, **kwargs):
+        loss = real_step(weights, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # the last step of epoch 1 (100 rows in batches of 48)
+            with torch.no_grad():
+                weights[0][1].fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(oni.shadows, "_train_step", nan_in_model_1_at_the_third_step)
+    idx = torch.arange(200).view(2, 100)
+    with pytest.raises(FloatingPointError, match=r"the last step of epoch 1 left NaN or Inf in "
+                                                 r"the weights of model 1 \(seed 6\)"):
+        train_mlps_batched(D, K_CLASSES, (8,), idx, x, y, seeds=[5, 6],
+                           config=dataclasses.replace(CONFIG, batch_size=48))
+
+
 @pytest.mark.parametrize("change, error, message", [
     (dict(xs_idx=[list(range(10)), list(range(9))]), ValueError,
      "xs_idx\\[1\\] has 9 indices but xs_idx\\[0\\] has 10"),

@@ -256,6 +256,25 @@ def test_nan_loss_raises_naming_the_epoch(data):
     assert len(calls) == 14  # stopped after epoch 2, not trained on
 
 
+def test_a_divergence_in_an_epochs_last_step_is_a_divergence(data):
+    """Each batch's loss is taken before its step: the last step of an epoch can leave NaN
+    weights (or finite ones whose logits overflow) behind a finite epoch loss. The accuracy
+    that followed blamed the model (a ValueError, exit 2 in `oni run`)."""
+    x, y, _, _ = data
+
+    def infinite_gradient(logits, y_batch):  # value: the cross-entropy; gradient: inf
+        return F.cross_entropy(logits, y_batch) + (logits - logits.detach()).abs().sqrt().sum()
+
+    with pytest.raises(FloatingPointError, match=r"the last step of epoch 1 left NaN or Inf in "
+                                                 r"'\d\.(weight|bias)'"):
+        train_model(MLP(D, K, HIDDEN), x, y, loss_fn=infinite_gradient,
+                    config=TrainConfig(epochs=3, batch_size=len(x), **QUIET))
+    with pytest.raises(FloatingPointError, match=r"after epoch 1 the model's logits at row \d+ "
+                                                 r"of x are NaN or beyond float32's range"):
+        train_model(MLP(D, K, HIDDEN), x, y,
+                    config=TrainConfig(epochs=3, batch_size=len(x), lr=1e30, **QUIET))
+
+
 def test_exploding_lr_raises(data):
     x, y, _, _ = data
     with pytest.raises(FloatingPointError, match=r"epoch \d+ is (nan|inf)"):
