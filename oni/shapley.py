@@ -961,6 +961,22 @@ class ShapleyValueSampling:
     Explains ``forward_func``'s raw output (as captum does, no softmax) with oni's antithetic
     permutation sampler and kernels. ``n_samples`` counts permutation walks (odd counts are
     rounded up to even for antithetic pairs).
+
+    As captum (0.9): a tuple of one input gives a tuple of one result; ``target=None`` on a
+    ``[N, k]`` output gives ``[N, k, d]``, one attribution per output; an int target may be
+    negative (``output[:, -1]``); a one-entry tuple target or a one-element tensor names one
+    column for every input. Where it differs, on purpose:
+
+    * the values are sampled from ``seed`` (default 0): repeated calls give the same values,
+      and averaging calls does not reduce the variance (use more ``n_samples``);
+    * float64 inputs give float64 attributions (captum returns float32);
+    * ``additional_forward_args`` holding per-example tensors (first dimension N) are refused:
+      oni evaluates rows of many inputs in one batch, so captum's expansion along the batch
+      does not apply; shared tensors and plain values are passed to every call;
+    * negative ``feature_mask`` ids are refused (captum keeps such features at the baseline
+      in every coalition, which changes the game);
+    * ``perturbations_per_eval`` and ``show_progress`` are checked and otherwise ignored:
+      oni batches the evaluations to a memory budget by itself.
     """
 
     def __init__(self, forward_func: Callable[..., Tensor]):
@@ -971,25 +987,30 @@ class ShapleyValueSampling:
     def attribute(self, inputs: Tensor, baselines=None, target=None,
                   additional_forward_args=None, feature_mask=None, n_samples: int = 25,
                   perturbations_per_eval: int = 1, show_progress: bool = False,
-                  *, seed: int = 0, backend: str = "auto") -> Tensor:
-        """Shapley values shaped like ``inputs [N, d]``.
+                  *, seed: int = 0, backend: str = "auto"):
+        """Shapley values shaped like ``inputs [N, d]`` (``[N, k, d]`` for ``target=None`` on a
+        ``[N, k]`` output; a one-tuple when ``inputs`` is one).
 
         Args:
-            inputs: ``[N, d]`` float tensor.
+            inputs: ``[N, d]`` float tensor, or a tuple holding one.
             baselines: None (zeros), a number, ``[d]``/``[1, d]`` (shared) or ``[N, d]``
-                (one per input).
-            target: None (forward output ``[N]`` or ``[N, 1]``), an int, a list or a
-                tensor ``[N]`` of output columns.
-            additional_forward_args: extra non-batched arguments passed to forward_func.
-            feature_mask: None (every feature is a player) or integer group ids ``[d]``,
+                (one per input), or a tuple holding one of these.
+            target: None (every output column: ``[N]``/``[N, 1]``/``[N, k]`` outputs), an int
+                (negative counts from the last column), a one-entry tuple, a list of ints or
+                one-entry tuples, or a tensor ``[N]`` (or one element) of output columns.
+            additional_forward_args: extra arguments passed to every call of forward_func
+                (not per-example tensors: see the class notes).
+            feature_mask: None (every feature is a player) or integer group ids >= 0 ``[d]``,
                 ``[1, d]``, or ``[N, d]`` with identical rows: the players are the groups and,
                 as in captum, every feature of a group gets the group's value.
             n_samples: permutation walks per input.
-            perturbations_per_eval, show_progress: accepted for compatibility; oni batches
-                evaluations to a memory budget by itself.
+            perturbations_per_eval: an int >= 1, as captum requires; otherwise unused.
+            show_progress: accepted for compatibility.
         """
         n_samples = _check_int(n_samples, "n_samples", 1)
-        if isinstance(inputs, tuple):
+        _check_int(perturbations_per_eval, "perturbations_per_eval", 1)
+        as_tuple = isinstance(inputs, tuple)
+        if as_tuple:
             if len(inputs) != 1:
                 raise ValueError("oni.ShapleyValueSampling supports a single 2-D input tensor")
             inputs = inputs[0]
@@ -1001,10 +1022,14 @@ class ShapleyValueSampling:
         extra = () if additional_forward_args is None else (
             additional_forward_args if isinstance(additional_forward_args, tuple)
             else (additional_forward_args,))
-        if any(isinstance(a, Tensor) and a.dim() > 0 for a in extra):
-            raise NotImplementedError("additional_forward_args with per-example tensors are not "
-                                      "supported; pass constants or close over them")
         x = _check_inputs(inputs)
+        if any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == x.shape[0] > 1
+               for a in extra):
+            raise NotImplementedError(
+                "additional_forward_args holds a tensor with one row per input: captum "
+                "expands such tensors with the inputs, but oni evaluates rows of many inputs "
+                "in one batch; close over them in forward_func instead")
+        _check_model(self.forward_func, stacklevel=3)
         if isinstance(baselines, tuple):
             if len(baselines) != 1:
                 raise ValueError(f"baselines as a tuple must hold one entry (one input), got "
@@ -1018,23 +1043,49 @@ class ShapleyValueSampling:
             out = self.forward_func(z, *extra)
             return out[:, None] if isinstance(out, Tensor) and out.dim() == 1 else out
 
-        if target is None:
-            # as captum: no target means a model with one output; explaining column 0 of
-            # several would be a silent choice
-            with torch.no_grad():
-                out = game(x[:1])
-            if isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] > 1:
-                raise ValueError(f"target=None needs a forward_func with one output per "
-                                 f"input; this one has {out.shape[1]}: pass target (a class "
-                                 f"index or a tensor [N] of them)")
-            target = 0
-        result = _sampled_shapley(game, x, refs, per_row, target=target, labels=None,
-                                  n_permutations=n_samples, antithetic=True, tol=None,
-                                  seed=seed, backend=backend, max_batch_evals=None,
-                                  link="identity", groups=groups)
-        if result.groups is None:
-            return result.values
-        return result.values[:, result.groups]  # each feature: its group's value
+        def explain(column) -> Tensor:
+            result = _sampled_shapley(game, x, refs, per_row, target=column, labels=None,
+                                      n_permutations=n_samples, antithetic=True, tol=None,
+                                      seed=seed, backend=backend, max_batch_evals=None,
+                                      link="identity", groups=groups)
+            if result.groups is None:
+                return result.values
+            return result.values[:, result.groups]  # each feature: its group's value
+
+        target = _captum_target(target, x.shape[0])
+        if target is None or (isinstance(target, int) and target < 0):
+            with torch.no_grad():  # the output's width: every input, as captum's first call
+                out = self.forward_func(x, *extra)
+            if not isinstance(out, Tensor) or out.dim() not in (1, 2):
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"forward_func must return [N] or [N, k] outputs, got {got}")
+            k = 1 if out.dim() == 1 else out.shape[1]
+            if target is None:
+                attributions = explain(0) if out.dim() == 1 else \
+                    torch.stack([explain(c) for c in range(k)], dim=1)  # [N, k, d], as captum
+                return (attributions,) if as_tuple else attributions
+            if target < -k:
+                raise ValueError(f"target = {target} counts from the last of the output's {k} "
+                                 f"columns: it must be in [-{k}, {k})")
+            target += k
+        attributions = explain(target)
+        return (attributions,) if as_tuple else attributions
+
+
+def _captum_target(target, n: int):
+    """captum's target forms as oni's: a one-entry tuple (and lists of them) as its index, a
+    one-element tensor as that column for every input."""
+    if isinstance(target, tuple):
+        if len(target) != 1:
+            raise ValueError(f"target {target!r}: a tuple indexes the dimensions of each "
+                             f"output after the batch one, and a [N, k] output has one; pass "
+                             f"a list or tensor for one column per input")
+        return target[0]
+    if isinstance(target, list) and any(isinstance(t, tuple) for t in target):
+        return [_captum_target(t, n) if isinstance(t, tuple) else t for t in target]
+    if isinstance(target, Tensor) and target.numel() == 1 and target.dim() > 0 and n > 1:
+        return target.reshape(()).expand(n)
+    return target
 
 
 def _shared_feature_mask(feature_mask, x: Tensor) -> Optional[Tensor]:
@@ -1043,6 +1094,11 @@ def _shared_feature_mask(feature_mask, x: Tensor) -> Optional[Tensor]:
         return None
     n, d = x.shape
     _check_group_ids(feature_mask, "feature_mask", x, "the inputs'")
+    if feature_mask.numel() and int(feature_mask.min()) < 0:
+        raise ValueError(f"feature_mask holds the negative id {int(feature_mask.min())}: "
+                         f"captum keeps such features at the baseline in every coalition, "
+                         f"which changes the game; give every group an id >= 0 (or set those "
+                         f"features equal to the baseline)")
     if feature_mask.shape not in ((d,), (1, d), (n, d)):
         raise ValueError(f"feature_mask must be [d], [1, d] or [N, d] with N = {n}, d = {d}, "
                          f"got shape {tuple(feature_mask.shape)}")

@@ -528,6 +528,51 @@ def test_drop_in_shapley_value_sampling():
         oni.ShapleyValueSampling(model).attribute(x, target=1, n_samples=0)
 
 
+def test_drop_in_takes_captums_argument_forms_as_captum_does():
+    """On a linear model every permutation gives the exact Shapley values, so captum's sampler
+    and oni's must agree to rounding on every argument form, with the same return type and
+    shape (the third fuzz pass's parity check found these differences)."""
+    captum = pytest.importorskip("captum.attr")
+    gen = torch.Generator().manual_seed(40)
+    linear = nn.Linear(6, 3).eval()
+    x, base = torch.randn(4, 6, generator=gen), torch.randn(1, 6, generator=gen)
+    weight = torch.tensor([1.0, -2.0, 0.5])
+    scaled = lambda z, w: linear(z) * w  # noqa: E731  (a shared extra argument)
+    mask = torch.tensor([0, 5, 5, 9, 0, 9])
+    cases = [
+        (linear, dict(x=x)),                               # target=None: [N, k, d]
+        (lambda z: linear(z)[:, :1], dict(x=x)),           # [N, 1, d]
+        (linear, dict(x=x, target=-1)),
+        (linear, dict(x=x, target=(2,))),
+        (linear, dict(x=x, target=[(0,), (1,), (2,), (0,)])),
+        (linear, dict(x=x, target=torch.tensor([2]))),
+        (linear, dict(x=(x,), baselines=(base,), target=1)),  # a one-tuple back
+        (scaled, dict(x=x, target=1, additional_forward_args=(weight,))),
+        (linear, dict(x=x, baselines=base, target=2, feature_mask=mask)),
+    ]
+    for forward, kwargs in cases:
+        inputs = kwargs.pop("x")
+        theirs = captum.ShapleyValueSampling(forward).attribute(inputs, n_samples=3, **kwargs)
+        ours = oni.ShapleyValueSampling(forward).attribute(inputs, n_samples=3, **kwargs)
+        assert type(ours) is type(theirs), kwargs
+        for a, b in zip(ours if isinstance(ours, tuple) else (ours,),
+                        theirs if isinstance(theirs, tuple) else (theirs,)):
+            assert a.shape == b.shape, kwargs
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    explainer = oni.ShapleyValueSampling(linear)
+    refusals = [
+        (dict(additional_forward_args=torch.ones(4, 1)), NotImplementedError,
+         "a tensor with one row per input"),
+        (dict(feature_mask=mask - 1), ValueError, "feature_mask holds the negative id -1"),
+        (dict(perturbations_per_eval=0), ValueError, "perturbations_per_eval must be >= 1"),
+        (dict(target=(0, 1)), ValueError, "a tuple indexes the dimensions"),
+        (dict(target=-4), ValueError, r"target = -4 .* must be in \[-3, 3\)"),
+    ]
+    for kwargs, error, message in refusals:
+        with pytest.raises(error, match=message):
+            explainer.attribute(x, **kwargs)
+
+
 def test_to_shap():
     shap = pytest.importorskip("shap")
     model = small_mlp(4, seed=35)
@@ -702,17 +747,19 @@ def test_first_layer_with_a_hook_or_override_is_not_skipped(hook, monkeypatch):
             handle.remove()
 
 
-def test_shapley_value_sampling_without_target_needs_one_output():
-    """captum's contract: target=None is for a model with one output per input; with several
-    it is an error, not column 0 chosen in silence."""
+def test_shapley_value_sampling_without_target_explains_every_output():
+    """captum (0.9): target=None on a [N, k] output gives [N, k, d], one attribution per
+    output column ([N, 1, d] for one column; [N, d] for an [N] output)."""
     model, x = _model_and_x()
     explainer = oni.ShapleyValueSampling(model)
-    with pytest.raises(ValueError, match="target=None needs a forward_func with one output per "
-                                         "input; this one has 3"):
-        explainer.attribute(x, n_samples=2)
-    one = oni.ShapleyValueSampling(lambda z: model(z)[:, 1])
-    torch.testing.assert_close(one.attribute(x, n_samples=4),
-                               explainer.attribute(x, target=1, n_samples=4))
+    every = explainer.attribute(x, n_samples=4)
+    assert every.shape == (x.shape[0], 3, x.shape[1])
+    for c in range(3):
+        torch.testing.assert_close(every[:, c], explainer.attribute(x, target=c, n_samples=4))
+    one = oni.ShapleyValueSampling(lambda z: model(z)[:, 1:2]).attribute(x, n_samples=4)
+    torch.testing.assert_close(one, every[:, 1:2])
+    flat = oni.ShapleyValueSampling(lambda z: model(z)[:, 1]).attribute(x, n_samples=4)
+    torch.testing.assert_close(flat, every[:, 1])
     with pytest.raises(ValueError, match="baselines as a tuple must hold one entry"):
         explainer.attribute(x, baselines=(), target=0)
 
