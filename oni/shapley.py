@@ -1041,6 +1041,12 @@ class ShapleyValueSampling:
 
         def game(z: Tensor) -> Tensor:
             out = self.forward_func(z, *extra)
+            if extra and isinstance(out, Tensor) and out.dim() and out.shape[0] != len(z):
+                # e.g. a per-example array or list among the extra arguments
+                raise ValueError(f"forward_func returned {out.shape[0]} rows for {len(z)} "
+                                 f"input rows: additional_forward_args must not hold "
+                                 f"per-example values (oni evaluates rows of many inputs in "
+                                 f"one batch); close over them in forward_func instead")
             return out[:, None] if isinstance(out, Tensor) and out.dim() == 1 else out
 
         def explain(column) -> Tensor:

@@ -559,6 +559,7 @@ def test_drop_in_takes_captums_argument_forms_as_captum_does():
                         theirs if isinstance(theirs, tuple) else (theirs,)):
             assert a.shape == b.shape, kwargs
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    per_row = lambda z, s: linear(z) * torch.as_tensor(s)[:, None]  # noqa: E731
     explainer = oni.ShapleyValueSampling(linear)
     refusals = [
         (dict(additional_forward_args=torch.ones(4, 1)), NotImplementedError,
@@ -571,6 +572,12 @@ def test_drop_in_takes_captums_argument_forms_as_captum_does():
     for kwargs, error, message in refusals:
         with pytest.raises(error, match=message):
             explainer.attribute(x, **kwargs)
+    # per-example values that are no tensor: the model's output rows tell (captum takes them
+    # at perturbations_per_eval=1; the message was about the baseline's output shape)
+    with pytest.raises(ValueError, match="forward_func returned 4 rows for 1 input rows: "
+                                         "additional_forward_args must not hold per-example"):
+        oni.ShapleyValueSampling(per_row).attribute(x, target=0, additional_forward_args=(
+            [1.0, 2.0, 3.0, 4.0],))
 
 
 def test_to_shap():
