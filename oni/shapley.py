@@ -351,6 +351,11 @@ def _run_plain_layers(h: Tensor, layers, bf16: bool) -> Tensor:
     return h
 
 
+#: samples (antithetic pairs, or single walks) a row needs before ``tol`` may stop it: the
+#: chance that 16 samples of a 3-player row agree while its value is not exact is 3^-15
+_MIN_TOL_SAMPLES = 16
+
+
 def _check_model(model, stacklevel: int = 3) -> None:
     """A model must be callable; one in training mode gets a warning (dropout and
     batch-norm make its outputs random and mix rows)."""
@@ -576,7 +581,9 @@ def shapley_values(
         antithetic: pair every walk with its reverse (exact for interactions of order <= 2,
             and a much lower variance for neural networks).
         tol: stop a row once its largest standard error is below ``tol`` (checked after
-            every eighth of the budget, at least two samples); None runs all walks.
+            every eighth of the budget, and only once the row has 16 samples: with fewer, a
+            spread of 0 can be chance, e.g. 3 active players whose antithetic pairs all put
+            one player in the middle); None runs all walks.
         seed: seed of the walks; the same seed gives the same result on any backend,
             chunking or device.
         backend: ``"kernel"`` (C++/CUDA ops), ``"torch"`` (the pure-PyTorch twin in
@@ -691,7 +698,13 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
             done += todo
             if tol is not None:
                 stderr_max = _stderr(m2[alive], count[alive]).nan_to_num(nan=math.inf).amax(1)
-                alive = alive[~(stderr_max <= tol)]
+                # a few samples can agree by chance (with 3 active players, every antithetic
+                # pair with the same middle player gives the same sample): their spread, 0,
+                # says nothing, so a row stops only once it has _MIN_TOL_SAMPLES of them
+                # (rows of one active player, or two with antithetic pairs, are exact)
+                trusted = (count[alive] >= _MIN_TOL_SAMPLES) | \
+                    (walk.n_active[alive] <= walks_per_sample)
+                alive = alive[~((stderr_max <= tol) & trusted)]
 
         _check_game_finite(mean)
         stderr = _stderr(m2, count)
