@@ -2,10 +2,10 @@
 // spec in oni/reference.py, CPU twin in csrc/cpu/sparse_linear_cpu.cpp). One thread per
 // output element (past the launch limits, a thread takes several in turn); a block's threads
 // share one input row (forward) or one input column (weight gradient) at a time, so the test
-// for a zero is uniform across the block and the weight or gradient rows are read coalesced. Every output sums its non-zeros in the CPU kernel's
-// order (ascending j, ascending b); nvcc fuses each multiply-add (FMA), so the sums match
-// the CPU's to rounding, not bit for bit. The shadow trainer uses cuBLAS on the GPU; these serve
-// the op on every device.
+// for a zero is uniform across the block and the weight or gradient rows are read coalesced.
+// Every output sums its non-zeros in the CPU kernel's order (ascending j, ascending b); nvcc
+// fuses each multiply-add (FMA), so the sums match the CPU's to rounding, not bit for bit.
+// The shadow trainer uses cuBLAS on the GPU; these serve the op on every device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
