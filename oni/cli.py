@@ -299,20 +299,26 @@ def _requested(err: BaseException) -> str:
     return "more than the machine has"
 
 
-def _out_of_memory_error(step: str, err: BaseException, settings: Mapping[str, Any]
-                         ) -> RunOutOfMemory:
-    """``err`` restated for the user: the step, the request and the integer settings of
-    ``settings``, largest first (seeds and epoch counts size no memory)."""
-    sizes = [(key, value) for key, value in settings.items()
-             if _is_size(value) and not any(
-                 word in key.rsplit(".", 1)[-1] for word in ("seed", "epochs"))]
-    sizes.sort(key=lambda item: -max(item[1]) if isinstance(item[1], list) else -item[1])
-    shown = ", ".join(f"{key} = {value}" for key, value in sizes[:8]) or "none"
-    return RunOutOfMemory(
-        f"{step} ran out of memory: it asked for {_requested(err)} "
-        f"({type(err).__name__}). The settings that size it: {shown}. Lower them or use a "
-        f"machine with more memory; finished stages are saved, and the same command resumes "
-        f"after them.")
+@contextlib.contextmanager
+def _out_of_memory_named(step: str, settings: Mapping[str, Any]):
+    """An out-of-memory error inside restated for the user as a RunOutOfMemory: the step,
+    the request and the integer settings of ``settings``, largest first (seeds and epoch
+    counts size no memory)."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_out_of_memory(err):
+            raise
+        sizes = [(key, value) for key, value in settings.items()
+                 if _is_size(value) and not any(
+                     word in key.rsplit(".", 1)[-1] for word in ("seed", "epochs"))]
+        sizes.sort(key=lambda item: -max(item[1]) if isinstance(item[1], list) else -item[1])
+        shown = ", ".join(f"{key} = {value}" for key, value in sizes[:8]) or "none"
+        raise RunOutOfMemory(
+            f"{step} ran out of memory: it asked for {_requested(err)} "
+            f"({type(err).__name__}). The settings that size it: {shown}. Lower them or use a "
+            f"machine with more memory; finished stages are saved, and the same command "
+            f"resumes after them.") from err
 
 
 def _is_size(value) -> bool:
@@ -464,13 +470,8 @@ class _Experiment:
             self.log(f"{where}: {st.describe}")
             directory = self.store.begin(st.name)
             start = time.perf_counter()
-            try:
+            with _out_of_memory_named(f"stage {st.name}", {**st.sizes, **st.settings}):
                 files, meta = compute(directory)
-            except Exception as err:
-                if not _is_out_of_memory(err):
-                    raise
-                raise _out_of_memory_error(f"stage {st.name}", err,
-                                           {**st.sizes, **st.settings}) from err
             seconds = time.perf_counter() - start
             record = self.store.finish(st.name, st.hash, st.settings, st.parents, files, meta,
                                        seconds)
@@ -501,13 +502,9 @@ class _Experiment:
         from .metrics import midput
         source = self.config["data"]["path"] or "synthetic Purchase-shaped data"
         self.log(f"loading data ({source})")
-        try:
+        with _out_of_memory_named(f"loading the data ({source})",
+                                  cfgmod.config_subset(self.config, ("data",))):
             self.data = _load_data(self.config)
-        except Exception as err:
-            if not _is_out_of_memory(err):
-                raise
-            raise _out_of_memory_error(f"loading the data ({source})", err,
-                                       cfgmod.config_subset(self.config, ("data",))) from err
         self.fingerprint = _data_fingerprint(self.data)
         data = self.data
         self.log(f"data: {data.name}, {data.n} rows, {data.d} features, {data.k} classes "
