@@ -62,15 +62,21 @@ def check_finite(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
 
 
+def check_not_meta(value, name: str) -> None:
+    """A ValueError naming ``name`` when ``value`` (a tensor, or a module's parameters and
+    buffers) is on the meta device, where torch's own errors name no argument."""
+    tensors = (value,) if isinstance(value, Tensor) else (*value.parameters(), *value.buffers())
+    if any(t.is_meta for t in tensors):
+        raise ValueError(f"{name} is on the meta device: meta tensors hold no values")
+
+
 def check_finite_weights(model, name: str, why: str) -> None:
     """A ValueError naming ``name``, the first parameter or buffer holding NaN or Inf, and
     ``why`` it matters, if ``model`` has one."""
     for kind, tensors in (("parameter", model.named_parameters()),
                           ("buffer", model.named_buffers())):
         for key, t in tensors:
-            if t.is_meta:
-                raise ValueError(f"{name}'s {kind} {key!r} is on the meta device: meta "
-                                 f"tensors hold no values")
+            check_not_meta(t, f"{name}'s {kind} {key!r}")
             try:
                 check_finite(t.detach(), f"{name}'s {kind} {key!r}")
             except ValueError as err:

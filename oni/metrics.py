@@ -28,8 +28,8 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import (check_class_indices, check_finite, check_logits, is_integer_dtype,
-                      tensor_to_numpy)
+from ._checks import (check_class_indices, check_finite, check_logits, check_not_meta,
+                      is_integer_dtype, tensor_to_numpy)
 from .shapley import _check_model_width
 
 __all__ = [
@@ -53,8 +53,7 @@ REPORTED_FPRS = {"tpr@0.1%fpr": 0.001, "tpr@1%fpr": 0.01}
 
 def _as_numpy(values, name: str) -> np.ndarray:
     if isinstance(values, Tensor):
-        if values.is_meta:
-            raise ValueError(f"{name} is on the meta device: meta tensors hold no values")
+        check_not_meta(values, name)
         if values.layout != torch.strided:
             raise TypeError(f"{name} must be a dense tensor, got layout {values.layout}")
         values = tensor_to_numpy(values)
@@ -212,8 +211,7 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
             batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise ValueError("model is on the meta device: meta tensors hold no values")
+    check_not_meta(model, "model")
     accs = {}
     was_training = model.training
     model.eval()
@@ -229,10 +227,8 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
                 raise TypeError(f"{name} x must be floating point, got {x.dtype}")
             if not is_integer_dtype(y.dtype):
                 raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
-            for t, what in ((x, "x"), (y, "labels")):
-                if t.is_meta:
-                    raise ValueError(f"{name} {what} is on the meta device: meta tensors hold "
-                                     f"no values")
+            check_not_meta(x, f"{name} x")
+            check_not_meta(y, f"{name} labels")
             check_finite(x, f"{name} x")
             try:
                 _check_model_width(model, x.shape[1])

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_finite, check_int, first_bad_row, is_integer_dtype
+from ._checks import check_finite, check_int, check_not_meta, first_bad_row, is_integer_dtype
 from .models import (MLP, SLOW_BF16_CPU, _check_seed, _native_bf16_cpu, _resolve_device,
                      init_parameters_)
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
@@ -114,9 +114,7 @@ class StackedMLP:
                 if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
                     got = t.dtype if isinstance(t, Tensor) else type(t).__name__
                     raise TypeError(f"{name}[{i}] must be a floating torch.Tensor, got {got}")
-                if t.is_meta:
-                    raise ValueError(f"{name}[{i}] is on the meta device: meta tensors hold no "
-                                     f"values")
+                check_not_meta(t, f"{name}[{i}]")
                 if t.numel() == 0:  # no models, or a layer of no units
                     raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}: a stack holds at "
                                      f"least one model, and every layer at least one unit")
@@ -211,8 +209,7 @@ def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
         if model.config != first.config:
             raise ValueError(f"models[{j}] has architecture {model.config} but models[0] has "
                              f"{first.config}: stacked models must share one")
-        if next(model.parameters()).is_meta:
-            raise ValueError(f"models[{j}] is on the meta device: meta tensors hold no values")
+        check_not_meta(model, f"models[{j}]")
     if device is None:
         device = next(first.parameters()).device
     layers = [_linears(model) for model in models]
@@ -249,8 +246,7 @@ def _check_index_sets(xs_idx, n_rows: int) -> Tensor:
         if r.dim() != 1 or not is_integer_dtype(r.dtype):
             raise TypeError(f"xs_idx[{j}] must be a 1-D tensor of integer row indices, got "
                             f"shape {tuple(r.shape)} and dtype {r.dtype}")
-        if r.is_meta:
-            raise ValueError(f"xs_idx[{j}] is on the meta device: meta tensors hold no values")
+        check_not_meta(r, f"xs_idx[{j}]")
         if len(r) != len(rows[0]):
             raise ValueError(f"xs_idx[{j}] has {len(r)} indices but xs_idx[0] has "
                              f"{len(rows[0])}: batched training needs equal training-set "
