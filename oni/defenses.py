@@ -44,8 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import (MAX_ADAM_LR, NonFiniteLogits, check_finite_weights,
-                      non_finite_parameter)
+from ._checks import MAX_ADAM_LR, NonFiniteLogits, check_finite_weights
 from .models import (
     MLP,
     PAPER_HIDDEN,
@@ -69,6 +68,7 @@ from .train import (
     _check_labels,
     _check_label_range,
     _derived_seed,
+    _epoch_accuracies,
     _output_width,
     _progress,
     _seeded_global_rng,
@@ -741,17 +741,10 @@ def _record(history: History, model: nn.Module, job: _Job, x: Tensor, y: Tensor,
         raise FloatingPointError(
             f"training diverged: the mean training loss of epoch {len(history.epochs) + 1} is "
             f"{train_loss}; lower {settings}")
-    bad = non_finite_parameter(model)  # the loss was taken before each step
-    if bad is not None:
-        raise FloatingPointError(
-            f"training diverged: the last step of epoch {len(history.epochs) + 1} left NaN or "
-            f"Inf in {bad!r}; lower {settings}")
-    try:
-        train_acc = accuracy(model, x, y)
-        test_acc = accuracy(model, job.x_test, job.y_test) if job.x_test is not None else None
-    except NonFiniteLogits as err:  # finite weights whose logits overflow
-        raise FloatingPointError(f"training diverged: after epoch {len(history.epochs) + 1} "
-                                 f"{err}; lower {settings}") from None
+    train_acc, test_acc = _epoch_accuracies(
+        model, len(history.epochs) + 1, f"lower {settings}",
+        lambda: (accuracy(model, x, y), accuracy(model, job.x_test, job.y_test)
+                 if job.x_test is not None else None))
     history.epochs.append(len(history.epochs) + 1)
     history.train_loss.append(train_loss)
     history.train_acc.append(train_acc)

@@ -270,6 +270,23 @@ def _predicted_classes(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
                           for lo in range(0, x.shape[0], batch_size)])
 
 
+def _epoch_accuracies(model: nn.Module, epoch: int, fix: str,
+                      measure: Callable[[], Tuple[float, Optional[float]]]
+                      ) -> Tuple[float, Optional[float]]:
+    """``measure()``, the epoch's train and test accuracy, once the epoch's last step is
+    known to have left finite weights and logits: the epoch's loss was taken before each
+    step, so a divergence in the last one shows only here (``fix``: what to lower)."""
+    bad = non_finite_parameter(model)
+    if bad is not None:
+        raise FloatingPointError(f"training diverged: the last step of epoch {epoch} left NaN "
+                                 f"or Inf in {bad!r}; {fix}")
+    try:
+        return measure()
+    except NonFiniteLogits as err:  # finite weights whose logits overflow
+        raise FloatingPointError(f"training diverged: after epoch {epoch} {err}; {fix}") \
+            from None
+
+
 def _accuracy_on_device(model, x: Tensor, y: Tensor) -> float:
     return float((_predicted_classes(model, x, _PREDICT_BATCH) == y).double().mean())
 
@@ -514,19 +531,11 @@ def train_model(
                     f"training diverged: the mean training loss of epoch {epoch} is "
                     f"{train_loss} (lr = {config.lr}); the model keeps that epoch's weights. "
                     f"Lower config.lr or check x, y and loss_fn")
-            bad = non_finite_parameter(model)  # the loss was taken before each step
-            if bad is not None:
-                raise FloatingPointError(
-                    f"training diverged: the last step of epoch {epoch} left NaN or Inf in "
-                    f"{bad!r} (lr = {config.lr}); the model keeps those weights. Lower "
-                    f"config.lr or check x, y and loss_fn")
-            try:
-                train_acc = _accuracy_on_device(model, x, y)
-                test_acc = _accuracy_on_device(model, x_test, y_test) if has_test else None
-            except NonFiniteLogits as err:  # finite weights whose logits overflow
-                raise FloatingPointError(
-                    f"training diverged: after epoch {epoch} {err} (lr = {config.lr}). Lower "
-                    f"config.lr or check x, y and loss_fn") from None
+            train_acc, test_acc = _epoch_accuracies(
+                model, epoch, f"lr = {config.lr}; the model keeps those weights. Lower "
+                              f"config.lr or check x, y and loss_fn",
+                lambda: (_accuracy_on_device(model, x, y),
+                         _accuracy_on_device(model, x_test, y_test) if has_test else None))
             history.epochs.append(epoch)
             history.train_loss.append(train_loss)
             history.train_acc.append(train_acc)
