@@ -191,9 +191,11 @@ class AttackResult:
         ``calibration_fraction`` is 0.
     extra : dict
         The resolved settings (``"config"``), ``"defense"`` and ``"seed"``, and attack facts:
-        ``shadow_size``, ``hidden``; shadow and metric attacks: ``shadow_train_acc`` /
-        ``shadow_test_acc`` (per shadow); metric and label-only attacks: ``thresholds``
-        (``[k]`` float64) and ``fallback_classes``; label-only: ``sigma`` (the one used),
+        with shadow models, ``shadow_size``, ``hidden``, and ``shadow_train_acc`` /
+        ``shadow_test_acc`` (per shadow; not LiRA); with ``fit_on="known"`` instead,
+        ``reference_size`` (the rows per side fitted on); metric and label-only attacks:
+        ``thresholds`` (``[k]`` float64) and ``fallback_classes``; label-only: ``sigma`` (the
+        one used),
         ``sigma_balanced_accuracy`` (per candidate sigma, on the fitting rows),
         ``observed_robustness`` (the value of each target row); LiRA: ``pool_size``,
         ``pool_rows`` (``[2m]`` row indices), ``shadow_membership`` (``[K, 2m]`` bool: pool
@@ -952,7 +954,9 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
           the target's training-set size, capped at half the shadow pool),
           ``calibration_fraction`` (0.2), ``fit_on`` (``"shadow"``; ``"known"`` fits on the
           target's own outputs on ``splits.known`` and as many shadow-pool rows, no shadow
-          model), ``hidden`` (None: the target model's);
+          model), ``hidden`` (None: the target model's), ``shadow_precision``
+          (``"float32"``; ``"bf16"`` trains undefended shadows in mixed precision, see the
+          module notes);
         * ``"shadow"`` also: ``prediction_widths`` ((1024, 512, 64)), ``label_widths``
           ((512, 64)), ``combined_widths`` ((256, 64)), ``weight_std`` (0.01),
           ``attack_epochs`` (30), ``attack_batch_size`` (128), ``attack_lr`` (1e-3);
@@ -962,7 +966,8 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
           ((0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)), ``thresholds`` (``"global"``);
         * LiRA: ``n_shadows`` (16; even, >= 4; 64 and more are fine), ``shadow_size``
           (None: the target's training-set size, capped at half the pool),
-          ``global_variance`` (None: True when ``n_shadows < 64``), ``hidden``.
+          ``global_variance`` (None: True when ``n_shadows < 64``), ``hidden``,
+          ``shadow_precision`` (as above).
     train_config : TrainConfig
         How the target was trained; the shadows are trained the same way (with their own
         seeds), on ``train_config.device``, which also runs the attack model.

@@ -906,6 +906,8 @@ def _join_ranks(args) -> int:
 
 def _model_and_rows(args):
     """(device, model, data, x on the device) for `oni shapley` and `oni noise`."""
+    import torch
+
     from .models import _resolve_device
     device = _resolve_device(args.device, "--device")
     _check_tf32_device(args.precision, device, "--precision",
@@ -913,7 +915,14 @@ def _model_and_rows(args):
     model = _load_model_dir(args.model_dir, device)
     data = _load_rows(args.data, args.rows, args.format)
     _check_width(model, data, args.model_dir)
-    return device, model, data, data.x.to(device)
+    # data files load as float32; a model saved in another floating dtype (float64) gets its
+    # own, since the command line has no way to cast either
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), data.x.dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"the model in {args.model_dir} holds {dtype} weights; the solvers "
+                          f"take float32 or float64 models (save it after model.float(); "
+                          f"--precision bf16 runs their batched passes in bfloat16)")
+    return device, model, data, data.x.to(device, dtype)
 
 
 def _check_output_paths(outputs: Mapping[str, Optional[str]],
@@ -981,7 +990,7 @@ def _cmd_shapley(args) -> int:
     if args.baseline == "mean":
         baseline = x.mean(dim=0)
     elif baseline_file:
-        baseline = torch.from_numpy(_load_array(baseline_file, "--baseline")).float().to(device)
+        baseline = torch.from_numpy(_load_array(baseline_file, "--baseline")).to(device, x.dtype)
     target = args.target
     labels = None
     if target == "label":
@@ -1080,7 +1089,7 @@ configuration keys (YAML file and --set; dotted paths):
 presets:
   default     synthetic Purchase-shaped data (oni.synthetic_purchase, 4,500 rows), the
               paper's MLP for 20 epochs, the undefended, uniform, ONI and DynaNoise models,
-              the shadow-model, metric and LiRA (4 shadows) attacks; about 5 minutes on a
+              the shadow-model, metric and LiRA (4 shadows) attacks; about 4 minutes on a
               2-core CPU
   paper       the paper's settings (Table 1 splits, MLP 1024-512-256-128, 100 epochs, the
               noise solver's full settings, 16 LiRA shadows) for a Purchase100 or Texas100
@@ -1144,8 +1153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the data file whose rows are processed (Shokri CSV, Texas100 "
                              "directory or archive, .npz)")
     common.add_argument("--out", required=True, metavar="FILE.npy",
-                        help="where to write the [N, d] float32 result (numpy .npy; [N, G] "
-                             "for `shapley --groups`)")
+                        help="where to write the [N, d] result (numpy .npy; [N, G] for `shapley "
+                             "--groups`), in the model's dtype: float32 unless it was saved "
+                             "in another")
     common.add_argument("--format", default="auto", choices=("auto", "shokri", "texas", "npz"),
                         help="how to read DATA (default: from the path)")
     common.add_argument("--rows", metavar="START:STOP",
@@ -1225,8 +1235,8 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--starts", type=int, default=oni_defaults["starts"],
                        help=f"starting points per row (default {oni_defaults['starts']})")
     noise.add_argument("--details", metavar="FILE.npz",
-                       help="also write entropy, norm, feasible, iterations, radius and tau "
-                            "per row there")
+                       help="also write the entropy, norm, feasible, iterations and radius of "
+                            "each row, and the scalar tau, there (.npz)")
     noise.set_defaults(handler=_cmd_noise, tau_fraction_default=oni_defaults["tau_fraction"])
 
     report = sub.add_parser(

@@ -124,7 +124,7 @@ def _plain(value):
 
 @dataclass(frozen=True)
 class Leaf:
-    """A setting: its default (in the ``default`` preset), its check and its meaning."""
+    """A setting: its check and its meaning (defaults live in the ``default`` preset)."""
 
     check: Callable[[Any, str], Any]
     help: str
@@ -265,7 +265,7 @@ def _attack_names() -> Tuple[str, ...]:
 
 #: where the schema's sections come from: each leaf is a Leaf; ``defenses.<name>`` and
 #: ``attacks.<name>`` are checked by the defense's and attack's own checks (see
-#: _check_method_section)
+#: _check_method)
 SCHEMA: Dict[str, Any] = {
     "preset": Leaf(_choice(("default", "paper", "location30")),
                    "which defaults this config starts from (informational once resolved)"),
@@ -280,7 +280,9 @@ SCHEMA: Dict[str, Any] = {
         "format": Leaf(_choice(("auto", "shokri", "texas", "npz")),
                        "how to read data.path (auto: from the path)"),
         "cache_dir": Leaf(_path_or_null, "where parsed text files are cached as .npz "
-                                         "(null: oni's default cache)"),
+                                         "(null: beside data.path when that directory is "
+                                         "writable, else $XDG_CACHE_HOME/oni or "
+                                         "~/.cache/oni)"),
         "synthetic": {
             "n": Leaf(_int(18), "rows of oni.synthetic_purchase (when data.path is null)"),
             "d": Leaf(_int(1), "features (600 as Purchase100)"),
@@ -383,7 +385,7 @@ _DEFAULT_ATTACKS = ["shadow", "metric_correctness", "metric_confidence", "metric
 
 #: the default preset's values: the embedded run, sized for a 2-core CPU (README, "Running the
 #: experiment"): the paper's MLP and data shape, but 4,500 synthetic rows (1,000 training
-#: rows), 20 epochs and 4 LiRA shadows; measured at about 4.5 minutes on a 2-core Xeon
+#: rows), 20 epochs and 4 LiRA shadows; about 4 minutes on a 2-core CPU
 _BASE: Dict[str, Any] = {
     "preset": "default",
     "seed": 0,

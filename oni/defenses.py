@@ -223,9 +223,10 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         ``KL(y' || f'(x'))``; ``n_permutations=32`` Shapley walks per row (16 antithetic
         pairs); ``max_iter=50`` ascent steps, ``refine_iter=8`` norm-reduction rounds,
         ``polish_iter=8`` polish iterations and ``starts=2`` starting points of the noise
-        solver (:func:`oni.optimal_noise`; below its defaults of 100, 16, 32 and 4 to keep
-        ``oni run`` cheap: on Purchase-shaped
-        data at ``tau_fraction=0.5`` every row was still feasible); ``backend="auto"``;
+        solver (:func:`oni.optimal_noise`, whose defaults are 100 walks, 100 steps, 8 rounds,
+        64 polish iterations and 4 starts: the walks, steps, polish and starts are cut to
+        keep ``oni run`` cheap; on Purchase-shaped data at ``tau_fraction=0.5`` every row was
+        still feasible); ``backend="auto"``;
         ``precision="float32"``: the arithmetic of the batched model evaluations of the
         Shapley walks and of the noise solver's search passes, an explicit opt-in
         (``"tf32"`` on CUDA, ``"bf16"``; see :func:`oni.shapley_values` and
@@ -392,8 +393,8 @@ class DefendedModel:
     name : str
         The defense, one of :data:`DEFENSES`.
     model : nn.Module
-        The trained network (eval mode, CPU); for ``"dynanoise"`` the undefended model it
-        wraps.
+        The trained network in eval mode (on the CPU from :func:`defend`, on ``device``
+        from :func:`load_defended`); for ``"dynanoise"`` the undefended model it wraps.
     predict_proba : callable
         ``x [N, d] -> probabilities [N, k]`` float32 on the CPU: what an attacker queries
         (DynaNoise adds its noise here; see :class:`DynaNoise` for its seeded stream).
@@ -1018,6 +1019,13 @@ def save_defended(defended: DefendedModel, path) -> Any:
 def load_defended(path, *, device="cpu") -> DefendedModel:
     """Loads what :func:`save_defended` wrote; the prediction function is rebuilt from the
     name and config (a DynaNoise stream restarts from its seed).
+
+    Parameters
+    ----------
+    path : path
+        The directory :func:`save_defended` wrote.
+    device : str or torch.device
+        Where the model's weights are loaded (default ``"cpu"``).
 
     Raises
     ------

@@ -156,10 +156,16 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
 
     ``f_gap`` is the top-1 minus the top-2 softmax probability at ``x`` (the two classes are
     fixed at ``x``): the first-order distance to the decision boundary. Per-sample input
-    gradients come from one batched backward pass (rows must not interact: eval mode).
+    gradients come from one batched backward pass per ``batch_size`` rows (rows must not
+    interact: eval mode).
 
     Edge cases: a tie (``f_gap = 0``) gives ``rho = 0``; a zero gradient with ``f_gap > 0``
     gives ``rho = +inf`` (no first-order boundary nearby; only the budget box then binds).
+
+    Args:
+        model: maps ``[n, d]`` to ``[n, k]`` logits, differentiable in its input.
+        x: ``[N, d]`` float32 or float64 rows.
+        batch_size: rows per forward and backward pass (default 8192): a memory knob.
 
     Returns:
         ``[N]`` radii in x's dtype.

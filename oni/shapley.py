@@ -890,8 +890,10 @@ def exact_shapley(
 ) -> ShapleyResult:
     """Exact Shapley values by subset enumeration, for ``d <= 20`` players.
 
-    Same game and arguments as :func:`shapley_values` (with ``groups``, the players are
-    the groups and ``d`` may be larger as long as there are at most 20 groups). Each row
+    The game of :func:`shapley_values`, and its arguments that define the game:
+    ``baseline``, ``target``, ``labels``, ``link`` and ``groups`` (with ``groups``, the
+    players are the groups and ``d`` may be larger as long as there are at most 20 groups);
+    the sampler's arguments (walks, ``tol``, ``seed``, backend, precision) do not apply. Each row
     enumerates the ``2^a`` coalitions of its ``a`` active players (dummies are exactly 0);
     values are computed in float64 from the model's outputs. ``stderr`` is 0 and
     ``n_permutations`` 0.
@@ -1019,6 +1021,9 @@ class ShapleyValueSampling:
             n_samples: permutation walks per input.
             perturbations_per_eval: an int >= 1, as captum requires; otherwise unused.
             show_progress: accepted for compatibility.
+            seed: oni only: the walks' seed (the same seed gives the same values).
+            backend: oni only: ``"auto"``, ``"kernel"`` or ``"torch"``, as in
+                :func:`shapley_values`.
         """
         n_samples = _check_int(n_samples, "n_samples", 1)
         _check_int(perturbations_per_eval, "perturbations_per_eval", 1)

@@ -603,6 +603,38 @@ def test_noise_command(model_and_data, capsys):
     assert "--precision: tf32 needs a CUDA device, --device resolved to cpu" in err
 
 
+def test_solver_commands_take_a_model_in_its_own_dtype(model_and_data, tmp_path, capsys):
+    """The data loads as float32; a float64 model gets float64 rows (it was refused with
+    advice to cast, which the command line cannot do), a bfloat16 one a message."""
+    import copy
+
+    import oni
+    from oni.models import save_model
+    root, model, data = model_and_data
+    model64 = copy.deepcopy(model).double()
+    save_model(model64, tmp_path / "model64")
+    phi_path, eta_path = tmp_path / "phi.npy", tmp_path / "eta.npy"
+    np.save(tmp_path / "baseline.npy", np.full(12, 0.5, dtype=np.float32))
+    assert cli.main(["shapley", str(tmp_path / "model64"), str(root / "data.npz"), "--out",
+                     str(phi_path), "--n-permutations", "6", "--rows", "0:20",
+                     "--baseline", str(tmp_path / "baseline.npy"), "--device", "cpu"]) == 0
+    expected = oni.shapley_values(model64, data.x[:20].double(),
+                                  torch.full((12,), 0.5, dtype=torch.float64), n_permutations=6)
+    phi = np.load(phi_path)
+    assert phi.dtype == np.float64
+    np.testing.assert_array_equal(phi, expected.values.numpy())
+    assert cli.main(["noise", str(tmp_path / "model64"), str(root / "data.npz"), "--out",
+                     str(eta_path), "--phi", str(phi_path), "--rows", "0:20", "--max-iter", "5",
+                     "--starts", "1", "--device", "cpu"]) == 0
+    assert np.load(eta_path).dtype == np.float64
+    save_model(copy.deepcopy(model).to(torch.bfloat16), tmp_path / "model16")
+    capsys.readouterr()
+    assert cli.main(["shapley", str(tmp_path / "model16"), str(root / "data.npz"), "--out",
+                     str(phi_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "holds torch.bfloat16 weights; the solvers take float32 or float64 models" in err
+
+
 def _subparsers(parser):
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices

@@ -22,3 +22,19 @@ def test_readme_quickstart_runs():
 
 def test_readme_noise_example_runs():
     _run_section("## Noise solver")
+
+
+def test_readme_defenses_table_lists_every_default():
+    """The Defenses table's last column is oni.DEFAULTS, key for key and value for value."""
+    import ast
+
+    import oni
+
+    section = README.read_text().split("## Defenses", 1)[1].split("\n## ", 1)[0]
+    rows = [(name, column) for name, column in
+            re.findall(r"^\| `(\w+)` \|.*\| ([^|]*) \|$", section, re.M) if name != "name"]
+    assert {name for name, _ in rows} == set(oni.DEFAULTS)
+    for name, column in rows:
+        listed = {key: ast.literal_eval(value)
+                  for key, value in re.findall(r"`(\w+)=([^`]+)`", column)}
+        assert listed == oni.DEFAULTS[name], name
