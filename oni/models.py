@@ -276,7 +276,36 @@ def _model_config(model) -> Dict[str, Any]:
     if expected != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
         raise ValueError(f"model's parameters do not match its config {config} "
                          f"(was it modified after construction?)")
+    # what is saved is the config and the weights: anything else that shapes the function
+    # (a subclass, a swapped layer, a patched forward, a hook) would reload as another model
+    why = _rebuild_difference(model, rebuilt)
+    if why:
+        raise ValueError(f"save_model saves a model as its config {config} and its weights, "
+                         f"and this one would not reload as the same function: {why}")
     return config
+
+
+def _rebuild_difference(model: nn.Module, rebuilt: nn.Module) -> str:
+    """How ``model`` computes something ``rebuilt`` (its config's model) does not, or ''."""
+    if type(model) is not type(rebuilt):
+        return (f"it is a {type(model).__qualname__}, not a plain "
+                f"{type(rebuilt).__qualname__}")
+    layers = [(name, type(module)) for name, module in model.named_modules()]
+    expected = [(name, type(module)) for name, module in rebuilt.named_modules()]
+    if layers != expected:
+        for (name, kind), (want_name, want) in zip(layers, expected):
+            if name != want_name:
+                return f"it has a layer {name!r} where its config's model has {want_name!r}"
+            if kind is not want:
+                return f"layer {name!r} is a {kind.__name__}, not a {want.__name__}"
+        return f"it has {len(layers)} modules, its config's model {len(expected)}"
+    for name, module in model.named_modules():
+        where = f"layer {name!r}" if name else "the model"
+        if "forward" in vars(module):
+            return f"{where} has its own forward (set on the instance)"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{where} has forward hooks"
+    return ""
 
 
 def _check_extra(extra) -> Optional[dict]:

@@ -285,6 +285,48 @@ def test_save_rejects_models_it_cannot_rebuild_and_bad_extra(tmp_path, small):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+class _Scaled(MLP):
+    def forward(self, x):
+        return super().forward(x) / 100
+
+
+def _tanh_layer(model):
+    model[1] = nn.Tanh()
+
+
+def _appended(model):
+    model.append(nn.ReLU())
+
+
+def _hooked(model):
+    model[0].register_forward_hook(lambda module, args, out: out * 2)
+
+
+def _patched(model):
+    model.forward = lambda x: x
+
+
+@pytest.mark.parametrize("change, match", [
+    (_tanh_layer, "layer '1' is a Tanh, not a ReLU"),
+    (_appended, "it has 5 modules, its config's model 4"),
+    (_hooked, "layer '0' has forward hooks"),
+    (_patched, "the model has its own forward"),
+])
+def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path, change, match):
+    """The weights fit the config, but the function does not: it used to be saved and reload
+    as the plain MLP (probabilities off by up to 0.1)."""
+    model = MLP(6, 3, (8,))
+    change(model)
+    with pytest.raises(ValueError, match=match):
+        save_model(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="it is a _Scaled, not a plain MLP"):
+        save_model(_Scaled(6, 3, (8,)), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+    relu_in_place = MLP(6, 3, (8,))
+    relu_in_place[1] = nn.ReLU(inplace=True)  # the same function
+    save_model(relu_in_place, tmp_path / "m")
+
+
 def test_load_on_another_device_and_auto(tmp_path, small):
     path = save_model(small, tmp_path / "m")
     model, _ = load_model(path, device="auto")
