@@ -314,7 +314,7 @@ def _check_inputs(target, data, splits, train_config, seed) -> None:
         raise TypeError(f"data must be an oni.data.Dataset, got {type(data).__name__}")
     if not isinstance(splits, Splits):
         raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
-    _check_config(train_config)
+    _check_config(train_config, "train_config")
     check_seed(seed)
     splits.check(data.n)
     if len(splits.target) == 0:

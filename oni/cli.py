@@ -396,12 +396,12 @@ def _oni_distill(base, x, y, eta, cfg: Mapping, train_config, x_test, y_test, de
 
     import torch
 
-    from .defenses import distillation_loss
+    from .defenses import _distillation_loss
     from .train import predict_logits, train_model
     x_noisy = x + eta.to(x.dtype)
     base = copy.deepcopy(base).to(device).eval()
     log_soft = torch.log_softmax(predict_logits(base, x_noisy), dim=1)
-    loss_fn = functools.partial(distillation_loss, alpha=cfg["alpha"],
+    loss_fn = functools.partial(_distillation_loss, alpha=cfg["alpha"],
                                 kl_direction=cfg["kl_direction"])
     model = copy.deepcopy(base)
     history = train_model(model, x_noisy, y, config=train_config, loss_fn=loss_fn,

@@ -44,7 +44,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import MAX_ADAM_LR, NonFiniteLogits, check_finite_weights
+from ._checks import (
+    MAX_ADAM_LR,
+    NonFiniteLogits,
+    check_class_indices,
+    check_finite,
+    check_finite_weights,
+    check_not_meta,
+    first_bad_row,
+    is_integer_dtype,
+)
 from .models import (
     MLP,
     PAPER_HIDDEN,
@@ -69,6 +78,7 @@ from .train import (
     _check_label_range,
     _derived_seed,
     _epoch_accuracies,
+    _model_device_dtype,
     _output_width,
     _progress,
     _seeded_global_rng,
@@ -140,6 +150,14 @@ _DISTILLATION = {
     "kl_direction": _Param("paper", _choice(_KL_DIRECTIONS)),
 }
 
+# Upper bounds of the effort settings: far beyond any use (the paper: 100 walks, 100 steps,
+# 1 draw), and low enough that a typo (1e30 walks) is refused instead of running for ever or
+# failing in the allocator when the model is first queried (draws x rows x k noise values)
+MAX_EFFORT = 10 ** 6
+MAX_DRAWS = 10 ** 4
+# the logits are divided by the temperature in float32: below its smallest normal they overflow
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
+
 # the one table of hyperparameters: defaults, types and ranges (documented in defense_config)
 _SPECS: Dict[str, Dict[str, _Param]] = {
     "undefended": {},
@@ -154,10 +172,10 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "beta": _Param(0.5, _number(0.0, 1.0)),
         "importance": _Param("signed", _choice(("signed", "abs"))),
         **_DISTILLATION,
-        "n_permutations": _Param(32, _integer(1)),
-        "max_iter": _Param(50, _integer(1)),
-        "refine_iter": _Param(8, _integer(0)),
-        "polish_iter": _Param(8, _integer(0)),
+        "n_permutations": _Param(32, _integer(1, MAX_EFFORT)),
+        "max_iter": _Param(50, _integer(1, MAX_EFFORT)),
+        "refine_iter": _Param(8, _integer(0, MAX_EFFORT)),
+        "polish_iter": _Param(8, _integer(0, MAX_EFFORT)),
         "starts": _Param(2, _integer(1, MAX_STARTS)),
         "backend": _Param("auto", _choice(("auto", "kernel", "torch"))),
         "precision": _Param("float32", _choice(PRECISIONS)),
@@ -165,8 +183,8 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
     "dynanoise": {
         "sigma0_sq": _Param(0.3, _number(0.0)),
         "lambda": _Param(2.0, _number(0.0)),
-        "temperature": _Param(10.0, _number(0.0, low_open=True)),
-        "draws": _Param(1, _integer(1)),
+        "temperature": _Param(10.0, _number(_F32_TINY)),
+        "draws": _Param(1, _integer(1, MAX_DRAWS)),
     },
     "dpsgd": {
         # epsilon: beyond 100, e^epsilon makes the guarantee empty, and opacus's search for
@@ -222,7 +240,8 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         ``kl_direction="paper"``: ``KL(f'(x') || y')`` as the paper writes it, ``"forward"``:
         ``KL(y' || f'(x'))``; ``n_permutations=32`` Shapley walks per row (16 antithetic
         pairs); ``max_iter=50`` ascent steps, ``refine_iter=8`` norm-reduction rounds,
-        ``polish_iter=8`` polish iterations and ``starts=2`` starting points of the noise
+        ``polish_iter=8`` polish iterations (each of these four at most 10**6) and
+        ``starts=2`` starting points of the noise
         solver (:func:`oni.optimal_noise`, whose defaults are 100 walks, 100 steps, 8 rounds,
         64 polish iterations and 4 starts: the walks, steps, polish and starts are cut to
         keep ``oni run`` cheap; on Purchase-shaped data at ``tau_fraction=0.5`` every row was
@@ -233,7 +252,8 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         :func:`oni.optimal_noise`: the solver's polish and verdict stay float32).
     ``dynanoise`` (:class:`DynaNoise`)
         ``sigma0_sq=0.3``, ``lambda=2.0``, ``temperature=10.0``, ``draws=1``: the DynaNoise
-        paper's defaults.
+        paper's defaults. ``draws`` is at most 10,000 (each query draws ``draws x N x k``
+        noise values at once); the temperature is at least float32's smallest normal.
     ``dpsgd`` (opacus)
         ``epsilon=8.0``, ``delta=1e-5``: the target budget, spent over
         ``train_config.epochs`` epochs with Poisson-sampled batches of expected size
@@ -290,8 +310,16 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         known = ", ".join(spec) if spec else "none"
         raise ValueError(f"unknown hyperparameter(s) {unknown} for defense {name!r}; its "
                          f"hyperparameters are: {known}")
-    return {key: param.check(config.get(key, param.default), f"config[{key!r}] of {name!r}")
-            for key, param in spec.items()}
+    resolved = {key: param.check(config.get(key, param.default),
+                                 f"config[{key!r}] of {name!r}")
+                for key, param in spec.items()}
+    if name == "dynanoise":  # found here, not after the base model has trained
+        scale = resolved["sigma0_sq"] * (1.0 + resolved["lambda"])
+        if not scale <= torch.finfo(torch.float32).max:
+            raise ValueError(f"config['sigma0_sq'] * (1 + config['lambda']) of 'dynanoise' = "
+                             f"{scale:g} overflows float32, the dtype of the logits and the "
+                             f"noise")
+    return resolved
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -342,7 +370,7 @@ class DynaNoise:
         self.sigma0_sq = _number(0.0)(sigma0_sq, "sigma0_sq")
         self.lam = _number(0.0)(lam, "lam")
         self.temperature = _number(0.0, low_open=True)(temperature, "temperature")
-        self.draws = _integer(1)(draws, "draws")
+        self.draws = _integer(1, MAX_DRAWS)(draws, "draws")
         self.noise_seed = _check_seed(noise_seed, "noise_seed")
         # the noise is drawn and scaled in float32, as the logits are
         f32 = torch.finfo(torch.float32)
@@ -452,12 +480,59 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
     """
     alpha = _number(0.0, 1.0)(alpha, "alpha")
     _choice(_KL_DIRECTIONS)(kl_direction, "kl_direction")
+    _check_distillation_inputs(logits, y, log_soft_labels)
+    return _distillation_loss(logits, y, log_soft_labels, alpha=alpha,
+                              kl_direction=kl_direction)
+
+
+def _check_distillation_inputs(logits, y, log_soft_labels) -> None:
+    """distillation_loss's tensors: torch's own errors name none of them, and a
+    broadcastable or unnormalised ``log_soft_labels`` gave a silently wrong loss."""
+    for value, name in ((logits, "logits"), (y, "y"), (log_soft_labels, "log_soft_labels")):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+        check_not_meta(value, name)
+    if not logits.dtype.is_floating_point or logits.dim() != 2 or 0 in logits.shape:
+        raise ValueError(f"logits must be a floating [b, k] tensor with b, k >= 1, got "
+                         f"{logits.dtype} of shape {tuple(logits.shape)}")
+    if not is_integer_dtype(y.dtype) or tuple(y.shape) != logits.shape[:1]:
+        raise ValueError(f"y must be integer class indices of shape [{logits.shape[0]}] "
+                         f"(logits' rows), got {y.dtype} of shape {tuple(y.shape)}")
+    if not log_soft_labels.dtype.is_floating_point or log_soft_labels.shape != logits.shape:
+        raise ValueError(f"log_soft_labels must be floating of logits' shape "
+                         f"{tuple(logits.shape)}, got {log_soft_labels.dtype} of shape "
+                         f"{tuple(log_soft_labels.shape)}")
+    for value, name in ((y, "y"), (log_soft_labels, "log_soft_labels")):
+        if value.device != logits.device:
+            raise ValueError(f"{name} is on {value.device}, logits on {logits.device}")
+    check_class_indices(y, "y", logits.shape[1])
+    check_finite(logits, "logits")
+    row = first_bad_row(torch.isnan(log_soft_labels).any(1)
+                        | (log_soft_labels == math.inf).any(1))
+    if row is not None:
+        raise ValueError(f"log_soft_labels[{row}] holds NaN or +inf; expected "
+                         f"log-probabilities (-inf, for a probability 0, is fine)")
+    # each row's probabilities must sum to 1: logs of probabilities, not probabilities or
+    # raw logits (their KL came out negative). The slack covers the labels' own rounding.
+    total = torch.logsumexp(log_soft_labels.double(), dim=1)
+    slack = max(1e-3, 16 * torch.finfo(log_soft_labels.dtype).eps)
+    row = first_bad_row(~(total.abs() <= slack))
+    if row is not None:
+        raise ValueError(f"log_soft_labels[{row}] is not a row of log-probabilities: its "
+                         f"probabilities sum to {math.exp(float(total[row])):.6g}, not 1 "
+                         f"(probabilities or raw logits instead of log-probabilities?)")
+
+
+def _distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alpha: float,
+                       kl_direction: str) -> Tensor:
+    """:func:`distillation_loss` on checked arguments (the training loops' per-batch loss)."""
     log_p = torch.log_softmax(logits, dim=1)
     log_q = log_soft_labels.to(log_p.dtype)
     if kl_direction == "paper":
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
-    else:
-        kl = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+    else:  # 0 log 0 = 0: a soft label of probability 0 (log -inf) adds nothing
+        terms = log_q.exp() * (log_q - log_p)
+        kl = torch.where(log_q == -math.inf, 0.0, terms).sum(dim=1).mean()
     return alpha * kl + (1.0 - alpha) * F.cross_entropy(logits, y)
 
 
@@ -551,7 +626,7 @@ def defend(
     name = _check_name(name)
     cfg = defense_config(name, config)
     train_config = TrainConfig() if train_config is None else train_config
-    _check_config(train_config)
+    _check_config(train_config, "train_config")
     seed = _check_seed(seed)
     x = _check_features(x, "x")
     n, d = x.shape
@@ -576,7 +651,8 @@ def defend(
                              f"{tuple(x_ref.shape)}")
         y_ref = _check_labels(y_ref, "y_ref", x_ref.shape[0], "x_ref").long()
     device = _resolve_device(train_config.device, "train_config.device")
-    if n_classes is not None:
+    n_classes_given = n_classes is not None
+    if n_classes_given:
         n_classes = _integer(1)(n_classes, "n_classes")
 
     if base_model is not None:
@@ -591,9 +667,20 @@ def defend(
         if n_classes is not None and n_classes != width:
             raise ValueError(f"n_classes = {n_classes} but base_model has {width} outputs")
         n_classes = width
+        # rows in f's floating dtype (float32 rows are exact in float64): every defense's
+        # own loop then feeds the copies of f what they take
+        _, base_dtype = _model_device_dtype(base_model)
+        if base_dtype is not None and base_dtype.is_floating_point and base_dtype != x.dtype:
+            x, x_test, x_ref = (None if t is None else _cast_rows(t, base_dtype, name)
+                                for t, name in ((x, "x"), (x_test, "x_test"), (x_ref, "x_ref")))
     elif n_classes is None:
         n_classes = int(y.max()) + 1
     k = n_classes
+    if k < 2:  # a one-output model has loss 0 and nothing to defend (oni.Dataset refuses it)
+        source = "base_model has 1 output" if base_model is not None else (
+            "n_classes = 1" if n_classes_given else f"y holds only the class {int(y.max())}")
+        raise ValueError(f"{source}: a classifier needs k >= 2 classes (give n_classes= when "
+                         f"y misses some)")
     for labels, label_name in ((y, "y"), (y_test, "y_test"), (y_ref, "y_ref")):
         if labels is not None:
             _check_label_range(labels, label_name, k)
@@ -603,6 +690,12 @@ def defend(
                base_model=base_model, train_config=train_config, seed=seed, device=device,
                x_ref=x_ref, y_ref=y_ref)
     return _BUILDERS[name](job, cfg)
+
+
+def _cast_rows(rows: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    cast = rows.to(dtype)
+    check_finite(cast, f"{name} cast to base_model's {dtype}")
+    return cast
 
 
 def _fresh_model(job: _Job) -> nn.Module:
@@ -643,7 +736,7 @@ def _distill(job: _Job, x_noisy: Tensor, cfg: dict) -> Tuple[nn.Module, History]
     except NonFiniteLogits as err:  # an outcome of the noise settings, not a bad argument
         raise FloatingPointError(f"{err}; lower the noise (eps)") from None
     log_soft = torch.log_softmax(logits, dim=1)
-    loss_fn = functools.partial(distillation_loss, alpha=cfg["alpha"],
+    loss_fn = functools.partial(_distillation_loss, alpha=cfg["alpha"],
                                 kl_direction=cfg["kl_direction"])
     model = _fresh_model(job)
     history = train_model(model, x_noisy, job.y, config=job.train_config, loss_fn=loss_fn,
@@ -655,7 +748,7 @@ def _defend_uniform(job: _Job, cfg: dict) -> DefendedModel:
     eta = uniform_noise(job.x, cfg["eps"], kind=cfg["kind"],
                         seed=_derived_seed(job.seed, "uniform:noise"))
     model, history = _distill(job, job.x + eta, cfg)
-    norms = eta.norm(dim=1)
+    norms = eta.double().norm(dim=1)  # float32 norms overflow at eps ~ 1e19
     report = {"base_model": "given" if job.base_model is not None else "trained",
               "noise_norm_mean": float(norms.mean()), "noise_norm_max": float(norms.max())}
     return DefendedModel("uniform", model, _ModelPredictor(model), history, cfg, report,
@@ -924,14 +1017,15 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
     model = _fresh_model(job)
     init_parameters_(model, tc.seed)
     model.to(device)
+    dtype = _model_device_dtype(model)[1]  # h reads f's outputs: in f's dtype
     attack = _InferenceModel(k)
     init_parameters_(attack, _derived_seed(tc.seed, "advreg:attack"))
-    attack.to(device)
+    attack.to(device, dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     attack_optimizer = torch.optim.Adam(attack.parameters(), lr=cfg["attack_lr"])
     order_gen = torch.Generator().manual_seed(tc.seed)
     ref_gen = torch.Generator().manual_seed(_derived_seed(tc.seed, "advreg:batches"))
-    eye = torch.eye(k, device=device)
+    eye = torch.eye(k, device=device, dtype=dtype)
     history = History()
     n_steps = 0
     start = time.perf_counter()
@@ -976,7 +1070,7 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
     attack.eval()
     with torch.no_grad():
         def mean_member_correct(x, y, member: bool) -> float:
-            logit = attack(predict_proba(model, x).to(device), eye[y])
+            logit = attack(predict_proba(model, x).to(device, dtype), eye[y])
             return float(((logit > 0) == member).double().mean())
         inference_accuracy = 0.5 * (mean_member_correct(x_mem, y_mem, True)
                                      + mean_member_correct(x_ref, y_ref, False))
@@ -1010,10 +1104,57 @@ def save_defended(defended: DefendedModel, path) -> Any:
     """
     if not isinstance(defended, DefendedModel):
         raise TypeError(f"defended must be a DefendedModel, got {type(defended).__name__}")
+    # what load_defended would refuse is refused here, before a good save is replaced
+    try:
+        name = _check_name(defended.name)
+        if defense_config(name, defended.config) != defended.config:
+            raise ValueError(f"config {defended.config!r} is not a resolved config of "
+                             f"{name!r} (defense_config completes and checks one)")
+        _check_report(name, defended.report)
+        if defended.history is not None and not isinstance(defended.history, History):
+            raise TypeError(f"history must be an oni.train.History or None, got "
+                            f"{type(defended.history).__name__}")
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"save_defended: load_defended would refuse this defense: "
+                        f"{err}") from None
     history = dataclasses.asdict(defended.history) if defended.history is not None else None
-    meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "name": defended.name,
+    meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "name": name,
             "config": defended.config, "report": defended.report, "history": history}
     return save_model(defended.model, path, extra={"defense": meta})
+
+
+def _check_report(name: str, report) -> None:
+    if not isinstance(report, dict):
+        raise TypeError(f"report must be a dict, got {type(report).__name__}")
+    if name == "dynanoise":  # the noise stream restarts from it when loaded
+        _check_seed(report.get("noise_seed"), "report['noise_seed']")
+
+
+def _history_from(record) -> History:
+    """A saved history's fields, each checked: they are plotted and reported later."""
+    if not isinstance(record, dict):
+        raise TypeError(f"history must be an object or null, got {type(record).__name__}")
+    fields = [f.name for f in dataclasses.fields(History)]
+    if sorted(record) != sorted(fields):
+        raise ValueError(f"history must have exactly the fields {fields}, got "
+                         f"{sorted(record)}")
+    n = len(record["epochs"]) if isinstance(record["epochs"], list) else -1
+    for key in ("epochs", "train_loss", "train_acc", "test_acc"):
+        values = record[key]
+        if not isinstance(values, list) or len(values) != n:
+            raise ValueError(f"history[{key!r}] must be a list as long as history['epochs']")
+        for value in values:
+            if key == "epochs":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = ((value is None and key == "test_acc") or
+                      (isinstance(value, (int, float)) and not isinstance(value, bool)))
+            if not ok:
+                raise ValueError(f"history[{key!r}] holds {value!r}, not a number")
+    seconds = record["seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+        raise ValueError(f"history['seconds'] must be a number >= 0, got {seconds!r}")
+    return History(**record)
 
 
 def load_defended(path, *, device="cpu") -> DefendedModel:
@@ -1045,15 +1186,14 @@ def load_defended(path, *, device="cpu") -> DefendedModel:
         name = _check_name(meta.get("name"))
         config = defense_config(name, meta.get("config"))
         report = meta.get("report")
-        if not isinstance(report, dict):
-            raise ValueError("\"report\" must be an object")
-        history = History(**meta["history"]) if meta.get("history") is not None else None
+        _check_report(name, report)
+        history = _history_from(meta["history"]) if meta.get("history") is not None else None
+        if name == "dynanoise":
+            predictor = DynaNoise(model, sigma0_sq=config["sigma0_sq"], lam=config["lambda"],
+                                  temperature=config["temperature"], draws=config["draws"],
+                                  noise_seed=report["noise_seed"])
+        else:
+            predictor = _ModelPredictor(model)
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: bad defense metadata: {err}") from None
-    if name == "dynanoise":
-        predictor = DynaNoise(model, sigma0_sq=config["sigma0_sq"], lam=config["lambda"],
-                              temperature=config["temperature"], draws=config["draws"],
-                              noise_seed=report.get("noise_seed", 0))
-    else:
-        predictor = _ModelPredictor(model)
     return DefendedModel(name, model, predictor, history, config, report)

@@ -353,7 +353,11 @@ def _check_save_target(path: Path) -> None:
     """Overwrite only an oni model directory (or an empty one): never a user's files."""
     if not os.path.lexists(path):
         return
-    if not path.is_dir() or path.is_symlink():
+    if path.is_symlink():
+        raise FileExistsError(f"cannot save a model to {path}: it is a symbolic link (a save "
+                              f"replaces the directory by renames, which would replace the "
+                              f"link, not fill its target); give the target's path")
+    if not path.is_dir():
         raise FileExistsError(f"cannot save a model to {path}: it exists and is not a "
                               f"directory")
     names = sorted(p.name for p in path.iterdir())
@@ -370,7 +374,7 @@ def _check_save_target(path: Path) -> None:
 def _is_oni_meta(meta_path: Path) -> bool:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
 
@@ -419,6 +423,8 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
     config = _model_config(model)
     extra = _check_extra(extra)
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "." cannot be renamed: the directory it names can
+        path = Path(os.path.abspath(path))
     _check_save_target(path)
     state = {name: t.detach().to("cpu", copy=True).contiguous()
              for name, t in model.state_dict().items()}
@@ -474,6 +480,9 @@ def _read_meta(path: Path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{meta_path}, line {err.lineno}: not valid JSON (corrupt or "
                          f"truncated?): {err.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{meta_path} is nested too deeply to be a saved model's "
+                         f"(damaged?)") from None
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{meta_path} is not an oni model file (expected "
                          f"\"format\": \"{MODEL_FORMAT}\")")

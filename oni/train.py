@@ -137,27 +137,29 @@ def _check_real(value, name: str, *, positive: bool, at_most: float) -> float:
     return value
 
 
-def _check_config(config) -> None:
+def _check_config(config, name: str = "config") -> None:
+    """A TrainConfig whose fields are in range; messages name it ``name`` (the argument
+    that holds it: ``config``, ``train_config``)."""
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _check_int(config.epochs, "config.epochs", 1)
-    _check_int(config.batch_size, "config.batch_size", 1)
-    _check_real(config.lr, "config.lr", positive=True, at_most=MAX_ADAM_LR)
-    _check_real(config.weight_decay, "config.weight_decay", positive=False,
+        raise TypeError(f"{name} must be a TrainConfig, got {type(config).__name__}")
+    _check_int(config.epochs, f"{name}.epochs", 1)
+    _check_int(config.batch_size, f"{name}.batch_size", 1)
+    _check_real(config.lr, f"{name}.lr", positive=True, at_most=MAX_ADAM_LR)
+    _check_real(config.weight_decay, f"{name}.weight_decay", positive=False,
                 at_most=MAX_ADAM_WEIGHT_DECAY)
-    _check_seed(config.seed, "config.seed")
+    _check_seed(config.seed, f"{name}.seed")
     if not isinstance(config.device, (str, torch.device)):
-        raise TypeError(f"config.device must be 'auto', a device string or a torch.device, "
+        raise TypeError(f"{name}.device must be 'auto', a device string or a torch.device, "
                         f"got {type(config.device).__name__}")
     if config.device != "auto":
         # availability is checked when training: a config may be built on another machine
         try:
             torch.device(config.device)
         except RuntimeError:
-            raise ValueError(f"config.device={config.device!r} is not a device ('auto', "
+            raise ValueError(f"{name}.device={config.device!r} is not a device ('auto', "
                              f"'cpu', 'cuda', 'cuda:1', ...)") from None
     if not isinstance(config.progress, bool):
-        raise TypeError(f"config.progress must be a bool, got {type(config.progress).__name__}")
+        raise TypeError(f"{name}.progress must be a bool, got {type(config.progress).__name__}")
 
 
 def _check_features(x, name: str, *, allow_empty: bool = False) -> Tensor:
@@ -247,7 +249,11 @@ def _outputs(model, x: Tensor, name: str, row_offset: int = 0) -> Tensor:
 
 
 def _output_width(model: nn.Module, x_row: Tensor, d: int) -> int:
-    """k, from the model's output on one row (eval mode, no grad)."""
+    """k, from the model's output on one row (eval mode, no grad; the row in the model's
+    floating dtype, as the other passes give it)."""
+    _, dtype = _model_device_dtype(model)
+    if dtype is not None and dtype.is_floating_point:
+        x_row = x_row.to(dtype)
     with torch.no_grad(), _eval_mode(model):
         try:
             out = model(x_row)

@@ -469,7 +469,7 @@ def test_bad_inputs_get_clear_errors(overfit, data, splits):
         run(config={"shadow_size": 500})
     with pytest.raises(ValueError, match="must hold the 400 target rows"):
         run("lira_online", config={"shadow_size": 150, "n_shadows": 4})
-    with pytest.raises(TypeError, match="TrainConfig"):
+    with pytest.raises(TypeError, match="^train_config must be a TrainConfig"):
         run(train_config={"epochs": 3})
     with pytest.raises(TypeError, match="seed"):
         run(seed=1.5)

@@ -5,6 +5,7 @@ round-trip."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -267,6 +268,48 @@ def test_distillation_loss_follows_its_formula():
         distillation_loss(logits, y, log_q, alpha=0.5, kl_direction="reverse")
 
 
+def test_distillation_loss_keeps_zero_soft_labels_finite():
+    """A soft label of probability 0 (log -inf) adds 0 to the forward KL (it gave NaN)."""
+    logits = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    log_q = torch.tensor([[0.0, -math.inf, -math.inf]], dtype=torch.float64)
+    y = torch.tensor([0])
+    got = distillation_loss(logits, y, log_q, alpha=1.0, kl_direction="forward")
+    assert torch.allclose(got, -torch.log_softmax(logits, 1)[0, 0])
+    got.backward()
+    assert torch.isfinite(logits.grad).all()
+    # the paper's direction puts the mass the labels rule out at +inf, as KL does
+    assert distillation_loss(logits, y, log_q, alpha=1.0, kl_direction="paper") == math.inf
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda z, y, q: (z, y, q[:, :1]), ValueError, "log_soft_labels must be floating of"),
+    (lambda z, y, q: (z, y, q[:1]), ValueError, "log_soft_labels must be floating of"),
+    (lambda z, y, q: (z, y, q[0]), ValueError, "log_soft_labels must be floating of"),
+    (lambda z, y, q: (z, y, q.exp()), ValueError, r"log_soft_labels\[0\] is not a row of log-p"),
+    (lambda z, y, q: (z, y, q + 1.0), ValueError, "probabilities sum to 2.71828"),
+    (lambda z, y, q: (z, y, q.clone().fill_(math.nan)), ValueError, "NaN or \\+inf"),
+    (lambda z, y, q: (z[:0], y[:0], q[:0]), ValueError, "b, k >= 1"),
+    (lambda z, y, q: (z, y - 100, q), ValueError, r"y\[0\] = -\d+ is not a class index"),
+    (lambda z, y, q: (z, y + 5, q), ValueError, "is not a class index in \\[0, 3\\)"),
+    (lambda z, y, q: (z, y[:2], q), ValueError, "y must be integer class indices of shape"),
+    (lambda z, y, q: (z, y.float(), q), ValueError, "y must be integer class indices"),
+    (lambda z, y, q: (z.long(), y, q), ValueError, "logits must be a floating"),
+    (lambda z, y, q: (z.clone().fill_(math.inf), y, q), ValueError, "logits"),
+    (lambda z, y, q: (z, y.tolist(), q), TypeError, "y must be a Tensor"),
+])
+def test_distillation_loss_refuses_bad_tensors_by_name(change, error, match):
+    """Torch's own errors named no argument, and a broadcastable or unnormalised
+    log_soft_labels gave a silently wrong (even negative) loss."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 3, generator=gen)
+    log_q = torch.log_softmax(torch.randn(4, 3, generator=gen), 1)
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(error, match=match):
+        distillation_loss(*change(logits, y, log_q), alpha=0.5)
+    # bfloat16 labels are rounded: their sums stray further from 1, and are accepted
+    distillation_loss(logits, y, log_q.to(torch.bfloat16), alpha=0.5)
+
+
 # ----------------------------------------------------------------------------- DynaNoise
 
 def _dynanoise_by_hand(logits, noise, sigma0_sq, lam, temperature):
@@ -421,6 +464,12 @@ def test_defaults_are_the_resolved_empty_config():
     ("oni", {"precision": "fp16"}, ValueError, r"precision.*'float32', 'tf32', 'bf16'"),
     ("dynanoise", {"temperature": 0}, ValueError, "temperature"),
     ("dynanoise", {"draws": 0}, ValueError, "draws"),
+    # refused here, not by the allocator at the first query or after the base model trained
+    ("dynanoise", {"draws": 10 ** 12}, ValueError, r"draws'\] of 'dynanoise' must be <= 10000"),
+    ("dynanoise", {"temperature": 1e-320}, ValueError, r"temperature'\] of 'dynanoise' must"),
+    ("dynanoise", {"sigma0_sq": 1e38, "lambda": 10.0}, ValueError, "overflows float32"),
+    ("oni", {"n_permutations": 10 ** 30}, ValueError, r"n_permutations'\] of 'oni' must be <="),
+    ("oni", {"max_iter": 10 ** 7}, ValueError, r"max_iter'\] of 'oni' must be <= 1000000"),
     ("dpsgd", {"epsilon": 0.0}, ValueError, "epsilon"),
     ("dpsgd", {"delta": 1.5}, ValueError, "delta"),
     # opacus's noise search never ended at 1e16 (rdp); a delta of 1 guarantees nothing
@@ -443,7 +492,7 @@ def test_bad_arguments_are_rejected(data, confident_base):
     x, y, x_test, y_test = data
     with pytest.raises(ValueError, match="unknown defense 'dp'.*undefended"):
         defend("dp", x, y)
-    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+    with pytest.raises(TypeError, match="^train_config must be a TrainConfig"):
         defend("undefended", x, y, train_config={"epochs": 1})
     with pytest.raises(ValueError, match="x_test and y_test"):
         defend("undefended", x, y, train_config=TRAIN, x_test=x_test)
@@ -533,6 +582,71 @@ def test_load_defended_rejects_a_plain_model(tmp_path):
         load_defended(tmp_path / "plain")
     with pytest.raises(TypeError, match="DefendedModel"):
         save_defended(MLP(D, K, HIDDEN), tmp_path / "x")
+
+
+def test_save_defended_refuses_what_load_defended_would(data, tmp_path):
+    """A save that load_defended refuses used to replace a good one."""
+    dm = _defend("dynanoise", data)
+    save_defended(dm, tmp_path / "good")
+    for change, match in ((dict(name="dp"), "unknown defense 'dp'"),
+                          (dict(config={"draws": 0}), "draws"),
+                          (dict(report=None), "report must be a dict"),
+                          (dict(report={}), "report\\['noise_seed'\\] must be an int"),
+                          (dict(history={"epochs": [1]}), "history must be an oni.train.History")):
+        with pytest.raises((TypeError, ValueError), match="save_defended: .*" + match):
+            save_defended(dataclasses.replace(dm, **change), tmp_path / "good")
+    back = load_defended(tmp_path / "good")  # the good save is as it was
+    assert back.config == dm.config and back.report == dm.report
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda meta: meta["report"].pop("noise_seed"), "noise_seed"),  # was read as seed 0
+    (lambda meta: meta["report"].update(noise_seed="7"), "noise_seed"),
+    (lambda meta: meta["report"].update(noise_seed=-5), "noise_seed"),
+    (lambda meta: meta["history"].update(epochs="x"), "history\\['epochs'\\]"),
+    (lambda meta: meta["history"].update(train_loss=[0.5]), "as long as history\\['epochs'\\]"),
+    (lambda meta: meta["history"].update(seconds="x"), "history\\['seconds'\\]"),
+    (lambda meta: meta["history"].pop("train_acc"), "exactly the fields"),
+])
+def test_load_defended_checks_the_report_and_history(data, tmp_path, edit, match):
+    import json
+    dm = _defend("dynanoise", data)
+    path = save_defended(dm, tmp_path / "d")
+    meta_path = path / "model.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta["extra"]["defense"])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{path}: bad defense metadata: .*{match}"):
+        load_defended(path)
+
+
+def test_a_float64_base_model_serves_every_defense(data):
+    """Every defense failed on a float64 f ("mat1 and mat2 must have the same dtype", blamed
+    on x's width); x is now cast to f's dtype, as oni's own noise step already did."""
+    x, y, x_test, y_test = data
+    base = MLP(D, K, HIDDEN).double()
+    train_model(base, x, y, config=TRAIN)
+    for name in DEFENSES:
+        if name == "dpsgd" and importlib.util.find_spec("opacus") is None:
+            continue
+        config = {"n_permutations": 4, "max_iter": 5} if name == "oni" else None
+        dm = defend(name, x, y, x_test=x_test, y_test=y_test, train_config=TRAIN,
+                    base_model=base, config=config)
+        probs = dm.predict_proba(x_test)
+        assert probs.dtype == torch.float32 and torch.isfinite(probs).all(), name
+        assert next(dm.model.parameters()).dtype == torch.float64, name
+
+
+def test_one_class_is_refused(data):
+    """Six of the seven defenses trained a 1-output model with loss 0 (oni.Dataset refuses
+    one class too)."""
+    x, _, _, _ = data
+    for name in ("undefended", "uniform"):
+        with pytest.raises(ValueError, match="y holds only the class 0: a classifier needs"):
+            defend(name, x, torch.zeros(len(x), dtype=torch.long), train_config=TRAIN)
+    with pytest.raises(ValueError, match="n_classes = 1: a classifier needs"):
+        defend("undefended", x, torch.zeros(len(x), dtype=torch.long), n_classes=1,
+               train_config=TRAIN)
 
 
 def test_public_names_are_exported():

@@ -327,6 +327,23 @@ def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path, change, mat
     save_model(relu_in_place, tmp_path / "m")
 
 
+def test_save_to_dot_a_symlink_or_a_deeply_nested_file(tmp_path, small, monkeypatch):
+    """"." failed with an OSError from the rename; a link was called "not a directory";
+    a model.json nested past the recursion limit raised RecursionError."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    save_model(small, ".")
+    assert load_model(here)[0].config == small.config
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(FileExistsError, match="it is a symbolic link"):
+        save_model(small, tmp_path / "link")
+    (here / models.CONFIG_FILE).write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_model(here)
+
+
 def test_load_on_another_device_and_auto(tmp_path, small):
     path = save_model(small, tmp_path / "m")
     model, _ = load_model(path, device="auto")
