@@ -344,12 +344,22 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
                else type(probs).__name__)
         raise ValueError(f"{who}.predict_proba must return [n, k] = [{x.shape[0]}, {k}] "
                          f"floating probabilities, got {got}")
+    # bfloat16 or float16 probabilities are rounded each: their rows stray further from 1
+    slack = max(_PROB_SLACK, 4 * torch.finfo(probs.dtype).eps)
     probs = probs.detach().float().cpu()
-    if probs.numel() and (not torch.isfinite(probs).all() or probs.min() < 0 or
-                          (probs.sum(1) - 1).abs().max() > _PROB_SLACK):
+    if not probs.numel():
+        return probs
+    if not torch.isfinite(probs).all() or probs.min() < 0:
         raise ValueError(f"{who}.predict_proba must return probabilities (finite, >= 0, rows "
                          f"summing to 1): got values in [{float(probs.min())}, "
                          f"{float(probs.max())}] (logits instead of probabilities?)")
+    error = (probs.double().sum(1) - 1).abs()
+    row = int(error.argmax())
+    if float(error[row]) > slack:
+        raise ValueError(f"{who}.predict_proba must return probabilities, rows summing to 1: "
+                         f"row {row} sums to {float(probs[row].double().sum()):.6g} (values "
+                         f"in [{float(probs.min())}, {float(probs.max())}]; logits instead "
+                         f"of probabilities?)")
     return probs
 
 
@@ -463,9 +473,13 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
     hidden = _shadow_hidden(cfg, target, data)
     m = cfg["shadow_size"] or min(len(splits.train), len(pool) // 2)
     if 2 * m > len(pool) or m < 2:
+        if len(pool) < 4:
+            raise ValueError(f"the shadow attack needs a shadow pool of at least 4 rows (2 "
+                             f"members and 2 non-members per shadow), got {len(pool)}")
         raise ValueError(f"the shadow attack splits the shadow pool ({len(pool)} rows) into a "
-                         f"shadow's members and non-members of shadow_size = {m} rows each: "
-                         f"it needs 2 <= shadow_size <= {len(pool) // 2}")
+                         f"shadow's members and non-members of shadow_size = {m} rows each"
+                         f"{_default_size_note(cfg, splits)}: it needs 2 <= shadow_size <= "
+                         f"{len(pool) // 2}")
     n_shadows = cfg["n_shadows"]
     splits_in, splits_out = [], []
     for _ in range(n_shadows):
@@ -841,6 +855,14 @@ def _lira_scores(observed: Tensor, phi: Tensor, keep: Tensor, online: bool,
     return torch.special.log_ndtr((observed - mean_out) / var_out.sqrt())
 
 
+def _default_size_note(cfg, splits: Splits) -> str:
+    """Where a shadow size the user did not give came from."""
+    if cfg["shadow_size"] is not None:
+        return ""
+    return (f" (config['shadow_size'] = None: the target's {len(splits.train)} training rows, "
+            f"capped at half the pool)")
+
+
 def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config, defense,
           seed: int, target_probs: Tensor):
     n_shadows = cfg["n_shadows"]
@@ -850,14 +872,17 @@ def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config
     available = len(pool_src) + (n_target if online else 0)
     m = cfg["shadow_size"] or min(len(splits.train), available // 2)
     mode = "online" if online else "offline"
+    low, high = (max(1, -(-n_target // 2)) if online else 1), available // 2
     if 2 * m > available or m < 1 or (online and 2 * m < n_target):
-        raise ValueError(
-            f"LiRA {mode} trains each shadow on shadow_size = m rows of a pool of 2m: the "
-            f"available pool has {available} rows (shadow pool"
-            f"{' + target rows' if online else ''})"
-            + (f" and must hold the {n_target} target rows" if online else "")
-            + f", so m must be in [{max(1, -(-n_target // 2)) if online else 1}, "
-              f"{available // 2}]; got {m}")
+        pool_text = (f"the available pool has {available} rows (shadow pool"
+                     f"{' + target rows' if online else ''})"
+                     + (f" and must hold the {n_target} target rows" if online else ""))
+        if low > high:
+            raise ValueError(f"LiRA {mode} trains each shadow on m rows of a pool of 2m: "
+                             f"{pool_text}, too few for any m (it needs at least {2 * low})")
+        raise ValueError(f"LiRA {mode} trains each shadow on shadow_size = m rows of a pool of "
+                         f"2m: {pool_text}, so m must be in [{low}, {high}]; got {m}"
+                         f"{_default_size_note(cfg, splits)}")
     purpose = f"lira-{mode}"
     gen = torch.Generator().manual_seed(_derived_seed(seed, f"{purpose}:pool"))
     extra_rows = pool_src[torch.randperm(len(pool_src), generator=gen)]

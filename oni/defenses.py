@@ -200,7 +200,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
     "advreg": {
         "lambda": _Param(1.0, _number(0.0)),
         "k_steps": _Param(1, _integer(1)),
-        "reference_fraction": _Param(0.2, _number(0.0, 1.0, low_open=True)),
+        "reference_fraction": _Param(0.2, _number(0.0, 1.0, low_open=True, high_open=True)),
         "attack_lr": _Param(1e-3, _number(0.0, MAX_ADAM_LR, low_open=True)),
     },
     "label_smoothing": {
@@ -992,7 +992,11 @@ def _reference_split(job: _Job, cfg: dict):
     if n < 2:
         raise ValueError("advreg needs at least 2 training rows to hold out a reference set "
                          "(or give x_ref, y_ref)")
-    n_ref = min(n - 1, max(1, round(cfg["reference_fraction"] * n)))
+    n_ref = max(1, round(cfg["reference_fraction"] * n))
+    if n_ref >= n:  # it used to keep one member row, silently
+        raise ValueError(f"config['reference_fraction'] = {cfg['reference_fraction']} of "
+                         f"'advreg' holds out {n_ref} of the {n} training rows, leaving no "
+                         f"members to train on; lower it (or give x_ref, y_ref)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(
         _derived_seed(job.seed, "advreg:reference")))
     ref, members = order[:n_ref], order[n_ref:].sort().values

@@ -472,6 +472,10 @@ def train_model(
     _, dtype = _model_device_dtype(model)
     if not dtype.is_floating_point:
         raise TypeError(f"the model's parameters must be floating, got {dtype}")
+    if dtype == torch.float16:  # it was reported as a divergence, at any lr
+        raise TypeError("the model's parameters are float16, in which Adam's eps (1e-8) and "
+                        "its squared gradients underflow: train it in float32 (model.float()) "
+                        "or bfloat16, and cast it afterwards")
 
     x = _check_features(x, "x")
     n, d = x.shape

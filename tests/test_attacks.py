@@ -482,6 +482,40 @@ def test_bad_inputs_get_clear_errors(overfit, data, splits):
         run_attacks("shadow", overfit, data, splits, train_config=TRAIN)
 
 
+def test_pool_size_messages_say_what_is_too_small(overfit, data, splits):
+    """An empty pool said "it needs 2 <= shadow_size <= 0", a 1-row LiRA pool
+    "m must be in [1, 0]; got 0" (for a shadow_size the user never gave)."""
+    tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
+    empty = dataclasses.replace(splits, shadow_pool=splits.shadow_pool[:0])
+    with pytest.raises(ValueError, match="needs a shadow pool of at least 4 rows .* got 0"):
+        run_attack("metric_loss", overfit, data, empty, **tiny)
+    one = dataclasses.replace(splits, shadow_pool=splits.shadow_pool[:1])
+    with pytest.raises(ValueError, match="has 1 rows .*too few for any m .*at least 2"):
+        run_attack("lira_offline", overfit, data, one, config={"n_shadows": 4}, **tiny)
+    with pytest.raises(ValueError, match=r"shadow_size = 3 rows each: it needs 2 <= "
+                                         r"shadow_size <= 2"):
+        run_attack("metric_loss", overfit, data,
+                   dataclasses.replace(splits, shadow_pool=splits.shadow_pool[:5]),
+                   config={"shadow_size": 3}, **tiny)
+
+
+def test_bfloat16_probabilities_are_read(overfit, data, splits):
+    """Rows of bfloat16 probabilities sum to 1 only up to bfloat16's rounding: they were
+    refused as "logits instead of probabilities" although every value was in [0, 1]."""
+    rounded = types.SimpleNamespace(
+        model=overfit.model,
+        predict_proba=lambda x: overfit.predict_proba(x).to(torch.bfloat16))
+    config = {"fit_on": "known", "calibration_fraction": 0.0}
+    got = run_attack("metric_confidence", rounded, data, splits, config=config,
+                     train_config=TRAIN)
+    assert torch.isfinite(got.scores).all()
+    doubled = types.SimpleNamespace(model=overfit.model,
+                                    predict_proba=lambda x: overfit.predict_proba(x) * 2)
+    with pytest.raises(ValueError, match=r"rows summing to 1: row \d+ sums to 2"):
+        run_attack("metric_confidence", doubled, data, splits, config=config,
+                   train_config=TRAIN)
+
+
 def test_overflowing_settings_name_the_setting(overfit, data, splits):
     tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
     shadow = {**SMALL_NET, "n_shadows": 1, "attack_epochs": 2}

@@ -425,6 +425,8 @@ def test_advreg_reference_set_given_or_held_out(data):
     # lambda = 0 leaves only cross-entropy: a different model than the default's
     plain = _defend("advreg", data, config={"lambda": 0.0, "reference_fraction": 0.25})
     assert not _same_params(_params(plain), _params(held_out))
+    with pytest.raises(ValueError, match="holds out 240 of the 240 training rows, leaving no"):
+        _defend("advreg", data, config={"reference_fraction": 0.999})
 
 
 def test_label_smoothing_is_cross_entropy_with_smoothing(data):
@@ -478,6 +480,8 @@ def test_defaults_are_the_resolved_empty_config():
     ("dpsgd", {"delta": 1.0}, ValueError, r"delta'\] of 'dpsgd' .* in \(0.0, 1.0\), got 1.0"),
     ("dpsgd", {"accountant": "gdp"}, ValueError, "accountant"),
     ("advreg", {"reference_fraction": 1.5}, ValueError, "reference_fraction"),
+    # it kept one member row, silently
+    ("advreg", {"reference_fraction": 1.0}, ValueError, r"reference_fraction.*\(0.0, 1.0\)"),
     ("label_smoothing", {"smoothing": -0.1}, ValueError, "smoothing"),
     ("oni", [("eps", 1.0)], TypeError, "config must be a dict"),
 ])

@@ -309,6 +309,13 @@ def test_config_is_checked_again_when_used(data):
         train_model(MLP(D, K, HIDDEN), x, y, config={"epochs": 1})
 
 
+def test_a_float16_model_is_refused_not_called_diverged(data):
+    """Adam in float16 gave an infinite loss at any lr, reported as a divergence."""
+    x, y, _, _ = data
+    with pytest.raises(TypeError, match="parameters are float16, in which Adam's eps"):
+        train_model(MLP(D, K, HIDDEN).half(), x, y, config=TrainConfig(**QUIET))
+
+
 def _bad_inputs():
     x, y = _data(20, 0)
     bad_x_nan = x.clone()
