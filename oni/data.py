@@ -13,8 +13,9 @@ Loaders (DESIGN.md, "Data"): files are read from a path the user gives, never do
 * :func:`load_dataset` — any of the above, chosen from the path.
 
 Text files are parsed once and cached as ``.npz`` (written atomically: a temporary file, then
-``os.replace``), keyed by the source's absolute path, size and modification time, so editing
-or replacing the source invalidates the cache. The cache is checksummed; a cache file that
+``os.replace``), keyed by the source's absolute path, size, modification and change times and
+inode, so editing or replacing the source invalidates the cache (also when the modification
+time is restored, as ``cp -p`` and ``rsync -t`` do). The cache is checksummed; a cache file that
 fails to load or to verify is reported with a warning and rebuilt, never trusted.
 
 Labels are remapped to ``0..k-1`` in sorted order of the original labels, and the mapping is
@@ -29,16 +30,21 @@ Target sets plus the adversary's shadow pool (see :class:`Splits` for what each 
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import json
 import lzma
+import math
 import os
+import re
 import tarfile
 import tempfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -194,6 +200,19 @@ def _check_features(x) -> np.ndarray:
     return x32
 
 
+def _unmasked(value, name: str):
+    """``value``'s data when it is a numpy masked array with nothing masked; np.asarray
+    would drop a mask silently, so masked entries are refused."""
+    if not isinstance(value, np.ma.MaskedArray):
+        return value
+    masked = int(np.ma.getmaskarray(value).sum())
+    if masked:
+        raise ValueError(f"{name} is a masked array with {masked} masked entries; oni does "
+                         f"not read masks: fill them ({name}.filled(value)) or drop their rows "
+                         f"first")
+    return np.ma.getdata(value)
+
+
 def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
     """A :class:`Dataset` from arrays in memory.
 
@@ -206,9 +225,10 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
     Raises:
         TypeError: non-numeric features.
         ValueError: wrong shapes (d = 0 included), non-finite features, fractional labels,
-            a single label on every row.
+            a single label on every row, masked entries (numpy masked arrays).
     """
-    x32 = _check_features(x)
+    x32 = _check_features(_unmasked(x, "x"))
+    y = _unmasked(y, "y")
     y_np = tensor_to_numpy(y) if isinstance(y, Tensor) else np.asarray(y)
     if y_np.ndim != 1 or y_np.shape[0] != x32.shape[0]:
         raise ValueError(f"y must be 1-D with one label per row of x ([{x32.shape[0]}]), "
@@ -229,6 +249,7 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
 # ----------------------------------------------------------------------------- text parsing
 
 _NEWLINE_TO_COMMA = bytes.maketrans(b"\n", b",")
+_UTF8_BOM = b"\xef\xbb\xbf"  # some editors (Excel, Notepad) start UTF-8 text with it
 
 
 def _complete_lines(read: Callable[[int], bytes]) -> Iterator[bytes]:
@@ -276,6 +297,10 @@ class _TableParser:
 
     def feed(self, block: bytes) -> None:
         first = self.lines + 1  # line number of the block's first line
+        if first == 1 and block.startswith(_UTF8_BOM):
+            block = block[len(_UTF8_BOM):]
+        if block.count(b"\r") != block.count(b"\r\n"):
+            self._raise_lone_cr(block, first)
         text = block.translate(None, b'"\r')  # quoted labels ("13"), CRLF line ends
         lines = text.split(b"\n")[:-1]
         if self.n_fields is None:
@@ -294,6 +319,13 @@ class _TableParser:
         self.first_col.append(values[0])
         self.rest.append(values[1])
         self.lines += len(lines)
+
+    def _raise_lone_cr(self, block: bytes, first: int) -> None:
+        # deleting it, as for CRLF, would join the lines around it into one record
+        at = re.search(rb"\r(?!\n)", block).start()
+        raise self.error(first + block.count(b"\n", 0, at), "a carriage return (\\r) not "
+                         "followed by a newline: CR-only line endings (old Mac text)? records "
+                         "must end in \\n or \\r\\n (convert with: tr '\\r' '\\n')")
 
     def _check_field_counts(self, text: bytes, first: int) -> None:
         """Raises for the first empty line or line with another number of fields."""
@@ -417,11 +449,15 @@ def _parse_stream(read: Callable[[int], bytes], source: str, min_fields: int, wh
     return parser.finish()
 
 
+_EXACT_LABEL_LIMIT = 2.0 ** 53  # float64 (the parser's type) holds every integer below it
+
+
 def _check_labels(labels: np.ndarray, features: Optional[np.ndarray], source: str,
                   where: str = "field 1", hint: str = "; the label column looks out of "
                   "place (Shokri-format files put the integer class label first)") -> None:
-    """Labels must be whole numbers, more than one class, and (for label-first files whose
-    features are 0/1) not a feature column with the real labels at the end of the line."""
+    """Labels must be whole numbers below 2**53 in magnitude, more than one class, and (for
+    label-first files whose features are 0/1) not a feature column with the real labels at
+    the end of the line. ``hint`` is added when several labels are fractional."""
     if features is not None and features.shape[1] >= 2:
         last = features[:, -1]
         looks_like_feature = np.isin(labels, (0.0, 1.0)).all()
@@ -437,13 +473,24 @@ def _check_labels(labels: np.ndarray, features: Optional[np.ndarray], source: st
     fractional = np.flatnonzero(labels != np.round(labels))
     if fractional.size:
         row = int(fractional[0])
+        # one stray value is a typo; a column of them is a feature column
+        why = (f"; {fractional.size} of {labels.size} labels are not whole numbers{hint}"
+               if fractional.size > 1 else "")
         raise DataError(f"{source}, line {row + 1}: the label ({where}) is "
-                        f"{labels[row]:g}, not a whole number{hint}")
+                        f"{float(labels[row])!r}, not a whole number{why}")
     huge = np.flatnonzero(np.abs(labels) >= 2.0 ** 63)  # the int64 cast would wrap
     if huge.size:
         row = int(huge[0])
         raise DataError(f"{source}, line {row + 1}: the label ({where}) is {labels[row]:g}, "
                         f"beyond the int64 range of class labels")
+    # 2**53 + 1 parses as 2**53: neighbouring labels would merge into one class
+    inexact = np.flatnonzero(np.abs(labels) >= _EXACT_LABEL_LIMIT)
+    if inexact.size:
+        row = int(inexact[0])
+        raise DataError(f"{source}, line {row + 1}: the label ({where}) is about "
+                        f"{labels[row]:.6g}, not below 2**53 = 9007199254740992 in magnitude: "
+                        f"labels are parsed as float64, which cannot tell such integers apart "
+                        f"(renumber the classes, or use from_arrays with int64 labels)")
     if np.unique(labels).size < 2:
         raise DataError(f"{source}, line 1: every record has the label {labels[0]:g} "
                         f"({where}); a classification data set needs at least two classes")
@@ -462,6 +509,32 @@ def _is_archive(path: Path) -> bool:
             or head[257:262] == b"ustar")
 
 
+_COMPRESSIONS = ((b"\x1f\x8b", "gzip", gzip.open), (b"BZh", "bzip2", bz2.open),
+                 (b"\xfd7zXZ\x00", "xz", lzma.open))
+
+
+def _compressed_non_tar(path: Path) -> Optional[str]:
+    """The compression ("gzip", "bzip2", "xz") of a file that decompresses fine but holds no
+    tar archive (a compressed CSV), else None (corrupt or truncated data included)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, name, opener in _COMPRESSIONS:
+        if head.startswith(magic):
+            try:
+                with opener(path, "rb") as stream:
+                    block = stream.read(tarfile.BLOCKSIZE)
+            except _ARCHIVE_ERRORS:
+                return None
+            try:
+                tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.EOFHeaderError:  # zero blocks: an (empty) tar archive
+                return None
+            except tarfile.HeaderError:
+                return name
+            return None
+    return None
+
+
 def _is_hidden(name: str) -> bool:
     return Path(name).name.startswith(".")  # macOS '._*' forks and the like
 
@@ -472,6 +545,10 @@ def _archive_members(path: Path) -> Iterator[Tuple[tarfile.TarFile, tarfile.TarI
     try:
         archive = tarfile.open(path, "r|*")
     except _ARCHIVE_ERRORS as exc:
+        compression = _compressed_non_tar(path)
+        if compression:
+            raise DataError(f"{path}, line 1: {compression}-compressed, but not a tar archive "
+                            f"(a compressed CSV? decompress it first)") from exc
         raise DataError(f"{path}, line 1: not a readable tar archive (truncated or "
                         f"corrupt?): {exc}") from exc
     with archive:
@@ -547,7 +624,11 @@ def _cache_key(kind: str, sources: Sequence[Path], member: Optional[str]) -> str
     stats = []
     for src in sources:
         st = src.stat()
-        stats.append([str(src.resolve()), st.st_size, st.st_mtime_ns])
+        # size and mtime alone miss a same-size replacement whose mtime was restored
+        # (os.utime, cp -p, rsync -t, coarse clocks): a new inode or any write or utime
+        # (which sets ctime) changes the key too
+        stats.append([str(src.resolve()), st.st_size, st.st_mtime_ns, st.st_ino,
+                      st.st_ctime_ns])
     blob = json.dumps({"version": _CACHE_VERSION, "kind": kind, "sources": stats,
                        "member": member}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -692,6 +773,8 @@ def load_shokri_csv(path: PathLike, *, cache_dir: Optional[PathLike] = None,
 
     Raises:
         FileNotFoundError: no such path.
+        TypeError / ValueError: ``member`` not a str, or given for a file that is not an
+            archive.
         DataError: an empty file, ragged rows, a field that is not a number, a missing
             label, a label that is not a whole number or sits in the wrong column, a single
             class, a truncated archive; the message names the file and the line.
@@ -701,8 +784,15 @@ def load_shokri_csv(path: PathLike, *, cache_dir: Optional[PathLike] = None,
     if path.is_dir():
         raise DataError(f"{path}, line 1: a directory, expected a Shokri-format CSV file "
                         f"(or a tar archive holding one)")
+    if member is not None and not isinstance(member, str):
+        raise TypeError(f"load_shokri_csv: member must be a str (an archive member's name), "
+                        f"got {type(member).__name__}")
     name = _stem(path)
     if not _is_archive(path):
+        if member is not None:  # silently reading the whole file would ignore the request
+            raise ValueError(f"load_shokri_csv: member={member!r} picks a file inside a tar "
+                             f"archive, but {path} is not a tar archive (leave member out)")
+
         def parse() -> Dataset:
             labels, features = _parse_file(path, 2, what)
             return _shokri_dataset(labels, features, str(path), name)
@@ -799,6 +889,76 @@ def load_texas(path: PathLike, *, cache_dir: Optional[PathLike] = None) -> Datas
     return _cached("texas", [path], None, name, cache_dir, parse_archive)
 
 
+_NPZ_ARRAYS = ("x", "y", "classes", "name")  # the arrays load_npz reads
+
+
+def _check_is_zip(path: Path) -> None:
+    """A DataError saying what ``path`` is when it is not a zip archive (an .npz): np.load
+    returns a bare array for a .npy file and calls any other file pickled data."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # np.load's test: a zip entry or end
+        return
+    if not head:
+        what = "the file is empty"
+    elif head.startswith(np.lib.format.MAGIC_PREFIX):
+        what = ("a single .npy array; a data set .npz holds x and y, as np.savez(path, x=x, "
+                "y=y) writes")
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head.removeprefix(_UTF8_BOM)):
+        what = "it starts like text: a CSV? load it with load_shokri_csv or load_dataset"
+    else:
+        what = "it does not start with a zip header"
+    raise DataError(f"{path}: not an .npz archive ({what})")
+
+
+def _npz_headers(path: Path) -> Dict[str, Tuple[tuple, np.dtype]]:
+    """The shape and dtype each array load_npz reads claims in its .npy header, checked
+    against the data its zip member holds before numpy allocates the array: a corrupt or
+    crafted header claiming more would end in a raw MemoryError."""
+    headers = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if key not in _NPZ_ARRAYS:
+                continue
+            with zf.open(info) as member:
+                try:
+                    version = np.lib.format.read_magic(member)
+                except ValueError:  # np.load would hand back its raw bytes
+                    raise DataError(f"{path}: member {info.filename!r} is not a .npy array") \
+                        from None
+                if version not in ((1, 0), (2, 0)):
+                    continue  # newer layouts: numpy's reader judges them
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+                data_bytes = info.file_size - member.tell()
+            headers[key] = (shape, dtype)
+            claimed = math.prod(shape) * dtype.itemsize
+            if not dtype.hasobject and claimed > data_bytes:
+                raise DataError(f"{path}: array {key!r} claims shape {shape} of {dtype} "
+                                f"({claimed:,} bytes), but its member holds {data_bytes:,} "
+                                f"bytes of data (a corrupt or hand-edited .npy header)")
+    return headers
+
+
+def _classes_problem(classes: np.ndarray) -> str:
+    """Why ``classes`` cannot be a data set's classes (sorted original labels, each once:
+    class i is the i-th smallest), or "" when it can."""
+    if classes.dtype.kind not in "biufUS":
+        return f"must hold numbers, strings or bools, got dtype {classes.dtype}"
+    if classes.dtype.kind == "f" and np.isnan(classes).any():
+        return f"holds NaN at index {int(np.flatnonzero(np.isnan(classes))[0])}"
+    out_of_order = np.flatnonzero(classes[1:] <= classes[:-1])
+    if out_of_order.size:
+        i = int(out_of_order[0])
+        a, b = classes[i].item(), classes[i + 1].item()
+        relation = "a duplicate" if a == b else "out of order"
+        return (f"must be sorted and distinct, but classes[{i}] = {a!r} and classes[{i + 1}] "
+                f"= {b!r} are {relation} (class i is the i-th smallest original label)")
+    return ""
+
+
 def load_npz(path: PathLike) -> Dataset:
     """A ``.npz`` file with arrays ``x`` ``[N, d]`` (numeric) and ``y`` ``[N]``.
 
@@ -809,14 +969,30 @@ def load_npz(path: PathLike) -> Dataset:
 
     Raises:
         FileNotFoundError: no such file.
-        DataError: not a readable ``.npz``, a missing array, bad shapes or values, fewer
-            than two classes; the message names the file and the array.
+        DataError: not a readable ``.npz`` (a ``.npy`` or text file, a directory), an array
+            header claiming more data than the file holds, a missing array, bad shapes or
+            values, ``classes`` not sorted and distinct, fewer than two classes; the
+            message names the file and the array.
     """
     path = _existing(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, expected an .npz file")
+    headers: Dict[str, Tuple[tuple, np.dtype]] = {}
+    arrays: Dict[str, np.ndarray] = {}
+    key = None
     try:
+        _check_is_zip(path)
+        headers = _npz_headers(path)
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files if key in ("x", "y", "classes",
-                                                                     "name")}
+            for key in npz.files:
+                if key in _NPZ_ARRAYS:
+                    arrays[key] = npz[key]
+    except DataError:
+        raise
+    except MemoryError as exc:
+        shape, dtype = headers.get(key, ("unknown", "unknown dtype"))
+        raise DataError(f"{path}: array {key!r} of shape {shape} ({dtype}) does not fit in "
+                        f"memory") from exc
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") \
             from exc
@@ -835,6 +1011,9 @@ def load_npz(path: PathLike) -> Dataset:
     if classes.ndim != 1 or classes.size < 2:
         raise DataError(f"{path}: array 'classes' must be 1-D with at least two classes, got "
                         f"shape {classes.shape}")
+    problem = _classes_problem(classes)
+    if problem:
+        raise DataError(f"{path}: array 'classes' {problem}")
     if y.dtype.kind not in "iu" or y.ndim != 1:
         raise DataError(f"{path}: array 'y' must hold integer class indices [N] when "
                         f"'classes' is given, got {y.dtype} {y.shape}")
@@ -855,10 +1034,41 @@ def load_npz(path: PathLike) -> Dataset:
 
 def save_npz(dataset: Dataset, path: PathLike) -> None:
     """Writes ``dataset`` as a ``.npz`` that :func:`load_npz` reads back identically
-    (``x`` stored as uint8 when that is exact); atomic (temporary file + ``os.replace``)."""
+    (``x`` stored as uint8 when that is exact); atomic (temporary file + ``os.replace``).
+
+    Raises:
+        TypeError: ``dataset`` is not a :class:`Dataset`.
+        ValueError: ``dataset.classes`` not sorted and distinct (load_npz would refuse it).
+        IsADirectoryError: ``path`` is a directory.
+        FileExistsError: ``path`` exists and is not a data set ``.npz`` (an earlier save):
+            another file there is never overwritten.
+    """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"save_npz: dataset must be a Dataset, got {type(dataset).__name__}")
-    _atomic_savez(Path(path), _arrays_for_npz(dataset))
+    path = Path(path)
+    arrays = _arrays_for_npz(dataset)
+    problem = _classes_problem(arrays["classes"])
+    if problem:  # a file load_npz would refuse
+        raise ValueError(f"save_npz: dataset.classes {problem}")
+    _check_overwritable(path)
+    _atomic_savez(path, arrays)
+
+
+def _check_overwritable(path: Path) -> None:
+    """save_npz replaces only a data set .npz (an earlier save): any other file at ``path``
+    may be the user's own (the source CSV, notes), which ``os.replace`` would destroy."""
+    if path.is_dir():
+        raise IsADirectoryError(f"save_npz: {path} is a directory; path must name the .npz "
+                                f"file to write")
+    if not os.path.lexists(path):
+        return
+    try:
+        load_npz(path)
+    except (DataError, OSError) as exc:
+        why = str(exc).removeprefix(f"{path}: ")
+        raise FileExistsError(f"save_npz: refusing to overwrite {path}: it is not a data set "
+                              f".npz that load_npz reads ({why}); delete it first or choose "
+                              f"another path") from None
 
 
 def load_dataset(path: PathLike, *, format: str = "auto",
@@ -868,8 +1078,9 @@ def load_dataset(path: PathLike, *, format: str = "auto",
     Args:
         path: a file, directory or archive.
         format: ``"shokri"``, ``"texas"``, ``"npz"``, or ``"auto"``: a directory is Texas100;
-            a ``.npz`` (or any zip) is npz; a tar archive whose first file is ``feats`` or
-            ``labels`` is Texas100; anything else is a Shokri-format CSV.
+            a ``.npz`` (or any zip) is npz, as is a ``.npy`` (refused with load_npz's message);
+            a tar archive whose first file is ``feats`` or ``labels`` is Texas100; anything
+            else is a Shokri-format CSV.
         cache_dir: for the text formats, see :func:`load_shokri_csv`.
     """
     if format not in _FORMATS:
@@ -878,7 +1089,7 @@ def load_dataset(path: PathLike, *, format: str = "auto",
     if format == "auto":
         if path.is_dir():
             format = "texas"
-        elif path.suffix.lower() == ".npz" or zipfile.is_zipfile(path):
+        elif path.suffix.lower() in (".npz", ".npy") or zipfile.is_zipfile(path):
             format = "npz"
         elif _is_archive(path):  # judged by its first file, not to decompress it all
             first = _first_member_name(path)
@@ -1132,6 +1343,7 @@ def make_splits(dataset: Dataset, *, preset: str = "auto",
         seed: the permutation's seed; the same seed gives the same splits.
 
     Raises:
+        TypeError: ``sizes`` not a mapping, a size not an int.
         ValueError: an unknown preset or size key, bad sizes, or a data set too small for
             them (the message says how many rows they need).
     """
@@ -1140,6 +1352,9 @@ def make_splits(dataset: Dataset, *, preset: str = "auto",
     presets = ("auto", "proportional", *SPLIT_PRESETS)
     if preset not in presets:
         raise ValueError(f"make_splits: preset must be one of {presets}, got {preset!r}")
+    if sizes is not None and not isinstance(sizes, Mapping):
+        raise TypeError(f"make_splits: sizes must be a mapping of set names to row counts "
+                        f"(e.g. {{'train': 100}}), got {type(sizes).__name__}")
     seed = check_seed(seed)
     n = dataset.n
     rule = _auto_preset(dataset) if preset == "auto" else preset
@@ -1147,8 +1362,8 @@ def make_splits(dataset: Dataset, *, preset: str = "auto",
     if sizes:
         unknown = set(sizes) - set(_SPLIT_KEYS)
         if unknown:
-            raise ValueError(f"make_splits: unknown size keys {sorted(unknown)}; known keys "
-                             f"are {_SPLIT_KEYS}")
+            raise ValueError(f"make_splits: unknown size keys {sorted(unknown, key=repr)}; "
+                             f"known keys are {_SPLIT_KEYS}")
         chosen.update({key: _check_int(value, f"sizes[{key!r}]", 0)
                        for key, value in sizes.items()})
         rule = "custom"

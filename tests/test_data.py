@@ -5,9 +5,13 @@ Every bad file must raise a DataError whose message names the file and the line.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import re
 import tarfile
+import time
+import zipfile
 import warnings
 from pathlib import Path
 
@@ -84,7 +88,7 @@ def test_shokri_csv_values_labels_and_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["quoted", "crlf", "trailing-blank-lines", "no-final-newline",
-                                     "spaces"])
+                                     "spaces", "utf8-bom"])
 def test_shokri_csv_tolerated_layouts(tmp_path, variant):
     x, y = _small()
     plain = _shokri_text(x, y)
@@ -92,7 +96,8 @@ def test_shokri_csv_tolerated_layouts(tmp_path, variant):
             "crlf": _shokri_text(x, y, newline="\r\n"),
             "trailing-blank-lines": plain + "\n\n  \n",
             "no-final-newline": plain.rstrip("\n"),
-            "spaces": plain.replace(",", " , ")}[variant]
+            "spaces": plain.replace(",", " , "),
+            "utf8-bom": "\ufeff" + plain}[variant]
     ds = data.load_shokri_csv(_write(tmp_path / "f", text), cache_dir=tmp_path / "c")
     ref = data.load_shokri_csv(_write(tmp_path / "g", plain), cache_dir=tmp_path / "c")
     _assert_same(ds, ref)
@@ -158,7 +163,15 @@ BAD_SHOKRI = {
     "beyond float32": (_with(2, "2,1,1e300,0"), 2, "field 3 is 1e+300, expected a finite number "
                                                    "within float32's range"),
     "label beyond int64": (_with(3, "1e300,0,0,1"), 3, "beyond the int64 range"),
+    # float64 reads both as 2**53: they would merge into one class
+    "labels beyond 2**53": ("1,0,1\n9007199254740993,1,0\n9007199254740992,0,0\n", 2,
+                            "not below 2**53"),
     "fractional label": (_with(3, "0.5,0,0,1"), 3, "not a whole number"),
+    "several fractional labels": ("0.5,0,1\n0.25,1,0\n1,0,0\n", 1,
+                                  "2 of 3 labels are not whole numbers; the label column looks "
+                                  "out of place"),
+    "CR-only line endings": ("\r".join(GOOD) + "\r", 1, "CR-only line endings"),
+    "lone carriage return": ("1,0,1\r\n2,1,0\r\n2,0\r,1\r\n", 3, "carriage return"),
     "labels in the last column": ("0,1,0,7\n1,0,1,3\n0,0,1,7\n", 1, "last"),
     "labels in the last column, later line": ("0,1,0,1\n1,0,1,0\n0,0,1,12\n", 3, "last"),
     "one class": ("5,0,1\n5,1,1\n", 1, "two classes"),
@@ -171,6 +184,36 @@ def test_shokri_csv_bad_files_name_file_and_line(tmp_path, case):
     text, line, fragment = BAD_SHOKRI[case]
     path = _write(tmp_path / "dataset_bad", text)
     _raises_at(path, line, fragment, data.load_shokri_csv, path, cache_dir=tmp_path)
+
+
+def test_shokri_csv_one_fractional_label_is_named_as_written(tmp_path):
+    """A single stray label is shown unrounded (':g' printed 13.0000000001 as 13) and not
+    blamed on the column layout, which only a column of fractional labels suggests."""
+    path = _write(tmp_path / "dataset_bad", _with(2, "13.0000000001,1,1,0"))
+    message = _raises_at(path, 2, "the label (field 1) is 13.0000000001, not a whole number",
+                         data.load_shokri_csv, path, cache_dir=tmp_path)
+    assert "out of place" not in message, message
+
+
+def test_shokri_csv_member_only_for_archives(tmp_path):
+    """member= on a plain file was ignored silently (the whole file was read)."""
+    x, y = _small()
+    path = _write(tmp_path / "plain.csv", _shokri_text(x, y))
+    with pytest.raises(ValueError, match=r"member='zzz' .*plain\.csv is not a tar archive"):
+        data.load_shokri_csv(path, member="zzz", cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="member must be a str"):
+        data.load_shokri_csv(_tar(tmp_path / "a.tgz", {"a": _shokri_text(x, y)}), member=1,
+                             cache_dir=tmp_path)
+
+
+def test_compressed_csv_that_is_not_a_tar_archive(tmp_path):
+    """A gzip-compressed plain CSV was reported as a truncated or corrupt tar archive."""
+    x, y = _small()
+    path = _write(tmp_path / "dataset.csv.gz", gzip.compress(_shokri_text(x, y).encode()))
+    for load in (data.load_shokri_csv, data.load_dataset, data.load_texas):
+        message = _raises_at(path, 1, "gzip-compressed, but not a tar archive", load, path,
+                             cache_dir=tmp_path)
+        assert "truncated" not in message, message
 
 
 def test_shokri_csv_in_archives(tmp_path):
@@ -260,6 +303,25 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path):
     second = data.load_shokri_csv(path, cache_dir=tmp_path / "c")
     np.testing.assert_array_equal(second.x.numpy(), x2)
     assert not torch.equal(first.x, second.x)
+
+
+@pytest.mark.parametrize("how", ["rewritten", "renamed-over"])
+def test_cache_misses_a_same_size_replacement_with_restored_mtime(tmp_path, how):
+    """A replacement of the same size whose mtime was put back (os.utime, cp -p, rsync -t,
+    coarse clocks) served the old file's data from the cache."""
+    path = _write(tmp_path / "f.csv", "1,0,1\n2,1,0\n1,1,1\n")
+    old = data.load_shokri_csv(path, cache_dir=tmp_path / "c")
+    st = path.stat()
+    time.sleep(0.05)  # past a coarse ctime clock tick (a jiffy on Linux)
+    new_text = "2,0,1\n1,1,0\n2,1,1\n"  # same size, other labels
+    target = path if how == "rewritten" else tmp_path / "g.csv"
+    _write(target, new_text)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if how == "renamed-over":
+        os.replace(target, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    new = data.load_shokri_csv(path, cache_dir=tmp_path / "c")
+    assert old.y.tolist() == [0, 1, 0] and new.y.tolist() == [1, 0, 1]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped-byte", "rewritten-x",
@@ -435,6 +497,105 @@ def test_npz_bad_files(tmp_path):
         data.load_npz(tmp_path / "junk.npz")
 
 
+def test_save_npz_never_overwrites_other_files(tmp_path):
+    """save_npz replaced whatever was at path (a user's notes, the source CSV); it now
+    replaces only an earlier save (a data set .npz)."""
+    x, y = _small()
+    ds = data.from_arrays(x, y, name="toy")
+    csv = _write(tmp_path / "toy.csv", _shokri_text(x, y))
+    notes = _write(tmp_path / "notes.txt", "precious")
+    np.save(tmp_path / "arr.npy", x)
+    for victim in (csv, notes, tmp_path / "arr.npy"):
+        before = victim.read_bytes()
+        with pytest.raises(FileExistsError, match=rf"refusing to overwrite "
+                           rf"{re.escape(str(victim))}: it is not a data set \.npz"):
+            data.save_npz(ds, victim)
+        assert victim.read_bytes() == before
+    # an earlier save, or any .npz load_npz reads, is replaced
+    data.save_npz(ds, tmp_path / "toy.npz")
+    other = data.from_arrays(x, y[::-1].copy(), name="other")
+    data.save_npz(other, tmp_path / "toy.npz")
+    _assert_same(data.load_npz(tmp_path / "toy.npz"), other)
+    np.savez(tmp_path / "raw.npz", x=x, y=y)
+    data.save_npz(ds, tmp_path / "raw.npz")
+    _assert_same(data.load_npz(tmp_path / "raw.npz"), ds)
+    # a directory is named as such (it was an IsADirectoryError naming a temporary file)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError,
+                       match=rf"save_npz: {re.escape(str(folder))} is a directory"):
+        data.save_npz(ds, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arr.npy", "folder", "notes.txt",
+                                                          "raw.npz", "toy.csv", "toy.npz"]
+    # classes load_npz would refuse are refused before writing
+    unsorted = data.Dataset(torch.zeros(2, 1), torch.tensor([0, 1]), (True, False))
+    with pytest.raises(ValueError, match=r"dataset\.classes must be sorted and distinct"):
+        data.save_npz(unsorted, tmp_path / "unsorted.npz")
+    assert not (tmp_path / "unsorted.npz").exists()
+
+
+def _npz_with_header(path: Path, shape: tuple) -> Path:
+    """An .npz whose x header claims ``shape`` although it holds 2 x 2 float32."""
+    raw = io.BytesIO()
+    np.lib.format.write_array_header_1_0(raw, {"descr": "<f4", "fortran_order": False,
+                                               "shape": shape})
+    raw.write(np.zeros((2, 2), np.float32).tobytes())
+    labels = io.BytesIO()
+    np.save(labels, np.arange(2))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x.npy", raw.getvalue())
+        zf.writestr("y.npy", labels.getvalue())
+    return path
+
+
+def test_npz_that_is_not_an_npz_archive(tmp_path, monkeypatch):
+    """A .npy gave a TypeError about context managers, a text file a suggestion to unpickle
+    it, and a header claiming a huge shape a raw MemoryError."""
+    x, y = _small()
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(DataError, match=r"x\.npy: not an \.npz archive \(a single \.npy array"):
+        data.load_npz(tmp_path / "x.npy")
+    with pytest.raises(DataError, match=r"x\.npy: not an \.npz archive"):
+        data.load_dataset(tmp_path / "x.npy")
+    csv = _write(tmp_path / "csv.npz", _shokri_text(x, y))
+    with pytest.raises(DataError, match=r"csv\.npz: not an \.npz archive \(it starts like "
+                       r"text") as info:
+        data.load_npz(csv)
+    assert "pickle" not in str(info.value)
+    with pytest.raises(DataError, match=r"empty\.npz: not an \.npz archive \(the file is empty"):
+        data.load_npz(_write(tmp_path / "empty.npz", b""))
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path))}: a directory"):
+        data.load_npz(tmp_path)
+    huge = _npz_with_header(tmp_path / "huge.npz", (99999999999, 2))
+    with pytest.raises(DataError, match=r"huge\.npz: array 'x' claims shape \(99999999999, 2\) "
+                       r"of float32 \(799,999,999,992 bytes\), but its member holds 16 bytes"):
+        data.load_npz(huge)
+    # an array that is as large as its header says, but beyond memory: restated by name
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+    good = _npz_with_header(tmp_path / "good.npz", (2, 2))
+    monkeypatch.setattr(np.lib.format, "read_array", out_of_memory)
+    with pytest.raises(DataError, match=r"good\.npz: array 'x' of shape \(2, 2\) \(float32\) "
+                       r"does not fit in memory"):
+        data.load_npz(good)
+
+
+@pytest.mark.parametrize("classes, fragment", [
+    ([10, 10, 30], r"classes\[0\] = 10 and classes\[1\] = 10 are a duplicate"),
+    ([30, 10, 20], r"classes\[0\] = 30 and classes\[1\] = 10 are out of order"),
+    ([np.nan, 1.0, 2.0], r"holds NaN at index 0"),
+    (["b", "a", "c"], r"classes\[0\] = 'b' and classes\[1\] = 'a' are out of order"),
+])
+def test_npz_classes_must_be_sorted_and_distinct(tmp_path, classes, fragment):
+    """classes[i] is the i-th smallest original label: duplicates, disorder or NaN were
+    loaded as given."""
+    x, y = _small(n=6)
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=x, y=np.arange(6) % 3, classes=np.array(classes))
+    with pytest.raises(DataError, match=rf"bad\.npz: array 'classes' .*{fragment}"):
+        data.load_npz(path)
+
+
 def test_from_arrays(tmp_path):
     x, y = _small()
     a = data.from_arrays(torch.from_numpy(x).double(), torch.from_numpy(y))
@@ -461,6 +622,14 @@ def test_from_arrays(tmp_path):
         data.from_arrays([[1, 2], [3]], [0, 1])
     with pytest.raises(ValueError, match=r"one label \('b'\) on every row.*two classes"):
         data.from_arrays(x, ["b"] * len(y))
+    # a mask was dropped silently: masked entries are refused, an empty mask is fine
+    masked = np.ma.masked_array(x, mask=x > 0)
+    with pytest.raises(ValueError, match=r"x is a masked array with \d+ masked entries"):
+        data.from_arrays(masked, y)
+    with pytest.raises(ValueError, match=r"y is a masked array with 1 masked entries"):
+        data.from_arrays(x, np.ma.masked_array(y, mask=np.arange(len(y)) == 3))
+    _assert_same(data.from_arrays(np.ma.masked_array(x, mask=False),
+                                  np.ma.masked_array(y)), data.from_arrays(x, y))
     # bfloat16 tensors (numpy has no such dtype) convert exactly
     _assert_same(data.from_arrays(torch.from_numpy(x).bfloat16(), torch.from_numpy(y).bfloat16()),
                  a)
@@ -626,6 +795,9 @@ def test_splits_custom_sizes_and_errors():
         data.make_splits(ds, sizes={"train": 100, "known": 90, "target": 40})
     with pytest.raises(ValueError, match="unknown size keys"):
         data.make_splits(ds, sizes={"validation": 5})
+    # a list of pairs was reported as one unknown key
+    with pytest.raises(TypeError, match="sizes must be a mapping .* got list"):
+        data.make_splits(ds, sizes=[("train", 10)])
     with pytest.raises(ValueError, match="preset must be one of"):
         data.make_splits(ds, preset="location30")
     with pytest.raises(ValueError, match="at least 18"):
