@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -592,6 +593,12 @@ def _shadow_attack(cfg, ref: _Reference, target_probs: Tensor, target_labels: Te
     net = _train_attack_net(cfg, ref.probs[ref.fit], ref.labels[ref.fit], ref.member[ref.fit],
                             k, device, seed)
     scores = _member_probability(net, target_probs, target_labels, k, device)
+    if len(scores) > 1 and bool((scores == scores[0]).all()):
+        # a legitimate outcome would vary a little; one value is a dead or saturated net
+        warnings.warn(f"the shadow attack's model gives every target row the same score "
+                      f"({float(scores[0]):.6g}), so its AUC is 0.5 by construction: its units "
+                      f"died or saturated (config['attack_lr'] = {cfg['attack_lr']:g}, "
+                      f"config['weight_std'] = {cfg['weight_std']:g})", stacklevel=4)
     calibration = _calibration(_member_probability(net, ref.probs, ref.labels, k, device), ref)
     return scores, calibration, {}
 

@@ -529,6 +529,16 @@ def test_overflowing_settings_name_the_setting(overfit, data, splits):
                    config={"n_shadows": 1, "n_queries": 2, "sigma": 1e300}, **tiny)
 
 
+def test_a_dead_attack_net_is_reported(overfit, data, splits):
+    """weight_std = 1e-300 (or a huge attack_lr) left every score the same: AUC 0.5, silently."""
+    tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
+    shadow = {**SMALL_NET, "n_shadows": 1, "attack_epochs": 1}
+    with pytest.warns(UserWarning, match="gives every target row the same score"):
+        result = run_attack("shadow", overfit, data, splits,
+                            config={**shadow, "weight_std": 1e-300}, **tiny)
+    assert (result.scores == result.scores[0]).all()
+
+
 def test_settings_are_checked_before_any_training(overfit, data, splits, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking the settings")
