@@ -250,6 +250,9 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
 
 _NEWLINE_TO_COMMA = bytes.maketrans(b"\n", b",")
 _UTF8_BOM = b"\xef\xbb\xbf"  # some editors (Excel, Notepad) start UTF-8 text with it
+# a CR that ends no line: CRs before a newline are line ends (CRLF; CRCRLF from Windows
+# text-mode writes of csv's own CRLF), deleted before parsing
+_LONE_CR = re.compile(rb"\r(?!\r*\n)")
 
 
 def _complete_lines(read: Callable[[int], bytes]) -> Iterator[bytes]:
@@ -299,8 +302,10 @@ class _TableParser:
         first = self.lines + 1  # line number of the block's first line
         if first == 1 and block.startswith(_UTF8_BOM):
             block = block[len(_UTF8_BOM):]
-        if block.count(b"\r") != block.count(b"\r\n"):
-            self._raise_lone_cr(block, first)
+        if b"\r" in block:
+            lone = _LONE_CR.search(block)
+            if lone:
+                self._raise_lone_cr(block, first, lone.start())
         text = block.translate(None, b'"\r')  # quoted labels ("13"), CRLF line ends
         lines = text.split(b"\n")[:-1]
         if self.n_fields is None:
@@ -320,9 +325,8 @@ class _TableParser:
         self.rest.append(values[1])
         self.lines += len(lines)
 
-    def _raise_lone_cr(self, block: bytes, first: int) -> None:
+    def _raise_lone_cr(self, block: bytes, first: int, at: int) -> None:
         # deleting it, as for CRLF, would join the lines around it into one record
-        at = re.search(rb"\r(?!\n)", block).start()
         raise self.error(first + block.count(b"\n", 0, at), "a carriage return (\\r) not "
                          "followed by a newline: CR-only line endings (old Mac text)? records "
                          "must end in \\n or \\r\\n (convert with: tr '\\r' '\\n')")
@@ -505,7 +509,7 @@ def _is_archive(path: Path) -> bool:
     """A tar archive, compressed (gzip, bzip2, xz) or not, judged by its first bytes."""
     with open(path, "rb") as f:
         head = f.read(262)
-    return (head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
+    return (any(head.startswith(magic) for magic, _, _ in _COMPRESSIONS)
             or head[257:262] == b"ustar")
 
 
@@ -761,6 +765,8 @@ def load_shokri_csv(path: PathLike, *, cache_dir: Optional[PathLike] = None,
                     member: Optional[str] = None) -> Dataset:
     """A Shokri-format CSV file: one record per line, ``label,f1,...,fd``, no header.
 
+    Lines may end in LF, CRLF or CRCRLF; a UTF-8 byte-order mark and quoted labels are read.
+
     Args:
         path: the text file (``dataset_purchase``, ``bangkok``) or a tar archive holding it
             (``dataset_location.tgz``; gzip, bzip2, xz or none).
@@ -776,8 +782,10 @@ def load_shokri_csv(path: PathLike, *, cache_dir: Optional[PathLike] = None,
         TypeError / ValueError: ``member`` not a str, or given for a file that is not an
             archive.
         DataError: an empty file, ragged rows, a field that is not a number, a missing
-            label, a label that is not a whole number or sits in the wrong column, a single
-            class, a truncated archive; the message names the file and the line.
+            label, a label that is not a whole number, sits in the wrong column or reaches
+            2**53 in magnitude, a single class, CR-only line endings, a compressed file that
+            holds no tar archive, a truncated archive; the message names the file and the
+            line.
     """
     path = _existing(path)
     what = "a label followed by the features"
@@ -1057,6 +1065,9 @@ def save_npz(dataset: Dataset, path: PathLike) -> None:
 def _check_overwritable(path: Path) -> None:
     """save_npz replaces only a data set .npz (an earlier save): any other file at ``path``
     may be the user's own (the source CSV, notes), which ``os.replace`` would destroy."""
+    if path.is_symlink():  # os.replace would replace the link, not write its target
+        raise FileExistsError(f"save_npz: {path} is a symbolic link; give the path of the "
+                              f"file it points to")
     if path.is_dir():
         raise IsADirectoryError(f"save_npz: {path} is a directory; path must name the .npz "
                                 f"file to write")

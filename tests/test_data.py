@@ -88,7 +88,7 @@ def test_shokri_csv_values_labels_and_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["quoted", "crlf", "trailing-blank-lines", "no-final-newline",
-                                     "spaces", "utf8-bom"])
+                                     "spaces", "utf8-bom", "crcrlf"])
 def test_shokri_csv_tolerated_layouts(tmp_path, variant):
     x, y = _small()
     plain = _shokri_text(x, y)
@@ -97,7 +97,9 @@ def test_shokri_csv_tolerated_layouts(tmp_path, variant):
             "trailing-blank-lines": plain + "\n\n  \n",
             "no-final-newline": plain.rstrip("\n"),
             "spaces": plain.replace(",", " , "),
-            "utf8-bom": "\ufeff" + plain}[variant]
+            "utf8-bom": "\ufeff" + plain,
+            # csv.writer's CRLF written through a Windows text-mode file
+            "crcrlf": _shokri_text(x, y, newline="\r\r\n")}[variant]
     ds = data.load_shokri_csv(_write(tmp_path / "f", text), cache_dir=tmp_path / "c")
     ref = data.load_shokri_csv(_write(tmp_path / "g", plain), cache_dir=tmp_path / "c")
     _assert_same(ds, ref)
@@ -320,6 +322,8 @@ def test_cache_misses_a_same_size_replacement_with_restored_mtime(tmp_path, how)
     if how == "renamed-over":
         os.replace(target, path)
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    if (path.stat().st_ino, path.stat().st_ctime_ns) == (st.st_ino, st.st_ctime_ns):
+        pytest.skip("this file system's change-time clock did not tick in 50 ms")
     new = data.load_shokri_csv(path, cache_dir=tmp_path / "c")
     assert old.y.tolist() == [0, 1, 0] and new.y.tolist() == [1, 0, 1]
 
@@ -532,6 +536,11 @@ def test_save_npz_never_overwrites_other_files(tmp_path):
     with pytest.raises(ValueError, match=r"dataset\.classes must be sorted and distinct"):
         data.save_npz(unsorted, tmp_path / "unsorted.npz")
     assert not (tmp_path / "unsorted.npz").exists()
+    # a link would be replaced by a file, its target left with the old data
+    (tmp_path / "link.npz").symlink_to(tmp_path / "toy.npz")
+    with pytest.raises(FileExistsError, match="link.npz is a symbolic link"):
+        data.save_npz(ds, tmp_path / "link.npz")
+    assert (tmp_path / "link.npz").is_symlink()
 
 
 def _npz_with_header(path: Path, shape: tuple) -> Path:
