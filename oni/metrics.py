@@ -173,21 +173,13 @@ def prediction_accuracy(outputs, labels) -> float:
 @torch.no_grad()
 def _model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
                     name: str = "x") -> float:
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    correct = 0
-    for lo in range(0, len(x), batch_size):
-        try:
-            logits = model(x[lo:lo + batch_size].to(device))
-        except torch.OutOfMemoryError:
-            raise  # as it is: a caller may retry with a smaller batch_size
-        except RuntimeError as err:  # e.g. a width the model does not take: name the input
-            raise RuntimeError(f"the model failed on {name} x of shape {tuple(x.shape)}: "
-                               f"{err}") from err
-        check_logits(logits, len(x[lo:lo + batch_size]), f"{name} x", lo)
-        if lo == 0:  # the labels must be the model's classes
-            check_class_indices(y, f"{name} labels", logits.shape[1])
-        correct += int((logits.argmax(dim=1).cpu() == y[lo:lo + batch_size]).sum())
-    return correct / len(x)
+    """Accuracy of ``model`` on ``(x, y)``, the rows cast to the model's dtype and device
+    batch by batch, as oni.train.accuracy casts them."""
+    from .train import _batched  # here: train imports this module's neighbours
+    predicted, k = _batched(model, x, batch_size, None, lambda z: z.argmax(dim=1),
+                            name=f"{name} x")
+    check_class_indices(y, f"{name} labels", k)  # the labels must be the model's classes
+    return float((predicted == y).double().mean())
 
 
 def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[Tensor, Tensor],

@@ -1,6 +1,7 @@
 """oni.metrics on hand-made score vectors whose answers are computed by hand."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -274,6 +275,11 @@ def test_utility_report_on_a_hand_set_model():
     assert report["test_acc"] == 1.0
     assert report["generalization_gap"] == pytest.approx(-1 / 3)
     assert model.training  # mode restored
+    # rows are cast to the model's dtype, as oni.train.accuracy casts them (a float64 model
+    # failed on float32 rows with "mat1 and mat2 must have the same dtype")
+    double = metrics.utility_report(copy.deepcopy(model).double(), (x_train, y_train),
+                                    (x_test.double(), y_test))
+    assert double == report
     with pytest.raises(ValueError, match="test must be x"):
         metrics.utility_report(model, (x_train, y_train), (x_test, y_train))
     bad_inputs = [  # (train pair, keyword arguments, error, message)
