@@ -272,16 +272,16 @@ def _model_config(model) -> Dict[str, Any]:
     config = dict(config)
     with torch.device("meta"):  # shapes only: no memory, no RNG
         rebuilt = build_model(config)
+    # what is saved is the config and the weights: anything else that shapes the function
+    # (a subclass or wrapper, a swapped layer, a patched forward, a hook) is not saved
+    why = _rebuild_difference(model, rebuilt)
+    if why:
+        raise ValueError(f"save_model saves a model as its config {config} and its weights "
+                         f"only, so this one may not reload as the same function: {why}")
     expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
     if expected != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
         raise ValueError(f"model's parameters do not match its config {config} "
                          f"(was it modified after construction?)")
-    # what is saved is the config and the weights: anything else that shapes the function
-    # (a subclass, a swapped layer, a patched forward, a hook) would reload as another model
-    why = _rebuild_difference(model, rebuilt)
-    if why:
-        raise ValueError(f"save_model saves a model as its config {config} and its weights, "
-                         f"and this one would not reload as the same function: {why}")
     return config
 
 
@@ -304,7 +304,8 @@ def _rebuild_difference(model: nn.Module, rebuilt: nn.Module) -> str:
         if "forward" in vars(module):
             return f"{where} has its own forward (set on the instance)"
         if module._forward_hooks or module._forward_pre_hooks:
-            return f"{where} has forward hooks"
+            return (f"{where} has forward hooks, which are not saved (remove them with "
+                    f"handle.remove(), or save a copy without them)")
     return ""
 
 
@@ -353,6 +354,11 @@ def _check_save_target(path: Path) -> None:
     """Overwrite only an oni model directory (or an empty one): never a user's files."""
     if not os.path.lexists(path):
         return
+    cwd = Path.cwd().resolve()
+    if path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise FileExistsError(f"cannot save a model to {path}: it is the working directory "
+                              f"(or holds it), which a save would replace by renames, leaving "
+                              f"the process in a deleted directory; give another path")
     if path.is_symlink():
         raise FileExistsError(f"cannot save a model to {path}: it is a symbolic link (a save "
                               f"replaces the directory by renames, which would replace the "
@@ -371,10 +377,24 @@ def _check_save_target(path: Path) -> None:
                               f"save_model)")
 
 
+def _parse_meta(meta_path: Path):
+    """``model.json``'s JSON value, or a ValueError saying why it is not readable JSON."""
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{meta_path} is not UTF-8 text (corrupt?): {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}, line {err.lineno}: not valid JSON (corrupt or "
+                         f"truncated?): {err.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{meta_path} is nested too deeply to be a saved model's "
+                         f"(damaged?)") from None
+
+
 def _is_oni_meta(meta_path: Path) -> bool:
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        meta = _parse_meta(meta_path)
+    except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
 
@@ -418,7 +438,19 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
     Returns
     -------
     pathlib.Path
-        ``path``.
+        ``path`` (made absolute when it ends in ``..``).
+
+    Raises
+    ------
+    TypeError
+        ``model`` has no ``config`` :func:`build_model` accepts, or ``extra`` is not JSON-able.
+    ValueError
+        ``model`` would not reload as the same function (a subclass, a swapped or added
+        layer, a forward set on the instance, forward hooks, weights of other shapes), or it
+        holds NaN or Inf weights (which :func:`load_model` refuses).
+    FileExistsError
+        ``path`` is a file, a symbolic link, a directory of other files, or the working
+        directory (or holds it).
     """
     config = _model_config(model)
     extra = _check_extra(extra)
@@ -426,6 +458,7 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
     if path.name in ("", ".", ".."):  # "." cannot be renamed: the directory it names can
         path = Path(os.path.abspath(path))
     _check_save_target(path)
+    check_finite_weights(model, "model", "load_model would refuse the saved file")
     state = {name: t.detach().to("cpu", copy=True).contiguous()
              for name, t in model.state_dict().items()}
     st = _safetensors()
@@ -473,16 +506,7 @@ def _read_meta(path: Path) -> dict:
     meta_path = path / CONFIG_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} is missing: {path} is not a saved oni model")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{meta_path} is not UTF-8 text (corrupt?): {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path}, line {err.lineno}: not valid JSON (corrupt or "
-                         f"truncated?): {err.msg}") from None
-    except RecursionError:
-        raise ValueError(f"{meta_path} is nested too deeply to be a saved model's "
-                         f"(damaged?)") from None
+    meta = _parse_meta(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{meta_path} is not an oni model file (expected "
                          f"\"format\": \"{MODEL_FORMAT}\")")

@@ -328,20 +328,32 @@ def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path, change, mat
 
 
 def test_save_to_dot_a_symlink_or_a_deeply_nested_file(tmp_path, small, monkeypatch):
-    """"." failed with an OSError from the rename; a link was called "not a directory";
-    a model.json nested past the recursion limit raised RecursionError."""
+    """"." failed with an OSError from the rename (a save replaces the directory: the
+    working directory cannot be); a link was called "not a directory"; a model.json nested
+    past the recursion limit raised RecursionError; NaN weights were saved, then refused
+    by load_model."""
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
-    save_model(small, ".")
-    assert load_model(here)[0].config == small.config
+    for path in (".", "", "sub/..", here, tmp_path):
+        with pytest.raises(FileExistsError, match="it is the working directory"):
+            save_model(small, path)
+    assert Path.cwd() == here and list(here.iterdir()) == []
+    save_model(small, "m")
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")
     with pytest.raises(FileExistsError, match="it is a symbolic link"):
         save_model(small, tmp_path / "link")
-    (here / models.CONFIG_FILE).write_text("[" * 100000 + "]" * 100000)
+    broken = MLP(4, 3, (5,))
+    with torch.no_grad():
+        broken[0].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"model's parameter '0.weight'.*load_model would "
+                                         r"refuse the saved file"):
+        save_model(broken, here / "nan")
+    assert not (here / "nan").exists()
+    (here / "m" / models.CONFIG_FILE).write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match="nested too deeply"):
-        load_model(here)
+        load_model(here / "m")
 
 
 def test_load_on_another_device_and_auto(tmp_path, small):
@@ -456,16 +468,15 @@ def test_load_checks_a_corrupt_configs_sizes_before_allocating(saved, small, wid
         load_model(saved)
 
 
-def test_load_refuses_non_finite_weights(tmp_path, small):
-    """A model saved after its training diverged loads as a NaN predictor: refused, naming
-    the file and the tensor."""
-    broken = copy.deepcopy(small)
-    with torch.no_grad():
-        next(broken.parameters())[1, 2] = float("inf")
-    path = save_model(broken, tmp_path / "m")
+def test_load_refuses_non_finite_weights(saved, small):
+    """A model file holding a diverged training's weights loads as a NaN predictor: refused,
+    naming the file and the tensor (save_model refuses to write one)."""
+    state = {key: value.clone() for key, value in small.state_dict().items()}
+    state["0.weight"][1, 2] = float("inf")
+    _write_weights(saved, state)
     with pytest.raises(ValueError, match=r"weights\.\w+'s parameter '0\.weight' contains NaN "
                                          r"or Inf \(first at index \[1, 2\]\).*diverged"):
-        load_model(path)
+        load_model(saved)
 
 
 def test_load_checks_state_dict_contents(saved, small):
