@@ -475,10 +475,12 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
     m = cfg["shadow_size"] or min(len(splits.train), len(pool) // 2)
     if 2 * m > len(pool) or m < 2:
         if len(pool) < 4:
-            raise ValueError(f"the shadow attack needs a shadow pool of at least 4 rows (2 "
-                             f"members and 2 non-members per shadow), got {len(pool)}")
-        raise ValueError(f"the shadow attack splits the shadow pool ({len(pool)} rows) into a "
-                         f"shadow's members and non-members of shadow_size = {m} rows each"
+            raise ValueError(f"attacks with shadow models need a shadow pool of at least 4 "
+                             f"rows (2 members and 2 non-members per shadow), got "
+                             f"{len(pool)}")
+        raise ValueError(f"attacks with shadow models split the shadow pool ({len(pool)} "
+                         f"rows) into each shadow's members and non-members of shadow_size = "
+                         f"{m} rows each"
                          f"{_default_size_note(cfg, splits)}: it needs 2 <= shadow_size <= "
                          f"{len(pool) // 2}")
     n_shadows = cfg["n_shadows"]
@@ -598,7 +600,8 @@ def _shadow_attack(cfg, ref: _Reference, target_probs: Tensor, target_labels: Te
         warnings.warn(f"the shadow attack's model gives every target row the same score "
                       f"({float(scores[0]):.6g}), so its AUC is 0.5 by construction: its units "
                       f"died or saturated (config['attack_lr'] = {cfg['attack_lr']:g}, "
-                      f"config['weight_std'] = {cfg['weight_std']:g})", stacklevel=4)
+                      f"config['weight_std'] = {cfg['weight_std']:g})",
+                      stacklevel=5)  # run_attacks' caller (_run, its dict comprehension)
     calibration = _calibration(_member_probability(net, ref.probs, ref.labels, k, device), ref)
     return scores, calibration, {}
 

@@ -155,8 +155,6 @@ _DISTILLATION = {
 # failing in the allocator when the model is first queried (draws x rows x k noise values)
 MAX_EFFORT = 10 ** 6
 MAX_DRAWS = 10 ** 4
-# the logits are divided by the temperature in float32: below its smallest normal they overflow
-_F32_TINY = float(torch.finfo(torch.float32).tiny)
 
 # the one table of hyperparameters: defaults, types and ranges (documented in defense_config)
 _SPECS: Dict[str, Dict[str, _Param]] = {
@@ -183,7 +181,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
     "dynanoise": {
         "sigma0_sq": _Param(0.3, _number(0.0)),
         "lambda": _Param(2.0, _number(0.0)),
-        "temperature": _Param(10.0, _number(_F32_TINY)),
+        "temperature": _Param(10.0, _number(0.0, low_open=True)),
         "draws": _Param(1, _integer(1, MAX_DRAWS)),
     },
     "dpsgd": {
@@ -314,12 +312,24 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
                                  f"config[{key!r}] of {name!r}")
                 for key, param in spec.items()}
     if name == "dynanoise":  # found here, not after the base model has trained
-        scale = resolved["sigma0_sq"] * (1.0 + resolved["lambda"])
-        if not scale <= torch.finfo(torch.float32).max:
-            raise ValueError(f"config['sigma0_sq'] * (1 + config['lambda']) of 'dynanoise' = "
-                             f"{scale:g} overflows float32, the dtype of the logits and the "
-                             f"noise")
+        _check_dynanoise_scales(resolved["sigma0_sq"], resolved["lambda"],
+                                resolved["temperature"], *(f"config[{key!r}] of 'dynanoise'"
+                                                           for key in ("sigma0_sq", "lambda",
+                                                                       "temperature")))
     return resolved
+
+
+def _check_dynanoise_scales(sigma0_sq: float, lam: float, temperature: float,
+                            sigma_name: str, lam_name: str, temperature_name: str) -> None:
+    """The noise is drawn and scaled in float32, as the logits are: its largest variance
+    must fit, and dividing by the temperature must not overflow."""
+    f32 = torch.finfo(torch.float32)
+    if not sigma0_sq * (1.0 + lam) <= f32.max:
+        raise ValueError(f"{sigma_name} * (1 + {lam_name}) = {sigma0_sq * (1.0 + lam):g} "
+                         f"overflows float32, the dtype of the logits and the noise")
+    if temperature < f32.tiny:
+        raise ValueError(f"{temperature_name} = {temperature:g} is below float32's smallest "
+                         f"normal number {f32.tiny:g}: the logits / temperature overflow")
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -372,14 +382,8 @@ class DynaNoise:
         self.temperature = _number(0.0, low_open=True)(temperature, "temperature")
         self.draws = _integer(1, MAX_DRAWS)(draws, "draws")
         self.noise_seed = _check_seed(noise_seed, "noise_seed")
-        # the noise is drawn and scaled in float32, as the logits are
-        f32 = torch.finfo(torch.float32)
-        if not self.sigma0_sq * (1.0 + self.lam) <= f32.max:
-            raise ValueError(f"sigma0_sq * (1 + lam) = {self.sigma0_sq * (1.0 + self.lam):g} "
-                             f"overflows float32, the dtype of the logits and the noise")
-        if self.temperature < f32.tiny:
-            raise ValueError(f"temperature = {self.temperature:g} is below float32's smallest "
-                             f"normal number {f32.tiny:g}: the logits / temperature overflow")
+        _check_dynanoise_scales(self.sigma0_sq, self.lam, self.temperature,
+                                "sigma0_sq", "lam", "temperature")
         self.reset()
 
     def reset(self) -> None:
@@ -467,7 +471,8 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
         ``[b]`` hard labels.
     log_soft_labels : Tensor
         ``[b, k]`` ``log y'``, the undefended model's log-probabilities at ``x'`` (logs, so a
-        probability that underflows to 0 stays usable).
+        probability that underflows to 0 stays usable: ``-inf`` adds 0 to the forward KL,
+        and makes the paper's KL infinite where the model gives that class mass).
     alpha : float
         In ``[0, 1]``.
     kl_direction : str
@@ -477,6 +482,16 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
     -------
     Tensor
         A scalar.
+
+    Raises
+    ------
+    TypeError
+        A tensor argument is not a Tensor.
+    ValueError
+        A tensor on the meta device; ``logits`` not a floating ``[b, k]`` with ``b, k >= 1`` or not finite; ``y`` not
+        ``[b]`` integer class indices in ``[0, k)``; ``log_soft_labels`` not floating of
+        ``logits``' shape, holding NaN or ``+inf``, or with rows whose probabilities do not
+        sum to 1; tensors on different devices; ``alpha`` or ``kl_direction`` out of range.
     """
     alpha = _number(0.0, 1.0)(alpha, "alpha")
     _choice(_KL_DIRECTIONS)(kl_direction, "kl_direction")
@@ -511,7 +526,7 @@ def _check_distillation_inputs(logits, y, log_soft_labels) -> None:
                         | (log_soft_labels == math.inf).any(1))
     if row is not None:
         raise ValueError(f"log_soft_labels[{row}] holds NaN or +inf; expected "
-                         f"log-probabilities (-inf, for a probability 0, is fine)")
+                         f"log-probabilities (-inf stands for a probability 0)")
     # each row's probabilities must sum to 1: logs of probabilities, not probabilities or
     # raw logits (their KL came out negative). The slack covers the labels' own rounding.
     total = torch.logsumexp(log_soft_labels.double(), dim=1)
@@ -601,7 +616,8 @@ def defend(
         take their soft labels (and ONI its Shapley values and radius) from it,
         ``"dynanoise"`` wraps it, ``"undefended"`` returns it as is (``history`` None); the
         other defenses only copy its architecture. When None, ``f`` is trained here with
-        ``train_config`` where needed. It is copied, never changed.
+        ``train_config`` where needed. It is copied, never changed. Its parameters must be
+        float32 or float64; ``x``, ``x_test`` and ``x_ref`` are cast to their dtype.
     seed : int
         Seeds the defense's own randomness (see the module docstring).
     n_classes : int, optional
@@ -667,10 +683,13 @@ def defend(
         if n_classes is not None and n_classes != width:
             raise ValueError(f"n_classes = {n_classes} but base_model has {width} outputs")
         n_classes = width
-        # rows in f's floating dtype (float32 rows are exact in float64): every defense's
-        # own loop then feeds the copies of f what they take
+        # rows in f's dtype (float32 rows are exact in float64): every defense's own loop
+        # then feeds the copies of f what they take
         _, base_dtype = _model_device_dtype(base_model)
-        if base_dtype is not None and base_dtype.is_floating_point and base_dtype != x.dtype:
+        if base_dtype is not None and base_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"base_model holds {base_dtype} parameters; the defenses train "
+                            f"and query float32 or float64 models")
+        if base_dtype is not None and base_dtype != x.dtype:
             x, x_test, x_ref = (None if t is None else _cast_rows(t, base_dtype, name)
                                 for t, name in ((x, "x"), (x_test, "x_test"), (x_ref, "x_ref")))
     elif n_classes is None:
@@ -1111,9 +1130,7 @@ def save_defended(defended: DefendedModel, path) -> Any:
     # what load_defended would refuse is refused here, before a good save is replaced
     try:
         name = _check_name(defended.name)
-        if defense_config(name, defended.config) != defended.config:
-            raise ValueError(f"config {defended.config!r} is not a resolved config of "
-                             f"{name!r} (defense_config completes and checks one)")
+        config = defense_config(name, defended.config)  # saved complete, as loaded
         _check_report(name, defended.report)
         if defended.history is not None and not isinstance(defended.history, History):
             raise TypeError(f"history must be an oni.train.History or None, got "
@@ -1123,7 +1140,7 @@ def save_defended(defended: DefendedModel, path) -> Any:
                         f"{err}") from None
     history = dataclasses.asdict(defended.history) if defended.history is not None else None
     meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "name": name,
-            "config": defended.config, "report": defended.report, "history": history}
+            "config": config, "report": defended.report, "history": history}
     return save_model(defended.model, path, extra={"defense": meta})
 
 
@@ -1156,7 +1173,8 @@ def _history_from(record) -> History:
             if not ok:
                 raise ValueError(f"history[{key!r}] holds {value!r}, not a number")
     seconds = record["seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+            not 0 <= seconds < math.inf:  # NaN fails both comparisons
         raise ValueError(f"history['seconds'] must be a number >= 0, got {seconds!r}")
     return History(**record)
 

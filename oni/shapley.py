@@ -893,7 +893,8 @@ def exact_shapley(
     The game of :func:`shapley_values`, and its arguments that define the game:
     ``baseline``, ``target``, ``labels``, ``link`` and ``groups`` (with ``groups``, the
     players are the groups and ``d`` may be larger as long as there are at most 20 groups);
-    the sampler's arguments (walks, ``tol``, ``seed``, backend, precision) do not apply. Each row
+    the sampler's arguments (``n_permutations``, ``antithetic``, ``tol``, ``seed``,
+    ``backend``, ``max_batch_evals``, ``precision``, ``row_offset``) do not apply. Each row
     enumerates the ``2^a`` coalitions of its ``a`` active players (dummies are exactly 0);
     values are computed in float64 from the model's outputs. ``stderr`` is 0 and
     ``n_permutations`` 0.

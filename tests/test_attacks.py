@@ -21,6 +21,7 @@ from oni.train import TrainConfig, predict_proba, train_model
 
 HIDDEN = (64, 32)
 TRAIN = TrainConfig(epochs=60, batch_size=64, device="cpu", progress=False)
+TINY = TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False)  # checks only
 SMALL_NET = {"prediction_widths": (64, 32), "label_widths": (32,), "combined_widths": (32,)}
 # the shadow attack learns from a few hundred rows here: more shadows and epochs than default
 CONFIGS = {"shadow": {**SMALL_NET, "n_shadows": 3, "attack_epochs": 60},
@@ -485,9 +486,9 @@ def test_bad_inputs_get_clear_errors(overfit, data, splits):
 def test_pool_size_messages_say_what_is_too_small(overfit, data, splits):
     """An empty pool said "it needs 2 <= shadow_size <= 0", a 1-row LiRA pool
     "m must be in [1, 0]; got 0" (for a shadow_size the user never gave)."""
-    tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
+    tiny = dict(train_config=TINY)
     empty = dataclasses.replace(splits, shadow_pool=splits.shadow_pool[:0])
-    with pytest.raises(ValueError, match="needs a shadow pool of at least 4 rows .* got 0"):
+    with pytest.raises(ValueError, match="need a shadow pool of at least 4 rows .* got 0"):
         run_attack("metric_loss", overfit, data, empty, **tiny)
     one = dataclasses.replace(splits, shadow_pool=splits.shadow_pool[:1])
     with pytest.raises(ValueError, match="has 1 rows .*too few for any m .*at least 2"):
@@ -517,7 +518,7 @@ def test_bfloat16_probabilities_are_read(overfit, data, splits):
 
 
 def test_overflowing_settings_name_the_setting(overfit, data, splits):
-    tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
+    tiny = dict(train_config=TINY)
     shadow = {**SMALL_NET, "n_shadows": 1, "attack_epochs": 2}
     with pytest.raises(ValueError, match=r"config\['attack_lr'\] must be at most"):
         run_attack("shadow", overfit, data, splits, config={**shadow, "attack_lr": 1e38}, **tiny)
@@ -531,7 +532,7 @@ def test_overflowing_settings_name_the_setting(overfit, data, splits):
 
 def test_a_dead_attack_net_is_reported(overfit, data, splits):
     """weight_std = 1e-300 (or a huge attack_lr) left every score the same: AUC 0.5, silently."""
-    tiny = dict(train_config=TrainConfig(epochs=1, batch_size=64, device="cpu", progress=False))
+    tiny = dict(train_config=TINY)
     shadow = {**SMALL_NET, "n_shadows": 1, "attack_epochs": 1}
     with pytest.warns(UserWarning, match="gives every target row the same score"):
         result = run_attack("shadow", overfit, data, splits,
