@@ -30,7 +30,8 @@ __all__ = ["shard", "shapley_values", "optimal_noise", "world", "OtherRankFailed
 
 
 class OtherRankFailed(RuntimeError):
-    """Raised on the ranks that succeeded when another rank failed on its rows."""
+    """Raised on the other ranks when one rank fails: on its rows, or on the checks of the
+    whole batch that precede them (a rank with no rows gets it too)."""
 
 
 def world(group=None) -> Tuple[int, int]:

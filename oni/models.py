@@ -226,8 +226,10 @@ def init_parameters_(model: nn.Module, seed: int) -> nn.Module:
     Raises
     ------
     TypeError
-        When ``model`` has parameters outside ``nn.Linear`` layers (their initialisation
-        would be undefined here).
+        When ``model`` is not an ``nn.Module`` or has parameters outside ``nn.Linear`` layers
+        (their initialisation would be undefined here), or ``seed`` is not an int.
+    ValueError
+        When ``seed`` is outside ``[0, 2**63)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -215,6 +215,9 @@ def project_box_ball(z: Tensor, budget: Tensor, radius: Tensor, iters: int = 200
 
     A row with no answer comes back NaN: one holding a NaN or an infinity, and one where the
     ball binds and ``||z||^2`` overflows float64 (``|z|`` beyond about 1e154).
+
+    ``iters``: the bisection's halvings. The result is float64 whatever ``z``'s dtype
+    (:func:`ascend_and_project` casts it back).
     """
     z, u, rho = z.double(), budget.double(), radius.double()
     box = torch.maximum(torch.minimum(z, u), -u)

@@ -103,6 +103,10 @@ class StackedMLP:
         Input features and classes.
     hidden : tuple of int
         Hidden widths.
+    n_models : int
+        ``K``.
+    device : torch.device
+        Where the parameters are.
     """
 
     def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor]):
@@ -199,6 +203,8 @@ def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
             return models
         return StackedMLP([w.to(device) for w in models.weights],
                           [b.to(device) for b in models.biases])
+    if isinstance(models, torch.nn.ModuleList):  # as predict_logits_batched takes it
+        models = list(models)
     if not isinstance(models, Sequence) or len(models) == 0:
         raise ValueError("models must be a non-empty sequence of oni.models.MLP")
     first = models[0]
@@ -603,7 +609,8 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     xs_idx : Tensor ``[K, n]`` or sequence of ``K`` index tensors of one length ``n``
         The training rows of each model (indices into ``x``; repeats allowed).
     x : Tensor
-        ``[N, d]`` floating pool of rows (moved to the device once, as float32).
+        ``[N, d]`` floating pool of rows (moved to the device once, as float32; as
+        bfloat16 with ``precision="bf16"``).
     y : Tensor
         ``[N]`` integer labels in ``[0, k)``.
     seeds : sequence of ``K`` ints
@@ -650,7 +657,8 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     TypeError, ValueError
         Bad arguments (the message names the argument).
     FloatingPointError
-        A model's mean training loss over an epoch became NaN or Inf.
+        A model's mean training loss over an epoch, or its weights after an epoch's last
+        step, became NaN or Inf.
     """
     config = TrainConfig() if config is None else config
     _check_config(config)

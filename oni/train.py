@@ -73,13 +73,16 @@ class TrainConfig:
     batch_size : int
         Rows per Adam step (>= 1); the last batch of an epoch may be smaller.
     lr : float
-        Adam learning rate (> 0). The paper uses 1e-3.
+        Adam learning rate, in ``(0, 3.4e37]`` (above, float32's first Adam step overflows).
+        The paper uses 1e-3.
     weight_decay : float
-        Adam's (L2, added to the gradient) weight decay (>= 0).
+        Adam's (L2, added to the gradient) weight decay, in ``[0, float32 max]``.
     seed : int
         Seeds the initialisation and the batch order (see :func:`train_model`).
     device : str or torch.device
         ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        A malformed device string is refused here; whether the device exists and can train
+        is checked when training (a config may be built on another machine).
     progress : bool
         Show a progress bar on stderr (tqdm when installed, else a line every few epochs).
     """
@@ -269,10 +272,11 @@ def _output_width(model: nn.Module, x_row: Tensor, d: int) -> int:
     return out.shape[1]
 
 
-def _predicted_classes(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+def _predicted_classes(model: nn.Module, x: Tensor, batch_size: int,
+                       name: str = "x") -> Tensor:
     """argmax of the logits, [N] int64 on x's device (x already on the model's device)."""
     with torch.no_grad(), _eval_mode(model):
-        return torch.cat([_outputs(model, x[lo:lo + batch_size], "x", lo).argmax(dim=1)
+        return torch.cat([_outputs(model, x[lo:lo + batch_size], name, lo).argmax(dim=1)
                           for lo in range(0, x.shape[0], batch_size)])
 
 
@@ -293,8 +297,8 @@ def _epoch_accuracies(model: nn.Module, epoch: int, fix: str,
             from None
 
 
-def _accuracy_on_device(model, x: Tensor, y: Tensor) -> float:
-    return float((_predicted_classes(model, x, _PREDICT_BATCH) == y).double().mean())
+def _accuracy_on_device(model, x: Tensor, y: Tensor, name: str) -> float:
+    return float((_predicted_classes(model, x, _PREDICT_BATCH, name) == y).double().mean())
 
 
 # ----------------------------------------------------------------------------- progress
@@ -419,14 +423,16 @@ def train_model(
        and the accuracy on the whole training set and on the test set, in eval mode (the
        training-set pass costs about a quarter of an epoch for the paper's MLP; see
        BENCHMARKS.md).
-    5. The model is in train mode during the epochs and in eval mode afterwards. The global
+    5. The model is in train mode during the epochs and in eval mode afterwards (also after
+       an error). The global
        RNG (used only by layers such as dropout; the MLP has none) is seeded from a seed
        derived from ``config.seed`` for the duration and restored afterwards.
 
     The same seed gives bitwise identical weights on CPU (same machine, same thread count);
     on CUDA the results are reproducible up to cuBLAS's own guarantees. After each epoch the
-    mean training loss is checked: a NaN or Inf raises ``FloatingPointError`` naming the
-    epoch rather than training on. Data are moved to the device once, whole.
+    mean training loss is checked, then the weights the epoch's last step left and the
+    logits on the training (and test) rows: a NaN or Inf raises ``FloatingPointError`` naming
+    the epoch rather than training on. Data are moved to the device once, whole.
 
     Parameters
     ----------
@@ -456,9 +462,11 @@ def train_model(
     Raises
     ------
     TypeError, ValueError
-        Bad arguments (the message names the argument).
+        Bad arguments (the message names the argument), x or x_test not finite in the
+        model's dtype, or a float16 model (Adam underflows in float16).
     FloatingPointError
-        The training loss became NaN or Inf.
+        Training diverged: an epoch's mean loss, the weights after its last step, or the
+        logits on its rows became NaN or Inf.
     """
     config = TrainConfig() if config is None else config
     _check_config(config)
@@ -494,6 +502,10 @@ def train_model(
         raise ValueError("extra is passed to loss_fn only: give loss_fn too")
     criterion = _cross_entropy if loss_fn is None else loss_fn
 
+    if x.dtype != dtype:  # finite in x's dtype, maybe not in the model's (a "divergence")
+        _check_finite(x.to(dtype), f"x cast to the model's {dtype}")
+    if has_test and x_test.dtype != dtype:
+        _check_finite(x_test.to(dtype), f"x_test cast to the model's {dtype}")
     init_parameters_(model, config.seed)  # first: it raises before changing anything
     model.to(device)
     x = x.to(device, dtype).contiguous()
@@ -513,48 +525,51 @@ def train_model(
     n_steps = 0
     history = History()
     start = time.perf_counter()
-    with _progress(config.progress, config.epochs) as bar, \
-            _seeded_global_rng(_derived_seed(config.seed, "global"), device):
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            order = torch.randperm(n, generator=order_gen).to(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for lo in range(0, n, bs):
-                idx = order[lo:lo + bs]
-                loss = criterion(model(x[idx]), y[idx], *(t[idx] for t in extra))
-                if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                    raise ValueError(f"loss_fn must return a scalar tensor, got {got}")
-                if not loss.requires_grad:
-                    raise ValueError("loss_fn's result does not depend on the model's "
-                                     "parameters (no grad): it cannot be trained on")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                n_steps += 1
-                if n_steps % FLUSH_EVERY == 0:
-                    flush_tiny_moments_(optimizer)
-                loss_sum += loss.detach().double() * idx.shape[0]
-            train_loss = float(loss_sum) / n  # one sync per epoch
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training diverged: the mean training loss of epoch {epoch} is "
-                    f"{train_loss} (lr = {config.lr}); the model keeps that epoch's weights. "
-                    f"Lower config.lr or check x, y and loss_fn")
-            train_acc, test_acc = _epoch_accuracies(
-                model, epoch, f"lr = {config.lr}; the model keeps those weights. Lower "
-                              f"config.lr or check x, y and loss_fn",
-                lambda: (_accuracy_on_device(model, x, y),
-                         _accuracy_on_device(model, x_test, y_test) if has_test else None))
-            history.epochs.append(epoch)
-            history.train_loss.append(train_loss)
-            history.train_acc.append(train_acc)
-            history.test_acc.append(test_acc)
-            stats = {"loss": f"{train_loss:.4f}", "train_acc": f"{train_acc:.3f}"}
-            if has_test:
-                stats["test_acc"] = f"{test_acc:.3f}"
-            bar.update(stats)
-    model.eval()
+    try:
+        with _progress(config.progress, config.epochs) as bar, \
+                _seeded_global_rng(_derived_seed(config.seed, "global"), device):
+            for epoch in range(1, config.epochs + 1):
+                model.train()
+                order = torch.randperm(n, generator=order_gen).to(device)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                for lo in range(0, n, bs):
+                    idx = order[lo:lo + bs]
+                    loss = criterion(model(x[idx]), y[idx], *(t[idx] for t in extra))
+                    if not isinstance(loss, Tensor) or loss.dim() != 0:
+                        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                        raise ValueError(f"loss_fn must return a scalar tensor, got {got}")
+                    if not loss.requires_grad:
+                        raise ValueError("loss_fn's result does not depend on the model's "
+                                         "parameters (no grad): it cannot be trained on")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    n_steps += 1
+                    if n_steps % FLUSH_EVERY == 0:
+                        flush_tiny_moments_(optimizer)
+                    loss_sum += loss.detach().double() * idx.shape[0]
+                train_loss = float(loss_sum) / n  # one sync per epoch
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"training diverged: the mean training loss of epoch {epoch} is "
+                        f"{train_loss} (lr = {config.lr}); the model keeps that epoch's weights. "
+                        f"Lower config.lr or check x, y and loss_fn")
+                train_acc, test_acc = _epoch_accuracies(
+                    model, epoch, f"lr = {config.lr}; the model keeps those weights. Lower "
+                                  f"config.lr or check x, y and loss_fn",
+                    lambda: (_accuracy_on_device(model, x, y, "x"),
+                             _accuracy_on_device(model, x_test, y_test, "x_test")
+                             if has_test else None))
+                history.epochs.append(epoch)
+                history.train_loss.append(train_loss)
+                history.train_acc.append(train_acc)
+                history.test_acc.append(test_acc)
+                stats = {"loss": f"{train_loss:.4f}", "train_acc": f"{train_acc:.3f}"}
+                if has_test:
+                    stats["test_acc"] = f"{test_acc:.3f}"
+                bar.update(stats)
+    finally:  # eval mode afterwards, also when training stops with an error
+        model.eval()
     history.seconds = time.perf_counter() - start
     return history
 
@@ -642,8 +657,9 @@ def predict_logits(model: Callable[[Tensor], Tensor], x: Tensor, *,
 def predict_proba(model: Callable[[Tensor], Tensor], x: Tensor, *,
                   batch_size: int = _PREDICT_BATCH,
                   device: Union[None, str, torch.device] = None) -> Tensor:
-    """Softmax probabilities of the model on ``x``: like :func:`predict_logits`, with the
-    softmax taken (in float32, on the device) batch by batch.
+    """Softmax probabilities of the model on ``x``: like :func:`predict_logits` (the same
+    arguments, checks and errors), with the softmax taken (in float32, on the device) batch
+    by batch.
 
     Returns
     -------
@@ -662,9 +678,11 @@ def accuracy(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
     ----------
     model : nn.Module or callable
     x : Tensor
-        ``[N, d]`` floating inputs, ``N >= 1``.
+        ``[N, d]`` floating inputs, ``N >= 1`` (cast to the model's dtype and device).
     y : Tensor
         ``[N]`` integer labels in ``[0, k)``.
+    batch_size, device :
+        As in :func:`predict_logits`.
 
     Returns
     -------

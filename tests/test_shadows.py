@@ -529,6 +529,8 @@ def test_batched_prediction_takes_a_module_list():
     x = torch.randn(5, D)
     assert torch.equal(predict_logits_batched(torch.nn.ModuleList(models), x),
                        predict_logits_batched(models, x))
+    stacked = stack_mlps(torch.nn.ModuleList(models))  # refused as "not a sequence" before
+    assert torch.equal(predict_logits_batched(stacked, x), predict_logits_batched(models, x))
 
 
 def test_batched_prediction_of_a_linear_model_and_of_no_rows():

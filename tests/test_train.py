@@ -309,6 +309,25 @@ def test_config_is_checked_again_when_used(data):
         train_model(MLP(D, K, HIDDEN), x, y, config={"epochs": 1})
 
 
+def test_rows_that_overflow_the_models_dtype_are_named(data):
+    """float64 rows past float32's range were reported as a divergence ("lower config.lr"),
+    and x_test's overflowing logits were blamed on x."""
+    x, y, x_test, y_test = data
+    big = x.double()
+    big[3, 1] = 1e300
+    with pytest.raises(ValueError, match="x cast to the model's torch.float32 contains NaN"):
+        train_model(MLP(D, K, HIDDEN), big, y, config=TrainConfig(**QUIET))
+    with pytest.raises(ValueError, match="x_test cast to the model's torch.float32"):
+        train_model(MLP(D, K, HIDDEN), x, y, x_test=big[:len(x_test)],
+                    y_test=y_test[:len(x_test)], config=TrainConfig(**QUIET))
+    loud = x_test.clone()
+    loud[0] = 3e38  # finite in float32, but the logits overflow
+    model = MLP(D, K, HIDDEN)
+    with pytest.raises(FloatingPointError, match="logits at row 0 of x_test"):
+        train_model(model, x, y, x_test=loud, y_test=y_test, config=TrainConfig(**QUIET))
+    assert not model.training  # eval mode afterwards, also after an error
+
+
 def test_a_float16_model_is_refused_not_called_diverged(data):
     """Adam in float16 gave an infinite loss at any lr, reported as a divergence."""
     x, y, _, _ = data
