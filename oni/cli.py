@@ -41,7 +41,7 @@ import numpy as np
 
 from . import config as cfgmod
 from .config import ConfigError
-from .report import build_report, write_atomic
+from .report import build_report, render_report, write_atomic, write_rendered
 
 __all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory"]
 
@@ -255,6 +255,10 @@ class _Stage:
     hash: str = ""
     # settings outside the hash that still size the stage's memory (named when it runs out)
     sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class ResultsRefused(RuntimeError):
+    """``oni run`` made results that its report's checks refuse (nothing is written)."""
 
 
 class RunOutOfMemory(MemoryError):
@@ -738,11 +742,43 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
             write_atomic(run_dir / "config.yaml", config_bytes)
         results, roc = _Experiment(config, run_dir, log, progress and not quiet).run()
         results["wall_seconds"] = time.perf_counter() - wall_start
-        write_atomic(run_dir / "roc.npz", _npz_bytes(roc))
-        write_atomic(run_dir / "results.json", _json_bytes(results))
-        write_atomic(run_dir / "config.yaml", config_bytes)
-        build_report(run_dir)
+        results_bytes, roc_bytes = _json_bytes(results), _npz_bytes(roc)
+        # the report is checked and rendered from the results as a reader will see them,
+        # before any file is replaced: a refusal leaves the last run's files as they were
+        try:
+            rendered = render_report(run_dir, json.loads(results_bytes), roc)
+        except ValueError as err:
+            raise ResultsRefused(f"oni run made results its report refuses ({err}); the "
+                               f"stages are saved, nothing else was written. This is a bug "
+                               f"in oni or a setting it does not check: please report "
+                               f"it") from None
+        with _interrupts_deferred():  # the run's files are replaced together or not at all
+            write_atomic(run_dir / "roc.npz", roc_bytes)
+            write_rendered(rendered)
+            write_atomic(run_dir / "results.json", results_bytes)
+            write_atomic(run_dir / "config.yaml", config_bytes)  # last: it names the results
     return results
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM wait until the block is done (in the main thread; elsewhere the
+    block runs as it is), then act: the files a block writes stay a matching set."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for number in received[:1]:  # as the signal would have acted, now the files are whole
+        signal.raise_signal(number)
 
 
 # what `oni run` writes in its directory; any other entry means the directory is not a run's
@@ -1256,7 +1292,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
     from .distributed import OtherRankFailed
     try:
-        return args.handler(args)
+        with _terminate_as_interrupt():
+            return args.handler(args)
+    except ResultsRefused as err:
+        print(f"oni {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except OtherRankFailed as err:  # the failed rank printed its own error
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
         return 1
@@ -1288,13 +1328,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"oni {args.command}: error: {err} ({kind}; ONI_TRACEBACK=1 shows where)",
               file=sys.stderr)
         return 1 if isinstance(err, FloatingPointError) else 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if args.command == "run":
             print("oni run: interrupted; the finished stages are saved: run the same command "
                   "again to resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, _Terminated) else 130
     finally:
         _leave_ranks()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): handled as an interrupt, so it is reported."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(number, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _leave_ranks() -> None:

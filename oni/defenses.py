@@ -936,6 +936,15 @@ def _defend_dpsgd(job: _Job, cfg: dict) -> DefendedModel:
         # what make_private_with_epsilon would compute, cached: shadow models share it
         noise_multiplier = _noise_multiplier(cfg["epsilon"], cfg["delta"], 1 / len(loader),
                                              tc.epochs, cfg["accountant"])
+        # what the run will spend, known before it: close to delta = 1 the accountants'
+        # conversion goes below 0, a bound that means nothing (refused before training)
+        planned = _epsilon_spent(((noise_multiplier, 1 / len(loader),
+                                   tc.epochs * len(loader)),), cfg["delta"], cfg["accountant"])
+        if not planned >= 0:
+            raise ValueError(f"config['delta'] = {cfg['delta']:g} of 'dpsgd': the "
+                             f"{cfg['accountant']} accountant gives epsilon = {planned:.3g} "
+                             f"at this delta, which bounds nothing (a delta that close to 1 "
+                             f"guarantees nothing); use a delta below 1/n = {1 / n:.3g}")
         private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=cfg["max_grad_norm"],

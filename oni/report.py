@@ -26,7 +26,7 @@ import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -487,20 +487,51 @@ def build_report(run_dir: os.PathLike) -> Path:
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
                          f"same `oni run` again to rewrite them") from None
     try:
+        rendered = render_report(run_dir, results, roc)
+    except ValueError as err:
+        raise ValueError(f"{run_dir}: {err}; run the same `oni run` again to rewrite "
+                         f"it") from None
+    return write_rendered(rendered)
+
+
+class RenderedReport(NamedTuple):
+    """A run's report in memory: every file's bytes, and the figures to drop."""
+
+    files: Dict[Path, bytes]
+    stale: List[Path]
+    report: Path
+
+
+def render_report(run_dir: os.PathLike, results: Mapping, roc: Mapping) -> RenderedReport:
+    """``results.csv``, the figures and ``report.md`` of ``results`` (as read back from
+    ``results.json``) and ``roc``, checked and rendered in memory: nothing is written, so a
+    failure leaves the directory as it was. A ValueError says what is not what `oni run`
+    writes."""
+    run_dir = Path(run_dir)
+    try:
         _check_results(results, roc)
     except ValueError as err:
-        raise ValueError(f"{run_dir}: {err}, which is not what `oni run` writes; run the same "
-                         f"`oni run` again to rewrite it") from None
+        raise ValueError(f"{err}, which is not what `oni run` writes") from None
     try:
-        return _write_report(run_dir, results, roc)
+        return _render(run_dir, results, roc)
     except (KeyError, TypeError, AttributeError, IndexError) as err:
-        raise ValueError(f"{run_dir}: results.json or roc.npz is not what `oni run` writes "
-                         f"({type(err).__name__}: {err}); run the same `oni run` again to "
-                         f"rewrite them") from None
+        raise ValueError(f"results.json or roc.npz is not what `oni run` writes "
+                         f"({type(err).__name__}: {err})") from None
 
 
-def _write_report(run_dir: Path, results: Mapping, roc: Mapping) -> Path:
-    # every file rendered in memory first: a failure part way leaves the last report whole
+def write_rendered(rendered: RenderedReport) -> Path:
+    """Writes what :func:`render_report` made (each file atomically); returns report.md."""
+    figures_dir = rendered.report.parent / "figures"
+    if figures_dir.exists() and not figures_dir.is_dir():
+        raise ValueError(f"{figures_dir} is a file: the report's figures go in that directory")
+    for path, data in rendered.files.items():
+        write_atomic(path, data)
+    for path in rendered.stale:  # a figure this run has not made (LiRA not run): drop the
+        path.unlink(missing_ok=True)  # one an earlier run in this directory left
+    return rendered.report
+
+
+def _render(run_dir: Path, results: Mapping, roc: Mapping) -> RenderedReport:
     figures_dir = run_dir / "figures"
     rendered: Dict[Path, bytes] = {run_dir / "results.csv": _csv_bytes(results_rows(results))}
     figures = {
@@ -510,12 +541,7 @@ def _write_report(run_dir: Path, results: Mapping, roc: Mapping) -> Path:
         "lira": _fig_lira(results, roc, figures_dir / FIGURES["lira"], rendered),
         "tradeoff": _fig_tradeoff(results, figures_dir / FIGURES["tradeoff"], rendered),
     }
-    report = _markdown(results, figures).encode()
-    if figures_dir.exists() and not figures_dir.is_dir():
-        raise ValueError(f"{figures_dir} is a file: the report's figures go in that directory")
-    for path, data in rendered.items():
-        write_atomic(path, data)
-    for key, name in figures.items():  # a figure this run has not (LiRA not run): drop the
-        if not name:                    # one an earlier run in this directory left
-            (figures_dir / FIGURES[key]).unlink(missing_ok=True)
-    return write_atomic(run_dir / "report.md", report)
+    report = run_dir / "report.md"
+    rendered[report] = _markdown(results, figures).encode()  # last: written last
+    stale = [figures_dir / FIGURES[key] for key, name in figures.items() if not name]
+    return RenderedReport(rendered, stale, report)

@@ -818,6 +818,56 @@ def test_a_failed_run_over_a_finished_one_keeps_its_config_and_figures(small_ref
     assert not (out / "figures" / "lira_roc.png").exists()
 
 
+def _run_files(out):
+    return {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*"))
+            if path.is_file() and "stages" not in path.parts and path.name != ".lock"}
+
+
+def test_results_the_report_refuses_replace_no_file(small_reference, tiny_yaml, tmp_path,
+                                                    monkeypatch, capsys):
+    """results.json, roc.npz and config.yaml were written before the report's check refused
+    the results (a DP-SGD epsilon of -0.002), leaving them beside the last run's report."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    before = _run_files(out)
+
+    def refuse(results, roc):
+        raise ValueError("defenses.undefended.train_acc must be in [0, 1], got 7.0")
+
+    monkeypatch.setattr(reportmod, "_check_results", refuse)
+    assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss]")) == 1
+    err = capsys.readouterr().err
+    assert "made results its report refuses (defenses.undefended.train_acc" in err
+    assert _run_files(out) == before
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupt_while_the_files_are_written_waits_for_them(
+        small_reference, tiny_yaml, tmp_path, monkeypatch, capsys, signal_name, status):
+    """An interrupt between results.json and the report left the two from different runs;
+    it now acts once every file is written (and SIGTERM is reported as SIGINT is)."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    before = _run_files(out)
+    write = reportmod.write_atomic
+
+    def write_then_interrupt(path, data):
+        if path.name == "results.csv":
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return write(path, data)
+
+    monkeypatch.setattr(reportmod, "write_atomic", write_then_interrupt)
+    assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss]")) == status
+    assert "interrupted; the finished stages are saved" in capsys.readouterr().err
+    after = _run_files(out)
+    assert after != before
+    results = json.loads(after[Path("results.json")])
+    assert list(results["attacks"]["undefended"]) == ["metric_loss"]  # the new run's
+    assert b"metric_loss" in after[Path("results.csv")]
+    assert results["config"] == cfgmod_load(out / "config.yaml")
+    assert not (out / "figures" / "lira_roc.png").exists()  # the new run has no LiRA
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc",
                                     "wrong structure", "nested too deep", "roc missing"])
 def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, tmp_path,

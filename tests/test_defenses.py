@@ -390,6 +390,11 @@ def test_dpsgd_reports_the_epsilon_it_spent(data):
     assert tight.report["noise_multiplier"] > loose.report["noise_multiplier"]
     assert tight.report["delta"] == 1e-4
     assert not hasattr(next(loose.model.parameters()), "grad_sample")
+    # near delta = 1 the accountant's epsilon went below 0 (-0.002), which oni run's report
+    # then refused after every stage had run: refused before training, naming delta
+    with pytest.raises(ValueError, match=r"config\['delta'\] = 0.999999 of 'dpsgd': the rdp "
+                                         r"accountant gives epsilon = -"):
+        _defend("dpsgd", data, config={"delta": 0.999999, "epsilon": 1e-3})
 
 
 @needs_opacus
