@@ -868,6 +868,21 @@ def test_an_interrupt_while_the_files_are_written_waits_for_them(
     assert not (out / "figures" / "lira_roc.png").exists()  # the new run has no LiRA
 
 
+def test_the_report_says_when_the_oracle_stands_in(small_reference, tiny_yaml, tmp_path):
+    """Without calibration data the mean balanced attack accuracy and MIDPUT took the oracle
+    balanced accuracy, and nothing said so (the table showed "—" for those attacks)."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss, metric_entropy]",
+                       "attacks.metric_loss.calibration_fraction=0")) == 0
+    report = (out / "report.md").read_text()
+    assert "without calibration data (metric_loss: calibration_fraction 0) enter" in report
+    oracle = _results(out)["attacks"]["undefended"]["metric_loss"]["metrics"]
+    assert oracle["balanced_accuracy"] is None
+    assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss]")) == 0
+    assert "without calibration data" not in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty object", "list", "not utf-8", "roc",
                                     "wrong structure", "nested too deep", "roc missing"])
 def test_report_of_damaged_results_is_an_error_not_a_traceback(small_reference, tmp_path,
