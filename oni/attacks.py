@@ -170,6 +170,8 @@ _LOG_FLOOR = 1e-30  # probabilities are floored here inside the metric attacks' 
 # How far a predict_proba's row sums, and so its largest probabilities, may stray from 1
 # (float rounding of a model's own normalisation).
 _PROB_SLACK = 1e-3
+#: shadow models per attack at most: far beyond any use (LiRA: 256 in its paper)
+MAX_SHADOWS = 4096
 _MIN_VARIANCE = 1e-12  # LiRA: keeps constant shadow outputs from dividing by zero
 _PHI_MODEL_CHUNK = 8  # LiRA: shadow models evaluated at a time (bounds the [K, n, k] block)
 _NOISE_BLOCK = 1 << 22  # label-only: noise values drawn at a time (16 MiB of float32)
@@ -242,6 +244,9 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
                          f"are {sorted(defaults)}")
     cfg = {**defaults, **config}
     cfg["n_shadows"] = _check_int(cfg["n_shadows"], "config['n_shadows']", 1)
+    if cfg["n_shadows"] > MAX_SHADOWS:  # a typo (1e8) ran on for ever, holding 13 GB
+        raise ValueError(f"config['n_shadows'] must be <= {MAX_SHADOWS}, got "
+                         f"{cfg['n_shadows']}")
     if cfg["shadow_size"] is not None:
         cfg["shadow_size"] = _check_int(cfg["shadow_size"], "config['shadow_size']", 1)
     if cfg["hidden"] is not None:
@@ -999,8 +1004,8 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
         * ``"label_only"`` also: ``n_queries`` (64), ``sigma`` (None: picked from
           ``sigma_grid`` on the reference data), ``sigma_grid``
           ((0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)), ``thresholds`` (``"global"``);
-        * LiRA: ``n_shadows`` (16; even, >= 4; 64 and more are fine), ``shadow_size``
-          (None: the target's training-set size, capped at half the pool),
+        * LiRA: ``n_shadows`` (16; even, >= 4; 64 and more are fine; at most 4096),
+          ``shadow_size`` (None: the target's training-set size, capped at half the pool),
           ``global_variance`` (None: True when ``n_shadows < 64``), ``hidden``,
           ``shadow_precision`` (as above).
     train_config : TrainConfig

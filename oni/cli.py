@@ -325,6 +325,24 @@ def _out_of_memory_named(step: str, settings: Mapping[str, Any]):
             f"resumes after them.") from err
 
 
+@contextlib.contextmanager
+def _settings_named(step: str, settings: Mapping[str, Any]):
+    """The library's errors name its own arguments (``config.lr``, ``config['eps'] of
+    'uniform'``); inside a stage they are restated with the stage and its settings under
+    their config keys, which is what a user of `oni run` can change."""
+    try:
+        yield
+    except (ValueError, TypeError, FloatingPointError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        shown = ", ".join(f"{key} = {cfgmod._show(value)}" for key, value in settings.items())
+        try:
+            restated = type(err)(f"{step}: {err} [the stage's settings: {shown}]")
+        except Exception:  # an exception class with other arguments: as it is
+            raise err from None
+        raise restated from err
+
+
 def _is_size(value) -> bool:
     if isinstance(value, list):
         return bool(value) and all(_is_size(item) for item in value)
@@ -474,7 +492,8 @@ class _Experiment:
             self.log(f"{where}: {st.describe}")
             directory = self.store.begin(st.name)
             start = time.perf_counter()
-            with _out_of_memory_named(f"stage {st.name}", {**st.sizes, **st.settings}):
+            with _settings_named(f"stage {st.name}", st.settings), \
+                    _out_of_memory_named(f"stage {st.name}", {**st.sizes, **st.settings}):
                 files, meta = compute(directory)
             seconds = time.perf_counter() - start
             record = self.store.finish(st.name, st.hash, st.settings, st.parents, files, meta,

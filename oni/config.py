@@ -370,10 +370,11 @@ def _check_method(section: str, name: str, values: Mapping, key: str) -> Dict[st
             resolved = _resolve_config(name, values)
     except (TypeError, ValueError) as err:
         # name the key: the checks name it as config['key'] of the method
-        found = re.search(r"config\[['\"]?([A-Za-z_]+)", str(err))
+        found = re.search(r"config\[['\"]?([A-Za-z_][A-Za-z0-9_]*)", str(err))
         where = f"{key}.{found.group(1)}" if found else key
-        # the key is named once, as a dotted path
-        message = re.sub(r"^config\[['\"]?[A-Za-z_]+['\"]?\]( of '[a-z_]+')? ", "", str(err))
+        # the key is named once, as a dotted path (a rule of several keys keeps their names)
+        message = re.sub(r"^config\[['\"]?[A-Za-z_][A-Za-z0-9_]*['\"]?\]( of '[a-z_]+')? "
+                         r"(?=must )", "", str(err))
         raise ConfigError(f"config key '{where}': {message}") from None
     return _plain(resolved)
 
@@ -591,6 +592,39 @@ def _check_cross(config: Mapping, preset: str, check_files: bool) -> None:
     if target is not None and target % 2:
         raise ConfigError(f"config key 'splits.target': must be even (half members, half "
                           f"non-members), got {target}")
+    _check_attack_plan(config)
+
+
+def _check_attack_plan(config: Mapping) -> None:
+    """Attack settings that cannot work together with the others: refused here, not by the
+    attack stage after every model has trained."""
+    attacks = config["attacks"]
+    # adaptive attacks train their shadows with each defense other than undefended
+    adaptive = attacks["adaptive"] and any(name != "undefended"
+                                           for name in config["defenses"]["run"])
+    with_shadows = []
+    for name in attacks["run"]:
+        settings = attacks.get(name) or {}
+        if settings.get("fit_on") == "known":
+            if adaptive:
+                raise ConfigError(f"config key 'attacks.{name}.fit_on': 'known' fits on the "
+                                  f"target's own outputs and trains no shadow model, so the "
+                                  f"adaptive attack (attacks.adaptive: true) has none to train "
+                                  f"with the defense; set attacks.adaptive: false, or fit_on: "
+                                  f"shadow")
+            continue
+        with_shadows.append(name)
+        if adaptive and settings.get("shadow_precision", "float32") != "float32":
+            raise ConfigError(f"config key 'attacks.{name}.shadow_precision': "
+                              f"{settings['shadow_precision']!r} applies to undefended shadows; "
+                              f"adaptive attacks (attacks.adaptive: true) train theirs with "
+                              f"the defense, in float32: set attacks.adaptive: false, or "
+                              f"shadow_precision: float32")
+    pool = config["splits"]["shadow_pool"]
+    if with_shadows and pool is not None and pool < 4:
+        raise ConfigError(f"config key 'splits.shadow_pool': the attack {with_shadows[0]!r} "
+                          f"trains shadow models on a pool of at least 4 rows (2 members and "
+                          f"2 non-members per shadow), got {pool}")
 
 
 # ----------------------------------------------------------------------------- description

@@ -157,6 +157,14 @@ def test_presets(tmp_path):
     (["data.format=xml"], "data.format"),
     ([f"seed={2 ** 63}"], "seed"),                               # beyond a signed int64
     ([f"data.synthetic.seed={2 ** 64}"], "data.synthetic.seed"),
+    # settings that cannot work together: refused here, not after every model has trained
+    (["attacks.shadow.fit_on=known"], "attacks.shadow.fit_on"),   # adaptive: no shadows
+    (["attacks.lira_online.shadow_precision=bf16"], "attacks.lira_online.shadow_precision"),
+    (["splits.shadow_pool=2"], "splits.shadow_pool"),
+    (["attacks.lira_online.n_shadows=100000000"], "attacks.lira_online.n_shadows"),  # ran on
+    # a key with a digit was cut at it ('defenses.dynanoise.sigma')
+    (["defenses.dynanoise.sigma0_sq=1e38", "defenses.dynanoise.lambda=1e38"],
+     "defenses.dynanoise.sigma0_sq'"),
 ])
 def test_bad_configs_name_the_key(sets, key):
     with pytest.raises(ConfigError) as info:
@@ -866,6 +874,17 @@ def test_an_interrupt_while_the_files_are_written_waits_for_them(
     assert b"metric_loss" in after[Path("results.csv")]
     assert results["config"] == cfgmod_load(out / "config.yaml")
     assert not (out / "figures" / "lira_roc.png").exists()  # the new run has no LiRA
+
+
+def test_a_stage_error_names_the_stage_and_its_config_keys(tiny_yaml, tmp_path, capsys):
+    """The library's message named `config.lr` for a divergence caused by
+    defenses.uniform.eps (the run's own keys were nowhere)."""
+    out = tmp_path / "run"
+    assert _run(_small(tiny_yaml, out, "defenses.run=[undefended, uniform]",
+                       "attacks.run=[metric_loss]", "defenses.uniform.eps=1e38")) == 1
+    err = capsys.readouterr().err
+    assert "error: stage defense-uniform: training diverged" in err, err
+    assert "[the stage's settings: seed = " in err and "defenses.uniform.eps = 1e+38" in err
 
 
 def test_the_report_says_when_the_oracle_stands_in(small_reference, tiny_yaml, tmp_path):
