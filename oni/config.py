@@ -537,7 +537,9 @@ def resolve_config(config_file: Optional[os.PathLike] = None, sets: Sequence[str
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            what = ("is a directory" if path.is_dir() else
+                    "is not a regular file" if path.exists() else "does not exist")
+            raise ConfigError(f"config file {str(path)!r} {what}; give a YAML file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

@@ -594,6 +594,14 @@ def _parse_member(archive: tarfile.TarFile, path: Path, member: tarfile.TarInfo,
 
 def _parse_file(path: Path, min_fields: int, what: str) -> Tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
+        head = f.read(8)
+        # numpy's files are binary: named as such, not as a text line that fails to parse
+        if head.startswith((b"PK\x03\x04", b"PK\x05\x06", np.lib.format.MAGIC_PREFIX)):
+            kind = "a .npy array" if head.startswith(np.lib.format.MAGIC_PREFIX) else \
+                "a zip archive (an .npz?)"
+            raise DataError(f"{path}, line 1: {kind}, not a text file of records: read an "
+                            f".npz as format 'npz' (load_npz)")
+        f.seek(0)
         return _parse_stream(f.read, str(path), min_fields, what)
 
 
@@ -913,7 +921,8 @@ def _check_is_zip(path: Path) -> None:
         what = ("a single .npy array; a data set .npz holds x and y, as np.savez(path, x=x, "
                 "y=y) writes")
     elif all(32 <= b < 127 or b in b"\t\r\n" for b in head.removeprefix(_UTF8_BOM)):
-        what = "it starts like text: a CSV? load it with load_shokri_csv or load_dataset"
+        what = ("it starts like text: a CSV? read it as format 'shokri' (load_shokri_csv, "
+                "or load_dataset, which picks the format from the file)")
     else:
         what = "it does not start with a zip header"
     raise DataError(f"{path}: not an .npz archive ({what})")

@@ -173,6 +173,8 @@ def test_bad_configs_name_the_key(sets, key):
 
 
 def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*' is a directory; give a YAML file"):
+        resolve_config(tmp_path)  # it said "does not exist"
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train: {epochs: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
@@ -885,6 +887,20 @@ def test_a_stage_error_names_the_stage_and_its_config_keys(tiny_yaml, tmp_path, 
     err = capsys.readouterr().err
     assert "error: stage defense-uniform: training diverged" in err, err
     assert "[the stage's settings: seed = " in err and "defenses.uniform.eps = 1e+38" in err
+
+
+def test_the_lira_figure_of_one_non_member(tmp_path):
+    """One non-member made the log-log axes a point (matplotlib warned of identical limits
+    and drew no curve)."""
+    import warnings
+    sets = ["data.synthetic.n=18", "data.synthetic.d=5", "data.synthetic.k=2",
+            "model.hidden=[4]", "train.epochs=1", "defenses.run=[undefended]",
+            "attacks.run=[lira_offline]", "device=cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert _run(["--out", tmp_path / "run", *sum((["--set", s] for s in sets), [])]) == 0
+    assert _results(tmp_path / "run")["splits"]["target"] == 2
+    assert (tmp_path / "run" / "figures" / "lira_roc.png").stat().st_size > 0
 
 
 def test_the_report_says_when_the_oracle_stands_in(small_reference, tiny_yaml, tmp_path):
