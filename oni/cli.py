@@ -363,8 +363,15 @@ def _load_data(config: Mapping):
     if data["path"] is None:
         s = data["synthetic"]
         return synthetic_purchase(s["n"], d=s["d"], k=s["k"], seed=s["seed"])
-    return load_dataset(Path(data["path"]).expanduser(), format=data["format"],
-                        cache_dir=data["cache_dir"])
+    try:
+        return load_dataset(Path(data["path"]).expanduser(), format=data["format"],
+                            cache_dir=data["cache_dir"])
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        # a read that fails mid-file (EIO) carries no file name: name data.path
+        raise OSError(err.errno, f"config key 'data.path': reading {data['path']!r} failed: "
+                                 f"{err.strerror or err}") from err
 
 
 def _utility(defended, data, splits) -> dict:

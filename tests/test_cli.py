@@ -889,6 +889,24 @@ def test_a_stage_error_names_the_stage_and_its_config_keys(tiny_yaml, tmp_path, 
     assert "[the stage's settings: seed = " in err and "defenses.uniform.eps = 1e+38" in err
 
 
+def test_a_read_error_without_a_file_name_names_data_path(tiny_yaml, tmp_path, monkeypatch,
+                                                         capsys):
+    """An EIO mid-file (/proc/self/mem) printed "[Errno 5] Input/output error" alone."""
+    import errno
+
+    import oni.data
+
+    def failing_read(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(oni.data, "load_dataset", failing_read)
+    data_file = tmp_path / "d.csv"
+    data_file.write_text("0,1\n1,0\n")
+    assert _run(_small(tiny_yaml, tmp_path / "run", f"data.path={data_file}")) == 2
+    assert f"config key 'data.path': reading '{data_file}' failed: Input/output error" in \
+        capsys.readouterr().err
+
+
 def test_the_lira_figure_of_one_non_member(tmp_path):
     """One non-member made the log-log axes a point (matplotlib warned of identical limits
     and drew no curve)."""
