@@ -43,7 +43,7 @@ from . import config as cfgmod
 from .config import ConfigError
 from .report import build_report, render_report, write_atomic, write_rendered
 
-__all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory"]
+__all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused"]
 
 _STAGE_FORMAT = "oni-stage"
 _STAGE_VERSION = 2  # 2: records carry their own SHA-256
@@ -339,7 +339,7 @@ def _settings_named(step: str, settings: Mapping[str, Any]):
         try:
             restated = type(err)(f"{step}: {err} [the stage's settings: {shown}]")
         except Exception:  # an exception class with other arguments: as it is
-            raise err from None
+            raise err from err.__cause__
         raise restated from err
 
 
@@ -367,11 +367,10 @@ def _load_data(config: Mapping):
         return load_dataset(Path(data["path"]).expanduser(), format=data["format"],
                             cache_dir=data["cache_dir"])
     except OSError as err:
-        if err.filename is not None:
+        if err.filename is not None or err.errno is None:
             raise
-        # a read that fails mid-file (EIO) carries no file name: name data.path
-        raise OSError(err.errno, f"config key 'data.path': reading {data['path']!r} failed: "
-                                 f"{err.strerror or err}") from err
+        # a read that fails mid-file (EIO) carries no file name: give it data.path's
+        raise OSError(err.errno, err.strerror, str(data["path"])) from err
 
 
 def _utility(defended, data, splits) -> dict:
@@ -774,15 +773,21 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
         try:
             rendered = render_report(run_dir, json.loads(results_bytes), roc)
         except ValueError as err:
-            raise ResultsRefused(f"oni run made results its report refuses ({err}); the "
-                               f"stages are saved, nothing else was written. This is a bug "
-                               f"in oni or a setting it does not check: please report "
-                               f"it") from None
-        with _interrupts_deferred():  # the run's files are replaced together or not at all
-            write_atomic(run_dir / "roc.npz", roc_bytes)
-            write_rendered(rendered)
-            write_atomic(run_dir / "results.json", results_bytes)
-            write_atomic(run_dir / "config.yaml", config_bytes)  # last: it names the results
+            raise ResultsRefused(f"the report's checks refuse the results this run made: "
+                                 f"{err}. The stages are saved and the last run's results "
+                                 f"and report are as they were. This is a bug in oni or a "
+                                 f"setting it does not check: please report it") from None
+        try:
+            # an interrupt waits for the writes, so the files stay one run's (an I/O error
+            # part way can still leave a mix)
+            with _interrupts_deferred():
+                write_atomic(run_dir / "roc.npz", roc_bytes)
+                write_rendered(rendered)
+                write_atomic(run_dir / "results.json", results_bytes)
+                write_atomic(run_dir / "config.yaml", config_bytes)  # last: it names them
+        except KeyboardInterrupt as err:
+            err.results_written = run_dir  # the run is complete: main says so
+            raise
     return results
 
 
@@ -795,14 +800,16 @@ def _interrupts_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    received: List[int] = []
+    previous: Dict[int, Any] = {}
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda number, frame: received.append(number))
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not set from Python, left as it is
+                signal.signal(sig, handler)
     for number in received[:1]:  # as the signal would have acted, now the files are whole
         signal.raise_signal(number)
 
@@ -1318,7 +1325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
     from .distributed import OtherRankFailed
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(args.command == "run"):
             return args.handler(args)
     except ResultsRefused as err:
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
@@ -1355,7 +1362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 1 if isinstance(err, FloatingPointError) else 2
     except KeyboardInterrupt as err:
-        if args.command == "run":
+        written = getattr(err, "results_written", None)
+        if written is not None:
+            print(f"oni run: interrupted after the run finished: its results and report are "
+                  f"in {written}/", file=sys.stderr)
+        elif args.command == "run":
             print("oni run: interrupted; the finished stages are saved: run the same command "
                   "again to resume", file=sys.stderr)
         return 143 if isinstance(err, _Terminated) else 130
@@ -1368,10 +1379,13 @@ class _Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
+def _terminate_as_interrupt(enabled: bool):
+    """`oni run` only (single-process: under torchrun the agent stops the ranks), in the main
+    thread, and only over the default action (a parent's SIG_IGN is kept)."""
     import signal
     import threading
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 

@@ -615,7 +615,8 @@ def _check_attack_plan(config: Mapping) -> None:
                                   f"with the defense; set attacks.adaptive: false, or fit_on: "
                                   f"shadow")
             continue
-        with_shadows.append(name)
+        if not name.startswith("lira"):  # LiRA's pool rules are its own (offline: 2 rows)
+            with_shadows.append(name)
         if adaptive and settings.get("shadow_precision", "float32") != "float32":
             raise ConfigError(f"config key 'attacks.{name}.shadow_precision': "
                               f"{settings['shadow_precision']!r} applies to undefended shadows; "

@@ -597,10 +597,12 @@ def _parse_file(path: Path, min_fields: int, what: str) -> Tuple[np.ndarray, np.
         head = f.read(8)
         # numpy's files are binary: named as such, not as a text line that fails to parse
         if head.startswith((b"PK\x03\x04", b"PK\x05\x06", np.lib.format.MAGIC_PREFIX)):
-            kind = "a .npy array" if head.startswith(np.lib.format.MAGIC_PREFIX) else \
-                "a zip archive (an .npz?)"
-            raise DataError(f"{path}, line 1: {kind}, not a text file of records: read an "
-                            f".npz as format 'npz' (load_npz)")
+            how = ("a .npy array, not a text file of records (a data set .npz holds x "
+                   "and y: np.savez(path, x=x, y=y))"
+                   if head.startswith(np.lib.format.MAGIC_PREFIX) else
+                   "a zip archive (an .npz?), not a text file of records: read an .npz as "
+                   "format 'npz' (load_npz)")
+            raise DataError(f"{path}, line 1: {how}")
         f.seek(0)
         return _parse_stream(f.read, str(path), min_fields, what)
 

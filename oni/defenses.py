@@ -940,11 +940,14 @@ def _defend_dpsgd(job: _Job, cfg: dict) -> DefendedModel:
         # conversion goes below 0, a bound that means nothing (refused before training)
         planned = _epsilon_spent(((noise_multiplier, 1 / len(loader),
                                    tc.epochs * len(loader)),), cfg["delta"], cfg["accountant"])
-        if not planned >= 0:
-            raise ValueError(f"config['delta'] = {cfg['delta']:g} of 'dpsgd': the "
-                             f"{cfg['accountant']} accountant gives epsilon = {planned:.3g} "
-                             f"at this delta, which bounds nothing (a delta that close to 1 "
-                             f"guarantees nothing); use a delta below 1/n = {1 / n:.3g}")
+        if not planned >= 0:  # opacus meets the target only to within 0.01
+            raise ValueError(f"config['epsilon'] = {cfg['epsilon']:g} and config['delta'] = "
+                             f"{cfg['delta']:g} of 'dpsgd': the noise opacus finds for them "
+                             f"gives epsilon = {planned:.3g} under the {cfg['accountant']} "
+                             f"accountant, a bound that means nothing (opacus meets a target "
+                             f"epsilon only to within 0.01; a delta close to 1 guarantees "
+                             f"nothing): raise epsilon, or use a delta below 1/n = "
+                             f"{1 / n:.3g}")
         private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=cfg["max_grad_norm"],

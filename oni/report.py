@@ -531,9 +531,6 @@ def render_report(run_dir: os.PathLike, results: Mapping, roc: Mapping) -> Rende
 
 def write_rendered(rendered: RenderedReport) -> Path:
     """Writes what :func:`render_report` made (each file atomically); returns report.md."""
-    figures_dir = rendered.report.parent / "figures"
-    if figures_dir.exists() and not figures_dir.is_dir():
-        raise ValueError(f"{figures_dir} is a file: the report's figures go in that directory")
     for path, data in rendered.files.items():
         write_atomic(path, data)
     for path in rendered.stale:  # a figure this run has not made (LiRA not run): drop the
@@ -551,6 +548,9 @@ def _render(run_dir: Path, results: Mapping, roc: Mapping) -> RenderedReport:
         "lira": _fig_lira(results, roc, figures_dir / FIGURES["lira"], rendered),
         "tradeoff": _fig_tradeoff(results, figures_dir / FIGURES["tradeoff"], rendered),
     }
+    if figures_dir.exists() and not figures_dir.is_dir():  # found before any file is written
+        raise FileExistsError(f"{figures_dir} is a file: the report's figures go in that "
+                              f"directory; move the file away")
     report = run_dir / "report.md"
     rendered[report] = _markdown(results, figures).encode()  # last: written last
     stale = [figures_dir / FIGURES[key] for key, name in figures.items() if not name]

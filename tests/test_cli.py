@@ -161,6 +161,7 @@ def test_presets(tmp_path):
     (["attacks.shadow.fit_on=known"], "attacks.shadow.fit_on"),   # adaptive: no shadows
     (["attacks.lira_online.shadow_precision=bf16"], "attacks.lira_online.shadow_precision"),
     (["splits.shadow_pool=2"], "splits.shadow_pool"),
+    (["splits.shadow_pool=3", "attacks.run=[lira_offline, metric_loss]"], "splits.shadow_pool"),
     (["attacks.lira_online.n_shadows=100000000"], "attacks.lira_online.n_shadows"),  # ran on
     # a key with a digit was cut at it ('defenses.dynanoise.sigma')
     (["defenses.dynanoise.sigma0_sq=1e38", "defenses.dynanoise.lambda=1e38"],
@@ -170,6 +171,13 @@ def test_bad_configs_name_the_key(sets, key):
     with pytest.raises(ConfigError) as info:
         resolve_config(sets=sets)
     assert f"'{key}" in str(info.value), str(info.value)
+
+
+def test_lira_alone_takes_a_small_shadow_pool():
+    """LiRA offline needs a pool of 2 rows (online adds the target's): the 4-row rule of the
+    other shadow attacks is not its own."""
+    for attack in ("lira_offline", "lira_online"):
+        resolve_config(sets=["splits.shadow_pool=2", f"attacks.run=[{attack}]"])
 
 
 def test_bad_config_files(tmp_path):
@@ -847,7 +855,8 @@ def test_results_the_report_refuses_replace_no_file(small_reference, tiny_yaml, 
     monkeypatch.setattr(reportmod, "_check_results", refuse)
     assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss]")) == 1
     err = capsys.readouterr().err
-    assert "made results its report refuses (defenses.undefended.train_acc" in err
+    assert "the report's checks refuse the results this run made: defenses.undefended" in err
+    assert "the last run's results and report are as they were" in err
     assert _run_files(out) == before
 
 
@@ -868,7 +877,8 @@ def test_an_interrupt_while_the_files_are_written_waits_for_them(
 
     monkeypatch.setattr(reportmod, "write_atomic", write_then_interrupt)
     assert _run(_small(tiny_yaml, out, "attacks.run=[metric_loss]")) == status
-    assert "interrupted; the finished stages are saved" in capsys.readouterr().err
+    assert f"interrupted after the run finished: its results and report are in {out}/" in \
+        capsys.readouterr().err
     after = _run_files(out)
     assert after != before
     results = json.loads(after[Path("results.json")])
@@ -903,8 +913,7 @@ def test_a_read_error_without_a_file_name_names_data_path(tiny_yaml, tmp_path, m
     data_file = tmp_path / "d.csv"
     data_file.write_text("0,1\n1,0\n")
     assert _run(_small(tiny_yaml, tmp_path / "run", f"data.path={data_file}")) == 2
-    assert f"config key 'data.path': reading '{data_file}' failed: Input/output error" in \
-        capsys.readouterr().err
+    assert f"[Errno 5] Input/output error: '{data_file}'" in capsys.readouterr().err
 
 
 def test_the_lira_figure_of_one_non_member(tmp_path):

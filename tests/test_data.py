@@ -574,7 +574,8 @@ def test_npz_that_is_not_an_npz_archive(tmp_path, monkeypatch):
     assert "read it as format 'shokri'" in str(info.value)
     # and the other way round: an .npz or .npy read as a CSV was blamed on CR line endings
     data.save_npz(data.from_arrays(x, y), tmp_path / "real.npz")
-    for path, kind in ((tmp_path / "real.npz", "a zip archive"), (tmp_path / "x.npy", "a .npy")):
+    for path, kind in ((tmp_path / "real.npz", "a zip archive"),
+                       (tmp_path / "x.npy", r"a \.npy array")):
         with pytest.raises(DataError, match=rf"line 1: {kind}.*not a text file of records"):
             data.load_shokri_csv(path, cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match=r"empty\.npz: not an \.npz archive \(the file is empty"):
