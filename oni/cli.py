@@ -978,6 +978,7 @@ def _model_and_rows(args):
     import torch
 
     from .models import _resolve_device
+    from .train import _model_device_dtype
     device = _resolve_device(args.device, "--device")
     _check_tf32_device(args.precision, device, "--precision",
                        f"--device resolved to {device}")
@@ -986,7 +987,7 @@ def _model_and_rows(args):
     _check_width(model, data, args.model_dir)
     # data files load as float32; a model saved in another floating dtype (float64) gets its
     # own, since the command line has no way to cast either
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), data.x.dtype)
+    _, dtype = _model_device_dtype(model)
     if dtype not in (torch.float32, torch.float64):
         raise ConfigError(f"the model in {args.model_dir} holds {dtype} weights; the solvers "
                           f"take float32 or float64 models (save it after model.float(); "

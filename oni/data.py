@@ -249,6 +249,7 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
 # ----------------------------------------------------------------------------- text parsing
 
 _NEWLINE_TO_COMMA = bytes.maketrans(b"\n", b",")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # np.load's test for an .npz: a zip entry or end
 _UTF8_BOM = b"\xef\xbb\xbf"  # some editors (Excel, Notepad) start UTF-8 text with it
 # a CR that ends no line: CRs before a newline are line ends (CRLF; CRCRLF from Windows
 # text-mode writes of csv's own CRLF), deleted before parsing
@@ -596,7 +597,7 @@ def _parse_file(path: Path, min_fields: int, what: str) -> Tuple[np.ndarray, np.
     with open(path, "rb") as f:
         head = f.read(8)
         # numpy's files are binary: named as such, not as a text line that fails to parse
-        if head.startswith((b"PK\x03\x04", b"PK\x05\x06", np.lib.format.MAGIC_PREFIX)):
+        if head.startswith((*_ZIP_MAGIC, np.lib.format.MAGIC_PREFIX)):
             how = ("a .npy array, not a text file of records (a data set .npz holds x "
                    "and y: np.savez(path, x=x, y=y))"
                    if head.startswith(np.lib.format.MAGIC_PREFIX) else
@@ -915,7 +916,7 @@ def _check_is_zip(path: Path) -> None:
     returns a bare array for a .npy file and calls any other file pickled data."""
     with open(path, "rb") as f:
         head = f.read(8)
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # np.load's test: a zip entry or end
+    if head.startswith(_ZIP_MAGIC):
         return
     if not head:
         what = "the file is empty"

@@ -72,6 +72,7 @@ from .train import (
     History,
     TrainConfig,
     _batched,
+    _cast_checked,
     _check_config,
     _check_features,
     _check_labels,
@@ -689,9 +690,11 @@ def defend(
         if base_dtype is not None and base_dtype not in (torch.float32, torch.float64):
             raise TypeError(f"base_model holds {base_dtype} parameters; the defenses train "
                             f"and query float32 or float64 models")
-        if base_dtype is not None and base_dtype != x.dtype:
-            x, x_test, x_ref = (None if t is None else _cast_rows(t, base_dtype, name)
-                                for t, name in ((x, "x"), (x_test, "x_test"), (x_ref, "x_ref")))
+        if base_dtype is not None:
+            x, x_test, x_ref = (
+                None if t is None else
+                _cast_checked(t, base_dtype, f"{name} cast to base_model's {base_dtype}")
+                for t, name in ((x, "x"), (x_test, "x_test"), (x_ref, "x_ref")))
     elif n_classes is None:
         n_classes = int(y.max()) + 1
     k = n_classes
@@ -709,12 +712,6 @@ def defend(
                base_model=base_model, train_config=train_config, seed=seed, device=device,
                x_ref=x_ref, y_ref=y_ref)
     return _BUILDERS[name](job, cfg)
-
-
-def _cast_rows(rows: Tensor, dtype: torch.dtype, name: str) -> Tensor:
-    cast = rows.to(dtype)
-    check_finite(cast, f"{name} cast to base_model's {dtype}")
-    return cast
 
 
 def _fresh_model(job: _Job) -> nn.Module:

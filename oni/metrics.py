@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ._checks import (check_class_indices, check_finite, check_logits, check_not_meta,
                       is_integer_dtype, tensor_to_numpy)
 from .shapley import _check_model_width
+from .train import _batched
 
 __all__ = [
     "prediction_accuracy",
@@ -175,7 +176,6 @@ def _model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
                     name: str = "x") -> float:
     """Accuracy of ``model`` on ``(x, y)``, the rows cast to the model's dtype and device
     batch by batch, as oni.train.accuracy casts them."""
-    from .train import _batched  # here: train imports this module's neighbours
     predicted, k = _batched(model, x, batch_size, None, lambda z: z.argmax(dim=1),
                             name=f"{name} x")
     check_class_indices(y, f"{name} labels", k)  # the labels must be the model's classes

@@ -186,6 +186,16 @@ def _check_features(x, name: str, *, allow_empty: bool = False) -> Tensor:
     return x
 
 
+def _cast_checked(rows: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """``rows`` in ``dtype``: values finite in their own dtype may overflow a narrower one,
+    which is a ValueError naming ``name`` (what the cast rows are)."""
+    if rows.dtype == dtype:
+        return rows
+    cast = rows.to(dtype)
+    _check_finite(cast, name)
+    return cast
+
+
 def _check_labels(y, name: str, n: int, x_name: str) -> Tensor:
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N] of class indices, "
@@ -502,10 +512,10 @@ def train_model(
         raise ValueError("extra is passed to loss_fn only: give loss_fn too")
     criterion = _cross_entropy if loss_fn is None else loss_fn
 
-    if x.dtype != dtype:  # finite in x's dtype, maybe not in the model's (a "divergence")
-        _check_finite(x.to(dtype), f"x cast to the model's {dtype}")
-    if has_test and x_test.dtype != dtype:
-        _check_finite(x_test.to(dtype), f"x_test cast to the model's {dtype}")
+    # finite in x's dtype, maybe not in the model's (it was reported as a divergence)
+    x = _cast_checked(x, dtype, f"x cast to the model's {dtype}")
+    if has_test:
+        x_test = _cast_checked(x_test, dtype, f"x_test cast to the model's {dtype}")
     init_parameters_(model, config.seed)  # first: it raises before changing anything
     model.to(device)
     x = x.to(device, dtype).contiguous()
