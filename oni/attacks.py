@@ -359,11 +359,11 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
         raise ValueError(f"{who}.predict_proba must return probabilities (finite, >= 0, rows "
                          f"summing to 1): got values in [{float(probs.min())}, "
                          f"{float(probs.max())}] (logits instead of probabilities?)")
-    error = (probs.double().sum(1) - 1).abs()
-    row = int(error.argmax())
-    if float(error[row]) > slack:
+    sums = probs.double().sum(1)
+    row = int((sums - 1).abs().argmax())
+    if abs(float(sums[row]) - 1) > slack:
         raise ValueError(f"{who}.predict_proba must return probabilities, rows summing to 1: "
-                         f"row {row} sums to {float(probs[row].double().sum()):.6g} (values "
+                         f"row {row} sums to {float(sums[row]):.6g} (values "
                          f"in [{float(probs.min())}, {float(probs.max())}]; logits instead "
                          f"of probabilities?)")
     return probs

@@ -357,7 +357,7 @@ def _check_save_target(path: Path) -> None:
     if not os.path.lexists(path):
         return
     cwd = Path.cwd().resolve()
-    if path.resolve() == cwd or path.resolve() in cwd.parents:
+    if path.resolve() in (cwd, *cwd.parents):
         raise FileExistsError(f"cannot save a model to {path}: it is the working directory "
                               f"(or holds it), which a save would replace by renames, leaving "
                               f"the process in a deleted directory; give another path")
