@@ -114,8 +114,8 @@ from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
 from .train import TrainConfig, _check_config, _derived_seed, predict_proba
 
-__all__ = ["AttackResult", "ATTACKS", "DEFAULTS", "METRICS", "metric_values", "run_attack",
-           "run_attacks", "scaled_logit"]
+__all__ = ["AttackResult", "ATTACKS", "DEFAULTS", "METRICS", "check_attack_sizes",
+           "metric_values", "run_attack", "run_attacks", "scaled_logit"]
 
 METRICS = ("correctness", "confidence", "entropy", "modified_entropy", "loss")
 ATTACKS = ("shadow", *(f"metric_{m}" for m in METRICS), "label_only", "lira_offline",
@@ -443,6 +443,37 @@ def _holdout_mask(n_rows: int, fraction: float, gen: torch.Generator) -> Tensor:
     return fit
 
 
+def _reference_size(cfg, splits: Splits) -> int:
+    """Rows per side (members, non-members) of the shadow, metric and label-only attacks'
+    reference data: ``shadow_size``, or its default. Raises ValueError when the splits cannot
+    hold it (checked by :func:`check_attack_sizes` before any model trains)."""
+    pool = splits.shadow_pool
+    if cfg["fit_on"] == "known":
+        m = min(len(splits.known), len(pool))
+        if cfg["shadow_size"] is not None:
+            if cfg["shadow_size"] > m:
+                raise ValueError(f"config['shadow_size'] = {cfg['shadow_size']} but fit_on="
+                                 f"'known' has only {m} rows per side (splits.known: "
+                                 f"{len(splits.known)}, shadow pool: {len(pool)})")
+            m = cfg["shadow_size"]
+        if m < 2:
+            raise ValueError(f"fit_on='known' needs at least 2 rows in splits.known and in the "
+                             f"shadow pool, got {len(splits.known)} and {len(pool)}")
+        return m
+    m = cfg["shadow_size"] or min(len(splits.train), len(pool) // 2)
+    if 2 * m > len(pool) or m < 2:
+        if len(pool) < 4:
+            raise ValueError(f"attacks with shadow models need a shadow pool of at least 4 "
+                             f"rows (2 members and 2 non-members per shadow), got "
+                             f"{len(pool)}")
+        raise ValueError(f"attacks with shadow models split the shadow pool ({len(pool)} "
+                         f"rows) into each shadow's members and non-members of shadow_size = "
+                         f"{m} rows each"
+                         f"{_default_size_note(cfg, splits)}: it needs 2 <= shadow_size <= "
+                         f"{len(pool) // 2}")
+    return m
+
+
 def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, defense,
                      seed: int) -> _Reference:
     gen = torch.Generator().manual_seed(_derived_seed(seed, "reference:split"))
@@ -454,16 +485,7 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
             raise ValueError("defense applies to shadow models, but config['fit_on'] = 'known' "
                              "trains none (the attack fits on the target's own outputs); use "
                              "fit_on='shadow' for an adaptive attack")
-        m = min(len(splits.known), len(pool))
-        if cfg["shadow_size"] is not None:
-            if cfg["shadow_size"] > m:
-                raise ValueError(f"config['shadow_size'] = {cfg['shadow_size']} but fit_on="
-                                 f"'known' has only {m} rows per side (splits.known: "
-                                 f"{len(splits.known)}, shadow pool: {len(pool)})")
-            m = cfg["shadow_size"]
-        if m < 2:
-            raise ValueError(f"fit_on='known' needs at least 2 rows in splits.known and in the "
-                             f"shadow pool, got {len(splits.known)} and {len(pool)}")
+        m = _reference_size(cfg, splits)
         inside = splits.known[torch.randperm(len(splits.known), generator=gen)[:m]]
         outside = pool[torch.randperm(len(pool), generator=gen)[:m]]
         for rows, is_member in ((inside, True), (outside, False)):
@@ -477,17 +499,7 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
                           [target.predict_proba])
 
     hidden = _shadow_hidden(cfg, target, data)
-    m = cfg["shadow_size"] or min(len(splits.train), len(pool) // 2)
-    if 2 * m > len(pool) or m < 2:
-        if len(pool) < 4:
-            raise ValueError(f"attacks with shadow models need a shadow pool of at least 4 "
-                             f"rows (2 members and 2 non-members per shadow), got "
-                             f"{len(pool)}")
-        raise ValueError(f"attacks with shadow models split the shadow pool ({len(pool)} "
-                         f"rows) into each shadow's members and non-members of shadow_size = "
-                         f"{m} rows each"
-                         f"{_default_size_note(cfg, splits)}: it needs 2 <= shadow_size <= "
-                         f"{len(pool) // 2}")
+    m = _reference_size(cfg, splits)
     n_shadows = cfg["n_shadows"]
     splits_in, splits_out = [], []
     for _ in range(n_shadows):
@@ -878,13 +890,12 @@ def _default_size_note(cfg, splits: Splits) -> str:
             f"capped at half the pool)")
 
 
-def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config, defense,
-          seed: int, target_probs: Tensor):
-    n_shadows = cfg["n_shadows"]
-    target_rows = splits.target
-    n_target = len(target_rows)
-    pool_src = splits.shadow_pool
-    available = len(pool_src) + (n_target if online else 0)
+def _lira_size(online: bool, cfg, splits: Splits) -> int:
+    """LiRA's m (rows per shadow, from a pool of 2m): ``shadow_size``, or its default. Raises
+    ValueError when the splits cannot hold it (checked by :func:`check_attack_sizes` before any
+    model trains)."""
+    n_target = len(splits.target)
+    available = len(splits.shadow_pool) + (n_target if online else 0)
     m = cfg["shadow_size"] or min(len(splits.train), available // 2)
     mode = "online" if online else "offline"
     low, high = (max(1, -(-n_target // 2)) if online else 1), available // 2
@@ -898,6 +909,17 @@ def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config
         raise ValueError(f"LiRA {mode} trains each shadow on shadow_size = m rows of a pool of "
                          f"2m: {pool_text}, so m must be in [{low}, {high}]; got {m}"
                          f"{_default_size_note(cfg, splits)}")
+    return m
+
+
+def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config, defense,
+          seed: int, target_probs: Tensor):
+    n_shadows = cfg["n_shadows"]
+    target_rows = splits.target
+    n_target = len(target_rows)
+    pool_src = splits.shadow_pool
+    m = _lira_size(online, cfg, splits)
+    mode = "online" if online else "offline"
     purpose = f"lira-{mode}"
     gen = torch.Generator().manual_seed(_derived_seed(seed, f"{purpose}:pool"))
     extra_rows = pool_src[torch.randperm(len(pool_src), generator=gen)]
@@ -1034,6 +1056,32 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
                        train_config=train_config, defense=defense, seed=seed)[name]
 
 
+def check_attack_sizes(names: Sequence[str], splits: Splits,
+                       configs: Optional[Mapping[str, Mapping]] = None) -> Dict[str, int]:
+    """Checks that ``splits`` can hold the shadow models of the attacks ``names`` (each with
+    ``configs.get(name)``) before any model trains; :func:`run_attacks` does it first, and
+    ``oni run`` as soon as the splits are drawn (before the target trains).
+
+    Returns ``{name: rows per shadow model}`` (rows per side with ``fit_on='known'``; 0 for
+    attacks without). Raises ValueError, naming the attack, for settings an attack refuses
+    or a ``shadow_size`` (or its default) the shadow pool cannot hold.
+    """
+    configs = {} if configs is None else configs
+    if not isinstance(splits, Splits):
+        raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
+    sizes = {}
+    for name in names:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
+        cfg = _resolve_config(name, configs.get(name))
+        try:
+            sizes[name] = _lira_size(name == "lira_online", cfg, splits) \
+                if name.startswith("lira") else _reference_size(cfg, splits)
+        except ValueError as err:
+            raise ValueError(f"attack {name!r}: {err}") from None
+    return sizes
+
+
 def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
                 configs: Optional[Mapping[str, Mapping]] = None, train_config: TrainConfig,
                 defense: Optional[Tuple[str, Optional[dict]]] = None,
@@ -1055,6 +1103,9 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
     -------
     dict
         ``{name: AttackResult}`` in the order of ``names``.
+
+    Every attack's settings and shadow size (:func:`check_attack_sizes`) are checked before
+    the first shadow model trains.
     """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"names must be a sequence of attack names, got {type(names).__name__}")
@@ -1072,8 +1123,7 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
         raise ValueError(f"configs names attacks {stray} that are not in names {list(names)}")
     _check_inputs(target, data, splits, train_config, seed)
     defense = _check_defense(defense)
-    for name in names:  # settings errors before any training
-        _resolve_config(name, configs.get(name))
+    check_attack_sizes(names, splits, configs)  # settings and sizes before any training
     cache: Dict[tuple, _Reference] = {}
     return {name: _run(name, target, data, splits, configs.get(name), train_config, defense,
                        seed, cache) for name in names}

@@ -14,7 +14,10 @@ as a chain of **stages**, each saved in ``RUN_DIR/stages/<stage>/`` when it fini
 * a stage's hash covers exactly the settings it depends on (:data:`oni.config.STAGE_KEYS`,
   the defense's and attacks' own settings) and the hashes of the stages it builds on;
 * re-running skips every stage whose record matches its hash and whose files check out;
-  a stage whose settings changed is recomputed, and the run says which keys changed.
+  a stage whose settings changed is recomputed, and the run says which keys changed;
+* a stage recorded under the hashes of before 2026-12-07 (which covered settings the splits
+  and attack stages do not use: :data:`oni.config.LEGACY_STAGE_KEYS`) is adopted: its
+  record is rewritten with today's hash, and nothing is recomputed.
 
 ``oni shapley`` and ``oni noise`` compute Shapley values and ONI noise for a saved model and
 a data file; ``oni report`` rebuilds a run's report from its saved results. Every command
@@ -213,6 +216,16 @@ class StageStore:
                                                        "sha256": _record_digest(record)}))
         return record
 
+    def rehash(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
+               ) -> None:
+        """Rewrites a finished stage's record under a new hash (its files, facts and times
+        kept): the stage was recorded under an older hashing of the same settings."""
+        record = self.record(name)
+        record.update(hash=digest, settings=dict(settings), parents=dict(parents))
+        record = json.loads(_json_bytes(record))
+        write_atomic(self.path(name) / _RECORD, _json_bytes({**record,
+                                                           "sha256": _record_digest(record)}))
+
     def write_npz(self, name: str, rel: str, arrays: Mapping[str, np.ndarray]) -> str:
         write_atomic(self.path(name) / rel, _npz_bytes(arrays))
         return rel
@@ -255,6 +268,10 @@ class _Stage:
     hash: str = ""
     # settings outside the hash that still size the stage's memory (named when it runs out)
     sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the stage as hashed before 2026-12-07, [(hash, settings)]: a record with one of these
+    # hashes is adopted (the first is the one its children folded in)
+    legacy: List[Tuple[str, Dict[str, Any]]] = dataclasses.field(default_factory=list)
+    legacy_parents: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ResultsRefused(RuntimeError):
@@ -326,7 +343,8 @@ def _out_of_memory_named(step: str, settings: Mapping[str, Any]):
 
 
 @contextlib.contextmanager
-def _settings_named(step: str, settings: Mapping[str, Any]):
+def _settings_named(step: str, settings: Mapping[str, Any],
+                    label: str = "the stage's settings"):
     """The library's errors name its own arguments (``config.lr``, ``config['eps'] of
     'uniform'``); inside a stage they are restated with the stage and its settings under
     their config keys, which is what a user of `oni run` can change."""
@@ -337,7 +355,7 @@ def _settings_named(step: str, settings: Mapping[str, Any]):
             raise
         shown = ", ".join(f"{key} = {cfgmod._show(value)}" for key, value in settings.items())
         try:
-            restated = type(err)(f"{step}: {err} [the stage's settings: {shown}]")
+            restated = type(err)(f"{step}: {err} [{label}: {shown}]")
         except Exception:  # an exception class with other arguments: as it is
             raise err from err.__cause__
         raise restated from err
@@ -466,6 +484,7 @@ class _Experiment:
         self.records: Dict[str, dict] = {}
         self.reused: Dict[str, bool] = {}
         self.hashes: Dict[str, str] = {}
+        self.legacy_hashes: Dict[str, str] = {}
         self.n_stages = (2 + (2 if "oni" in self.defenses else 0) + len(self.defenses) - 1
                          + len(self.defenses) * len(self.groups))
         self.counter = 0
@@ -474,7 +493,10 @@ class _Experiment:
 
     def _stage(self, name: str, kind: str, describe: str, keys: Sequence[str],
                parents: Sequence[str], extra: Optional[Mapping] = None,
-               size_keys: Sequence[str] = ()) -> _Stage:
+               size_keys: Sequence[str] = (),
+               legacy: Optional[Sequence[Mapping[str, Any]]] = None) -> _Stage:
+        """``legacy``: the settings the stage hashed before 2026-12-07 (each a record this
+        run may adopt), where they differ from ``keys`` and ``extra``."""
         settings = cfgmod.config_subset(self.config, keys)
         settings.update(extra or {})
         parent_hashes = {parent: self.hashes[parent] for parent in parents}
@@ -482,6 +504,9 @@ class _Experiment:
         sizes = cfgmod.config_subset(self.config, ("model.hidden", *size_keys))
         st = _Stage(name, kind, describe, settings, parent_hashes, sizes=sizes)
         st.hash = cfgmod.stage_hash(kind, settings, sorted(parent_hashes.values()))
+        st.legacy_parents = {parent: self.legacy_hashes[parent] for parent in parents}
+        st.legacy = [(cfgmod.stage_hash(kind, old, sorted(st.legacy_parents.values())),
+                      dict(old)) for old in (legacy or [settings])]
         return st
 
     def _run(self, st: _Stage, compute: Callable[[Path], Tuple[List[str], dict]]) -> dict:
@@ -489,6 +514,19 @@ class _Experiment:
         self.counter += 1
         where = f"{self.counter}/{self.n_stages} {st.name}"
         done, why = self.store.check(st.name, st.hash, st.settings, st.parents)
+        for legacy_hash, legacy_settings in st.legacy:
+            if done or legacy_hash == st.hash:
+                break
+            adopted, legacy_why = self.store.check(st.name, legacy_hash, legacy_settings,
+                                                   st.legacy_parents)
+            if adopted:
+                self.store.rehash(st.name, st.hash, st.settings, st.parents)
+                done = True
+                break
+            record = self.store.record(st.name) or {}
+            if (st.legacy_parents and record.get("parents") == st.legacy_parents) or \
+                    set(record.get("settings", ())) == set(legacy_settings):
+                why = legacy_why  # recorded the old way: compared the old way
         if done:
             self.log(f"{where}: done earlier, reused")
             record = self.store.record(st.name)
@@ -508,6 +546,7 @@ class _Experiment:
         self.reused[st.name] = done
         self.records[st.name] = record
         self.hashes[st.name] = st.hash
+        self.legacy_hashes[st.name] = st.legacy[0][0]
         return record
 
     def _train_config(self):
@@ -541,6 +580,7 @@ class _Experiment:
         self.train_config = self._train_config()
         self.hidden = tuple(self.config["model"]["hidden"])
         self._splits()
+        self._check_attack_sizes()
         self._target()
         if "oni" in self.defenses:
             self._oni_noise()
@@ -566,7 +606,10 @@ class _Experiment:
         from .data import Splits, make_splits
         keys = ("train", "test", "known", "target", "target_member", "shadow_pool")
         st = self._stage("splits", "splits", "drawing the splits", cfgmod.STAGE_KEYS["splits"],
-                         (), {"data_fingerprint": self.fingerprint})
+                         (), {"data_fingerprint": self.fingerprint},
+                         legacy=[{**cfgmod.config_subset(self.config,
+                                                         cfgmod.LEGACY_STAGE_KEYS["splits"]),
+                                  "data_fingerprint": self.fingerprint}])
 
         def compute(directory):
             config = self.config["splits"]
@@ -586,6 +629,20 @@ class _Experiment:
         self.x_train, self.y_train = data.x[splits.train], data.y[splits.train]
         self.x_test, self.y_test = (data.x[splits.test], data.y[splits.test]) \
             if len(splits.test) else (None, None)
+
+    def _check_attack_sizes(self) -> None:
+        """Shadow sizes that the drawn splits cannot hold: refused now, not by an attack stage
+        after every model has trained."""
+        from .attacks import check_attack_sizes
+        names = [attack for _, attacks in self.groups for attack in attacks]
+        keys = ("splits", *(f"attacks.{attack}.shadow_size" for attack in names))
+        sizes = {key: len(getattr(self.splits, key)) for key in ("train", "known", "target",
+                                                                 "shadow_pool")}
+        with _settings_named(f"the attacks' shadow sizes on the drawn splits "
+                             f"({', '.join(f'{k}: {v} rows' for k, v in sizes.items())})",
+                             cfgmod.config_subset(self.config, keys), "the settings"):
+            check_attack_sizes(names, self.splits,
+                               {attack: self.config["attacks"][attack] for attack in names})
 
     def _save_defense(self, directory: Path, defended) -> Tuple[List[str], dict]:
         from .defenses import load_defended, save_defended
@@ -680,14 +737,22 @@ class _Experiment:
         from .defenses import load_defended
         from .metrics import attack_report
         adaptive = self.adaptive and name != "undefended"
-        keys = ("seed", "attacks.adaptive", *(f"attacks.{a}" for a in attacks))
+        keys = ("seed", *(f"attacks.{a}" for a in attacks))
         if adaptive:
             keys += (f"defenses.{name}",)
         stage = f"attack-{name}-{group}"
+        # hashed: whether the shadows are trained with the defense, not attacks.adaptive
+        # (which does not change the attacks on the undefended model); before 2026-12-07 the
+        # key itself was, so a record of either value is the same undefended stage
+        legacy = [{**cfgmod.config_subset(self.config, keys), "attacks.adaptive": value,
+                   "attacks": list(attacks)}
+                  for value in ((self.adaptive, not self.adaptive) if name == "undefended"
+                                else (self.adaptive,))]
         st = self._stage(stage, "attack", f"{', '.join(attacks)} against {name} "
                          f"({'adaptive' if adaptive else 'plain'} shadows)", keys,
-                         (self._defense_stage(name),), {"attacks": list(attacks)},
-                         size_keys=(f"defenses.{name}",))
+                         (self._defense_stage(name),),
+                         {"attacks": list(attacks), "adaptive_shadows": adaptive},
+                         size_keys=(f"defenses.{name}",), legacy=legacy)
 
         def compute(directory):
             target = load_defended(self._model_dir(name))  # a fresh noise stream (DynaNoise)

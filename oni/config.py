@@ -669,12 +669,21 @@ def describe_schema(width: int = 92) -> str:
 #: hashes are folded in by the caller). Runtime-only keys (device) are in none of them: a
 #: result computed on another device is the same result.
 STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
-    "splits": ("seed", "data.path", "data.format", "data.synthetic", "splits"),
+    # the data by its content (the run adds its fingerprint), not by where it came from
+    "splits": ("seed", "splits"),
     "target": ("seed", "model", "train"),
     "phi": ("seed", "defenses.oni.n_permutations", "defenses.oni.precision"),
     "eta": ("seed", "defenses.oni.tau_fraction", "defenses.oni.eps", "defenses.oni.beta",
             "defenses.oni.importance", "defenses.oni.max_iter", "defenses.oni.refine_iter",
             "defenses.oni.polish_iter", "defenses.oni.starts", "defenses.oni.precision"),
+}
+
+
+#: the keys of the stages whose hashes covered settings they do not use, before 2026-12-07
+#: (the data's source beside its fingerprint; ``attacks.adaptive`` for every attack stage):
+#: a run directory of that time is adopted, not recomputed (see ``oni.cli``)
+LEGACY_STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
+    "splits": ("seed", "data.path", "data.format", "data.synthetic", "splits"),
 }
 
 

@@ -28,7 +28,7 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import (check_class_indices, check_finite, check_logits, check_not_meta,
+from ._checks import (check_class_indices, check_finite, check_not_meta,
                       is_integer_dtype, tensor_to_numpy)
 from .shapley import _check_model_width
 from .train import _batched

@@ -550,6 +550,37 @@ def test_settings_are_checked_before_any_training(overfit, data, splits, monkeyp
                     configs={"shadow": {"attack_lr": 0}}, train_config=TRAIN)
 
 
+def test_sizes_are_checked_before_any_training(overfit, data, splits, monkeypatch):
+    """A LiRA shadow_size the pool cannot hold was refused only after the earlier attacks'
+    shadows had trained."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the sizes")
+
+    monkeypatch.setattr(attacks, "train_mlps_batched", no_training)
+    with pytest.raises(ValueError, match=r"attack 'lira_offline': LiRA offline .*m must be in "
+                                         r"\[1, 400\]; got 401"):
+        run_attacks(["metric_loss", "lira_offline"], overfit, data, splits,
+                    configs={"lira_offline": {"n_shadows": 4, "shadow_size": 401}},
+                    train_config=TRAIN)
+    with pytest.raises(ValueError, match=r"attack 'shadow': config\['shadow_size'\] = 61 but "
+                                         r"fit_on='known' has only 60 rows"):
+        attacks.check_attack_sizes(["shadow"], splits,
+                                   {"shadow": {"fit_on": "known", "shadow_size": 61}})
+    with pytest.raises(TypeError, match="splits must be an oni.data.Splits"):
+        attacks.check_attack_sizes(["shadow"], {"train": splits.train})
+
+
+def test_checked_sizes_are_the_sizes_the_attacks_use(overfit_results, splits):
+    sizes = attacks.check_attack_sizes(ATTACKS, splits, CONFIGS)
+    assert set(sizes) == set(ATTACKS)
+    for name, result in overfit_results.items():
+        assert sizes[name] == result.extra["shadow_size"], name
+    assert sizes["shadow"] == 300 and sizes["lira_offline"] == 300  # the train split's size
+    known = attacks.check_attack_sizes(["metric_loss"], splits,
+                                       {"metric_loss": {"fit_on": "known"}})
+    assert known == {"metric_loss": 60}  # splits.known's 60 rows
+
+
 def test_adaptive_attack_with_the_real_defenses(overfit, data, splits):
     pytest.importorskip("oni.defenses")
     plain = run_attack("lira_offline", overfit, data, splits, config={"n_shadows": 4},

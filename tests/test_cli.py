@@ -427,6 +427,100 @@ def test_changed_settings_recompute_only_dependent_stages(small_reference, tiny_
     assert status["splits"] and not any(v for k, v in status.items() if k != "splits")
 
 
+def _stage_hashes(run_dir):
+    return {path.parent.name: json.loads(path.read_text())["hash"]
+            for path in (Path(run_dir) / "stages").glob("*/stage.json")}
+
+
+def test_settings_a_stage_does_not_use_recompute_nothing(small_reference, tiny_yaml, tmp_path):
+    """attacks.adaptive recomputed the attacks on the undefended model, and the data's path
+    or the (unused) synthetic settings recomputed every stage, results unchanged."""
+    from oni.data import save_npz, synthetic_purchase
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, "attacks.adaptive=false")),
+                     "-q"]) == 0
+    recomputed = {name for name, reused in _stage_status(out).items() if not reused}
+    assert recomputed == {f"attack-{d}-{g}" for d in ("oni", "dynanoise")
+                          for g in ("reference", "lira_online")}
+    # the same rows from a file, with synthetic settings that are now unused
+    data_file = tmp_path / "same-rows.npz"
+    save_npz(synthetic_purchase(600, d=20, k=5, seed=0), data_file)
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, "attacks.adaptive=false",
+                                             f"data.path={data_file}",
+                                             "data.synthetic.n=900")), "-q"]) == 0
+    assert all(_stage_status(out).values())
+
+
+def _as_before_2026_12_07(run_dir, config):
+    """Rewrites a run's stage records as oni wrote them before 2026-12-07 (the old rule,
+    stated here on its own): the splits stage hashed data.path, data.format and
+    data.synthetic beside the data's fingerprint, and every attack stage attacks.adaptive."""
+    kinds = {"splits": "splits", "target": "target", "oni-phi": "phi", "oni-eta": "eta"}
+    order = ["splits", "target", "oni-phi", "oni-eta"]
+    names = sorted(p.name for p in (Path(run_dir) / "stages").iterdir())
+    order += [n for n in names if n.startswith("defense-")] + \
+        [n for n in names if n.startswith("attack-")]
+    old_hashes = {}
+    for name in order:
+        path = Path(run_dir) / "stages" / name / "stage.json"
+        record = json.loads(path.read_text())
+        del record["sha256"]
+        settings = dict(record["settings"])
+        if name == "splits":
+            settings.update(cfgmod.config_subset(config, ("data.path", "data.format",
+                                                          "data.synthetic")))
+        if name.startswith("attack-"):
+            del settings["adaptive_shadows"]
+            settings = {"seed": settings.pop("seed"),  # the old order, which messages keep
+                        "attacks.adaptive": config["attacks"]["adaptive"], **settings}
+        parents = {parent: old_hashes[parent] for parent in record["parents"]}
+        kind = kinds.get(name, name.split("-")[0])
+        record.update(settings=settings, parents=parents,
+                      hash=cfgmod.stage_hash(kind, settings, sorted(parents.values())))
+        old_hashes[name] = record["hash"]
+        path.write_bytes(cli._json_bytes({**record, "sha256": cli._record_digest(record)}))
+    return old_hashes
+
+
+def test_a_run_recorded_under_the_old_stage_hashes_is_adopted(small_reference, tiny_yaml,
+                                                             tmp_path, capsys):
+    new_hashes = _stage_hashes(small_reference)
+    config = cfgmod.load_yaml((small_reference / "config.yaml").read_text(), source="config")
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    old_hashes = _as_before_2026_12_07(out, config)
+    assert len(old_hashes) == 12 and all(old_hashes[n] != new_hashes[n] for n in old_hashes)
+    # what oni wrote for this config before the change (e44ae94): the old rule is stated right
+    assert (old_hashes["splits"], old_hashes["target"], old_hashes["oni-eta"]) == \
+        ("e53ec969b7eb2bc0", "5526da360755552b", "e8feeca4be09ca65")
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out)), "-q"]) == 0
+    assert all(_stage_status(out).values())  # nothing recomputed
+    assert _stage_hashes(out) == new_hashes  # each record now under today's hash
+    assert _metrics(out) == _metrics(small_reference)
+    # the attacks on the undefended model were adopted under either attacks.adaptive
+    out = tmp_path / "other"
+    shutil.copytree(small_reference, out)
+    _as_before_2026_12_07(out, config)
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, "attacks.adaptive=false")),
+                     "--no-progress"]) == 0
+    recomputed = {name for name, reused in _stage_status(out).items() if not reused}
+    assert recomputed == {f"attack-{d}-{g}" for d in ("oni", "dynanoise")
+                          for g in ("reference", "lira_online")}
+    # an old record whose settings changed says which, not that its parents did
+    err = capsys.readouterr().err
+    assert "attacks.adaptive: True -> False" in err, err
+    out = tmp_path / "changed"
+    shutil.copytree(small_reference, out)
+    _as_before_2026_12_07(out, config)
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, "defenses.dynanoise.draws=2")),
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "defense-dynanoise: settings changed (defenses.dynanoise.draws: 1 -> 2): " \
+        "recomputing" in err, err
+    assert "oni-eta: done earlier, reused" in err
+
+
 def test_a_second_concurrent_run_is_refused(tiny_yaml, tmp_path, capsys):
     out = tmp_path / "run"
     with cli._run_lock(out):
@@ -897,6 +991,24 @@ def test_a_stage_error_names_the_stage_and_its_config_keys(tiny_yaml, tmp_path, 
     err = capsys.readouterr().err
     assert "error: stage defense-uniform: training diverged" in err, err
     assert "[the stage's settings: seed = " in err and "defenses.uniform.eps = 1e+38" in err
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("attacks.lira_online.shadow_size=5000", "attacks.lira_online.shadow_size = 5000"),
+    ("splits.shadow_pool=6", "splits.shadow_pool = 6"),  # 3 rows a side < the 100 asked for
+])
+def test_shadow_sizes_the_splits_cannot_hold_are_refused_before_training(
+        tiny_yaml, tmp_path, capsys, setting, named):
+    """They were refused by the attack stage, after the target and every defense had
+    trained."""
+    out = tmp_path / "run"
+    sets = (setting, "attacks.metric_loss.shadow_size=100") if "pool" in setting else (setting,)
+    assert _run(_small(tiny_yaml, out, *sets)) == 2
+    err = capsys.readouterr().err
+    assert "error: the attacks' shadow sizes on the drawn splits (train: " in err, err
+    assert named in err and "shadow_pool: " in err and "Traceback" not in err
+    assert (out / "stages" / "splits" / "stage.json").is_file()
+    assert not (out / "stages" / "target").exists()
 
 
 def test_a_read_error_without_a_file_name_names_data_path(tiny_yaml, tmp_path, monkeypatch,

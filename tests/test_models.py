@@ -3,7 +3,6 @@ seeded initialisation, and model files: round trip, atomic saves, and clear erro
 missing, corrupt or mismatched files."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
