@@ -1062,23 +1062,36 @@ def check_attack_sizes(names: Sequence[str], splits: Splits,
     ``configs.get(name)``) before any model trains; :func:`run_attacks` does it first, and
     ``oni run`` as soon as the splits are drawn (before the target trains).
 
-    Returns ``{name: rows per shadow model}`` (rows per side with ``fit_on='known'``; 0 for
-    attacks without). Raises ValueError, naming the attack, for settings an attack refuses
-    or a ``shadow_size`` (or its default) the shadow pool cannot hold.
+    Returns ``{name: m}``: the rows each shadow model trains on (LiRA: from a pool of 2m),
+    or with ``fit_on='known'`` the members and the non-members the reference takes each.
+    Raises TypeError or ValueError for ``names`` or ``configs`` that are not as
+    :func:`run_attacks` takes them, and, naming the attack, for settings an attack refuses
+    or a ``shadow_size`` (or its default) that the splits cannot hold.
     """
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a sequence of attack names, got {type(names).__name__}")
+    for name in names:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names lists an attack more than once: {list(names)}")
     configs = {} if configs is None else configs
+    if not isinstance(configs, Mapping):
+        raise TypeError(f"configs must be a dict {{attack name: config}}, got "
+                        f"{type(configs).__name__}")
+    stray = sorted(str(key) for key in configs if key not in names)
+    if stray:
+        raise ValueError(f"configs names attacks {stray} that are not in names {list(names)}")
     if not isinstance(splits, Splits):
         raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
     sizes = {}
     for name in names:
-        if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
-        cfg = _resolve_config(name, configs.get(name))
         try:
+            cfg = _resolve_config(name, configs.get(name))
             sizes[name] = _lira_size(name == "lira_online", cfg, splits) \
                 if name.startswith("lira") else _reference_size(cfg, splits)
-        except ValueError as err:
-            raise ValueError(f"attack {name!r}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"attack {name!r}: {err}") from None
     return sizes
 
 
@@ -1107,23 +1120,10 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
     Every attack's settings and shadow size (:func:`check_attack_sizes`) are checked before
     the first shadow model trains.
     """
-    if isinstance(names, str) or not isinstance(names, Sequence):
-        raise TypeError(f"names must be a sequence of attack names, got {type(names).__name__}")
-    for name in names:
-        if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"names lists an attack more than once: {list(names)}")
-    configs = {} if configs is None else configs
-    if not isinstance(configs, Mapping):
-        raise TypeError(f"configs must be a dict {{attack name: config}}, got "
-                        f"{type(configs).__name__}")
-    stray = sorted(str(key) for key in configs if key not in names)
-    if stray:
-        raise ValueError(f"configs names attacks {stray} that are not in names {list(names)}")
     _check_inputs(target, data, splits, train_config, seed)
     defense = _check_defense(defense)
     check_attack_sizes(names, splits, configs)  # settings and sizes before any training
+    configs = {} if configs is None else configs
     cache: Dict[tuple, _Reference] = {}
     return {name: _run(name, target, data, splits, configs.get(name), train_config, defense,
                        seed, cache) for name in names}

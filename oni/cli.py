@@ -15,9 +15,10 @@ as a chain of **stages**, each saved in ``RUN_DIR/stages/<stage>/`` when it fini
   the defense's and attacks' own settings) and the hashes of the stages it builds on;
 * re-running skips every stage whose record matches its hash and whose files check out;
   a stage whose settings changed is recomputed, and the run says which keys changed;
-* a stage recorded under the hashes of before 2026-12-07 (which covered settings the splits
-  and attack stages do not use: :data:`oni.config.LEGACY_STAGE_KEYS`) is adopted: its
-  record is rewritten with today's hash, and nothing is recomputed.
+* a stage recorded before 2026-12-07 (record version 2, whose hashes covered the data's
+  source and ``attacks.adaptive``, which the splits and the undefended model's attacks do
+  not use) is read in today's terms and, where it matches, adopted: its record is rewritten
+  with today's hash, and nothing is recomputed.
 
 ``oni shapley`` and ``oni noise`` compute Shapley values and ONI noise for a saved model and
 a data file; ``oni report`` rebuilds a run's report from its saved results. Every command
@@ -35,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,7 +51,11 @@ from .report import build_report, render_report, write_atomic, write_rendered
 __all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused"]
 
 _STAGE_FORMAT = "oni-stage"
-_STAGE_VERSION = 2  # 2: records carry their own SHA-256
+# 3: hashes without settings a stage does not use (2026-12-07); 2: records carry their own
+# SHA-256. A record of version 2 is read in today's terms and adopted where it matches
+# (_Experiment._as_today); older ones are recomputed.
+_STAGE_VERSION = 3
+_ADOPTED_VERSION = 2
 _RECORD = "stage.json"
 
 
@@ -159,28 +165,37 @@ class StageStore:
             return None
         if not isinstance(record, dict) or record.get("format") != _STAGE_FORMAT:
             return None
-        if record.get("version") == _STAGE_VERSION and \
+        if record.get("version") in (_ADOPTED_VERSION, _STAGE_VERSION) and \
                 record.pop("sha256", None) != _record_digest(record):
             return None  # edited or corrupt: its fields cannot be trusted (recomputed)
         return record
 
-    def check(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
+    def check(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str],
+              as_today: Optional[Callable[[dict], Tuple[dict, dict, str]]] = None
               ) -> Tuple[bool, str]:
-        """``(done, why not)``: whether the stage is finished with this hash."""
+        """``(done, why not)``: whether the stage is finished with this hash. ``as_today``
+        reads a record of ``_ADOPTED_VERSION`` as (settings, parents, hash) of today's
+        hashing; without it such a record is not done."""
         record = self.record(name)
         if record is None:
             if (self.path(name) / _RECORD).exists():
                 return False, "its record is unreadable: recomputing"
             return False, ""
-        if record.get("version") != _STAGE_VERSION:
+        old, old_parents, old_digest = (record.get("settings", {}), record.get("parents", {}),
+                                        record.get("hash"))
+        if record.get("version") == _ADOPTED_VERSION and as_today is not None:
+            old, old_parents, old_digest = as_today(record)
+        elif record.get("version") != _STAGE_VERSION:
             return False, "it was saved by another version of oni: recomputing"
-        if record.get("hash") != digest:
-            changed = cfgmod.diff_keys(record.get("settings", {}), dict(settings))
-            parents_changed = [p for p, h in parents.items()
-                               if record.get("parents", {}).get(p) != h]
+        if old_digest != digest:
+            # values that changed first, then keys that came or went with them (a defense's
+            # settings when attacks.adaptive is toggled)
+            changed = sorted(cfgmod.diff_keys(old, dict(settings)),
+                             key=lambda key: key not in old or key not in settings)
+            parents_changed = [p for p, h in parents.items() if old_parents.get(p) != h]
             why = []
             if changed:
-                old, new = record.get("settings", {}), dict(settings)
+                new = dict(settings)
                 shown = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
                                   for key in changed[:4])
                 more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
@@ -195,11 +210,19 @@ class StageStore:
         return True, ""
 
     def begin(self, name: str) -> Path:
-        """Marks the stage not done (removes its record) and returns its directory."""
+        """Marks the stage not done (removes its record), empties its directory (a damaged
+        file of an earlier try, e.g. a torn ``model.json``, made the model's save refuse
+        the directory) and returns it."""
         directory = self.path(name)
-        directory.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.remove(directory / _RECORD)
+        if directory.is_dir() and not directory.is_symlink():
+            for entry in directory.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
         return directory
 
     def finish(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str],
@@ -216,12 +239,15 @@ class StageStore:
                                                        "sha256": _record_digest(record)}))
         return record
 
-    def rehash(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
-               ) -> None:
-        """Rewrites a finished stage's record under a new hash (its files, facts and times
-        kept): the stage was recorded under an older hashing of the same settings."""
+    def adopt(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
+              ) -> None:
+        """Rewrites a finished stage's record of ``_ADOPTED_VERSION`` as today's (its files,
+        facts and times kept; its old hash kept as ``adopted_from``, which the records of
+        its children name until they are adopted too)."""
         record = self.record(name)
-        record.update(hash=digest, settings=dict(settings), parents=dict(parents))
+        record.update(version=_STAGE_VERSION, hash=digest, settings=dict(settings),
+                      parents=dict(parents),
+                      adopted_from={"version": record["version"], "hash": record["hash"]})
         record = json.loads(_json_bytes(record))
         write_atomic(self.path(name) / _RECORD, _json_bytes({**record,
                                                            "sha256": _record_digest(record)}))
@@ -268,10 +294,8 @@ class _Stage:
     hash: str = ""
     # settings outside the hash that still size the stage's memory (named when it runs out)
     sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    # the stage as hashed before 2026-12-07, [(hash, settings)]: a record with one of these
-    # hashes is adopted (the first is the one its children folded in)
-    legacy: List[Tuple[str, Dict[str, Any]]] = dataclasses.field(default_factory=list)
-    legacy_parents: Dict[str, str] = dataclasses.field(default_factory=dict)
+    # a record of _ADOPTED_VERSION's settings -> the same settings in today's keys
+    settings_as_today: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
 
 
 class ResultsRefused(RuntimeError):
@@ -367,8 +391,13 @@ def _is_size(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _data_fingerprint(dataset) -> str:
+def _data_fingerprint(dataset, version: int = _STAGE_VERSION) -> str:
+    """The data by content: rows, labels, class names, and (since version 3) the arrays'
+    shapes and dtypes, without which two datasets of other shapes could share one."""
     digest = hashlib.sha256()
+    if version >= 3:
+        digest.update(json.dumps([[list(t.shape), str(t.dtype)] for t in (dataset.x, dataset.y)]
+                                 ).encode())
     digest.update(dataset.x.numpy().tobytes())
     digest.update(dataset.y.numpy().tobytes())
     digest.update(json.dumps([str(c) for c in dataset.classes]).encode())
@@ -484,7 +513,7 @@ class _Experiment:
         self.records: Dict[str, dict] = {}
         self.reused: Dict[str, bool] = {}
         self.hashes: Dict[str, str] = {}
-        self.legacy_hashes: Dict[str, str] = {}
+        self.adopted_from: Dict[str, str] = {}  # stage -> the hash it had before adoption
         self.n_stages = (2 + (2 if "oni" in self.defenses else 0) + len(self.defenses) - 1
                          + len(self.defenses) * len(self.groups))
         self.counter = 0
@@ -494,9 +523,10 @@ class _Experiment:
     def _stage(self, name: str, kind: str, describe: str, keys: Sequence[str],
                parents: Sequence[str], extra: Optional[Mapping] = None,
                size_keys: Sequence[str] = (),
-               legacy: Optional[Sequence[Mapping[str, Any]]] = None) -> _Stage:
-        """``legacy``: the settings the stage hashed before 2026-12-07 (each a record this
-        run may adopt), where they differ from ``keys`` and ``extra``."""
+               settings_as_today: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+               ) -> _Stage:
+        """``settings_as_today``: reads the settings of a record of ``_ADOPTED_VERSION``
+        where they were hashed under other keys than ``keys`` and ``extra``."""
         settings = cfgmod.config_subset(self.config, keys)
         settings.update(extra or {})
         parent_hashes = {parent: self.hashes[parent] for parent in parents}
@@ -504,32 +534,38 @@ class _Experiment:
         sizes = cfgmod.config_subset(self.config, ("model.hidden", *size_keys))
         st = _Stage(name, kind, describe, settings, parent_hashes, sizes=sizes)
         st.hash = cfgmod.stage_hash(kind, settings, sorted(parent_hashes.values()))
-        st.legacy_parents = {parent: self.legacy_hashes[parent] for parent in parents}
-        st.legacy = [(cfgmod.stage_hash(kind, old, sorted(st.legacy_parents.values())),
-                      dict(old)) for old in (legacy or [settings])]
+        st.settings_as_today = settings_as_today
         return st
+
+    def _as_today(self, st: _Stage) -> Callable[[dict], Tuple[dict, dict, str]]:
+        """Reads a record of ``_ADOPTED_VERSION`` in today's terms: its settings in today's
+        keys, and each parent that was adopted under the hash the record names as that
+        parent's hash today (a parent recomputed since keeps the old one: changed)."""
+        def read(record: dict) -> Tuple[dict, dict, str]:
+            settings = dict(record.get("settings", {}))
+            if st.settings_as_today is not None:
+                settings = st.settings_as_today(settings)
+            parents = {parent: self.hashes[parent]
+                       if digest == self.adopted_from.get(parent) else digest
+                       for parent, digest in record.get("parents", {}).items()}
+            return settings, parents, cfgmod.stage_hash(st.kind, settings,
+                                                        sorted(parents.values()))
+        return read
 
     def _run(self, st: _Stage, compute: Callable[[Path], Tuple[List[str], dict]]) -> dict:
         """Reuses ``st`` when done, else runs ``compute(stage_dir) -> (files, meta)``."""
         self.counter += 1
         where = f"{self.counter}/{self.n_stages} {st.name}"
-        done, why = self.store.check(st.name, st.hash, st.settings, st.parents)
-        for legacy_hash, legacy_settings in st.legacy:
-            if done or legacy_hash == st.hash:
-                break
-            adopted, legacy_why = self.store.check(st.name, legacy_hash, legacy_settings,
-                                                   st.legacy_parents)
-            if adopted:
-                self.store.rehash(st.name, st.hash, st.settings, st.parents)
-                done = True
-                break
-            record = self.store.record(st.name) or {}
-            if (st.legacy_parents and record.get("parents") == st.legacy_parents) or \
-                    set(record.get("settings", ())) == set(legacy_settings):
-                why = legacy_why  # recorded the old way: compared the old way
+        done, why = self.store.check(st.name, st.hash, st.settings, st.parents,
+                                     self._as_today(st))
         if done:
-            self.log(f"{where}: done earlier, reused")
             record = self.store.record(st.name)
+            if record["version"] == _ADOPTED_VERSION:
+                self.store.adopt(st.name, st.hash, st.settings, st.parents)
+                record = self.store.record(st.name)
+            self.log(f"{where}: done earlier, reused")
+            if "adopted_from" in record:
+                self.adopted_from[st.name] = record["adopted_from"]["hash"]
         else:
             if why:
                 self.log(f"{where}: {why}")
@@ -546,7 +582,6 @@ class _Experiment:
         self.reused[st.name] = done
         self.records[st.name] = record
         self.hashes[st.name] = st.hash
-        self.legacy_hashes[st.name] = st.legacy[0][0]
         return record
 
     def _train_config(self):
@@ -607,9 +642,7 @@ class _Experiment:
         keys = ("train", "test", "known", "target", "target_member", "shadow_pool")
         st = self._stage("splits", "splits", "drawing the splits", cfgmod.STAGE_KEYS["splits"],
                          (), {"data_fingerprint": self.fingerprint},
-                         legacy=[{**cfgmod.config_subset(self.config,
-                                                         cfgmod.LEGACY_STAGE_KEYS["splits"]),
-                                  "data_fingerprint": self.fingerprint}])
+                         settings_as_today=self._splits_settings_as_today)
 
         def compute(directory):
             config = self.config["splits"]
@@ -629,6 +662,14 @@ class _Experiment:
         self.x_train, self.y_train = data.x[splits.train], data.y[splits.train]
         self.x_test, self.y_test = (data.x[splits.test], data.y[splits.test]) \
             if len(splits.test) else (None, None)
+
+    def _splits_settings_as_today(self, old: Dict[str, Any]) -> Dict[str, Any]:
+        """Version 2 hashed the data's source (data.path, data.format, data.synthetic) and a
+        fingerprint of its bytes alone; today only the fingerprint, of bytes and shapes."""
+        old = {key: value for key, value in old.items() if not key.startswith("data.")}
+        if old.get("data_fingerprint") == _data_fingerprint(self.data, version=2):
+            old["data_fingerprint"] = self.fingerprint
+        return old
 
     def _check_attack_sizes(self) -> None:
         """Shadow sizes that the drawn splits cannot hold: refused now, not by an attack stage
@@ -741,18 +782,21 @@ class _Experiment:
         if adaptive:
             keys += (f"defenses.{name}",)
         stage = f"attack-{name}-{group}"
+
+        def settings_as_today(old: Dict[str, Any]) -> Dict[str, Any]:
+            # version 2 hashed attacks.adaptive, which does not change the undefended
+            # model's attacks
+            old = dict(old)
+            old["adaptive_shadows"] = bool(old.pop("attacks.adaptive", None)) and \
+                name != "undefended"
+            return old
+
         # hashed: whether the shadows are trained with the defense, not attacks.adaptive
-        # (which does not change the attacks on the undefended model); before 2026-12-07 the
-        # key itself was, so a record of either value is the same undefended stage
-        legacy = [{**cfgmod.config_subset(self.config, keys), "attacks.adaptive": value,
-                   "attacks": list(attacks)}
-                  for value in ((self.adaptive, not self.adaptive) if name == "undefended"
-                                else (self.adaptive,))]
         st = self._stage(stage, "attack", f"{', '.join(attacks)} against {name} "
                          f"({'adaptive' if adaptive else 'plain'} shadows)", keys,
                          (self._defense_stage(name),),
                          {"attacks": list(attacks), "adaptive_shadows": adaptive},
-                         size_keys=(f"defenses.{name}",), legacy=legacy)
+                         size_keys=(f"defenses.{name}",), settings_as_today=settings_as_today)
 
         def compute(directory):
             target = load_defended(self._model_dir(name))  # a fresh noise stream (DynaNoise)

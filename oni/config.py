@@ -679,14 +679,6 @@ STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-#: the keys of the stages whose hashes covered settings they do not use, before 2026-12-07
-#: (the data's source beside its fingerprint; ``attacks.adaptive`` for every attack stage):
-#: a run directory of that time is adopted, not recomputed (see ``oni.cli``)
-LEGACY_STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
-    "splits": ("seed", "data.path", "data.format", "data.synthetic", "splits"),
-}
-
-
 def _get(config: Mapping, dotted: str):
     value: Any = config
     for part in dotted.split("."):

@@ -568,6 +568,15 @@ def test_sizes_are_checked_before_any_training(overfit, data, splits, monkeypatc
                                    {"shadow": {"fit_on": "known", "shadow_size": 61}})
     with pytest.raises(TypeError, match="splits must be an oni.data.Splits"):
         attacks.check_attack_sizes(["shadow"], {"train": splits.train})
+    with pytest.raises(TypeError, match="names must be a sequence of attack names, got str"):
+        attacks.check_attack_sizes("shadow", splits)  # iterated by character
+    with pytest.raises(TypeError, match="configs must be a dict"):
+        attacks.check_attack_sizes(["shadow"], splits, [("shadow", {})])
+    with pytest.raises(ValueError, match=r"configs names attacks \['lira_online'\]"):
+        attacks.check_attack_sizes(["shadow"], splits, {"lira_online": {"n_shadows": 3}})
+    with pytest.raises(ValueError, match=r"attack 'lira_online': config\['n_shadows'\] must be "
+                                         r"even"):
+        attacks.check_attack_sizes(["lira_online"], splits, {"lira_online": {"n_shadows": 3}})
 
 
 def test_checked_sizes_are_the_sizes_the_attacks_use(overfit_results, splits):

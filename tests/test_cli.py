@@ -400,7 +400,13 @@ def test_corrupt_or_missing_stage_files_are_recomputed(small_reference, tiny_yam
     record = json.loads(edited.read_text())
     del record["meta"]["utility"]
     edited.write_text(json.dumps(record))
-    assert _run(_small(tiny_yaml, out)) == 0
+    # a torn model.json: the model's save refused the stage directory as another's files
+    (out / "stages" / "target" / "model" / "model.json").write_text("{torn")
+    (out / "stages" / "attack-undefended-reference" / "scores.npz").unlink()
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out)), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "attack-undefended-reference: its file scores.npz is missing or corrupt: " \
+        "recomputing" in err, err
     status = _stage_status(out)
     assert not status["attack-oni-lira_online"] and not status["defense-dynanoise"]
     assert not status["oni-phi"] and not status["defense-oni"] and not status["target"]
@@ -415,7 +421,9 @@ def test_changed_settings_recompute_only_dependent_stages(small_reference, tiny_
     assert cli.main(["run", *map(str, _small(tiny_yaml, out, "defenses.oni.tau_fraction=0.8")),
                      "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "defenses.oni.tau_fraction: 0.5 -> 0.8" in err
+    # the one reason, not also "it builds on changed stages (oni-phi)": oni-phi was reused
+    assert "oni-eta: settings changed (defenses.oni.tau_fraction: 0.5 -> 0.8): recomputing" \
+        in err, err
     status = _stage_status(out)
     recomputed = {name for name, reused in status.items() if not reused}
     assert recomputed == {"oni-eta", "defense-oni", "attack-oni-reference",
@@ -452,10 +460,11 @@ def test_settings_a_stage_does_not_use_recompute_nothing(small_reference, tiny_y
     assert all(_stage_status(out).values())
 
 
-def _as_before_2026_12_07(run_dir, config):
-    """Rewrites a run's stage records as oni wrote them before 2026-12-07 (the old rule,
-    stated here on its own): the splits stage hashed data.path, data.format and
-    data.synthetic beside the data's fingerprint, and every attack stage attacks.adaptive."""
+def _as_before_2026_12_07(run_dir, config, old_fingerprint="185454e5d34bb812"):
+    """Rewrites a run's stage records as oni wrote them before 2026-12-07 (record version 2;
+    the old rule, stated here on its own): the splits stage hashed data.path, data.format and
+    data.synthetic beside a fingerprint of the data's bytes (the tiny data's, by default),
+    and every attack stage attacks.adaptive."""
     kinds = {"splits": "splits", "target": "target", "oni-phi": "phi", "oni-eta": "eta"}
     order = ["splits", "target", "oni-phi", "oni-eta"]
     names = sorted(p.name for p in (Path(run_dir) / "stages").iterdir())
@@ -467,16 +476,17 @@ def _as_before_2026_12_07(run_dir, config):
         record = json.loads(path.read_text())
         del record["sha256"]
         settings = dict(record["settings"])
-        if name == "splits":
+        if name == "splits":  # and the fingerprint was of the bytes alone
             settings.update(cfgmod.config_subset(config, ("data.path", "data.format",
-                                                          "data.synthetic")))
+                                                          "data.synthetic")),
+                            data_fingerprint=old_fingerprint)
         if name.startswith("attack-"):
             del settings["adaptive_shadows"]
             settings = {"seed": settings.pop("seed"),  # the old order, which messages keep
                         "attacks.adaptive": config["attacks"]["adaptive"], **settings}
         parents = {parent: old_hashes[parent] for parent in record["parents"]}
         kind = kinds.get(name, name.split("-")[0])
-        record.update(settings=settings, parents=parents,
+        record.update(settings=settings, parents=parents, version=2,
                       hash=cfgmod.stage_hash(kind, settings, sorted(parents.values())))
         old_hashes[name] = record["hash"]
         path.write_bytes(cli._json_bytes({**record, "sha256": cli._record_digest(record)}))
@@ -498,6 +508,21 @@ def test_a_run_recorded_under_the_old_stage_hashes_is_adopted(small_reference, t
     assert all(_stage_status(out).values())  # nothing recomputed
     assert _stage_hashes(out) == new_hashes  # each record now under today's hash
     assert _metrics(out) == _metrics(small_reference)
+    # adopted over two runs (the first runs only some stages: the others' records name
+    # their parents' old hashes), and from a data file that has moved since
+    from oni.data import save_npz, synthetic_purchase
+    out = tmp_path / "moved"
+    shutil.copytree(small_reference, out)
+    moved = tmp_path / "new-place.npz"
+    save_npz(synthetic_purchase(600, d=20, k=5, seed=0), moved)
+    _as_before_2026_12_07(out, {**config, "data": {**config["data"],
+                                                   "path": str(tmp_path / "old-place.npz")}})
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, f"data.path={moved}",
+                                             "attacks.run=[metric_loss]")), "-q"]) == 0
+    assert all(_stage_status(out).values())
+    assert cli.main(["run", *map(str, _small(tiny_yaml, out, f"data.path={moved}")),
+                     "-q"]) == 0
+    assert all(_stage_status(out).values()) and _stage_hashes(out) == new_hashes
     # the attacks on the undefended model were adopted under either attacks.adaptive
     out = tmp_path / "other"
     shutil.copytree(small_reference, out)
@@ -507,9 +532,11 @@ def test_a_run_recorded_under_the_old_stage_hashes_is_adopted(small_reference, t
     recomputed = {name for name, reused in _stage_status(out).items() if not reused}
     assert recomputed == {f"attack-{d}-{g}" for d in ("oni", "dynanoise")
                           for g in ("reference", "lira_online")}
-    # an old record whose settings changed says which, not that its parents did
+    # an old record whose settings changed says which (in today's keys), not that its
+    # parents did
     err = capsys.readouterr().err
-    assert "attacks.adaptive: True -> False" in err, err
+    assert "attack-oni-reference: settings changed (adaptive_shadows: True -> False, " \
+        "defenses.oni.tau_fraction: 0.5 -> None" in err, err
     out = tmp_path / "changed"
     shutil.copytree(small_reference, out)
     _as_before_2026_12_07(out, config)
