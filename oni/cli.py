@@ -1008,7 +1008,7 @@ def _assemble(config, data, splits, runner: "_Experiment", defenses, attack_resu
 def _cmd_run(args) -> int:
     config = cfgmod.resolve_config(args.config, args.set or (), preset=args.preset)
     if args.out is not None:
-        run_dir = Path(args.out)
+        run_dir = Path(args.out).expanduser()
     else:
         name = Path(args.config).stem if args.config else config["preset"]
         run_dir = Path("runs") / name
@@ -1031,10 +1031,12 @@ def _cmd_run(args) -> int:
 
 
 def _load_rows(path: str, rows: Optional[str], data_format: str):
+    """(the data's selected rows, the index of the first): the walks and random starts are
+    drawn by row index in the file, so a --rows piece gets the rows' own."""
     from .data import load_dataset
     data = load_dataset(Path(path).expanduser(), format=data_format)
     if rows is None:
-        return data
+        return data, 0
     try:
         start, colon, stop = rows.partition(":")
         if not colon:  # "5" could mean row 5, the first 5 rows or 5:END: ask
@@ -1048,12 +1050,17 @@ def _load_rows(path: str, rows: Optional[str], data_format: str):
         raise ConfigError(f"--rows {rows!r}: must select rows within 0:{data.n} ({path} has "
                           f"{data.n} rows)")
     import torch
-    return data.subset(torch.arange(lo, hi))
+    return data.subset(torch.arange(lo, hi)), lo
 
 
-def _load_model_dir(path: str, device):
+def _load_model_dir(path: str, device, command: str):
     from .models import load_model
-    model, _ = load_model(Path(path).expanduser(), device=device)
+    model, extra = load_model(Path(path).expanduser(), device=device)
+    defense = extra.get("defense") if isinstance(extra, dict) else None
+    if isinstance(defense, dict) and defense.get("name") == "dynanoise":
+        print(f"oni {command}: note: {path} holds a DynaNoise defense, whose answers add "
+              f"random noise and a temperature to its network's at each query; the solvers "
+              f"take the network alone (the undefended model it wraps)", file=sys.stderr)
     return model.eval()
 
 
@@ -1082,8 +1089,9 @@ def _join_ranks(args) -> int:
     return dist.get_rank()
 
 
-def _model_and_rows(args):
-    """(device, model, data, x on the device) for `oni shapley` and `oni noise`."""
+def _model_and_rows(args, command: str):
+    """(device, model, data, x on the device, the index of x's first row in DATA) for
+    `oni shapley` and `oni noise`."""
     import torch
 
     from .models import _resolve_device
@@ -1091,8 +1099,8 @@ def _model_and_rows(args):
     device = _resolve_device(args.device, "--device")
     _check_tf32_device(args.precision, device, "--precision",
                        f"--device resolved to {device}")
-    model = _load_model_dir(args.model_dir, device)
-    data = _load_rows(args.data, args.rows, args.format)
+    model = _load_model_dir(args.model_dir, device, command)
+    data, row_offset = _load_rows(args.data, args.rows, args.format)
     _check_width(model, data, args.model_dir)
     # data files load as float32; a model saved in another floating dtype (float64) gets its
     # own, since the command line has no way to cast either
@@ -1101,7 +1109,30 @@ def _model_and_rows(args):
         raise ConfigError(f"the model in {args.model_dir} holds {dtype} weights; the solvers "
                           f"take float32 or float64 models (save it after model.float(); "
                           f"--precision bf16 runs their batched passes in bfloat16)")
-    return device, model, data, data.x.to(device, dtype)
+    if dtype == torch.float64 and args.precision != "float32":
+        raise ConfigError(f"--precision {args.precision}: the model in {args.model_dir} is "
+                          f"float64, whose arithmetic neither TF32 nor bfloat16 autocast "
+                          f"touches; use --precision float32 (or save the model in float32)")
+    return device, model, data, data.x.to(device, dtype), row_offset
+
+
+def _model_labels(data, model, path: str):
+    """DATA's labels as the model's class indices, for --target label. A file's labels are
+    renumbered 0..k-1 by sorting those it holds, which names the model's classes only when
+    it holds all of them (or names them in a ``classes`` array)."""
+    width = getattr(model, "k", None)  # load_model's models are oni MLPs
+    if width is not None and data.k != width:
+        raise ConfigError(f"--target label: {path} holds {data.k} classes ({_few(data.classes)})"
+                          f" but the model has {width} outputs, so its labels, renumbered "
+                          f"0..{data.k - 1}, do not name the model's classes; give --target "
+                          f"pred or a class index, or save the data as .npz with a 'classes' "
+                          f"array of all {width} labels")
+    return data.y
+
+
+def _few(values, limit: int = 6) -> str:
+    shown = ", ".join(map(repr, values[:limit]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
 def _check_output_paths(outputs: Mapping[str, Optional[str]],
@@ -1117,14 +1148,21 @@ def _check_output_paths(outputs: Mapping[str, Optional[str]],
         if path.is_dir():  # MODEL_DIR: each of its files
             seen.update({entry: f"a file of {flag}" for entry in path.iterdir()})
     for flag, path in outputs.items():
-        if not path:
+        if path is None:
             continue
+        if not path:  # (an empty --stderr-out or --details was skipped, silently)
+            raise ConfigError(f"{flag}: an empty path; give a file name")
         resolved = Path(path).expanduser().resolve()
         if resolved in seen:
             raise ConfigError(f"{flag} {path} is also {seen[resolved]}: it would be "
                               f"overwritten; write to another file")
         if resolved.is_dir():
             raise ConfigError(f"{flag} {path} is a directory; give a file name")
+        for parent in resolved.parents:  # the first that exists must be a directory
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{flag} {path}: {parent} is not a directory")
+                break
         seen[resolved] = flag
 
 
@@ -1144,7 +1182,7 @@ def _load_array(path: str, flag: str, kinds: str = "biuf") -> np.ndarray:
         array.close()
         raise ConfigError(f"{flag} {path}: an .npz archive; expected one .npy array")
     if array.dtype.kind not in kinds:
-        what = "floating-point numbers" if kinds == "f" else "numbers"
+        what = {"f": "floating-point numbers", "iu": "integers"}.get(kinds, "numbers")
         raise ConfigError(f"{flag} {path}: expected {what}, got dtype {array.dtype}")
     return array
 
@@ -1158,7 +1196,7 @@ def _cmd_shapley(args) -> int:
                         {"DATA": args.data, "MODEL_DIR": args.model_dir,
                          "--baseline": baseline_file, "--groups": args.groups})
     rank = _join_ranks(args)
-    device, model, data, x = _model_and_rows(args)
+    device, model, data, x, row_offset = _model_and_rows(args, "shapley")
     groups = None
     if args.groups:
         # the ids' ranks: uint64 ids beyond int64 would wrap (and reorder) in an int64 cast
@@ -1169,31 +1207,39 @@ def _cmd_shapley(args) -> int:
     if args.baseline == "mean":
         baseline = x.mean(dim=0)
     elif baseline_file:
-        baseline = torch.from_numpy(_load_array(baseline_file, "--baseline")).to(device, x.dtype)
+        # rounded as the rows are (data files load as float32), so that a feature equal to
+        # the baseline in the files is equal here too, and gets exactly 0
+        baseline = torch.from_numpy(_load_array(baseline_file, "--baseline")).float() \
+            .to(device, x.dtype)
     target = args.target
     labels = None
     if target == "label":
-        labels = data.y.to(device)
+        labels = _model_labels(data, model, args.data).to(device)
     elif target != "pred":
         try:
             target = int(target)
         except ValueError:
             raise ConfigError(f"--target {target!r}: expected pred, label or a class "
                               f"index") from None
+        width = getattr(model, "k", None)
+        if width is not None and not 0 <= target < width:
+            raise ConfigError(f"--target {target}: the model has {width} classes, "
+                              f"0..{width - 1}")
     start = time.perf_counter()
     res = shapley_values(model, x, baseline, target=target, labels=labels,
                          n_permutations=args.n_permutations, tol=args.tol, seed=args.seed,
-                         backend=args.backend, precision=args.precision, groups=groups)
+                         backend=args.backend, precision=args.precision, groups=groups,
+                         row_offset=row_offset)
     seconds = time.perf_counter() - start
     if rank != 0:  # every rank holds the whole result; rank 0 writes it
         return 0
     buffer = io.BytesIO()
     np.save(buffer, res.values.cpu().numpy())
-    write_atomic(Path(args.out), buffer.getvalue())
+    write_atomic(Path(args.out).expanduser(), buffer.getvalue())
     if args.stderr_out:
         buffer = io.BytesIO()
         np.save(buffer, res.stderr.cpu().numpy())
-        write_atomic(Path(args.stderr_out), buffer.getvalue())
+        write_atomic(Path(args.stderr_out).expanduser(), buffer.getvalue())
     players = f"{res.values.shape[1]} groups" if groups is not None else f"{data.d} features"
     print(f"oni shapley: {data.n} rows x {players} in {seconds:.1f} s "
           f"(largest standard error {float(res.stderr.max()):.2e}); phi written to {args.out}")
@@ -1207,7 +1253,7 @@ def _cmd_noise(args) -> int:
     _check_output_paths({"--out": args.out, "--details": args.details},
                         {"DATA": args.data, "MODEL_DIR": args.model_dir, "--phi": args.phi})
     rank = _join_ranks(args)
-    device, model, data, x = _model_and_rows(args)
+    device, model, data, x, row_offset = _model_and_rows(args, "noise")
     phi = None
     if args.phi:
         phi = torch.from_numpy(_load_array(args.phi, "--phi", "f")).to(device, x.dtype)
@@ -1227,7 +1273,7 @@ def _cmd_noise(args) -> int:
     res = optimal_noise(model, x, phi, tau=args.tau, tau_fraction=tau_fraction, eps=args.eps,
                         beta=args.beta, importance=args.importance, max_iter=args.max_iter,
                         refine_iter=args.refine_iter, polish_iter=args.polish_iter,
-                        starts=args.starts, seed=args.seed,
+                        starts=args.starts, seed=args.seed, row_offset=row_offset,
                         backend=args.backend, precision=args.precision,
                         shapley_kwargs={"n_permutations": args.n_permutations,
                                         "precision": args.precision})
@@ -1236,9 +1282,9 @@ def _cmd_noise(args) -> int:
         return 0
     buffer = io.BytesIO()
     np.save(buffer, res.eta.cpu().numpy())
-    write_atomic(Path(args.out), buffer.getvalue())
+    write_atomic(Path(args.out).expanduser(), buffer.getvalue())
     if args.details:
-        write_atomic(Path(args.details), _npz_bytes({
+        write_atomic(Path(args.details).expanduser(), _npz_bytes({
             "entropy": res.entropy.cpu().numpy(), "norm": res.norm.cpu().numpy(),
             "feasible": res.feasible.cpu().numpy(), "iterations": res.iterations.cpu().numpy(),
             "radius": res.radius.cpu().numpy(), "tau": np.float64(res.tau)}))
@@ -1250,7 +1296,7 @@ def _cmd_noise(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    run_dir = Path(args.run_dir)
+    run_dir = Path(args.run_dir).expanduser()
     if not (run_dir / "results.json").is_file():
         raise ConfigError(f"{run_dir} holds no results.json: run `oni run --out {run_dir}` "
                           f"first")
@@ -1330,7 +1376,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "oni.save_defended; e.g. RUN_DIR/stages/target/model)")
     common.add_argument("data", metavar="DATA",
                         help="the data file whose rows are processed (Shokri CSV, Texas100 "
-                             "directory or archive, .npz)")
+                             "directory or archive, .npz; a text file's parse is cached "
+                             "beside it when that directory is writable, else in "
+                             "$XDG_CACHE_HOME/oni or ~/.cache/oni)")
     common.add_argument("--out", required=True, metavar="FILE.npy",
                         help="where to write the [N, d] result (numpy .npy; [N, G] for `shapley "
                              "--groups`), in the model's dtype: float32 unless it was saved "
@@ -1339,7 +1387,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how to read DATA (default: from the path)")
     common.add_argument("--rows", metavar="START:STOP",
                         help="process only these rows of DATA, e.g. 0:1000, :1000 or 1000: "
-                             "(default: all)")
+                             "(default: all); each row gets the walks and starts it gets in "
+                             "a run over all rows, so pieces join into that run's result")
     common.add_argument("--seed", type=int, default=0,
                         help="seed of the permutation walks (and of the noise solver's "
                              "random starts); default 0")
@@ -1363,7 +1412,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="permutation walks per row (antithetic pairs; default 100)")
     shap.add_argument("--target", default="pred",
                       help="the explained class: pred (the model's prediction, default), "
-                           "label (DATA's label) or a class index")
+                           "label (DATA's label; DATA must hold all the model's classes, or "
+                           "name them in an .npz 'classes' array) or a class index")
     shap.add_argument("--baseline", default="zero",
                       help="the reference input: zero (default), mean (the mean of the "
                            "selected rows) or a .npy file holding a [d] vector or a [B, d] "
@@ -1372,7 +1422,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop a row once its largest standard error is below TOL "
                            "(default: run all walks)")
     shap.add_argument("--stderr-out", metavar="FILE.npy",
-                      help="also write the standard errors there (the shape of --out)")
+                      help="also write the standard errors there (the shape of --out; NaN "
+                           "for active features of a row with fewer than 2 samples, i.e. "
+                           "--n-permutations 2)")
     shap.add_argument("--groups", metavar="GROUPS.npy",
                       help="a .npy of d integer group ids (e.g. one id per one-hot encoded "
                            "attribute): the groups are the players, and phi is [N, G], one "

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import check_int, check_row_offset
 from .noise import NoiseResult, optimal_noise as _optimal_noise
 from .shapley import ShapleyResult, _check_groups, _check_inputs, shapley_values as _shapley
 
@@ -63,19 +63,23 @@ def shard(n: int, rank: int, world_size: int) -> slice:
     return slice(lo, lo + base + (rank < extra))
 
 
-def shapley_values(model, x: Tensor, baseline=None, *, group=None, **kwargs) -> ShapleyResult:
+def shapley_values(model, x: Tensor, baseline=None, *, group=None, row_offset: int = 0,
+                   **kwargs) -> ShapleyResult:
     """:func:`oni.shapley_values` with x's rows split across the ranks of ``group`` (default:
     the world); every rank passes the same ``x`` (and ``labels``, a per-row ``target``) and
-    gets the whole :class:`~oni.ShapleyResult`."""
+    gets the whole :class:`~oni.ShapleyResult`. ``row_offset``: the index of x's first row
+    in a larger batch, as for :func:`oni.shapley_values` (each rank adds its shard's)."""
     if world(group)[1] == 1:
-        return _shapley(model, x, baseline, **kwargs)
+        return _shapley(model, x, baseline, row_offset=row_offset, **kwargs)
+    row_offset = check_row_offset(row_offset, 0)
     x, kwargs = _check_sharded_call(x, kwargs, "shapley_values", group)
     grouping = _check_groups(kwargs.get("groups"), x)
     n_players = x.shape[1] if grouping is None else grouping[1]
 
     def solve(rows: slice) -> ShapleyResult:
         local = _per_row_sliced(kwargs, rows, x.shape[0])
-        return _shapley(model, x[rows], baseline, row_offset=rows.start, **local)
+        return _shapley(model, x[rows], baseline, row_offset=row_offset + rows.start,
+                        **local)
 
     fields = {"values": ((n_players,), x.dtype), "stderr": ((n_players,), x.dtype),
               "n_permutations": ((), torch.long), "fx": ((), x.dtype),
@@ -84,12 +88,15 @@ def shapley_values(model, x: Tensor, baseline=None, *, group=None, **kwargs) -> 
     return ShapleyResult(**gathered, groups=None if grouping is None else grouping[0])
 
 
-def optimal_noise(model, x: Tensor, phi=None, *, group=None, **kwargs) -> NoiseResult:
+def optimal_noise(model, x: Tensor, phi=None, *, group=None, row_offset: int = 0,
+                  **kwargs) -> NoiseResult:
     """:func:`oni.optimal_noise` with x's rows (and ``phi``'s) split across the ranks of
     ``group`` (default: the world); every rank passes the same ``x`` and ``phi`` and gets
-    the whole :class:`~oni.NoiseResult`. Each rank warns about its own infeasible rows."""
+    the whole :class:`~oni.NoiseResult`. Each rank warns about its own infeasible rows.
+    ``row_offset`` as for :func:`shapley_values`."""
     if world(group)[1] == 1:
-        return _optimal_noise(model, x, phi, **kwargs)
+        return _optimal_noise(model, x, phi, row_offset=row_offset, **kwargs)
+    row_offset = check_row_offset(row_offset, 0)
     if isinstance(phi, ShapleyResult) and phi.groups is None:  # (a grouped one is refused)
         phi = phi.values
     x, kwargs = _check_sharded_call(x, {**kwargs, "phi": phi}, "optimal_noise", group)
@@ -100,8 +107,8 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, **kwargs) -> NoiseR
         local = dict(kwargs)
         if local.get("shapley_kwargs"):
             local["shapley_kwargs"] = _per_row_sliced(local["shapley_kwargs"], rows, n)
-        return _optimal_noise(model, x[rows], _row_slice(phi, rows, n), row_offset=rows.start,
-                              **local)
+        return _optimal_noise(model, x[rows], _row_slice(phi, rows, n),
+                              row_offset=row_offset + rows.start, **local)
 
     fields = {"eta": ((d,), x.dtype), "entropy": ((), x.dtype), "norm": ((), x.dtype),
               "feasible": ((), torch.bool), "iterations": ((), torch.long),
@@ -122,8 +129,9 @@ def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict
     and that every rank holds the same x. A rank whose check fails makes all raise."""
     def check():
         inner = kwargs.get("shapley_kwargs") or {}
-        if "row_offset" in kwargs or "row_offset" in inner:
-            raise TypeError(f"{name}: row_offset is set per rank by oni.distributed")
+        if "row_offset" in inner:  # the solver passes its own (x's, plus the shard's)
+            raise TypeError(f"{name}: shapley_kwargs['row_offset'] is set by the solver; give "
+                            f"row_offset= itself")
         checked_x = _check_inputs(x)
         n = checked_x.shape[0]
         checked = _whole_batch_rows(kwargs, n)

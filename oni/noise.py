@@ -85,7 +85,11 @@ def _check_number(value, name: str, low: float = -math.inf, high: float = math.i
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
+        # (an infinite bound is left out: "in [0.0, inf]" read as if inf were allowed)
+        bounds = (f" in [{low}, {high}]" if math.isfinite(low) and math.isfinite(high) else
+                  f" >= {low}" if math.isfinite(low) else
+                  f" <= {high}" if math.isfinite(high) else "")
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
     return value
 
 
@@ -396,7 +400,7 @@ def optimal_noise(
         raise TypeError(f"shapley_kwargs must be a dict of oni.shapley_values arguments, got "
                         f"{type(shapley_kwargs).__name__}")
     use_kernel = _check_backend(backend, x.device, _ops.NOISE_OPS)
-    precision = _check_precision(precision, x.device)
+    precision = _check_precision(precision, x.device, x.dtype)
     _check_model_input(model, x)
     _check_autograd("optimal_noise")
     if precision == "bf16" and x.device.type == "cpu" and _native_bf16_cpu() is False:

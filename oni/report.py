@@ -286,6 +286,24 @@ def _fig_tradeoff(results, path: Path, rendered: Dict[Path, bytes]) -> Optional[
 
 # ----------------------------------------------------------------------------- markdown
 
+def _false_positive_note(n_non: int) -> str:
+    """What each reported TPR@FPR allows with ``n_non`` non-members: at most m false
+    positives, the largest m with m / n_non <= the rate (as ``tpr_at_fpr`` compares)."""
+    from .metrics import REPORTED_FPRS
+    parts = []
+    for key, rate in REPORTED_FPRS.items():
+        allowed = int(math.floor(rate * n_non))
+        while (allowed + 1) / n_non <= rate:  # the product's rounding, either way
+            allowed += 1
+        while allowed > 0 and allowed / n_non > rate:
+            allowed -= 1
+        name = key.replace("tpr@", "TPR@").replace("fpr", "FPR")
+        parts.append(f"{name} counts only thresholds with no false positive at all"
+                     if allowed == 0 else f"{name} allows at most {allowed} false "
+                                          f"positive{'s' if allowed > 1 else ''}")
+    return f"With {n_non} non-members in the target set, " + "; ".join(parts) + "."
+
+
 def _markdown(results, figures: Mapping[str, Optional[str]]) -> str:
     cfg = results["config"]
     data, splits = results["data"], results["splits"]
@@ -352,9 +370,7 @@ def _markdown(results, figures: Mapping[str, Optional[str]]) -> str:
     n_non = min((r["n_nonmembers"] for r in results_rows(results) if r["n_nonmembers"]),
                 default=None)
     if n_non:
-        lines += ["", f"With {n_non} non-members in the target set, the smallest non-zero "
-                      f"false-positive rate is {1 / n_non:.2%}: TPR@0.1%FPR counts only "
-                      f"thresholds with no false positive at all."]
+        lines += ["", _false_positive_note(n_non)]
     captions = {
         "accuracy": "Test accuracy per epoch (paper Figure 2)",
         "auc": "Attack AUC per defense (paper Figure 3)",

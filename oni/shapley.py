@@ -278,9 +278,14 @@ class _Game:
         return _check_logits(out, n, what, 2 if self.softmax else 1, hint)
 
 
-def _check_precision(precision: str, device: torch.device) -> str:
+def _check_precision(precision: str, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "float32" and dtype == torch.float64:  # (it was a silent no-op)
+        raise ValueError(f"precision={precision!r} trades float32 arithmetic for speed; x "
+                         f"and the model are float64, which neither TF32 nor bfloat16 "
+                         f"autocast touches: use 'float32' (or cast both to float32)")
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision='tf32' needs x on a CUDA device (TF32 is a mode of "
                          f"NVIDIA tensor cores), x is on {device.type}; use 'float32' or "
@@ -640,7 +645,7 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
             raise ValueError(f"tol must be None or a positive number, got {tol!r}")
     use_kernel = _check_backend(backend, x.device)
-    precision = _check_precision(precision, x.device)
+    precision = _check_precision(precision, x.device, x.dtype)
     _check_model_input(model, x)
     game = _Game(model, link)
     ops = _ops if use_kernel else reference

@@ -663,8 +663,12 @@ def test_shapley_command(model_and_data, capsys):
                      "--stderr-out", str(root / "se.npy"), "--device", "cpu"]) == 0
     assert "phi written" in capsys.readouterr().out
     phi = np.load(out)
-    expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2)
+    # the rows' own walks, as in a run over the whole file (they got rows 0:30's)
+    expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2,
+                                  row_offset=10)
     np.testing.assert_array_equal(phi, expected.values.numpy())
+    whole = oni.shapley_values(model, data.x, n_permutations=6, seed=2).values[10:40]
+    np.testing.assert_allclose(phi, whole.numpy(), rtol=0, atol=1e-6)  # other batches
     assert np.load(root / "se.npy").shape == (30, 12)
     np.save(root / "groups.npy", np.arange(12, dtype=np.int32) // 3)  # 4 groups of 3
     assert cli.main(["shapley", str(root / "model"), str(root / "data.npz"), "--out", str(out),
@@ -672,7 +676,7 @@ def test_shapley_command(model_and_data, capsys):
                      "--groups", str(root / "groups.npy"), "--device", "cpu"]) == 0
     assert "30 rows x 4 groups" in capsys.readouterr().out
     expected = oni.shapley_values(model, data.x[10:40], n_permutations=6, seed=2,
-                                  groups=torch.arange(12) // 3)
+                                  groups=torch.arange(12) // 3, row_offset=10)
     np.testing.assert_array_equal(np.load(out), expected.values.numpy())
     # uint64 ids beyond int64 keep their order (an int64 cast would wrap them negative)
     np.save(root / "big_groups.npy", (np.arange(12, dtype=np.uint64) // 3) * np.uint64(2 ** 62))
@@ -740,6 +744,73 @@ def test_noise_command(model_and_data, capsys):
                      "--phi", str(phi_path), "--precision", "tf32", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--precision: tf32 needs a CUDA device, --device resolved to cpu" in err
+
+
+def test_solver_commands_findings_of_the_fuzz_pass(model_and_data, tmp_path, monkeypatch,
+                                                  capsys):
+    """Each part failed before: a label-remapped file explained other classes, --rows pieces
+    got other walks than the whole run, a float64 baseline was compared with float32-rounded
+    rows, '~' was checked expanded and written literally, output paths failed only after the
+    work, a DynaNoise model was explained as its network with no word."""
+    import oni
+    from oni.models import save_model
+    root, model, data = model_and_data
+    model_dir, out = str(root / "model"), tmp_path / "out.npy"
+
+    def run(*args):
+        code = cli.main([args[0], model_dir if args[1] is None else str(args[1]),
+                         *map(str, args[2:]), "--device", "cpu"])
+        return code, capsys.readouterr()
+
+    # --target label on a file lacking some classes: its labels were renumbered
+    subset = data.subset(torch.nonzero(data.y > 0).squeeze(1))  # classes 1 and 2 of 3
+    oni.save_npz(oni.data.Dataset(subset.x, subset.y - 1, (1, 2), "subset"),
+                 tmp_path / "subset.npz")
+    code, cap = run("shapley", None, tmp_path / "subset.npz", "--out", out, "--target", "label")
+    assert code == 2 and "--target label: " in cap.err and "holds 2 classes (1, 2) but the " \
+        "model has 3 outputs" in cap.err, cap.err
+    code, cap = run("shapley", None, root / "data.npz", "--out", out, "--target", "3")
+    assert code == 2 and "--target 3: the model has 3 classes, 0..2" in cap.err
+    # --rows pieces join into the whole run (noise: its random starts are per row too)
+    phi = oni.shapley_values(model, data.x, n_permutations=4, seed=0).values
+    np.save(tmp_path / "phi.npy", phi.numpy())
+    np.save(tmp_path / "phi_rows.npy", phi[30:50].numpy())
+    flags = ["--tau-fraction", "0.5", "--max-iter", "8", "--starts", "2"]
+    assert run("noise", None, root / "data.npz", "--out", tmp_path / "eta.npy",
+               "--phi", tmp_path / "phi.npy", *flags)[0] == 0
+    assert run("noise", None, root / "data.npz", "--out", tmp_path / "eta_rows.npy",
+               "--phi", tmp_path / "phi_rows.npy", "--rows", "30:50", *flags)[0] == 0
+    np.testing.assert_allclose(np.load(tmp_path / "eta_rows.npy"),
+                               np.load(tmp_path / "eta.npy")[30:50], rtol=0, atol=1e-5)
+    # a float64 model, rows and baseline: the features equal to the baseline get exactly 0
+    save_model(model.double(), tmp_path / "model64")
+    model.float()
+    x = np.random.default_rng(0).random((6, 12))
+    np.savez(tmp_path / "x64.npz", x=x, y=np.arange(6) % 3)
+    baseline = np.where(np.arange(12) % 2 == 0, x[0], 0.0)  # row 0's even features
+    np.save(tmp_path / "b64.npy", baseline)
+    assert run("shapley", tmp_path / "model64", tmp_path / "x64.npz", "--out", out,
+               "--baseline", tmp_path / "b64.npy", "--n-permutations", "8")[0] == 0
+    assert (np.load(out)[0, ::2] == 0).all()
+    # '~' in an output path is the home directory, as in the checks
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run("shapley", None, root / "data.npz", "--out=~/phi.npy", "--rows", "0:4",
+               "--n-permutations", "2")[0] == 0
+    assert (tmp_path / "home" / "phi.npy").is_file() and not (tmp_path / "~").exists()
+    # output paths that cannot be written are refused before the work
+    for flags, message in ((["--out", root / "data.npz" / "phi.npy"], "is not a directory"),
+                           (["--out", ""], "--out: an empty path"),
+                           (["--out", out, "--stderr-out", ""], "--stderr-out: an empty path")):
+        code, cap = run("shapley", None, root / "data.npz", *flags)
+        assert code == 2 and message in cap.err, cap.err
+    # a DynaNoise model: its network is what the solvers take, and the command says so
+    defended = oni.defend("dynanoise", data.x, data.y, base_model=model, seed=0)
+    oni.save_defended(defended, tmp_path / "dynanoise")
+    code, cap = run("shapley", tmp_path / "dynanoise", root / "data.npz", "--out", out,
+                    "--rows", "0:4", "--n-permutations", "2")
+    assert code == 0 and "holds a DynaNoise defense" in cap.err, cap.err
 
 
 def test_solver_commands_take_a_model_in_its_own_dtype(model_and_data, tmp_path, capsys):

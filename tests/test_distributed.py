@@ -74,6 +74,9 @@ def _worker(rank, size, store, out, phi):
             "noise_own_phi": oni.distributed.optimal_noise(
                 model, x, **NOISE, shapley_kwargs={"n_permutations": 8}),
         }
+        # x as rows 5: of a larger batch: each rank adds its shard's start to the offset
+        res["offset"] = oni.distributed.shapley_values(model, x, n_permutations=8, seed=3,
+                                                       row_offset=5)
         res["list_target"] = oni.distributed.shapley_values(
             model, x, n_permutations=8, seed=3, target=(torch.arange(13) % 4).tolist())
         for key, call in (
@@ -156,6 +159,9 @@ def test_ranks_give_the_single_process_answer(tmp_path, size):
                                    rtol=1e-2, atol=1e-6)
         torch.testing.assert_close(got["list_target"].values, want["labels"].values, rtol=0,
                                    atol=1e-12)
+        offset = oni.shapley_values(model, x, n_permutations=8, seed=3, row_offset=5).values
+        assert not torch.allclose(offset, phi.values)  # other walks than rows 0:13's
+        torch.testing.assert_close(got["offset"].values, offset, rtol=0, atol=1e-12)
         assert got["short_labels"].startswith("labels must have one entry per row of x "
                                               "(N = 13)")
         assert got["short_phi"].startswith("phi must have one entry per row of x (N = 13)")

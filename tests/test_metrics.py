@@ -350,3 +350,20 @@ def test_midput_validates_its_dicts():
         metrics.midput(good, {"test_acc": 0.8, "balanced_attack_acc": {"loss": 60}})
     with pytest.raises(TypeError, match="undefended must be a dict"):
         metrics.midput(0.5, good)
+
+
+@pytest.mark.parametrize("n_non", [33, 100, 999, 1000, 2500, 5000])
+def test_the_reports_false_positive_note_matches_tpr_at_fpr(n_non):
+    """The report said "TPR@0.1%FPR counts only thresholds with no false positive at all"
+    for any target set; with the paper's 5,000 non-members it allows 5."""
+    from oni.report import _false_positive_note
+    # scores alternate non-member, member from the top: at m false positives, m members
+    scores = np.concatenate([2 * np.arange(n_non) + 1.0, 2 * np.arange(n_non) + 0.0])
+    member = np.concatenate([np.zeros(n_non, bool), np.ones(n_non, bool)])
+    note = _false_positive_note(n_non)
+    for name, rate in metrics.REPORTED_FPRS.items():
+        allowed = round(metrics.tpr_at_fpr(scores, member, rate) * n_non)
+        label = name.replace("tpr@", "TPR@").replace("fpr", "FPR")
+        expected = (f"{label} counts only thresholds with no false positive at all"
+                    if allowed == 0 else f"{label} allows at most {allowed} false positive")
+        assert expected in note, (note, allowed)

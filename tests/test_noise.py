@@ -886,6 +886,9 @@ _OK = dict(tau_fraction=0.5, eps=0.5, beta=0.5)
      r"precision must be one of \('float32', 'tf32', 'bf16'\)"),
     (lambda m, x, p: dict(phi=p, precision="tf32", **_OK), ValueError,
      r"precision='tf32' needs x on a CUDA device"),
+    # float64 arithmetic, which bf16 autocast leaves as it is: the opt-in did nothing
+    (lambda m, x, p: dict(x=x.double(), phi=p.double(), precision="bf16", **_OK), ValueError,
+     r"precision='bf16' trades float32 arithmetic for speed; x and the model are float64"),
     (lambda m, x, p: dict(phi=p, max_iter=0, **_OK), ValueError, "max_iter must be >= 1"),
     (lambda m, x, p: dict(phi=p, starts=0, **_OK), ValueError, "starts must be >= 1"),
     (lambda m, x, p: dict(phi=p, refine_iter=-1, **_OK), ValueError, "refine_iter must be >= 0"),

@@ -786,3 +786,13 @@ def test_shapley_value_sampling_without_target_explains_every_output():
     with pytest.raises(ValueError, match="baselines as a tuple must hold one entry"):
         explainer.attribute(x, baselines=(), target=0)
 
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_float64_refuses_the_float32_precision_opt_ins(precision):
+    """bf16 on a float64 model and x gave the float32 result: autocast leaves float64 alone."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    x = torch.rand(3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"precision='{precision}' trades float32 arithmetic "
+                                         rf"for speed; x and the model are float64"):
+        oni.shapley_values(model, x, n_permutations=2, precision=precision)
