@@ -1053,11 +1053,11 @@ def _load_rows(path: str, rows: Optional[str], data_format: str):
     return data.subset(torch.arange(lo, hi)), lo
 
 
-def _load_model_dir(path: str, device, command: str):
+def _load_model_dir(path: str, device, command: str, rank: int = 0):
     from .models import load_model
     model, extra = load_model(Path(path).expanduser(), device=device)
     defense = extra.get("defense") if isinstance(extra, dict) else None
-    if isinstance(defense, dict) and defense.get("name") == "dynanoise":
+    if isinstance(defense, dict) and defense.get("name") == "dynanoise" and rank == 0:
         print(f"oni {command}: note: {path} holds a DynaNoise defense, whose answers add "
               f"random noise and a temperature to its network's at each query; the solvers "
               f"take the network alone (the undefended model it wraps)", file=sys.stderr)
@@ -1089,7 +1089,7 @@ def _join_ranks(args) -> int:
     return dist.get_rank()
 
 
-def _model_and_rows(args, command: str):
+def _model_and_rows(args, command: str, rank: int = 0):
     """(device, model, data, x on the device, the index of x's first row in DATA) for
     `oni shapley` and `oni noise`."""
     import torch
@@ -1099,7 +1099,7 @@ def _model_and_rows(args, command: str):
     device = _resolve_device(args.device, "--device")
     _check_tf32_device(args.precision, device, "--precision",
                        f"--device resolved to {device}")
-    model = _load_model_dir(args.model_dir, device, command)
+    model = _load_model_dir(args.model_dir, device, command, rank)
     data, row_offset = _load_rows(args.data, args.rows, args.format)
     _check_width(model, data, args.model_dir)
     # data files load as float32; a model saved in another floating dtype (float64) gets its
@@ -1121,7 +1121,8 @@ def _model_labels(data, model, path: str):
     renumbered 0..k-1 by sorting those it holds, which names the model's classes only when
     it holds all of them (or names them in a ``classes`` array)."""
     width = getattr(model, "k", None)  # load_model's models are oni MLPs
-    if width is not None and data.k != width:
+    # a file labelled 0..m-1 keeps its labels (the renumbering is the identity)
+    if width is not None and data.k != width and data.classes != tuple(range(data.k)):
         raise ConfigError(f"--target label: {path} holds {data.k} classes ({_few(data.classes)})"
                           f" but the model has {width} outputs, so its labels, renumbered "
                           f"0..{data.k - 1}, do not name the model's classes; give --target "
@@ -1196,7 +1197,7 @@ def _cmd_shapley(args) -> int:
                         {"DATA": args.data, "MODEL_DIR": args.model_dir,
                          "--baseline": baseline_file, "--groups": args.groups})
     rank = _join_ranks(args)
-    device, model, data, x, row_offset = _model_and_rows(args, "shapley")
+    device, model, data, x, row_offset = _model_and_rows(args, "shapley", rank)
     groups = None
     if args.groups:
         # the ids' ranks: uint64 ids beyond int64 would wrap (and reorder) in an int64 cast
@@ -1209,8 +1210,12 @@ def _cmd_shapley(args) -> int:
     elif baseline_file:
         # rounded as the rows are (data files load as float32), so that a feature equal to
         # the baseline in the files is equal here too, and gets exactly 0
-        baseline = torch.from_numpy(_load_array(baseline_file, "--baseline")).float() \
-            .to(device, x.dtype)
+        values = _load_array(baseline_file, "--baseline")
+        if values.dtype.kind == "f" and np.isfinite(values).all() and \
+                np.abs(values).max(initial=0) > np.finfo(np.float32).max:
+            raise ConfigError(f"--baseline {baseline_file}: values beyond float32's range "
+                              f"(the data's), up to {np.abs(values).max():g}")
+        baseline = torch.from_numpy(values).float().to(device, x.dtype)
     target = args.target
     labels = None
     if target == "label":
@@ -1253,7 +1258,7 @@ def _cmd_noise(args) -> int:
     _check_output_paths({"--out": args.out, "--details": args.details},
                         {"DATA": args.data, "MODEL_DIR": args.model_dir, "--phi": args.phi})
     rank = _join_ranks(args)
-    device, model, data, x, row_offset = _model_and_rows(args, "noise")
+    device, model, data, x, row_offset = _model_and_rows(args, "noise", rank)
     phi = None
     if args.phi:
         phi = torch.from_numpy(_load_array(args.phi, "--phi", "f")).to(device, x.dtype)
@@ -1388,7 +1393,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--rows", metavar="START:STOP",
                         help="process only these rows of DATA, e.g. 0:1000, :1000 or 1000: "
                              "(default: all); each row gets the walks and starts it gets in "
-                             "a run over all rows, so pieces join into that run's result")
+                             "a run over all rows, so pieces join into that run's result "
+                             "(not with --baseline mean: the mean of the selected rows)")
     common.add_argument("--seed", type=int, default=0,
                         help="seed of the permutation walks (and of the noise solver's "
                              "random starts); default 0")
@@ -1412,8 +1418,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="permutation walks per row (antithetic pairs; default 100)")
     shap.add_argument("--target", default="pred",
                       help="the explained class: pred (the model's prediction, default), "
-                           "label (DATA's label; DATA must hold all the model's classes, or "
-                           "name them in an .npz 'classes' array) or a class index")
+                           "label (DATA's label; DATA must hold all the model's classes, be "
+                           "labelled 0..m-1, or name them in an .npz 'classes' array) or a "
+                           "class index")
     shap.add_argument("--baseline", default="zero",
                       help="the reference input: zero (default), mean (the mean of the "
                            "selected rows) or a .npy file holding a [d] vector or a [B, d] "

@@ -247,8 +247,8 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
         still feasible); ``backend="auto"``;
         ``precision="float32"``: the arithmetic of the batched model evaluations of the
         Shapley walks and of the noise solver's search passes, an explicit opt-in
-        (``"tf32"`` on CUDA, ``"bf16"``; see :func:`oni.shapley_values` and
-        :func:`oni.optimal_noise`: the solver's polish and verdict stay float32).
+        (``"tf32"`` on CUDA, ``"bf16"``; float32 models only; see :func:`oni.shapley_values`
+        and :func:`oni.optimal_noise`: the solver's polish and verdict stay float32).
     ``dynanoise`` (:class:`DynaNoise`)
         ``sigma0_sq=0.3``, ``lambda=2.0``, ``temperature=10.0``, ``draws=1``: the DynaNoise
         paper's defaults. ``draws`` is at most 10,000 (each query draws ``draws x N x k``
@@ -690,6 +690,11 @@ def defend(
         if base_dtype is not None and base_dtype not in (torch.float32, torch.float64):
             raise TypeError(f"base_model holds {base_dtype} parameters; the defenses train "
                             f"and query float32 or float64 models")
+        if name == "oni" and base_dtype == torch.float64 and cfg["precision"] != "float32":
+            raise ValueError(f"config['precision'] = {cfg['precision']!r} of 'oni' trades "
+                             f"float32 arithmetic for speed, but base_model is float64, "
+                             f"which neither TF32 nor bfloat16 autocast touches: use "
+                             f"'float32', or a float32 base_model")
         if base_dtype is not None:
             x, x_test, x_ref = (
                 None if t is None else

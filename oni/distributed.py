@@ -71,8 +71,9 @@ def shapley_values(model, x: Tensor, baseline=None, *, group=None, row_offset: i
     in a larger batch, as for :func:`oni.shapley_values` (each rank adds its shard's)."""
     if world(group)[1] == 1:
         return _shapley(model, x, baseline, row_offset=row_offset, **kwargs)
-    row_offset = check_row_offset(row_offset, 0)
-    x, kwargs = _check_sharded_call(x, kwargs, "shapley_values", group)
+    x, kwargs = _check_sharded_call(x, {**kwargs, "row_offset": row_offset}, "shapley_values",
+                                    group)
+    row_offset = kwargs.pop("row_offset")
     grouping = _check_groups(kwargs.get("groups"), x)
     n_players = x.shape[1] if grouping is None else grouping[1]
 
@@ -96,11 +97,11 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, row_offset: int = 0
     ``row_offset`` as for :func:`shapley_values`."""
     if world(group)[1] == 1:
         return _optimal_noise(model, x, phi, row_offset=row_offset, **kwargs)
-    row_offset = check_row_offset(row_offset, 0)
     if isinstance(phi, ShapleyResult) and phi.groups is None:  # (a grouped one is refused)
         phi = phi.values
-    x, kwargs = _check_sharded_call(x, {**kwargs, "phi": phi}, "optimal_noise", group)
-    phi = kwargs.pop("phi")
+    x, kwargs = _check_sharded_call(x, {**kwargs, "phi": phi, "row_offset": row_offset},
+                                    "optimal_noise", group)
+    phi, row_offset = kwargs.pop("phi"), kwargs.pop("row_offset")
     n, d = x.shape
 
     def solve(rows: slice) -> NoiseResult:
@@ -135,6 +136,7 @@ def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict
         checked_x = _check_inputs(x)
         n = checked_x.shape[0]
         checked = _whole_batch_rows(kwargs, n)
+        checked["row_offset"] = check_row_offset(kwargs["row_offset"], n)
         phi = checked.get("phi")
         if isinstance(phi, Tensor) and tuple(phi.shape) != tuple(checked_x.shape):
             raise ValueError(f"phi must be [N, d] = {list(checked_x.shape)} like x, got "
@@ -144,7 +146,7 @@ def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict
         return checked_x, checked
 
     x, kwargs = _agreed(check, None, group)
-    _check_same_x(x, group)
+    _check_same_x(x, kwargs["row_offset"], group)
     return x, kwargs
 
 
@@ -163,18 +165,23 @@ def _whole_batch_rows(kwargs: dict, n: int, label: str = "{}") -> dict:
     return checked
 
 
-def _check_same_x(x: Tensor, group) -> None:
-    """Every rank must pass the same x: its shape and two wrapping integer sums of its bits
-    (plain and position-weighted) must agree on all ranks, or every rank raises."""
+def _check_same_x(x: Tensor, row_offset: int, group) -> None:
+    """Every rank must pass the same x and row_offset: x's shape, two wrapping integer sums
+    of its bits (plain and position-weighted) and the offset must agree on all ranks, or
+    every rank raises."""
     bits = x.detach().contiguous().view(-1)
     bits = bits.view(torch.int64 if bits.element_size() == 8 else torch.int32).long()
     weights = torch.arange(1, bits.numel() + 1, device=x.device) % 1_000_003
     meta = torch.stack([torch.tensor(x.shape[0], device=x.device),
                         torch.tensor(x.shape[1], device=x.device),
-                        bits.sum(), (bits * weights).sum()]).to(_vote_device(group))
+                        bits.sum(), (bits * weights).sum(),
+                        torch.tensor(row_offset, device=x.device)]).to(_vote_device(group))
     low, high = meta.clone(), meta.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if low[4] != high[4]:
+        raise ValueError(f"row_offset differs across the ranks ({int(low[4])} to "
+                         f"{int(high[4])}): every rank must pass the same whole batch")
     if not torch.equal(low, high):
         raise ValueError(f"x differs across the ranks (shapes from [{int(low[0])}, "
                          f"{int(low[1])}] to [{int(high[0])}, {int(high[1])}], or the values): "

@@ -301,7 +301,8 @@ def _false_positive_note(n_non: int) -> str:
         parts.append(f"{name} counts only thresholds with no false positive at all"
                      if allowed == 0 else f"{name} allows at most {allowed} false "
                                           f"positive{'s' if allowed > 1 else ''}")
-    return f"With {n_non} non-members in the target set, " + "; ".join(parts) + "."
+    members = "non-member" if n_non == 1 else "non-members"
+    return f"With {n_non} {members} in the target set, " + "; ".join(parts) + "."
 
 
 def _markdown(results, figures: Mapping[str, Optional[str]]) -> str:

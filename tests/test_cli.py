@@ -769,6 +769,11 @@ def test_solver_commands_findings_of_the_fuzz_pass(model_and_data, tmp_path, mon
     code, cap = run("shapley", None, tmp_path / "subset.npz", "--out", out, "--target", "label")
     assert code == 2 and "--target label: " in cap.err and "holds 2 classes (1, 2) but the " \
         "model has 3 outputs" in cap.err, cap.err
+    first = data.subset(torch.nonzero(data.y < 2).squeeze(1))  # labelled 0 and 1: as is
+    oni.save_npz(oni.data.Dataset(first.x, first.y, (0, 1), "first"), tmp_path / "first.npz")
+    code, cap = run("shapley", None, tmp_path / "first.npz", "--out", out, "--target", "label",
+                    "--n-permutations", "2")
+    assert code == 0, cap.err
     code, cap = run("shapley", None, root / "data.npz", "--out", out, "--target", "3")
     assert code == 2 and "--target 3: the model has 3 classes, 0..2" in cap.err
     # --rows pieces join into the whole run (noise: its random starts are per row too)
@@ -792,6 +797,10 @@ def test_solver_commands_findings_of_the_fuzz_pass(model_and_data, tmp_path, mon
     assert run("shapley", tmp_path / "model64", tmp_path / "x64.npz", "--out", out,
                "--baseline", tmp_path / "b64.npy", "--n-permutations", "8")[0] == 0
     assert (np.load(out)[0, ::2] == 0).all()
+    np.save(tmp_path / "huge.npy", np.full(12, 1e300))  # was rounded to inf, then "NaN or Inf"
+    code, cap = run("shapley", tmp_path / "model64", tmp_path / "x64.npz", "--out", out,
+                    "--baseline", tmp_path / "huge.npy")
+    assert code == 2 and "values beyond float32's range (the data's), up to 1e+300" in cap.err
     # '~' in an output path is the home directory, as in the checks
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

@@ -653,6 +653,16 @@ def test_a_float64_base_model_serves_every_defense(data):
         assert next(dm.model.parameters()).dtype == torch.float64, name
 
 
+def test_oni_refuses_a_float32_precision_opt_in_on_a_float64_base_model(data):
+    """It ran in float64 as if float32 had been asked for (a silent no-op), then, from the
+    solvers, blamed x, which was float32."""
+    x, y, _, _ = data
+    base = MLP(D, K, HIDDEN).double()
+    with pytest.raises(ValueError, match=r"config\['precision'\] = 'bf16' of 'oni' .*"
+                                         r"base_model is float64"):
+        defend("oni", x, y, train_config=TRAIN, base_model=base, config={"precision": "bf16"})
+
+
 def test_a_half_precision_base_model_is_refused(data):
     """A bfloat16 f had x rounded to bfloat16 by some defenses and refused by others."""
     x, y, _, _ = data

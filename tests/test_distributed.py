@@ -85,7 +85,9 @@ def _worker(rank, size, store, out, phi):
                 ("short_phi", lambda: oni.distributed.optimal_noise(
                     model, x, phi.values[:shard(13, 0, size).stop], **NOISE)),
                 ("other_x", lambda: oni.distributed.shapley_values(
-                    model, x + (rank == 1), n_permutations=2))):
+                    model, x + (rank == 1), n_permutations=2)),
+                ("other_offset", lambda: oni.distributed.shapley_values(
+                    model, x, n_permutations=2, row_offset=rank))):
             try:
                 call()
                 res[key] = "none"
@@ -101,6 +103,14 @@ def _worker(rank, size, store, out, phi):
             res["failure"] = f"other rank: {err}"
         except ValueError as err:
             res["failure"] = f"own: {err}"
+        # a bad row_offset on one rank: every rank raises (the others waited in the gather)
+        try:
+            oni.distributed.optimal_noise(model, x, phi, **NOISE, row_offset=-1 if rank else 0)
+            res["bad_offset"] = "none"
+        except OtherRankFailed as err:
+            res["bad_offset"] = f"other rank: {err}"
+        except ValueError as err:
+            res["bad_offset"] = f"own: {err}"
         # one row: the ranks without rows never run the check that fails on rank 0
         try:
             oni.distributed.shapley_values(model, x[:1], n_permutations=0)
@@ -166,6 +176,10 @@ def test_ranks_give_the_single_process_answer(tmp_path, size):
                                               "(N = 13)")
         assert got["short_phi"].startswith("phi must have one entry per row of x (N = 13)")
         assert got["other_x"].startswith("x differs across the ranks")
+        assert got["other_offset"].startswith(f"row_offset differs across the ranks (0 to "
+                                              f"{size - 1})")
+        assert got["bad_offset"].startswith("own: " if rank else "other rank: ")
+        assert "row_offset must be >= 0, got -1" in got["bad_offset"]
         last = size - 1
         lo = shard(13, last, size).start
         located = (f"rank {last}, rows {lo}:13 of the batch (row indices below count from "
