@@ -1119,7 +1119,7 @@ def _model_and_rows(args, command: str, rank: int = 0):
 def _model_labels(data, model, path: str):
     """DATA's labels as the model's class indices, for --target label. A file's labels are
     renumbered 0..k-1 by sorting those it holds, which names the model's classes only when
-    it holds all of them (or names them in a ``classes`` array)."""
+    it holds all of them, names them in a ``classes`` array, or was labelled 0..m-1."""
     width = getattr(model, "k", None)  # load_model's models are oni MLPs
     # a file labelled 0..m-1 keeps its labels (the renumbering is the identity)
     if width is not None and data.k != width and data.classes != tuple(range(data.k)):
