@@ -240,10 +240,10 @@ class StageStore:
         return record
 
     def adopt(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
-              ) -> None:
+              ) -> dict:
         """Rewrites a finished stage's record of ``_ADOPTED_VERSION`` as today's (its files,
         facts and times kept; its old hash kept as ``adopted_from``, which the records of
-        its children name until they are adopted too)."""
+        its children name until they are adopted too) and returns it, as a reader sees it."""
         record = self.record(name)
         record.update(version=_STAGE_VERSION, hash=digest, settings=dict(settings),
                       parents=dict(parents),
@@ -251,6 +251,7 @@ class StageStore:
         record = json.loads(_json_bytes(record))
         write_atomic(self.path(name) / _RECORD, _json_bytes({**record,
                                                            "sha256": _record_digest(record)}))
+        return record
 
     def write_npz(self, name: str, rel: str, arrays: Mapping[str, np.ndarray]) -> str:
         write_atomic(self.path(name) / rel, _npz_bytes(arrays))
@@ -533,7 +534,7 @@ class _Experiment:
         # every stage's models have the target's widths (shadows too, unless set apart)
         sizes = cfgmod.config_subset(self.config, ("model.hidden", *size_keys))
         st = _Stage(name, kind, describe, settings, parent_hashes, sizes=sizes)
-        st.hash = cfgmod.stage_hash(kind, settings, sorted(parent_hashes.values()))
+        st.hash = cfgmod.stage_hash(kind, settings, parent_hashes.values())
         st.settings_as_today = settings_as_today
         return st
 
@@ -548,8 +549,7 @@ class _Experiment:
             parents = {parent: self.hashes[parent]
                        if digest == self.adopted_from.get(parent) else digest
                        for parent, digest in record.get("parents", {}).items()}
-            return settings, parents, cfgmod.stage_hash(st.kind, settings,
-                                                        sorted(parents.values()))
+            return settings, parents, cfgmod.stage_hash(st.kind, settings, parents.values())
         return read
 
     def _run(self, st: _Stage, compute: Callable[[Path], Tuple[List[str], dict]]) -> dict:
@@ -561,8 +561,7 @@ class _Experiment:
         if done:
             record = self.store.record(st.name)
             if record["version"] == _ADOPTED_VERSION:
-                self.store.adopt(st.name, st.hash, st.settings, st.parents)
-                record = self.store.record(st.name)
+                record = self.store.adopt(st.name, st.hash, st.settings, st.parents)
             self.log(f"{where}: done earlier, reused")
             if "adopted_from" in record:
                 self.adopted_from[st.name] = record["adopted_from"]["hash"]

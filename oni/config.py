@@ -33,7 +33,8 @@ import re
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 from ._checks import MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED
 
@@ -706,9 +707,10 @@ def config_subset(config: Mapping, keys: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def stage_hash(kind: str, subset: Mapping[str, Any], parents: Sequence[str] = ()) -> str:
-    """A short hash of a stage's kind, the settings it depends on and its parents' hashes."""
-    blob = json.dumps({"kind": kind, "settings": _plain(subset), "parents": list(parents)},
+def stage_hash(kind: str, subset: Mapping[str, Any], parents: Iterable[str] = ()) -> str:
+    """A short hash of a stage's kind, the settings it depends on and its parents' hashes
+    (a set: taken in sorted order)."""
+    blob = json.dumps({"kind": kind, "settings": _plain(subset), "parents": sorted(parents)},
                       sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

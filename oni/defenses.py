@@ -489,10 +489,11 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
     TypeError
         A tensor argument is not a Tensor.
     ValueError
-        A tensor on the meta device; ``logits`` not a floating ``[b, k]`` with ``b, k >= 1`` or not finite; ``y`` not
-        ``[b]`` integer class indices in ``[0, k)``; ``log_soft_labels`` not floating of
-        ``logits``' shape, holding NaN or ``+inf``, or with rows whose probabilities do not
-        sum to 1; tensors on different devices; ``alpha`` or ``kl_direction`` out of range.
+        A tensor on the meta device; ``logits`` not a floating ``[b, k]`` with
+        ``b, k >= 1`` or not finite; ``y`` not ``[b]`` integer class indices in ``[0, k)``;
+        ``log_soft_labels`` not floating of ``logits``' shape, holding NaN or ``+inf``, or
+        with rows whose probabilities do not sum to 1; tensors on different devices;
+        ``alpha`` or ``kl_direction`` out of range.
     """
     alpha = _number(0.0, 1.0)(alpha, "alpha")
     _choice(_KL_DIRECTIONS)(kl_direction, "kl_direction")
