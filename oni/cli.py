@@ -46,7 +46,9 @@ import numpy as np
 
 from . import config as cfgmod
 from .config import ConfigError
-from .report import build_report, render_report, write_atomic, write_rendered
+from .models import _fsync_dir
+from .report import (FINISHING, build_report, render_report, results_from_json,
+                     results_json_bytes, write_atomic, write_rendered)
 
 __all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused"]
 
@@ -875,24 +877,29 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
             write_atomic(run_dir / "config.yaml", config_bytes)
         results, roc = _Experiment(config, run_dir, log, progress and not quiet).run()
         results["wall_seconds"] = time.perf_counter() - wall_start
-        results_bytes, roc_bytes = _json_bytes(results), _npz_bytes(roc)
+        results_bytes = results_json_bytes(results, default=_json_default)
+        roc_bytes = _npz_bytes(roc)
         # the report is checked and rendered from the results as a reader will see them,
         # before any file is replaced: a refusal leaves the last run's files as they were
         try:
-            rendered = render_report(run_dir, json.loads(results_bytes), roc)
+            rendered = render_report(run_dir, results_from_json(results_bytes), roc)
         except ValueError as err:
             raise ResultsRefused(f"the report's checks refuse the results this run made: "
                                  f"{err}. The stages are saved and the last run's results "
                                  f"and report are as they were. This is a bug in oni or a "
                                  f"setting it does not check: please report it") from None
         try:
-            # an interrupt waits for the writes, so the files stay one run's (an I/O error
-            # part way can still leave a mix)
+            # an interrupt waits for the writes, so the files stay one run's; a kill, power
+            # loss or I/O error part way leaves FINISHING, and oni report refuses the mix
             with _interrupts_deferred():
+                write_atomic(run_dir / FINISHING, b"oni run is replacing this directory's "
+                             b"results files; if it is still here, run it again\n")
                 write_atomic(run_dir / "roc.npz", roc_bytes)
                 write_rendered(rendered)
                 write_atomic(run_dir / "results.json", results_bytes)
                 write_atomic(run_dir / "config.yaml", config_bytes)  # last: it names them
+                (run_dir / FINISHING).unlink()
+                _fsync_dir(run_dir)
         except KeyboardInterrupt as err:
             err.results_written = run_dir  # the run is complete: main says so
             raise
@@ -924,7 +931,7 @@ def _interrupts_deferred():
 
 # what `oni run` writes in its directory; any other entry means the directory is not a run's
 _RUN_ENTRIES = {".lock", "config.yaml", "stages", "results.json", "results.csv", "roc.npz",
-                "report.md", "figures"}
+                "report.md", "figures", FINISHING}
 
 
 def _check_run_dir(run_dir: Path) -> None:

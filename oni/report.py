@@ -32,7 +32,8 @@ import numpy as np
 
 from .models import _fsync_dir
 
-__all__ = ["write_atomic", "build_report", "results_rows", "CSV_COLUMNS", "FIGURES"]
+__all__ = ["write_atomic", "build_report", "results_rows", "results_json_bytes",
+           "results_from_json", "CSV_COLUMNS", "FIGURES", "FINISHING"]
 
 #: the columns of results.csv: one row per defense x attack
 CSV_COLUMNS = ("defense", "attack", "train_acc", "test_acc", "generalization_gap", "midput",
@@ -50,7 +51,48 @@ FIGURES = {
 }
 
 
+#: present in a run directory while ``oni run`` replaces its results files, one by one:
+#: a run killed there (kill -9, power loss, a full disk) leaves it, and the files may then
+#: come from two runs
+FINISHING = ".finishing"
+
+# strict JSON has no infinities or NaN (JavaScript, jq and most parsers refuse Python's
+# bare Infinity): they are written as these strings and read back as floats
+_NONFINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
 # ----------------------------------------------------------------------------- files
+
+def results_json_bytes(results: Mapping, default=None) -> bytes:
+    """``results`` as strict JSON (UTF-8, indented): an infinite or NaN float is written as
+    the string ``"Infinity"``, ``"-Infinity"`` or ``"NaN"``; ``default`` serialises other
+    types as in :func:`json.dumps`."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        if isinstance(value, Mapping):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(item) for item in value]
+        if default is not None and not isinstance(value, (str, int, float, bool, type(None))):
+            return strict(default(value))
+        return value
+    return (json.dumps(strict(results), indent=1, allow_nan=False) + "\n").encode()
+
+
+def results_from_json(text) -> Any:
+    """What :func:`results_json_bytes` wrote, with its non-finite strings as floats again
+    (an older run's bare ``Infinity`` is read as well)."""
+    def restore(value):
+        if isinstance(value, str):
+            return _NONFINITE.get(value, value)
+        if isinstance(value, dict):
+            return {key: restore(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [restore(item) for item in value]
+        return value
+    return restore(json.loads(text))
+
 
 def write_atomic(path: os.PathLike, data: bytes) -> Path:
     """Writes ``data`` to ``path`` atomically: a temporary file in the same directory,
@@ -72,7 +114,11 @@ def write_atomic(path: os.PathLike, data: bytes) -> Path:
 
 
 def _load(run_dir: Path):
-    results = json.loads((run_dir / "results.json").read_text())
+    if (run_dir / FINISHING).exists():
+        raise _Unfinished(f"{run_dir}: the last `oni run` here was stopped while replacing "
+                          f"its results files, so they may come from two runs; run it "
+                          f"again (its stages are saved: it only rewrites the results)")
+    results = results_from_json((run_dir / "results.json").read_text())
     if not (run_dir / "roc.npz").is_file():  # oni run writes both (a curve per attack)
         raise ValueError("roc.npz is missing")
     with np.load(run_dir / "roc.npz", allow_pickle=False) as data:
@@ -503,12 +549,20 @@ def _check_roc(roc: Mapping[str, np.ndarray], key: str) -> None:
                          f"points; a curve has one tpr per fpr")
 
 
+class _Unfinished(ValueError):
+    """The run directory's results files may come from two runs."""
+
+
 def build_report(run_dir: os.PathLike) -> Path:
     """Writes ``results.csv``, ``figures/*.png`` and ``report.md`` of a run directory from
-    its ``results.json`` and ``roc.npz``; returns the path of ``report.md``."""
+    its ``results.json`` and ``roc.npz``; returns the path of ``report.md``. A ValueError
+    says the two are damaged, not what `oni run` writes, or left by a run stopped while it
+    replaced them (:data:`FINISHING`)."""
     run_dir = Path(run_dir)
     try:
         results, roc = _load(run_dir)
+    except _Unfinished as err:
+        raise ValueError(str(err)) from None
     # JSON, UTF-8, npz damage; JSON nested deeper than Python's recursion limit
     except (ValueError, EOFError, zipfile.BadZipFile, RecursionError) as err:
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "

@@ -1089,6 +1089,73 @@ def test_an_interrupt_while_the_files_are_written_waits_for_them(
     assert not (out / "figures" / "lira_roc.png").exists()  # the new run has no LiRA
 
 
+def test_a_run_stopped_while_the_files_are_written_is_refused_by_the_report(
+        small_reference, tiny_yaml, tmp_path, monkeypatch, capsys):
+    """A write that fails part way (a full disk; a kill -9 there acts the same) left
+    roc.npz of the new run beside results.json of the old, and oni report rebuilt a report
+    from the mix. The run now leaves .finishing there, the report refuses, and the same run
+    again rewrites the set (its stages reused)."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    write = reportmod.write_atomic
+
+    def write_until_full(path, data):
+        if path.name == "report.md":
+            raise OSError(28, "No space left on device", str(path))
+        return write(path, data)
+
+    monkeypatch.setattr(reportmod, "write_atomic", write_until_full)
+    args = _small(tiny_yaml, out, "attacks.run=[metric_loss]")
+    assert _run(args) != 0
+    capsys.readouterr()
+    assert (out / reportmod.FINISHING).is_file()
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stopped while replacing its results files" in err and "Traceback" not in err, err
+    monkeypatch.setattr(reportmod, "write_atomic", write)
+    assert _run(args) == 0  # the directory is still a run's, and the run finishes the set
+    assert not (out / reportmod.FINISHING).exists()
+    assert all(s["reused"] for s in _results(out)["stages"].values())
+    assert list(_results(out)["attacks"]["undefended"]) == ["metric_loss"]
+    assert cli.main(["report", str(out)]) == 0
+
+
+def test_results_json_is_strict_json(small_reference, tmp_path, capsys):
+    """A threshold that calls nobody a member was written as a bare Infinity, which
+    JavaScript, jq 1.6 and other strict parsers refuse; it is now the string "Infinity",
+    read back as a float by the report (and an older run's bare Infinity still is)."""
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    results = _results(out)
+    metrics = results["attacks"]["undefended"]["metric_loss"]["metrics"]
+    metrics["threshold"], metrics["oracle_threshold"] = float("inf"), float("-inf")
+    results["config"]["note"] = {"values": (float("nan"), 1.5)}
+    data = reportmod.results_json_bytes(results)
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    strict = json.loads(data, parse_constant=refuse)
+    assert strict["attacks"]["undefended"]["metric_loss"]["metrics"]["threshold"] == "Infinity"
+    back = reportmod.results_from_json(data)
+    back_metrics = back["attacks"]["undefended"]["metric_loss"]["metrics"]
+    assert back_metrics["threshold"] == float("inf")
+    assert back_metrics["oracle_threshold"] == float("-inf")
+    assert np.isnan(back["config"]["note"]["values"][0])
+    assert back["config"]["note"]["values"][1:] == [1.5]
+    del results["config"]["note"]
+    for text in (reportmod.results_json_bytes(results), json.dumps(results).encode()):
+        (out / "results.json").write_bytes(text)  # the second: an older run's bare Infinity
+        assert cli.main(["report", str(out)]) == 0, capsys.readouterr().err
+        rows = (out / "results.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        loss = next(row.split(",") for row in rows[1:] if row.startswith("undefended,metric_loss"))
+        assert loss[header.index("threshold")] == "inf"
+        assert loss[header.index("oracle_threshold")] == "-inf"
+    # what oni run itself writes is strict
+    json.loads((small_reference / "results.json").read_text(), parse_constant=refuse)
+
+
 def test_a_stage_error_names_the_stage_and_its_config_keys(tiny_yaml, tmp_path, capsys):
     """The library's message named `config.lr` for a divergence caused by
     defenses.uniform.eps (the run's own keys were nowhere)."""
