@@ -1,6 +1,7 @@
 """Argument checks shared by the public modules: one place for the messages users see."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -14,14 +15,54 @@ def is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def check_int(value, name: str, minimum: int) -> int:
+def check_int(value, name: str, minimum: int, maximum: float = math.inf) -> int:
     """``value`` as an int, or a TypeError (not an int; bools are refused) / ValueError
-    (below ``minimum``) naming the argument."""
+    (below ``minimum`` or above ``maximum``) naming the argument."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def check_number(value, name: str, low: float = -math.inf, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False, why: str = "") -> float:
+    """``value`` as a float, or a TypeError (not a real number; bools are refused) /
+    ValueError (NaN, infinite, or outside the bounds; ``why`` follows the bounds) naming
+    the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float64's range
+        value = math.inf
+    outside = (value <= low if low_open else value < low) or \
+        (value >= high if high_open else value > high)
+    if not math.isfinite(value) or outside:
+        raise ValueError(f"{name} must be a finite number"
+                         f"{_bounds(low, high, low_open, high_open)}{why}, got {value}")
+    return value
+
+
+def _bounds(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    # an infinite bound is left out: "in [0.0, inf]" reads as if inf were allowed
+    if math.isfinite(low) and math.isfinite(high):
+        return (f" in {'(' if low_open else '['}{_show(low)}, {_show(high)}"
+                f"{')' if high_open else ']'}")
+    if math.isfinite(low):
+        return f" {'>' if low_open else '>='} {_show(low)}"
+    if math.isfinite(high):
+        return f" {'<' if high_open else '<='} {_show(high)}"
+    return ""
+
+
+def _show(bound: float) -> str:
+    # in full (log 3 = 1.0986122886681098 is the bound to the last bit), but not
+    # 3.4028234663852877e+37
+    text = repr(float(bound))
+    return text if "e" not in text else f"{bound:.4g}"
 
 
 MAX_SEED = 2 ** 63  # seeds are signed 64-bit integers in torch's generators and our hashes
@@ -31,6 +72,7 @@ MAX_SEED = 2 ** 63  # seeds are signed 64-bit integers in torch's generators and
 # dtype and fails mid-training with an overflow error when they do not fit.
 MAX_ADAM_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
 MAX_ADAM_WEIGHT_DECAY = float(torch.finfo(torch.float32).max)
+ADAM_FITS = " (Adam's update must fit float32)"  # what the two bounds above are for
 
 
 def check_seed(seed, name: str = "seed") -> int:

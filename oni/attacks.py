@@ -107,8 +107,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import (MAX_ADAM_LR, check_class_indices, check_finite, check_int as _check_int,
-                      check_seed, is_integer_dtype)
+from ._checks import (ADAM_FITS, MAX_ADAM_LR, check_class_indices, check_finite, check_int as _check_int,
+                      check_number, check_seed, is_integer_dtype)
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -221,15 +221,6 @@ def _check_widths(value, name: str) -> Tuple[int, ...]:
     return tuple(_check_int(w, f"{name}[{i}]", 1) for i, w in enumerate(value))
 
 
-def _check_positive(value, name: str, at_most: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
-            not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if value > at_most:
-        raise ValueError(f"{name} must be at most {at_most:.4g}, got {value!r}")
-    return float(value)
-
-
 def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
     """The attack's defaults overridden by ``config``, checked."""
     if config is None:
@@ -264,11 +255,9 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
             raise TypeError(f"config['global_variance'] must be True, False or None (auto), "
                             f"got {cfg['global_variance']!r}")
         return cfg
-    frac = cfg["calibration_fraction"]
-    if isinstance(frac, bool) or not isinstance(frac, numbers.Real) or not 0 <= frac < 1:
-        raise ValueError(f"config['calibration_fraction'] must be a number in [0, 1), got "
-                         f"{frac!r}")
-    cfg["calibration_fraction"] = float(frac)
+    cfg["calibration_fraction"] = check_number(cfg["calibration_fraction"],
+                                               "config['calibration_fraction']", 0.0, 1.0,
+                                               high_open=True)
     if cfg["fit_on"] not in ("shadow", "known"):
         raise ValueError(f"config['fit_on'] must be 'shadow' or 'known', got {cfg['fit_on']!r}")
     if name == "shadow":
@@ -281,8 +270,10 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
         cfg["attack_epochs"] = _check_int(cfg["attack_epochs"], "config['attack_epochs']", 1)
         cfg["attack_batch_size"] = _check_int(cfg["attack_batch_size"],
                                               "config['attack_batch_size']", 1)
-        cfg["weight_std"] = _check_positive(cfg["weight_std"], "config['weight_std']")
-        cfg["attack_lr"] = _check_positive(cfg["attack_lr"], "config['attack_lr']", MAX_ADAM_LR)
+        cfg["weight_std"] = check_number(cfg["weight_std"], "config['weight_std']", 0.0,
+                                         low_open=True)
+        cfg["attack_lr"] = check_number(cfg["attack_lr"], "config['attack_lr']", 0.0, MAX_ADAM_LR,
+                                        low_open=True, why=ADAM_FITS)
     else:
         if cfg["thresholds"] not in ("class", "global"):
             raise ValueError(f"config['thresholds'] must be 'class' or 'global', got "
@@ -290,7 +281,7 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
     if name == "label_only":
         cfg["n_queries"] = _check_int(cfg["n_queries"], "config['n_queries']", 1)
         if cfg["sigma"] is not None:
-            cfg["sigma"] = _check_positive(cfg["sigma"], "config['sigma']")
+            cfg["sigma"] = check_number(cfg["sigma"], "config['sigma']", 0.0, low_open=True)
         grid = cfg["sigma_grid"]
         if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid or \
                 any(isinstance(v, bool) or not isinstance(v, numbers.Real) or

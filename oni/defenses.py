@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import functools
 import math
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,7 +49,9 @@ from ._checks import (
     check_class_indices,
     check_finite,
     check_finite_weights,
+    check_int,
     check_not_meta,
+    check_number,
     first_bad_row,
     is_integer_dtype,
 )
@@ -107,29 +108,12 @@ _OPACUS_HINT = ("defend('dpsgd') needs the optional package opacus: pip install 
 
 def _number(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
             high_open: bool = False):
-    def check(value, name):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        value = float(value)
-        bad_low = value <= low if low_open else value < low
-        bad_high = value >= high if high_open else value > high
-        if not math.isfinite(value) or bad_low or bad_high:
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
-        return value
-    return check
+    return functools.partial(check_number, low=low, high=high, low_open=low_open,
+                             high_open=high_open)
 
 
 def _integer(minimum: int, maximum: float = math.inf):
-    def check(value, name):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-        if value > maximum:
-            raise ValueError(f"{name} must be <= {maximum}, got {value}")
-        return int(value)
-    return check
+    return functools.partial(check_int, minimum=minimum, maximum=maximum)
 
 
 def _choice(options: Tuple[str, ...]):

@@ -28,7 +28,7 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import (check_class_indices, check_finite, check_not_meta,
+from ._checks import (check_class_indices, check_finite, check_not_meta, check_number,
                       is_integer_dtype, tensor_to_numpy)
 from .shapley import _check_model_width
 from .train import _batched
@@ -120,12 +120,6 @@ def _check_membership(is_member, n: int, name: str = "is_member",
 def _check_pair(scores, is_member, scores_name="scores", member_name="is_member"):
     s = _check_scores(scores, scores_name)
     return s, _check_membership(is_member, len(s), member_name, scores_name)
-
-
-def _check_rate(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- utility
@@ -236,7 +230,8 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
 def generalization_gap(train_acc: float, test_acc: float) -> float:
     """``train_acc - test_acc`` (accuracies in [0, 1]): how much better the model does on the
     rows it was trained on, the signal membership inference exploits."""
-    return _check_rate(train_acc, "train_acc") - _check_rate(test_acc, "test_acc")
+    return (check_number(train_acc, "train_acc", 0.0, 1.0)
+            - check_number(test_acc, "test_acc", 0.0, 1.0))
 
 
 # ----------------------------------------------------------------------------- attacks
@@ -271,7 +266,7 @@ def tpr_at_fpr(scores, is_member, fpr: float) -> float:
     best an attacker does with one threshold that keeps its false-positive rate within the
     target. With ``n`` non-members, any target below ``1 / n`` only admits FPR 0.
     """
-    target = _check_rate(fpr, "fpr")
+    target = check_number(fpr, "fpr", 0.0, 1.0)
     s, m = _check_pair(scores, is_member)
     fprs, tprs, _ = _skm.roc_curve(m, s, drop_intermediate=False)
     return float(tprs[fprs <= target].max())  # (0, 0) is always a point: never empty
@@ -382,8 +377,8 @@ def _check_outcome(outcome, name: str) -> Tuple[float, Mapping[str, float]]:
         raise ValueError(f"{name}['balanced_attack_acc'] must be a non-empty dict "
                          f"{{attack_name: balanced accuracy}}, got {attacks!r}")
     for attack, value in attacks.items():
-        _check_rate(value, f"{name}['balanced_attack_acc'][{attack!r}]")
-    return _check_rate(outcome["test_acc"], f"{name}['test_acc']"), attacks
+        check_number(value, f"{name}['balanced_attack_acc'][{attack!r}]", 0.0, 1.0)
+    return check_number(outcome["test_acc"], f"{name}['test_acc']", 0.0, 1.0), attacks
 
 
 def midput(undefended: Mapping, defended: Mapping) -> float:

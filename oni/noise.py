@@ -11,7 +11,6 @@ items 2-4), plus the paper's uniform-noise baseline (item 6).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
@@ -20,8 +19,8 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import (check_finite as _check_finite, check_row_offset, check_seed,
-                      first_bad_row)
+from ._checks import (check_finite as _check_finite, check_number as _check_number,
+                      check_row_offset, check_seed, first_bad_row)
 from .models import SLOW_BF16_CPU, _native_bf16_cpu
 from .shapley import (
     ShapleyResult,
@@ -80,17 +79,6 @@ class NoiseResult:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_number(value, name: str, low: float = -math.inf, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or not low <= value <= high:
-        # (an infinite bound is left out: "in [0.0, inf]" read as if inf were allowed)
-        bounds = (f" in [{low}, {high}]" if math.isfinite(low) and math.isfinite(high) else
-                  f" >= {low}" if math.isfinite(low) else
-                  f" <= {high}" if math.isfinite(high) else "")
-        raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
-    return value
 
 
 # ----------------------------------------------------------------------------- eq. 7

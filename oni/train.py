@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +21,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import (MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
+from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
                       check_finite as _check_finite,
-                      check_int as _check_int, check_logits, is_integer_dtype,
+                      check_int as _check_int, check_logits, check_number, is_integer_dtype,
                       non_finite_parameter)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
@@ -127,19 +126,6 @@ class History:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_real(value, name: str, *, positive: bool, at_most: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
-                         f"got {value}")
-    if value > at_most:
-        raise ValueError(f"{name} must be at most {at_most:.4g} (Adam's update must fit "
-                         f"float32), got {value}")
-    return value
-
-
 def _check_config(config, name: str = "config") -> None:
     """A TrainConfig whose fields are in range; messages name it ``name`` (the argument
     that holds it: ``config``, ``train_config``)."""
@@ -147,9 +133,9 @@ def _check_config(config, name: str = "config") -> None:
         raise TypeError(f"{name} must be a TrainConfig, got {type(config).__name__}")
     _check_int(config.epochs, f"{name}.epochs", 1)
     _check_int(config.batch_size, f"{name}.batch_size", 1)
-    _check_real(config.lr, f"{name}.lr", positive=True, at_most=MAX_ADAM_LR)
-    _check_real(config.weight_decay, f"{name}.weight_decay", positive=False,
-                at_most=MAX_ADAM_WEIGHT_DECAY)
+    check_number(config.lr, f"{name}.lr", 0.0, MAX_ADAM_LR, low_open=True, why=ADAM_FITS)
+    check_number(config.weight_decay, f"{name}.weight_decay", 0.0, MAX_ADAM_WEIGHT_DECAY,
+                 why=ADAM_FITS)
     _check_seed(config.seed, f"{name}.seed")
     if not isinstance(config.device, (str, torch.device)):
         raise TypeError(f"{name}.device must be 'auto', a device string or a torch.device, "

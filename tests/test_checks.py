@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oni._checks import check_finite, check_int, first_bad_row
+import numpy as np
+
+from oni._checks import check_finite, check_int, check_number, first_bad_row
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -43,3 +45,34 @@ def test_check_int():
         check_int(True, "n", 0)
     with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         check_int(0, "n", 1)
+    assert check_int(np.int64(7), "n", 1, 7) == 7 and type(check_int(np.int64(7), "n", 1)) is int
+    with pytest.raises(ValueError, match="n must be <= 7, got 8"):
+        check_int(8, "n", 1, 7)
+
+
+def test_check_number():
+    """The one range check of every module's number arguments (each had its own, with its
+    own type error and bound wording)."""
+    assert check_number(1, "x", 0.0, 1.0) == 1.0 and type(check_number(1, "x")) is float
+    assert check_number(np.float32(0.5), "x", 0.0, 1.0) == 0.5
+    assert check_number(-1e300, "x") == -1e300
+    for value in (True, "0.5", None, torch.tensor(0.5), 1j):
+        with pytest.raises(TypeError, match="^x must be a number, got "):
+            check_number(value, "x")
+    cases = [
+        ((1.5, 0.0, 1.0), {}, r"x must be a finite number in \[0.0, 1.0\], got 1.5"),
+        ((0.0, 0.0, 1.0), {"low_open": True}, r"in \(0.0, 1.0\], got 0.0"),
+        ((1.0, 0.0, 1.0), {"high_open": True}, r"in \[0.0, 1.0\), got 1.0"),
+        # an infinite bound is left out, not shown as allowed
+        ((-1.0, 0.0), {}, r"x must be a finite number >= 0.0, got -1.0"),
+        ((0.0, 0.0), {"low_open": True}, r"x must be a finite number > 0.0, got 0.0"),
+        ((2.0, -float("inf"), 1.0), {}, r"x must be a finite number <= 1.0, got 2.0"),
+        ((float("inf"), 0.0), {}, r">= 0.0, got inf"),
+        ((float("nan"),), {}, r"^x must be a finite number, got nan$"),
+        ((10 ** 400, 0.0), {}, r">= 0.0, got inf"),  # float() of it overflows
+        ((1e38, 0.0, 3.4028234663852877e+37), {"why": " (fits float32)"},
+         r"in \[0.0, 3.403e\+37\] \(fits float32\), got 1e\+38"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_number(*args[:1], "x", *args[1:], **kwargs)

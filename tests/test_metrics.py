@@ -185,7 +185,8 @@ def test_inputs_are_validated(fn, scores, member, message):
 
 
 def test_other_argument_errors_name_the_argument():
-    with pytest.raises(ValueError, match="fpr must be a number in"):
+    with pytest.raises(ValueError,
+                       match=r"fpr must be a finite number in \[0.0, 1.0\], got 1.5"):
         metrics.tpr_at_fpr(*PERFECT, 1.5)
     with pytest.raises(ValueError, match="threshold must be a real number"):
         metrics.accuracy_at_threshold(*PERFECT, float("nan"))
@@ -322,7 +323,8 @@ def test_utility_report_on_a_hand_set_model():
 
 def test_generalization_gap():
     assert metrics.generalization_gap(0.9, 0.7) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="train_acc must be a number in"):
+    with pytest.raises(ValueError,
+                       match=r"train_acc must be a finite number in \[0.0, 1.0\], got 90.0"):
         metrics.generalization_gap(90.0, 0.7)
 
 
