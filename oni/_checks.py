@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from typing import Optional
 
 import numpy as np
@@ -64,6 +65,23 @@ def _show(bound: float) -> str:
     text = repr(float(bound))
     return text if "e" not in text else f"{bound:.4g}"
 
+
+# values in messages: a YAML alias can make a small file a huge structure (shared, so cheap
+# to hold, but not to print in full)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 80
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut to a line: at most 2 levels, 4 items each, 80 characters a
+    string."""
+    return _SHORT.repr(value)
+
+
+# the largest row count, feature count, class count or layer width oni takes: products of
+# two such sizes (and their bytes) stay inside torch's int64 counts, where larger ones
+# failed deep in torch with "Overflow when unpacking long long" and a C++ stack
+MAX_SIZE = 2 ** 31 - 1
 
 MAX_SEED = 2 ** 63  # seeds are signed 64-bit integers in torch's generators and our hashes
 

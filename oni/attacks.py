@@ -98,7 +98,6 @@ so :func:`run_attacks` trains them once and gives the same results as separate
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -107,8 +106,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import (ADAM_FITS, MAX_ADAM_LR, check_class_indices, check_finite, check_int as _check_int,
-                      check_number, check_seed, is_integer_dtype)
+from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_SIZE, check_class_indices, check_finite,
+                      check_int as _check_int, check_not_meta, check_number, check_seed,
+                      is_integer_dtype, short_repr)
 from .data import Dataset, Splits
 from .models import MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -218,7 +218,7 @@ def _check_widths(value, name: str) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of positive ints, got "
                         f"{type(value).__name__}")
-    return tuple(_check_int(w, f"{name}[{i}]", 1) for i, w in enumerate(value))
+    return tuple(_check_int(w, f"{name}[{i}]", 1, MAX_SIZE) for i, w in enumerate(value))
 
 
 def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
@@ -244,7 +244,7 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
         cfg["hidden"] = _check_widths(cfg["hidden"], "config['hidden']")
     if not isinstance(cfg["shadow_precision"], str) or cfg["shadow_precision"] not in PRECISIONS:
         raise ValueError(f"config['shadow_precision'] must be one of {PRECISIONS}, got "
-                         f"{cfg['shadow_precision']!r}")
+                         f"{short_repr(cfg['shadow_precision'])}")
     if name.startswith("lira"):
         k = cfg["n_shadows"]
         if k < 4 or k % 2:
@@ -253,13 +253,14 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
                              f"got {k}")
         if cfg["global_variance"] is not None and not isinstance(cfg["global_variance"], bool):
             raise TypeError(f"config['global_variance'] must be True, False or None (auto), "
-                            f"got {cfg['global_variance']!r}")
+                            f"got {short_repr(cfg['global_variance'])}")
         return cfg
     cfg["calibration_fraction"] = check_number(cfg["calibration_fraction"],
                                                "config['calibration_fraction']", 0.0, 1.0,
                                                high_open=True)
     if cfg["fit_on"] not in ("shadow", "known"):
-        raise ValueError(f"config['fit_on'] must be 'shadow' or 'known', got {cfg['fit_on']!r}")
+        raise ValueError(f"config['fit_on'] must be 'shadow' or 'known', got "
+                         f"{short_repr(cfg['fit_on'])}")
     if name == "shadow":
         for key in ("prediction_widths", "label_widths", "combined_widths"):
             cfg[key] = _check_widths(cfg[key], f"config[{key!r}]")
@@ -277,18 +278,17 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
     else:
         if cfg["thresholds"] not in ("class", "global"):
             raise ValueError(f"config['thresholds'] must be 'class' or 'global', got "
-                             f"{cfg['thresholds']!r}")
+                             f"{short_repr(cfg['thresholds'])}")
     if name == "label_only":
         cfg["n_queries"] = _check_int(cfg["n_queries"], "config['n_queries']", 1)
         if cfg["sigma"] is not None:
             cfg["sigma"] = check_number(cfg["sigma"], "config['sigma']", 0.0, low_open=True)
         grid = cfg["sigma_grid"]
-        if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid or \
-                any(isinstance(v, bool) or not isinstance(v, numbers.Real) or
-                    not math.isfinite(v) or v <= 0 for v in grid):
+        if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
             raise ValueError(f"config['sigma_grid'] must be a non-empty sequence of finite "
-                             f"numbers > 0, got {grid!r}")
-        cfg["sigma_grid"] = tuple(float(v) for v in grid)
+                             f"numbers > 0, got {short_repr(grid)}")
+        cfg["sigma_grid"] = tuple(check_number(v, f"config['sigma_grid'][{i}]", 0.0,
+                                               low_open=True) for i, v in enumerate(grid))
     return cfg
 
 
@@ -299,8 +299,22 @@ def _check_defense(defense) -> Optional[Tuple[str, Optional[dict]]]:
             not isinstance(defense[0], str) or \
             not (defense[1] is None or isinstance(defense[1], Mapping)):
         raise TypeError(f"defense must be None or a (name, config dict) pair, e.g. "
-                        f"('oni', {{}}), got {defense!r}")
+                        f"('oni', {{}}), got {short_repr(defense)}")
     return defense[0], None if defense[1] is None else dict(defense[1])
+
+
+def _check_adaptive(cfg, defense) -> None:
+    """The settings an adaptive attack (shadow models trained with ``defense``) refuses."""
+    if defense is None:
+        return
+    if cfg.get("fit_on") == "known":
+        raise ValueError("defense applies to shadow models, but config['fit_on'] = 'known' "
+                         "trains none (the attack fits on the target's own outputs); use "
+                         "fit_on='shadow' for an adaptive attack")
+    if cfg["shadow_precision"] != "float32":
+        raise ValueError(f"config['shadow_precision'] = {cfg['shadow_precision']!r} applies to "
+                         f"undefended shadows (oni.shadows.train_mlps_batched); the adaptive "
+                         f"attack trains its shadows with defense {defense[0]!r} in float32")
 
 
 def _check_inputs(target, data, splits, train_config, seed) -> None:
@@ -316,6 +330,8 @@ def _check_inputs(target, data, splits, train_config, seed) -> None:
     splits.check(data.n)
     if len(splits.target) == 0:
         raise ValueError("splits.target is empty: there is nothing to attack")
+    # here, or a target's predict_proba names the row by its place among the queried rows
+    check_finite(data.x, "data.x")
 
 
 def _shadow_hidden(cfg, target, data: Dataset) -> Tuple[int, ...]:
@@ -332,6 +348,12 @@ def _shadow_hidden(cfg, target, data: Dataset) -> Tuple[int, ...]:
     return tuple(model.hidden)
 
 
+def _prob_slack(dtype: torch.dtype) -> float:
+    """How far a row of probabilities may sum from 1: bfloat16 or float16 probabilities are
+    rounded each, so their rows stray further."""
+    return max(_PROB_SLACK, 4 * torch.finfo(dtype).eps)
+
+
 def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> Tensor:
     """``predict(x)`` checked to be ``[n, k]`` probabilities; float32 CPU."""
     probs = predict(x)
@@ -341,8 +363,7 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
                else type(probs).__name__)
         raise ValueError(f"{who}.predict_proba must return [n, k] = [{x.shape[0]}, {k}] "
                          f"floating probabilities, got {got}")
-    # bfloat16 or float16 probabilities are rounded each: their rows stray further from 1
-    slack = max(_PROB_SLACK, 4 * torch.finfo(probs.dtype).eps)
+    slack = _prob_slack(probs.dtype)
     probs = probs.detach().float().cpu()
     if not probs.numel():
         return probs
@@ -374,10 +395,6 @@ def _train_shadows(data: Dataset, index_sets: Tensor, seeds: List[int], hidden, 
         models = train_mlps_batched(data.d, data.k, hidden, index_sets, data.x, data.y,
                                     seeds=seeds, config=train_config, precision=precision)
         return [_UndefendedShadow(model) for model in models]
-    if precision != "float32":
-        raise ValueError(f"config['shadow_precision'] = {precision!r} applies to undefended "
-                         f"shadows (oni.shadows.train_mlps_batched); the adaptive attack "
-                         f"trains its shadows with defense {defense[0]!r} in float32")
     from .defenses import defend  # here: only adaptive attacks need the defenses
 
     name, defense_config = defense
@@ -447,6 +464,9 @@ def _reference_size(cfg, splits: Splits) -> int:
                                  f"'known' has only {m} rows per side (splits.known: "
                                  f"{len(splits.known)}, shadow pool: {len(pool)})")
             m = cfg["shadow_size"]
+            if m < 2:
+                raise ValueError(f"config['shadow_size'] = {m}, but fit_on='known' needs at "
+                                 f"least 2 members and 2 non-members")
         if m < 2:
             raise ValueError(f"fit_on='known' needs at least 2 rows in splits.known and in the "
                              f"shadow pool, got {len(splits.known)} and {len(pool)}")
@@ -472,10 +492,6 @@ def _build_reference(cfg, target, data: Dataset, splits: Splits, train_config, d
     frac = cfg["calibration_fraction"]
     probs, labels, member, fit = [], [], [], []
     if cfg["fit_on"] == "known":
-        if defense is not None:
-            raise ValueError("defense applies to shadow models, but config['fit_on'] = 'known' "
-                             "trains none (the attack fits on the target's own outputs); use "
-                             "fit_on='shadow' for an adaptive attack")
         m = _reference_size(cfg, splits)
         inside = splits.known[torch.randperm(len(splits.known), generator=gen)[:m]]
         outside = pool[torch.randperm(len(pool), generator=gen)[:m]]
@@ -628,15 +644,27 @@ def _check_probs_and_labels(probs, labels) -> None:
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels)}")
     if not is_integer_dtype(labels.dtype):
         raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
+    for tensor, name in ((probs, "probs"), (labels, "labels")):
+        if tensor.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {tensor.layout}")
+        check_not_meta(tensor, name)
     check_class_indices(labels, "labels", k)
     # probabilities (softmax outputs): NaN would pass silently into (or out of) the scores,
-    # and logits given by mistake would give entropies and losses of no meaning. The slack
-    # is _query's, which takes a predict_proba's rows summing to 1 within it.
+    # and logits or sigmoids given by mistake would give entropies and losses of no meaning.
+    # The slack is _query's, which takes a predict_proba's rows summing to 1 within it.
     check_finite(probs, "probs")
-    if probs.numel() and (float(probs.min()) < 0 or float(probs.max()) > 1 + _PROB_SLACK):
+    if not probs.numel():
+        return
+    if float(probs.min()) < 0 or float(probs.max()) > 1 + _PROB_SLACK:
         raise ValueError(f"probs must be probabilities in [0, 1] (softmax outputs, not "
                          f"logits), got values in [{float(probs.min()):g}, "
                          f"{float(probs.max()):g}]")
+    off = (probs.double().sum(-1) - 1).abs()
+    worst = np.unravel_index(int(off.argmax()), tuple(off.shape))
+    if float(off[worst]) > _prob_slack(probs.dtype):
+        at = ", ".join(str(int(i)) for i in worst)
+        raise ValueError(f"probs must be probabilities, rows summing to 1 (softmax outputs): "
+                         f"row [{at}] sums to {float(probs[worst].double().sum()):.6g}")
 
 def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     """Song & Mittal's per-row values, oriented so that higher = more likely a member.
@@ -657,10 +685,16 @@ def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
         ``[n]`` float64.
     """
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise ValueError(f"metric must be one of {METRICS}, got {short_repr(metric)}")
     _check_probs_and_labels(probs, labels)
     if probs.dim() != 2:
         raise ValueError(f"probs must be [n, k], got shape {tuple(probs.shape)}")
+    return _metric_values(metric, probs, labels)
+
+
+def _metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
+    """:func:`metric_values` of rows checked already (by ``_query``: a bfloat16 target's
+    rows were checked with bfloat16's slack before they became float32)."""
     p = probs.double()
     y = labels.long().unsqueeze(1)
     p_y = p.gather(1, y).squeeze(1)
@@ -713,8 +747,8 @@ def _fit_thresholds(values: Tensor, labels: Tensor, member: Tensor, k: int, mode
 
 def _metric_attack(metric: str, cfg, ref: _Reference, target_probs: Tensor,
                    target_labels: Tensor, k: int):
-    values = metric_values(metric, ref.probs, ref.labels)
-    target_values = metric_values(metric, target_probs, target_labels)
+    values = _metric_values(metric, ref.probs, ref.labels)
+    target_values = _metric_values(metric, target_probs, target_labels)
     if metric == "correctness":  # a 0/1 rule: no threshold to fit
         return target_values, _calibration(values, ref), {}
     fit = ref.fit
@@ -815,6 +849,11 @@ def scaled_logit(probs: Tensor, labels: Tensor) -> Tensor:
         ``[..., n]`` float64.
     """
     _check_probs_and_labels(probs, labels)
+    return _scaled_logit(probs, labels)
+
+
+def _scaled_logit(probs: Tensor, labels: Tensor) -> Tensor:
+    """:func:`scaled_logit` of rows checked already (see :func:`_metric_values`)."""
     p = probs.double()
     y = labels.long().expand(p.shape[:-1]).unsqueeze(-1)
     p_y = p.gather(-1, y).squeeze(-1)
@@ -830,9 +869,10 @@ def _shadow_phi(predictors, x: Tensor, labels: Tensor, k: int, device) -> Tensor
         if all(isinstance(p, _UndefendedShadow) for p in chunk):
             probs = torch.softmax(predict_logits_batched([p.model for p in chunk], x,
                                                          device=device), dim=2)
+            check_finite(probs, "the shadow models' probabilities")  # logits that overflow
         else:
             probs = torch.stack([_query(p, x, k, "shadow model") for p in chunk])
-        out.append(scaled_logit(probs, labels))
+        out.append(_scaled_logit(probs, labels))
     return torch.cat(out)
 
 
@@ -931,7 +971,7 @@ def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config
     device = _resolve_device(train_config.device)
 
     phi_pool = _shadow_phi(predictors, data.x[pool], data.y[pool], data.k, device)
-    observed = scaled_logit(target_probs, data.y[target_rows])
+    observed = _scaled_logit(target_probs, data.y[target_rows])
     if online:  # the target rows are the pool's first n_target rows
         phi_t, keep_t = phi_pool[:, :n_target], keep[:, :n_target]
     else:
@@ -952,8 +992,9 @@ def _lira(online: bool, cfg, target, data: Dataset, splits: Splits, train_config
 def _run(name: str, target, data: Dataset, splits: Splits, config, train_config, defense,
          seed: int, cache: Dict[tuple, _Reference]) -> AttackResult:
     if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
+        raise ValueError(f"unknown attack {short_repr(name)}; the attacks are {ATTACKS}")
     cfg = _resolve_config(name, config)
+    _check_adaptive(cfg, defense)
     target_x, target_y = data.x[splits.target], data.y[splits.target]
     target_probs = _query(target.predict_proba, target_x, data.k, "target")
     extra: Dict[str, Any] = {"config": dict(cfg), "defense": defense, "seed": seed}
@@ -1048,22 +1089,25 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
 
 
 def check_attack_sizes(names: Sequence[str], splits: Splits,
-                       configs: Optional[Mapping[str, Mapping]] = None) -> Dict[str, int]:
+                       configs: Optional[Mapping[str, Mapping]] = None, *,
+                       defense: Optional[Tuple[str, Optional[dict]]] = None) -> Dict[str, int]:
     """Checks that ``splits`` can hold the shadow models of the attacks ``names`` (each with
-    ``configs.get(name)``) before any model trains; :func:`run_attacks` does it first, and
-    ``oni run`` as soon as the splits are drawn (before the target trains).
+    ``configs.get(name)``, adaptive with ``defense`` as :func:`run_attack` takes it) before
+    any model trains; :func:`run_attacks` does it first, and ``oni run`` as soon as the
+    splits are drawn (before the target trains).
 
     Returns ``{name: m}``: the rows each shadow model trains on (LiRA: from a pool of 2m),
     or with ``fit_on='known'`` the members and the non-members the reference takes each.
-    Raises TypeError or ValueError for ``names`` or ``configs`` that are not as
+    Raises TypeError or ValueError for ``names``, ``configs`` or ``defense`` that are not as
     :func:`run_attacks` takes them, and, naming the attack, for settings an attack refuses
-    or a ``shadow_size`` (or its default) that the splits cannot hold.
+    (with ``defense`` too: ``fit_on='known'``, bf16 shadows) or a ``shadow_size`` (or its
+    default) that the splits cannot hold.
     """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"names must be a sequence of attack names, got {type(names).__name__}")
     for name in names:
         if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; the attacks are {ATTACKS}")
+            raise ValueError(f"unknown attack {short_repr(name)}; the attacks are {ATTACKS}")
     if len(set(names)) != len(names):
         raise ValueError(f"names lists an attack more than once: {list(names)}")
     configs = {} if configs is None else configs
@@ -1075,10 +1119,12 @@ def check_attack_sizes(names: Sequence[str], splits: Splits,
         raise ValueError(f"configs names attacks {stray} that are not in names {list(names)}")
     if not isinstance(splits, Splits):
         raise TypeError(f"splits must be an oni.data.Splits, got {type(splits).__name__}")
+    defense = _check_defense(defense)
     sizes = {}
     for name in names:
         try:
             cfg = _resolve_config(name, configs.get(name))
+            _check_adaptive(cfg, defense)
             sizes[name] = _lira_size(name == "lira_online", cfg, splits) \
                 if name.startswith("lira") else _reference_size(cfg, splits)
         except (TypeError, ValueError) as err:
@@ -1113,7 +1159,7 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
     """
     _check_inputs(target, data, splits, train_config, seed)
     defense = _check_defense(defense)
-    check_attack_sizes(names, splits, configs)  # settings and sizes before any training
+    check_attack_sizes(names, splits, configs, defense=defense)  # before any training
     configs = {} if configs is None else configs
     cache: Dict[tuple, _Reference] = {}
     return {name: _run(name, target, data, splits, configs.get(name), train_config, defense,

@@ -1019,6 +1019,7 @@ def _cmd_run(args) -> int:
         name = Path(args.config).stem if args.config else config["preset"]
         run_dir = Path("runs") / name
     if args.dry_run:
+        _check_device_settings(config)  # as the run would, before printing the config
         sys.stdout.write(cfgmod.dump_yaml(config))
         return 0
     if args.config and Path(args.config).expanduser().resolve() == \
@@ -1365,7 +1366,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the preset alone)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one key, e.g. --set train.epochs=5 (the value is read "
-                          "as YAML: 5 int, 1e-3 float, true, null, [a, b]); repeatable, "
+                          "as YAML 1.2: 5 int, 010 ten, 1e-3 float, true, null, [a, b]); "
+                          "repeatable, "
                           "applied after the config file")
     run.add_argument("--out", metavar="RUN_DIR",
                      help="run directory (default: runs/<config file name>, or runs/<preset> "

@@ -30,13 +30,12 @@ import math
 import numbers
 import os
 import re
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
                     Tuple)
 
-from ._checks import MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED
+from ._checks import MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED, MAX_SIZE, short_repr
 
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
@@ -57,18 +56,42 @@ def _yaml():
     return yaml
 
 
+# YAML 1.2's numbers: 1e-3 and -.5 are floats (YAML 1.1, PyYAML's, reads them as strings);
+# 010 is ten (1.1: eight, octal), and 1:04 and 0b11 are strings (1.1: 64 and 3), so no
+# setting is silently read as another number than the one written. "_" may group digits.
 _FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""", re.X)
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+_NUMBER_TAGS = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
+
+
+def _resolvers(yaml) -> dict:
+    """PyYAML's implicit types with YAML 1.2's ints and floats: the loader reads with
+    them, and the dumper quotes every string they would read as a number."""
+    resolvers = {key: [(tag, regexp) for tag, regexp in found if tag not in _NUMBER_TAGS]
+                 for key, found in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag, regexp, first in (("tag:yaml.org,2002:float", _FLOAT_12, "-+0123456789."),
+                               ("tag:yaml.org,2002:int", _INT_12, "-+0123456789")):
+        for char in first:
+            resolvers.setdefault(char, []).append((tag, regexp))
+    return resolvers
+
+
+def _construct_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)  # "010" is ten
 
 
 def _loader():
-    """PyYAML's safe loader, reading ``1e-3`` as a float (YAML 1.2) rather than a string
-    (YAML 1.1 insists on a dot: ``1.0e-3``), so learning rates can be written naturally, and
-    refusing a key given twice in one mapping (PyYAML keeps the last without a word, so a
-    setting the user wrote was lost)."""
+    """PyYAML's safe loader with YAML 1.2's numbers (``_FLOAT_12``, ``_INT_12``), so
+    learning rates can be written ``1e-3`` and ``010`` is not eight, refusing a key given
+    twice in one mapping (PyYAML keeps the last without a word, so a setting the user
+    wrote was lost)."""
     yaml = _yaml()
 
     class Loader(yaml.SafeLoader):
@@ -87,11 +110,8 @@ def _loader():
                         seen.add(key)
             return super().construct_mapping(node, deep)
 
-    Loader.yaml_implicit_resolvers = {
-        key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12,
-                                 list("-+0123456789."))
+    Loader.yaml_implicit_resolvers = _resolvers(yaml)
+    Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
     return Loader
 
 
@@ -107,9 +127,15 @@ def load_yaml(text: str, *, source: str) -> Any:
 
 
 def dump_yaml(config: Mapping) -> str:
-    """``config`` as YAML, keys in the schema's order."""
-    return _yaml().safe_dump(_plain(config), sort_keys=False, default_flow_style=None,
-                             width=100)
+    """``config`` as YAML, keys in the schema's order; :func:`load_yaml` reads it back as
+    it was (a string that reads as a number, such as a path ``1e3``, is quoted)."""
+    yaml = _yaml()
+
+    class Dumper(yaml.SafeDumper):
+        yaml_implicit_resolvers = _resolvers(yaml)
+
+    return yaml.dump(_plain(config), Dumper=Dumper, sort_keys=False, default_flow_style=None,
+                     width=100)
 
 
 def _plain(value):
@@ -131,14 +157,7 @@ class Leaf:
     help: str
 
 
-# Values in messages: a YAML alias can make a small file a huge structure (shared, so cheap
-# to hold, but not to print in full)
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 80
-
-
-def _show(value) -> str:
-    return _SHORT.repr(value)
+_show = short_repr  # a YAML alias can make a small file a huge structure
 
 
 def _type_error(key: str, expected: str, value) -> ConfigError:
@@ -166,7 +185,10 @@ def _float(low: float, high: float = math.inf, *, low_open: bool = False):
     def check(value, key):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _type_error(key, "a number", value)
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float64's range
+            value = math.inf
         if not math.isfinite(value) or (value <= low if low_open else value < low) \
                 or value > high:
             interval = f"{'(' if low_open else '['}{low}, {high}]"
@@ -227,7 +249,7 @@ _device.expected = "auto | cpu | cuda | cuda:N"
 def _widths(value, key):
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise _type_error(key, "a list of layer widths, e.g. [1024, 512, 256, 128]", value)
-    return [_int(1)(w, f"{key}[{i}]") for i, w in enumerate(value)]
+    return [_int(1, below=MAX_SIZE + 1)(w, f"{key}[{i}]") for i, w in enumerate(value)]
 
 
 _widths.expected = "list of ints >= 1"
@@ -242,10 +264,10 @@ def _names(known: Sequence[str]):
         names = []
         for i, name in enumerate(value):
             if name not in known:
-                raise ConfigError(f"config key '{key}[{i}]': unknown name {name!r}; known: "
-                                  f"{list(known)}")
+                raise ConfigError(f"config key '{key}[{i}]': unknown name {_show(name)}; "
+                                  f"known: {list(known)}")
             if name in names:
-                raise ConfigError(f"config key '{key}': {name!r} is listed twice")
+                raise ConfigError(f"config key '{key}': {_show(name)} is listed twice")
             names.append(name)
         return names
     check.expected = "list of names"
@@ -285,9 +307,10 @@ SCHEMA: Dict[str, Any] = {
                                          "writable, else $XDG_CACHE_HOME/oni or "
                                          "~/.cache/oni)"),
         "synthetic": {
-            "n": Leaf(_int(18), "rows of oni.synthetic_purchase (when data.path is null)"),
-            "d": Leaf(_int(1), "features (600 as Purchase100)"),
-            "k": Leaf(_int(2), "classes (100 as Purchase100)"),
+            "n": Leaf(_int(18, below=MAX_SIZE + 1),
+                      "rows of oni.synthetic_purchase (when data.path is null)"),
+            "d": Leaf(_int(1, below=MAX_SIZE + 1), "features (600 as Purchase100)"),
+            "k": Leaf(_int(2, below=MAX_SIZE + 1), "classes (100 as Purchase100)"),
             "seed": Leaf(_int(0, below=MAX_SEED), "the generator's seed"),
         },
     },
@@ -371,11 +394,12 @@ def _check_method(section: str, name: str, values: Mapping, key: str) -> Dict[st
             resolved = _resolve_config(name, values)
     except (TypeError, ValueError) as err:
         # name the key: the checks name it as config['key'] of the method
-        found = re.search(r"config\[['\"]?([A-Za-z_][A-Za-z0-9_]*)", str(err))
-        where = f"{key}.{found.group(1)}" if found else key
+        found = re.search(r"config\[['\"]?([A-Za-z_][A-Za-z0-9_]*)['\"]?\]((?:\[\d+\])*)",
+                          str(err))
+        where = f"{key}.{found.group(1)}{found.group(2)}" if found else key
         # the key is named once, as a dotted path (a rule of several keys keeps their names)
-        message = re.sub(r"^config\[['\"]?[A-Za-z_][A-Za-z0-9_]*['\"]?\]( of '[a-z_]+')? "
-                         r"(?=must )", "", str(err))
+        message = re.sub(r"^config\[['\"]?[A-Za-z_][A-Za-z0-9_]*['\"]?\](?:\[\d+\])*"
+                         r"( of '[a-z_]+')? (?=must |needs )", "", str(err))
         raise ConfigError(f"config key '{where}': {message}") from None
     return _plain(resolved)
 
@@ -514,7 +538,7 @@ def resolve_config(config_file: Optional[os.PathLike] = None, sets: Sequence[str
     ----------
     config_file : path, optional
         A YAML file holding any part of the schema.
-    sets : sequence of str
+    sets : sequence of str, optional
         ``"dotted.key=value"`` overrides, applied in order.
     preset : str, optional
         ``"default"``, ``"paper"`` or ``"location30"``; None: the file's ``preset`` key, else
@@ -535,7 +559,14 @@ def resolve_config(config_file: Optional[os.PathLike] = None, sets: Sequence[str
         names the key).
     """
     layers: List[Tuple[str, Mapping]] = []
+    sets = () if sets is None else sets
+    if isinstance(sets, (str, bytes)) or not isinstance(sets, Sequence):
+        raise TypeError(f"sets must be a list of 'key=value' strings, e.g. "
+                        f"['train.epochs=5'], got {type(sets).__name__}")
     if config_file is not None:
+        if not isinstance(config_file, (str, os.PathLike)) or not str(config_file):
+            raise ConfigError(f"config_file must be the path of a YAML file, got "
+                              f"{short_repr(config_file)}")
         path = Path(config_file)
         if not path.is_file():
             what = ("is a directory" if path.is_dir() else

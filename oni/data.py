@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_int as _check_int, check_seed, tensor_to_numpy
+from ._checks import MAX_SIZE, check_int as _check_int, check_seed, tensor_to_numpy
 
 __all__ = [
     "DataError", "Dataset", "load_shokri_csv", "load_texas", "load_npz", "save_npz",
@@ -1177,9 +1177,9 @@ def synthetic_purchase(n: int = 20_000, *, d: int = 600, k: int = 100,
     Returns:
         A :class:`Dataset` named ``"synthetic-purchase"`` with ``classes = (0, ..., k-1)``.
     """
-    n = _check_int(n, "n", 1)
-    d = _check_int(d, "d", 1)
-    k = _check_int(k, "k", 2)
+    n = _check_int(n, "n", 1, MAX_SIZE)
+    d = _check_int(d, "d", 1, MAX_SIZE)
+    k = _check_int(k, "k", 2, MAX_SIZE)
     seed = check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n_hot = max(1, round(_SYNTHETIC_HOT_FRACTION * d))

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import math
-import numbers
 import os
 import secrets
 import shutil
@@ -32,7 +31,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import check_finite_weights, check_seed as _check_seed
+from ._checks import MAX_SIZE, check_finite_weights, check_int, check_seed as _check_seed
 
 __all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model",
            "load_model"]
@@ -53,11 +52,7 @@ _MLP_KEYS = ("kind", "d", "k", "hidden")
 # ----------------------------------------------------------------------------- checks
 
 def _check_width(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return check_int(value, name, 1, MAX_SIZE)
 
 
 def _check_hidden(hidden) -> Tuple[int, ...]:

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from oni import attacks
 from oni.attacks import (ATTACKS, DEFAULTS, METRICS, AttackResult, metric_values, run_attack,
                          run_attacks, scaled_logit)
-from oni.data import make_splits, synthetic_purchase
+from oni.data import Dataset, make_splits, synthetic_purchase
 from oni.models import MLP
 from oni.train import TrainConfig, predict_proba, train_model
 
@@ -266,8 +266,36 @@ def test_metric_values_and_scaled_logit_check_their_labels(call):
     assert call(p, y).shape == (4,)
     # a predict_proba's rounding (rows summing to 1 within 1e-3, as _query takes them) passes
     near = p.clone()
-    near[0, 0] = 1.0005
+    near[0] = torch.tensor([1.0005, 0.0, 0.0])
     assert torch.isfinite(call(near, y)).all()
+
+
+@pytest.mark.parametrize("call", [lambda p, y: metric_values("entropy", p, y), scaled_logit])
+def test_metric_values_and_scaled_logit_refuse_rows_that_are_not_distributions(call):
+    """Sigmoid outputs, or values in [0, 1] that do not sum to 1, gave entropies and losses
+    of no meaning without a word (fuzz pass 7); meta and sparse tensors failed inside
+    torch."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 3, generator=gen), 1)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match=r"probs must be probabilities, rows summing to 1 "
+                                         r"\(softmax outputs\): row \[0\] sums to 1\.5\b"):
+        call(torch.full((5, 3), 0.5), y)  # three sigmoids of 0
+    batched = torch.stack([p, p.clone()])  # scaled_logit's [K, n, k]: the row's place in it
+    batched[1, 3] = torch.tensor([0.5, 0.4, 0.0])
+    with pytest.raises(ValueError, match=r"row \[1, 3\] sums to 0\.9\b"):
+        scaled_logit(batched, y)
+    with pytest.raises(ValueError, match=r"row \[3\] sums to 0\.9\b"):
+        call(batched[1], y)
+    # a bfloat16 row rounds each entry: it may stray up to 4 of its eps from 1
+    assert torch.isfinite(call(p.bfloat16(), y)).all()
+    with pytest.raises(ValueError, match="probs is on the meta device"):
+        call(p.to("meta"), y)
+    with pytest.raises(ValueError, match="labels is on the meta device"):
+        call(p, y.to("meta"))
+    with pytest.raises(TypeError, match="probs must be a dense tensor, got layout "
+                                        "torch.sparse_coo"):
+        call(p.to_sparse(), y)
 
 
 def test_best_threshold_is_song_and_mittals_rule():
@@ -553,11 +581,33 @@ def test_settings_are_checked_before_any_training(overfit, data, splits, monkeyp
 
 def test_sizes_are_checked_before_any_training(overfit, data, splits, monkeypatch):
     """A LiRA shadow_size the pool cannot hold was refused only after the earlier attacks'
-    shadows had trained."""
+    shadows had trained; so were bf16 shadows and fit_on='known' with a defense, after the
+    earlier attacks' defended shadows (fuzz pass 7)."""
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking the sizes")
 
     monkeypatch.setattr(attacks, "train_mlps_batched", no_training)
+    monkeypatch.setattr(attacks, "_train_shadows", no_training)
+    with pytest.raises(ValueError, match=r"attack 'lira_online': config\['shadow_precision'\] "
+                                         r"= 'bf16' applies to undefended shadows"):
+        run_attacks(["metric_loss", "lira_online"], overfit, data, splits,
+                    configs={"lira_online": {"n_shadows": 4, "shadow_precision": "bf16"}},
+                    train_config=TRAIN, defense=("uniform", None))
+    with pytest.raises(ValueError, match=r"attack 'metric_entropy': defense applies to shadow "
+                                         r"models, but config\['fit_on'\] = 'known'"):
+        run_attacks(["metric_loss", "metric_entropy"], overfit, data, splits,
+                    configs={"metric_entropy": {"fit_on": "known"}}, train_config=TRAIN,
+                    defense=("uniform", None))
+    with pytest.raises(ValueError, match=r"defense applies to shadow models"):  # one attack
+        run_attack("metric_loss", overfit, data, splits, config={"fit_on": "known"},
+                   train_config=TRAIN, defense=("uniform", None))
+    # without a defense both are the attacker's choice
+    assert attacks.check_attack_sizes(
+        ["lira_online", "metric_entropy"], splits,
+        {"lira_online": {"n_shadows": 4, "shadow_precision": "bf16"},
+         "metric_entropy": {"fit_on": "known"}}) == {"lira_online": 300, "metric_entropy": 60}
+    with pytest.raises(TypeError, match="defense must be None or a"):
+        attacks.check_attack_sizes(["metric_loss"], splits, defense="uniform")
     with pytest.raises(ValueError, match=r"attack 'lira_offline': LiRA offline .*m must be in "
                                          r"\[1, 400\]; got 401"):
         run_attacks(["metric_loss", "lira_offline"], overfit, data, splits,
@@ -578,6 +628,34 @@ def test_sizes_are_checked_before_any_training(overfit, data, splits, monkeypatc
     with pytest.raises(ValueError, match=r"attack 'lira_online': config\['n_shadows'\] must be "
                                          r"even"):
         attacks.check_attack_sizes(["lira_online"], splits, {"lira_online": {"n_shadows": 3}})
+
+
+def test_attack_setting_messages_of_fuzz_pass_7(overfit, data, splits):
+    """A shadow_size of 1 with fit_on='known' blamed splits of 60 and 400 rows; a value built
+    by YAML aliases was printed whole (tens of MB); a sigma_grid int past float64's range was
+    an OverflowError; a NaN feature of a target row was named by its place among the target
+    rows, without naming data.x."""
+    with pytest.raises(ValueError, match=r"config\['shadow_size'\] = 1, but fit_on='known' "
+                                         r"needs at least 2 members"):
+        attacks.check_attack_sizes(["metric_loss"], splits,
+                                   {"metric_loss": {"fit_on": "known", "shadow_size": 1}})
+    huge = ["x"] * 10
+    for _ in range(6):
+        huge = [huge] * 10  # 10 million leaves, shared
+    with pytest.raises(ValueError, match="config\\['fit_on'\\] must be") as err:
+        attacks.check_attack_sizes(["metric_loss"], splits, {"metric_loss": {"fit_on": huge}})
+    assert len(str(err.value)) < 300
+    with pytest.raises(ValueError, match=r"config\['sigma_grid'\]\[1\] must be a finite number "
+                                         r"> 0.0, got inf"):
+        attacks.check_attack_sizes(["label_only"], splits,
+                                   {"label_only": {"sigma_grid": [0.1, 10 ** 400]}})
+    x = data.x.clone()
+    row = int(splits.target[3])
+    x[row, 5] = float("nan")
+    nan_data = Dataset(x, data.y, classes=data.classes, name=data.name)
+    with pytest.raises(ValueError, match=rf"data.x contains NaN or Inf \(first at index "
+                                         rf"\[{row}, 5\]\)"):
+        run_attack("metric_loss", overfit, nan_data, splits, train_config=TRAIN)
 
 
 def test_checked_sizes_are_the_sizes_the_attacks_use(overfit_results, splits):
