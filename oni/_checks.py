@@ -38,7 +38,7 @@ def check_number(value, name: str, low: float = -math.inf, high: float = math.in
     try:
         value = float(value)
     except OverflowError:  # an int past float64's range
-        value = math.inf
+        value = math.inf if value > 0 else -math.inf
     outside = (value <= low if low_open else value < low) or \
         (value >= high if high_open else value > high)
     if not math.isfinite(value) or outside:
@@ -60,10 +60,7 @@ def _bounds(low: float, high: float, low_open: bool, high_open: bool) -> str:
 
 
 def _show(bound: float) -> str:
-    # in full (log 3 = 1.0986122886681098 is the bound to the last bit), but not
-    # 3.4028234663852877e+37
-    text = repr(float(bound))
-    return text if "e" not in text else f"{bound:.4g}"
+    return repr(float(bound))  # to the last bit: a rounded bound can admit what it refuses
 
 
 # values in messages: a YAML alias can make a small file a huge structure (shared, so cheap
@@ -78,10 +75,10 @@ def short_repr(value) -> str:
     return _SHORT.repr(value)
 
 
-# the largest row count, feature count, class count or layer width oni takes: products of
-# two such sizes (and their bytes) stay inside torch's int64 counts, where larger ones
-# failed deep in torch with "Overflow when unpacking long long" and a C++ stack
-MAX_SIZE = 2 ** 31 - 1
+# the largest row count, feature count, class count or layer width oni takes: one torch can
+# read as an int64 (from 2**63 it failed with "Overflow when unpacking long long" and a C++
+# stack); a tensor too large for memory, or for int64 bytes, is the allocator's error
+MAX_SIZE = 2 ** 62
 
 MAX_SEED = 2 ** 63  # seeds are signed 64-bit integers in torch's generators and our hashes
 

@@ -675,7 +675,8 @@ def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
         One of ``"correctness"``, ``"confidence"``, ``"entropy"``, ``"modified_entropy"``,
         ``"loss"`` (see the module docstring for the formulas).
     probs : Tensor
-        ``[n, k]`` probabilities.
+        ``[n, k]`` probabilities (softmax outputs): finite, in [0, 1], each row summing to 1
+        within 1e-3 (4 epsilons of a bfloat16 or float16 ``probs``); a dense tensor.
     labels : Tensor
         ``[n]`` class indices.
 
@@ -683,6 +684,14 @@ def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     -------
     Tensor
         ``[n]`` float64.
+
+    Raises
+    ------
+    ValueError
+        ``probs`` that are not such probabilities (logits or sigmoid outputs by mistake),
+        on the meta device, or of another shape; ``labels`` out of range.
+    TypeError
+        A sparse tensor, or labels that are not integers.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {short_repr(metric)}")
@@ -839,7 +848,7 @@ def scaled_logit(probs: Tensor, labels: Tensor) -> Tensor:
     Parameters
     ----------
     probs : Tensor
-        ``[..., n, k]`` probabilities.
+        ``[..., n, k]`` probabilities, checked as by :func:`metric_values`.
     labels : Tensor
         ``[n]`` class indices.
 
@@ -1037,7 +1046,8 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
         probabilities); ``target.model`` (an :class:`oni.models.MLP`) gives the shadows'
         architecture unless ``config['hidden']`` does.
     data : Dataset
-        The data set ``splits`` indexes.
+        The data set ``splits`` indexes; its features must be finite (every row, used or
+        not).
     splits : Splits
         The adversary uses ``shadow_pool`` (and ``known`` with ``fit_on='known'``), and the
         labels of ``target``; scores are aligned with ``splits.target``.

@@ -903,6 +903,11 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
         except KeyboardInterrupt as err:
             err.results_written = run_dir  # the run is complete: main says so
             raise
+        except OSError as err:  # a full disk: say what it left, as oni report will
+            raise OSError(err.errno, f"{err.strerror}, while replacing the results files: "
+                          f"they may now come from two runs ({FINISHING} marks it); run "
+                          f"the same oni run again once there is room (its stages are saved)",
+                          err.filename) from err
     return results
 
 
@@ -1366,9 +1371,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the preset alone)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one key, e.g. --set train.epochs=5 (the value is read "
-                          "as YAML 1.2: 5 int, 010 ten, 1e-3 float, true, null, [a, b]); "
-                          "repeatable, "
-                          "applied after the config file")
+                          "as YAML, numbers as YAML 1.2: 5 int, 010 ten, 1e-3 float, true, "
+                          "null, [a, b]); repeatable, applied after the config file")
     run.add_argument("--out", metavar="RUN_DIR",
                      help="run directory (default: runs/<config file name>, or runs/<preset> "
                           "without a file); re-running into it resumes")

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
                     Tuple)
 
-from ._checks import MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED, MAX_SIZE, short_repr
+from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED, MAX_SIZE,
+                      check_int, check_number, short_repr)
 
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
@@ -64,7 +65,7 @@ _FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)
     |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""", re.X)
-_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)$")
 _NUMBER_TAGS = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
 
 
@@ -81,10 +82,19 @@ def _resolvers(yaml) -> dict:
 
 
 def _construct_int(loader, node) -> int:
+    """An int in YAML 1.2's forms (an explicit ``!!int`` may also be signed or ``0b``)."""
     text = loader.construct_scalar(node).replace("_", "")
-    if text.startswith(("0o", "0x")):
-        return int(text[2:], 8 if text[1] == "o" else 16)
-    return int(text, 10)  # "010" is ten
+    body = text[1:] if text[:1] in ("+", "-") else text
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(body[:2].lower(), 10)
+    digits = body[2:] if base != 10 else body
+    try:
+        if not digits.isalnum():  # int() itself takes a sign and spaces
+            raise ValueError(digits)
+        value = int(digits, base)  # "010" is ten
+    except ValueError:
+        raise _yaml().constructor.ConstructorError(
+            None, None, f"{text!r} is not an integer", node.start_mark) from None
+    return -value if text.startswith("-") else value
 
 
 def _loader():
@@ -165,36 +175,31 @@ def _type_error(key: str, expected: str, value) -> ConfigError:
                        f"({type(value).__name__})")
 
 
-def _int(minimum: int, *, optional: bool = False, below: Optional[int] = None):
+def _int(minimum: int, *, optional: bool = False, maximum: float = math.inf):
     def check(value, key):
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise _type_error(key, f"an int >= {minimum}" + (" or null" if optional else ""),
                               value)
-        if value < minimum:
-            raise ConfigError(f"config key '{key}': must be >= {minimum}, got {value}")
-        if below is not None and value >= below:
-            raise ConfigError(f"config key '{key}': must be < {below}, got {value}")
-        return int(value)
+        return _keyed(check_int, value, key, minimum, maximum)
     check.expected = f"int >= {minimum}" + (" or null" if optional else "")
     return check
 
 
-def _float(low: float, high: float = math.inf, *, low_open: bool = False):
+def _keyed(check, value, key: str, *args, **kwargs):
+    """One of oni._checks' range checks, its ValueError as a ConfigError naming ``key``."""
+    try:
+        return check(value, "", *args, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"config key '{key}': {str(err).lstrip()}") from None
+
+
+def _float(low: float, high: float = math.inf, *, low_open: bool = False, why: str = ""):
     def check(value, key):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _type_error(key, "a number", value)
-        try:
-            value = float(value)
-        except OverflowError:  # an int past float64's range
-            value = math.inf
-        if not math.isfinite(value) or (value <= low if low_open else value < low) \
-                or value > high:
-            interval = f"{'(' if low_open else '['}{low}, {high}]"
-            raise ConfigError(f"config key '{key}': must be a finite number in {interval}, "
-                              f"got {value}")
-        return value
+        return _keyed(check_number, value, key, low, high, low_open=low_open, why=why)
     if math.isinf(high):
         check.expected = f"number {'>' if low_open else '>='} {low:g}"
     else:
@@ -249,7 +254,7 @@ _device.expected = "auto | cpu | cuda | cuda:N"
 def _widths(value, key):
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise _type_error(key, "a list of layer widths, e.g. [1024, 512, 256, 128]", value)
-    return [_int(1, below=MAX_SIZE + 1)(w, f"{key}[{i}]") for i, w in enumerate(value)]
+    return [_int(1, maximum=MAX_SIZE)(w, f"{key}[{i}]") for i, w in enumerate(value)]
 
 
 _widths.expected = "list of ints >= 1"
@@ -292,7 +297,7 @@ def _attack_names() -> Tuple[str, ...]:
 SCHEMA: Dict[str, Any] = {
     "preset": Leaf(_choice(("default", "paper", "location30")),
                    "which defaults this config starts from (informational once resolved)"),
-    "seed": Leaf(_int(0, below=MAX_SEED),
+    "seed": Leaf(_int(0, maximum=MAX_SEED - 1),
                  "seeds everything random: splits, training, defenses, attacks"),
     "device": Leaf(_device, "where models train and attacks run: auto (cuda when "
                             "available), cpu, cuda, cuda:N"),
@@ -307,11 +312,11 @@ SCHEMA: Dict[str, Any] = {
                                          "writable, else $XDG_CACHE_HOME/oni or "
                                          "~/.cache/oni)"),
         "synthetic": {
-            "n": Leaf(_int(18, below=MAX_SIZE + 1),
+            "n": Leaf(_int(18, maximum=MAX_SIZE),
                       "rows of oni.synthetic_purchase (when data.path is null)"),
-            "d": Leaf(_int(1, below=MAX_SIZE + 1), "features (600 as Purchase100)"),
-            "k": Leaf(_int(2, below=MAX_SIZE + 1), "classes (100 as Purchase100)"),
-            "seed": Leaf(_int(0, below=MAX_SEED), "the generator's seed"),
+            "d": Leaf(_int(1, maximum=MAX_SIZE), "features (600 as Purchase100)"),
+            "k": Leaf(_int(2, maximum=MAX_SIZE), "classes (100 as Purchase100)"),
+            "seed": Leaf(_int(0, maximum=MAX_SEED - 1), "the generator's seed"),
         },
     },
     "splits": {
@@ -332,9 +337,10 @@ SCHEMA: Dict[str, Any] = {
     "train": {
         "epochs": Leaf(_int(1), "training epochs of every model (the paper: 100)"),
         "batch_size": Leaf(_int(1), "Adam minibatch size"),
-        "lr": Leaf(_float(0.0, MAX_ADAM_LR, low_open=True),
+        "lr": Leaf(_float(0.0, MAX_ADAM_LR, low_open=True, why=ADAM_FITS),
                    "Adam learning rate (the paper: 1e-3)"),
-        "weight_decay": Leaf(_float(0.0, MAX_ADAM_WEIGHT_DECAY), "Adam weight decay"),
+        "weight_decay": Leaf(_float(0.0, MAX_ADAM_WEIGHT_DECAY, why=ADAM_FITS),
+                             "Adam weight decay"),
     },
     "defenses": {
         "run": Leaf(None, "the defenses to evaluate, in order; must include undefended (the "

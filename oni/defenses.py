@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._checks import (
+    ADAM_FITS,
     MAX_ADAM_LR,
     NonFiniteLogits,
     check_class_indices,
@@ -107,9 +108,9 @@ _OPACUS_HINT = ("defend('dpsgd') needs the optional package opacus: pip install 
 # ----------------------------------------------------------------------------- configs
 
 def _number(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-            high_open: bool = False):
+            high_open: bool = False, why: str = ""):
     return functools.partial(check_number, low=low, high=high, low_open=low_open,
-                             high_open=high_open)
+                             high_open=high_open, why=why)
 
 
 def _integer(minimum: int, maximum: float = math.inf):
@@ -178,13 +179,13 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
         "accountant": _Param("rdp", _choice(("rdp", "prv"))),
         "grad_sample_mode": _Param("ghost", _choice(("ghost", "hooks"))),
         "optimizer": _Param("sgd", _choice(("sgd", "adam"))),
-        "lr": _Param(0.1, _number(0.0, MAX_ADAM_LR, low_open=True)),
+        "lr": _Param(0.1, _number(0.0, MAX_ADAM_LR, low_open=True, why=ADAM_FITS)),
     },
     "advreg": {
         "lambda": _Param(1.0, _number(0.0)),
         "k_steps": _Param(1, _integer(1)),
         "reference_fraction": _Param(0.2, _number(0.0, 1.0, low_open=True, high_open=True)),
-        "attack_lr": _Param(1e-3, _number(0.0, MAX_ADAM_LR, low_open=True)),
+        "attack_lr": _Param(1e-3, _number(0.0, MAX_ADAM_LR, low_open=True, why=ADAM_FITS)),
     },
     "label_smoothing": {
         "smoothing": _Param(0.1, _number(0.0, 1.0)),

@@ -77,10 +77,6 @@ class NoiseResult:
     tau: float
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-
 # ----------------------------------------------------------------------------- eq. 7
 
 def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,

@@ -80,14 +80,21 @@ def results_json_bytes(results: Mapping, default=None) -> bytes:
     return (json.dumps(strict(results), indent=1, allow_nan=False) + "\n").encode()
 
 
+# the parts of results.json that hold the user's own strings (a data file named "NaN"):
+# never read as numbers
+_VERBATIM = frozenset({"config", "data", "machine"})
+
+
 def results_from_json(text) -> Any:
-    """What :func:`results_json_bytes` wrote, with its non-finite strings as floats again
-    (an older run's bare ``Infinity`` is read as well)."""
+    """What :func:`results_json_bytes` wrote, with its non-finite strings as floats again,
+    except under the keys ``config``, ``data`` and ``machine``, whose strings are the
+    user's (an older run's bare ``Infinity`` is read as well)."""
     def restore(value):
         if isinstance(value, str):
             return _NONFINITE.get(value, value)
         if isinstance(value, dict):
-            return {key: restore(item) for key, item in value.items()}
+            return {key: item if key in _VERBATIM else restore(item)
+                    for key, item in value.items()}
         if isinstance(value, list):
             return [restore(item) for item in value]
         return value

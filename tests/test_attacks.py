@@ -549,7 +549,8 @@ def test_overflowing_settings_name_the_setting(overfit, data, splits):
     tiny = dict(train_config=TINY)
     shadow = {**SMALL_NET, "n_shadows": 1, "attack_epochs": 2}
     with pytest.raises(ValueError, match=r"config\['attack_lr'\] must be a finite number in "
-                                         r"\(0.0, 3.403e\+37\] \(Adam's update must fit"):
+                                         r"\(0.0, 3.4028234663852877e\+37\] \(Adam's update must "
+                                         r"fit"):
         run_attack("shadow", overfit, data, splits, config={**shadow, "attack_lr": 1e38}, **tiny)
     # fits float32 but blows the attack net up: named, not NaN scores
     with pytest.raises(FloatingPointError, match=r"diverged.*attack_lr"):

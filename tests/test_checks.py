@@ -2,10 +2,9 @@
 raised; here, the edge cases of the helpers themselves)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 
 from oni._checks import check_finite, check_int, check_number, first_bad_row
 
@@ -70,8 +69,10 @@ def test_check_number():
         ((float("inf"), 0.0), {}, r">= 0.0, got inf"),
         ((float("nan"),), {}, r"^x must be a finite number, got nan$"),
         ((10 ** 400, 0.0), {}, r">= 0.0, got inf"),  # float() of it overflows
-        ((1e38, 0.0, 3.4028234663852877e+37), {"why": " (fits float32)"},
-         r"in \[0.0, 3.403e\+37\] \(fits float32\), got 1e\+38"),
+        ((-10 ** 400, 0.0), {}, r">= 0.0, got -inf"),
+        # the bound in full: 3.403e+37 would seem to admit 3.40285e+37
+        ((3.40285e37, 0.0, 3.4028234663852877e+37), {"why": " (fits float32)"},
+         r"in \[0.0, 3.4028234663852877e\+37\] \(fits float32\), got 3.40285e\+37"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -172,10 +172,10 @@ def test_presets(tmp_path):
     ([f"train.lr={10 ** 400}"], "train.lr"),
     ([f"train.weight_decay={10 ** 400}"], "train.weight_decay"),
     ([f"attacks.label_only.sigma_grid=[0.1, {10 ** 400}]"], "attacks.label_only.sigma_grid[1]"),
-    ([f"data.synthetic.d={2 ** 31}"], "data.synthetic.d"),
+    ([f"data.synthetic.d={2 ** 62 + 1}"], "data.synthetic.d"),
     ([f"data.synthetic.n={10 ** 23}"], "data.synthetic.n"),
-    ([f"model.hidden=[16, {2 ** 31}]"], "model.hidden[1]"),
-    ([f"attacks.shadow.hidden=[{2 ** 31}]"], "attacks.shadow.hidden[0]"),
+    ([f"model.hidden=[16, {2 ** 62 + 1}]"], "model.hidden[1]"),
+    ([f"attacks.shadow.hidden=[{2 ** 63}]"], "attacks.shadow.hidden[0]"),
     # YAML 1.1's base-60 and binary ints are strings now, not 64 and 3
     (["train.batch_size=1:04"], "train.batch_size"),
     (["data.synthetic.seed=0b11"], "data.synthetic.seed"),
@@ -216,10 +216,14 @@ def test_yaml_numbers_follow_yaml_1_2_and_the_dump_reads_back():
     -.5 as a string; a path such as '1e3' was dumped unquoted, and the dump read back as
     the float 1000.0 (fuzz pass 7)."""
     read = {"010": 10, "1_000": 1000, "0x1f": 31, "0o17": 15, "-.5": -0.5, "+.5": 0.5,
-            "1e3": 1000.0, "-3": -3, "1.": 1.0, "1:04": "1:04", "0b11": "0b11", ".inf": math.inf}
+            "1e3": 1000.0, "-3": -3, "1.": 1.0, "1:04": "1:04", "0b11": "0b11", ".inf": math.inf,
+            "0x_": "0x_", "!!int 0b11": 3, "!!int -0x1f": -31}
     for text, value in read.items():
         got = cfgmod.load_yaml(f"a: {text}", source="t")["a"]
         assert got == value and type(got) is type(value), (text, got)
+    for text in ("!!int 1:04", "!!int --3", "!!int 0x"):  # was a bare ValueError
+        with pytest.raises(ConfigError, match=r"t: not valid YAML: '.*' is not an integer"):
+            cfgmod.load_yaml(f"a: {text}", source="t")
     for value in ["1e3", "010", "1:04", "-.5", "1_000", "0x1f", "yes", "null", "~", ".inf",
                   "2026-12-07", "plain", 1e-5, -0.5, 10, True, None]:
         assert cfgmod.load_yaml(cfgmod.dump_yaml({"a": value}), source="d") == {"a": value}
@@ -619,8 +623,8 @@ def test_a_second_concurrent_run_is_refused(tiny_yaml, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("setting, step, named", [
-    ("model.hidden=[2000000000]", "stage target", "model.hidden = [2000000000]"),
-    ("data.synthetic.k=2000000000", "loading the data", "data.synthetic.k = 2000000000"),
+    ("model.hidden=[4000000000]", "stage target", "model.hidden = [4000000000]"),
+    ("data.synthetic.n=100000000000", "loading the data", "data.synthetic.n = 100000000000"),
 ])
 def test_a_run_out_of_memory_names_the_step_and_its_size_settings(tiny_yaml, tmp_path, capsys,
                                                                   setting, step, named):
@@ -1170,7 +1174,9 @@ def test_a_run_stopped_while_the_files_are_written_is_refused_by_the_report(
     monkeypatch.setattr(reportmod, "write_atomic", write_until_full)
     args = _small(tiny_yaml, out, "attacks.run=[metric_loss]")
     assert _run(args) != 0
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert "No space left on device, while replacing the results files: they may now come " \
+           "from two runs (.finishing marks it); run the same oni run again" in err, err
     assert (out / reportmod.FINISHING).is_file()
     assert cli.main(["report", str(out)]) == 2
     err = capsys.readouterr().err
@@ -1192,7 +1198,9 @@ def test_results_json_is_strict_json(small_reference, tmp_path, capsys):
     results = _results(out)
     metrics = results["attacks"]["undefended"]["metric_loss"]["metrics"]
     metrics["threshold"], metrics["oracle_threshold"] = float("inf"), float("-inf")
-    results["config"]["note"] = {"values": (float("nan"), 1.5)}
+    results["stages"]["target"]["note"] = {"values": (float("nan"), 1.5)}
+    results["data"]["name"] = "Infinity"  # the user's strings are never read as numbers
+    results["config"]["data"]["cache_dir"] = "NaN"
     data = reportmod.results_json_bytes(results)
 
     def refuse(name):
@@ -1204,9 +1212,10 @@ def test_results_json_is_strict_json(small_reference, tmp_path, capsys):
     back_metrics = back["attacks"]["undefended"]["metric_loss"]["metrics"]
     assert back_metrics["threshold"] == float("inf")
     assert back_metrics["oracle_threshold"] == float("-inf")
-    assert np.isnan(back["config"]["note"]["values"][0])
-    assert back["config"]["note"]["values"][1:] == [1.5]
-    del results["config"]["note"]
+    assert np.isnan(back["stages"]["target"]["note"]["values"][0])
+    assert back["stages"]["target"]["note"]["values"][1:] == [1.5]
+    assert back["data"]["name"] == "Infinity" and back["config"]["data"]["cache_dir"] == "NaN"
+    del results["stages"]["target"]["note"]
     for text in (reportmod.results_json_bytes(results), json.dumps(results).encode()):
         (out / "results.json").write_bytes(text)  # the second: an older run's bare Infinity
         assert cli.main(["report", str(out)]) == 0, capsys.readouterr().err
