@@ -53,12 +53,18 @@ from .report import (FINISHING, build_report, render_report, results_from_json,
 __all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused"]
 
 _STAGE_FORMAT = "oni-stage"
+_RESULTS_FORMAT = "oni-results"
 # 3: hashes without settings a stage does not use (2026-12-07); 2: records carry their own
 # SHA-256. A record of version 2 is read in today's terms and adopted where it matches
 # (_Experiment._as_today); older ones are recomputed.
 _STAGE_VERSION = 3
 _ADOPTED_VERSION = 2
 _RECORD = "stage.json"
+# every entry a stage writes in its directory, and the temporary names of write_atomic and
+# save_model for them (left by a kill)
+_STAGE_OUTPUTS = frozenset({_RECORD, "splits.npz", "model", "phi.npz", "eta.npz",
+                            "scores.npz"})
+_TEMPORARY = re.compile(r"\.(.+)\.(?:tmp|old)-[0-9a-f]+")
 
 
 # ----------------------------------------------------------------------------- messages
@@ -161,8 +167,11 @@ class StageStore:
 
     def record(self, name: str) -> Optional[dict]:
         """The stage's record, or None when absent or unreadable."""
+        path = self.path(name) / _RECORD
+        if not path.is_file():  # a FIFO would block the read
+            return None
         try:
-            record = json.loads((self.path(name) / _RECORD).read_text())
+            record = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
             return None
         if not isinstance(record, dict) or record.get("format") != _STAGE_FORMAT:
@@ -180,7 +189,8 @@ class StageStore:
         hashing; without it such a record is not done."""
         record = self.record(name)
         if record is None:
-            if (self.path(name) / _RECORD).exists():
+            if os.path.lexists(self.path(name) / _RECORD) or \
+                    os.path.lexists(self.path(name)) and not self.path(name).is_dir():
                 return False, "its record is unreadable: recomputing"
             return False, ""
         old, old_parents, old_digest = (record.get("settings", {}), record.get("parents", {}),
@@ -212,18 +222,21 @@ class StageStore:
         return True, ""
 
     def begin(self, name: str) -> Path:
-        """Marks the stage not done (removes its record), empties its directory (a damaged
-        file of an earlier try, e.g. a torn ``model.json``, made the model's save refuse
-        the directory) and returns it."""
+        """Marks the stage not done (removes its record), removes what an earlier try of it
+        wrote (a damaged file, e.g. a torn ``model.json``, made the model's save refuse the
+        directory) and returns its directory. Entries a stage never writes (a user's file)
+        are left; so is a symbolic link's target."""
         directory = self.path(name)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(directory / _RECORD)
-        if directory.is_dir() and not directory.is_symlink():
+        if os.path.lexists(directory) and not directory.is_dir():
+            os.remove(directory)  # a file where the stage's directory belongs
+        if directory.is_dir():
             for entry in directory.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+                temporary = _TEMPORARY.fullmatch(entry.name)
+                if (temporary.group(1) if temporary else entry.name) in _STAGE_OUTPUTS:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
@@ -265,9 +278,13 @@ class StageStore:
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """One ``oni run`` per run directory at a time (released by the OS if killed)."""
+def _run_lock(run_dir: Path, busy: str = "wait for it or use --out with another directory"):
+    """One ``oni run`` (or ``oni report``) per run directory at a time (released by the OS
+    if killed); ``busy`` says what to do when another holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / ".lock").is_dir():
+        raise ConfigError(f"{run_dir / '.lock'} is a directory, where oni keeps the run's lock "
+                          f"file; remove it")
     handle = open(run_dir / ".lock", "a+")
     try:
         try:
@@ -276,8 +293,7 @@ def _run_lock(run_dir: Path):
         except ImportError:  # pragma: no cover - not POSIX: no locking
             pass
         except OSError:
-            raise RuntimeError(f"another oni run is using {run_dir}; wait for it or use "
-                               f"--out with another directory") from None
+            raise RuntimeError(f"another oni run is using {run_dir}; {busy}") from None
         yield
     finally:
         handle.close()
@@ -888,27 +904,37 @@ def run_experiment(config: Mapping, run_dir: os.PathLike, *, quiet: bool = False
                                  f"{err}. The stages are saved and the last run's results "
                                  f"and report are as they were. This is a bug in oni or a "
                                  f"setting it does not check: please report it") from None
+        for name in (FINISHING, "roc.npz", "results.json", "config.yaml"):  # the report's
+            if (run_dir / name).is_dir():  # own files are checked by render_report
+                raise FileExistsError(f"{run_dir / name} is a directory, where oni run "
+                                      f"writes a file; move it away (the stages are saved)")
+        # a kill, power loss or I/O error part way through the writes leaves FINISHING, and
+        # oni report refuses the mix; an interrupt waits for them, so the files stay one run's
         try:
-            # an interrupt waits for the writes, so the files stay one run's; a kill, power
-            # loss or I/O error part way leaves FINISHING, and oni report refuses the mix
             with _interrupts_deferred():
-                write_atomic(run_dir / FINISHING, b"oni run is replacing this directory's "
-                             b"results files; if it is still here, run it again\n")
-                write_atomic(run_dir / "roc.npz", roc_bytes)
-                write_rendered(rendered)
-                write_atomic(run_dir / "results.json", results_bytes)
-                write_atomic(run_dir / "config.yaml", config_bytes)  # last: it names them
-                (run_dir / FINISHING).unlink()
-                _fsync_dir(run_dir)
+                _write_results(run_dir, roc_bytes, rendered, results_bytes, config_bytes)
         except KeyboardInterrupt as err:
             err.results_written = run_dir  # the run is complete: main says so
             raise
-        except OSError as err:  # a full disk: say what it left, as oni report will
-            raise OSError(err.errno, f"{err.strerror}, while replacing the results files: "
-                          f"they may now come from two runs ({FINISHING} marks it); run "
-                          f"the same oni run again once there is room (its stages are saved)",
-                          err.filename) from err
     return results
+
+
+def _write_results(run_dir: Path, roc_bytes: bytes, rendered, results_bytes: bytes,
+                   config_bytes: bytes) -> None:
+    write_atomic(run_dir / FINISHING, b"oni run is replacing this directory's results "
+                 b"files; if it is still here, run it again\n")
+    try:
+        write_atomic(run_dir / "roc.npz", roc_bytes)
+        write_rendered(rendered)
+        write_atomic(run_dir / "results.json", results_bytes)
+        write_atomic(run_dir / "config.yaml", config_bytes)  # last: it names them
+    except OSError as err:  # a full disk: say what it left, as oni report will
+        raise OSError(err.errno, f"{err.strerror}, while replacing the results files: they "
+                      f"may now come from two runs ({FINISHING} marks it); mend the cause "
+                      f"and run the same oni run again (its stages are saved)",
+                      err.filename) from err
+    (run_dir / FINISHING).unlink()
+    _fsync_dir(run_dir)
 
 
 @contextlib.contextmanager
@@ -941,20 +967,66 @@ _RUN_ENTRIES = {".lock", "config.yaml", "stages", "results.json", "results.csv",
 
 def _check_run_dir(run_dir: Path) -> None:
     """A run goes to a new or empty directory, or one an earlier run wrote (to resume or
-    update it); a directory of other files is refused before anything in it is replaced."""
+    update it); a directory of other files, or one inside another run's ``stages/`` (whose
+    resume would empty it), is refused before anything in it is replaced."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ConfigError(f"--out {run_dir} is a symbolic link to {os.readlink(run_dir)}, "
+                          f"which does not exist; create that directory or give another")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
+    for ancestor in run_dir.resolve().parents:
+        if ancestor.name == "stages" and _is_run_dir(ancestor.parent):
+            raise ConfigError(f"--out {run_dir} is inside the stages of the run in "
+                              f"{ancestor.parent}, which that run replaces: use a directory "
+                              f"outside it")
     if not run_dir.is_dir():
         return
     entries = {entry.name for entry in run_dir.iterdir()} - {".lock"}
-    if entries and not (run_dir / "stages").is_dir():
+    if entries and not _is_run_dir(run_dir):
         foreign = sorted(entries - _RUN_ENTRIES)[:3]
         shown = (f"files that no oni run wrote (e.g. {', '.join(foreign)})" if foreign else
-                 f"{', '.join(sorted(entries)[:3])} but no stages/, so it is not recognisable "
-                 f"as a run's")
+                 f"{', '.join(sorted(entries)[:3])} but no stage, results or config of an oni "
+                 f"run, so it is not recognisable as a run's")
         raise ConfigError(f"--out {run_dir} holds {shown}, and a run would replace its "
                           f"config.yaml, report.md, results.csv and figures/: use a new or "
                           f"empty directory")
+
+
+def _is_run_dir(directory: Path) -> bool:
+    """Whether ``oni run`` wrote ``directory``: it has ``stages/`` and a stage record, oni's
+    results or oni's resolved config in it, or nothing else (a run stopped before its
+    first stage finished). An empty ``stages/`` beside a user's own files is not enough."""
+    stages = directory / "stages"
+    if not stages.is_dir():
+        return False
+    with contextlib.suppress(OSError):
+        for entry in stages.iterdir():
+            if _json_format(entry / _RECORD) == _STAGE_FORMAT:
+                return True
+    if _json_format(directory / "results.json") == _RESULTS_FORMAT:
+        return True
+    config = directory / "config.yaml"
+    if config.is_file():
+        try:
+            loaded = cfgmod.load_yaml(config.read_text(encoding="utf-8"), source=str(config))
+        except (ConfigError, OSError, UnicodeDecodeError):
+            return False
+        # oni writes the resolved config: every section of the schema (a hand-written
+        # config names a few)
+        return isinstance(loaded, dict) and set(cfgmod.SCHEMA) <= set(loaded)
+    return {entry.name for entry in directory.iterdir()} <= {".lock", "stages"}
+
+
+def _json_format(path: Path) -> Optional[str]:
+    """The ``format`` tag of the JSON file ``path``, or None (absent, not a regular file,
+    not JSON of an object)."""
+    if not path.is_file():  # a FIFO would block the read
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return found.get("format") if isinstance(found, dict) else None
 
 
 def _balanced(metrics: Mapping) -> float:
@@ -997,7 +1069,7 @@ def _assemble(config, data, splits, runner: "_Experiment", defenses, attack_resu
                 machine["cpu_model"] = line.split(":", 1)[1].strip()
                 break
     return {
-        "format": "oni-results", "version": 1,
+        "format": _RESULTS_FORMAT, "version": 1,
         "config": config,
         "data": {"name": data.name, "n": data.n, "d": data.d, "k": data.k,
                  "fingerprint": fingerprint},
@@ -1317,7 +1389,9 @@ def _cmd_report(args) -> int:
     if not (run_dir / "results.json").is_file():
         raise ConfigError(f"{run_dir} holds no results.json: run `oni run --out {run_dir}` "
                           f"first")
-    path = build_report(run_dir)
+    # a run finishing meanwhile would leave a mix of two runs' files
+    with _run_lock(run_dir, "wait for it: it rewrites the report when it finishes"):
+        path = build_report(run_dir)
     print(f"oni report: {path} rebuilt (results.csv and figures/ too)")
     return 0
 

@@ -629,6 +629,10 @@ def _render(run_dir: Path, results: Mapping, roc: Mapping) -> RenderedReport:
     if figures_dir.exists() and not figures_dir.is_dir():  # found before any file is written
         raise FileExistsError(f"{figures_dir} is a file: the report's figures go in that "
                               f"directory; move the file away")
+    for path in (*rendered, run_dir / "report.md"):
+        if path.is_dir():
+            raise FileExistsError(f"{path} is a directory, where the report writes a file; "
+                                  f"move it away")
     report = run_dir / "report.md"
     rendered[report] = _markdown(results, figures).encode()  # last: written last
     stale = [figures_dir / FIGURES[key] for key, name in figures.items() if not name]

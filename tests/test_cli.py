@@ -20,6 +20,8 @@ import torch
 from oni import cli, config as cfgmod, report as reportmod
 from oni.config import ConfigError, resolve_config
 
+_RECORD = cli._RECORD
+
 REPO = Path(__file__).resolve().parents[1]
 
 # a run of seconds: 600 rows, 20 features, 5 classes, one hidden layer of 16, 2 epochs,
@@ -1054,7 +1056,8 @@ def test_run_refuses_a_directory_of_other_files(tiny_yaml, tmp_path, capsys):
     mine.mkdir()
     (mine / "report.md").write_text("my own report")
     assert _run([tiny_yaml, "--out", mine]) == 2
-    assert "holds report.md but no stages/" in capsys.readouterr().err
+    assert "holds report.md but no stage, results or config of an oni run" in \
+        capsys.readouterr().err
     assert (mine / "report.md").read_text() == "my own report"
     assert sorted(p.name for p in mine.iterdir()) == ["report.md"]  # nothing created
     (tmp_path / "file").write_text("x")
@@ -1073,6 +1076,80 @@ def test_run_refuses_a_directory_of_other_files(tiny_yaml, tmp_path, capsys):
     assert _run([own / "config.yaml", "--out", own]) == 2
     assert "is where the run writes its resolved config" in capsys.readouterr().err
     assert (own / "config.yaml").read_bytes() == Path(tiny_yaml).read_bytes()
+
+
+def test_run_directory_findings_of_fuzz_pass_8(small_reference, tiny_yaml, tmp_path, capsys,
+                                              monkeypatch):
+    """What a run directory is, and what a run may replace in it."""
+    # an empty stages/ beside a user's own files made them a run's: config.yaml and
+    # report.md were replaced
+    mine = tmp_path / "project"
+    (mine / "stages").mkdir(parents=True)
+    (mine / "config.yaml").write_text("my config: keep me\n")
+    (mine / "report.md").write_text("# my draft\n")
+    assert _run([tiny_yaml, "--out", mine]) == 2
+    assert "not recognisable as a run's" in capsys.readouterr().err
+    assert (mine / "report.md").read_text() == "# my draft\n"
+    # a run inside another run's stages/ was emptied when that run resumed
+    out = tmp_path / "run"
+    shutil.copytree(small_reference, out)
+    assert _run([tiny_yaml, "--out", out / "stages" / "defense-later"]) == 2
+    assert f"is inside the stages of the run in {out.resolve()}" in capsys.readouterr().err
+    assert not (out / "stages" / "defense-later").exists()
+    # odd objects where files belong: named, or taken as damage and recomputed
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert _run([tiny_yaml, "--out", dangling]) == 2
+    assert "is a symbolic link to" in capsys.readouterr().err
+    (out / ".lock").unlink()
+    (out / ".lock").mkdir()
+    assert _run(_small(tiny_yaml, out)) == 2
+    assert ".lock is a directory, where oni keeps the run's lock file" in \
+        capsys.readouterr().err
+    (out / ".lock").rmdir()
+    # a user's file in a stage directory survives the stage's recompute; a FIFO record (the
+    # run blocked reading it), a directory record and a file in a stage's place are damage
+    (out / "stages" / "target" / "mine.txt").write_text("keep")
+    (out / "stages" / "oni-phi" / _RECORD).unlink()
+    os.mkfifo(out / "stages" / "oni-phi" / _RECORD)
+    (out / "stages" / "oni-eta" / _RECORD).unlink()
+    (out / "stages" / "oni-eta" / _RECORD).mkdir()
+    shutil.rmtree(out / "stages" / "defense-dynanoise")
+    (out / "stages" / "defense-dynanoise").write_text("not a stage")
+    assert _run(_small(tiny_yaml, out, "train.epochs=3")) == 0, capsys.readouterr().err
+    assert (out / "stages" / "target" / "mine.txt").read_text() == "keep"
+    reused = _stage_status(out)
+    assert reused.pop("splits") and not any(reused.values())  # all after the target
+    for stage in ("oni-phi", "oni-eta", "defense-dynanoise"):
+        assert (out / "stages" / stage / _RECORD).is_file(), stage
+    # oni report waits for no run: one finishing meanwhile left a mix of two runs' files
+    with cli._run_lock(out):
+        assert cli.main(["report", str(out)]) == 2
+    assert "another oni run is using" in capsys.readouterr().err
+    # a directory where a results file goes is refused before anything is replaced; a
+    # failure to write .finishing replaced nothing, and says nothing of two runs
+    before = _run_files(out)
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()
+    assert _run(_small(tiny_yaml, out)) == 2
+    assert "report.md is a directory, where the report writes a file" in \
+        capsys.readouterr().err
+    (out / "report.md").rmdir()
+    assert not (out / reportmod.FINISHING).exists()
+    write = cli.write_atomic
+
+    def refuse_the_marker(path, data):
+        if path.name == reportmod.FINISHING:
+            raise PermissionError(13, "Permission denied", str(path))
+        return write(path, data)
+
+    monkeypatch.setattr(cli, "write_atomic", refuse_the_marker)
+    assert _run(_small(tiny_yaml, out)) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "two runs" not in err, err
+    after = _run_files(out)
+    assert {k: v for k, v in after.items() if k != Path("report.md")} == \
+        {k: v for k, v in before.items() if k != Path("report.md")}
 
 
 def cfgmod_load(path):
@@ -1176,7 +1253,8 @@ def test_a_run_stopped_while_the_files_are_written_is_refused_by_the_report(
     assert _run(args) != 0
     err = capsys.readouterr().err
     assert "No space left on device, while replacing the results files: they may now come " \
-           "from two runs (.finishing marks it); run the same oni run again" in err, err
+           "from two runs (.finishing marks it); mend the cause and run the same oni run " \
+           "again" in err, err
     assert (out / reportmod.FINISHING).is_file()
     assert cli.main(["report", str(out)]) == 2
     err = capsys.readouterr().err
