@@ -707,7 +707,9 @@ def describe_schema(width: int = 92) -> str:
 #: hashes are folded in by the caller). Runtime-only keys (device) are in none of them: a
 #: result computed on another device is the same result.
 STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
-    # the data by its content (the run adds its fingerprint), not by where it came from
+    # the data by its content (the run adds its fingerprint), not by where it came from;
+    # device and defenses.oni.backend are left out: the same walks and starts give the same
+    # phi and eta on every device and backend, to rounding (precision is in: tf32 is not)
     "splits": ("seed", "splits"),
     "target": ("seed", "model", "train"),
     "phi": ("seed", "defenses.oni.n_permutations", "defenses.oni.precision"),
