@@ -50,7 +50,8 @@ from .models import _fsync_dir
 from .report import (FINISHING, build_report, render_report, results_from_json,
                      results_json_bytes, write_atomic, write_rendered)
 
-__all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused"]
+__all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused",
+           "RunDirectoryBusy"]
 
 _STAGE_FORMAT = "oni-stage"
 _RESULTS_FORMAT = "oni-results"
@@ -277,23 +278,36 @@ class StageStore:
             return {key: data[key] for key in data.files}
 
 
+class RunDirectoryBusy(RuntimeError):
+    """Another ``oni run`` (or, for a run, an ``oni report``) holds the run directory."""
+
+
 @contextlib.contextmanager
-def _run_lock(run_dir: Path, busy: str = "wait for it or use --out with another directory"):
-    """One ``oni run`` (or ``oni report``) per run directory at a time (released by the OS
-    if killed); ``busy`` says what to do when another holds it."""
+def _run_lock(run_dir: Path, *, report: bool = False):
+    """One ``oni run`` per run directory at a time, and no ``oni report`` while it runs
+    (reports share the lock; the OS releases it if the holder is killed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / ".lock").is_dir():
-        raise ConfigError(f"{run_dir / '.lock'} is a directory, where oni keeps the run's lock "
-                          f"file; remove it")
-    handle = open(run_dir / ".lock", "a+")
+    path = run_dir / ".lock"
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, where oni keeps the run's lock file; "
+                          f"remove it")
+    try:  # a report only reads the lock file: it need not own it
+        handle = open(path, "r" if report else "a+")
+    except FileNotFoundError:
+        handle = open(path, "a+")
     try:
         try:
             import fcntl
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(),
+                        (fcntl.LOCK_SH if report else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - not POSIX: no locking
             pass
         except OSError:
-            raise RuntimeError(f"another oni run is using {run_dir}; {busy}") from None
+            if report:
+                raise RunDirectoryBusy(f"an oni run is writing {run_dir}; wait for it: it "
+                                       f"rewrites the report when it finishes") from None
+            raise RunDirectoryBusy(f"another oni run or report is using {run_dir}; wait for "
+                                   f"it or use --out with another directory") from None
         yield
     finally:
         handle.close()
@@ -967,26 +981,22 @@ _RUN_ENTRIES = {".lock", "config.yaml", "stages", "results.json", "results.csv",
 
 def _check_run_dir(run_dir: Path) -> None:
     """A run goes to a new or empty directory, or one an earlier run wrote (to resume or
-    update it); a directory of other files, or one inside another run's ``stages/`` (whose
-    resume would empty it), is refused before anything in it is replaced."""
+    update it); a directory of other files is refused before anything in it is replaced."""
     if run_dir.is_symlink() and not run_dir.exists():
         raise ConfigError(f"--out {run_dir} is a symbolic link to {os.readlink(run_dir)}, "
                           f"which does not exist; create that directory or give another")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
-    for ancestor in run_dir.resolve().parents:
-        if ancestor.name == "stages" and _is_run_dir(ancestor.parent):
-            raise ConfigError(f"--out {run_dir} is inside the stages of the run in "
-                              f"{ancestor.parent}, which that run replaces: use a directory "
-                              f"outside it")
     if not run_dir.is_dir():
         return
     entries = {entry.name for entry in run_dir.iterdir()} - {".lock"}
     if entries and not _is_run_dir(run_dir):
-        foreign = sorted(entries - _RUN_ENTRIES)[:3]
-        shown = (f"files that no oni run wrote (e.g. {', '.join(foreign)})" if foreign else
-                 f"{', '.join(sorted(entries)[:3])} but no stage, results or config of an oni "
-                 f"run, so it is not recognisable as a run's")
+        foreign = sorted(name for name in entries - _RUN_ENTRIES if not _oni_temporary(name))
+        missing = ("no stages/" if "stages" not in entries else
+                   "no stage record, results or resolved config of an oni run")
+        shown = (f"files that no oni run wrote (e.g. {', '.join(foreign[:3])})" if foreign
+                 else f"{', '.join(sorted(entries)[:3])} but {missing}, so it is not "
+                      f"recognisable as a run's")
         raise ConfigError(f"--out {run_dir} holds {shown}, and a run would replace its "
                           f"config.yaml, report.md, results.csv and figures/: use a new or "
                           f"empty directory")
@@ -1014,7 +1024,15 @@ def _is_run_dir(directory: Path) -> bool:
         # oni writes the resolved config: every section of the schema (a hand-written
         # config names a few)
         return isinstance(loaded, dict) and set(cfgmod.SCHEMA) <= set(loaded)
-    return {entry.name for entry in directory.iterdir()} <= {".lock", "stages"}
+    # (write_atomic's temporary file of the first config.yaml, left by a kill, is oni's)
+    return all(name in (".lock", "stages") or _oni_temporary(name)
+               for name in (entry.name for entry in directory.iterdir()))
+
+
+def _oni_temporary(name: str) -> bool:
+    """Whether ``name`` is write_atomic's temporary name for a file a run writes."""
+    temporary = _TEMPORARY.fullmatch(name)
+    return bool(temporary) and temporary.group(1) in _RUN_ENTRIES
 
 
 def _json_format(path: Path) -> Optional[str]:
@@ -1390,7 +1408,7 @@ def _cmd_report(args) -> int:
         raise ConfigError(f"{run_dir} holds no results.json: run `oni run --out {run_dir}` "
                           f"first")
     # a run finishing meanwhile would leave a mix of two runs' files
-    with _run_lock(run_dir, "wait for it: it rewrites the report when it finishes"):
+    with _run_lock(run_dir, report=True):
         path = build_report(run_dir)
     print(f"oni report: {path} rebuilt (results.csv and figures/ too)")
     return 0
@@ -1598,7 +1616,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as err:
-        if "another oni run" in str(err):
+        if isinstance(err, RunDirectoryBusy):
             print(f"oni {args.command}: error: {err}", file=sys.stderr)
             return 2
         if not _is_out_of_memory(err) or os.environ.get("ONI_TRACEBACK"):
