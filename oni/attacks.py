@@ -348,10 +348,16 @@ def _shadow_hidden(cfg, target, data: Dataset) -> Tuple[int, ...]:
     return tuple(model.hidden)
 
 
-def _prob_slack(dtype: torch.dtype) -> float:
-    """How far a row of probabilities may sum from 1: bfloat16 or float16 probabilities are
-    rounded each, so their rows stray further."""
-    return max(_PROB_SLACK, 4 * torch.finfo(dtype).eps)
+def _row_off_one(probs: Tensor, dtype: torch.dtype) -> Optional[Tuple[Tuple[int, ...], float]]:
+    """The index of the row of ``probs`` ``[..., k]`` whose sum strays furthest from 1, and
+    that sum, when it strays further than rows of ``dtype`` may (bfloat16 or float16
+    probabilities are rounded each, so their rows stray further); None otherwise."""
+    sums = probs.double().sum(-1)
+    worst = tuple(int(i) for i in np.unravel_index(int((sums - 1).abs().argmax()),
+                                                   tuple(sums.shape)))
+    total = float(sums[worst])
+    return (worst, total) if abs(total - 1) > max(_PROB_SLACK, 4 * torch.finfo(dtype).eps) \
+        else None
 
 
 def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> Tensor:
@@ -363,7 +369,7 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
                else type(probs).__name__)
         raise ValueError(f"{who}.predict_proba must return [n, k] = [{x.shape[0]}, {k}] "
                          f"floating probabilities, got {got}")
-    slack = _prob_slack(probs.dtype)
+    dtype = probs.dtype
     probs = probs.detach().float().cpu()
     if not probs.numel():
         return probs
@@ -371,11 +377,11 @@ def _query(predict: Callable[[Tensor], Tensor], x: Tensor, k: int, who: str) -> 
         raise ValueError(f"{who}.predict_proba must return probabilities (finite, >= 0, rows "
                          f"summing to 1): got values in [{float(probs.min())}, "
                          f"{float(probs.max())}] (logits instead of probabilities?)")
-    sums = probs.double().sum(1)
-    row = int((sums - 1).abs().argmax())
-    if abs(float(sums[row]) - 1) > slack:
+    off = _row_off_one(probs, dtype)
+    if off is not None:
+        (row,), total = off
         raise ValueError(f"{who}.predict_proba must return probabilities, rows summing to 1: "
-                         f"row {row} sums to {float(sums[row]):.6g} (values "
+                         f"row {row} sums to {total:.6g} (values "
                          f"in [{float(probs.min())}, {float(probs.max())}]; logits instead "
                          f"of probabilities?)")
     return probs
@@ -659,12 +665,11 @@ def _check_probs_and_labels(probs, labels) -> None:
         raise ValueError(f"probs must be probabilities in [0, 1] (softmax outputs, not "
                          f"logits), got values in [{float(probs.min()):g}, "
                          f"{float(probs.max()):g}]")
-    off = (probs.double().sum(-1) - 1).abs()
-    worst = np.unravel_index(int(off.argmax()), tuple(off.shape))
-    if float(off[worst]) > _prob_slack(probs.dtype):
-        at = ", ".join(str(int(i)) for i in worst)
+    off = _row_off_one(probs, probs.dtype)
+    if off is not None:
+        worst, total = off
         raise ValueError(f"probs must be probabilities, rows summing to 1 (softmax outputs): "
-                         f"row [{at}] sums to {float(probs[worst].double().sum()):.6g}")
+                         f"row [{', '.join(map(str, worst))}] sums to {total:.6g}")
 
 def metric_values(metric: str, probs: Tensor, labels: Tensor) -> Tensor:
     """Song & Mittal's per-row values, oriented so that higher = more likely a member.

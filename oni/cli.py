@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import config as cfgmod
+from ._checks import short_repr
 from .config import ConfigError
 from .models import _fsync_dir
 from .report import (FINISHING, build_report, render_report, results_from_json,
@@ -410,7 +411,7 @@ def _settings_named(step: str, settings: Mapping[str, Any],
     except (ValueError, TypeError, FloatingPointError) as err:
         if isinstance(err, ConfigError):
             raise
-        shown = ", ".join(f"{key} = {cfgmod._show(value)}" for key, value in settings.items())
+        shown = ", ".join(f"{key} = {short_repr(value)}" for key, value in settings.items())
         try:
             restated = type(err)(f"{step}: {err} [{label}: {shown}]")
         except Exception:  # an exception class with other arguments: as it is

@@ -167,11 +167,8 @@ class Leaf:
     help: str
 
 
-_show = short_repr  # a YAML alias can make a small file a huge structure
-
-
 def _type_error(key: str, expected: str, value) -> ConfigError:
-    return ConfigError(f"config key '{key}': expected {expected}, got {_show(value)} "
+    return ConfigError(f"config key '{key}': expected {expected}, got {short_repr(value)} "
                        f"({type(value).__name__})")
 
 
@@ -211,7 +208,7 @@ def _choice(options: Sequence[str]):
     def check(value, key):
         if not isinstance(value, str) or value not in options:
             raise ConfigError(f"config key '{key}': must be one of {list(options)}, got "
-                              f"{_show(value)}")
+                              f"{short_repr(value)}")
         return value
     check.expected = " | ".join(options)
     return check
@@ -269,10 +266,10 @@ def _names(known: Sequence[str]):
         names = []
         for i, name in enumerate(value):
             if name not in known:
-                raise ConfigError(f"config key '{key}[{i}]': unknown name {_show(name)}; "
+                raise ConfigError(f"config key '{key}[{i}]': unknown name {short_repr(name)}; "
                                   f"known: {list(known)}")
             if name in names:
-                raise ConfigError(f"config key '{key}': {_show(name)} is listed twice")
+                raise ConfigError(f"config key '{key}': {short_repr(name)} is listed twice")
             names.append(name)
         return names
     check.expected = "list of names"
@@ -499,12 +496,12 @@ def _check_layer(layer, schema: Mapping, prefix: str, source: str) -> None:
     """Unknown keys and non-mappings where sections belong, in a user layer."""
     if not isinstance(layer, Mapping):
         where = f"config key '{prefix}'" if prefix else source
-        raise ConfigError(f"{where}: expected a mapping of settings, got {_show(layer)} "
+        raise ConfigError(f"{where}: expected a mapping of settings, got {short_repr(layer)} "
                           f"({type(layer).__name__})")
     for key, value in layer.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: config key {_show(path)} is not a string")
+            raise ConfigError(f"{source}: config key {short_repr(path)} is not a string")
         if key in schema:
             if isinstance(schema[key], Mapping):
                 _check_layer(value, schema[key], path, source)
@@ -514,7 +511,7 @@ def _check_layer(layer, schema: Mapping, prefix: str, source: str) -> None:
             if key in known:
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"config key '{path}': expected a mapping of the "
-                                      f"{prefix[:-1]}'s settings, got {_show(value)}")
+                                      f"{prefix[:-1]}'s settings, got {short_repr(value)}")
                 continue  # its keys are checked with the method
             raise ConfigError(f"config key '{path}': unknown {prefix[:-1]} {key!r} "
                               f"({source}); known keys here: run"

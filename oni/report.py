@@ -121,10 +121,6 @@ def write_atomic(path: os.PathLike, data: bytes) -> Path:
 
 
 def _load(run_dir: Path):
-    if (run_dir / FINISHING).exists():
-        raise _Unfinished(f"{run_dir}: the last `oni run` here was stopped while replacing "
-                          f"its results files, so they may come from two runs; run it "
-                          f"again (its stages are saved: it only rewrites the results)")
     results = results_from_json((run_dir / "results.json").read_text())
     if not (run_dir / "roc.npz").is_file():  # oni run writes both (a curve per attack)
         raise ValueError("roc.npz is missing")
@@ -556,20 +552,18 @@ def _check_roc(roc: Mapping[str, np.ndarray], key: str) -> None:
                          f"points; a curve has one tpr per fpr")
 
 
-class _Unfinished(ValueError):
-    """The run directory's results files may come from two runs."""
-
-
 def build_report(run_dir: os.PathLike) -> Path:
     """Writes ``results.csv``, ``figures/*.png`` and ``report.md`` of a run directory from
     its ``results.json`` and ``roc.npz``; returns the path of ``report.md``. A ValueError
     says the two are damaged, not what `oni run` writes, or left by a run stopped while it
     replaced them (:data:`FINISHING`)."""
     run_dir = Path(run_dir)
+    if (run_dir / FINISHING).exists():
+        raise ValueError(f"{run_dir}: the last `oni run` here was stopped while replacing "
+                         f"its results files, so they may come from two runs; run it again "
+                         f"(its stages are saved: it only rewrites the results)")
     try:
         results, roc = _load(run_dir)
-    except _Unfinished as err:
-        raise ValueError(str(err)) from None
     # JSON, UTF-8, npz damage; JSON nested deeper than Python's recursion limit
     except (ValueError, EOFError, zipfile.BadZipFile, RecursionError) as err:
         raise ValueError(f"{run_dir}: results.json or roc.npz is damaged ({err}); run the "
