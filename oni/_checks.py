@@ -43,11 +43,13 @@ def check_number(value, name: str, low: float = -math.inf, high: float = math.in
         (value >= high if high_open else value > high)
     if not math.isfinite(value) or outside:
         raise ValueError(f"{name} must be a finite number"
-                         f"{_bounds(low, high, low_open, high_open)}{why}, got {value}")
+                         f"{bounds_text(low, high, low_open, high_open)}{why}, got {value}")
     return value
 
 
-def _bounds(low: float, high: float, low_open: bool, high_open: bool) -> str:
+def bounds_text(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+    """`` in [low, high]`` (or ``>= low``, ``<= high``) with each bound to the last bit, as
+    check_number's messages and the config's help show them."""
     # an infinite bound is left out: "in [0.0, inf]" reads as if inf were allowed
     if math.isfinite(low) and math.isfinite(high):
         return (f" in {'(' if low_open else '['}{_show(low)}, {_show(high)}"

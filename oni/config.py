@@ -36,7 +36,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
                     Tuple)
 
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED, MAX_SIZE,
-                      check_int, check_number, short_repr)
+                      bounds_text, check_int, check_number, short_repr)
 
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
@@ -177,10 +177,11 @@ def _int(minimum: int, *, optional: bool = False, maximum: float = math.inf):
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise _type_error(key, f"an int >= {minimum}" + (" or null" if optional else ""),
-                              value)
+            raise _type_error(key, f"an {expected}", value)
         return _keyed(check_int, value, key, minimum, maximum)
-    check.expected = f"int >= {minimum}" + (" or null" if optional else "")
+    expected = (f"int >= {minimum}" if math.isinf(maximum) else
+                f"int in [{minimum}, {int(maximum)}]") + (" or null" if optional else "")
+    check.expected = expected
     return check
 
 
@@ -197,10 +198,7 @@ def _float(low: float, high: float = math.inf, *, low_open: bool = False, why: s
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _type_error(key, "a number", value)
         return _keyed(check_number, value, key, low, high, low_open=low_open, why=why)
-    if math.isinf(high):
-        check.expected = f"number {'>' if low_open else '>='} {low:g}"
-    else:
-        check.expected = f"number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    check.expected = "number" + bounds_text(low, high, low_open)
     return check
 
 

@@ -234,6 +234,23 @@ def test_yaml_numbers_follow_yaml_1_2_and_the_dump_reads_back():
     assert cfgmod.load_yaml(cfgmod.dump_yaml(config), source="dump") == config
 
 
+def test_help_states_each_bound_as_the_check_applies_it():
+    """--help showed train.lr's bound rounded (3.40282e+37) and no upper bound for seeds and
+    sizes; each stated bound is now the one the check applies, to the last bit."""
+    from oni._checks import MAX_ADAM_LR, MAX_SEED, MAX_SIZE
+    text = " ".join(cfgmod.describe_schema(width=200).split())
+    assert f"train.lr Adam learning rate (the paper: 1e-3) [number in (0.0, {MAX_ADAM_LR!r}]]" \
+        in text
+    assert f"[int in [0, {MAX_SEED - 1}]]" in text and f"[int in [1, {MAX_SIZE}]]" in text
+    for key, bound, past in (("train.lr", repr(MAX_ADAM_LR),
+                              repr(math.nextafter(MAX_ADAM_LR, math.inf))),
+                             ("seed", str(MAX_SEED - 1), str(MAX_SEED)),
+                             ("data.synthetic.d", str(MAX_SIZE), str(MAX_SIZE + 1))):
+        resolve_config(sets=[f"{key}={bound}"], check_files=False)
+        with pytest.raises(ConfigError, match=re.escape(f"config key '{key}'")):
+            resolve_config(sets=[f"{key}={past}"], check_files=False)
+
+
 def test_dry_run_checks_the_device_settings_as_the_run_does(capsys):
     """--dry-run printed a config with the tf32 opt-in on a CPU run that oni run refuses."""
     assert cli.main(["run", "--dry-run", "--set", "device=cpu",
