@@ -28,7 +28,7 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import (check_class_indices, check_finite, check_not_meta, check_number,
+from ._checks import (check_class_indices, check_not_meta, check_number,
                       is_integer_dtype, tensor_to_numpy)
 from .shapley import _check_model_width
 from .train import _batched
@@ -214,8 +214,7 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
             if not is_integer_dtype(y.dtype):
                 raise TypeError(f"{name} labels must be integer class indices, got {y.dtype}")
             check_not_meta(x, f"{name} x")
-            check_not_meta(y, f"{name} labels")
-            check_finite(x, f"{name} x")
+            check_not_meta(y, f"{name} labels")  # x's values are checked in _batched's pass
             try:
                 _check_model_width(model, x.shape[1])
             except ValueError as err:

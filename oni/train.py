@@ -579,7 +579,7 @@ def _batched(model, x, batch_size, device, transform, name: str = "x") -> Tuple[
         got = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
         raise TypeError(f"model must be an nn.Module or a function, got {got}")
     batch_size = _check_int(batch_size, "batch_size", 1)
-    x = _check_features(x, "x", allow_empty=True)
+    x = _check_features(x, name, allow_empty=True)
     model_device, dtype = _model_device_dtype(model)
     if model_device is not None and model_device.type == "meta":
         raise ValueError("model is on the meta device: meta tensors hold no values")
