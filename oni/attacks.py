@@ -78,7 +78,11 @@ The attacks (``ATTACKS``)
   test ``log Pr[Z <= phi]``, ``Z ~ N(mu_out, s_out^2)`` (i.e. ``log(1 - p-value)``) offline.
   With few shadows the per-row variances are unreliable; ``global_variance`` (default: when
   ``K < 64``, as the paper advises) uses one variance for all rows: the pooled within-row
-  variance of the shadows' ``phi``.
+  variance of the shadows' ``phi`` (each row's deviations from its own mean), as the paper
+  describes it. The authors' released code differs in two ways: its global variance is that
+  of all the scores about their overall mean, which adds the spread between rows' means
+  (larger, so flatter Gaussians); and it centres each row's Gaussians on the median. Scores
+  from the two are not directly comparable.
 
 Calibration (for choosing a threshold, :func:`oni.metrics.attack_report`)
 --------------------------------------------------------------------------

@@ -264,6 +264,10 @@ def tpr_at_fpr(scores, is_member, fpr: float) -> float:
     Interpolation-free: the largest TPR among the ROC points with FPR <= ``fpr``, i.e. the
     best an attacker does with one threshold that keeps its false-positive rate within the
     target. With ``n`` non-members, any target below ``1 / n`` only admits FPR 0.
+
+    The LiRA authors' released code takes FPR < ``fpr``, strictly. The two differ when
+    ``n * fpr`` is a whole number: with 5,000 non-members, "0.1% FPR" allows 5 false
+    positives here and 4 there. ``fpr=math.nextafter(fpr, 0)`` gives their convention.
     """
     target = check_number(fpr, "fpr", 0.0, 1.0)
     s, m = _check_pair(scores, is_member)

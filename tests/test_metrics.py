@@ -84,6 +84,15 @@ def test_tpr_at_fpr_takes_the_largest_reachable_tpr_without_interpolating():
     assert metrics.tpr_at_fpr(scores, member, 0.5) == pytest.approx(1.0)
 
 
+def test_tpr_at_fpr_the_lira_codes_strict_convention_is_one_nextafter_away():
+    """At 5,000 non-members "0.1% FPR" admits 5 false positives (FPR <= 0.001); the LiRA
+    authors' code admits 4 (FPR < 0.001), which the docstring's nextafter gives."""
+    scores = np.r_[np.zeros(4995), np.full(5, 20.0), np.full(100, 10.0)]
+    member = np.r_[np.zeros(5000, bool), np.ones(100, bool)]
+    assert metrics.tpr_at_fpr(scores, member, 0.001) == 1.0       # 5 false positives
+    assert metrics.tpr_at_fpr(scores, member, math.nextafter(0.001, 0)) == 0.0
+
+
 # ----------------------------------------------------------------------------- thresholds
 
 @pytest.mark.parametrize("case, balanced, threshold", [
