@@ -64,7 +64,8 @@ The attacks (``ATTACKS``)
   attacks' (``thresholds``: ``"global"`` by default, as the value takes only
   ``n_queries + 2`` levels; ``"class"`` also works) and the score is ``value - tau_y``. It
   shares the shadow models of the shadow and metric attacks, and costs
-  ``n_queries x (len(sigma_grid) x reference rows + target rows)`` label queries.
+  ``n_queries x (len(sigma_grid) x reference rows + target rows)`` label queries
+  (``n_queries x (reference rows + target rows)`` with ``sigma`` fixed).
 * ``"lira_online"`` / ``"lira_offline"`` (Carlini et al. 2022): ``K`` shadow models, in
   complementary pairs, each trained on one half of a pool of ``2m`` rows (model ``2i`` on a
   random half, model ``2i + 1`` on the other half), so every pool row is a member of exactly
@@ -160,7 +161,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "shadow": {**_REFERENCE_DEFAULTS, **_ATTACK_NET_DEFAULTS},
     **{f"metric_{m}": {**_REFERENCE_DEFAULTS, "thresholds": "class"} for m in METRICS},
     "label_only": {**_REFERENCE_DEFAULTS,
-                   "n_queries": 64,        # noisy copies per row (the clean copy counts too)
+                   "n_queries": 64,        # noisy copies per row (the score's share also counts
+                                           # the clean copy: n_queries + 1 in all)
                    "sigma": None,          # the noise's standard deviation; None: picked
                                            # from sigma_grid on the reference fit rows
                    "sigma_grid": (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0),

@@ -838,7 +838,15 @@ def load_shokri_csv(path: PathLike, *, cache_dir: Optional[PathLike] = None,
 def _texas_dataset(feats: Tuple[np.ndarray, np.ndarray], labels: Tuple[np.ndarray, np.ndarray],
                    feats_source: str, labels_source: str, name: str) -> Dataset:
     first, rest = feats
-    features = np.concatenate([first.astype(np.float32)[:, None], rest], axis=1)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+        first = first.astype(np.float32)
+    # the parser checks a line's first field as a Shokri label, finite in float64 only;
+    # here it is a feature, kept as float32 like the others
+    if not np.isfinite(first).all():
+        row = int(np.argmax(~np.isfinite(first)))
+        raise DataError(f"{feats_source}, line {row + 1}: field 1 is {feats[0][row]}, "
+                        f"expected a finite number within float32's range")
+    features = np.concatenate([first[:, None], rest], axis=1)
     label_values = labels[0]
     if labels[1].shape[1] != 0:
         raise DataError(f"{labels_source}, line 1: {labels[1].shape[1] + 1} fields, expected "
@@ -1221,7 +1229,8 @@ class Splits:
     * ``known``: the part of the training data the adversary holds (labelled members):
       a subset of ``train``.
     * ``target``: the rows the attack is scored on, shuffled; ``target_member[i]`` says
-      whether ``target[i]`` is a member. Equal numbers of each: the members are drawn from
+      whether ``target[i]`` is a member. Equal numbers of each (from :func:`make_splits`;
+      :meth:`check` does not require it of hand-made splits): the members are drawn from
       ``train`` minus ``known`` (the adversary never holds the rows it is scored on), the
       non-members from rows outside ``train``, ``test`` and ``shadow_pool``.
     * ``shadow_pool``: the adversary's population data for shadow models and LiRA reference
@@ -1265,7 +1274,9 @@ class Splits:
         overlap (a shadow pool holding members would train "non-member" shadows on them),
         ``known`` outside ``train``, or ``target_member`` not saying which target rows are in
         ``train`` (every score would be judged against wrong labels). ``test`` is held to its
-        definition too, although no attack reads it."""
+        definition too, although no attack reads it. ``target``'s balance is not: hand-made
+        splits may score any mix of members and non-members (AUC, TPR at FPR and balanced
+        accuracy do not depend on it; plain accuracy then weighs each side by its share)."""
         for key in ("train", "test", "known", "target", "shadow_pool"):
             idx = getattr(self, key)
             if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:

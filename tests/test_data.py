@@ -442,6 +442,14 @@ def test_texas_bad_files(tmp_path):
     _write(folder / "labels", labels)
     _write(folder / "feats", feats.replace("\n", ",0\n", 1))
     _raises_at(folder / "feats", 2, "ragged", data.load_texas, folder, cache_dir=tmp_path / "c4")
+    # a first field past float32's range: it was read as a Shokri label would be (finite in
+    # float64) and became inf in the features and the cache without a word
+    lines = feats.splitlines(keepends=True)
+    lines[2] = "1e39" + lines[2][lines[2].index(","):]
+    _write(folder / "feats", "".join(lines))
+    _raises_at(folder / "feats", 3, "field 1 is 1e+39, expected a finite number within "
+               "float32's range", data.load_texas, folder, cache_dir=tmp_path / "c5")
+    assert not list((tmp_path / "c5").glob("*.npz"))
     (folder / "labels").unlink()
     with pytest.raises(FileNotFoundError, match="labels"):
         data.load_texas(folder)
