@@ -57,7 +57,10 @@ The attacks (``ATTACKS``)
   value is the share of the ``n_queries + 1`` copies, the clean one included, classified as
   ``y``: members sit farther from the decision boundary, so more of their copies keep the
   label. On binary features (Purchase, Texas, Location) the noisy copies leave ``{0, 1}^d``;
-  they are queries, not data, and the model labels them like any input. ``sigma`` is
+  they are queries, not data, and the model labels them like any input. ``config['noise']
+  = "bitflip"`` keeps them in ``{0, 1}^d`` instead: each feature of each copy is flipped
+  (``1 - x_i``) with probability ``sigma``, from draws ``u ~ U(0, 1)`` shared by every
+  sigma (a larger one flips a superset); it refuses data with other values. ``sigma`` is
   fixed by ``config['sigma']`` or, by default, picked from ``sigma_grid`` on the reference
   (shadow) fitting rows: the one whose best threshold has the highest balanced accuracy
   (every sigma scales the same draws ``z``). The threshold is then fitted like the metric
@@ -123,6 +126,8 @@ __all__ = ["AttackResult", "ATTACKS", "DEFAULTS", "METRICS", "check_attack_sizes
            "metric_values", "run_attack", "run_attacks", "scaled_logit"]
 
 METRICS = ("correctness", "confidence", "entropy", "modified_entropy", "loss")
+#: the label-only attack's noise kinds (config["noise"])
+LABEL_ONLY_NOISES = ("gaussian", "bitflip")
 ATTACKS = ("shadow", *(f"metric_{m}" for m in METRICS), "label_only", "lira_offline",
            "lira_online")
 
@@ -163,8 +168,11 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "label_only": {**_REFERENCE_DEFAULTS,
                    "n_queries": 64,        # noisy copies per row (the score's share also counts
                                            # the clean copy: n_queries + 1 in all)
-                   "sigma": None,          # the noise's standard deviation; None: picked
-                                           # from sigma_grid on the reference fit rows
+                   "noise": "gaussian",    # x + sigma z; "bitflip": each feature of 0/1
+                                           # data flipped with probability sigma
+                   "sigma": None,          # the noise's scale (a standard deviation, or a
+                                           # flip probability); None: picked from
+                                           # sigma_grid on the reference fit rows
                    "sigma_grid": (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0),
                    "thresholds": "global"},  # robustness takes few values: one threshold
     "lira_offline": dict(_LIRA_DEFAULTS),
@@ -287,14 +295,22 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
                              f"{short_repr(cfg['thresholds'])}")
     if name == "label_only":
         cfg["n_queries"] = _check_int(cfg["n_queries"], "config['n_queries']", 1)
+        if cfg["noise"] not in LABEL_ONLY_NOISES:
+            raise ValueError(f"config['noise'] must be one of {LABEL_ONLY_NOISES}, got "
+                             f"{short_repr(cfg['noise'])}")
+        # a flip probability is at most 1
+        high, why = (1.0, " (a flip probability, noise='bitflip')") \
+            if cfg["noise"] == "bitflip" else (math.inf, "")
         if cfg["sigma"] is not None:
-            cfg["sigma"] = check_number(cfg["sigma"], "config['sigma']", 0.0, low_open=True)
+            cfg["sigma"] = check_number(cfg["sigma"], "config['sigma']", 0.0, high,
+                                        low_open=True, why=why)
         grid = cfg["sigma_grid"]
         if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
             raise ValueError(f"config['sigma_grid'] must be a non-empty sequence of finite "
                              f"numbers > 0, got {short_repr(grid)}")
-        cfg["sigma_grid"] = tuple(check_number(v, f"config['sigma_grid'][{i}]", 0.0,
-                                               low_open=True) for i, v in enumerate(grid))
+        cfg["sigma_grid"] = tuple(check_number(v, f"config['sigma_grid'][{i}]", 0.0, high,
+                                               low_open=True, why=why)
+                                  for i, v in enumerate(grid))
     return cfg
 
 
@@ -783,22 +799,30 @@ def _metric_attack(metric: str, cfg, ref: _Reference, target_probs: Tensor,
 
 def _robustness(predict: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, clean: Tensor,
                 sigmas: Sequence[float], n_queries: int, gen: torch.Generator, k: int,
-                who: str) -> Tensor:
+                who: str, noise: str = "gaussian") -> Tensor:
     """The label-only value: per sigma, the share of the ``n_queries + 1`` copies of each row
-    (the clean one, whose predicted class is ``clean``, and ``x + sigma z``, ``z ~ N(0, I)``)
-    that ``predict`` labels ``labels``. ``[len(sigmas), n]`` float64.
+    (the clean one, whose predicted class is ``clean``, and the noisy ones: ``x + sigma z``,
+    ``z ~ N(0, I)``, or for ``noise="bitflip"`` ``x`` with each feature flipped where
+    ``u < sigma``, ``u ~ U(0, 1)``) that ``predict`` labels ``labels``. ``[len(sigmas), n]``
+    float64.
 
-    Every sigma scales the same draws ``z`` (so the sigmas are compared on the same noise);
-    the draws come from ``gen`` in blocks of rows whose size depends only on ``n_queries``
-    and ``d``, and only the argmax of ``predict``'s output is used."""
+    Every sigma uses the same draws (so the sigmas are compared on the same noise, and a
+    larger flip probability flips a superset of the features); the draws come from ``gen``
+    in blocks of rows whose size depends only on ``n_queries`` and ``d``, and only the
+    argmax of ``predict``'s output is used."""
     n, d = x.shape
     kept = torch.zeros(len(sigmas), n, dtype=torch.float64)
     block = max(1, _NOISE_BLOCK // (n_queries * max(d, 1)))
     for lo in range(0, n, block):
         xb, yb = x[lo:lo + block], labels[lo:lo + block].unsqueeze(1)
-        z = torch.randn(len(xb), n_queries, d, generator=gen, dtype=xb.dtype)
+        draw = torch.rand if noise == "bitflip" else torch.randn
+        z = draw(len(xb), n_queries, d, generator=gen, dtype=xb.dtype)
         for i, sigma in enumerate(sigmas):
-            noisy = (xb.unsqueeze(1) + sigma * z).reshape(-1, d)  # [b * n_queries, d]
+            if noise == "bitflip":
+                rows = xb.unsqueeze(1).expand(-1, n_queries, -1)
+                noisy = torch.where(z < sigma, 1 - rows, rows).reshape(-1, d)
+            else:
+                noisy = (xb.unsqueeze(1) + sigma * z).reshape(-1, d)  # [b * n_queries, d]
             if not bool(torch.isfinite(noisy).all()):  # x is finite: sigma overflowed
                 raise ValueError(f"the label-only queries x + sigma * z overflow {x.dtype} at "
                                  f"sigma = {sigma:g}; lower config['sigma'] or "
@@ -806,6 +830,15 @@ def _robustness(predict: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, 
             predicted = _query(predict, noisy, k, who).argmax(1).view(len(xb), n_queries)
             kept[i, lo:lo + len(xb)] = (predicted == yb).sum(1).double()
     return (kept + (clean == labels).double()) / (n_queries + 1)
+
+
+def _check_binary(data: Dataset) -> None:
+    """Flipping a feature means 1 - x: for 0/1 features only."""
+    off = (data.x != 0) & (data.x != 1)
+    if bool(off.any()):
+        row, col = (int(i) for i in off.nonzero()[0])
+        raise ValueError(f"config['noise'] = 'bitflip' flips 0/1 features, but data.x[{row}, "
+                         f"{col}] is {float(data.x[row, col])!r}; use noise='gaussian'")
 
 
 def _balanced_accuracy(values: Tensor, member: Tensor, threshold: float) -> float:
@@ -818,7 +851,7 @@ def _balanced_accuracy(values: Tensor, member: Tensor, threshold: float) -> floa
 def _label_only_attack(cfg, ref: _Reference, target, data: Dataset, target_rows: Tensor,
                        target_probs: Tensor, seed: int):
     """Choquette-Choo et al. 2021's noise-robustness attack (see the module docstring)."""
-    k, n_queries = data.k, cfg["n_queries"]
+    k, n_queries, noise = data.k, cfg["n_queries"], cfg["noise"]
     sigmas = cfg["sigma_grid"] if cfg["sigma"] is None else (cfg["sigma"],)
     values = torch.empty(len(sigmas), len(ref.labels), dtype=torch.float64)
     for j, predict in enumerate(ref.predictors):
@@ -826,7 +859,8 @@ def _label_only_attack(cfg, ref: _Reference, target, data: Dataset, target_rows:
         gen = torch.Generator().manual_seed(_derived_seed(seed, f"label-only:reference:{j}"))
         values[:, rows] = _robustness(predict, data.x[ref.rows[rows]], ref.labels[rows],
                                       ref.probs[rows].argmax(1), sigmas, n_queries, gen, k,
-                                      "shadow model" if cfg["fit_on"] == "shadow" else "target")
+                                      "shadow model" if cfg["fit_on"] == "shadow" else "target",
+                                      noise)
     fit = ref.fit
     accuracy = [_balanced_accuracy(v[fit], ref.member[fit], _best_threshold(v[fit],
                                                                             ref.member[fit]))
@@ -839,7 +873,7 @@ def _label_only_attack(cfg, ref: _Reference, target, data: Dataset, target_rows:
     gen = torch.Generator().manual_seed(_derived_seed(seed, "label-only:target"))
     target_values = _robustness(target.predict_proba, data.x[target_rows], target_labels,
                                 target_probs.argmax(1), (sigma,), n_queries, gen, k,
-                                "target")[0]
+                                "target", noise)[0]
     scores = target_values - thresholds[target_labels]
     calibration = _calibration(values - thresholds[ref.labels], ref)
     return scores, calibration, {"sigma": sigma, "sigma_balanced_accuracy": accuracy,
@@ -1076,9 +1110,11 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
           ((512, 64)), ``combined_widths`` ((256, 64)), ``weight_std`` (0.01),
           ``attack_epochs`` (30), ``attack_batch_size`` (128), ``attack_lr`` (1e-3);
         * metric attacks also: ``thresholds`` (``"class"`` or ``"global"``);
-        * ``"label_only"`` also: ``n_queries`` (64), ``sigma`` (None: picked from
-          ``sigma_grid`` on the reference data), ``sigma_grid``
-          ((0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)), ``thresholds`` (``"global"``);
+        * ``"label_only"`` also: ``n_queries`` (64), ``noise`` (``"gaussian"``, or
+          ``"bitflip"`` for 0/1 features), ``sigma`` (None: picked from ``sigma_grid`` on
+          the reference data; with ``"bitflip"`` a flip probability in (0, 1]),
+          ``sigma_grid`` ((0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0)), ``thresholds``
+          (``"global"``);
         * LiRA: ``n_shadows`` (16; even, >= 4; 64 and more are fine; at most 4096),
           ``shadow_size`` (None: the target's training-set size, capped at half the pool),
           ``global_variance`` (None: True when ``n_shadows < 64``), ``hidden``,
@@ -1111,7 +1147,8 @@ def run_attack(name: str, target, data: Dataset, splits: Splits, *,
 
 def check_attack_sizes(names: Sequence[str], splits: Splits,
                        configs: Optional[Mapping[str, Mapping]] = None, *,
-                       defense: Optional[Tuple[str, Optional[dict]]] = None) -> Dict[str, int]:
+                       defense: Optional[Tuple[str, Optional[dict]]] = None,
+                       data: Optional[Dataset] = None) -> Dict[str, int]:
     """Checks that ``splits`` can hold the shadow models of the attacks ``names`` (each with
     ``configs.get(name)``, adaptive with ``defense`` as :func:`run_attack` takes it) before
     any model trains; :func:`run_attacks` does it first, and ``oni run`` as soon as the
@@ -1122,7 +1159,8 @@ def check_attack_sizes(names: Sequence[str], splits: Splits,
     Raises TypeError or ValueError for ``names``, ``configs`` or ``defense`` that are not as
     :func:`run_attacks` takes them, and, naming the attack, for settings an attack refuses
     (with ``defense`` too: ``fit_on='known'``, bf16 shadows) or a ``shadow_size`` (or its
-    default) that the splits cannot hold.
+    default) that the splits cannot hold; with ``data``, also label-only's
+    ``noise='bitflip'`` on features that are not all 0 or 1.
     """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"names must be a sequence of attack names, got {type(names).__name__}")
@@ -1146,6 +1184,8 @@ def check_attack_sizes(names: Sequence[str], splits: Splits,
         try:
             cfg = _resolve_config(name, configs.get(name))
             _check_adaptive(cfg, defense)
+            if data is not None and cfg.get("noise") == "bitflip":
+                _check_binary(data)
             sizes[name] = _lira_size(name == "lira_online", cfg, splits) \
                 if name.startswith("lira") else _reference_size(cfg, splits)
         except (TypeError, ValueError) as err:
@@ -1180,7 +1220,7 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
     """
     _check_inputs(target, data, splits, train_config, seed)
     defense = _check_defense(defense)
-    check_attack_sizes(names, splits, configs, defense=defense)  # before any training
+    check_attack_sizes(names, splits, configs, defense=defense, data=data)  # before training
     configs = {} if configs is None else configs
     cache: Dict[tuple, _Reference] = {}
     return {name: _run(name, target, data, splits, configs.get(name), train_config, defense,

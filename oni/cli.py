@@ -708,14 +708,16 @@ class _Experiment:
         after every model has trained."""
         from .attacks import check_attack_sizes
         names = [attack for _, attacks in self.groups for attack in attacks]
-        keys = ("splits", *(f"attacks.{attack}.shadow_size" for attack in names))
+        keys = ("splits", *(f"attacks.{attack}.shadow_size" for attack in names),
+                *(["attacks.label_only.noise"] if "label_only" in names else []))
         sizes = {key: len(getattr(self.splits, key)) for key in ("train", "known", "target",
                                                                  "shadow_pool")}
         with _settings_named(f"the attacks' shadow sizes on the drawn splits "
                              f"({', '.join(f'{k}: {v} rows' for k, v in sizes.items())})",
                              cfgmod.config_subset(self.config, keys), "the settings"):
             check_attack_sizes(names, self.splits,
-                               {attack: self.config["attacks"][attack] for attack in names})
+                               {attack: self.config["attacks"][attack] for attack in names},
+                               data=self.data)
 
     def _save_defense(self, directory: Path, defended) -> Tuple[List[str], dict]:
         from .defenses import load_defended, save_defended

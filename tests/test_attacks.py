@@ -418,6 +418,60 @@ def test_label_only_uses_only_the_labels(overfit, data, splits, monkeypatch):
     assert plain["label_only"].extra["defense"] == ("plain", None)
 
 
+def test_label_only_bitflip_keeps_queries_binary_and_flips_a_superset_per_sigma():
+    """noise='bitflip': each copy flips each 0/1 feature with probability sigma, from draws
+    shared by every sigma, so a row's robustness cannot rise with sigma; sigma = 1 flips
+    every feature of every copy."""
+    seen = []
+
+    def any_one(x):  # class 1 iff some feature is 1; records every query
+        seen.append(x.clone())
+        return torch.nn.functional.one_hot((x.sum(1) > 0).long(), 2).double()
+
+    n, d, q = 6, 5, 16
+    x = torch.zeros(n, d)
+    labels = torch.zeros(n, dtype=torch.long)
+    sigmas = (1e-9, 0.05, 0.2, 0.5, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    values = attacks._robustness(any_one, x, labels, labels, sigmas, q, gen, 2, "target",
+                                 "bitflip")
+    assert all(bool(((v == 0) | (v == 1)).all()) for v in seen)
+    assert torch.equal(values[0], torch.ones(n, dtype=torch.float64))     # nothing flipped
+    assert torch.equal(values[-1], torch.full((n,), 1 / (q + 1), dtype=torch.float64))
+    assert bool((values[1:] <= values[:-1]).all()) and bool((values[2] < 1).any())
+    # a copy's flips at a small sigma are among its flips at a larger one
+    small, large = seen[1].bool(), seen[2].bool()
+    assert bool((small <= large).all()) and bool((large & ~small).any())
+
+
+def test_label_only_bitflip_attack_and_its_checks(overfit, data, splits, monkeypatch):
+    config = {"n_queries": 8, "noise": "bitflip", "sigma_grid": (0.01, 0.05, 0.2)}
+    result = run_attack("label_only", overfit, data, splits, config=config,
+                        train_config=TRAIN, seed=0)
+    assert result.extra["sigma"] in config["sigma_grid"]
+    assert _auc(result, splits) > 0.6
+    again = run_attack("label_only", overfit, data, splits, config=config,
+                       train_config=TRAIN, seed=0)
+    assert torch.equal(again.scores, result.scores)
+    for key, bad, message in (("noise", "salt", r"config\['noise'\] must be one of"),
+                              ("sigma", 1.5, r"config\['sigma'\] must be a finite number in "
+                                             r"\(0\.0, 1\.0\] \(a flip probability"),
+                              ("sigma_grid", (0.1, 2.0), r"config\['sigma_grid'\]\[1\]")):
+        with pytest.raises(ValueError, match=message):
+            run_attack("label_only", overfit, data, splits, config={**config, key: bad},
+                       train_config=TINY)
+    # features that are not 0/1: refused before any shadow model trains
+    halved = dataclasses.replace(data, x=data.x * 0.5)
+    monkeypatch.setattr(attacks, "train_mlps_batched",
+                        lambda *a, **k: pytest.fail("a shadow trained before the check"))
+    with pytest.raises(ValueError, match=r"attack 'label_only': config\['noise'\] = 'bitflip' "
+                                         r"flips 0/1 features, but data\.x\[\d+, \d+\] is 0\.5"):
+        run_attack("label_only", overfit, halved, splits, config=config, train_config=TINY)
+    assert attacks.check_attack_sizes(["label_only"], splits, {"label_only": config},
+                                      data=data) == attacks.check_attack_sizes(
+        ["label_only"], splits, {"label_only": config})
+
+
 # ----------------------------------------------------------------------------- adaptive
 
 def test_adaptive_attack_trains_its_shadows_with_the_defense(overfit, data, splits,
