@@ -24,6 +24,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -31,7 +32,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import MAX_SIZE, check_finite_weights, check_int, check_seed as _check_seed
+from ._checks import (MAX_SIZE, check_finite_weights, check_int, check_seed as _check_seed,
+                      short_repr)
 
 __all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model",
            "load_model"]
@@ -368,10 +370,28 @@ def _check_save_target(path: Path) -> None:
     if others:
         raise FileExistsError(f"refusing to overwrite {path}: it holds files that are not "
                               f"part of a saved oni model ({others[:5]})")
-    if names and not _is_oni_meta(path / CONFIG_FILE):  # a user's own model.json, say
+    if not names:
+        return
+    # save_model writes regular files only: a directory there is the user's (and reading a
+    # FIFO named model.json would block)
+    for name in names:
+        kind = _non_file_kind(path / name)
+        if kind:
+            raise FileExistsError(f"refusing to overwrite {path}: its {name} is {kind}, not a "
+                                  f"file save_model wrote")
+    meta = _oni_meta(path / CONFIG_FILE)
+    if meta is None:  # a user's own model.json, say
         raise FileExistsError(f"refusing to overwrite {path}: its {names} are not a saved "
                               f"oni model's ({CONFIG_FILE} is missing or was not written by "
                               f"save_model)")
+    # one weights file per save: the other name is a user's file (e.g. their own weights.pt
+    # beside a safetensors model)
+    unnamed = [name for name in names if name not in (CONFIG_FILE, meta.get("weights"))]
+    if unnamed:
+        raise FileExistsError(f"refusing to overwrite {path}: it holds {unnamed}, which its "
+                              f"{CONFIG_FILE} does not name as its weights (it names "
+                              f"{short_repr(meta.get('weights'))}): not the saved model's; "
+                              f"move it away or give another path")
 
 
 def _parse_meta(meta_path: Path):
@@ -388,12 +408,26 @@ def _parse_meta(meta_path: Path):
                          f"(damaged?)") from None
 
 
-def _is_oni_meta(meta_path: Path) -> bool:
+def _oni_meta(meta_path: Path) -> Optional[dict]:
+    """``model.json``'s contents if save_model wrote it, else None."""
     try:
         meta = _parse_meta(meta_path)
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT else None
+
+
+def _non_file_kind(path: Path) -> str:
+    """What ``path`` is when it is not a regular file ("a directory", "a FIFO", ...), else
+    '' (a symbolic link is judged by what it points to)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a dangling symbolic link"
+    if stat.S_ISREG(mode):
+        return ""
+    return "a directory" if stat.S_ISDIR(mode) else \
+        "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
 
 
 def _new_sibling(path: Path, tag: str) -> Path:
@@ -427,7 +461,8 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
         A model with a ``config`` :func:`build_model` accepts (an :class:`MLP`).
     path : str or PathLike
         The model directory. Parent directories are created. An existing ``path`` is
-        replaced only if it is a saved model (or an empty directory).
+        replaced only if it is a saved model holding nothing but its ``model.json`` and
+        the weights file that names (or an empty directory).
     extra : dict, optional
         JSON-able metadata (string keys) stored in ``model.json`` and returned by
         :func:`load_model` (tuples come back as lists).
@@ -446,8 +481,9 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
         layer, a forward set on the instance, forward hooks, weights of other shapes), or it
         holds NaN or Inf weights (which :func:`load_model` refuses).
     FileExistsError
-        ``path`` is a file, a symbolic link, a directory of other files, or the working
-        directory (or holds it).
+        ``path`` is a file, a symbolic link, a directory of other files (a weights file
+        its ``model.json`` does not name, a directory or FIFO in place of a model file
+        included), or the working directory (or holds it).
     """
     config = _model_config(model)
     extra = _check_extra(extra)

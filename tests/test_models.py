@@ -272,6 +272,42 @@ def test_save_refuses_to_overwrite_other_files(tmp_path, small):
     assert load_model(tmp_path / "empty")[0].config == small.config
 
 
+@pytest.mark.parametrize("as_directory", [False, True])
+def test_save_keeps_a_users_weights_file_beside_a_saved_model(tmp_path, small, as_directory):
+    """A user's own weights.pt (file or directory) beside a safetensors model bore a model
+    file's name, so a re-save deleted it without a word."""
+    pytest.importorskip("safetensors")
+    path = save_model(small, tmp_path / "m")
+    mine = path / models.STATE_DICT_FILE
+    if as_directory:
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+    else:
+        mine.write_bytes(b"my training state")
+    match = (r"its weights\.pt is a directory" if as_directory else
+             r"it holds \['weights\.pt'\], which its model\.json does not name")
+    with pytest.raises(FileExistsError, match=match):
+        save_model(small, path)
+    assert (mine / "notes.txt").read_text() == "mine" if as_directory else \
+        mine.read_bytes() == b"my training state"
+    assert load_model(path)[0].config == small.config  # the old save is untouched
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_save_refuses_a_fifo_or_directory_in_place_of_model_json(tmp_path, small):
+    """A FIFO named model.json made save_model block reading it; a directory of that name
+    is the user's."""
+    path = save_model(small, tmp_path / "m")
+    (path / models.CONFIG_FILE).unlink()
+    os.mkfifo(path / models.CONFIG_FILE)
+    with pytest.raises(FileExistsError, match=r"its model\.json is a FIFO"):
+        save_model(small, path)
+    (path / models.CONFIG_FILE).unlink()
+    (path / models.CONFIG_FILE).mkdir()
+    with pytest.raises(FileExistsError, match=r"its model\.json is a directory"):
+        save_model(small, path)
+
+
 def test_save_rejects_models_it_cannot_rebuild_and_bad_extra(tmp_path, small):
     with pytest.raises(TypeError, match="an MLP, with .config"):
         save_model(nn.Sequential(nn.Linear(2, 2)), tmp_path / "a")
