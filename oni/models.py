@@ -47,6 +47,8 @@ CONFIG_FILE = "model.json"
 SAFETENSORS_FILE = "weights.safetensors"
 STATE_DICT_FILE = "weights.pt"
 _MODEL_FILES = (CONFIG_FILE, SAFETENSORS_FILE, STATE_DICT_FILE)
+#: the dtypes of a saved model's weights (float8 and the like fail in torch's reductions)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MODEL_KINDS = ("mlp",)
 _MLP_KEYS = ("kind", "d", "k", "hidden")
 
@@ -479,13 +481,19 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
     ValueError
         ``model`` would not reload as the same function (a subclass, a swapped or added
         layer, a forward set on the instance, forward hooks, weights of other shapes), or it
-        holds NaN or Inf weights (which :func:`load_model` refuses).
+        holds weights :func:`load_model` refuses: NaN or Inf, mixed dtypes (one layer
+        ``.double()``), or not dense float16, bfloat16, float32 or float64 tensors.
     FileExistsError
         ``path`` is a file, a symbolic link, a directory of other files (a weights file
         its ``model.json`` does not name, a directory or FIFO in place of a model file
         included), or the working directory (or holds it).
     """
     config = _model_config(model)
+    # what load_model would refuse is refused before an older save is replaced
+    why = _weights_problem(dict(model.state_dict()))
+    if why:
+        raise ValueError(f"model's weights must be {_WEIGHTS_RULE}, which load_model reads: "
+                         f"{why} (convert the model with model.float() or model.double())")
     extra = _check_extra(extra)
     path = Path(path)
     if path.name in ("", ".", ".."):  # "." cannot be renamed: the directory it names can
@@ -581,6 +589,34 @@ def _read_state(weights_path: Path, blob: bytes) -> dict:
     return state
 
 
+def _weight_problem(name: str, t: torch.Tensor) -> str:
+    """Why the tensor ``name`` cannot be a model's weights (dense, values, a WEIGHT_DTYPES
+    dtype), or ''."""
+    if t.layout != torch.strided:
+        return f"{name!r} is a {t.layout} tensor, not a dense one"
+    if t.is_meta:
+        return f"{name!r} is on the meta device (it holds no values)"
+    if t.dtype not in WEIGHT_DTYPES:
+        return f"{name!r} is {t.dtype}"
+    return ""
+
+
+def _weights_problem(state: Mapping[str, torch.Tensor]) -> str:
+    """Why ``state`` is not what load_model reads (dense tensors of one of WEIGHT_DTYPES),
+    or ''."""
+    for name, t in state.items():
+        why = _weight_problem(name, t)
+        if why:
+            return why
+    dtypes = sorted({str(t.dtype) for t in state.values()})
+    return f"it mixes {dtypes}" if len(dtypes) > 1 else ""
+
+
+#: what _weights_problem requires, as messages say it
+_WEIGHTS_RULE = ("dense tensors of one floating dtype (float16, bfloat16, float32 or "
+                 "float64)")
+
+
 def _check_state(state: dict, model: nn.Module, weights_path: Path, meta_path: Path) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
@@ -591,10 +627,9 @@ def _check_state(state: dict, model: nn.Module, weights_path: Path, meta_path: P
     if missing or unexpected or wrong:
         raise ValueError(f"{weights_path} does not match the architecture in {meta_path}: "
                          f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
-    dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"{weights_path} must hold tensors of one floating dtype, got "
-                         f"{sorted(map(str, dtypes))}")
+    why = _weights_problem(state)
+    if why:
+        raise ValueError(f"{weights_path} must hold {_WEIGHTS_RULE}: {why}")
 
 
 def load_model(path: Union[str, os.PathLike], *,
@@ -619,8 +654,9 @@ def load_model(path: Union[str, os.PathLike], *,
     FileNotFoundError
         ``path``, its ``model.json`` or its weights file is missing.
     ValueError
-        A file is corrupt (bad JSON, checksum mismatch, unreadable weights) or the weights do
-        not match the architecture; the message names the file.
+        A file is corrupt (bad JSON, checksum mismatch, unreadable weights), or the weights
+        do not match the architecture or are not dense tensors of one of float16, bfloat16,
+        float32 and float64; the message names the file.
     ImportError
         The weights are safetensors and the package is not installed.
     """

@@ -532,6 +532,39 @@ def test_load_checks_state_dict_contents(saved, small):
         load_model(saved)
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize("tamper, match", [
+    (lambda t: t.to(torch.float8_e4m3fn), r"'0\.weight' is torch\.float8_e4m3fn"),
+    (lambda t: t.to_sparse(), r"'0\.weight' is a torch\.sparse_coo tensor, not a dense one"),
+    (lambda t: torch.empty(t.shape, device="meta"), r"'0\.weight' is on the meta device"),
+])
+def test_load_refuses_weights_of_other_dtypes_and_layouts(saved, small, tamper, match):
+    """float8 weights passed the "one floating dtype" check, then failed inside torch
+    ("aminmax_cpu" not implemented); sparse or meta tensors failed in load_state_dict."""
+    _write_weights(saved, {key: tamper(v) for key, v in small.state_dict().items()})
+    with pytest.raises(ValueError, match=r"m/weights\.pt must hold dense tensors of one "
+                                         r"floating dtype .*: " + match):
+        load_model(saved)
+
+
+def test_save_refuses_weights_load_model_would_refuse(tmp_path, small, weights_format):
+    """A model with one layer in float64 was saved, replacing a good save, and then
+    load_model refused the file (mixed dtypes)."""
+    path = save_model(small, tmp_path / "m", extra={"v": 1})
+    mixed = init_parameters_(MLP(6, 3, (8, 5)), seed=2)
+    mixed[0].double()
+    with pytest.raises(ValueError, match=r"model's weights must be dense tensors of one "
+                                         r"floating dtype .*: it mixes \['torch\.float32', "
+                                         r"'torch\.float64'\]"):
+        save_model(mixed, path, extra={"v": 2})
+    loaded, extra = load_model(path)
+    assert extra == {"v": 1} and _same_weights(loaded, small)
+    for dtype in (torch.float16, torch.bfloat16):  # one dtype of those load_model reads
+        model = init_parameters_(MLP(6, 3, (8, 5)), seed=3).to(dtype)
+        loaded, _ = load_model(save_model(model, tmp_path / str(dtype)))
+        assert loaded[0].weight.dtype == dtype and _same_weights(loaded, model)
+
+
 def test_load_never_unpickles_objects(saved):
     _write_weights(saved, {"0.weight": Payload()})
     with pytest.raises(ValueError, match=r"weights\.pt is not a readable state dict .*"
