@@ -40,6 +40,9 @@ __all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model
 
 #: hidden widths of the paper's MLP
 PAPER_HIDDEN = (1024, 512, 256, 128)
+#: the most hidden layers an MLP takes (the paper's has 4): a corrupt model.json's 20,000
+#: layers took seconds to build before its weights could be found not to match
+MAX_HIDDEN_LAYERS = 100
 
 MODEL_FORMAT = "oni-model"
 MODEL_FORMAT_VERSION = 1
@@ -63,7 +66,23 @@ def _check_hidden(hidden) -> Tuple[int, ...]:
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
         raise TypeError(f"hidden must be a sequence of layer widths (e.g. {list(PAPER_HIDDEN)}), "
                         f"got {type(hidden).__name__}")
+    if len(hidden) > MAX_HIDDEN_LAYERS:
+        raise ValueError(f"hidden must have at most {MAX_HIDDEN_LAYERS} layers, got "
+                         f"{len(hidden)}")
     return tuple(_check_width(h, f"hidden[{i}]") for i, h in enumerate(hidden))
+
+
+def _check_path(path) -> Path:
+    """``path`` (a str or os.PathLike naming a str path) as a Path, or a TypeError/ValueError
+    naming ``path`` (pathlib's own named no argument)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must name a str path, got a {type(text).__name__} one")
+    if "\0" in text:
+        raise ValueError(f"path must not contain a NUL character, got {short_repr(text)}")
+    return Path(text)
 
 
 
@@ -127,8 +146,8 @@ class MLP(nn.Sequential):
     k : int
         Classes (output logits).
     hidden : sequence of int
-        Hidden layer widths, input side first; ``()`` gives a linear model. Default: the
-        paper's ``(1024, 512, 256, 128)``.
+        Hidden layer widths, input side first; ``()`` gives a linear model, and at most
+        ``MAX_HIDDEN_LAYERS`` (100) layers. Default: the paper's ``(1024, 512, 256, 128)``.
 
     Attributes
     ----------
@@ -195,7 +214,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     try:
         return MLP(config["d"], config["k"], config["hidden"])
     except (TypeError, ValueError) as err:
-        raise type(err)(f"invalid model config {dict(config)}: {err}") from None
+        raise type(err)(f"invalid model config {short_repr(dict(config))}: {err}") from None
 
 
 def init_parameters_(model: nn.Module, seed: int) -> nn.Module:
@@ -277,11 +296,12 @@ def _model_config(model) -> Dict[str, Any]:
     # (a subclass or wrapper, a swapped layer, a patched forward, a hook) is not saved
     why = _rebuild_difference(model, rebuilt)
     if why:
-        raise ValueError(f"save_model saves a model as its config {config} and its weights "
+        raise ValueError(f"save_model saves a model as its config {short_repr(config)} and "
+                         f"its weights "
                          f"only, so this one may not reload as the same function: {why}")
     expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
     if expected != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
-        raise ValueError(f"model's parameters do not match its config {config} "
+        raise ValueError(f"model's parameters do not match its config {short_repr(config)} "
                          f"(was it modified after construction?)")
     return config
 
@@ -354,6 +374,12 @@ def _fsync_dir(path: Path) -> None:
 def _check_save_target(path: Path) -> None:
     """Overwrite only an oni model directory (or an empty one): never a user's files."""
     if not os.path.lexists(path):
+        for parent in path.parents:  # mkdir(parents=True) said only "[Errno 17] File exists"
+            if os.path.lexists(parent):
+                if not parent.is_dir():
+                    raise FileExistsError(f"cannot save a model to {path}: {parent} is a file, "
+                                          f"not a directory")
+                break
         return
     cwd = Path.cwd().resolve()
     if path.resolve() in (cwd, *cwd.parents):
@@ -399,7 +425,7 @@ def _check_save_target(path: Path) -> None:
 def _parse_meta(meta_path: Path):
     """``model.json``'s JSON value, or a ValueError saying why it is not readable JSON."""
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        return json.loads(_read_file(meta_path).decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ValueError(f"{meta_path} is not UTF-8 text (corrupt?): {err}") from None
     except json.JSONDecodeError as err:
@@ -408,6 +434,23 @@ def _parse_meta(meta_path: Path):
     except RecursionError:
         raise ValueError(f"{meta_path} is nested too deeply to be a saved model's "
                          f"(damaged?)") from None
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of the regular file ``path``, or a ValueError saying what it is instead
+    (opened non-blocking and checked before reading: a FIFO would block the read)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = _non_file_kind(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if kind:
+        os.close(fd)
+        raise ValueError(f"{path} is {kind}, not a regular file: save_model writes "
+                         f"{path.name} as one")
+    with open(fd, "rb") as f:
+        return f.read()
 
 
 def _oni_meta(meta_path: Path) -> Optional[dict]:
@@ -419,13 +462,13 @@ def _oni_meta(meta_path: Path) -> Optional[dict]:
     return meta if isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT else None
 
 
-def _non_file_kind(path: Path) -> str:
-    """What ``path`` is when it is not a regular file ("a directory", "a FIFO", ...), else
-    '' (a symbolic link is judged by what it points to)."""
+def _non_file_kind(path: Path, mode: Optional[int] = None) -> str:
+    """What ``path`` (of st_mode ``mode``, when known) is when it is not a regular file ("a
+    directory", "a FIFO", ...), else '' (a symbolic link is judged by what it points to)."""
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "a dangling symbolic link"
+        mode = path.stat().st_mode if mode is None else mode
+    except OSError as err:  # a dangling or looping symbolic link
+        return f"not readable ({err.strerror})"
     if stat.S_ISREG(mode):
         return ""
     return "a directory" if stat.S_ISDIR(mode) else \
@@ -477,7 +520,8 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
     Raises
     ------
     TypeError
-        ``model`` has no ``config`` :func:`build_model` accepts, or ``extra`` is not JSON-able.
+        ``model`` has no ``config`` :func:`build_model` accepts, ``extra`` is not JSON-able,
+        or ``path`` is not a str or PathLike (bytes paths are refused).
     ValueError
         ``model`` would not reload as the same function (a subclass, a swapped or added
         layer, a forward set on the instance, forward hooks, weights of other shapes), or it
@@ -486,7 +530,8 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
     FileExistsError
         ``path`` is a file, a symbolic link, a directory of other files (a weights file
         its ``model.json`` does not name, a directory or FIFO in place of a model file
-        included), or the working directory (or holds it).
+        included), or the working directory (or holds it); or a parent of ``path`` is a
+        file.
     """
     config = _model_config(model)
     # what load_model would refuse is refused before an older save is replaced
@@ -495,7 +540,7 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], *,
         raise ValueError(f"model's weights must be {_WEIGHTS_RULE}, which load_model reads: "
                          f"{why} (convert the model with model.float() or model.double())")
     extra = _check_extra(extra)
-    path = Path(path)
+    path = _check_path(path)
     if path.name in ("", ".", ".."):  # "." cannot be renamed: the directory it names can
         path = Path(os.path.abspath(path))
     _check_save_target(path)
@@ -545,7 +590,7 @@ def _interrupted_hint(path: Path) -> str:
 
 def _read_meta(path: Path) -> dict:
     meta_path = path / CONFIG_FILE
-    if not meta_path.is_file():
+    if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} is missing: {path} is not a saved oni model")
     meta = _parse_meta(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
@@ -617,6 +662,11 @@ _WEIGHTS_RULE = ("dense tensors of one floating dtype (float16, bfloat16, float3
                  "float64)")
 
 
+def _some(names: list) -> str:
+    """``names`` for a message: the list when short, else its length and first few."""
+    return repr(names) if len(names) <= 4 else f"{len(names)} ({short_repr(names)})"
+
+
 def _check_state(state: dict, model: nn.Module, weights_path: Path, meta_path: Path) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
@@ -626,7 +676,8 @@ def _check_state(state: dict, model: nn.Module, weights_path: Path, meta_path: P
              for name in expected if name in got and got[name] != expected[name]]
     if missing or unexpected or wrong:
         raise ValueError(f"{weights_path} does not match the architecture in {meta_path}: "
-                         f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+                         f"missing {_some(missing)}, unexpected {_some(unexpected)}, wrong "
+                         f"shapes {_some(wrong)}")
     why = _weights_problem(state)
     if why:
         raise ValueError(f"{weights_path} must hold {_WEIGHTS_RULE}: {why}")
@@ -651,16 +702,20 @@ def load_model(path: Union[str, os.PathLike], *,
 
     Raises
     ------
+    TypeError
+        ``path`` is not a str or PathLike (bytes paths are refused).
     FileNotFoundError
         ``path``, its ``model.json`` or its weights file is missing.
     ValueError
-        A file is corrupt (bad JSON, checksum mismatch, unreadable weights), or the weights
-        do not match the architecture or are not dense tensors of one of float16, bfloat16,
-        float32 and float64; the message names the file.
+        ``model.json`` or the weights is not a regular file (a directory; a FIFO is never
+        read, so never waited on); a file is corrupt (bad JSON, checksum mismatch,
+        unreadable weights); or the weights do not match the architecture or are not dense
+        tensors of one of float16, bfloat16, float32 and float64. The message names the
+        file.
     ImportError
         The weights are safetensors and the package is not installed.
     """
-    path = Path(path)
+    path = _check_path(path)
     device = _resolve_device(device)
     if not path.exists():
         raise FileNotFoundError(f"no saved model at {path}{_interrupted_hint(path)}")
@@ -670,9 +725,9 @@ def load_model(path: Union[str, os.PathLike], *,
     meta = _read_meta(path)
     meta_path = path / CONFIG_FILE
     weights_path = path / meta["weights"]
-    if not weights_path.is_file():
+    if not weights_path.exists():
         raise FileNotFoundError(f"{weights_path} is missing (named by {meta_path})")
-    blob = weights_path.read_bytes()
+    blob = _read_file(weights_path)
     if _sha256(blob) != meta["sha256"]:
         raise ValueError(f"{weights_path} is corrupt or does not belong to {meta_path}: its "
                          f"SHA-256 differs from the one recorded there")

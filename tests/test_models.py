@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -426,6 +427,58 @@ def test_load_missing_paths(tmp_path, saved):
     (saved / models.CONFIG_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=r"m/model\.json is missing"):
         load_model(saved)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.parametrize("name", [models.CONFIG_FILE, models.STATE_DICT_FILE])
+def test_load_names_a_directory_or_fifo_in_place_of_a_model_file(saved, kind, name):
+    """Both were reported as "missing"; a FIFO is refused without being read (no block)."""
+    if kind == "fifo" and not hasattr(os, "mkfifo"):
+        pytest.skip("needs FIFOs")
+    (saved / name).unlink()
+    os.mkfifo(saved / name) if kind == "fifo" else (saved / name).mkdir()
+    shown = "a FIFO" if kind == "fifo" else "a directory"
+    with pytest.raises(ValueError, match=rf"m/{re.escape(name)} is {shown}, not a regular "
+                                         rf"file"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize("path", [None, b"/tmp/m", 3])
+def test_save_and_load_name_a_path_of_the_wrong_type(tmp_path, small, path):
+    """pathlib's TypeError ("argument should be a str or an os.PathLike object ...") named
+    no argument."""
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got "):
+        save_model(small, path)
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got "):
+        load_model(path)
+
+
+def test_save_names_a_parent_that_is_a_file(tmp_path, small):
+    """mkdir(parents=True) said only "[Errno 17] File exists" (or 20, further up)."""
+    (tmp_path / "f").write_text("mine")
+    for path in (tmp_path / "f" / "m", tmp_path / "f" / "a" / "b" / "m"):
+        with pytest.raises(FileExistsError, match=rf"cannot save a model to {re.escape(str(path))}: "
+                                                  rf".*/f is a file, not a directory"):
+            save_model(small, path)
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_load_bounds_the_layer_count_of_a_corrupt_config(saved, small):
+    """20,000 hidden layers took seconds to build and the error listed all 40,000 missing
+    parameter names."""
+    _edit_meta(saved, config={**small.config, "hidden": [3] * 20000})
+    with pytest.raises(ValueError, match=r"hidden must have at most 100 layers, got 20000") \
+            as info:
+        load_model(saved)
+    assert len(str(info.value)) < 400
+    with pytest.raises(ValueError, match="at most 100 layers"):
+        MLP(4, 2, [3] * 101)
+    assert len(MLP(4, 2, [3] * 100)) == 201
+    _edit_meta(saved, config={**small.config, "hidden": [3] * 100})
+    with pytest.raises(ValueError, match=r"missing 196 \(\['10\.bias', '10\.weight', "
+                                         r"'100\.bias', '100\.weight', \.\.\.\]\)") as info:
+        load_model(saved)
+    assert len(str(info.value)) < 600
 
 
 def test_load_corrupt_json_names_the_file_and_line(saved):
