@@ -299,11 +299,28 @@ def _model_config(model) -> Dict[str, Any]:
         raise ValueError(f"save_model saves a model as its config {short_repr(config)} and "
                          f"its weights "
                          f"only, so this one may not reload as the same function: {why}")
-    expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
-    if expected != {name: tuple(t.shape) for name, t in model.state_dict().items()}:
+    why = _parameter_difference(model, rebuilt)
+    if why:
         raise ValueError(f"model's parameters do not match its config {short_repr(config)} "
-                         f"(was it modified after construction?)")
+                         f"(was it modified after construction?): {why}")
     return config
+
+
+def _parameter_difference(model: nn.Module, rebuilt: nn.Module) -> str:
+    """How the parameters and buffers of ``model`` differ in names or shapes from those of
+    ``rebuilt`` (its config's model), or ''."""
+    got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
+    missing = [name for name in expected if name not in got]
+    if missing:  # e.g. an nn.Linear whose bias was set to None
+        return f"it lacks {_some(missing)}"
+    unexpected = [name for name in got if name not in expected]
+    if unexpected:
+        return f"it has {_some(unexpected)}, which its config's model has not"
+    for name, shape in got.items():
+        if shape != expected[name]:
+            return f"{name!r} has shape {shape}, its config's model {expected[name]}"
+    return ""
 
 
 def _rebuild_difference(model: nn.Module, rebuilt: nn.Module) -> str:
@@ -325,8 +342,8 @@ def _rebuild_difference(model: nn.Module, rebuilt: nn.Module) -> str:
         if "forward" in vars(module):
             return f"{where} has its own forward (set on the instance)"
         if module._forward_hooks or module._forward_pre_hooks:
-            return (f"{where} has forward hooks, which are not saved (remove them with "
-                    f"handle.remove(), or save a copy without them)")
+            return (f"{where} has forward hooks, which its config and weights do not hold "
+                    f"(remove them with handle.remove(), or use a copy without them)")
     return ""
 
 

@@ -65,8 +65,10 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._checks import check_finite, check_int, check_not_meta, first_bad_row, is_integer_dtype
-from .models import (MLP, SLOW_BF16_CPU, _check_seed, _native_bf16_cpu, _resolve_device,
+from ._checks import (NonFiniteLogits, check_finite, check_int, check_logits, check_not_meta,
+                      first_bad_row, is_integer_dtype)
+from .models import (MLP, SLOW_BF16_CPU, _check_seed, _native_bf16_cpu, _parameter_difference,
+                     _rebuild_difference, _resolve_device, _weight_problem, build_model,
                      init_parameters_)
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_label_range, _check_labels, _progress, flush_tiny_moments_)
@@ -191,10 +193,21 @@ def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
     Parameters
     ----------
     models : sequence of :class:`oni.models.MLP`
-        At least one; all with the same ``d``, ``k`` and ``hidden``. A StackedMLP is
-        returned as it is (moved to ``device`` when given).
+        At least one; all with the same ``d``, ``k`` and ``hidden``, and each a plain MLP,
+        computing what its ``nn.Linear`` layers and ReLUs compute (what
+        :func:`oni.models.save_model` takes): the stack holds those layers' weights only.
+        A StackedMLP is returned as it is (moved to ``device`` when given).
     device : str or torch.device, optional
         Where the stacked parameters go; default the first model's device.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A model is not an MLP, has another architecture than ``models[0]``, is on the meta
+        device, or is not a plain MLP (a subclass, a swapped layer such as a Tanh, a
+        forward set on the instance, forward hooks or pre-hooks, an ``nn.Linear`` without
+        bias, weights that are not dense float16, bfloat16, float32 or float64 tensors);
+        the message names ``models[j]``.
     """
     if device is not None:
         device = _resolve_device(device)
@@ -207,17 +220,45 @@ def stack_mlps(models: Sequence[MLP], *, device=None) -> StackedMLP:
         models = list(models)
     if not isinstance(models, Sequence) or len(models) == 0:
         raise ValueError("models must be a non-empty sequence of oni.models.MLP")
+    _check_plain_mlps(models, "models")
+    return _stack(models, device)
+
+
+def _check_plain_mlps(models: Sequence, name: str) -> None:
+    """A TypeError/ValueError naming ``name[j]`` unless every model is a plain MLP (the
+    function the stacked products compute: nothing but its Linear and ReLU layers) of
+    ``models[0]``'s architecture."""
     first = models[0]
+    if not isinstance(first, MLP):
+        raise TypeError(f"{name}[0] must be an oni.models.MLP, got {type(first).__name__}")
+    try:
+        with torch.device("meta"):  # shapes and layer types only
+            rebuilt = build_model(first.config)
+    except (TypeError, ValueError) as err:  # d, k or hidden reassigned on the instance
+        raise ValueError(f"{name}[0]: {err}") from None
     for j, model in enumerate(models):
         if not isinstance(model, MLP):
-            raise TypeError(f"models[{j}] must be an oni.models.MLP, got "
+            raise TypeError(f"{name}[{j}] must be an oni.models.MLP, got "
                             f"{type(model).__name__}")
         if model.config != first.config:
-            raise ValueError(f"models[{j}] has architecture {model.config} but models[0] has "
+            raise ValueError(f"{name}[{j}] has architecture {model.config} but {name}[0] has "
                              f"{first.config}: stacked models must share one")
-        check_not_meta(model, f"models[{j}]")
+        check_not_meta(model, f"{name}[{j}]")
+        # the stack keeps the Linear weights only: anything else that shapes the function
+        # would be dropped without a word
+        why = _rebuild_difference(model, rebuilt) or _parameter_difference(model, rebuilt)
+        if not why:
+            why = next(filter(None, (_weight_problem(key, t)
+                                     for key, t in model.state_dict().items())), "")
+        if why:
+            raise ValueError(f"{name}[{j}] is not a plain MLP (nn.Linear and ReLU layers "
+                             f"only), the function batched models compute: {why}")
+
+
+def _stack(models: Sequence[MLP], device) -> StackedMLP:
+    """:func:`stack_mlps` of models checked by :func:`_check_plain_mlps`."""
     if device is None:
-        device = next(first.parameters()).device
+        device = next(models[0].parameters()).device
     layers = [_linears(model) for model in models]
     weights = [torch.stack([m[i].weight.detach() for m in layers]).to(device, torch.float32)
                for i in range(len(layers[0]))]
@@ -750,6 +791,17 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
     Tensor
         ``[K, N, k]`` float32 on the CPU; entry ``[j]`` equals ``oni.train.predict_logits(
         models[j], x)`` to float rounding.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments, or a model that is not a plain MLP of ``models[0]``'s architecture
+        (see :func:`stack_mlps`; its function is not what the stacked products compute);
+        the message names ``models_or_stacked[j]``.
+    ValueError
+        ``NonFiniteLogits`` (:func:`oni.train.predict_logits`'s error) when a model's logits
+        are NaN or beyond float32's range (NaN weights, float64 weights too large for
+        float32); the message names the model and the row.
     """
     if isinstance(models_or_stacked, StackedMLP):
         source, n_models = models_or_stacked, models_or_stacked.n_models
@@ -770,6 +822,8 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
         home = next(source[0].parameters()).device
     if home.type == "meta":
         raise ValueError("models_or_stacked is on the meta device: meta tensors hold no values")
+    if not isinstance(source, StackedMLP):  # all of them before any work
+        _check_plain_mlps(source, "models_or_stacked")
     device = home if device is None else _resolve_device(device)
     x = _check_features(x, "x", allow_empty=True)
     if x.shape[1] != d:
@@ -789,10 +843,25 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
             part = StackedMLP([w[first:last].to(device, torch.float32) for w in source.weights],
                               [b[first:last].to(device, torch.float32) for b in source.biases])
         else:
-            part = stack_mlps(source[first:last], device=device)
+            part = _stack(source[first:last], device)
         for lo in range(0, x.shape[0], batch_size):
             rows = x[lo:lo + batch_size].to(device, torch.float32)
             if first == 0 and x.dtype != torch.float32:
                 check_finite(rows, "x cast to float32")  # finite in float64, maybe not here
-            out[first:last, lo:lo + batch_size] = _stacked_logits(part, rows).cpu()
+            logits = _stacked_logits(part, rows)
+            _check_stacked_logits(logits, first, lo)
+            out[first:last, lo:lo + batch_size] = logits.cpu()
     return out
+
+
+def _check_stacked_logits(logits: Tensor, first: int, row_offset: int) -> None:
+    """predict_logits's NonFiniteLogits for the first model of ``logits`` [K, B, k] (model
+    ``first`` onwards) with a NaN or Inf logit, naming it: NaN weights, or float64 weights
+    beyond float32's range, gave NaN logits without a word."""
+    if bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
+        return  # one reduction pass: the usual case
+    j = first_bad_row(~torch.isfinite(logits))
+    try:
+        check_logits(logits[j], logits.shape[1], "x", row_offset)
+    except NonFiniteLogits as err:
+        raise NonFiniteLogits(f"models_or_stacked[{first + j}]: {err}") from None

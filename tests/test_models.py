@@ -342,11 +342,16 @@ def _patched(model):
     model.forward = lambda x: x
 
 
+def _no_bias(model):
+    model[0].bias = None
+
+
 @pytest.mark.parametrize("change, match", [
     (_tanh_layer, "layer '1' is a Tanh, not a ReLU"),
     (_appended, "it has 5 modules, its config's model 4"),
     (_hooked, "layer '0' has forward hooks"),
     (_patched, "the model has its own forward"),
+    (_no_bias, r"parameters do not match its config .*: it lacks \['0\.bias'\]"),
 ])
 def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path, change, match):
     """The weights fit the config, but the function does not: it used to be saved and reload

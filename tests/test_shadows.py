@@ -552,7 +552,7 @@ def test_batched_prediction_checks_its_arguments():
         predict_logits_batched([torch.nn.Linear(D, 2)], torch.zeros(3, D))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         predict_logits_batched(models, torch.zeros(3, D), batch_size=0)
-    with pytest.raises(ValueError, match="models\\[1\\] has architecture"):
+    with pytest.raises(ValueError, match="models_or_stacked\\[1\\] has architecture"):
         predict_logits_batched([models[0], MLP(D, K_CLASSES, (3,))], torch.zeros(3, D))
     with pytest.raises(ValueError, match="models_or_stacked is on the meta device"):
         predict_logits_batched([MLP(D, K_CLASSES, (3,)).to("meta")], torch.zeros(3, D))
@@ -561,6 +561,85 @@ def test_batched_prediction_checks_its_arguments():
     with pytest.raises(ValueError, match=r"x cast to float32 contains NaN or Inf \(first at "
                                          r"index \[2, 1\]\)"):
         predict_logits_batched(models, x)
+
+
+class _Doubled(MLP):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _tanh(model):
+    model[1] = torch.nn.Tanh()
+
+
+def _hooked(model):
+    model.register_forward_hook(lambda module, args, out: out * 0)
+
+
+def _pre_hooked(model):
+    model[2].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+
+def _no_bias(model):
+    model[0].bias = None
+
+
+@pytest.mark.parametrize("change, match", [
+    (_tanh, "layer '1' is a Tanh, not a ReLU"),
+    (_hooked, "the model has forward hooks"),
+    (_pre_hooked, "layer '2' has forward hooks"),
+    (_no_bias, r"it lacks \['0\.bias'\]"),
+    (lambda model: model.to(torch.float8_e4m3fn), r"'0\.weight' is torch\.float8_e4m3fn"),
+    (None, "it is a _Doubled, not a plain MLP"),
+])
+def test_batched_prediction_refuses_models_that_are_not_plain_mlps(change, match):
+    """The stack keeps the nn.Linear weights only: another activation, a hook or a forward
+    override gave a plain ReLU MLP's logits without a word (a bias-less layer raised a bare
+    AttributeError)."""
+    models = _random_models(3, hidden=(6,))
+    if change is None:
+        models[2] = _Doubled(D, K_CLASSES, (6,))
+    else:
+        change(models[2])
+    x = torch.rand(4, D)
+    with pytest.raises(ValueError, match=r"models_or_stacked\[2\] is not a plain MLP .*: "
+                                         + match):
+        predict_logits_batched(models, x, chunk_size=2)  # named by its index in the list
+    with pytest.raises(ValueError, match=r"models\[2\] is not a plain MLP .*: " + match):
+        stack_mlps(models)
+
+
+def test_batched_prediction_refuses_non_finite_logits():
+    """NaN weights, or float64 weights beyond float32's range, gave NaN logits without a
+    word; predict_logits raises NonFiniteLogits for both."""
+    from oni._checks import NonFiniteLogits
+
+    x = torch.rand(6, D)
+    x[:, 0] = 0.0
+    x[4, 0] = 10.0  # overflows float32 in row 4 only
+    models = _random_models(3)
+    with torch.no_grad():
+        models[0][0].weight[:, 0] = 3e38
+        models[2][0].weight[:, 1] = float("nan")
+    assert torch.isfinite(predict_logits(models[0], x[:4])).all()
+    with pytest.raises(NonFiniteLogits):
+        predict_logits(models[2], x)
+    with pytest.raises(NonFiniteLogits, match=r"models_or_stacked\[0\]: the model's logits "
+                                              r"at row 4 of x are NaN or beyond float32's "
+                                              r"range"):
+        predict_logits_batched(models, x, batch_size=4, chunk_size=2)
+    with pytest.raises(NonFiniteLogits, match=r"models_or_stacked\[2\]: the model's logits "
+                                              r"at row 0 of x"):
+        predict_logits_batched(models, x[:4], chunk_size=2)
+    models = _random_models(3)
+    models[1] = models[1].double()
+    with torch.no_grad():
+        models[1][-1].weight.mul_(1e300)
+    with pytest.raises(NonFiniteLogits, match=r"models_or_stacked\[1\]: the model's logits "
+                                              r"at row 0 of x"):
+        predict_logits_batched(models, x)
+    with pytest.raises(NonFiniteLogits, match=r"models_or_stacked\[1\]"):
+        predict_logits_batched(stack_mlps(models), x)
 
 
 # ----------------------------------------------------------------------------- attacks
