@@ -297,8 +297,8 @@ def _model_config(model) -> Dict[str, Any]:
     why = _rebuild_difference(model, rebuilt)
     if why:
         raise ValueError(f"save_model saves a model as its config {short_repr(config)} and "
-                         f"its weights "
-                         f"only, so this one may not reload as the same function: {why}")
+                         f"its weights only, so this one may not reload as the same function: "
+                         f"{why}")
     why = _parameter_difference(model, rebuilt)
     if why:
         raise ValueError(f"model's parameters do not match its config {short_repr(config)} "
