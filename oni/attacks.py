@@ -118,7 +118,7 @@ from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_SIZE, check_class_indices, che
                       check_int as _check_int, check_not_meta, check_number, check_seed,
                       is_integer_dtype, short_repr)
 from .data import Dataset, Splits
-from .models import MLP, _resolve_device
+from .models import MAX_HIDDEN_LAYERS, MLP, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
 from .train import TrainConfig, _check_config, _derived_seed, predict_proba
 
@@ -232,6 +232,9 @@ def _check_widths(value, name: str) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of positive ints, got "
                         f"{type(value).__name__}")
+    if len(value) > MAX_HIDDEN_LAYERS:  # the models' own bound, checked before any training
+        raise ValueError(f"{name} must have at most {MAX_HIDDEN_LAYERS} layers, got "
+                         f"{len(value)}")
     return tuple(_check_int(w, f"{name}[{i}]", 1, MAX_SIZE) for i, w in enumerate(value))
 
 

@@ -37,6 +37,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED, MAX_SIZE,
                       bounds_text, check_int, check_number, short_repr)
+from .models import MAX_HIDDEN_LAYERS
 
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
@@ -249,10 +250,13 @@ _device.expected = "auto | cpu | cuda | cuda:N"
 def _widths(value, key):
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise _type_error(key, "a list of layer widths, e.g. [1024, 512, 256, 128]", value)
+    if len(value) > MAX_HIDDEN_LAYERS:  # refused here, not when the first model is built
+        raise ConfigError(f"config key '{key}': at most {MAX_HIDDEN_LAYERS} hidden layers "
+                          f"(oni.models.MAX_HIDDEN_LAYERS), got {len(value)}")
     return [_int(1, maximum=MAX_SIZE)(w, f"{key}[{i}]") for i, w in enumerate(value)]
 
 
-_widths.expected = "list of ints >= 1"
+_widths.expected = f"list of at most {MAX_HIDDEN_LAYERS} ints >= 1"
 
 
 def _names(known: Sequence[str]):

@@ -178,6 +178,9 @@ def test_presets(tmp_path):
     ([f"data.synthetic.n={10 ** 23}"], "data.synthetic.n"),
     ([f"model.hidden=[16, {2 ** 62 + 1}]"], "model.hidden[1]"),
     ([f"attacks.shadow.hidden=[{2 ** 63}]"], "attacks.shadow.hidden[0]"),
+    # fuzz pass 9: more layers than an MLP takes were refused only when it was built
+    (["model.hidden=[" + ", ".join(["4"] * 101) + "]"], "model.hidden"),
+    (["attacks.shadow.hidden=[" + ", ".join(["4"] * 101) + "]"], "attacks.shadow.hidden"),
     # YAML 1.1's base-60 and binary ints are strings now, not 64 and 3
     (["train.batch_size=1:04"], "train.batch_size"),
     (["data.synthetic.seed=0b11"], "data.synthetic.seed"),
