@@ -6,15 +6,18 @@ Three checks against oni's high-walk reference on the same inputs:
   exactly on every walk and KernelSHAP as a constraint, so it holds up to float32 rounding;
   it catches a wrong class, a wrong baseline or a missing softmax at any budget.
 * dummy: inactive features (``x_i = 0`` = the baseline) get ``|phi_i| <= 1e-6``.
-* error: the mean over rows of ``||phi - phi_ref|| / ||phi_ref||`` is at most
-  ``ERROR_FACTOR`` times the mean *predicted* error of an unbiased estimator of the same kind
+* error: the mean over rows of ``||phi - phi_ref|| / ||phi_ref||`` lies within
+  ``ERROR_BAND`` times the mean *predicted* error of an unbiased estimator of the same kind
   at the same number of walks (:meth:`workload.Reference.predicted_error`: the measured
   per-walk variance of antithetic or plain walks, divided by the walks). The squared error is
   a sum over the ~0.1 d active features, so it concentrates around its mean; with 8 (2) rows
-  the measured/predicted ratio of a correct estimator stays within about 0.8-1.2 (see
+  the measured/predicted ratio of a correct estimator stays within about 0.84-1.10 (see
   BENCHMARKS.md), while a biased game (another class, another baseline, raw logits) lands
-  at >= 1 relative error. KernelSHAP has no walk; it is held to the plain-walk prediction at
-  equal model evaluations.
+  at >= 1 relative error. The band is two-sided because a budget miscounted by 2x either way
+  (an antithetic pair counted as one walk, or one walk as a pair) gives the tool twice or
+  half the work at "equal walks" and moves the ratio to about 0.71 or 1.41: a one-sided 1.5
+  passed both. KernelSHAP has no walk; it is held to the plain-walk prediction at equal
+  model evaluations, from above only (its regression lands at 0.5-0.9 of it).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from torch import Tensor
 
 from . import workload
 
-ERROR_FACTOR = 1.5
+#: measured / predicted error of a correct estimator at its stated budget
+ERROR_BAND = (0.75, 1.3)
 DUMMY_TOL = 1e-6
 EFFICIENCY_RTOL = 1e-4
 EFFICIENCY_ATOL = 1e-6
@@ -37,23 +41,25 @@ class Agreement:
     error: float  # mean relative L2 error vs the reference
     predicted: float  # mean predicted error of an unbiased estimator at this budget
     bound: float
+    floor: float  # 0 where only the upper bound applies (KernelSHAP)
     efficiency_gap: float  # max |sum phi - (v(N) - v(empty))|
     efficiency_ok: bool  # gap <= EFFICIENCY_ATOL + EFFICIENCY_RTOL * |v(N) - v(empty)|
     dummy_max: float  # max |phi_i| over inactive features
 
     @property
     def ok(self) -> bool:
-        return self.error <= self.bound and self.dummy_max <= DUMMY_TOL and self.efficiency_ok
+        return self.floor <= self.error <= self.bound and self.dummy_max <= DUMMY_TOL and \
+            self.efficiency_ok
 
     def describe(self) -> str:
-        return (f"rel. error {self.error:.4f} (predicted {self.predicted:.4f}, bound "
-                f"{self.bound:.4f}), efficiency gap {self.efficiency_gap:.2e}"
+        return (f"rel. error {self.error:.4f} (predicted {self.predicted:.4f}, band "
+                f"[{self.floor:.4f}, {self.bound:.4f}]), efficiency gap {self.efficiency_gap:.2e}"
                 f"{'' if self.efficiency_ok else ' (too large)'}, max |phi| on inactive "
                 f"features {self.dummy_max:.2e}")
 
 
 def check(phi, x: Tensor, game_gap: Tensor, ref: workload.Reference, walks: int,
-          antithetic: bool) -> Agreement:
+          antithetic: bool, walker: bool = True) -> Agreement:
     """Agreement of ``phi [N, d]`` with the reference; see the module docstring.
 
     Args:
@@ -63,6 +69,8 @@ def check(phi, x: Tensor, game_gap: Tensor, ref: workload.Reference, walks: int,
         ref: the reference for these rows.
         walks: permutation walks the tool was given (equal model evaluations for KernelSHAP).
         antithetic: whether its walks come as (forward, reverse) pairs.
+        walker: whether it samples permutation walks (the band's floor applies); False for
+            KernelSHAP.
     """
     phi = torch.as_tensor(np.asarray(phi), dtype=torch.float64)
     err = workload.relative_error(phi, ref.values).mean().item()
@@ -71,4 +79,6 @@ def check(phi, x: Tensor, game_gap: Tensor, ref: workload.Reference, walks: int,
     efficiency_ok = bool((gap <= EFFICIENCY_ATOL + EFFICIENCY_RTOL * game_gap.double().abs()).all())
     inactive = x == 0
     dummy = phi[inactive].abs().max().item() if inactive.any() else 0.0
-    return Agreement(err, pred, ERROR_FACTOR * pred, gap.max().item(), efficiency_ok, dummy)
+    low, high = ERROR_BAND
+    return Agreement(err, pred, high * pred, low * pred if walker else 0.0, gap.max().item(),
+                     efficiency_ok, dummy)

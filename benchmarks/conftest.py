@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from .workload import ROOT, provenance
 
 _RESULTS = []
-SUMMARY_PATH = ROOT / ".benchmarks" / "equal_walks_summary.json"
+#: ONI_BENCH_SUMMARY sets another file (scripts/bench.sh quick: a d = 600 run keeps the full
+#: run's summary)
+SUMMARY_PATH = Path(os.environ.get("ONI_BENCH_SUMMARY") or
+                    ROOT / ".benchmarks" / "equal_walks_summary.json")
 BASELINE_TOOL = "shap_permutation"
 
 
@@ -41,8 +46,14 @@ def summary_table(rows) -> str:
 def pytest_terminal_summary(terminalreporter):
     if not _RESULTS:
         return
+    from .tools import TOOLS
     terminalreporter.section("seconds per explained input at equal walks")
     terminalreporter.write_line(summary_table(_RESULTS))
+    missing = [tool.label for name, tool in TOOLS.items()
+               if not any(r["name"] == name for r in _RESULTS)]
+    if missing:  # a tool left out is said, not silently absent from the table
+        terminalreporter.write_line(f"no rows (not installed, skipped or deselected): "
+                                    f"{', '.join(missing)}")
     SUMMARY_PATH.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY_PATH.write_text(json.dumps({"provenance": provenance(), "rows": _RESULTS}, indent=1))
     terminalreporter.write_line(f"(also written to {SUMMARY_PATH})")

@@ -245,6 +245,13 @@ def test_shapley_gpu_captum(benchmark):
     benchmark.group = f"shapley d={d} M={CAPTUM_WALKS} N={len(x)} (captum)"
     phi = benchmark.pedantic(run, rounds=1, warmup_rounds=1, iterations=1)
     assert phi.shape == (len(x), d)
+    # the same game as oni's: efficiency against the softmax of the explained class
+    with torch.no_grad():
+        probs = torch.softmax(model(x).double(), dim=1)
+        base = torch.softmax(model(torch.zeros_like(x[:1])).double(), dim=1)[0]
+    gap = (probs.gather(1, classes[:, None]).squeeze(1) - base[classes]).cpu()
+    assert (torch.from_numpy(phi).sum(1) - gap).abs().max() < 1e-4, "captum: another game"
+    # one timed round (seconds each), against oni's median of three: noted in BENCHMARKS.md
     seconds = benchmark.stats.stats.median
     kernel_s = {precision: _timed(lambda precision=precision: oni.shapley_values(
         model, x, n_permutations=CAPTUM_WALKS, seed=0, backend="kernel", precision=precision))

@@ -8,9 +8,11 @@ kernels, and through its pure-PyTorch twin; captum's ShapleyValueSampling walks 
 groups of its ``feature_mask``. Equal walks for every tool; an antithetic pair counts as two.
 
 Each case first runs the tool once (untimed warm-up) and checks its estimate against oni's
-1,000-walk grouped reference: efficiency to float tolerance and a mean relative error at
-most 1.5x that of the 1,000-walk reference's own sampling error scaled to the tool's walks
-(a loose bound: the check catches another game, not a slightly noisier estimator). The
+1,000-walk grouped reference: efficiency to float tolerance and a mean relative error
+within ``ERROR_BAND`` of the prediction: the reference's own per-walk spread scaled to the
+tool's walks, with the reference's error added in quadrature. oni is held to both ends (a
+budget miscounted by 2x either way lands at about 0.71 or 1.41); captum's plain walks are
+noisier than the antithetic prediction, so only its upper end (and 0.02) applies. The
 terminal summary gives seconds per input and the ratios against the twin and captum, all
 from this run.
 
@@ -33,7 +35,7 @@ from . import workload
 
 D, N_INPUTS, GROUP_SIZE = 600, 8, 10
 REFERENCE_WALKS = 1_000
-ERROR_FACTOR = 1.5
+ERROR_BAND = (0.75, 1.3)
 SUMMARY_PATH = workload.ROOT / ".benchmarks" / "groups_summary.json"
 
 
@@ -78,16 +80,22 @@ def _state():
     return _STATE
 
 
-def _check(phi, state, walks):
+def _check(phi, state, walks, antithetic: bool):
     ref = state["ref"]
     gap = (ref.fx - ref.f_baseline).double()
     assert (phi.sum(1) - gap).abs().max() < 1e-4, "efficiency fails: another game"
     norm = ref.values.double().norm(dim=1)
     error = float(((phi - ref.values.double()).norm(dim=1) / norm).mean())
-    # the reference's own per-walk spread, scaled to `walks` (an antithetic pair = 2 walks)
-    spread = ref.stderr.double() * (REFERENCE_WALKS / walks) ** 0.5
-    predicted = float((spread.norm(dim=1) / norm).mean())
-    assert error <= ERROR_FACTOR * predicted + 0.02, (error, predicted)
+    # the reference's own per-walk spread, scaled to `walks` (an antithetic pair = 2 walks),
+    # and the reference's own error around the true values
+    own = ref.stderr.double().norm(dim=1)
+    spread = own * (REFERENCE_WALKS / walks) ** 0.5
+    predicted = float(((spread.square() + own.square()).sqrt() / norm).mean())
+    low, high = ERROR_BAND
+    if antithetic:
+        assert low * predicted <= error <= high * predicted, (error, predicted)
+    else:
+        assert error <= high * predicted + 0.02, (error, predicted)
     return error, predicted
 
 
@@ -123,7 +131,7 @@ def test_groups_equal_walks(benchmark, name, walks):
         pytest.importorskip(package)
     state = _state()
     args = (state["model"], state["x"], state["groups"], state["classes"], walks, 0)
-    error, predicted = _check(run(*args), state, walks)  # also the warm-up
+    error, predicted = _check(run(*args), state, walks, name.startswith("oni"))  # + warm-up
     benchmark.group = f"groups d={D} walks={walks} (N={N_INPUTS})"
     benchmark.extra_info.update(tool=label, walks=walks, rel_error=error, predicted=predicted)
     benchmark.pedantic(run, args=args, rounds=ROUNDS[name], iterations=1)

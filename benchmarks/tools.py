@@ -114,7 +114,7 @@ def _shap_permutation(model, x, classes, budget, seed):
 
 def _shap_permutation_budget(walks: int, row: Tensor) -> int:
     a = _n_active(row)
-    pairs = max(1, walks // 2)
+    pairs = max(1, -(-walks // 2))  # as oni rounds an odd walk count: up to whole pairs
     return pairs * (2 * a + 1)
 
 

@@ -160,10 +160,10 @@ def trained_model(d: int, verbose: bool = True) -> nn.Sequential:
     cfg = config_for(d)
     path = CACHE_DIR / f"{cfg.key()}.pt"
     model = build_mlp(cfg.d, cfg.n_classes, cfg.hidden)
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    if blob is not None and blob.get("config") == asdict(cfg):
         model.load_state_dict(blob["state_dict"])
-    else:
+    else:  # none yet, or saved for other settings under this key: trained (again)
         model, info = _train(cfg, verbose)
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "info": info}, path)
@@ -183,6 +183,17 @@ def training_info(d: int) -> dict:
     trained_model(d, verbose=False)
     return torch.load(CACHE_DIR / f"{cfg.key()}.pt", map_location="cpu",
                       weights_only=True)["info"]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's parameters and buffers (names, dtypes, shapes, values): what a
+    cached reference was computed for."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def predicted(model: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -242,14 +253,21 @@ def reference(model: nn.Module, d: int, x: Tensor, input_seed: int, walks: int =
     import oni
 
     cfg = config_for(d)
+    # what each cached row was computed for besides its file name's keys: a model retrained
+    # under the same key, or another reference seed, makes it stale
+    made_for = {"model": model_fingerprint(model), "reference_seed": REFERENCE_SEED}
     values, errs, plain, secs = [], [], [], 0.0
     for i in range(x.shape[0]):
         path = CACHE_DIR / f"ref_{cfg.key()}_in{input_seed}_row{i}_w{walks}_p{plain_walks}.pt"
-        if path.exists():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if not torch.equal(blob["x"], x[i]):
-                raise RuntimeError(f"cached reference {path} was computed for another input")
-        else:
+        blob = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        if blob is not None and not torch.equal(blob["x"], x[i]):
+            raise RuntimeError(f"cached reference {path} was computed for another input")
+        if blob is not None and blob.get("made_for") != made_for:
+            if verbose:
+                print(f"[reference] {path.name} was computed for another model or seed: "
+                      f"recomputing", flush=True)
+            blob = None
+        if blob is None:
             start = time.perf_counter()
             res = oni.shapley_values(model, x[i:i + 1], n_permutations=walks,
                                      seed=REFERENCE_SEED, backend="kernel")
@@ -258,7 +276,7 @@ def reference(model: nn.Module, d: int, x: Tensor, input_seed: int, walks: int =
                                        backend="kernel")
             blob = {"x": x[i].clone(), "values": res.values[0].double(),
                     "stderr": res.stderr[0].double(), "plain_stderr": pilot.stderr[0].double(),
-                    "seconds": time.perf_counter() - start}
+                    "seconds": time.perf_counter() - start, "made_for": made_for}
             CACHE_DIR.mkdir(parents=True, exist_ok=True)
             torch.save(blob, path)
             if verbose:

@@ -12,11 +12,14 @@ mkdir -p .benchmarks
 
 sizes=(600 6170)
 select=()
-if [[ "${1:-}" == "quick" ]]; then sizes=(600); select=(-k d600); fi
+name=equal_walks
+if [[ "${1:-}" == "quick" ]]; then sizes=(600); select=(-k d600); name=equal_walks_quick; fi
 
+# a quick run writes its own files: the full run's are kept
+ONI_BENCH_SUMMARY=".benchmarks/${name}_summary.json" \
 python -m pytest benchmarks/test_bench_shapley.py -p no:cacheprovider --benchmark-only \
     --benchmark-columns=min,median,max,rounds --benchmark-sort=min \
-    --benchmark-json=.benchmarks/equal_walks.json "${select[@]}"
+    --benchmark-json=".benchmarks/${name}.json" "${select[@]}"
 
 for d in "${sizes[@]}"; do
     python -m benchmarks.error_vs_time --d "$d"

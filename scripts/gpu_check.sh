@@ -36,6 +36,7 @@ start=$SECONDS
 logdir="$(mktemp -d "${TMPDIR:-/tmp}/oni-gpu-check.XXXXXX")"
 names=() statuses=() times=()
 failed=0
+bench_ran=0  # whether this call ran the benchmarks (summary() reads it)
 
 record() {  # name status seconds
   names+=("$1") statuses+=("$2") times+=("$3")
@@ -82,7 +83,12 @@ summary() {
   fi
   if [[ -f .benchmarks/gpu_summary.json ]]; then
     echo
-    echo "=== GPU benchmarks (.benchmarks/gpu_summary.json)"
+    if ((bench_ran)); then
+      echo "=== GPU benchmarks (.benchmarks/gpu_summary.json)"
+    else  # a warm machine keeps an earlier call's file: say so, not pass it off as this one's
+      echo "=== GPU benchmarks from an EARLIER call (the bench step did not run in this one;" \
+        "$(date -r .benchmarks/gpu_summary.json '+%F %T' 2>/dev/null || echo 'time unknown'))"
+    fi
     "$python" -m benchmarks.test_bench_gpu || true
   fi
   echo
@@ -184,6 +190,7 @@ if ((built)); then
       record bench_cuda "FAIL (collection, rc=$rc)" 0
     else
       rm -f .benchmarks/gpu_summary.json
+      bench_ran=1
       run_step bench_cuda 300 "$python" -m pytest benchmarks -m cuda -p no:cacheprovider -s \
         --benchmark-only --benchmark-columns=min,median,max,rounds || true
     fi

@@ -143,3 +143,76 @@ def test_profile_breakdown_runs_where_there_is_no_gpu():
     assert out["kernel_launches"] == 0 and out["sync_calls"] == 0
     # but the trace held the host's ops: two fills and the matmul at least
     assert out["aten_ops"] >= 3
+
+
+# ----------------------------------------------------------------------------- Shapley suite
+# the equal-walks comparison rests on these: an agreement check that passes a tool given
+# twice or half the work, or a reference cached for another model, would make its ratios
+# wrong without a word (an audit of the suite, 2026-12-07)
+
+def _reference(values, stderr, walks=100):
+    from benchmarks.workload import Reference
+    values, stderr = torch.as_tensor(values).double(), torch.as_tensor(stderr).double()
+    return Reference(values, stderr, walks, stderr * 1.5, walks, 0.0)
+
+
+def test_agreement_band_catches_a_budget_off_by_two_either_way():
+    from benchmarks import agreement
+
+    gen = torch.Generator().manual_seed(0)
+    d, n = 400, 8
+    x = (torch.rand(n, d, generator=gen) < 0.5).double()
+    truth = torch.randn(n, d, generator=gen).double() * x
+    # a reference of 10,000 walks: its own error is small next to the estimates'
+    ref = _reference(truth, 0.01 * x, walks=10_000)
+    gap = truth.sum(1)
+
+    def estimate(true_walks):
+        """An unbiased estimate at true_walks walks with the reference's per-walk spread,
+        shifted to keep efficiency exact."""
+        noise = torch.randn(n, d, generator=gen).double() * x
+        noise *= 0.01 * (10_000 / true_walks) ** 0.5
+        noise -= x * (noise.sum(1, keepdim=True) / x.sum(1, keepdim=True))
+        return truth + noise
+
+    right = agreement.check(estimate(100), x, gap, ref, 100, True)
+    assert right.ok, right.describe()
+    for true_walks in (50, 200):  # told 100: half or twice the work
+        wrong = agreement.check(estimate(true_walks), x, gap, ref, 100, True)
+        assert not wrong.ok, (true_walks, wrong.describe())
+    # KernelSHAP is held from above only: a better-than-predicted error passes
+    assert agreement.check(estimate(200), x, gap, ref, 100, False, walker=False).ok
+    # efficiency and dummies still count
+    assert not agreement.check(estimate(100) + 0.01 * x, x, gap, ref, 100, True).ok
+    assert not agreement.check(estimate(100) + 1e-3 * (1 - x), x, gap, ref, 100, True).ok
+
+
+def test_reference_cache_is_recomputed_for_another_model(tmp_path, monkeypatch):
+    from benchmarks import workload
+
+    monkeypatch.setattr(workload, "CACHE_DIR", tmp_path)
+    x = workload.explained_inputs(600, 1)
+    first, second = (small_mlp(600, k=5, seed=seed) for seed in (1, 2))
+    a = workload.reference(first, 600, x, 7, walks=4, plain_walks=4, verbose=False)
+    calls = []
+    real = oni.shapley_values
+    monkeypatch.setattr(oni, "shapley_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = workload.reference(first, 600, x, 7, walks=4, plain_walks=4, verbose=False)
+    assert not calls and torch.equal(again.values, a.values)  # the cached row, reused
+    other = workload.reference(second, 600, x, 7, walks=4, plain_walks=4, verbose=False)
+    assert calls and not torch.equal(other.values, a.values)  # not the first model's row
+    assert workload.model_fingerprint(first) != workload.model_fingerprint(second)
+
+
+def test_time_to_error_interpolates_log_log_and_states_bounds():
+    from benchmarks.error_vs_time import time_to_error
+
+    points = [{"walks": 10, "s_per_input": 0.01, "error": 0.4},
+              {"walks": 100, "s_per_input": 0.1, "error": 0.2},
+              {"walks": 1000, "s_per_input": 1.0, "error": 0.05}]
+    out = time_to_error(points, target=0.1)
+    # log-log between (0.1 s, 0.2) and (1 s, 0.05): halfway in log error -> sqrt(0.1 * 1)
+    assert out["bound"] == "=" and abs(out["seconds"] - 0.1 ** 0.5) < 1e-12
+    assert abs(out["walks"] - (100 * 1000) ** 0.5) < 1e-9
+    assert time_to_error(points, target=0.01)["bound"] == ">"
+    assert time_to_error(points, target=0.5)["bound"] == "<"
