@@ -137,7 +137,7 @@ _DISTILLATION = {
 }
 
 # Upper bounds of the effort settings: far beyond any use (the paper: 100 walks, 100 steps,
-# 1 draw), and low enough that a typo (1e30 walks) is refused instead of running for ever or
+# 1 draw; AdvReg: 1 inference step), and low enough that a typo (1e30 walks) is refused instead of running for ever or
 # failing in the allocator when the model is first queried (draws x rows x k noise values)
 MAX_EFFORT = 10 ** 6
 MAX_DRAWS = 10 ** 4
@@ -183,7 +183,7 @@ _SPECS: Dict[str, Dict[str, _Param]] = {
     },
     "advreg": {
         "lambda": _Param(1.0, _number(0.0)),
-        "k_steps": _Param(1, _integer(1)),
+        "k_steps": _Param(1, _integer(1, MAX_EFFORT)),
         "reference_fraction": _Param(0.2, _number(0.0, 1.0, low_open=True, high_open=True)),
         "attack_lr": _Param(1e-3, _number(0.0, MAX_ADAM_LR, low_open=True, why=ADAM_FITS)),
     },
@@ -253,7 +253,8 @@ def defense_config(name: str, config: Optional[Mapping[str, Any]] = None) -> Dic
     ``advreg`` (Nasr et al. 2018)
         ``lambda=1.0``: the weight of the inference model's member belief in the classifier's
         loss (3, a value used for Purchase100 in the literature, cut the test accuracy of the
-        run measured below from 0.37 to 0.13; 1 gave 0.28); ``k_steps=1``: inference-model steps per classifier step;
+        run measured below from 0.37 to 0.13; 1 gave 0.28); ``k_steps=1``: inference-model
+        steps per classifier step (at most 10**6);
         ``reference_fraction=0.2``: the share of the training data carved out as the
         reference (non-member) set when none is given; ``attack_lr=1e-3``: the inference
         model's Adam learning rate.

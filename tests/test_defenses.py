@@ -488,6 +488,8 @@ def test_defaults_are_the_resolved_empty_config():
     ("dpsgd", {"delta": 1.0}, ValueError, r"delta'\] of 'dpsgd' .* in \(0.0, 1.0\), got 1.0"),
     ("dpsgd", {"accountant": "gdp"}, ValueError, "accountant"),
     ("advreg", {"reference_fraction": 1.5}, ValueError, "reference_fraction"),
+    # it ran for ever (every other effort setting stops at 10**6)
+    ("advreg", {"k_steps": 10 ** 12}, ValueError, r"k_steps'\] of 'advreg' must be <= 1000000"),
     # it kept one member row, silently
     ("advreg", {"reference_fraction": 1.0}, ValueError, r"reference_fraction.*\(0.0, 1.0\)"),
     ("label_smoothing", {"smoothing": -0.1}, ValueError, "smoothing"),
