@@ -586,7 +586,9 @@ def defend(
     name : str
         One of :data:`DEFENSES`.
     x, y : Tensor
-        The target's training data: ``[N, d]`` float features, ``[N]`` class indices.
+        The target's training data: ``[N, d]`` float features (any floating dtype; every
+        defense casts them to its model's dtype, refusing values that overflow it), ``[N]``
+        class indices.
     config : mapping, optional
         The defense's hyperparameters (see :func:`defense_config`); missing keys take the
         defaults of :data:`DEFAULTS`.
@@ -901,6 +903,8 @@ def _defend_dpsgd(job: _Job, cfg: dict) -> DefendedModel:
     model = _fresh_model(job)
     init_parameters_(model, tc.seed)
     model.to(device)
+    dtype = _model_device_dtype(model)[1]  # rows in the model's dtype, as train_model casts
+    x_model = _cast_checked(job.x, dtype, f"x cast to the model's {dtype}")
     if cfg["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9,
                                     weight_decay=tc.weight_decay)
@@ -908,7 +912,7 @@ def _defend_dpsgd(job: _Job, cfg: dict) -> DefendedModel:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"],
                                      weight_decay=tc.weight_decay)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(job.x, job.y), batch_size=min(tc.batch_size, n),
+        torch.utils.data.TensorDataset(x_model, job.y), batch_size=min(tc.batch_size, n),
         generator=torch.Generator().manual_seed(tc.seed))
     noise_generator = torch.Generator(device=device).manual_seed(
         _derived_seed(tc.seed, "dpsgd:noise"))
@@ -945,7 +949,7 @@ def _defend_dpsgd(job: _Job, cfg: dict) -> DefendedModel:
             private_model, private_optimizer, criterion, private_loader = private
         else:
             private_model, private_optimizer, private_loader = private
-        x, y = job.x.to(device), job.y.to(device)
+        x, y = x_model.to(device), job.y.to(device)
         history = History()
         steps = 0
         start = time.perf_counter()
@@ -1035,13 +1039,16 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
     follows train_model's init and batch-order conventions on the member rows."""
     tc, device, k = job.train_config, job.device, job.k
     x_mem, y_mem, x_ref, y_ref, reference = _reference_split(job, cfg)
-    x_mem, y_mem = x_mem.to(device), y_mem.to(device)
-    x_ref, y_ref = x_ref.to(device), y_ref.to(device)
     n, n_ref = x_mem.shape[0], x_ref.shape[0]
     model = _fresh_model(job)
     init_parameters_(model, tc.seed)
     model.to(device)
     dtype = _model_device_dtype(model)[1]  # h reads f's outputs: in f's dtype
+    # rows in the model's dtype, as train_model casts them
+    x_mem = _cast_checked(x_mem, dtype, f"x cast to the model's {dtype}").to(device)
+    x_ref = _cast_checked(x_ref, dtype, f"x_ref cast to the model's {dtype}"
+                          if job.x_ref is not None else f"x cast to the model's {dtype}").to(device)
+    y_mem, y_ref = y_mem.to(device), y_ref.to(device)
     attack = _InferenceModel(k)
     init_parameters_(attack, _derived_seed(tc.seed, "advreg:attack"))
     attack.to(device, dtype)

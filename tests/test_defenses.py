@@ -724,3 +724,31 @@ def test_divergence_names_the_defenses_own_settings(data, name, config, hint):
     with pytest.raises(FloatingPointError, match="training diverged: .*" + hint):
         defend(name, x[:60], y[:60], hidden=HIDDEN, config=config,
                train_config=TrainConfig(epochs=2, batch_size=32, progress=False))
+
+
+# ----------------------------------------------------------------------------- robustness
+
+@pytest.mark.parametrize("name", [pytest.param("dpsgd", marks=needs_opacus), "advreg"])
+def test_dpsgd_and_advreg_cast_x_to_the_models_dtype(name, data):
+    """They failed with torch's "mat1 and mat2 must have the same dtype" on float64 or
+    bfloat16 x (and advreg on such an x_ref); the other defenses cast x, as these now do."""
+    x, y, x_test, y_test = data
+    x, y = x[:60], y[:60]
+    small = dict(hidden=HIDDEN, train_config=TRAIN)
+    want = _params(defend(name, x, y, **small))
+    assert _same_params(_params(defend(name, x.double(), y, **small)), want)
+    bf16 = x.bfloat16()
+    assert _same_params(_params(defend(name, bf16, y, **small)),
+                        _params(defend(name, bf16.float(), y, **small)))
+    big = x.double()
+    big[2, 3] = 1e300
+    with pytest.raises(ValueError, match=r"x cast to the model's torch.float32 contains NaN"):
+        defend(name, big, y, **small)
+    if name == "advreg":
+        ref = dict(x_ref=x_test[:20].double(), y_ref=y_test[:20])
+        assert _same_params(_params(defend(name, x, y, **ref, **small)),
+                            _params(defend(name, x, y, x_ref=x_test[:20], y_ref=y_test[:20],
+                                           **small)))
+        ref["x_ref"][0, 0] = 1e300
+        with pytest.raises(ValueError, match=r"x_ref cast to the model's torch.float32"):
+            defend(name, x, y, **ref, **small)
