@@ -618,6 +618,9 @@ def defend(
         ``reference_fraction`` of ``(x, y)`` (drawn with ``seed``) is held out as the
         reference set and the classifier trains on the rest (``report["reference"]``).
 
+    ``x``, ``x_test`` and ``x_ref`` are used detached (the caller's tensors get no
+    ``.grad``).
+
     Returns
     -------
     DefendedModel
@@ -634,13 +637,14 @@ def defend(
     train_config = TrainConfig() if train_config is None else train_config
     _check_config(train_config, "train_config")
     seed = _check_seed(seed)
-    x = _check_features(x, "x")
+    # detached: with requires_grad, x got a .grad from training (dpsgd and advreg failed)
+    x = _check_features(x, "x").detach()
     n, d = x.shape
     y = _check_labels(y, "y", n, "x").long()
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither")
     if x_test is not None:
-        x_test = _check_features(x_test, "x_test")
+        x_test = _check_features(x_test, "x_test").detach()
         if x_test.shape[1] != d:
             raise ValueError(f"x_test must have d = {d} columns (like x), got shape "
                              f"{tuple(x_test.shape)}")
@@ -651,7 +655,7 @@ def defend(
         if name != "advreg":
             raise ValueError(f"x_ref, y_ref are the reference set of 'advreg'; defense "
                              f"{name!r} does not use them")
-        x_ref = _check_features(x_ref, "x_ref")
+        x_ref = _check_features(x_ref, "x_ref").detach()
         if x_ref.shape[1] != d:
             raise ValueError(f"x_ref must have d = {d} columns (like x), got shape "
                              f"{tuple(x_ref.shape)}")

@@ -451,6 +451,9 @@ def train_model(
         (e.g. soft labels ``[N, k]`` for distillation), moved to the device with their dtype
         kept. Needs ``loss_fn``.
 
+    ``x``, ``x_test`` and ``extra`` are used detached: the caller's tensors get no
+    ``.grad`` and no graph through them, whatever their ``requires_grad``.
+
     Returns
     -------
     History
@@ -481,19 +484,20 @@ def train_model(
                         "its squared gradients underflow: train it in float32 (model.float()) "
                         "or bfloat16, and cast it afterwards")
 
-    x = _check_features(x, "x")
+    # detached: a caller's x with requires_grad kept a graph through it and got x.grad
+    x = _check_features(x, "x").detach()
     n, d = x.shape
     y = _check_labels(y, "y", n, "x")
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither")
     has_test = x_test is not None
     if has_test:
-        x_test = _check_features(x_test, "x_test")
+        x_test = _check_features(x_test, "x_test").detach()
         if x_test.shape[1] != d:
             raise ValueError(f"x_test must have d = {d} columns (like x), got shape "
                              f"{tuple(x_test.shape)}")
         y_test = _check_labels(y_test, "y_test", x_test.shape[0], "x_test")
-    extra = _check_extra(extra, n)
+    extra = tuple(t.detach() for t in _check_extra(extra, n))
     if extra and loss_fn is None:
         raise ValueError("extra is passed to loss_fn only: give loss_fn too")
     criterion = _cross_entropy if loss_fn is None else loss_fn

@@ -752,3 +752,21 @@ def test_dpsgd_and_advreg_cast_x_to_the_models_dtype(name, data):
         ref["x_ref"][0, 0] = 1e300
         with pytest.raises(ValueError, match=r"x_ref cast to the model's torch.float32"):
             defend(name, x, y, **ref, **small)
+
+
+SMALL_ONI = {"n_permutations": 4, "max_iter": 5, "refine_iter": 1, "polish_iter": 1}
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_inputs_with_requires_grad_are_left_untouched(name, data):
+    """dpsgd failed inside deepcopy and advreg with "backward through the graph a second
+    time"; the other defenses filled the caller's x.grad. The inputs are now detached."""
+    x, y, x_test, y_test = (t[:60] for t in data)
+    config = SMALL_ONI if name == "oni" else None
+    plain = defend(name, x, y, x_test=x_test, y_test=y_test, hidden=HIDDEN,
+                   train_config=TRAIN, config=config)
+    xg, xg_test = x.clone().requires_grad_(), x_test.clone().requires_grad_()
+    got = defend(name, xg, y, x_test=xg_test, y_test=y_test, hidden=HIDDEN,
+                 train_config=TRAIN, config=config)
+    assert xg.grad is None and xg_test.grad is None
+    assert _same_params(_params(got), _params(plain))

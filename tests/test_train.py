@@ -596,3 +596,20 @@ def test_accuracy(trained, data):
         accuracy(trained, x_test[:0], y_test[:0])
     with pytest.raises(ValueError, match=r"y must be 1-D \[N\] with N = 100"):
         accuracy(trained, x_test, y_test[:5])
+
+
+# ============================================================================ robustness
+
+def test_inputs_with_requires_grad_are_left_untouched(data):
+    """x, x_test and extra with requires_grad got a .grad (and a graph through them) from
+    training; they are now used detached, with the same result."""
+    x, y, x_test, y_test = data
+    soft = torch.softmax(torch.randn(len(x), K, generator=torch.Generator().manual_seed(0)), 1)
+    kwargs = dict(loss_fn=_soft_kl, x_test=x_test, y_test=y_test)
+    plain, _ = _train(data, extra=soft, **kwargs)
+    xg, xg_test, soft_g = (t.clone().requires_grad_() for t in (x, x_test, soft))
+    model = MLP(D, K, HIDDEN)
+    train_model(model, xg, y, config=TrainConfig(epochs=3, batch_size=32, **QUIET),
+                extra=soft_g, loss_fn=_soft_kl, x_test=xg_test, y_test=y_test)
+    assert xg.grad is None and xg_test.grad is None and soft_g.grad is None
+    assert _params_equal(model, plain)
