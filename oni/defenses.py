@@ -77,6 +77,7 @@ from .train import (
     _cast_checked,
     _check_config,
     _check_features,
+    _check_one_dtype,
     _check_labels,
     _check_label_range,
     _derived_seed,
@@ -672,6 +673,7 @@ def defend(
         # a diverged f would be released as "undefended" and give every defense NaN labels
         check_finite_weights(base_model, "base_model", "a trained undefended model has "
                              "finite weights (did its training diverge?)")
+        _check_one_dtype(base_model, "base_model")
         base_model = copy.deepcopy(base_model).to(device).eval()
         width = _output_width(base_model, x[:1].to(device), d)
         if n_classes is not None and n_classes != width:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import sys
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
                       check_finite as _check_finite,
-                      check_int as _check_int, check_logits, check_number, is_integer_dtype,
-                      non_finite_parameter)
+                      check_int as _check_int, check_logits, check_not_meta, check_number,
+                      is_integer_dtype, non_finite_parameter)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -268,6 +269,27 @@ def _output_width(model: nn.Module, x_row: Tensor, d: int) -> int:
     return out.shape[1]
 
 
+def _check_one_dtype(model: nn.Module, name: str) -> None:
+    """A TypeError naming ``name`` when its floating parameters and buffers mix dtypes (torch
+    failed with "mat1 and mat2 must have the same dtype", read as a width mismatch)."""
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers())
+              if t.dtype.is_floating_point}
+    if len(dtypes) > 1:
+        names = sorted(str(dtype) for dtype in dtypes)
+        raise TypeError(f"{name} mixes parameter dtypes {names}: cast it to one "
+                        f"({name}.float() or {name}.double())")
+
+
+def _probe_output_width(model: nn.Module, x_row: Tensor, d: int,
+                        device: torch.device) -> int:
+    """:func:`_output_width` without changing ``model``: run where it is when its tensors are
+    on one device (the row moved there), else on a copy moved to ``device``."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) == 1:
+        return _output_width(model, x_row.to(devices.pop()), d)
+    return _output_width(copy.deepcopy(model).to(device), x_row.to(device), d)
+
+
 def _predicted_classes(model: nn.Module, x: Tensor, batch_size: int,
                        name: str = "x") -> Tensor:
     """argmax of the logits, [N] int64 on x's device (x already on the model's device)."""
@@ -402,7 +424,8 @@ def train_model(
     Conventions (a batched trainer such as :mod:`oni.shadows` follows them to give the same
     model for the same seed):
 
-    1. **Init**: the parameters are re-initialised with ``init_parameters_(model,
+    1. **Init**: once every argument is checked (the model is left as it was when one is
+       refused), the parameters are re-initialised with ``init_parameters_(model,
        config.seed)`` (:func:`oni.models.init_parameters_`: drawn on the CPU, so the same on
        every device) and the model is moved to the device.
     2. **Batch order**: ONE CPU ``torch.Generator`` seeded with ``config.seed``; epoch ``e``
@@ -462,7 +485,8 @@ def train_model(
     ------
     TypeError, ValueError
         Bad arguments (the message names the argument), x or x_test not finite in the
-        model's dtype, or a float16 model (Adam underflows in float16).
+        model's dtype, a model on the meta device or mixing parameter dtypes, or a float16
+        model (Adam underflows in float16).
     FloatingPointError
         Training diverged: an epoch's mean loss, the weights after its last step, or the
         logits on its rows became NaN or Inf.
@@ -476,9 +500,11 @@ def train_model(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     device = _resolve_device(config.device, "config.device")
+    check_not_meta(model, "model")
     _, dtype = _model_device_dtype(model)
     if not dtype.is_floating_point:
         raise TypeError(f"the model's parameters must be floating, got {dtype}")
+    _check_one_dtype(model, "model")
     if dtype == torch.float16:  # it was reported as a divergence, at any lr
         raise TypeError("the model's parameters are float16, in which Adam's eps (1e-8) and "
                         "its squared gradients underflow: train it in float32 (model.float()) "
@@ -506,15 +532,18 @@ def train_model(
     x = _cast_checked(x, dtype, f"x cast to the model's {dtype}")
     if has_test:
         x_test = _cast_checked(x_test, dtype, f"x_test cast to the model's {dtype}")
-    init_parameters_(model, config.seed)  # first: it raises before changing anything
+    # every check before the caller's model is changed (it was re-initialised and moved,
+    # then refused for its labels): k from a probe of the model as it is
+    k = _probe_output_width(model, x[:1], d, device)
+    _check_label_range(y, "y", k)
+    if has_test:
+        _check_label_range(y_test, "y_test", k)
+    init_parameters_(model, config.seed)  # it raises before changing anything
     model.to(device)
     x = x.to(device, dtype).contiguous()
-    k = _output_width(model, x[:1], d)
-    _check_label_range(y, "y", k)
     y = y.to(device, torch.long)
     extra = tuple(t.to(device) for t in extra)
     if has_test:
-        _check_label_range(y_test, "y_test", k)
         x_test = x_test.to(device, dtype).contiguous()
         y_test = y_test.to(device, torch.long)
 

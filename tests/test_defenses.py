@@ -770,3 +770,13 @@ def test_inputs_with_requires_grad_are_left_untouched(name, data):
                  train_config=TRAIN, config=config)
     assert xg.grad is None and xg_test.grad is None
     assert _same_params(_params(got), _params(plain))
+
+
+def test_a_base_model_mixing_dtypes_is_named(data):
+    """It was said not to accept x's width (torch's "mat1 and mat2 must have the same
+    dtype")."""
+    x, y, _, _ = data
+    base = MLP(D, K, HIDDEN)
+    base[2].double()
+    with pytest.raises(TypeError, match=r"^base_model mixes parameter dtypes"):
+        defend("dynanoise", x, y, base_model=base, train_config=TRAIN)

@@ -613,3 +613,31 @@ def test_inputs_with_requires_grad_are_left_untouched(data):
                 extra=soft_g, loss_fn=_soft_kl, x_test=xg_test, y_test=y_test)
     assert xg.grad is None and xg_test.grad is None and soft_g.grad is None
     assert _params_equal(model, plain)
+
+
+@pytest.mark.parametrize("case", ["y", "y_test", "mixed dtypes", "meta"])
+def test_a_refused_call_leaves_the_model_as_it_was(case, data):
+    """The model was re-initialised (and moved) before the label checks refused the call;
+    a model mixing float32 and float64 layers was said not to accept x's width."""
+    x, y, x_test, y_test = data
+    model = MLP(D, K, HIDDEN)
+    kwargs = dict(x_test=x_test, y_test=y_test)
+    if case == "y":
+        y = y + K
+        error, match = ValueError, rf"^y must hold class indices in \[0, {K}\)"
+    elif case == "y_test":
+        kwargs["y_test"] = y_test + K
+        error, match = ValueError, rf"^y_test must hold class indices in \[0, {K}\)"
+    elif case == "mixed dtypes":
+        model[2].double()
+        error, match = TypeError, r"^model mixes parameter dtypes \['torch.float32', 'torch.float64'\]"
+    else:
+        model.to("meta")
+        error, match = ValueError, "^model is on the meta device"
+    before = [(p.device, p.dtype, p.detach().clone()) for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        train_model(model, x, y, config=TrainConfig(epochs=1, **QUIET), **kwargs)
+    after = [(p.device, p.dtype, p.detach()) for p in model.parameters()]
+    assert [b[:2] for b in before] == [a[:2] for a in after]
+    if case != "meta":
+        assert all(torch.equal(b[2], a[2]) for b, a in zip(before, after))
