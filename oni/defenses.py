@@ -449,7 +449,9 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
     ``kl_direction="paper"`` takes ``KL(f'(x') || y') = sum_c p_c (log p_c - log y'_c)`` as
     the paper writes it (``p = softmax(logits)``); ``"forward"`` takes the usual
     distillation direction ``KL(y' || f'(x')) = sum_c y'_c (log y'_c - log p_c)``. Both are
-    batch means.
+    batch means, computed in ``logits``' dtype. A term whose probability (``p_c``, resp.
+    ``y'_c``) is 0 adds 0, as ``0 log 0 = 0`` (also where ``p_c`` underflowed to 0 against a
+    soft label of probability 0).
 
     Parameters
     ----------
@@ -477,7 +479,9 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
         A tensor argument is not a Tensor.
     ValueError
         A tensor on the meta device; ``logits`` not a floating ``[b, k]`` with
-        ``b, k >= 1`` or not finite; ``y`` not ``[b]`` integer class indices in ``[0, k)``;
+        ``b, k >= 1``, not finite, or with a row whose spread (max - min) overflows
+        ``log_softmax`` in their dtype (beyond about 6.5e4 in float16, 3.4e38 in float32 or
+        bfloat16); ``y`` not ``[b]`` integer class indices in ``[0, k)``;
         ``log_soft_labels`` not floating of ``logits``' shape, holding NaN or ``+inf``, or
         with rows whose probabilities do not sum to 1; tensors on different devices;
         ``alpha`` or ``kl_direction`` out of range.
@@ -511,6 +515,14 @@ def _check_distillation_inputs(logits, y, log_soft_labels) -> None:
             raise ValueError(f"{name} is on {value.device}, logits on {logits.device}")
     check_class_indices(y, "y", logits.shape[1])
     check_finite(logits, "logits")
+    # a row spread past the dtype's range overflows log_softmax to -inf: NaN or inf losses
+    overflow = torch.isinf(torch.log_softmax(logits.detach(), dim=1))
+    row = first_bad_row(overflow)
+    if row is not None:
+        spread = float(logits[row].double().max() - logits[row].double().min())
+        raise ValueError(f"logits[{row}] spans {spread:.6g} (max - min), beyond "
+                         f"{logits.dtype}'s range: their log_softmax overflows; pass them in a "
+                         f"wider dtype (logits.float() or logits.double())")
     row = first_bad_row(torch.isnan(log_soft_labels).any(1)
                         | (log_soft_labels == math.inf).any(1))
     if row is not None:
@@ -533,7 +545,11 @@ def _distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, al
     log_p = torch.log_softmax(logits, dim=1)
     log_q = log_soft_labels.to(log_p.dtype)
     if kl_direction == "paper":
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+        p, diff = log_p.exp(), log_p - log_q
+        # 0 log 0 = 0 (xlogy): p underflowed to 0 against log_q = -inf (or log_p = -inf)
+        # gave 0 * inf = NaN; zeroing diff there keeps the gradient finite too
+        diff = torch.where((p == 0) & ~torch.isfinite(diff), 0.0, diff)
+        kl = (p * diff).sum(dim=1).mean()
     else:  # 0 log 0 = 0: a soft label of probability 0 (log -inf) adds nothing
         terms = log_q.exp() * (log_q - log_p)
         kl = torch.where(log_q == -math.inf, 0.0, terms).sum(dim=1).mean()

@@ -281,6 +281,58 @@ def test_distillation_loss_keeps_zero_soft_labels_finite():
     assert distillation_loss(logits, y, log_q, alpha=1.0, kl_direction="paper") == math.inf
 
 
+@pytest.mark.parametrize("dtype, big", [(torch.float16, 4e4), (torch.bfloat16, 2e38),
+                                        (torch.float32, 2e38)])
+@pytest.mark.parametrize("kl_direction", ["paper", "forward"])
+def test_distillation_loss_refuses_logits_whose_log_softmax_overflows(dtype, big, kl_direction):
+    """Finite logits spread past the dtype's range gave NaN ("paper": 0 * -inf) or inf
+    ("forward") from log_softmax's overflow; they are refused, naming the row."""
+    logits = torch.tensor([[0.0, 1.0, 2.0], [big, -big, 0.0]], dtype=dtype)
+    log_q = torch.log_softmax(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), 1)
+    with pytest.raises(ValueError, match=rf"^logits\[1\] spans [0-9.e+]+ \(max - min\), "
+                                         rf"beyond {dtype}'s range"):
+        distillation_loss(logits, torch.tensor([0, 0]), log_q, alpha=0.5,
+                          kl_direction=kl_direction)
+    got = distillation_loss(logits.double(), torch.tensor([0, 0]), log_q, alpha=0.5,
+                            kl_direction=kl_direction)  # what the message advises
+    assert torch.isfinite(got)
+
+
+@pytest.mark.parametrize("dtype, low", [(torch.float32, -120.0), (torch.float16, -20.0)])
+def test_distillation_loss_paper_kl_takes_an_underflowed_p_against_a_zero_label_as_0(dtype,
+                                                                                     low):
+    """p_c underflowing to 0 where the soft label is 0 (log -inf) gave 0 * inf = NaN, and a
+    NaN gradient; 0 log 0 = 0 gives the KL of the other classes."""
+    logits = torch.tensor([[0.0, low, 0.5]], dtype=dtype, requires_grad=True)
+    log_q = torch.log_softmax(torch.tensor([[0.0, -math.inf, 0.0]]), 1).to(dtype)
+    y = torch.tensor([2])
+    got = distillation_loss(logits, y, log_q, alpha=0.5, kl_direction="paper")
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(logits.grad).all()
+    log_p = torch.log_softmax(logits.detach().double(), 1)
+    kl = sum(float(log_p[0, c].exp() * (log_p[0, c] - log_q[0, c].double())) for c in (0, 2))
+    want = 0.5 * kl + 0.5 * float(F.cross_entropy(logits.detach().double(), y))
+    assert float(got.detach()) == pytest.approx(want, rel=5e-3 if dtype == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_distillation_loss_on_ordinary_inputs_is_the_plain_formula_bitwise(dtype):
+    """The guards above change no value or gradient of an ordinary input."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(16, 5, generator=gen) * 8).to(dtype).requires_grad_()
+    log_q = torch.log_softmax(torch.randn(16, 5, generator=gen) * 8, 1).to(dtype)
+    y = torch.randint(5, (16,), generator=gen)
+    for kl_direction in ("paper", "forward"):
+        got = distillation_loss(logits, y, log_q, alpha=0.3, kl_direction=kl_direction)
+        got_grad, = torch.autograd.grad(got, logits)
+        log_p = torch.log_softmax(logits, 1)
+        kl = ((log_p.exp() * (log_p - log_q)) if kl_direction == "paper" else
+              (log_q.exp() * (log_q - log_p))).sum(1).mean()
+        want = 0.3 * kl + 0.7 * F.cross_entropy(logits, y)
+        want_grad, = torch.autograd.grad(want, logits)
+        assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (lambda z, y, q: (z, y, q[:, :1]), ValueError, "log_soft_labels must be floating of"),
     (lambda z, y, q: (z, y, q[:1]), ValueError, "log_soft_labels must be floating of"),
