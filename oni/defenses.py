@@ -99,6 +99,8 @@ __all__ = ["DEFENSES", "DEFAULTS", "DefendedModel", "DynaNoise", "defend", "defe
 MAX_DP_EPSILON = 100.0  # dpsgd's largest epsilon (see _SPECS)
 DEFENSES = ("undefended", "uniform", "oni", "dynanoise", "dpsgd", "advreg", "label_smoothing")
 
+# the defenses that train a fresh model of base_model's architecture (init_parameters_)
+_RETRAINED = ("uniform", "oni", "dpsgd", "advreg", "label_smoothing")
 _FORMAT = "oni-defended"
 _FORMAT_VERSION = 1
 _KL_DIRECTIONS = ("paper", "forward")
@@ -624,7 +626,9 @@ def defend(
         ``"dynanoise"`` wraps it, ``"undefended"`` returns it as is (``history`` None); the
         other defenses only copy its architecture. When None, ``f`` is trained here with
         ``train_config`` where needed. It is copied, never changed. Its parameters must be
-        float32 or float64; ``x``, ``x_test`` and ``x_ref`` are cast to their dtype.
+        float32 or float64, of one dtype; ``x``, ``x_test`` and ``x_ref`` are cast to it.
+        The defenses that train a fresh model need ``nn.Linear`` parameters only
+        (:func:`oni.models.init_parameters_`), checked before any work.
     seed : int
         Seeds the defense's own randomness (see the module docstring).
     n_classes : int, optional
@@ -678,6 +682,11 @@ def defend(
                              f"{tuple(x_ref.shape)}")
         y_ref = _check_labels(y_ref, "y_ref", x_ref.shape[0], "x_ref").long()
     device = _resolve_device(train_config.device, "train_config.device")
+    if name == "oni" and cfg["precision"] == "tf32" and device.type != "cuda":
+        # found here, not after the base model has trained
+        raise ValueError(f"config['precision'] = 'tf32' of 'oni' needs a CUDA device (TF32 is "
+                         f"a mode of NVIDIA tensor cores), but train_config.device is "
+                         f"{device}; use 'float32' or 'bf16'")
     n_classes_given = n_classes is not None
     if n_classes_given:
         n_classes = _integer(1)(n_classes, "n_classes")
@@ -690,6 +699,14 @@ def defend(
         check_finite_weights(base_model, "base_model", "a trained undefended model has "
                              "finite weights (did its training diverge?)")
         _check_one_dtype(base_model, "base_model")
+        if name in _RETRAINED:  # found here, not after f's Shapley values and noise
+            try:
+                init_parameters_(copy.deepcopy(base_model), 0)  # a copy: f keeps its weights
+            except TypeError as err:
+                raise TypeError(f"base_model has parameters outside nn.Linear layers, so "
+                                f"{name!r} cannot initialise the fresh model of its "
+                                f"architecture that it trains ({err}); 'undefended' and "
+                                f"'dynanoise' take such a model as is") from None
         base_model = copy.deepcopy(base_model).to(device).eval()
         width = _output_width(base_model, x[:1].to(device), d)
         if n_classes is not None and n_classes != width:

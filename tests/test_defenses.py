@@ -832,3 +832,50 @@ def test_a_base_model_mixing_dtypes_is_named(data):
     base[2].double()
     with pytest.raises(TypeError, match=r"^base_model mixes parameter dtypes"):
         defend("dynanoise", x, y, base_model=base, train_config=TRAIN)
+
+
+class _WithBatchNorm(torch.nn.Module):
+    """A classifier with parameters outside nn.Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = (torch.nn.Linear(D, 16), torch.nn.BatchNorm1d(16),
+                                   torch.nn.Linear(16, K))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+def _nothing_may_run(monkeypatch):
+    def ran(*args, **kwargs):
+        raise AssertionError("an expensive stage ran before the check")
+    for stage in ("train_model", "shapley_values", "optimal_noise", "uniform_noise"):
+        monkeypatch.setattr(defenses_module, stage, ran)
+
+
+@pytest.mark.parametrize("name", ["uniform", "oni", "label_smoothing", "advreg",
+                                  pytest.param("dpsgd", marks=needs_opacus)])
+def test_a_base_model_the_defense_cannot_reinitialise_is_refused_first(name, data,
+                                                                       monkeypatch):
+    """It failed only when the fresh copy was initialised (for oni after the Shapley values
+    and the noise), naming init_parameters_ instead of base_model."""
+    x, y, _, _ = data
+    _nothing_may_run(monkeypatch)
+    with pytest.raises(TypeError, match=r"^base_model has parameters outside nn.Linear layers, "
+                                        rf"so '{name}' cannot.*module 'bn' \(BatchNorm1d\)"):
+        defend(name, x, y, base_model=_WithBatchNorm().eval(), train_config=TRAIN)
+
+
+def test_a_base_model_with_other_parameters_serves_the_defenses_that_use_it_as_is(data):
+    x, y, _, _ = data
+    for name in ("undefended", "dynanoise"):
+        dm = defend(name, x, y, base_model=_WithBatchNorm().eval(), train_config=TRAIN)
+        assert dm.predict_proba(x[:3]).shape == (3, K)
+
+
+def test_tf32_without_cuda_is_refused_before_the_base_model_trains(data, monkeypatch):
+    x, y, _, _ = data
+    _nothing_may_run(monkeypatch)
+    with pytest.raises(ValueError, match=r"^config\['precision'\] = 'tf32' of 'oni' needs a "
+                                         r"CUDA device .* train_config.device is cpu"):
+        defend("oni", x, y, config={"precision": "tf32"}, train_config=TRAIN)
