@@ -27,6 +27,8 @@ Randomness: ``train_config.seed`` seeds every training run (initialisation and b
 :func:`oni.train.train_model`'s conventions); ``seed`` seeds the defense's own draws (noise,
 Shapley walks, DynaNoise's stream, AdvReg's reference split), each from its own derived seed.
 The same arguments give the same defended model (bitwise on one CPU with one thread count).
+:func:`defend` leaves torch's global RNG (the CPU's, and the CUDA device's it runs on) as it
+found it.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ from .train import (
     _check_label_range,
     _derived_seed,
     _epoch_accuracies,
+    _kept_global_rng,
     _model_device_dtype,
     _output_width,
     _progress,
@@ -744,7 +747,10 @@ def defend(
     job = _Job(x=x, y=y, x_test=x_test, y_test=y_test, k=k, hidden=hidden,
                base_model=base_model, train_config=train_config, seed=seed, device=device,
                x_ref=x_ref, y_ref=y_ref)
-    return _BUILDERS[name](job, cfg)
+    # building an MLP or AdvReg's inference model draws nn.Linear's default init from the
+    # global RNG (then overwritten by init_parameters_): the caller's state is kept
+    with _kept_global_rng(device):
+        return _BUILDERS[name](job, cfg)
 
 
 def _fresh_model(job: _Job) -> nn.Module:

@@ -389,14 +389,22 @@ def _derived_seed(seed: int, purpose: str) -> int:
 
 
 @contextlib.contextmanager
-def _seeded_global_rng(seed: int, device: torch.device):
-    """Seeds the global RNG of the CPU (and the CUDA device) for the duration and restores it
-    afterwards: layers that draw from it (dropout) become deterministic per seed, and the
-    caller's random state is left as it was."""
+def _kept_global_rng(device: torch.device):
+    """Restores the global RNG of the CPU (and of the CUDA device) afterwards; yields the
+    CUDA device indices it covers."""
     cuda = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda):
+        yield cuda
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Seeds the global RNG of the CPU (and the CUDA device) for the duration and restores it
+    afterwards: layers that draw from it (dropout) become deterministic per seed, and the
+    caller's random state is left as it was."""
+    with _kept_global_rng(device) as cuda:
         torch.default_generator.manual_seed(seed)
         for index in cuda:
             with torch.cuda.device(index):

@@ -879,3 +879,23 @@ def test_tf32_without_cuda_is_refused_before_the_base_model_trains(data, monkeyp
     with pytest.raises(ValueError, match=r"^config\['precision'\] = 'tf32' of 'oni' needs a "
                                          r"CUDA device .* train_config.device is cpu"):
         defend("oni", x, y, config={"precision": "tf32"}, train_config=TRAIN)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_defend_leaves_the_global_rng_as_it_was(name, data):
+    """Building an MLP (and AdvReg's inference model, even with base_model given) drew
+    nn.Linear's default init from the global RNG: the caller's later draws depended on
+    which defense ran. The defended model never depended on that state."""
+    x, y, _, _ = (t[:60] for t in data)
+    base = MLP(D, K, HIDDEN)
+    config = SMALL_ONI if name == "oni" else None
+    params = []
+    for state_seed, base_model in ((1, None), (2, None), (1, base)):
+        torch.manual_seed(state_seed)
+        dm = defend(name, x, y, hidden=HIDDEN, train_config=TRAIN, config=config,
+                    base_model=base_model)
+        after = torch.rand(4)
+        torch.manual_seed(state_seed)
+        assert torch.equal(after, torch.rand(4))
+        params.append(_params(dm))
+    assert _same_params(params[0], params[1])
