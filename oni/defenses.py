@@ -363,6 +363,10 @@ class DynaNoise:
         0.3, 2, 10, 1).
     noise_seed : int
         Seed of the noise stream.
+
+    The settings are kept as plain attributes of these names (``lam`` for lambda); one set
+    after construction takes effect at the next call (``noise_seed``: at :meth:`reset`) and
+    is checked there as on construction (a ValueError or TypeError naming it).
     """
 
     def __init__(self, model: nn.Module, *, sigma0_sq: float = 0.3, lam: float = 2.0,
@@ -370,39 +374,48 @@ class DynaNoise:
         if not callable(model):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.sigma0_sq = _number(0.0)(sigma0_sq, "sigma0_sq")
-        self.lam = _number(0.0)(lam, "lam")
-        self.temperature = _number(0.0, low_open=True)(temperature, "temperature")
-        self.draws = _integer(1, MAX_DRAWS)(draws, "draws")
+        self.sigma0_sq, self.lam, self.temperature, self.draws = sigma0_sq, lam, temperature, draws
+        self.sigma0_sq, self.lam, self.temperature, self.draws = self._settings("")
         self.noise_seed = _check_seed(noise_seed, "noise_seed")
-        _check_dynanoise_scales(self.sigma0_sq, self.lam, self.temperature,
-                                "sigma0_sq", "lam", "temperature")
         self.reset()
+
+    def _settings(self, prefix: str = "DynaNoise.") -> Tuple[float, float, float, int]:
+        """(sigma0_sq, lam, temperature, draws), checked: on construction and again at each
+        call, as a user may set the attributes in between (draws = 0 was blamed on float32)."""
+        names = [prefix + key for key in ("sigma0_sq", "lam", "temperature", "draws")]
+        sigma0_sq = _number(0.0)(self.sigma0_sq, names[0])
+        lam = _number(0.0)(self.lam, names[1])
+        temperature = _number(0.0, low_open=True)(self.temperature, names[2])
+        draws = _integer(1, MAX_DRAWS)(self.draws, names[3])
+        _check_dynanoise_scales(sigma0_sq, lam, temperature, *names[:3])
+        return sigma0_sq, lam, temperature, draws
 
     def reset(self) -> None:
         """Restarts the noise stream from ``noise_seed``."""
-        self.generator = torch.Generator().manual_seed(self.noise_seed)
+        self.generator = torch.Generator().manual_seed(
+            _check_seed(self.noise_seed, "DynaNoise.noise_seed"))
 
     def __call__(self, x: Tensor) -> Tensor:
         """Noisy probabilities ``[N, k]`` float32 on the CPU for inputs ``x`` ``[N, d]``."""
+        sigma0_sq, lam, temperature, draws = self._settings()  # before drawing any noise
         try:
             logits = predict_logits(self.model, x)  # float32, CPU
         except NonFiniteLogits as err:  # numbers, like the noise's own overflow below
             raise FloatingPointError(f"DynaNoise: {err}") from None
         n, k = logits.shape
-        noise = torch.randn((self.draws, n, k), generator=self.generator)
+        noise = torch.randn((draws, n, k), generator=self.generator)
         log_p = torch.log_softmax(logits, dim=1)
         entropy = -(log_p.exp() * log_p).sum(dim=1)
         # k = 1: a single class carries no information to hide
         certainty = 1.0 - entropy / math.log(k) if k > 1 else torch.zeros_like(entropy)
-        sigma = (self.sigma0_sq * (1.0 + self.lam * certainty)).sqrt()
+        sigma = (sigma0_sq * (1.0 + lam * certainty)).sqrt()
         noisy = logits + sigma[:, None] * noise  # [draws, N, k]
-        probs = torch.softmax(noisy / self.temperature, dim=2).mean(dim=0)
+        probs = torch.softmax(noisy / temperature, dim=2).mean(dim=0)
         if not bool(torch.isfinite(probs).all()):
             raise FloatingPointError(
                 f"DynaNoise's released probabilities are not finite: the noisy logits "
-                f"(sigma0_sq = {self.sigma0_sq:g}, lam = {self.lam:g}) over the temperature "
-                f"({self.temperature:g}) overflow float32; use smaller noise or a larger "
+                f"(sigma0_sq = {sigma0_sq:g}, lam = {lam:g}) over the temperature "
+                f"({temperature:g}) overflow float32; use smaller noise or a larger "
                 f"temperature")
         return probs
 

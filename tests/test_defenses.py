@@ -899,3 +899,28 @@ def test_defend_leaves_the_global_rng_as_it_was(name, data):
         assert torch.equal(after, torch.rand(4))
         params.append(_params(dm))
     assert _same_params(params[0], params[1])
+
+
+@pytest.mark.parametrize("attribute, value, error, match", [
+    ("draws", 0, ValueError, r"^DynaNoise.draws must be >= 1, got 0"),  # "overflows float32"
+    ("draws", -1, ValueError, r"^DynaNoise.draws must be >= 1"),  # torch's negative dimension
+    ("draws", 2.0, TypeError, r"^DynaNoise.draws must be an int"),
+    ("temperature", 0, ValueError, r"^DynaNoise.temperature must be a finite number > 0.0"),
+    ("sigma0_sq", -1, ValueError, r"^DynaNoise.sigma0_sq must be a finite number >= 0.0"),
+    ("lam", 1e300, ValueError, r"^DynaNoise.sigma0_sq \* \(1 \+ DynaNoise.lam\)"),
+])
+def test_dynanoise_settings_changed_after_construction_are_checked(attribute, value, error,
+                                                                   match):
+    model = MLP(D, K, HIDDEN).eval()
+    x = torch.rand(5, D)
+    predictor = DynaNoise(model, noise_seed=3)
+    setattr(predictor, attribute, value)
+    with pytest.raises(error, match=match):
+        predictor(x)
+    predictor.noise_seed = -1
+    with pytest.raises(ValueError, match=r"^DynaNoise.noise_seed must be in"):
+        predictor.reset()
+    # a valid change takes effect at the next call
+    changed = DynaNoise(model, noise_seed=3)
+    changed.temperature, changed.draws = 2.0, 3
+    assert torch.equal(changed(x), DynaNoise(model, temperature=2.0, draws=3, noise_seed=3)(x))
