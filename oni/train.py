@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
                       check_finite as _check_finite,
                       check_int as _check_int, check_logits, check_not_meta, check_number,
-                      is_integer_dtype, non_finite_parameter)
+                      first_bad_row, is_integer_dtype, non_finite_parameter)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -412,6 +412,17 @@ def _seeded_global_rng(seed: int, device: torch.device):
         yield
 
 
+def _check_first_logits(logits, idx: Tensor) -> None:
+    """Before any step a NaN or Inf logit is the model's (or x's) doing, not the learning
+    rate's: it was reported as a divergence ("Lower config.lr")."""
+    if isinstance(logits, Tensor) and logits.is_floating_point() and logits.dim() == 2:
+        row = first_bad_row(~torch.isfinite(logits.detach()))
+        if row is not None:
+            raise ValueError(f"the model's outputs at row {int(idx[row])} of x are NaN or Inf "
+                             f"before any training step (freshly initialised): check the "
+                             f"model's forward and x; config.lr has not acted yet")
+
+
 def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, y)
 
@@ -493,8 +504,9 @@ def train_model(
     ------
     TypeError, ValueError
         Bad arguments (the message names the argument), x or x_test not finite in the
-        model's dtype, a model on the meta device or mixing parameter dtypes, or a float16
-        model (Adam underflows in float16).
+        model's dtype, a model on the meta device or mixing parameter dtypes, a float16
+        model (Adam underflows in float16), or NaN or Inf logits on the first batch, before
+        any step (the message names the row of x).
     FloatingPointError
         Training diverged: an epoch's mean loss, the weights after its last step, or the
         logits on its rows became NaN or Inf.
@@ -571,7 +583,10 @@ def train_model(
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for lo in range(0, n, bs):
                     idx = order[lo:lo + bs]
-                    loss = criterion(model(x[idx]), y[idx], *(t[idx] for t in extra))
+                    logits = model(x[idx])
+                    if n_steps == 0:
+                        _check_first_logits(logits, idx)
+                    loss = criterion(logits, y[idx], *(t[idx] for t in extra))
                     if not isinstance(loss, Tensor) or loss.dim() != 0:
                         got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                         raise ValueError(f"loss_fn must return a scalar tensor, got {got}")

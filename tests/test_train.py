@@ -4,6 +4,7 @@ when present) and batched prediction."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -641,3 +642,24 @@ def test_a_refused_call_leaves_the_model_as_it_was(case, data):
     assert [b[:2] for b in before] == [a[:2] for a in after]
     if case != "meta":
         assert all(torch.equal(b[2], a[2]) for b, a in zip(before, after))
+
+
+class _NaNWhereNegative(nn.Module):
+    """Logits NaN on the rows whose first feature is negative, from the start."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(D, K)
+
+    def forward(self, x):
+        return self.linear(x) * torch.sqrt(x[:, :1])
+
+
+def test_nan_logits_before_any_step_are_the_models_not_a_divergence(data):
+    """They were reported as "training diverged ... Lower config.lr"."""
+    x, y, _, _ = data
+    with pytest.raises(ValueError, match=r"^the model's outputs at row (\d+) of x are NaN or "
+                                         r"Inf before any training step") as caught:
+        train_model(_NaNWhereNegative(), x, y, config=TrainConfig(epochs=2, **QUIET))
+    row = int(re.search(r"row (\d+) of x", str(caught.value)).group(1))
+    assert x[row, 0] < 0
