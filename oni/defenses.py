@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import math
 import time
 import warnings
@@ -1186,6 +1187,11 @@ def save_defended(defended: DefendedModel, path) -> Any:
     (atomically, no pickle): the weights, and in ``model.json``'s metadata the defense's
     name, resolved config, report and history. ``artifacts`` are not saved.
 
+    What :func:`load_defended` would refuse (a config out of range, a history whose lists
+    differ in length or hold non-numbers, negative or infinite seconds) and a report that is
+    not JSON-able are refused first (TypeError, ValueError), before an earlier save at
+    ``path`` is replaced.
+
     Returns
     -------
     pathlib.Path
@@ -1198,12 +1204,21 @@ def save_defended(defended: DefendedModel, path) -> Any:
         name = _check_name(defended.name)
         config = defense_config(name, defended.config)  # saved complete, as loaded
         _check_report(name, defended.report)
-        if defended.history is not None and not isinstance(defended.history, History):
-            raise TypeError(f"history must be an oni.train.History or None, got "
-                            f"{type(defended.history).__name__}")
+        if defended.history is not None:
+            if not isinstance(defended.history, History):
+                raise TypeError(f"history must be an oni.train.History or None, got "
+                                f"{type(defended.history).__name__}")
+            # its lengths, numbers and seconds (a shallow dict: asdict deep-copies tensors)
+            _history_from({f.name: getattr(defended.history, f.name)
+                           for f in dataclasses.fields(History)})
     except (TypeError, ValueError) as err:
         raise type(err)(f"save_defended: load_defended would refuse this defense: "
                         f"{err}") from None
+    try:  # else save_model blamed its own argument, extra, which the user never passed
+        json.dumps(defended.report)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"save_defended: report must hold only JSON-able values (dicts, "
+                        f"lists, strings, numbers, bools, None): {err}") from None
     history = dataclasses.asdict(defended.history) if defended.history is not None else None
     meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "name": name,
             "config": config, "report": defended.report, "history": history}

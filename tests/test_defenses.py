@@ -10,6 +10,7 @@ import importlib.util
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -658,7 +659,28 @@ def test_save_defended_refuses_what_load_defended_would(data, tmp_path):
                           (dict(config={"draws": 0}), "draws"),
                           (dict(report=None), "report must be a dict"),
                           (dict(report={}), "report\\['noise_seed'\\] must be an int"),
-                          (dict(history={"epochs": [1]}), "history must be an oni.train.History")):
+                          (dict(history={"epochs": [1]}), "history must be an oni.train.History"),
+                          # these were saved, then refused by load_defended
+                          (dict(history=dataclasses.replace(
+                              dm.history, epochs=dm.history.epochs + [9])),
+                           r"history\['train_loss'\] must be a list as long as"),
+                          (dict(history=dataclasses.replace(dm.history, seconds=-1.0)),
+                           r"history\['seconds'\] must be a number >= 0"),
+                          (dict(history=dataclasses.replace(dm.history, seconds=math.inf)),
+                           r"history\['seconds'\] must be a number >= 0"),
+                          # these blamed extra, which the user never passed
+                          (dict(history=dataclasses.replace(
+                              dm.history, train_loss=[torch.tensor(0.5)] * len(
+                                  dm.history.epochs))),
+                           r"history\['train_loss'\] holds tensor\(0.5"),
+                          (dict(history=dataclasses.replace(
+                              dm.history, train_acc=[np.float32(0.5)] * len(
+                                  dm.history.epochs))),
+                           r"history\['train_acc'\] holds"),
+                          (dict(report={**dm.report, "t": torch.tensor(1.0)}),
+                           "report must hold only JSON-able values"),
+                          (dict(report={**dm.report, "t": np.float32(1.0)}),
+                           "report must hold only JSON-able values")):
         with pytest.raises((TypeError, ValueError), match="save_defended: .*" + match):
             save_defended(dataclasses.replace(dm, **change), tmp_path / "good")
     back = load_defended(tmp_path / "good")  # the good save is as it was
