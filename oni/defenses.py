@@ -80,9 +80,9 @@ from .train import (
     _cast_checked,
     _check_config,
     _check_features,
-    _check_one_dtype,
     _check_labels,
     _check_label_range,
+    _check_one_dtype,
     _derived_seed,
     _epoch_accuracies,
     _kept_global_rng,
@@ -144,8 +144,9 @@ _DISTILLATION = {
 }
 
 # Upper bounds of the effort settings: far beyond any use (the paper: 100 walks, 100 steps,
-# 1 draw; AdvReg: 1 inference step), and low enough that a typo (1e30 walks) is refused instead of running for ever or
-# failing in the allocator when the model is first queried (draws x rows x k noise values)
+# 1 draw; AdvReg: 1 inference step), and low enough that a typo (1e30 walks) is refused
+# instead of running for ever or failing in the allocator when the model is first queried
+# (draws x rows x k noise values)
 MAX_EFFORT = 10 ** 6
 MAX_DRAWS = 10 ** 4
 
@@ -1105,8 +1106,8 @@ def _defend_advreg(job: _Job, cfg: dict) -> DefendedModel:
     dtype = _model_device_dtype(model)[1]  # h reads f's outputs: in f's dtype
     # rows in the model's dtype, as train_model casts them
     x_mem = _cast_checked(x_mem, dtype, f"x cast to the model's {dtype}").to(device)
-    x_ref = _cast_checked(x_ref, dtype, f"x_ref cast to the model's {dtype}"
-                          if job.x_ref is not None else f"x cast to the model's {dtype}").to(device)
+    ref_name = "x_ref" if job.x_ref is not None else "x"  # else held out of x
+    x_ref = _cast_checked(x_ref, dtype, f"{ref_name} cast to the model's {dtype}").to(device)
     y_mem, y_ref = y_mem.to(device), y_ref.to(device)
     attack = _InferenceModel(k)
     init_parameters_(attack, _derived_seed(tc.seed, "advreg:attack"))

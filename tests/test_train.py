@@ -631,7 +631,8 @@ def test_a_refused_call_leaves_the_model_as_it_was(case, data):
         error, match = ValueError, rf"^y_test must hold class indices in \[0, {K}\)"
     elif case == "mixed dtypes":
         model[2].double()
-        error, match = TypeError, r"^model mixes parameter dtypes \['torch.float32', 'torch.float64'\]"
+        error, match = TypeError, (r"^model mixes parameter dtypes "
+                                   r"\['torch.float32', 'torch.float64'\]")
     else:
         model.to("meta")
         error, match = ValueError, "^model is on the meta device"
