@@ -484,7 +484,8 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
         probability that underflows to 0 stays usable: ``-inf`` adds 0 to the forward KL,
         and makes the paper's KL infinite where the model gives that class mass).
     alpha : float
-        In ``[0, 1]``.
+        In ``[0, 1]``. At 0 (1) the KL (CE) term is left out, so an infinite KL with
+        ``alpha = 0`` gives the CE, not NaN.
     kl_direction : str
         ``"paper"`` or ``"forward"``.
 
@@ -573,7 +574,14 @@ def _distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, al
     else:  # 0 log 0 = 0: a soft label of probability 0 (log -inf) adds nothing
         terms = log_q.exp() * (log_q - log_p)
         kl = torch.where(log_q == -math.inf, 0.0, terms).sum(dim=1).mean()
-    return alpha * kl + (1.0 - alpha) * F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits, y)
+    # a term of weight 0 is left out: an infinite KL (p > 0 where a soft label is 0) times 0
+    # was NaN; for finite terms the sum is the same bits
+    if alpha == 0:
+        return ce
+    if alpha == 1:
+        return kl
+    return alpha * kl + (1.0 - alpha) * ce
 
 
 # ----------------------------------------------------------------------------- defend

@@ -280,6 +280,9 @@ def test_distillation_loss_keeps_zero_soft_labels_finite():
     assert torch.isfinite(logits.grad).all()
     # the paper's direction puts the mass the labels rule out at +inf, as KL does
     assert distillation_loss(logits, y, log_q, alpha=1.0, kl_direction="paper") == math.inf
+    # ... and with alpha = 0 that term is left out, not 0 * inf = NaN: the loss is the CE
+    ce = F.cross_entropy(logits, y)
+    assert torch.equal(distillation_loss(logits, y, log_q, alpha=0.0, kl_direction="paper"), ce)
 
 
 @pytest.mark.parametrize("dtype, big", [(torch.float16, 4e4), (torch.bfloat16, 2e38),
