@@ -707,7 +707,8 @@ def train_mlps_batched(d: int, k: int, hidden: Sequence[int], xs_idx, x: Tensor,
     with torch.device("meta"):
         MLP(d, k, hidden)  # validates d, k and hidden with MLP's own messages
     hidden = tuple(int(h) for h in hidden)
-    x = _check_features(x, "x")
+    # detached, as train_model takes it: with requires_grad it failed inside bmm(out=...)
+    x = _check_features(x, "x").detach()
     if x.shape[1] != d:
         raise ValueError(f"x must have d = {d} columns, got shape {tuple(x.shape)}")
     y = _check_labels(y, "y", x.shape[0], "x")
@@ -825,7 +826,7 @@ def predict_logits_batched(models_or_stacked: Union[Sequence[MLP], StackedMLP], 
     if not isinstance(source, StackedMLP):  # all of them before any work
         _check_plain_mlps(source, "models_or_stacked")
     device = home if device is None else _resolve_device(device)
-    x = _check_features(x, "x", allow_empty=True)
+    x = _check_features(x, "x", allow_empty=True).detach()
     if x.shape[1] != d:
         raise ValueError(f"x must have d = {d} columns (the models' input width), got shape "
                          f"{tuple(x.shape)}")

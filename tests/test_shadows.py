@@ -162,6 +162,22 @@ def test_the_seed_decides_init_and_batch_order():
     assert _max_weight_difference(a[0], a[1]) > 1e-2
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_x_with_requires_grad_trains_the_same_models_and_gets_no_grad(precision):
+    """A caller's x with requires_grad failed inside bmm(out=...) (fuzz pass 9); it is used
+    detached, as train_model uses it."""
+    x, y = _pool()
+    idx = _index_sets(2)
+    plain = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x, y, seeds=(3, 4), config=CONFIG,
+                               precision=precision)
+    x_grad = x.clone().requires_grad_()
+    models = train_mlps_batched(D, K_CLASSES, HIDDEN, idx, x_grad, y, seeds=(3, 4),
+                                config=CONFIG, precision=precision)
+    assert all(_max_weight_difference(a, b) == 0.0 for a, b in zip(plain, models))
+    logits = predict_logits_batched(models, x_grad)
+    assert x_grad.grad is None and not logits.requires_grad
+
+
 def test_returns_cpu_mlps_in_eval_mode_and_accepts_lists_of_indices():
     x, y = _pool()
     idx = _index_sets(2)
