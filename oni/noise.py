@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _ops, reference
 from ._checks import (check_finite as _check_finite, check_number as _check_number,
-                      check_row_offset, check_seed, first_bad_row)
+                      check_not_meta, check_row_offset, check_seed, first_bad_row)
 from .models import SLOW_BF16_CPU, _native_bf16_cpu
 from .shapley import (
     ShapleyResult,
@@ -114,6 +114,8 @@ def noise_budget(phi: Union[Tensor, ShapleyResult], eps: float, beta: float, *,
                          f"{tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__}")
     if not phi.dtype.is_floating_point:
         raise TypeError(f"phi must be a float tensor, got {phi.dtype}")
+    check_not_meta(phi, "phi")
+    phi = phi.detach()  # values only: a phi with requires_grad gave budgets with a graph
     _check_finite(phi, "phi")
     eps = _check_number(eps, "eps", 0.0)
     beta = _check_number(beta, "beta", 0.0, 1.0)
@@ -163,7 +165,14 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
     batch_size = _check_int(batch_size, "batch_size", 1)
     _check_model_input(model, x)
     _check_autograd("robustness_radius")
-    return _radius_and_logits(model, x, batch_size)[0]
+    with _walk_precision("float32", x.device):  # strict, as the solver's (no outer autocast)
+        return _radius_and_logits(model, x, batch_size)[0]
+
+
+def _first_dtype(model) -> str:
+    first = next((p for p in model.parameters() if p.dtype.is_floating_point), None) \
+        if isinstance(model, torch.nn.Module) else None
+    return "none" if first is None else str(first.dtype)
 
 
 def _check_autograd(what: str) -> None:
@@ -182,7 +191,14 @@ def _radius_and_logits(model, x: Tensor, batch_size: int = _RADIUS_BATCH,
     for lo in range(0, x.shape[0], batch_size):
         z = x[lo:lo + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = _check_logits(model(z), z.shape[0], what)
+            try:
+                out = model(z)
+            except RuntimeError as err:  # e.g. its weights' dtype is not x's: name both
+                raise RuntimeError(f"the model failed on x's rows {lo} to "
+                                   f"{lo + len(z) - 1} ({x.dtype}, shape {tuple(x.shape)}; "
+                                   f"its first parameter is {_first_dtype(model)}): "
+                                   f"{err}") from err
+            logits = _check_logits(out, z.shape[0], what)
             # NaN logits would give a NaN gap, and rho = 0 without a word
             _check_finite(logits.detach(), what)
             probs = torch.softmax(logits, dim=1)
@@ -344,8 +360,8 @@ def optimal_noise(
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
         precision: arithmetic of the search passes (1, 2 and 5: the ascents and the
             norm-reduction line searches, most of the solver's model evaluations), an
-            explicit opt-in: ``"float32"`` (default; strict, TF32 off even if enabled
-            globally), ``"tf32"`` (CUDA tensor cores' TF32 matmuls) or ``"bf16"`` (autocast
+            explicit opt-in: ``"float32"`` (default; strict: TF32 off even if enabled
+            globally, and a caller's autocast too), ``"tf32"`` (CUDA tensor cores' TF32 matmuls) or ``"bf16"`` (autocast
             to bfloat16; fast on GPUs and on CPUs with AVX512-BF16 or AMX). The polish and
             the verdict always run in strict float32: every feasibility flag and entropy
             returned is a float32 one, and a start that meets tau only in the search's
@@ -380,6 +396,11 @@ def optimal_noise(
                              f"one batch), got {value}")
     seed = check_seed(seed)
     row_offset = check_row_offset(row_offset, n)
+    owned = sorted({"seed", "backend", "row_offset"} & set(shapley_kwargs or {})) \
+        if isinstance(shapley_kwargs, Mapping) else []
+    if owned:  # else "shapley_values() got multiple values for keyword argument 'seed'"
+        raise ValueError(f"shapley_kwargs sets {owned}, which optimal_noise passes to "
+                         f"shapley_values itself: give them to optimal_noise")
     if shapley_kwargs is not None and not isinstance(shapley_kwargs, Mapping):
         raise TypeError(f"shapley_kwargs must be a dict of oni.shapley_values arguments, got "
                         f"{type(shapley_kwargs).__name__}")
@@ -452,9 +473,10 @@ def optimal_noise(
         feasible[stuck] = r_feasible
     if oracle.saw_non_finite():
         # such points count as failures of the search, so rows may be flagged for that
-        warnings.warn("the model's output was NaN or Inf at some points x + eta the solver "
-                      "evaluated inside the budget box and radius ball; they were treated as "
-                      "not reaching tau", stacklevel=2)
+        warnings.warn("the entropy was NaN or Inf at some points x + eta the solver "
+                      "evaluated inside the budget box and radius ball (the model's output "
+                      "there, or the solver's own arithmetic at budgets near the dtype's "
+                      "range); they were treated as not reaching tau", stacklevel=2)
     if not feasible.all():
         warnings.warn(f"{int((~feasible).sum())} of {n} rows cannot reach entropy tau = "
                       f"{tau:.4f} inside their budget box and radius ball: flagged infeasible "

@@ -188,6 +188,13 @@ def shapley_accumulate(
 
 # ------------------------------------------------------------------------------ noise solver
 
+def _check_floats(t, name: str) -> None:
+    """The fused noise ops take float32 or float64 tensors (their kernels' contract)."""
+    if not isinstance(t, Tensor) or t.dtype not in (torch.float32, torch.float64):
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a float32 or float64 tensor, got {got}")
+
+
 def entropy_and_grad(logits: Tensor) -> Tuple[Tensor, Tensor]:  # H [N], dH/dlogits [N, k]
     """Shannon entropy (nats) of ``softmax(logits)`` per row and its gradient at the logits.
 
@@ -195,7 +202,14 @@ def entropy_and_grad(logits: Tensor) -> Tuple[Tensor, Tensor]:  # H [N], dH/dlog
     with log-sum-exp, ``p log p = 0`` where ``p = 0``; returned in the logits' dtype. A row
     whose softmax is undefined (a NaN logit, a +inf one, or all -inf, as in
     ``torch.softmax``) gets NaN entropy and gradient, never a made-up 0.
+
+    ``logits``: ``[N, k >= 1]`` float32 or float64, as the kernel takes them (an int64 one was
+    cast silently, its entropy truncated back to int).
     """
+    _check_floats(logits, "logits")
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be 2-D [N, k] with k >= 1, got shape "
+                         f"{tuple(logits.shape)}")
     z = logits.double()
     log_p = torch.log_softmax(z, dim=1)
     p = log_p.exp()
@@ -253,7 +267,21 @@ def ascend_and_project(
     ``z = eta + step * direction`` has no projection (:func:`project_box_ball`: a NaN or an
     infinity, or ``|z|`` beyond about 1e154, which no float32 input reaches) comes back all
     NaN. ``check_values=False`` skips the checks of budget and radius (the caller validated
-    them; on CUDA each is a sync)."""
+    them; on CUDA each is a sync). Shapes and dtypes are checked as the kernel checks them
+    (eta float32 or float64 ``[N, d]``, ``direction`` and ``budget`` ``[N, d]``, ``step`` and
+    ``radius`` ``[N]``, in eta's dtype; ``active`` ``[N]`` bool)."""
+    _check_floats(eta, "eta")
+    if eta.dim() != 2:
+        raise ValueError(f"eta must be 2-D [N, d], got shape {tuple(eta.shape)}")
+    n, d = eta.shape
+    for name, t, shape in (("direction", direction, (n, d)), ("budget", budget, (n, d)),
+                           ("step", step, (n,)), ("radius", radius, (n,))):
+        if tuple(t.shape) != shape or t.dtype != eta.dtype:
+            raise ValueError(f"{name} must be {eta.dtype} of shape {list(shape)} (eta's), got "
+                             f"{t.dtype} {list(t.shape)}")
+    if tuple(active.shape) != (n,) or active.dtype != torch.bool:
+        raise ValueError(f"active must be bool of shape [{n}], got {active.dtype} "
+                         f"{list(active.shape)}")
     if check_values and ((radius < 0).any() or radius.isnan().any()):
         raise ValueError("radius must be >= 0")
     if check_values and ((budget < 0).any() or not torch.isfinite(budget).all()):

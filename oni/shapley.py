@@ -32,8 +32,8 @@ from torch.nn.modules import module as torch_module
 
 from . import _ops, reference
 from ._checks import check_finite as _check_finite, check_int as _check_int
-from ._checks import (check_class_indices, check_row_offset, check_seed, first_bad_row,
-                      is_integer_dtype)
+from ._checks import (check_class_indices, check_not_meta, check_row_offset, check_seed,
+                      first_bad_row, is_integer_dtype, short_repr)
 
 __all__ = ["ShapleyResult", "shapley_values", "exact_shapley", "ShapleyValueSampling"]
 
@@ -119,6 +119,7 @@ def _check_inputs(x) -> Tensor:
         raise ValueError("x is an empty batch (N = 0): nothing to explain")
     if x.shape[1] == 0:
         raise ValueError("x has no features (d = 0)")
+    check_not_meta(x, "x")
     _check_finite(x, "x")
     return x
 
@@ -296,7 +297,8 @@ def _check_precision(precision: str, device: torch.device,
 @contextlib.contextmanager
 def _walk_precision(precision: str, device: torch.device, autocast: bool = True):
     """The arithmetic of the batched model evaluation along the walks. ``float32`` is
-    strict: TF32 is switched off for the duration even if the user enabled it globally, so
+    strict: TF32 is switched off for the duration even if the user enabled it globally, and
+    so is a caller's enclosing autocast (it made a float32 verdict and radius bf16 ones), so
     the default never trades accuracy silently. The previous settings are restored."""
     if precision == "bf16" and autocast:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
@@ -305,7 +307,8 @@ def _walk_precision(precision: str, device: torch.device, autocast: bool = True)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        yield
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
@@ -362,12 +365,21 @@ _MIN_TOL_SAMPLES = 16
 
 
 def _check_model(model, stacklevel: int = 3) -> None:
-    """A model must be callable; one in training mode gets a warning (dropout and
-    batch-norm make its outputs random and mix rows)."""
+    """A model must be callable; one in training mode gets a warning (dropout makes its
+    outputs random), or a ValueError when it has normalisation layers tracking running
+    statistics (each forward would change them: the caller's model, and mix rows)."""
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module or function), got "
                         f"{type(model).__name__}")
     if isinstance(model, nn.Module) and model.training:
+        # running statistics would be updated by every forward: the caller's model changed
+        tracked = [name for name, m in model.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                   and m.track_running_stats]
+        if tracked:
+            raise ValueError(f"model is in training mode with normalisation layers that track "
+                             f"running statistics ({short_repr(tracked)}): every forward "
+                             f"would update them and mix rows; call model.eval()")
         warnings.warn("model is in training mode: dropout or batch-norm make its outputs "
                       "random and mix rows; call model.eval()", stacklevel=stacklevel)
 
@@ -411,6 +423,9 @@ def _check_logits(out, n: int, what: str, min_classes: int = 2, hint: str = "") 
     if out.shape[1] < min_classes:
         raise ValueError(f"{what} has k = {out.shape[1]} column(s): needs k >= {min_classes} "
                          f"class logits{hint}")
+    if not out.dtype.is_floating_point:  # int logits were cast (and had no gradient),
+        # complex ones lost their imaginary part
+        raise TypeError(f"{what} must be real floating class scores, got {out.dtype}")
     return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
@@ -601,8 +616,8 @@ def shapley_values(
         link: ``"softmax"`` explains the class probability (the paper's ``f_c``),
             ``"identity"`` the raw model output of the class.
         precision: arithmetic of the batched model evaluation along the walks (the bulk of
-            the work), an explicit opt-in: ``"float32"`` (default; strict, TF32 off),
-            ``"tf32"`` (CUDA tensor cores' TF32 matmuls, ~1e-3 relative error per layer)
+            the work), an explicit opt-in: ``"float32"`` (default; strict: TF32 and a
+            caller's autocast off), ``"tf32"`` (CUDA tensor cores' TF32 matmuls, ~1e-3 relative error per layer)
             or ``"bf16"`` (autocast to bfloat16, ~1e-2). The model's outputs at x and at the
             baseline stay in float32, so efficiency still holds exactly per walk; the error
             each mode costs is measured in BENCHMARKS.md ("GPU").

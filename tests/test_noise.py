@@ -1177,3 +1177,99 @@ def test_starts_depend_on_the_row_not_the_batch():
     assert starts.min() >= -1 and starts.max() < 1 and abs(float(starts.mean())) < 0.01
     assert torch.equal(starts[10:20], noise._uniform_starts(3, torch.arange(10, 20), 1000,
                                                             torch.float64))
+
+
+# ----------------------------------------------------------------------------- fuzz pass 10
+
+def _fuzz10_problem(n=12, d=8, k=5):
+    model = small_mlp(d, k=k, seed=3, scale=2.0)
+    x = (torch.rand(n, d, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+    phi = oni.shapley_values(model, x, n_permutations=8, seed=0).values
+    return model, x, phi
+
+
+def test_an_outer_autocast_does_not_reach_the_strict_passes():
+    """Under a caller's torch.autocast(bf16) the float32 verdict and the radius were bf16
+    ones: rows flagged feasible read 0.005 nats below tau in float32, radii 28% off."""
+    model, x, phi = _fuzz10_problem()
+    settings = dict(tau_fraction=0.7, eps=0.5, beta=0.5)
+    plain = oni.optimal_noise(model, x, phi, **settings)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = oni.optimal_noise(model, x, phi, **settings)
+        radius = oni.robustness_radius(model, x)
+    for field in ("eta", "entropy", "feasible", "radius"):
+        assert torch.equal(getattr(plain, field), getattr(inside, field)), field
+    assert torch.equal(radius, plain.radius)
+
+
+def test_a_train_mode_model_with_running_statistics_is_refused_untouched():
+    """Every forward updated a training BatchNorm's running statistics (the caller's model
+    changed), then the solver failed inside torch on a one-row batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    x = torch.rand(6, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: oni.robustness_radius(model, x),
+                 lambda: oni.optimal_noise(model, x, torch.rand(6, 8), tau_fraction=0.5,
+                                           eps=0.5, beta=0.5)):
+        with pytest.raises(ValueError, match=r"training mode with normalisation layers that "
+                                             r"track running statistics \(\['1'\]\)"):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    assert torch.isfinite(oni.robustness_radius(model, x)).all()  # in eval mode it runs
+
+
+def test_noise_inputs_of_fuzz_pass_10_get_messages():
+    model, x, phi = _fuzz10_problem()
+    settings = dict(tau_fraction=0.6, eps=0.5, beta=0.5)
+
+    class Wrapped(torch.nn.Module):  # not a Sequential: no first-layer check applies
+        def __init__(self):
+            super().__init__()
+            self.inner = small_mlp(8, k=5, seed=3, scale=2.0).double()
+
+        def forward(self, z):
+            return self.inner(z)
+
+    with pytest.raises(RuntimeError, match=r"the model failed on x's rows 0 to 11 "
+                                           r"\(torch\.float32, shape \(12, 8\); its first "
+                                           r"parameter is torch\.float64\)"):
+        oni.optimal_noise(Wrapped(), x, phi, **settings)
+
+    def int_logits(z):
+        return model(z).round().long()
+
+    for bad in (int_logits, lambda z: model(z).to(torch.complex64)):
+        with pytest.raises(TypeError, match="must be real floating class scores"):
+            oni.robustness_radius(bad, x)
+    with pytest.raises(ValueError, match=r"shapley_kwargs sets \['backend', 'seed'\], which "
+                                         r"optimal_noise passes"):
+        oni.optimal_noise(model, x, None, **settings,
+                          shapley_kwargs={"seed": 1, "backend": "torch"})
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        oni.optimal_noise(model, x.to("meta"), phi, **settings)
+    with pytest.raises(ValueError, match="phi is on the meta device"):
+        oni.noise_budget(phi.to("meta"), 0.5, 0.5)
+    # a phi with requires_grad gave budgets and eta with a graph
+    res = oni.optimal_noise(model, x, phi.clone().requires_grad_(), **settings)
+    assert not res.eta.requires_grad and not res.budget.requires_grad
+
+
+def test_reference_noise_ops_check_their_inputs_as_the_kernels_do():
+    """The executable spec took int64 logits (entropy truncated to int) and 3-D ones, and
+    gave torch's broadcast error for a wrong step shape."""
+    with pytest.raises(TypeError, match="logits must be a float32 or float64 tensor, got "
+                                        "torch.int64"):
+        reference.entropy_and_grad(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must be 2-D \[N, k\]"):
+        reference.entropy_and_grad(torch.ones(2, 3, 4))
+    eta = torch.zeros(3, 4)
+    args = dict(direction=torch.ones(3, 4), step=torch.ones(3), budget=torch.ones(3, 4),
+                radius=torch.ones(3), active=torch.ones(3, dtype=torch.bool))
+    reference.ascend_and_project(eta, **args)
+    for name, bad in (("step", torch.ones(2)), ("budget", torch.ones(3, 4).double()),
+                      ("active", torch.ones(3))):
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            reference.ascend_and_project(eta, **{**args, name: bad})
