@@ -502,7 +502,8 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
         A tensor on the meta device; ``logits`` not a floating ``[b, k]`` with
         ``b, k >= 1``, not finite, or with a row whose spread (max - min) overflows
         ``log_softmax`` in their dtype (beyond about 6.5e4 in float16, 3.4e38 in float32 or
-        bfloat16); ``y`` not ``[b]`` integer class indices in ``[0, k)``;
+        bfloat16) where that makes the loss infinite or NaN; ``y`` not ``[b]`` integer
+        class indices in ``[0, k)``;
         ``log_soft_labels`` not floating of ``logits``' shape, holding NaN or ``+inf``, or
         with rows whose probabilities do not sum to 1; tensors on different devices;
         ``alpha`` or ``kl_direction`` out of range.
@@ -510,8 +511,20 @@ def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alp
     alpha = _number(0.0, 1.0)(alpha, "alpha")
     _choice(_KL_DIRECTIONS)(kl_direction, "kl_direction")
     _check_distillation_inputs(logits, y, log_soft_labels)
-    return _distillation_loss(logits, y, log_soft_labels, alpha=alpha,
+    loss = _distillation_loss(logits, y, log_soft_labels, alpha=alpha,
                               kl_direction=kl_direction)
+    if not bool(torch.isfinite(loss)):
+        # a row spread past the dtype's range overflows log_softmax to -inf: the loss is
+        # then rounding's, not the formula's (an infinite paper KL is the formula's)
+        overflow = torch.isinf(torch.log_softmax(logits.detach(), dim=1))
+        row = first_bad_row(overflow)
+        if row is not None:
+            top = logits[row].detach().double()
+            raise ValueError(f"logits[{row}] spans {float(top.max() - top.min()):.6g} (max - "
+                             f"min), beyond {logits.dtype}'s range: their log_softmax "
+                             f"overflows and the loss is {float(loss.detach())}; pass them in a "
+                             f"wider dtype (logits.float() or logits.double())")
+    return loss
 
 
 def _check_distillation_inputs(logits, y, log_soft_labels) -> None:
@@ -536,14 +549,6 @@ def _check_distillation_inputs(logits, y, log_soft_labels) -> None:
             raise ValueError(f"{name} is on {value.device}, logits on {logits.device}")
     check_class_indices(y, "y", logits.shape[1])
     check_finite(logits, "logits")
-    # a row spread past the dtype's range overflows log_softmax to -inf: NaN or inf losses
-    overflow = torch.isinf(torch.log_softmax(logits.detach(), dim=1))
-    row = first_bad_row(overflow)
-    if row is not None:
-        spread = float(logits[row].double().max() - logits[row].double().min())
-        raise ValueError(f"logits[{row}] spans {spread:.6g} (max - min), beyond "
-                         f"{logits.dtype}'s range: their log_softmax overflows; pass them in a "
-                         f"wider dtype (logits.float() or logits.double())")
     row = first_bad_row(torch.isnan(log_soft_labels).any(1)
                         | (log_soft_labels == math.inf).any(1))
     if row is not None:

@@ -290,16 +290,34 @@ def test_distillation_loss_keeps_zero_soft_labels_finite():
 @pytest.mark.parametrize("kl_direction", ["paper", "forward"])
 def test_distillation_loss_refuses_logits_whose_log_softmax_overflows(dtype, big, kl_direction):
     """Finite logits spread past the dtype's range gave NaN ("paper": 0 * -inf) or inf
-    ("forward") from log_softmax's overflow; they are refused, naming the row."""
+    ("forward") from log_softmax's overflow. The paper's KL now takes the vanished p as 0,
+    its limit, and is right; a loss that rounding made infinite is refused, naming the row."""
     logits = torch.tensor([[0.0, 1.0, 2.0], [big, -big, 0.0]], dtype=dtype)
     log_q = torch.log_softmax(torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), 1)
-    with pytest.raises(ValueError, match=rf"^logits\[1\] spans [0-9.e+]+ \(max - min\), "
-                                         rf"beyond {dtype}'s range"):
-        distillation_loss(logits, torch.tensor([0, 0]), log_q, alpha=0.5,
-                          kl_direction=kl_direction)
-    got = distillation_loss(logits.double(), torch.tensor([0, 0]), log_q, alpha=0.5,
-                            kl_direction=kl_direction)  # what the message advises
-    assert torch.isfinite(got)
+    y = torch.tensor([0, 0])
+    wide = distillation_loss(logits.double(), y, log_q, alpha=0.5,
+                             kl_direction=kl_direction)  # what the message advises
+    assert torch.isfinite(wide)
+    if kl_direction == "forward":  # the label's mass on the vanished class: inf in dtype
+        with pytest.raises(ValueError, match=rf"^logits\[1\] spans [0-9.e+]+ \(max - min\), "
+                                             rf"beyond {dtype}'s range"):
+            distillation_loss(logits, y, log_q, alpha=0.5, kl_direction=kl_direction)
+    else:
+        got = distillation_loss(logits, y, log_q, alpha=0.5, kl_direction=kl_direction)
+        assert float(got) == pytest.approx(float(wide), rel=1e-2)
+
+
+def test_distillation_loss_forward_kl_ignores_an_overflowed_class_of_zero_label():
+    """A class the soft labels give probability 0 adds nothing to the forward KL, so its
+    log_softmax overflowing is harmless: the loss stays finite (it was refused for a while,
+    a review found)."""
+    logits = torch.tensor([[3e38, -3e38, 0.0]], requires_grad=True)
+    log_q = torch.tensor([[0.0, -math.inf, -math.inf]])
+    for alpha in (0.0, 0.5, 1.0):
+        got = distillation_loss(logits, torch.tensor([0]), log_q, alpha=alpha,
+                                kl_direction="forward")
+        grad, = torch.autograd.grad(got, logits)
+        assert float(got.detach()) == 0.0 and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("dtype, low", [(torch.float32, -120.0), (torch.float16, -20.0)])
