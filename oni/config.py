@@ -256,7 +256,7 @@ def _widths(value, key):
     return [_int(1, maximum=MAX_SIZE)(w, f"{key}[{i}]") for i, w in enumerate(value)]
 
 
-_widths.expected = f"list of at most {MAX_HIDDEN_LAYERS} ints >= 1"
+_widths.expected = f"list of at most {MAX_HIDDEN_LAYERS} ints in [1, {MAX_SIZE}]"
 
 
 def _names(known: Sequence[str]):

@@ -22,5 +22,5 @@ python -m pytest benchmarks/test_bench_shapley.py -p no:cacheprovider --benchmar
     --benchmark-json=".benchmarks/${name}.json" "${select[@]}"
 
 for d in "${sizes[@]}"; do
-    python -m benchmarks.error_vs_time --d "$d"
+    python -m benchmarks.error_vs_time --d "$d" --json ".benchmarks/${name/equal_walks/error_vs_time}_d$d.json"
 done

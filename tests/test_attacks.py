@@ -472,6 +472,18 @@ def test_label_only_bitflip_attack_and_its_checks(overfit, data, splits, monkeyp
         ["label_only"], splits, {"label_only": config})
 
 
+def test_the_bitflip_check_names_the_first_non_binary_value_across_blocks():
+    from oni.data import from_arrays
+    d = 1 << 20  # the scan takes 4 rows at a time here
+    x = torch.zeros(6, d)
+    x[5, 7] = 2.0
+    data = from_arrays(x.numpy(), torch.arange(6).numpy() % 2)
+    with pytest.raises(ValueError, match=r"data\.x\[5, 7\] is 2\.0"):
+        attacks._check_binary(data)
+    x[5, 7] = 1.0
+    attacks._check_binary(from_arrays(x.numpy(), torch.arange(6).numpy() % 2))
+
+
 # ----------------------------------------------------------------------------- adaptive
 
 def test_adaptive_attack_trains_its_shadows_with_the_defense(overfit, data, splits,
