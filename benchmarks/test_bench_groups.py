@@ -31,11 +31,11 @@ import torch
 
 import oni
 
-from . import workload
+from . import agreement, workload
 
 D, N_INPUTS, GROUP_SIZE = 600, 8, 10
 REFERENCE_WALKS = 1_000
-ERROR_BAND = (0.75, 1.3)
+ERROR_BAND = agreement.ERROR_BAND  # the equal-walks suite's band
 SUMMARY_PATH = workload.ROOT / ".benchmarks" / "groups_summary.json"
 
 

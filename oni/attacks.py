@@ -114,11 +114,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_SIZE, check_class_indices, check_finite,
+from ._checks import (ADAM_FITS, MAX_ADAM_LR, check_class_indices, check_finite,
                       check_int as _check_int, check_not_meta, check_number, check_seed,
                       is_integer_dtype, short_repr)
 from .data import Dataset, Splits
-from .models import MAX_HIDDEN_LAYERS, MLP, _resolve_device
+from .models import MLP, _check_hidden, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
 from .train import TrainConfig, _check_config, _derived_seed, predict_proba
 
@@ -228,16 +228,6 @@ class AttackResult:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_widths(value, name: str) -> Tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of positive ints, got "
-                        f"{type(value).__name__}")
-    if len(value) > MAX_HIDDEN_LAYERS:  # the models' own bound, checked before any training
-        raise ValueError(f"{name} must have at most {MAX_HIDDEN_LAYERS} layers, got "
-                         f"{len(value)}")
-    return tuple(_check_int(w, f"{name}[{i}]", 1, MAX_SIZE) for i, w in enumerate(value))
-
-
 def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
     """The attack's defaults overridden by ``config``, checked."""
     if config is None:
@@ -258,7 +248,7 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
     if cfg["shadow_size"] is not None:
         cfg["shadow_size"] = _check_int(cfg["shadow_size"], "config['shadow_size']", 1)
     if cfg["hidden"] is not None:
-        cfg["hidden"] = _check_widths(cfg["hidden"], "config['hidden']")
+        cfg["hidden"] = _check_hidden(cfg["hidden"], "config['hidden']")
     if not isinstance(cfg["shadow_precision"], str) or cfg["shadow_precision"] not in PRECISIONS:
         raise ValueError(f"config['shadow_precision'] must be one of {PRECISIONS}, got "
                          f"{short_repr(cfg['shadow_precision'])}")
@@ -280,7 +270,7 @@ def _resolve_config(name: str, config: Optional[Mapping]) -> Dict[str, Any]:
                          f"{short_repr(cfg['fit_on'])}")
     if name == "shadow":
         for key in ("prediction_widths", "label_widths", "combined_widths"):
-            cfg[key] = _check_widths(cfg[key], f"config[{key!r}]")
+            cfg[key] = _check_hidden(cfg[key], f"config[{key!r}]")
         for key in ("prediction_widths", "label_widths"):
             if not cfg[key]:
                 raise ValueError(f"config[{key!r}] needs at least one width (the subnet's "

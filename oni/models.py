@@ -62,14 +62,15 @@ def _check_width(value, name: str) -> int:
     return check_int(value, name, 1, MAX_SIZE)
 
 
-def _check_hidden(hidden) -> Tuple[int, ...]:
+def _check_hidden(hidden, name: str = "hidden") -> Tuple[int, ...]:
+    """Layer widths (an MLP's hidden layers, an attack net's subnets), named ``name``."""
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-        raise TypeError(f"hidden must be a sequence of layer widths (e.g. {list(PAPER_HIDDEN)}), "
-                        f"got {type(hidden).__name__}")
+        raise TypeError(f"{name} must be a sequence of layer widths (e.g. "
+                        f"{list(PAPER_HIDDEN)}), got {type(hidden).__name__}")
     if len(hidden) > MAX_HIDDEN_LAYERS:
-        raise ValueError(f"hidden must have at most {MAX_HIDDEN_LAYERS} layers, got "
+        raise ValueError(f"{name} must have at most {MAX_HIDDEN_LAYERS} layers, got "
                          f"{len(hidden)}")
-    return tuple(_check_width(h, f"hidden[{i}]") for i, h in enumerate(hidden))
+    return tuple(_check_width(h, f"{name}[{i}]") for i, h in enumerate(hidden))
 
 
 def _check_path(path) -> Path:
@@ -306,20 +307,28 @@ def _model_config(model) -> Dict[str, Any]:
     return config
 
 
+def _shape_differences(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]):
+    """(missing, unexpected, wrong) between two state dicts, in their order: the names of
+    ``expected`` that ``got`` lacks, those of ``got`` that ``expected`` lacks, and
+    ``(name, got shape, expected shape)`` where the shapes differ."""
+    missing = [name for name in expected if name not in got]
+    unexpected = [name for name in got if name not in expected]
+    wrong = [(name, tuple(got[name].shape), tuple(t.shape)) for name, t in expected.items()
+             if name in got and tuple(got[name].shape) != tuple(t.shape)]
+    return missing, unexpected, wrong
+
+
 def _parameter_difference(model: nn.Module, rebuilt: nn.Module) -> str:
     """How the parameters and buffers of ``model`` differ in names or shapes from those of
     ``rebuilt`` (its config's model), or ''."""
-    got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
-    missing = [name for name in expected if name not in got]
+    missing, unexpected, wrong = _shape_differences(model.state_dict(), rebuilt.state_dict())
     if missing:  # e.g. an nn.Linear whose bias was set to None
         return f"it lacks {_some(missing)}"
-    unexpected = [name for name in got if name not in expected]
     if unexpected:
         return f"it has {_some(unexpected)}, which its config's model has not"
-    for name, shape in got.items():
-        if shape != expected[name]:
-            return f"{name!r} has shape {shape}, its config's model {expected[name]}"
+    if wrong:
+        name, shape, want = wrong[0]
+        return f"{name!r} has shape {shape}, its config's model {want}"
     return ""
 
 
@@ -663,13 +672,17 @@ def _weight_problem(name: str, t: torch.Tensor) -> str:
     return ""
 
 
+def _first_weight_problem(state: Mapping[str, torch.Tensor]) -> str:
+    """:func:`_weight_problem` of the first tensor of ``state`` that has one, or ''."""
+    return next(filter(None, (_weight_problem(name, t) for name, t in state.items())), "")
+
+
 def _weights_problem(state: Mapping[str, torch.Tensor]) -> str:
     """Why ``state`` is not what load_model reads (dense tensors of one of WEIGHT_DTYPES),
     or ''."""
-    for name, t in state.items():
-        why = _weight_problem(name, t)
-        if why:
-            return why
+    why = _first_weight_problem(state)
+    if why:
+        return why
     dtypes = sorted({str(t.dtype) for t in state.values()})
     return f"it mixes {dtypes}" if len(dtypes) > 1 else ""
 
@@ -685,12 +698,9 @@ def _some(names: list) -> str:
 
 
 def _check_state(state: dict, model: nn.Module, weights_path: Path, meta_path: Path) -> None:
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    got = {name: tuple(t.shape) for name, t in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{name}: {got[name]} (expected {expected[name]})"
-             for name in expected if name in got and got[name] != expected[name]]
+    missing, unexpected, wrong = _shape_differences(state, model.state_dict())
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    wrong = [f"{name}: {shape} (expected {want})" for name, shape, want in wrong]
     if missing or unexpected or wrong:
         raise ValueError(f"{weights_path} does not match the architecture in {meta_path}: "
                          f"missing {_some(missing)}, unexpected {_some(unexpected)}, wrong "

@@ -37,6 +37,7 @@ from .shapley import (
     _walk_precision,
     shapley_values,
 )
+from .train import _model_device_dtype
 
 __all__ = ["NoiseResult", "noise_budget", "robustness_radius", "optimal_noise", "uniform_noise"]
 
@@ -169,12 +170,6 @@ def robustness_radius(model: Callable[[Tensor], Tensor], x: Tensor, *,
         return _radius_and_logits(model, x, batch_size)[0]
 
 
-def _first_dtype(model) -> str:
-    first = next((p for p in model.parameters() if p.dtype.is_floating_point), None) \
-        if isinstance(model, torch.nn.Module) else None
-    return "none" if first is None else str(first.dtype)
-
-
 def _check_autograd(what: str) -> None:
     """The radius and the solver need input gradients; under inference_mode every model
     would look constant (zero gradient: rho = +inf, no ascent)."""
@@ -196,7 +191,8 @@ def _radius_and_logits(model, x: Tensor, batch_size: int = _RADIUS_BATCH,
             except RuntimeError as err:  # e.g. its weights' dtype is not x's: name both
                 raise RuntimeError(f"the model failed on x's rows {lo} to "
                                    f"{lo + len(z) - 1} ({x.dtype}, shape {tuple(x.shape)}; "
-                                   f"its first parameter is {_first_dtype(model)}): "
+                                   f"its first parameter is "
+                                   f"{_model_device_dtype(model)[1] or 'none'}): "
                                    f"{err}") from err
             logits = _check_logits(out, z.shape[0], what)
             # NaN logits would give a NaN gap, and rho = 0 without a word

@@ -67,8 +67,8 @@ from torch import Tensor
 from . import _ops, reference
 from ._checks import (NonFiniteLogits, check_finite, check_int, check_logits, check_not_meta,
                       first_bad_row, is_integer_dtype)
-from .models import (MLP, SLOW_BF16_CPU, _check_seed, _native_bf16_cpu, _parameter_difference,
-                     _rebuild_difference, _resolve_device, _weight_problem, build_model,
+from .models import (MLP, SLOW_BF16_CPU, _check_seed, _first_weight_problem, _native_bf16_cpu,
+                     _parameter_difference, _rebuild_difference, _resolve_device, build_model,
                      init_parameters_)
 from .train import (FLUSH_EVERY, TINY_MOMENT, TrainConfig, _check_config, _check_features,
                     _check_label_range, _check_labels, _progress, flush_tiny_moments_)
@@ -248,8 +248,7 @@ def _check_plain_mlps(models: Sequence, name: str) -> None:
         # would be dropped without a word
         why = _rebuild_difference(model, rebuilt) or _parameter_difference(model, rebuilt)
         if not why:
-            why = next(filter(None, (_weight_problem(key, t)
-                                     for key, t in model.state_dict().items())), "")
+            why = _first_weight_problem(model.state_dict())
         if why:
             raise ValueError(f"{name}[{j}] is not a plain MLP (nn.Linear and ReLU layers "
                              f"only), the function batched models compute: {why}")

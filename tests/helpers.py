@@ -43,6 +43,16 @@ def small_mlp(d: int, k: int = 4, hidden=(16, 8), seed: int = 0, scale: float = 
     return nn.Sequential(*layers[:-1]).to(dtype).eval()
 
 
+# an oni MLP changed so that it is no longer the plain MLP its config builds (save_model and
+# the batched shadow models both refuse such a model)
+def swap_in_tanh(model):
+    model[1] = nn.Tanh()
+
+
+def drop_first_bias(model):
+    model[0].bias = None
+
+
 class Wrapped(nn.Module):
     """The same network, but not an nn.Sequential: forces the generic masked-input path."""
 

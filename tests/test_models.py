@@ -19,6 +19,7 @@ import oni
 from oni import models
 from oni.models import MLP, PAPER_HIDDEN, build_model, init_parameters_, load_model, save_model
 from oni.shapley import _split_first_linear
+from helpers import drop_first_bias, swap_in_tanh
 
 
 def _linears(model):
@@ -326,10 +327,6 @@ class _Scaled(MLP):
         return super().forward(x) / 100
 
 
-def _tanh_layer(model):
-    model[1] = nn.Tanh()
-
-
 def _appended(model):
     model.append(nn.ReLU())
 
@@ -342,16 +339,12 @@ def _patched(model):
     model.forward = lambda x: x
 
 
-def _no_bias(model):
-    model[0].bias = None
-
-
 @pytest.mark.parametrize("change, match", [
-    (_tanh_layer, "layer '1' is a Tanh, not a ReLU"),
+    (swap_in_tanh, "layer '1' is a Tanh, not a ReLU"),
     (_appended, "it has 5 modules, its config's model 4"),
     (_hooked, "layer '0' has forward hooks"),
     (_patched, "the model has its own forward"),
-    (_no_bias, r"parameters do not match its config .*: it lacks \['0\.bias'\]"),
+    (drop_first_bias, r"parameters do not match its config .*: it lacks \['0\.bias'\]"),
 ])
 def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path, change, match):
     """The weights fit the config, but the function does not: it used to be saved and reload

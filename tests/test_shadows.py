@@ -10,6 +10,7 @@ import torch
 from oni.models import MLP
 from oni.shadows import StackedMLP, predict_logits_batched, stack_mlps, train_mlps_batched
 from oni.train import TrainConfig, predict_logits, train_model
+from helpers import drop_first_bias, swap_in_tanh
 
 D, K_CLASSES, HIDDEN = 12, 4, (16, 8)
 N_POOL, N_ROWS = 300, 100  # 100 rows, batch 32: three full batches and a partial one
@@ -584,10 +585,6 @@ class _Doubled(MLP):
         return 2 * super().forward(x)
 
 
-def _tanh(model):
-    model[1] = torch.nn.Tanh()
-
-
 def _hooked(model):
     model.register_forward_hook(lambda module, args, out: out * 0)
 
@@ -596,15 +593,11 @@ def _pre_hooked(model):
     model[2].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
 
 
-def _no_bias(model):
-    model[0].bias = None
-
-
 @pytest.mark.parametrize("change, match", [
-    (_tanh, "layer '1' is a Tanh, not a ReLU"),
+    (swap_in_tanh, "layer '1' is a Tanh, not a ReLU"),
     (_hooked, "the model has forward hooks"),
     (_pre_hooked, "layer '2' has forward hooks"),
-    (_no_bias, r"it lacks \['0\.bias'\]"),
+    (drop_first_bias, r"it lacks \['0\.bias'\]"),
     (lambda model: model.to(torch.float8_e4m3fn), r"'0\.weight' is torch\.float8_e4m3fn"),
     (None, "it is a _Doubled, not a plain MLP"),
 ])
