@@ -356,11 +356,12 @@ def optimal_noise(
         backend: ``"kernel"``, ``"torch"`` or ``"auto"`` for the fused ops.
         precision: arithmetic of the search passes (1, 2 and 5: the ascents and the
             norm-reduction line searches, most of the solver's model evaluations), an
-            explicit opt-in: ``"float32"`` (default; strict: TF32 off even if enabled
-            globally, and a caller's autocast too), ``"tf32"`` (CUDA tensor cores' TF32 matmuls) or ``"bf16"`` (autocast
-            to bfloat16; fast on GPUs and on CPUs with AVX512-BF16 or AMX). The polish and
-            the verdict always run in strict float32: every feasibility flag and entropy
-            returned is a float32 one, and a start that meets tau only in the search's
+            explicit opt-in: ``"float32"`` (default; strict: TF32 and oneDNN's bfloat16
+            mode off even if enabled globally, and a caller's autocast too), ``"tf32"``
+            (CUDA tensor cores' TF32 matmuls) or ``"bf16"`` (autocast to bfloat16; fast
+            on GPUs and on CPUs with AVX512-BF16 or AMX). The polish and the verdict
+            always run in strict float32: every feasibility flag and entropy returned is
+            a float32 one, and a start that meets tau only in the search's
             arithmetic is polished from outside the level set (or goes to the rescue).
             The cost in norm and feasibility is measured in BENCHMARKS.md ("Noise solver").
             Only the model's passes change; the fused ops stay in float64 inside.

@@ -294,23 +294,65 @@ def _check_precision(precision: str, device: torch.device,
     return precision
 
 
+# Where torch may run a float32 matmul, convolution or RNN in TF32 or bfloat16:
+# torch.set_float32_matmul_precision("high") and ("medium") reach the CPU's oneDNN as well
+# as cuBLAS, and cuDNN convolutions are TF32 by default
+_FP32_BACKENDS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
+                  ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+
+
+def _fp32_backends() -> list:
+    """The per-backend ``fp32_precision`` settings of this torch (2.9 on); [] before."""
+    found = []
+    for package, op in _FP32_BACKENDS:
+        backend = getattr(getattr(torch.backends, package, None), op, None)
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            found.append((package, backend))
+    return found
+
+
+@contextlib.contextmanager
+def _float32_math(tf32: bool):
+    """float32 matmuls, convolutions and RNNs in IEEE float32 on every backend, or with
+    ``tf32`` in TF32 on the CUDA ones; the caller's settings are restored after. Through
+    the per-backend API where torch has it: mixing it with the legacy flags makes torch's
+    own getters raise."""
+    backends = _fp32_backends()
+    if backends:
+        saved = [backend.fp32_precision for _, backend in backends]
+        try:
+            for package, backend in backends:
+                backend.fp32_precision = "tf32" if tf32 and package in ("cuda", "cudnn") \
+                    else "ieee"
+            yield
+        finally:
+            for (_, backend), value in zip(backends, saved):
+                backend.fp32_precision = value
+        return
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 @contextlib.contextmanager
 def _walk_precision(precision: str, device: torch.device, autocast: bool = True):
     """The arithmetic of the batched model evaluation along the walks. ``float32`` is
-    strict: TF32 is switched off for the duration even if the user enabled it globally, and
-    so is a caller's enclosing autocast (it made a float32 verdict and radius bf16 ones), so
-    the default never trades accuracy silently. The previous settings are restored."""
-    if precision == "bf16" and autocast:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    strict: TF32 (and oneDNN's bfloat16 float32 mode) is switched off for the duration even
+    if the user enabled it globally, and so is a caller's enclosing autocast (it made a
+    float32 verdict and radius bf16 ones), so the default never trades accuracy silently.
+    The previous settings are restored."""
+    with _float32_math(tf32=precision == "tf32"):
+        if precision == "bf16" and autocast:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            with torch.autocast(device_type=device.type, enabled=False):
+                yield
 
 
 # the forwards the fast paths compute themselves, as they were when oni was imported: a class
@@ -616,9 +658,11 @@ def shapley_values(
         link: ``"softmax"`` explains the class probability (the paper's ``f_c``),
             ``"identity"`` the raw model output of the class.
         precision: arithmetic of the batched model evaluation along the walks (the bulk of
-            the work), an explicit opt-in: ``"float32"`` (default; strict: TF32 and a
-            caller's autocast off), ``"tf32"`` (CUDA tensor cores' TF32 matmuls, ~1e-3 relative error per layer)
-            or ``"bf16"`` (autocast to bfloat16, ~1e-2). The model's outputs at x and at the
+            the work), an explicit opt-in: ``"float32"`` (default; strict: TF32, oneDNN's
+            bfloat16 mode for float32 matmuls and a caller's autocast are off, the caller's
+            settings restored after), ``"tf32"`` (CUDA tensor cores' TF32 matmuls and
+            convolutions, ~1e-3 relative error per layer) or ``"bf16"`` (autocast to
+            bfloat16, ~1e-2). The model's outputs at x and at the
             baseline stay in float32, so efficiency still holds exactly per walk; the error
             each mode costs is measured in BENCHMARKS.md ("GPU").
         groups: ``[d]`` integer group id of each feature (e.g. the columns of one one-hot
@@ -665,7 +709,9 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
     game = _Game(model, link)
     ops = _ops if use_kernel else reference
 
-    with torch.no_grad():
+    # strict float32 everywhere but the walks' batched evaluation (its own opt-in): the
+    # endpoints and the first layer's origin too, under a caller's autocast or TF32
+    with torch.no_grad(), _walk_precision("float32", x.device):
         logits_x = game(x, "model output at x")
         _check_finite(logits_x, "model output at x")
         logits_r = game(refs, "model output at the baseline")
@@ -931,7 +977,7 @@ def exact_shapley(
     refs = _check_baseline(baseline, x)
     _check_model_input(model, x)
     game = _Game(model, link)
-    with torch.no_grad():
+    with torch.no_grad(), _walk_precision("float32", x.device):  # the exact reference: strict
         logits_x = game(x, "model output at x")
         _check_finite(logits_x, "model output at x")
         classes = _resolve_target(target, labels, logits_x)

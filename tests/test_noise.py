@@ -1201,6 +1201,13 @@ def test_an_outer_autocast_does_not_reach_the_strict_passes():
     for field in ("eta", "entropy", "feasible", "radius"):
         assert torch.equal(getattr(plain, field), getattr(inside, field)), field
     assert torch.equal(radius, plain.radius)
+    # phi computed inside (phi=None): the kernel's walk op failed under the autocast
+    own = dict(settings, shapley_kwargs={"n_permutations": 8}, max_iter=20)
+    plain = oni.optimal_noise(model, x, **own)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = oni.optimal_noise(model, x, **own)
+    for field in ("eta", "entropy", "feasible", "radius"):
+        assert torch.equal(getattr(plain, field), getattr(inside, field)), field
 
 
 def test_a_train_mode_model_with_running_statistics_is_refused_untouched():

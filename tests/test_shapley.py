@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import oni
-from helpers import Wrapped, devices, small_mlp
+from helpers import Wrapped, devices, small_mlp, walk_inputs
 
 DEVICES = devices()
 BACKENDS = ["kernel", "torch"]
@@ -796,3 +796,100 @@ def test_float64_refuses_the_float32_precision_opt_ins(precision):
     with pytest.raises(ValueError, match=rf"precision='{precision}' trades float32 arithmetic "
                                          rf"for speed; x and the model are float64"):
         oni.shapley_values(model, x, n_permutations=2, precision=precision)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("plain", [True, False], ids=["linear_path", "masked_path"])
+def test_an_outer_autocast_does_not_reach_the_float32_values(backend, plain):
+    """Under a caller's torch.autocast(bf16) the kernel's walk origins were bf16 (the op
+    then failed: 'expected scalar type Float but found BFloat16') and the endpoints f(x),
+    f(r) of both backends were bf16 ones."""
+    net = small_mlp(12, k=4, seed=2)
+    model = net if plain else Wrapped(net).eval()
+    x = _gaussian_rows(5, 12, seed=3)
+    plain_values = oni.shapley_values(model, x, n_permutations=6, backend=backend)
+    exact = oni.exact_shapley(model, x[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = oni.shapley_values(model, x, n_permutations=6, backend=backend)
+        exact_inside = oni.exact_shapley(model, x[:2])
+        bf16 = oni.shapley_values(model, x, n_permutations=6, backend=backend,
+                                  precision="bf16")
+    for field in ("values", "stderr", "fx", "f_baseline", "target"):
+        assert torch.equal(getattr(plain_values, field), getattr(inside, field)), field
+        assert torch.equal(getattr(exact, field), getattr(exact_inside, field)), field
+    # the opt-in still reaches the walks (and only them: the endpoints stay float32)
+    assert not torch.equal(bf16.values, plain_values.values)
+    assert torch.equal(bf16.fx, plain_values.fx)
+
+
+def test_the_walk_op_is_not_recast_by_a_callers_autocast():
+    """The op computes its walk origins W r + b with an inner matmul, which autocast turned
+    bf16 inside a float32 op."""
+    x, base, perm, n_active, total = walk_inputs(4, 9, n_refs=2, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    w, b = torch.randn(7, 9, generator=gen), torch.randn(7, generator=gen)
+    outside = oni._ops.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = oni._ops.permutation_walk_linear(x, base, perm, n_active, w, b, total)
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+
+
+_FP32_BACKENDS = oni.shapley._fp32_backends()
+
+
+@pytest.mark.skipif(not _FP32_BACKENDS, reason="torch before the per-backend fp32_precision")
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_strict_float32_overrides_reduced_precision_matmul_settings(precision):
+    """torch.set_float32_matmul_precision('medium') lets oneDNN run float32 matmuls in
+    bfloat16 on the CPU and cuBLAS in TF32; cuDNN convolutions are TF32 by default. The
+    strict passes switched off only cuBLAS's legacy TF32 flag. The caller's settings come
+    back unchanged, and torch's getters still answer (mixing its legacy and per-backend
+    APIs makes them raise)."""
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_mlp(6, k=3, seed=1)
+
+        def forward(self, z):
+            seen.append({package: backend.fp32_precision for package, backend in _FP32_BACKENDS})
+            return self.net(z)
+
+    saved = [backend.fp32_precision for _, backend in _FP32_BACKENDS]
+    saved_matmul = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        before = [backend.fp32_precision for _, backend in _FP32_BACKENDS]
+        assert "bf16" in before  # oneDNN's matmul: the mode the strict passes must undo
+        x = _gaussian_rows(3, 6, seed=2)
+        oni.shapley_values(Recording().eval(), x, n_permutations=4, precision=precision)
+        oni.exact_shapley(Recording().eval(), x[:1])
+        assert seen and all(set(s.values()) == {"ieee"} for s in seen), seen
+        assert [backend.fp32_precision for _, backend in _FP32_BACKENDS] == before
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:  # torch's legacy setting first: after it alone, its getters raise
+        torch.set_float32_matmul_precision(saved_matmul)
+        for (_, backend), value in zip(_FP32_BACKENDS, saved):
+            backend.fp32_precision = value
+
+
+def test_strict_float32_on_a_torch_without_per_backend_settings(monkeypatch):
+    """Before torch 2.9 the strict passes set the legacy flags: the float32 matmul
+    precision and cuDNN's TF32 flag, restored after."""
+    monkeypatch.setattr(oni.shapley, "_fp32_backends", lambda: [])
+    seen = []
+
+    def model(z):
+        seen.append(torch.get_float32_matmul_precision())
+        return small_mlp(4, k=3, seed=1)(z)
+
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    try:
+        torch.set_float32_matmul_precision("high")
+        oni.shapley_values(model, _gaussian_rows(2, 4), n_permutations=2)
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]

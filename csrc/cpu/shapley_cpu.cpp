@@ -1,6 +1,7 @@
 // CPU kernels for the Shapley ops (schemas in csrc/ops.cpp, spec in oni/reference.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -132,6 +133,8 @@ at::Tensor permutation_walk_linear_cpu(const at::Tensor& x, const at::Tensor& ba
   const int64_t base_stride = shared ? 0 : B * d;
   // Columns of W as contiguous rows, and the walk origins W r + bias for every reference.
   const auto weight_t = weight.t().contiguous();  // [d, H]; free for a column-major weight
+  // not autocast's to recast: under a caller's autocast the origins were bfloat16
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto origin = at::matmul(base_c, weight_t);                           // [(N,) B, H]
   if (bias.has_value()) origin.add_(*bias);
   origin = origin.contiguous();

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -339,6 +340,8 @@ at::Tensor permutation_walk_linear_cuda(const at::Tensor& x, const at::Tensor& b
   // Walk origins W r + bias; a reference set shared by every input (expanded over N, as the
   // public API passes it) is multiplied once.
   const bool shared_refs = baseline.stride(0) == 0;
+  // not autocast's to recast: under a caller's autocast the origins were bfloat16
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto origin = at::matmul(shared_refs ? baseline.select(0, 0) : baseline, weight.t());
   if (bias.has_value()) origin.add_(*bias);
   origin = origin.contiguous();
