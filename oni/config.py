@@ -37,7 +37,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
 
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, MAX_SEED, MAX_SIZE,
                       bounds_text, check_int, check_number, short_repr)
-from .models import MAX_HIDDEN_LAYERS
+from .models import MAX_HIDDEN_LAYERS, _check_hidden
 
 __all__ = ["ConfigError", "SCHEMA", "PRESETS", "resolve_config", "parse_set", "load_yaml",
            "dump_yaml", "describe_schema", "stage_hash", "config_subset", "diff_keys",
@@ -247,13 +247,22 @@ def _device(value, key):
 _device.expected = "auto | cpu | cuda | cuda:N"
 
 
+_width = _int(1, maximum=MAX_SIZE)
+
+
 def _widths(value, key):
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise _type_error(key, "a list of layer widths, e.g. [1024, 512, 256, 128]", value)
-    if len(value) > MAX_HIDDEN_LAYERS:  # refused here, not when the first model is built
-        raise ConfigError(f"config key '{key}': at most {MAX_HIDDEN_LAYERS} hidden layers "
-                          f"(oni.models.MAX_HIDDEN_LAYERS), got {len(value)}")
-    return [_int(1, maximum=MAX_SIZE)(w, f"{key}[{i}]") for i, w in enumerate(value)]
+    """oni.models' width-list rule, its errors as ConfigErrors naming ``key`` (``key[i]``
+    for a width, checked as the config's other ints are)."""
+    try:
+        # "" names the list, so its messages read on from "config key '...':" as _keyed's do
+        return list(_check_hidden(value, "", lambda width, at: _width(width, key + at)))
+    except ConfigError:  # a width's, naming key[i]
+        raise
+    except TypeError:  # not a sequence: said as the config's other type errors are
+        raise _type_error(key, "a list of layer widths, e.g. [1024, 512, 256, 128]",
+                          value) from None
+    except ValueError as err:  # too many layers: refused here, not when a model is built
+        raise ConfigError(f"config key '{key}': {str(err).lstrip()}") from None
 
 
 _widths.expected = f"list of at most {MAX_HIDDEN_LAYERS} ints in [1, {MAX_SIZE}]"

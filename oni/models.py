@@ -27,7 +27,7 @@ import shutil
 import stat
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,15 +62,18 @@ def _check_width(value, name: str) -> int:
     return check_int(value, name, 1, MAX_SIZE)
 
 
-def _check_hidden(hidden, name: str = "hidden") -> Tuple[int, ...]:
-    """Layer widths (an MLP's hidden layers, an attack net's subnets), named ``name``."""
+def _check_hidden(hidden, name: str = "hidden",
+                  check_width: Callable[[Any, str], int] = _check_width) -> Tuple[int, ...]:
+    """Layer widths (an MLP's hidden layers, an attack net's subnets), named ``name``: the
+    one rule for a width list, the config's ``model.hidden`` included (which passes its own
+    ``check_width``, raising its ConfigError, for each ``name[i]``)."""
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
         raise TypeError(f"{name} must be a sequence of layer widths (e.g. "
                         f"{list(PAPER_HIDDEN)}), got {type(hidden).__name__}")
     if len(hidden) > MAX_HIDDEN_LAYERS:
         raise ValueError(f"{name} must have at most {MAX_HIDDEN_LAYERS} layers, got "
                          f"{len(hidden)}")
-    return tuple(_check_width(h, f"{name}[{i}]") for i, h in enumerate(hidden))
+    return tuple(check_width(h, f"{name}[{i}]") for i, h in enumerate(hidden))
 
 
 def _check_path(path) -> Path:

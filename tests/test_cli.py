@@ -19,6 +19,7 @@ import torch
 
 from oni import cli, config as cfgmod, report as reportmod
 from oni.config import ConfigError, resolve_config
+from oni.models import MLP, _check_hidden
 
 _RECORD = cli._RECORD
 
@@ -189,6 +190,31 @@ def test_bad_configs_name_the_key(sets, key):
     with pytest.raises(ConfigError) as info:
         resolve_config(sets=sets)
     assert f"'{key}" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("make, taken", [
+    (lambda: "abc", False), (lambda: b"ab", False), (lambda: {4: 4}, False),
+    (lambda: {4}, False), (lambda: (w for w in [4]), False), (lambda: np.array([4]), False),
+    (lambda: None, False), (lambda: [True], False), (lambda: [np.bool_(True)], False),
+    (lambda: [3.0], False), (lambda: [[4]], False), (lambda: [0], False),
+    (lambda: [-1], False), (lambda: [2 ** 62 + 1], False), (lambda: [4] * 101, False),
+    (lambda: [], True), (lambda: (), True), (lambda: [np.int64(4)], True),
+    (lambda: [2 ** 62], True), (lambda: (4,) * 100, True),
+])
+def test_the_config_and_the_models_share_one_width_list_rule(make, taken):
+    """model.hidden's check restated oni.models._check_hidden's (sequence, at most 100
+    layers, ints in [1, 2**62]); both callers keep it, and take or refuse the same lists."""
+    check = cfgmod.SCHEMA["model"]["hidden"].check
+    if taken:
+        assert check(make(), "model.hidden") == list(_check_hidden(make()))
+        return
+    with pytest.raises(ConfigError, match=r"^config key 'model\.hidden(\[0\])?': ") as info:
+        check(make(), "model.hidden")
+    assert str(info.value).count("model.hidden") == 1, str(info.value)
+    with pytest.raises((TypeError, ValueError)) as info:
+        MLP(4, 2, make())
+    assert not isinstance(info.value, ConfigError)
+    assert re.match(r"^hidden(\[0\])? must ", str(info.value)), str(info.value)
 
 
 def test_config_messages_of_fuzz_pass_7(tmp_path):
