@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import reprlib
-from typing import Optional
+from typing import Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -184,6 +184,14 @@ def first_bad_row(bad: Tensor) -> Optional[int]:
     if not bool(rows.any()):
         return None
     return int(rows.nonzero()[0, 0])
+
+
+def mixed_dtypes(tensors: Iterable[Tensor]) -> List[str]:
+    """The floating dtypes of ``tensors``, sorted, when there are several (a model's layers
+    in two precisions fail in torch as "mat1 and mat2 must have the same dtype"), else [].
+    Integer tensors do not count: BatchNorm's num_batches_tracked is a model's own."""
+    dtypes = sorted({str(t.dtype) for t in tensors if t.dtype.is_floating_point})
+    return dtypes if len(dtypes) > 1 else []
 
 
 def check_class_indices(labels: Tensor, name: str, n_classes: Optional[int],

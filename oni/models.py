@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ._checks import (MAX_SIZE, check_finite_weights, check_int, check_seed as _check_seed,
-                      short_repr)
+                      mixed_dtypes, short_repr)
 
 __all__ = ["MLP", "PAPER_HIDDEN", "build_model", "init_parameters_", "save_model",
            "load_model"]
@@ -683,11 +683,12 @@ def _first_weight_problem(state: Mapping[str, torch.Tensor]) -> str:
 def _weights_problem(state: Mapping[str, torch.Tensor]) -> str:
     """Why ``state`` is not what load_model reads (dense tensors of one of WEIGHT_DTYPES),
     or ''."""
+    # integer tensors refused too, unlike train's check: a plain MLP's state dict has none
     why = _first_weight_problem(state)
     if why:
         return why
-    dtypes = sorted({str(t.dtype) for t in state.values()})
-    return f"it mixes {dtypes}" if len(dtypes) > 1 else ""
+    mixed = mixed_dtypes(state.values())
+    return f"it mixes {mixed}" if mixed else ""
 
 
 #: what _weights_problem requires, as messages say it

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
                       check_finite as _check_finite,
                       check_int as _check_int, check_logits, check_not_meta, check_number,
-                      first_bad_row, is_integer_dtype, non_finite_parameter)
+                      first_bad_row, is_integer_dtype, mixed_dtypes, non_finite_parameter)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -272,11 +272,11 @@ def _output_width(model: nn.Module, x_row: Tensor, d: int) -> int:
 def _check_one_dtype(model: nn.Module, name: str) -> None:
     """A TypeError naming ``name`` when its floating parameters and buffers mix dtypes (torch
     failed with "mat1 and mat2 must have the same dtype", read as a width mismatch)."""
-    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers())
-              if t.dtype.is_floating_point}
-    if len(dtypes) > 1:
-        names = sorted(str(dtype) for dtype in dtypes)
-        raise TypeError(f"{name} mixes parameter dtypes {names}: cast it to one "
+    # any module trains: integer buffers are its own (save_model's rule, all one floating
+    # dtype, holds for a plain MLP's state dict only)
+    mixed = mixed_dtypes((*model.parameters(), *model.buffers()))
+    if mixed:
+        raise TypeError(f"{name} mixes parameter dtypes {mixed}: cast it to one "
                         f"({name}.float() or {name}.double())")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from oni._checks import check_finite, check_int, check_number, first_bad_row
+from oni._checks import check_finite, check_int, check_number, first_bad_row, mixed_dtypes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -36,6 +36,17 @@ def test_first_bad_row(shape):
     bad.view(5, -1)[1, 0] = True
     assert first_bad_row(bad) == 1
     assert first_bad_row(torch.zeros(0, 3, dtype=torch.bool)) is None
+
+
+def test_mixed_dtypes():
+    """The one mixed-dtype rule of training's model check and save/load_model's."""
+    f32, f64, f16 = torch.ones(2), torch.ones(2, dtype=torch.float64), torch.ones(1).half()
+    assert mixed_dtypes([]) == [] and mixed_dtypes([f32, f32.clone()]) == []
+    assert mixed_dtypes([f64, f32]) == ["torch.float32", "torch.float64"]
+    assert mixed_dtypes(iter([f16, f64, f32])) == ["torch.float16", "torch.float32",
+                                                   "torch.float64"]
+    # integer tensors (BatchNorm's num_batches_tracked) do not count
+    assert mixed_dtypes([f64, torch.tensor(3), torch.ones(2, dtype=torch.bool)]) == []
 
 
 def test_check_int():

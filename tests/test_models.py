@@ -598,6 +598,18 @@ def test_load_refuses_weights_of_other_dtypes_and_layouts(saved, small, tamper, 
         load_model(saved)
 
 
+def test_load_refuses_weights_mixing_dtypes(saved, small):
+    """save_model refuses such a model (the next test); load_model refuses such a file, by
+    the same rule (oni._checks.mixed_dtypes, which training's check shares)."""
+    state = dict(small.state_dict())
+    state["0.weight"] = state["0.weight"].double()
+    _write_weights(saved, state)
+    with pytest.raises(ValueError, match=r"m/weights\.pt must hold dense tensors of one "
+                                         r"floating dtype .*: it mixes \['torch\.float32', "
+                                         r"'torch\.float64'\]$"):
+        load_model(saved)
+
+
 def test_save_refuses_weights_load_model_would_refuse(tmp_path, small, weights_format):
     """A model with one layer in float64 was saved, replacing a good save, and then
     load_model refused the file (mixed dtypes)."""
