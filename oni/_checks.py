@@ -160,9 +160,8 @@ def check_logits(out, n_rows: int, name: str, row_offset: int = 0) -> Tensor:
     if out.shape[1] == 0:
         raise ValueError(f"the model returned logits with k = 0 columns for {name}: a "
                          f"classifier has at least one class")
-    wide = out.float()
-    if wide.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(wide))).all()):
-        row = first_bad_row(~torch.isfinite(wide))
+    row = first_non_finite_row(out.float())
+    if row is not None:
         raise NonFiniteLogits(f"the model's logits at row {row + row_offset} of {name} are "
                               f"NaN or beyond float32's range: a model must return finite "
                               f"logits")
@@ -192,6 +191,16 @@ def mixed_dtypes(tensors: Iterable[Tensor]) -> List[str]:
     Integer tensors do not count: BatchNorm's num_batches_tracked is a model's own."""
     dtypes = sorted({str(t.dtype) for t in tensors if t.dtype.is_floating_point})
     return dtypes if len(dtypes) > 1 else []
+
+
+def first_non_finite_row(t: Tensor) -> Optional[int]:
+    """The first row of the floating tensor ``t`` (``[N, ...]``) holding a NaN or Inf, None
+    when none does, in ``t``'s own dtype (check_logits passes float32); one reduction pass
+    in the usual all-finite case, a mask only to name the row."""
+    t = t.detach()
+    if not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+        return None
+    return first_bad_row(~torch.isfinite(t))
 
 
 def check_class_indices(labels: Tensor, name: str, n_classes: Optional[int],

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from . import _ops, reference
 from ._checks import (NonFiniteLogits, check_finite, check_int, check_logits, check_not_meta,
-                      first_bad_row, is_integer_dtype)
+                      first_bad_row, first_non_finite_row, is_integer_dtype)
 from .models import (MLP, SLOW_BF16_CPU, _check_seed, _first_weight_problem, _native_bf16_cpu,
                      _parameter_difference, _rebuild_difference, _resolve_device, build_model,
                      init_parameters_)
@@ -858,9 +858,9 @@ def _check_stacked_logits(logits: Tensor, first: int, row_offset: int) -> None:
     """predict_logits's NonFiniteLogits for the first model of ``logits`` [K, B, k] (model
     ``first`` onwards) with a NaN or Inf logit, naming it: NaN weights, or float64 weights
     beyond float32's range, gave NaN logits without a word."""
-    if bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
-        return  # one reduction pass: the usual case
-    j = first_bad_row(~torch.isfinite(logits))
+    j = first_non_finite_row(logits)
+    if j is None:
+        return
     try:
         check_logits(logits[j], logits.shape[1], "x", row_offset)
     except NonFiniteLogits as err:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, MAX_ADAM_WEIGHT_DECAY, NonFiniteLogits,
                       check_finite as _check_finite,
                       check_int as _check_int, check_logits, check_not_meta, check_number,
-                      first_bad_row, is_integer_dtype, mixed_dtypes, non_finite_parameter)
+                      first_non_finite_row, is_integer_dtype, mixed_dtypes, non_finite_parameter)
 from .models import _check_seed, _resolve_device, init_parameters_
 from .shapley import _check_model_width
 
@@ -416,7 +416,9 @@ def _check_first_logits(logits, idx: Tensor) -> None:
     """Before any step a NaN or Inf logit is the model's (or x's) doing, not the learning
     rate's: it was reported as a divergence ("Lower config.lr")."""
     if isinstance(logits, Tensor) and logits.is_floating_point() and logits.dim() == 2:
-        row = first_bad_row(~torch.isfinite(logits.detach()))
+        # in the logits' own dtype, which the loss is computed in (check_logits' float32 rule
+        # is for the outputs oni reads); the message says what a first step's NaN means
+        row = first_non_finite_row(logits)
         if row is not None:
             raise ValueError(f"the model's outputs at row {int(idx[row])} of x are NaN or Inf "
                              f"before any training step (freshly initialised): check the "

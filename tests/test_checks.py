@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from oni._checks import check_finite, check_int, check_number, first_bad_row, mixed_dtypes
+from oni._checks import (check_finite, check_int, check_number, first_bad_row,
+                         first_non_finite_row, mixed_dtypes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -36,6 +37,22 @@ def test_first_bad_row(shape):
     bad.view(5, -1)[1, 0] = True
     assert first_bad_row(bad) == 1
     assert first_bad_row(torch.zeros(0, 3, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32,
+                                   torch.float64])
+def test_first_non_finite_row(dtype):
+    """The detection check_logits, training's first-step check and the batched predictions
+    share: in the tensor's own dtype (check_logits passes float32)."""
+    t = torch.zeros(5, 3, dtype=dtype)
+    assert first_non_finite_row(t) is None and first_non_finite_row(t[:0]) is None
+    t[3, 2] = float("inf")
+    assert first_non_finite_row(t) == 3
+    t[1, 0] = float("nan")
+    assert first_non_finite_row(t.requires_grad_()) == 1
+    assert first_non_finite_row(torch.full((2, 2, 2), -float("inf"), dtype=dtype)) == 0
+    wide = torch.tensor([[1.0], [1e39]], dtype=torch.float64)  # finite, not in float32
+    assert first_non_finite_row(wide) is None and first_non_finite_row(wide.float()) == 1
 
 
 def test_mixed_dtypes():
