@@ -248,6 +248,12 @@ class _Game:
         out = self.model(z)
         return self._check_output(out, z.shape[0], what)
 
+    def at_kept(self, z: Tensor, what: str) -> Tensor:
+        """The model at a tensor that must survive the call (the caller's x or baseline, or
+        references the walks still read): on a copy, as a forward may write into its input
+        (``z[:, 0] = 0``); a plain first nn.Linear, the only module that sees it, does not."""
+        return self(z if self.first_linear is not None else z.clone(), what)
+
     def tail_outputs(self, pre: Tensor, batch: int, precision: str = "float32") -> Tensor:
         """The rest of the network on the first layer's outputs ``pre`` (which this call owns
         and may overwrite; already through the first ReLU when ``fuse_first_relu``),
@@ -712,9 +718,9 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
     # strict float32 everywhere but the walks' batched evaluation (its own opt-in): the
     # endpoints and the first layer's origin too, under a caller's autocast or TF32
     with torch.no_grad(), _walk_precision("float32", x.device):
-        logits_x = game(x, "model output at x")
+        logits_x = game.at_kept(x, "model output at x")
         _check_finite(logits_x, "model output at x")
-        logits_r = game(refs, "model output at the baseline")
+        logits_r = game.at_kept(refs, "model output at the baseline")
         _check_finite(logits_r, "model output at the baseline")
         classes = _resolve_target(target, labels, logits_x)
         fx = reference.class_value(logits_x, classes, game.softmax)
@@ -978,7 +984,7 @@ def exact_shapley(
     _check_model_input(model, x)
     game = _Game(model, link)
     with torch.no_grad(), _walk_precision("float32", x.device):  # the exact reference: strict
-        logits_x = game(x, "model output at x")
+        logits_x = game.at_kept(x, "model output at x")
         _check_finite(logits_x, "model output at x")
         classes = _resolve_target(target, labels, logits_x)
         values = torch.zeros((n, n_players), dtype=torch.float64, device=x.device)
@@ -1146,7 +1152,7 @@ class ShapleyValueSampling:
         target = _captum_target(target, x.shape[0])
         if target is None or (isinstance(target, int) and target < 0):
             with torch.no_grad():  # the output's width: every input, as captum's first call
-                out = self.forward_func(x, *extra)
+                out = self.forward_func(x.clone(), *extra)  # it may write into its input
             if not isinstance(out, Tensor) or out.dim() not in (1, 2):
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"forward_func must return [N] or [N, k] outputs, got {got}")

@@ -64,6 +64,21 @@ class Wrapped(nn.Module):
         return self.net(z)
 
 
+class ZeroesItsInput(nn.Module):
+    """The same outputs as ``net``, but the forward zeroes the tensor it was given once it has
+    read it (as a careless in-place preprocessing step would): a caller's x must not be it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z):
+        out = self.net(z.clone())
+        with torch.no_grad():  # allowed on a leaf that requires grad, as the solver's are
+            z.zero_()
+        return out
+
+
 def walk_inputs(n: int, d: int, n_refs: int = 1, n_walks: int = 4, *, seed: int = 0,
                 density: float = 0.5, device="cpu", dtype=torch.float32, active_counts=None):
     """Random x, baseline [N, B, d], and valid perm/n_active (ragged active counts)."""

@@ -17,7 +17,7 @@ from scipy.optimize import minimize
 
 import oni
 from oni import _ops, reference
-from helpers import only_real_cpu_kernels, small_mlp
+from helpers import Wrapped, ZeroesItsInput, only_real_cpu_kernels, small_mlp
 
 # helpers.devices() lists CUDA only when *every* op (noise ops included) has a CUDA kernel;
 # list the devices present and skip per test where the noise ops lack kernels.
@@ -472,6 +472,28 @@ def test_radius_and_solver_refuse_inference_mode():
             oni.robustness_radius(model, x)
         with pytest.raises(RuntimeError, match="optimal_noise needs autograd"):
             oni.optimal_noise(model, x, phi, **_OK)
+
+
+@pytest.mark.filterwarnings("ignore:.*flagged infeasible")
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_a_model_writing_into_its_input_leaves_x_alone(backend):
+    """optimal_noise computing phi itself ran shapley_values' f(x) on the caller's x: a
+    forward zeroing its input zeroed the caller's x. It must stay bitwise the same, and the
+    noise and radii be those of a model that does not write."""
+    net = small_mlp(6, k=3, seed=2)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    x_before = x.clone()
+    writer, reader = ZeroesItsInput(net).eval(), Wrapped(net).eval()
+    radius = oni.robustness_radius(writer, x)
+    assert torch.equal(x, x_before)
+    assert torch.equal(radius, oni.robustness_radius(reader, x))
+    kwargs = dict(tau_fraction=0.5, eps=0.5, beta=0.5, max_iter=5, backend=backend,
+                  shapley_kwargs={"n_permutations": 4})
+    got = oni.optimal_noise(writer, x, **kwargs)
+    assert torch.equal(x, x_before)
+    want = oni.optimal_noise(reader, x, **kwargs)
+    for name in ("eta", "entropy", "feasible", "budget", "radius"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
 @pytest.mark.filterwarnings("ignore:.*flagged infeasible")

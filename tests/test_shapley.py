@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import oni
-from helpers import Wrapped, devices, small_mlp, walk_inputs
+from helpers import Wrapped, ZeroesItsInput, devices, small_mlp, walk_inputs
 
 DEVICES = devices()
 BACKENDS = ["kernel", "torch"]
@@ -893,3 +893,53 @@ def test_strict_float32_on_a_torch_without_per_backend_settings(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def _equal_results(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+        return
+    for name in ("values", "stderr", "n_permutations", "fx", "f_baseline", "target"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("baseline", ["number", "vector", "background"])
+@pytest.mark.parametrize("run", [
+    lambda m, x, r: oni.shapley_values(m, x, r, n_permutations=6, backend="kernel"),
+    lambda m, x, r: oni.shapley_values(m, x, r, n_permutations=6, backend="torch"),
+    lambda m, x, r: oni.shapley_values(m, x, r, n_permutations=32, tol=1e-3),
+    lambda m, x, r: oni.exact_shapley(m, x, r),
+    lambda m, x, r: oni.ShapleyValueSampling(m).attribute(x, r, target=1, n_samples=4),
+    lambda m, x, r: oni.ShapleyValueSampling(m).attribute(x, r, n_samples=4),
+], ids=["kernel", "torch", "tol", "exact", "captum", "captum_every_target"])
+def test_a_model_writing_into_its_input_leaves_x_and_baseline_alone(run, baseline):
+    """The endpoints f(x) and f(baseline) ran the model on the caller's tensors (and on the
+    references the walks read afterwards): a forward zeroing its input zeroed the caller's
+    x. They must stay bitwise the same, the values those of a model that does not write."""
+    net = small_mlp(6, k=3, seed=2)
+    x = _gaussian_rows(5, 6, seed=3)
+    refs = {"number": 0.5, "vector": torch.full((6,), 0.5),
+            "background": _gaussian_rows(5, 6, seed=4)}[baseline]  # (captum: one per row)
+    x_before = x.clone()
+    refs_before = refs.clone() if isinstance(refs, torch.Tensor) else refs
+    got = run(ZeroesItsInput(net).eval(), x, refs)
+    assert torch.equal(x, x_before)
+    if isinstance(refs, torch.Tensor):
+        assert torch.equal(refs, refs_before)
+    _equal_results(got, run(Wrapped(net).eval(), x, refs))
+
+
+def test_a_plain_mlp_endpoint_reads_x_without_a_copy(monkeypatch):
+    """Only a plain first nn.Linear sees x in an nn.Sequential that takes the walk kernel's
+    path: that model cannot write into x, so x is not copied for it."""
+    model, x = small_mlp(6, k=3, seed=2), _gaussian_rows(5, 6, seed=3)
+    seen = []
+    model[0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
+    oni.shapley_values(model, x, n_permutations=2, backend="torch")  # the generic path
+    assert seen[0] is not x and torch.equal(seen[0], x)
+    from oni.shapley import _Game
+    calls = []
+    monkeypatch.setattr(_Game, "__call__", lambda self, z, what="": calls.append(z) or
+                        self.model(z))
+    oni.shapley_values(small_mlp(6, k=3, seed=2), x, n_permutations=2, backend="kernel")
+    assert calls[0] is x
