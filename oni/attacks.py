@@ -1216,9 +1216,22 @@ def run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
     Every attack's settings and shadow size (:func:`check_attack_sizes`) are checked before
     the first shadow model trains.
     """
+    return _run_attacks(names, target, data, splits, configs=configs,
+                        train_config=train_config, defense=defense, seed=seed)
+
+
+def _run_attacks(names: Sequence[str], target, data: Dataset, splits: Splits, *,
+                 configs: Optional[Mapping[str, Mapping]] = None, train_config: TrainConfig,
+                 defense: Optional[Tuple[str, Optional[dict]]] = None, seed: int = 0,
+                 data_checked: bool = False) -> Dict[str, AttackResult]:
+    """:func:`run_attacks`; ``data_checked``: the caller has already passed ``data`` to
+    :func:`check_attack_sizes` with these attacks (``oni run`` does, once for all its
+    defenses: the bitflip scan of data.x takes about 1 s at Texas100's size), so it is not
+    scanned again."""
     _check_inputs(target, data, splits, train_config, seed)
     defense = _check_defense(defense)
-    check_attack_sizes(names, splits, configs, defense=defense, data=data)  # before training
+    check_attack_sizes(names, splits, configs, defense=defense,  # before training
+                       data=None if data_checked else data)
     configs = {} if configs is None else configs
     cache: Dict[tuple, _Reference] = {}
     return {name: _run(name, target, data, splits, configs.get(name), train_config, defense,

@@ -808,7 +808,7 @@ class _Experiment:
 
     def _attacks(self, name: str, group: str, attacks: Sequence[str]):
         """One attack group against one defense; returns its record and saved arrays."""
-        from .attacks import run_attacks
+        from .attacks import _run_attacks
         from .defenses import load_defended
         from .metrics import attack_report
         adaptive = self.adaptive and name != "undefended"
@@ -835,10 +835,11 @@ class _Experiment:
         def compute(directory):
             target = load_defended(self._model_dir(name))  # a fresh noise stream (DynaNoise)
             knows = (name, self.config["defenses"][name]) if adaptive else None
-            results = run_attacks(list(attacks), target, self.data, self.splits,
-                                  configs={a: self.config["attacks"][a] for a in attacks},
-                                  train_config=self.train_config, defense=knows,
-                                  seed=self.seed)
+            # self.data was scanned for label-only's bitflip once, by _check_attack_sizes
+            results = _run_attacks(list(attacks), target, self.data, self.splits,
+                                   configs={a: self.config["attacks"][a] for a in attacks},
+                                   train_config=self.train_config, defense=knows,
+                                   seed=self.seed, data_checked=True)
             arrays, meta = {}, {}
             for attack, res in results.items():
                 rep = attack_report(res.scores, self.splits.target_member,

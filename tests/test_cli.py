@@ -700,7 +700,7 @@ def test_an_attack_out_of_memory_names_the_attacked_defense_settings(small_refer
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 "
                                      "has a total capacity of 79.19 GiB")
 
-    monkeypatch.setattr(oni.attacks, "run_attacks", out_of_memory)
+    monkeypatch.setattr(oni.attacks, "_run_attacks", out_of_memory)
     args = _small(tiny_yaml, out, "attacks.lira_online.n_shadows=6")
     assert cli.main(["run", *map(str, args), "-q"]) == 1
     err = capsys.readouterr().err
@@ -714,14 +714,14 @@ def test_an_attack_out_of_memory_names_the_attacked_defense_settings(small_refer
     monkeypatch.delenv("ONI_TRACEBACK")
     # against DynaNoise, the attacked defense's settings are named too
     monkeypatch.undo()
-    real_run_attacks = oni.attacks.run_attacks
+    real_run_attacks = oni.attacks._run_attacks
 
     def out_of_memory_against_dynanoise(attacks, target, *args, **kwargs):
         if target.name == "dynanoise":
             out_of_memory()
         return real_run_attacks(attacks, target, *args, **kwargs)
 
-    monkeypatch.setattr(oni.attacks, "run_attacks", out_of_memory_against_dynanoise)
+    monkeypatch.setattr(oni.attacks, "_run_attacks", out_of_memory_against_dynanoise)
     args = _small(tiny_yaml, out, "attacks.run=[lira_online]", "attacks.adaptive=false",
                   "defenses.dynanoise.draws=3")
     assert cli.main(["run", *map(str, args), "-q"]) == 1
@@ -1577,3 +1577,42 @@ def test_a_report_that_fails_part_way_replaces_nothing(small_reference, tmp_path
     assert "figures is a file" in capsys.readouterr().err
     assert (out / "results.csv").read_bytes() == b"an older table\n"
 
+
+
+def test_the_bitflip_scan_of_the_data_runs_once_a_run(tiny_yaml, tmp_path, monkeypatch,
+                                                      capsys):
+    """label_only's noise='bitflip' needs 0/1 features: `oni run` scans data.x up front, and
+    each defense's attack stage scanned it again (about 1 s a defense at Texas100's size).
+    Once a run now; a direct run_attacks still scans, and non-binary data is still refused."""
+    import dataclasses
+
+    import oni
+    scans = []
+    real_check_binary = oni.attacks._check_binary
+
+    def counted(data):
+        scans.append(data)
+        real_check_binary(data)
+
+    monkeypatch.setattr(oni.attacks, "_check_binary", counted)
+    bitflip = ("attacks.run=[label_only]", "attacks.label_only.noise=bitflip",
+               "attacks.label_only.n_queries=4", "attacks.label_only.sigma=0.1")
+    assert _run(_small(tiny_yaml, tmp_path / "run", "defenses.run=[undefended, uniform]",
+                       *bitflip)) == 0
+    assert len(scans) == 1
+    data = scans[0]
+    target = oni.defenses.load_defended(tmp_path / "run" / "stages" / "defense-uniform" /
+                                        "model")
+    splits = oni.data.make_splits(data, seed=0)
+    with pytest.raises(ValueError, match=r"'bitflip' flips 0/1 features, but data\.x"):
+        oni.attacks.run_attacks(["label_only"], target,
+                                dataclasses.replace(data, x=data.x * 0.5), splits,
+                                configs={"label_only": {"noise": "bitflip"}},
+                                train_config=oni.train.TrainConfig(epochs=1, device="cpu"))
+    assert len(scans) == 2
+    # and `oni run` refuses such data up front, before any model trains
+    monkeypatch.setattr(cli, "_load_data", lambda config: dataclasses.replace(
+        oni.synthetic_purchase(600, d=20, k=5), x=torch.full((600, 20), 0.5)))
+    assert _run(_small(tiny_yaml, tmp_path / "halved", *bitflip)) == 2
+    assert "flips 0/1 features, but data.x[0, 0] is 0.5" in capsys.readouterr().err
+    assert not (tmp_path / "halved" / "stages" / "target").exists()
