@@ -48,8 +48,8 @@ from . import config as cfgmod
 from ._checks import short_repr
 from .config import ConfigError
 from .models import _fsync_dir
-from .report import (FINISHING, build_report, render_report, results_from_json,
-                     results_json_bytes, write_atomic, write_rendered)
+from .report import (FINISHING, build_report, nonfinite_restored, render_report,
+                     results_from_json, results_json_bytes, write_atomic, write_rendered)
 
 __all__ = ["main", "run_experiment", "StageStore", "RunOutOfMemory", "ResultsRefused",
            "RunDirectoryBusy"]
@@ -141,12 +141,28 @@ def _json_default(value):
 
 
 def _json_bytes(value) -> bytes:
-    return (json.dumps(value, indent=1, default=_json_default) + "\n").encode()
+    """Strict JSON, as results.json: attack thresholds (inf when nobody is called a member)
+    and noise radii (inf at a zero gradient) reach stage records, and other tools' parsers
+    refuse Python's bare Infinity and NaN. Such floats are written as the strings
+    "Infinity", "-Infinity", "NaN"; a record of finite values is the same bytes as before."""
+    return results_json_bytes(value, default=_json_default)
+
+
+# the parts of a stage record that hold the user's strings (a data path named "NaN"), read
+# verbatim; their numbers are finite (the config refuses others)
+_RECORD_VERBATIM = frozenset({"settings", "config"})
+
+
+def _record_as_read(record: dict) -> dict:
+    """A stage record's fields as the run uses them: non-finite floats as floats again."""
+    return nonfinite_restored(record, _RECORD_VERBATIM)
 
 
 def _record_digest(record: Mapping) -> str:
     """SHA-256 of a stage record's fields (a record edited by hand, or half-corrupted into
-    other valid JSON, would otherwise feed missing or mistyped facts into the run)."""
+    other valid JSON, would otherwise feed missing or mistyped facts into the run). Taken
+    over the fields as written (non-finite floats as strings; an older record's bare NaN or
+    Infinity as floats, as it was then), so earlier records still match."""
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -181,7 +197,7 @@ class StageStore:
         if record.get("version") in (_ADOPTED_VERSION, _STAGE_VERSION) and \
                 record.pop("sha256", None) != _record_digest(record):
             return None  # edited or corrupt: its fields cannot be trusted (recomputed)
-        return record
+        return _record_as_read(record)
 
     def check(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str],
               as_today: Optional[Callable[[dict], Tuple[dict, dict, str]]] = None
@@ -251,10 +267,10 @@ class StageStore:
                   "files": {rel: _sha256_file(directory / rel) for rel in files},
                   "meta": dict(meta), "seconds": seconds,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        record = json.loads(_json_bytes(record))  # as a reader will see it
+        record = json.loads(_json_bytes(record))  # as written
         write_atomic(directory / _RECORD, _json_bytes({**record,
                                                        "sha256": _record_digest(record)}))
-        return record
+        return _record_as_read(record)  # as a reader will see it
 
     def adopt(self, name: str, digest: str, settings: Mapping, parents: Mapping[str, str]
               ) -> dict:
@@ -268,7 +284,7 @@ class StageStore:
         record = json.loads(_json_bytes(record))
         write_atomic(self.path(name) / _RECORD, _json_bytes({**record,
                                                            "sha256": _record_digest(record)}))
-        return record
+        return _record_as_read(record)
 
     def write_npz(self, name: str, rel: str, arrays: Mapping[str, np.ndarray]) -> str:
         write_atomic(self.path(name) / rel, _npz_bytes(arrays))

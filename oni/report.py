@@ -89,16 +89,22 @@ def results_from_json(text) -> Any:
     """What :func:`results_json_bytes` wrote, with its non-finite strings as floats again,
     except under the keys ``config``, ``data`` and ``machine``, whose strings are the
     user's (an older run's bare ``Infinity`` is read as well)."""
+    return nonfinite_restored(json.loads(text))
+
+
+def nonfinite_restored(value, verbatim=_VERBATIM) -> Any:
+    """Parsed JSON written by :func:`results_json_bytes`, with the strings ``"Infinity"``,
+    ``"-Infinity"`` and ``"NaN"`` as floats again, except under the keys ``verbatim``."""
     def restore(value):
         if isinstance(value, str):
             return _NONFINITE.get(value, value)
         if isinstance(value, dict):
-            return {key: item if key in _VERBATIM else restore(item)
+            return {key: item if key in verbatim else restore(item)
                     for key, item in value.items()}
         if isinstance(value, list):
             return [restore(item) for item in value]
         return value
-    return restore(json.loads(text))
+    return restore(value)
 
 
 def write_atomic(path: os.PathLike, data: bytes) -> Path:

@@ -1616,3 +1616,61 @@ def test_the_bitflip_scan_of_the_data_runs_once_a_run(tiny_yaml, tmp_path, monke
     assert _run(_small(tiny_yaml, tmp_path / "halved", *bitflip)) == 2
     assert "flips 0/1 features, but data.x[0, 0] is 0.5" in capsys.readouterr().err
     assert not (tmp_path / "halved" / "stages" / "target").exists()
+
+
+def _strict_json(text: str):
+    """json.loads refusing Python's bare NaN and Infinity, as other tools' parsers do."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: bare {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_stage_record_of_a_run_is_strict_json(full_run):
+    """Attack thresholds are inf when nobody is called a member: the records held a bare
+    Infinity, which strict parsers (jq, JavaScript) refuse."""
+    records = sorted((full_run / "stages").glob(f"*/{_RECORD}"))
+    assert records
+    texts = [path.read_text() for path in records]
+    for path, text in zip(records, texts):
+        _strict_json(text)
+    assert any('"Infinity"' in text for text in texts)  # the case is real, not hypothetical
+
+
+def test_stage_records_keep_non_finite_floats_and_the_users_strings(tmp_path):
+    store = cli.StageStore(tmp_path, cli._Log(quiet=True))
+    store.begin("s")
+    settings = {"data.path": "NaN", "seed": 0}  # a user's string, not a float
+    meta = {"metrics": {"threshold": math.inf, "oracle_threshold": -math.inf},
+            "radius_median": np.float32(math.inf), "stderr_max": math.nan,
+            "config": {"name": "Infinity"}}
+    written = store.finish("s", "abc", settings, {}, [], meta, 1.0)
+    strict = _strict_json((tmp_path / "stages" / "s" / _RECORD).read_text())
+    assert strict["meta"]["metrics"]["threshold"] == "Infinity"
+    read = store.record("s")
+    assert read["meta"]["metrics"] == {"threshold": math.inf, "oracle_threshold": -math.inf}
+    assert read["meta"]["radius_median"] == math.inf and math.isnan(read["meta"]["stderr_max"])
+    assert read["settings"]["data.path"] == "NaN"
+    assert read["meta"]["config"]["name"] == "Infinity"
+    assert json.dumps(read, sort_keys=True) == json.dumps(written, sort_keys=True)
+    assert store.check("s", "abc", settings, {}) == (True, "")
+
+
+def test_stage_records_written_before_strict_json_are_still_reused(tmp_path):
+    """A record of an earlier oni (a bare Infinity, its sha256 over the float) is still done
+    and reads the same; a record of finite values is the same bytes either way."""
+    def old_json_bytes(value) -> bytes:
+        return (json.dumps(value, indent=1, default=cli._json_default) + "\n").encode()
+
+    store = cli.StageStore(tmp_path, cli._Log(quiet=True))
+    store.begin("s")
+    record = {"format": cli._STAGE_FORMAT, "version": cli._STAGE_VERSION, "stage": "s",
+              "hash": "abc", "settings": {"seed": 0}, "parents": {}, "files": {},
+              "meta": {"threshold": math.inf, "auc": 0.5}, "seconds": 1.0,
+              "finished": "2026-01-01T00:00:00+0000"}
+    (tmp_path / "stages" / "s" / _RECORD).write_bytes(
+        old_json_bytes({**record, "sha256": cli._record_digest(record)}))
+    assert store.check("s", "abc", {"seed": 0}, {}) == (True, "")
+    assert store.record("s")["meta"] == {"threshold": math.inf, "auc": 0.5}
+    finite = {**record, "meta": {"threshold": 0.25, "n": np.int64(3), "p": np.float32(0.5),
+                                 "widths": (16, 8)}}
+    assert cli._json_bytes(finite) == old_json_bytes(finite)
