@@ -1,5 +1,5 @@
 """The ONI noise: per-feature budgets, the local-robustness radius, and the minimum-norm
-perturbation that raises the prediction entropy to a threshold (DESIGN.md, "The method"
+perturbation that raises the prediction entropy to a threshold (docs/DESIGN.md, "The method"
 items 2-4), plus the paper's uniform-noise baseline (item 6).
 
 * :func:`noise_budget` — eq. 7: ``u_i = eps * (1 - beta * phi_i / max_j phi_j)``, clipped at 0.
@@ -32,6 +32,7 @@ from .shapley import (
     _check_model_input,
     _check_precision,
     _mix64,
+    _refuse_probabilities,
     _seed_term,
     _shr,
     _walk_precision,
@@ -214,7 +215,10 @@ def _radius_and_logits(model, x: Tensor, batch_size: int = _RADIUS_BATCH,
                       "model, or one that detaches or runs under torch.no_grad() inside): its "
                       "input gradient is taken as zero, so rho = +inf (no radius) and the noise "
                       "solver cannot climb", stacklevel=3)
-    return torch.cat(radii), torch.cat(outputs)
+    logits = torch.cat(outputs)
+    # the entropy (eq. 5) and the gap take a softmax of the outputs
+    _refuse_probabilities(logits, "the model's outputs at x", "")
+    return torch.cat(radii), logits
 
 
 # ----------------------------------------------------------------------------- eqs. 5-8

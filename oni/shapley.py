@@ -1,6 +1,6 @@
 """Shapley values of a torch classifier's prediction: the public API.
 
-The game (DESIGN.md, "The method" 1): ``v(S) = f_c(z_S)`` where ``z_S`` takes ``x`` on the
+The game (docs/DESIGN.md, "The method" 1): ``v(S) = f_c(z_S)`` where ``z_S`` takes ``x`` on the
 coalition ``S`` and a reference ``r`` elsewhere, averaged over a background set of references
 when one is given, and ``f_c`` is the softmax probability of the explained class ``c``.
 
@@ -477,6 +477,24 @@ def _check_logits(out, n: int, what: str, min_classes: int = 2, hint: str = "") 
     return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
+# for shapley_values: probabilities are a game too, with no softmax on top
+_EXPLAIN_AS_THEY_ARE = ", or explain the outputs as they are with link='identity'"
+
+
+def _refuse_probabilities(logits: Tensor, what: str, remedy: str) -> None:
+    """A model ending in a softmax (every output row >= 0, summing to 1) gets a second
+    softmax here: near uniform, so the explained probability is wrong, and the entropy reads
+    tau as met with no noise at all. Real logits do that by chance in no row, let alone all."""
+    if logits.shape[0] == 0 or logits.shape[1] < 2:
+        return
+    sums = logits.double().sum(1)
+    if bool((logits >= 0).all()) and bool(((sums - 1).abs() <= 1e-3).all()):
+        raise ValueError(f"{what} look like probabilities (every row non-negative, summing "
+                         f"to 1), and oni applies a softmax to the model's outputs: it would "
+                         f"be applied twice. Give a model that returns logits (drop its final "
+                         f"Softmax, or return log-probabilities){remedy}")
+
+
 def _split_first_linear(model: nn.Module) -> Optional[Tuple[nn.Linear, nn.Module]]:
     """(first nn.Linear, rest of the network) for an nn.Sequential starting with nn.Linear.
     Only plain modules qualify (no hooks, no subclass with its own forward): the walk kernel
@@ -720,6 +738,8 @@ def _sampled_shapley(model, x: Tensor, refs: Tensor, refs_per_row: bool, *, targ
     with torch.no_grad(), _walk_precision("float32", x.device):
         logits_x = game.at_kept(x, "model output at x")
         _check_finite(logits_x, "model output at x")
+        if game.softmax:
+            _refuse_probabilities(logits_x, "the model's outputs at x", _EXPLAIN_AS_THEY_ARE)
         logits_r = game.at_kept(refs, "model output at the baseline")
         _check_finite(logits_r, "model output at the baseline")
         classes = _resolve_target(target, labels, logits_x)
@@ -986,6 +1006,8 @@ def exact_shapley(
     with torch.no_grad(), _walk_precision("float32", x.device):  # the exact reference: strict
         logits_x = game.at_kept(x, "model output at x")
         _check_finite(logits_x, "model output at x")
+        if game.softmax:
+            _refuse_probabilities(logits_x, "the model's outputs at x", _EXPLAIN_AS_THEY_ARE)
         classes = _resolve_target(target, labels, logits_x)
         values = torch.zeros((n, n_players), dtype=torch.float64, device=x.device)
         f_base = torch.empty(n, dtype=torch.float64, device=x.device)

@@ -1,4 +1,4 @@
-"""The noise solver (DESIGN.md, "The method" items 2-4 and 6): the fused ops against their
+"""The noise solver (docs/DESIGN.md, "The method" items 2-4 and 6): the fused ops against their
 twins, the exact box ∩ ball projection, the budget (eq. 7), the radius (eq. 8), the solver's
 quality against an independent SLSQP reference, bad input, and the uniform-noise baseline.
 
@@ -1305,3 +1305,16 @@ def test_reference_noise_ops_check_their_inputs_as_the_kernels_do():
                       ("active", torch.ones(3))):
         with pytest.raises(ValueError, match=rf"^{name} must be"):
             reference.ascend_and_project(eta, **{**args, name: bad})
+
+
+def test_a_model_returning_probabilities_is_refused():
+    """With a final nn.Softmax the entropy was that of softmax(probabilities), near log k:
+    every row read as meeting tau, feasible with no noise at all."""
+    model = torch.nn.Sequential(small_mlp(8, k=5, seed=1), torch.nn.Softmax(1)).eval()
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    for call in (lambda: oni.robustness_radius(model, x),
+                 lambda: oni.optimal_noise(model, x, torch.rand(6, 8), tau_fraction=0.5,
+                                           eps=1.0, beta=0.5)):
+        with pytest.raises(ValueError, match=r"look like probabilities .*drop its final "
+                                             r"Softmax, or return log-probabilities"):
+            call()

@@ -943,3 +943,23 @@ def test_a_plain_mlp_endpoint_reads_x_without_a_copy(monkeypatch):
                         self.model(z))
     oni.shapley_values(small_mlp(6, k=3, seed=2), x, n_permutations=2, backend="kernel")
     assert calls[0] is x
+
+
+def test_a_model_returning_probabilities_is_refused_under_the_softmax_link():
+    """A model ending in nn.Softmax had a second softmax applied: fx read 0.36 for a
+    class of probability 0.42, silently. link='identity' explains its outputs as they are,
+    and log-probabilities are logits up to a constant."""
+    net = small_mlp(6, k=4, seed=2)
+    x = _gaussian_rows(5, 6, seed=3)
+    probs = nn.Sequential(net, nn.Softmax(1)).eval()
+    for call in (lambda: oni.shapley_values(probs, x, n_permutations=4),
+                 lambda: oni.exact_shapley(probs, x[:2])):
+        with pytest.raises(ValueError, match=r"model's outputs at x look like probabilities "
+                                             r".*link='identity'"):
+            call()
+    as_they_are = oni.shapley_values(probs, x, n_permutations=4, link="identity")
+    torch.testing.assert_close(as_they_are.fx, torch.softmax(net(x), 1).gather(
+        1, as_they_are.target[:, None])[:, 0])
+    log_probs = oni.shapley_values(nn.Sequential(net, nn.LogSoftmax(1)).eval(), x,
+                                   n_permutations=4)
+    torch.testing.assert_close(log_probs.fx, as_they_are.fx)
