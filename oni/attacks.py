@@ -6,7 +6,7 @@ Every attack scores the rows of ``splits.target`` against a target model it can 
 an :class:`AttackResult` whose scores are **higher for "more likely a member"** (the
 convention of :mod:`oni.metrics`), aligned with ``splits.target``.
 
-Threat model (DESIGN.md, "Attacks and metrics")
+Threat model (docs/DESIGN.md, "Attacks and metrics")
 ------------------------------------------------
 The adversary knows the target's architecture and training recipe (the ``TrainConfig``),
 holds population data (``splits.shadow_pool``: rows the target never trained on) and part

@@ -1,6 +1,6 @@
 """Data sets: the standard MIA files, a synthetic Purchase100 stand-in, and the paper's splits.
 
-Loaders (DESIGN.md, "Data"): files are read from a path the user gives, never downloaded.
+Loaders (docs/DESIGN.md, "Data"): files are read from a path the user gives, never downloaded.
 
 * :func:`load_shokri_csv` — Shokri-format CSV, one record per line, ``label,f1,...,fd``
   (Purchase100's ``dataset_purchase``, Location30's ``bangkok``), plain or inside a tar

@@ -1,5 +1,5 @@
 """Defenses against membership inference behind one interface: training data + a config in,
-a defended model and the prediction function an attacker queries out (DESIGN.md, "The
+a defended model and the prediction function an attacker queries out (docs/DESIGN.md, "The
 method" items 5-6).
 
 :func:`defend` ``(name, x, y, config=..., train_config=...)`` returns a
@@ -464,7 +464,7 @@ class DefendedModel:
 
 def distillation_loss(logits: Tensor, y: Tensor, log_soft_labels: Tensor, *, alpha: float,
                       kl_direction: str = "paper") -> Tensor:
-    """The defense model's loss (DESIGN.md, item 5): ``alpha KL + (1 - alpha) CE(f'(x'), y)``.
+    """The defense model's loss (docs/DESIGN.md, item 5): ``alpha KL + (1 - alpha) CE(f'(x'), y)``.
 
     ``kl_direction="paper"`` takes ``KL(f'(x') || y') = sum_c p_c (log p_c - log y'_c)`` as
     the paper writes it (``p = softmax(logits)``); ``"forward"`` takes the usual

@@ -1,6 +1,6 @@
 """The paper's classifier, its deterministic initialisation, and its files.
 
-* :class:`MLP` — the paper's network (DESIGN.md, "Paper setup"): ``d -> 1024 -> 512 -> 256
+* :class:`MLP` — the paper's network (docs/DESIGN.md, "Paper setup"): ``d -> 1024 -> 512 -> 256
   -> 128 -> k`` with ReLU, widths configurable. It is a plain ``nn.Sequential`` whose first
   module is ``nn.Linear`` and which keeps ``nn.Sequential.forward``, so
   :func:`oni.shapley_values` takes its incremental first-layer path on it.

@@ -24,6 +24,11 @@ def test_readme_noise_example_runs():
     _run_section("## Noise solver")
 
 
+def test_readme_defenses_example_runs():
+    """It ran but showed nothing: its base model left every row above tau (norm_mean 0)."""
+    _run_section("## Defenses")
+
+
 def test_readme_defenses_table_lists_every_default():
     """The Defenses table's last column is oni.DEFAULTS, key for key and value for value."""
     import ast
