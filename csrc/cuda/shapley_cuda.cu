@@ -620,7 +620,7 @@ __global__ void accumulate_welford_kernel(
         value /= static_cast<double>(walks_per_sample);
         const double delta = value - mu;
         mu += delta / static_cast<double>(s + 1);
-        ss += delta * (value - mu);
+        ss += product_rn(delta, value - mu);  // unfused, as in the CPU kernel
       }
       if (!(isfinite(mu) && isfinite(ss))) mu = ss = NAN;  // as the CPU kernel: one rule
       mean[n * n_features + i] = mu;
