@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -1425,13 +1426,42 @@ def _cmd_noise(args) -> int:
 def _cmd_report(args) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if not (run_dir / "results.json").is_file():
-        raise ConfigError(f"{run_dir} holds no results.json: run `oni run --out {run_dir}` "
-                          f"first")
+        raise ConfigError(_unfinished_run_hint(run_dir))
     # a run finishing meanwhile would leave a mix of two runs' files
     with _run_lock(run_dir, report=True):
         path = build_report(run_dir)
     print(f"oni report: {path} rebuilt (results.csv and figures/ too)")
     return 0
+
+
+def _unfinished_run_hint(run_dir: Path) -> str:
+    """Why ``run_dir`` has no report, and how to finish its run. Not `oni run --out DIR`:
+    that drops the run's config file, --preset and --set, so it would run the default
+    preset there and recompute every stage."""
+    if not run_dir.is_dir() or not _is_run_dir(run_dir):
+        what = "does not exist" if not run_dir.exists() else "is not an oni run directory"
+        return (f"{run_dir} {what} (no results.json): give the --out directory of a "
+                f"finished `oni run`")
+    out = shlex.quote(str(run_dir))
+    hint = (f"{run_dir} holds no results.json: its run has not finished. Finish it with the "
+            f"same `oni run` command that started it (the same config file, --preset and "
+            f"--set options, --out {out}): its finished stages are reused")
+    config = run_dir / "config.yaml"  # written when the run started: its resolved settings
+    try:
+        loaded = cfgmod.load_yaml(config.read_text(encoding="utf-8"), source=str(config))
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return hint
+    if not isinstance(loaded, dict) or not set(cfgmod.SCHEMA) <= set(loaded):
+        return hint
+    # it reproduces the run, but a run refuses its own config.yaml as its config file (it
+    # rewrites it): hence a copy
+    hint += (f". Its resolved settings are in {config}: `cp {shlex.quote(str(config))} "
+             f"CONFIG.yaml && oni run CONFIG.yaml --out {out}` does the same")
+    data_path = loaded["data"].get("path") if isinstance(loaded["data"], dict) else None
+    if isinstance(data_path, str) and not Path(data_path).expanduser().is_absolute():
+        hint += (f", from the directory the run started in (data.path {data_path!r} is "
+                 f"relative)")
+    return hint
 
 
 # ----------------------------------------------------------------------------- arguments

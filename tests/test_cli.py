@@ -479,6 +479,44 @@ def test_resume_after_a_failed_stage(tiny_yaml, small_reference, tmp_path, monke
     assert _metrics(out) == _metrics(small_reference)
 
 
+def test_report_of_an_unfinished_run_says_how_to_finish_that_run(
+        tiny_yaml, small_reference, tmp_path, monkeypatch, capsys):
+    """The hint was `oni run --out DIR`: it drops the run's config file and --set options, so
+    following it ran the default preset into DIR and recomputed every stage. The hint now
+    names the same command, or a copy of the run's resolved config.yaml, which it follows
+    here literally: the finished stages are reused."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(cli, "_oni_distill", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _run(_small(tiny_yaml, out))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"run `oni run --out {out}`" not in err, err
+    assert "its run has not finished. Finish it with the same `oni run` command that " \
+           "started it" in err, err
+    command = re.search(r"`(cp .*? && oni run .*?)`", err).group(1)
+    assert command == f"cp {out / 'config.yaml'} CONFIG.yaml && oni run CONFIG.yaml " \
+                      f"--out {out}", err
+    shutil.copy(out / "config.yaml", tmp_path / "CONFIG.yaml")
+    assert _run([tmp_path / "CONFIG.yaml", "--out", out]) == 0
+    status = _stage_status(out)
+    assert status["target"] and status["oni-eta"] and not status["defense-oni"]
+    assert _metrics(out) == _metrics(small_reference)
+    # a relative data.path holds only from the directory the run started in
+    (out / "results.json").unlink()
+    config = resolve_config(sets=["data.path=data/purchase.csv"], check_files=False)
+    (out / "config.yaml").write_text(cfgmod.dump_yaml(config))
+    assert "from the directory the run started in (data.path 'data/purchase.csv' is " \
+           "relative)" in cli._unfinished_run_hint(out)
+    # not a run's directory: no command to resume
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not an oni run directory (no results.json): give the --out " \
+           f"directory of a finished `oni run`" in err, err
+
+
 def test_resume_after_kill_9(tiny_yaml, small_reference, tmp_path):
     """A real `kill -9` in the middle of a run, then the same command again."""
     out = tmp_path / "run"
