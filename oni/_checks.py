@@ -1,9 +1,11 @@
 """Argument checks shared by the public modules: one place for the messages users see."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import reprlib
+import warnings
 from typing import Iterable, List, Optional
 
 import numpy as np
@@ -222,3 +224,20 @@ def tensor_to_numpy(t: Tensor) -> np.ndarray:
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.float()
     return t.detach().cpu().numpy()
+
+
+@contextlib.contextmanager
+def warnings_prefixed(prefix: str):
+    """Warnings issued inside the block are shown with ``prefix`` before their message (e.g.
+    which shadow model they come from: the counts of one defense's warning differ from model
+    to model, so each would read alike). The filters see the message as issued; whatever
+    shows warnings (Python's display, a catch_warnings record, a command's own hook) gets it
+    prefixed. Restored on exit, as by ``warnings.catch_warnings``."""
+    show = warnings.showwarning
+
+    def show_prefixed(message, category, filename, lineno, file=None, line=None):
+        show(f"{prefix}{message}", category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_prefixed
+        yield

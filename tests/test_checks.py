@@ -2,12 +2,14 @@
 raised; here, the edge cases of the helpers themselves)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from oni._checks import (check_finite, check_int, check_number, first_bad_row,
-                         first_non_finite_row, mixed_dtypes)
+                         first_non_finite_row, mixed_dtypes, warnings_prefixed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -105,3 +107,16 @@ def test_check_number():
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             check_number(*args[:1], "x", *args[1:], **kwargs)
+
+
+def test_warnings_prefixed_names_the_source_and_keeps_the_filters():
+    shown = warnings.showwarning
+    with pytest.warns(UserWarning, match=r"^shadow 2 of 4: 3 of 9 rows fall short$"):
+        with warnings_prefixed("shadow 2 of 4: "):
+            warnings.warn("3 of 9 rows fall short")
+    assert warnings.showwarning is shown
+    with warnings.catch_warnings():  # filters match the message as issued
+        warnings.filterwarnings("error", message="3 of 9 rows")
+        with pytest.raises(UserWarning, match="^3 of 9 rows"), warnings_prefixed("x: "):
+            warnings.warn("3 of 9 rows fall short")
+    assert warnings.showwarning is shown
