@@ -40,13 +40,14 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import config as cfgmod
-from ._checks import short_repr
+from ._checks import short_repr, warnings_prefixed
 from .config import ConfigError
 from .models import _fsync_dir
 from .report import (FINISHING, build_report, nonfinite_restored, render_report,
@@ -622,7 +623,8 @@ class _Experiment:
             directory = self.store.begin(st.name)
             start = time.perf_counter()
             with _settings_named(f"stage {st.name}", st.settings), \
-                    _out_of_memory_named(f"stage {st.name}", {**st.sizes, **st.settings}):
+                    _out_of_memory_named(f"stage {st.name}", {**st.sizes, **st.settings}), \
+                    warnings_prefixed(f"stage {st.name}: "):
                 files, meta = compute(directory)
             seconds = time.perf_counter() - start
             record = self.store.finish(st.name, st.hash, st.settings, st.parents, files, meta,
@@ -1648,7 +1650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
     from .distributed import OtherRankFailed
     try:
-        with _terminate_as_interrupt(args.command == "run"):
+        with _terminate_as_interrupt(args.command == "run"), _warnings_as_lines(args.command):
             return args.handler(args)
     except ResultsRefused as err:
         print(f"oni {args.command}: error: {err}", file=sys.stderr)
@@ -1695,6 +1697,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 143 if isinstance(err, _Terminated) else 130
     finally:
         _leave_ranks()
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Python's warnings shown as the command's own lines, `oni COMMAND: warning: MESSAGE` on
+    stderr (the category named when not a UserWarning), not as the file path and source line
+    of the library code that issued them; within the command only (the library's users keep
+    Python's display)."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        with contextlib.suppress(OSError):  # as Python's own display: a closed stderr
+            print(f"oni {command}: warning: {message}{kind}",
+                  file=sys.stderr if file is None else file, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 class _Terminated(KeyboardInterrupt):

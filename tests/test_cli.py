@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -897,6 +898,29 @@ def test_noise_command(model_and_data, capsys):
                      "--phi", str(phi_path), "--precision", "tf32", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--precision: tf32 needs a CUDA device, --device resolved to cpu" in err
+
+
+def test_warnings_are_short_lines_naming_the_stage_and_shadow(tiny_yaml, tmp_path, capsys):
+    """`oni run` showed `cli.py:493: UserWarning: 14 of 600 rows cannot reach ...` and one
+    `defenses.py:851` warning per adaptive shadow model, naming neither stage nor model,
+    each followed by a line of oni's source. Now one line each, `oni run: warning: stage
+    NAME: [adaptive shadow model J of K (DEFENSE defense): ]MESSAGE`; Python's display is
+    restored after the command."""
+    shown = warnings.showwarning
+    assert _run([tiny_yaml, "--out", tmp_path / "run", "--set", "defenses.run=[undefended, oni]",
+                 "--set", "attacks.run=[lira_online]", "--set", "defenses.oni.eps=0.001",
+                 "--set", "defenses.oni.tau_fraction=0.999"]) == 0
+    assert warnings.showwarning is shown
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("oni run: warning: stage ") for line in lines), err
+    assert "UserWarning" not in err and ".py:" not in err, err
+    rows = r"\d+ of 132 rows cannot reach entropy tau = 1\.6078 inside their budget box"
+    assert re.fullmatch(rf"oni run: warning: stage oni-eta: {rows}.*", lines[0]), err
+    shadows = [re.fullmatch(rf"oni run: warning: stage attack-oni-lira_online: adaptive "
+                            rf"shadow model (\d) of 4 \(oni defense\): {rows}.*", line)
+               for line in lines[1:]]
+    assert all(shadows) and [int(m.group(1)) for m in shadows] == [1, 2, 3, 4], err
 
 
 def test_solver_commands_findings_of_the_fuzz_pass(model_and_data, tmp_path, monkeypatch,
