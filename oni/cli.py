@@ -1376,6 +1376,10 @@ def _cmd_shapley(args) -> int:
     return 0
 
 
+# oni.optimal_noise's warning of the rows that do not reach tau (`oni noise` counts them)
+_INFEASIBLE_ROWS = r"\d+ of \d+ rows cannot reach entropy tau "
+
+
 def _cmd_noise(args) -> int:
     import torch
 
@@ -1400,13 +1404,17 @@ def _cmd_noise(args) -> int:
     if tau_fraction is None and args.tau is None:
         tau_fraction = args.tau_fraction_default
     start = time.perf_counter()
-    res = optimal_noise(model, x, phi, tau=args.tau, tau_fraction=tau_fraction, eps=args.eps,
-                        beta=args.beta, importance=args.importance, max_iter=args.max_iter,
-                        refine_iter=args.refine_iter, polish_iter=args.polish_iter,
-                        starts=args.starts, seed=args.seed, row_offset=row_offset,
-                        backend=args.backend, precision=args.precision,
-                        shapley_kwargs={"n_permutations": args.n_permutations,
-                                        "precision": args.precision})
+    with warnings.catch_warnings():
+        # the summary line below counts them (every rank's, where each warns of its own)
+        warnings.filterwarnings("ignore", message=_INFEASIBLE_ROWS, category=UserWarning)
+        res = optimal_noise(model, x, phi, tau=args.tau, tau_fraction=tau_fraction,
+                            eps=args.eps, beta=args.beta, importance=args.importance,
+                            max_iter=args.max_iter, refine_iter=args.refine_iter,
+                            polish_iter=args.polish_iter, starts=args.starts, seed=args.seed,
+                            row_offset=row_offset, backend=args.backend,
+                            precision=args.precision,
+                            shapley_kwargs={"n_permutations": args.n_permutations,
+                                            "precision": args.precision})
     seconds = time.perf_counter() - start
     if rank != 0:
         return 0
@@ -1419,7 +1427,9 @@ def _cmd_noise(args) -> int:
             "feasible": res.feasible.cpu().numpy(), "iterations": res.iterations.cpu().numpy(),
             "radius": res.radius.cpu().numpy(), "tau": np.float64(res.tau)}))
     n_ok = int(res.feasible.sum())
-    print(f"oni noise: {n_ok} of {data.n} rows reach entropy tau = {res.tau:.4f} nats "
+    others = (f", the other {data.n - n_ok} get their highest-entropy point inside their "
+              f"budget box and radius ball" if n_ok < data.n else "")
+    print(f"oni noise: {n_ok} of {data.n} rows reach entropy tau = {res.tau:.4f} nats{others} "
           f"(mean noise norm {float(res.norm.double().mean()):.4f}) in {seconds:.1f} s; "
           f"eta written to {args.out}")
     return 0

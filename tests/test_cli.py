@@ -900,6 +900,25 @@ def test_noise_command(model_and_data, capsys):
     assert "--precision: tf32 needs a CUDA device, --device resolved to cpu" in err
 
 
+def test_noise_command_counts_the_infeasible_rows_once(model_and_data, tmp_path):
+    """Its summary line followed a raw `distributed.py:99: UserWarning` (and the source line)
+    that said the same count; the summary now says what the warning added."""
+    root, _, _ = model_and_data
+    args = [sys.executable, "-m", "oni.cli", "noise", str(root / "model"),
+            str(root / "data.npz"), "--out", str(tmp_path / "eta.npy"), "--tau", "1.098",
+            "--eps", "0.01", "--max-iter", "5", "--n-permutations", "4", "--device", "cpu"]
+    done = subprocess.run(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"oni noise: (\d+) of 120 rows reach entropy tau = 1\.0980 nats, the "
+                      r"other (\d+) get their highest-entropy point inside their budget box "
+                      r"and radius ball \(", done.stdout)
+    assert found and int(found.group(1)) + int(found.group(2)) == 120, done.stdout
+    assert int(found.group(2)) > 0
+    assert "cannot reach entropy tau" not in done.stderr, done.stderr
+    assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
+
+
 def test_warnings_are_short_lines_naming_the_stage_and_shadow(tiny_yaml, tmp_path, capsys):
     """`oni run` showed `cli.py:493: UserWarning: 14 of 600 rows cannot reach ...` and one
     `defenses.py:851` warning per adaptive shadow model, naming neither stage nor model,
