@@ -5,7 +5,7 @@ import contextlib
 import math
 import numbers
 import reprlib
-import warnings
+import threading
 from typing import Iterable, List, Optional
 
 import numpy as np
@@ -226,18 +226,25 @@ def tensor_to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+# where the warnings being issued come from, per thread (see warning_context)
+_warning_sources = threading.local()
+
+
 @contextlib.contextmanager
-def warnings_prefixed(prefix: str):
-    """Warnings issued inside the block are shown with ``prefix`` before their message (e.g.
-    which shadow model they come from: the counts of one defense's warning differ from model
-    to model, so each would read alike). The filters see the message as issued; whatever
-    shows warnings (Python's display, a catch_warnings record, a command's own hook) gets it
-    prefixed. Restored on exit, as by ``warnings.catch_warnings``."""
-    show = warnings.showwarning
-
-    def show_prefixed(message, category, filename, lineno, file=None, line=None):
-        show(f"{prefix}{message}", category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show_prefixed
+def warning_context(label: str):
+    """Names where the warnings issued inside the block come from (a stage, a shadow model:
+    the counts of one defense's warning differ from model to model, so each would read
+    alike). A display that asks (:func:`warning_labels`; `oni`'s command line shows them
+    before each message) gets the labels; nothing of the warnings module is touched, so the
+    library's users, their filters and their records see every warning as issued."""
+    labels = _warning_sources.__dict__.setdefault("labels", [])
+    labels.append(label)
+    try:
         yield
+    finally:
+        labels.pop()
+
+
+def warning_labels() -> List[str]:
+    """The labels of the :func:`warning_context` blocks this thread is in, outermost first."""
+    return list(getattr(_warning_sources, "labels", ()))

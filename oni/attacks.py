@@ -116,7 +116,7 @@ from torch import Tensor, nn
 
 from ._checks import (ADAM_FITS, MAX_ADAM_LR, check_class_indices, check_finite,
                       check_int as _check_int, check_not_meta, check_number, check_seed,
-                      is_integer_dtype, short_repr, warnings_prefixed)
+                      is_integer_dtype, short_repr, warning_context)
 from .data import Dataset, Splits
 from .models import MLP, _check_hidden, _resolve_device
 from .shadows import PRECISIONS, predict_logits_batched, train_mlps_batched
@@ -422,8 +422,8 @@ def _train_shadows(data: Dataset, index_sets: Tensor, seeds: List[int], hidden, 
     predictors = []
     for j, (idx, shadow_seed) in enumerate(zip(index_sets, seeds)):
         # n_classes: a shadow's rows may lack the last classes
-        with warnings_prefixed(f"adaptive shadow model {j + 1} of {len(seeds)} ({name} "
-                               f"defense): "):
+        with warning_context(f"adaptive shadow model {j + 1} of {len(seeds)} ({name} "
+                             f"defense)"):
             defended = defend(name, data.x[idx], data.y[idx], config=defense_config,
                               train_config=replace(train_config, seed=shadow_seed),
                               hidden=hidden, seed=shadow_seed, n_classes=data.k)

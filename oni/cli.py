@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import config as cfgmod
-from ._checks import short_repr, warnings_prefixed
+from ._checks import short_repr, warning_context, warning_labels
 from .config import ConfigError
 from .models import _fsync_dir
 from .report import (FINISHING, build_report, nonfinite_restored, render_report,
@@ -624,7 +624,7 @@ class _Experiment:
             start = time.perf_counter()
             with _settings_named(f"stage {st.name}", st.settings), \
                     _out_of_memory_named(f"stage {st.name}", {**st.sizes, **st.settings}), \
-                    warnings_prefixed(f"stage {st.name}: "):
+                    warning_context(f"stage {st.name}"):
                 files, meta = compute(directory)
             seconds = time.perf_counter() - start
             record = self.store.finish(st.name, st.hash, st.settings, st.parents, files, meta,
@@ -1719,8 +1719,9 @@ def _warnings_as_lines(command: str):
 
     def show(message, category, filename, lineno, file=None, line=None):
         kind = "" if category is UserWarning else f" ({category.__name__})"
+        source = "".join(f"{label}: " for label in warning_labels())  # stage, shadow model
         with contextlib.suppress(OSError):  # as Python's own display: a closed stderr
-            print(f"oni {command}: warning: {message}{kind}",
+            print(f"oni {command}: warning: {source}{message}{kind}",
                   file=sys.stderr if file is None else file, flush=True)
 
     warnings.showwarning = show

@@ -2,6 +2,7 @@
 raised; here, the edge cases of the helpers themselves)."""
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from oni._checks import (check_finite, check_int, check_number, first_bad_row,
-                         first_non_finite_row, mixed_dtypes, warnings_prefixed)
+                         first_non_finite_row, mixed_dtypes, warning_context,
+                         warning_labels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -109,14 +111,32 @@ def test_check_number():
             check_number(*args[:1], "x", *args[1:], **kwargs)
 
 
-def test_warnings_prefixed_names_the_source_and_keeps_the_filters():
+def test_warning_context_names_the_source_and_leaves_the_warnings_alone():
+    """It swapped warnings.showwarning inside catch_warnings: a record's message became a
+    str, the once-per-location registry was reset at each block, and two threads' blocks
+    left one thread's display installed. The labels are per thread; warnings are untouched."""
     shown = warnings.showwarning
-    with pytest.warns(UserWarning, match=r"^shadow 2 of 4: 3 of 9 rows fall short$"):
-        with warnings_prefixed("shadow 2 of 4: "):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with warning_context("stage a"), warning_context("shadow 2 of 4"):
+            assert warning_labels() == ["stage a", "shadow 2 of 4"]
             warnings.warn("3 of 9 rows fall short")
+        assert warning_labels() == []
+    assert isinstance(caught[0].message, UserWarning)
+    assert str(caught[0].message) == "3 of 9 rows fall short"
     assert warnings.showwarning is shown
-    with warnings.catch_warnings():  # filters match the message as issued
-        warnings.filterwarnings("error", message="3 of 9 rows")
-        with pytest.raises(UserWarning, match="^3 of 9 rows"), warnings_prefixed("x: "):
-            warnings.warn("3 of 9 rows fall short")
-    assert warnings.showwarning is shown
+    seen = {}
+
+    def worker():
+        with warning_context("other thread"):
+            seen["labels"] = warning_labels()
+
+    with warning_context("main"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert warning_labels() == ["main"]
+    assert seen["labels"] == ["other thread"]
+    with pytest.raises(RuntimeError), warning_context("failing"):
+        raise RuntimeError
+    assert warning_labels() == []

@@ -1318,3 +1318,5 @@ def test_a_model_returning_probabilities_is_refused():
         with pytest.raises(ValueError, match=r"look like probabilities .*drop its final "
                                              r"Softmax, or return log-probabilities"):
             call()
+    with pytest.warns(UserWarning, match="look like probabilities"):  # a few rows: chance
+        oni.robustness_radius(model, x[:3])
