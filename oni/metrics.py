@@ -282,9 +282,17 @@ def _rates(scores: np.ndarray, is_member: np.ndarray):
 
 
 def _accuracies(fprs, tprs, n_members, n_non):
-    accuracy = (tprs * n_members + (1.0 - fprs) * n_non) / (n_members + n_non)
-    balanced = (tprs + 1.0 - fprs) / 2.0
-    return accuracy, balanced
+    """Each ROC point's (accuracy, balanced accuracy), as exact integers scaled by their
+    constant denominators: for comparing points only. As rates, two equally good thresholds
+    could differ in the last bit (2/3 as 0.66...6 and 0.66...7), and the argmax then chose
+    the lower one against the documented tie rule."""
+    members_called = np.rint(tprs * n_members).astype(np.int64)  # true positives
+    others_passed = np.rint((1.0 - fprs) * n_non).astype(np.int64)  # true negatives
+    # (tp + tn) / n and (tp / n_members + tn / n_non) / 2 (Python ints past int64's range)
+    exact = np.int64 if 2 * n_members * n_non < 2 ** 63 else object
+    balanced = (members_called.astype(exact) * n_non
+                + others_passed.astype(exact) * n_members)
+    return members_called + others_passed, balanced
 
 
 def best_threshold(scores, is_member, *, balanced: bool = True) -> float:

@@ -107,6 +107,33 @@ def test_best_threshold_hand_cases(case, balanced, threshold):
     assert metrics.best_threshold(*case, balanced=balanced) == threshold
 
 
+def test_best_threshold_ties_are_exact():
+    """Balanced accuracies compared as floats: 2/3 from (1/3 + 1) / 2 and from (1 + 1/3) / 2
+    differ in the last bit, and the lower threshold 0.2 was returned. Against exact fractions
+    over random tied cases, the documented rule (the highest of the best) must hold."""
+    from fractions import Fraction
+    scores, member = [0.9, 0.7, 0.2, 0.1, 0.2, 0.5], [1, 0, 1, 0, 1, 0]
+    assert metrics.best_threshold(scores, member) == 0.9
+    assert metrics.attack_report(scores, member)["oracle_threshold"] == 0.9
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 12))
+        member = rng.random(n) < 0.5
+        member[:2] = [True, False]
+        scores = rng.integers(0, 5, n) / 4
+        for balanced in (True, False):
+            def exact(t):
+                called = scores >= t
+                tp, tn = int((called & member).sum()), int((~called & ~member).sum())
+                if balanced:
+                    return Fraction(tp, int(member.sum())) + Fraction(tn, int((~member).sum()))
+                return Fraction(tp + tn)
+            candidates = [math.inf, *sorted(set(scores.tolist()), reverse=True)]
+            best = max(exact(t) for t in candidates)
+            expected = next(t for t in candidates if exact(t) == best)
+            assert metrics.best_threshold(scores, member, balanced=balanced) == expected
+
+
 def test_best_threshold_balanced_versus_plain_accuracy():
     # 9 non-members score 0..8, one member 7.5. "Nobody is a member" (inf) is right 9/10
     # times, as is t=7.5 (member right, non-member 8 wrong); balanced accuracy: 0.5 at inf,
