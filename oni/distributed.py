@@ -16,7 +16,9 @@ themselves when run under ``torchrun``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import dataclasses
+import numbers
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -72,7 +74,7 @@ def shapley_values(model, x: Tensor, baseline=None, *, group=None, row_offset: i
     if world(group)[1] == 1:
         return _shapley(model, x, baseline, row_offset=row_offset, **kwargs)
     x, kwargs = _check_sharded_call(x, {**kwargs, "row_offset": row_offset}, "shapley_values",
-                                    group)
+                                    group, model, baseline)
     row_offset = kwargs.pop("row_offset")
     grouping = _check_groups(kwargs.get("groups"), x)
     n_players = x.shape[1] if grouping is None else grouping[1]
@@ -100,7 +102,7 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, row_offset: int = 0
     if isinstance(phi, ShapleyResult) and phi.groups is None:  # (a grouped one is refused)
         phi = phi.values
     x, kwargs = _check_sharded_call(x, {**kwargs, "phi": phi, "row_offset": row_offset},
-                                    "optimal_noise", group)
+                                    "optimal_noise", group, model)
     phi, row_offset = kwargs.pop("phi"), kwargs.pop("row_offset")
     n, d = x.shape
 
@@ -124,10 +126,12 @@ def optimal_noise(model, x: Tensor, phi=None, *, group=None, row_offset: int = 0
 _PER_ROW = ("labels", "target", "phi")  # arguments with one entry per row of x
 
 
-def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict]:
+def _check_sharded_call(x, kwargs: dict, name: str, group, model,
+                        baseline=None) -> Tuple[Tensor, dict]:
     """(x, kwargs) checked as the whole batch, on every rank and before any rank solves: x,
     the per-row arguments' lengths (a shard-sized one would be taken for the shard's own),
-    and that every rank holds the same x. A rank whose check fails makes all raise."""
+    and that every rank holds the same x, model and arguments. A rank whose check fails
+    makes all raise."""
     def check():
         inner = kwargs.get("shapley_kwargs") or {}
         if "row_offset" in inner:  # the solver passes its own (x's, plus the shard's)
@@ -141,13 +145,60 @@ def _check_sharded_call(x, kwargs: dict, name: str, group) -> Tuple[Tensor, dict
         if isinstance(phi, Tensor) and tuple(phi.shape) != tuple(checked_x.shape):
             raise ValueError(f"phi must be [N, d] = {list(checked_x.shape)} like x, got "
                              f"{tuple(phi.shape)}")
+        if phi is not None and not isinstance(phi, (Tensor, ShapleyResult)):
+            raise ValueError(f"phi must be [N, d] = {list(checked_x.shape)} like x, got "
+                             f"{type(phi).__name__}")  # as oni.optimal_noise on one rank
         if inner:
             checked["shapley_kwargs"] = _whole_batch_rows(inner, n, "shapley_kwargs[{!r}]")
         return checked_x, checked
 
     x, kwargs = _agreed(check, None, group)
     _check_same_x(x, kwargs["row_offset"], group)
+    _check_same_arguments({"the model": model, "baseline": baseline, **kwargs}, group)
     return x, kwargs
+
+
+def _check_same_arguments(arguments: dict, group) -> None:
+    """Every rank must pass the same arguments: each rank's shard was solved with its own,
+    so labels, seeds or a tau that differ gave rows mixed from several calls (and the
+    largest tau of any rank as the result's). Compared by fingerprint; every rank gets all
+    of them, so all raise the same error, naming what differs."""
+    mine = {key: repr(_fingerprint(value)) for key, value in arguments.items()}
+    every = [None] * world(group)[1]
+    dist.all_gather_object(every, mine, group=group)
+    differ = [key for key in mine if any(other.get(key) != mine[key] for other in every)]
+    if differ:
+        raise ValueError(f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''} across "
+                         f"the ranks: every rank must pass the same model and arguments")
+
+
+def _fingerprint(value):
+    """What two ranks' copies of an argument must share: a tensor's shape, dtype and two
+    wrapping sums of its bytes (plain and position-weighted, as x's check); a module's
+    state; containers entry by entry; other values by repr (floats: exactly). An object
+    with no value semantics (a function) by its type only: its repr holds an address."""
+    if isinstance(value, Tensor):
+        if value.layout != torch.strided or value.is_meta:  # (refused by the solvers)
+            return ("tensor", tuple(value.shape), str(value.dtype), str(value.layout))
+        flat = value.detach().contiguous().view(-1)
+        wide = {8: torch.int64, 4: torch.int32, 2: torch.int16}.get(flat.element_size(),
+                                                                    torch.uint8)
+        bits = flat.view(wide).long()
+        weights = torch.arange(1, bits.numel() + 1, device=bits.device) % 1_000_003
+        return ("tensor", tuple(value.shape), str(value.dtype), int(bits.sum()),
+                int((bits * weights).sum()))
+    if isinstance(value, torch.nn.Module):
+        return ("module", type(value).__name__, _fingerprint(value.state_dict()))
+    if isinstance(value, ShapleyResult):  # (not dataclasses.asdict: it copies the tensors)
+        return ("ShapleyResult", tuple(_fingerprint(getattr(value, field.name))
+                                       for field in dataclasses.fields(value)))
+    if isinstance(value, Mapping):  # in key order: a dict built in another order is the same
+        return ("map", tuple(sorted((repr(k), _fingerprint(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_fingerprint(v) for v in value))
+    if value is None or isinstance(value, (numbers.Number, str, bytes)):
+        return repr(value)
+    return ("object", type(value).__qualname__)
 
 
 def _whole_batch_rows(kwargs: dict, n: int, label: str = "{}") -> dict:
@@ -157,7 +208,8 @@ def _whole_batch_rows(kwargs: dict, n: int, label: str = "{}") -> dict:
     checked = dict(kwargs)
     for key in _PER_ROW:
         value = checked.get(key)
-        if isinstance(value, (list, tuple)):
+        # (not phi: oni.optimal_noise refuses a list, and so must N ranks, as one does)
+        if isinstance(value, (list, tuple)) and key != "phi":
             value = checked[key] = torch.as_tensor(value)
         if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] != n:
             raise ValueError(f"{label.format(key)} must have one entry per row of x (N = {n}), "

@@ -1,5 +1,6 @@
 """oni.distributed: rows split over torch.distributed ranks (gloo on the CPU here) give the
 single-process answer; a rank that fails makes every rank fail instead of a hang."""
+import copy
 import os
 import subprocess
 import sys
@@ -64,6 +65,11 @@ def _worker(rank, size, store, out, phi):
     try:
         model, x = _problem()
         labels = torch.arange(13) % 4
+        other_model = copy.deepcopy(model)
+        if rank:  # one bit of one weight, on ranks other than 0
+            with torch.no_grad():
+                weight = next(other_model.parameters()).view(-1)
+                weight[0] = torch.nextafter(weight[0], torch.tensor(1.0))
         res = {
             "plain": oni.distributed.shapley_values(model, x, n_permutations=8, seed=3),
             "grouped": oni.distributed.shapley_values(model, x, n_permutations=8, seed=3,
@@ -87,7 +93,18 @@ def _worker(rank, size, store, out, phi):
                 ("other_x", lambda: oni.distributed.shapley_values(
                     model, x + (rank == 1), n_permutations=2)),
                 ("other_offset", lambda: oni.distributed.shapley_values(
-                    model, x, n_permutations=2, row_offset=rank))):
+                    model, x, n_permutations=2, row_offset=rank)),
+                # each rank solved its shard with its own arguments, and the rows were mixed
+                ("other_labels", lambda: oni.distributed.shapley_values(
+                    model, x, n_permutations=2, target="label", labels=(labels + rank) % 4)),
+                ("other_seed", lambda: oni.distributed.shapley_values(
+                    model, x, n_permutations=2, seed=rank)),
+                ("other_model", lambda: oni.distributed.shapley_values(
+                    other_model, x, n_permutations=2)),
+                ("other_tau", lambda: oni.distributed.optimal_noise(
+                    model, x, phi, **{**NOISE, "tau_fraction": 0.5 + 0.1 * rank})),
+                ("list_phi", lambda: oni.distributed.optimal_noise(
+                    model, x, phi.values.tolist(), **NOISE))):
             try:
                 call()
                 res[key] = "none"
@@ -178,6 +195,15 @@ def test_ranks_give_the_single_process_answer(tmp_path, size):
         assert got["other_x"].startswith("x differs across the ranks")
         assert got["other_offset"].startswith(f"row_offset differs across the ranks (0 to "
                                               f"{size - 1})")
+        for key, what in (("other_labels", "labels differs"), ("other_seed", "seed differs"),
+                          ("other_model", "the model differs"),
+                          ("other_tau", "tau_fraction differs")):
+            assert got[key] == (f"{what} across the ranks: every rank must pass the same "
+                                f"model and arguments"), (key, got[key])
+        assert got["list_phi"] == "phi must be [N, d] = [13, 12] like x, got list"
+        with pytest.raises(ValueError, match=r"^phi must be \[N, d\] = \[13, 12\] like x, got "
+                                             r"list$"):  # as on one rank
+            oni.optimal_noise(model, x, phi.values.tolist(), **NOISE)
         assert got["bad_offset"].startswith("own: " if rank else "other rank: ")
         assert "row_offset must be >= 0, got -1" in got["bad_offset"]
         last = size - 1
