@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from numbers import Real
-from typing import Mapping, Optional, Tuple
+from typing import Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +58,13 @@ def _as_numpy(values, name: str) -> np.ndarray:
         if values.layout != torch.strided:
             raise TypeError(f"{name} must be a dense tensor, got layout {values.layout}")
         values = tensor_to_numpy(values)
+    if isinstance(values, np.ma.MaskedArray):  # np.asarray drops the mask: masked entries
+        raise TypeError(f"{name} must be a plain array: a masked array's masked entries "
+                        f"would be scored; drop them (values.compressed())")
+    # (np.asarray makes 0-d object arrays of these: "must be one-dimensional" misled)
+    if values is None or isinstance(values, (Mapping, set, frozenset, str, bytes, Iterator)):
+        raise TypeError(f"{name} must be array-like (a tensor, array or list), got "
+                        f"{type(values).__name__}")
     try:
         return np.asarray(values)
     except (TypeError, ValueError) as err:
@@ -78,6 +85,10 @@ def _check_scores(scores, name: str = "scores") -> np.ndarray:
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
     wide = arr.astype(np.float64)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8 and \
+            len(np.unique(wide)) != len(np.unique(arr)):  # long double
+        raise ValueError(f"{name} holds {arr.dtype} values that float64 cannot tell apart; "
+                         f"the ROC is computed in float64: cast or rescale them first")
     if arr.dtype.kind in "iu" and arr.size and \
             max(abs(int(arr.min())), abs(int(arr.max()))) > 2 ** 53 and \
             len(np.unique(wide)) != len(np.unique(arr)):

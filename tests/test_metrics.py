@@ -405,3 +405,22 @@ def test_the_reports_false_positive_note_matches_tpr_at_fpr(n_non):
         expected = (f"{label} counts only thresholds with no false positive at all"
                     if allowed == 0 else f"{label} allows at most {allowed} false positive")
         assert expected in note, (note, allowed)
+
+
+def test_scores_that_would_be_read_wrong_are_refused():
+    """A masked array's masked entries were scored (np.asarray drops the mask); long double
+    scores that float64 merges changed the ranking (AUC 0.833 for a perfect 1.0); None, a
+    dict, a set or a generator read as 'must be one-dimensional, got shape ()'."""
+    member = [0, 1, 0, 0]
+    masked = np.ma.masked_array([0.1, 0.9, 0.2, 0.3], mask=[0, 0, 1, 0])
+    with pytest.raises(TypeError, match=r"scores must be a plain array: a masked array"):
+        metrics.roc_auc(masked, member)
+    long = np.array([1, 1 + np.finfo(np.longdouble).eps * 4, 0.5, 0.25], dtype=np.longdouble)
+    if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:  # (a real long double here)
+        with pytest.raises(ValueError, match=r"float64 cannot tell apart"):
+            metrics.roc_auc(long, member)
+    for bad in (None, {"a": 1}, {0.5}, (s for s in [0.1, 0.2])):
+        with pytest.raises(TypeError, match=r"scores must be array-like .*got "
+                                            rf"{type(bad).__name__}"):
+            metrics.roc_auc(bad, member)
+    assert metrics.roc_auc(np.array([0.1, 0.9, 0.2, 0.3], dtype=np.longdouble), member) == 1.0
