@@ -82,7 +82,7 @@ def _check_scores(scores, name: str = "scores") -> np.ndarray:
     arr = _as_numpy(scores, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(arr.shape)}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+    if arr.dtype.kind not in "iuf":  # not bool, complex, timedelta, strings or objects
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
     wide = arr.astype(np.float64)
     if arr.dtype.kind == "f" and arr.dtype.itemsize > 8 and \

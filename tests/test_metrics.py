@@ -424,3 +424,5 @@ def test_scores_that_would_be_read_wrong_are_refused():
                                             rf"{type(bad).__name__}"):
             metrics.roc_auc(bad, member)
     assert metrics.roc_auc(np.array([0.1, 0.9, 0.2, 0.3], dtype=np.longdouble), member) == 1.0
+    with pytest.raises(TypeError, match=r"scores must be real numbers, got dtype timedelta64"):
+        metrics.roc_auc(np.array([1, 9, 2, 3], dtype="timedelta64[s]"), member)
