@@ -163,7 +163,10 @@ def _check_same_arguments(arguments: dict, group) -> None:
     so labels, seeds or a tau that differ gave rows mixed from several calls (and the
     largest tau of any rank as the result's). Compared by fingerprint; every rank gets all
     of them, so all raise the same error, naming what differs."""
-    mine = {key: repr(_fingerprint(value)) for key, value in arguments.items()}
+    # voted on: a fingerprint failing on one rank (an odd tensor) must not leave the others
+    # waiting in the gather
+    mine = _agreed(lambda: {key: repr(_fingerprint(value)) for key, value in arguments.items()},
+                   None, group)
     every = [None] * world(group)[1]
     dist.all_gather_object(every, mine, group=group)
     differ = [key for key in mine if any(other.get(key) != mine[key] for other in every)]
