@@ -112,13 +112,17 @@ def check_row_offset(row_offset, n_rows: int) -> int:
     return row_offset
 
 
-def check_finite(t: Tensor, name: str) -> None:
-    """A ValueError naming ``name`` and the index of the first NaN or Inf, if ``t`` holds any.
+def all_finite(t: Tensor) -> bool:
+    """No NaN or Inf in the floating tensor ``t`` (True when empty). min and max carry any
+    NaN and are infinite where an element is: one reduction pass, 25x faster on the CPU than
+    ``isfinite(t).all()``, which writes a bool tensor first."""
+    return not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
-    min and max carry any NaN and are infinite where an element is: one reduction pass, 25x
-    faster on the CPU than ``isfinite(t).all()``, which writes a bool tensor first."""
-    if t.dtype.is_floating_point and t.numel() and \
-            not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+
+def check_finite(t: Tensor, name: str) -> None:
+    """A ValueError naming ``name`` and the index of the first NaN or Inf, if ``t`` holds any
+    (one reduction pass when it holds none: :func:`all_finite`)."""
+    if t.dtype.is_floating_point and not all_finite(t):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
 
@@ -200,7 +204,7 @@ def first_non_finite_row(t: Tensor) -> Optional[int]:
     when none does, in ``t``'s own dtype (check_logits passes float32); one reduction pass
     in the usual all-finite case, a mask only to name the row."""
     t = t.detach()
-    if not t.numel() or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+    if all_finite(t):
         return None
     return first_bad_row(~torch.isfinite(t))
 
