@@ -1232,6 +1232,14 @@ def test_an_outer_autocast_does_not_reach_the_strict_passes():
         assert torch.equal(getattr(plain, field), getattr(inside, field)), field
 
 
+def _radius_and_solver_calls(model, x):
+    """robustness_radius and optimal_noise on ``model`` and ``x``: the checks of the model
+    that both make before any work."""
+    return (lambda: oni.robustness_radius(model, x),
+            lambda: oni.optimal_noise(model, x, torch.rand(x.shape), tau_fraction=0.5, eps=0.5,
+                                      beta=0.5))
+
+
 def test_a_train_mode_model_with_running_statistics_is_refused_untouched():
     """Every forward updated a training BatchNorm's running statistics (the caller's model
     changed), then the solver failed inside torch on a one-row batch."""
@@ -1240,9 +1248,7 @@ def test_a_train_mode_model_with_running_statistics_is_refused_untouched():
                                 torch.nn.ReLU(), torch.nn.Linear(16, 5))
     x = torch.rand(6, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for call in (lambda: oni.robustness_radius(model, x),
-                 lambda: oni.optimal_noise(model, x, torch.rand(6, 8), tau_fraction=0.5,
-                                           eps=0.5, beta=0.5)):
+    for call in _radius_and_solver_calls(model, x):
         with pytest.raises(ValueError, match=r"training mode with normalisation layers that "
                                              r"track running statistics \(\['1'\]\)"):
             call()
@@ -1312,9 +1318,7 @@ def test_a_model_returning_probabilities_is_refused():
     every row read as meeting tau, feasible with no noise at all."""
     model = torch.nn.Sequential(small_mlp(8, k=5, seed=1), torch.nn.Softmax(1)).eval()
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
-    for call in (lambda: oni.robustness_radius(model, x),
-                 lambda: oni.optimal_noise(model, x, torch.rand(6, 8), tau_fraction=0.5,
-                                           eps=1.0, beta=0.5)):
+    for call in _radius_and_solver_calls(model, x):
         with pytest.raises(ValueError, match=r"look like probabilities .*drop its final "
                                              r"Softmax, or return log-probabilities"):
             call()
