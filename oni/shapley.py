@@ -1098,7 +1098,14 @@ class ShapleyValueSampling:
     * negative ``feature_mask`` ids are refused (captum keeps such features at the baseline
       in every coalition, which changes the game);
     * ``perturbations_per_eval`` and ``show_progress`` are checked and otherwise ignored:
-      oni batches the evaluations to a memory budget by itself.
+      oni batches the evaluations to a memory budget by itself;
+    * ``target`` on an ``[N]`` output may be 0 (its one column), where captum refuses it.
+
+    A ``forward_func`` that returns one value for the whole batch (a number, a 0-d tensor, or
+    one element for N > 1, e.g. a summed loss) is explained as captum does: the players are
+    the features, shared by every input, a coalition is the batch with those features taken
+    from the inputs and the rest from the baseline, and the result is ``[1, d]`` (the
+    output's shape followed by d). Each of its evaluations is one call on the N inputs.
     """
 
     def __init__(self, forward_func: Callable[..., Tensor]):
@@ -1148,12 +1155,6 @@ class ShapleyValueSampling:
             additional_forward_args if isinstance(additional_forward_args, tuple)
             else (additional_forward_args,))
         x = _check_inputs(inputs)
-        if any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == x.shape[0] > 1
-               for a in extra):
-            raise NotImplementedError(
-                "additional_forward_args holds a tensor with one row per input: captum "
-                "expands such tensors with the inputs, but oni evaluates rows of many inputs "
-                "in one batch; close over them in forward_func instead")
         _check_model(self.forward_func, stacklevel=3)
         if isinstance(baselines, tuple):
             if len(baselines) != 1:
@@ -1163,6 +1164,18 @@ class ShapleyValueSampling:
         refs = _check_baseline(baselines, x, per_row=True)
         per_row = refs.shape[0] == x.shape[0] and x.shape[0] > 1
         groups = _shared_feature_mask(feature_mask, x)
+        with torch.no_grad():  # the output's form, on every input as captum's first call
+            out = self.forward_func(x.clone(), *extra)  # (it may write into its input)
+        if _one_value_for_batch(out, x.shape[0]):
+            attributions = self._explain_batch_output(out, x, refs, extra, groups, target,
+                                                      n_samples, seed, backend)
+            return (attributions,) if as_tuple else attributions
+        if any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == x.shape[0] > 1
+               for a in extra):
+            raise NotImplementedError(
+                "additional_forward_args holds a tensor with one row per input: captum "
+                "expands such tensors with the inputs, but oni evaluates rows of many inputs "
+                "in one batch; close over them in forward_func instead")
 
         def game(z: Tensor) -> Tensor:
             out = self.forward_func(z, *extra)
@@ -1185,8 +1198,6 @@ class ShapleyValueSampling:
 
         target = _captum_target(target, x.shape[0])
         if target is None or (isinstance(target, int) and target < 0):
-            with torch.no_grad():  # the output's width: every input, as captum's first call
-                out = self.forward_func(x.clone(), *extra)  # it may write into its input
             if not isinstance(out, Tensor) or out.dim() not in (1, 2):
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"forward_func must return [N] or [N, k] outputs, got {got}")
@@ -1201,6 +1212,48 @@ class ShapleyValueSampling:
             target += k
         attributions = explain(target)
         return (attributions,) if as_tuple else attributions
+
+    def _explain_batch_output(self, out, x: Tensor, refs: Tensor, extra: tuple,
+                              groups: Optional[Tensor], target, n_samples: int, seed: int,
+                              backend: str) -> Tensor:
+        """captum's aggregate mode: a game over the d features of the whole batch, played
+        by oni's sampler on 0/1 masks (1 takes the inputs' column, 0 the baseline's)."""
+        if target is not None:
+            raise ValueError(f"target = {target!r}: forward_func returns one value for the "
+                             f"whole batch (shape {_output_shape(out)}), so there is no "
+                             f"column to choose; pass target=None")
+        n = x.shape[0]
+
+        def batch_game(masks: Tensor) -> Tensor:
+            values = torch.empty((masks.shape[0], 1), dtype=x.dtype, device=x.device)
+            for b, mask in enumerate(masks):
+                value = self.forward_func(torch.where(mask != 0, x, refs), *extra)
+                if not _one_value_for_batch(value, n):
+                    raise ValueError(f"forward_func returned one value for the batch at "
+                                     f"first, then shape {_output_shape(value)}: it must "
+                                     f"return one value for every batch of {n} inputs")
+                values[b, 0] = torch.as_tensor(value).reshape(())
+            return values
+
+        ones = x.new_ones((1, x.shape[1]))
+        result = _sampled_shapley(batch_game, ones, torch.zeros_like(ones), True, target=0,
+                                  labels=None, n_permutations=n_samples, antithetic=True,
+                                  tol=None, seed=seed, backend=backend, max_batch_evals=None,
+                                  link="identity", groups=groups)
+        values = result.values if result.groups is None else result.values[:, result.groups]
+        shape = tuple(out.shape) if isinstance(out, Tensor) and out.dim() else (1,)
+        return values.reshape(shape + (x.shape[1],))
+
+
+def _one_value_for_batch(out, n: int) -> bool:
+    """captum's aggregate output: a number, a 0-d tensor, or one element for N > 1 inputs."""
+    if isinstance(out, Tensor):
+        return out.dim() == 0 or (n > 1 and out.numel() == 1)
+    return isinstance(out, numbers.Real) and not isinstance(out, bool)
+
+
+def _output_shape(out) -> str:
+    return str(tuple(out.shape)) if isinstance(out, Tensor) else type(out).__name__
 
 
 def _captum_target(target, n: int):

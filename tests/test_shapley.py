@@ -577,9 +577,10 @@ def test_drop_in_takes_captums_argument_forms_as_captum_does():  # the ids 0, 5,
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     per_row = lambda z, s: linear(z) * torch.as_tensor(s)[:, None]  # noqa: E731
     explainer = oni.ShapleyValueSampling(linear)
+    with pytest.raises(NotImplementedError, match="a tensor with one row per input"):
+        oni.ShapleyValueSampling(scaled).attribute(x, target=0,
+                                                   additional_forward_args=torch.ones(4, 1))
     refusals = [
-        (dict(additional_forward_args=torch.ones(4, 1)), NotImplementedError,
-         "a tensor with one row per input"),
         (dict(feature_mask=mask - 1), ValueError, "feature_mask holds the negative id -1"),
         (dict(perturbations_per_eval=0), ValueError, "perturbations_per_eval must be >= 1"),
         (dict(target=(0, 1)), ValueError, "a tuple indexes the dimensions"),
@@ -594,6 +595,110 @@ def test_drop_in_takes_captums_argument_forms_as_captum_does():  # the ids 0, 5,
                                          "additional_forward_args must not hold per-example"):
         oni.ShapleyValueSampling(per_row).attribute(x, target=0, additional_forward_args=(
             [1.0, 2.0, 3.0, 4.0],))
+
+
+def _batch_game_values(forward, x, base, extra=()):
+    """Shapley values of captum's aggregate game straight from the definition: the players
+    are the d features, a coalition takes its columns from every input and the rest from the
+    baseline, and the game's value is forward's one number for that batch."""
+    import itertools
+    d = x.shape[1]
+
+    def value(coalition):
+        taken = torch.zeros(d, dtype=torch.bool)
+        taken[list(coalition)] = True
+        return float(forward(torch.where(taken, x, base), *extra))
+
+    phi = torch.zeros(d, dtype=torch.float64)
+    for j in range(d):
+        others = [i for i in range(d) if i != j]
+        for size in range(d):
+            weight = math.factorial(size) * math.factorial(d - size - 1) / math.factorial(d)
+            for coalition in itertools.combinations(others, size):
+                phi[j] += weight * (value(coalition + (j,)) - value(coalition))
+    return phi
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_drop_in_explains_a_forward_with_one_value_per_batch(backend):
+    """captum's aggregate mode (a summed loss, say): it was refused ('must return [N] or
+    [N, k] outputs, got ()'). A logsumexp over the batch is no sum of per-input games, so
+    only the batch game itself gives these values."""
+    model = small_mlp(5, k=3, seed=60)
+    x = _gaussian_rows(4, 5, seed=61)
+    x[:, 3] = 0.0  # at the zero baseline in every input: a dummy player
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # per input: fine, every call has N rows
+    loss = lambda z, w: torch.logsumexp(model(z)[:, 0] * w, 0)  # noqa: E731
+    explainer = oni.ShapleyValueSampling(loss)
+    with torch.no_grad():
+        truth = _batch_game_values(loss, x, torch.zeros(1, 5), (weights,))
+        attr = explainer.attribute(x, additional_forward_args=(weights,), n_samples=2000,
+                                   backend=backend)
+        assert attr.shape == (1, 5) and attr.dtype == x.dtype
+        assert (attr[0].double() - truth).norm() / truth.norm() < 0.05
+        assert attr[0, 3] == 0
+        efficiency = loss(x, weights) - loss(torch.zeros_like(x), weights)
+        torch.testing.assert_close(attr.sum(), efficiency, rtol=0, atol=1e-5)
+        again = explainer.attribute(x, additional_forward_args=(weights,), n_samples=2000,
+                                    backend=backend)
+        assert torch.equal(again, attr)  # seed 0 unless told
+        # a baseline per input, feature groups, float64
+        base = _gaussian_rows(4, 5, seed=62)
+        per_input = explainer.attribute(x, base, additional_forward_args=(weights,),
+                                        n_samples=6, backend=backend)
+        torch.testing.assert_close(per_input.sum(), loss(x, weights) - loss(base, weights),
+                                   rtol=0, atol=1e-5)
+        mask = torch.tensor([0, 0, 1, 2, 2])
+        grouped = explainer.attribute(x, additional_forward_args=(weights,),
+                                      feature_mask=mask, n_samples=6, backend=backend)
+        assert grouped[0, 0] == grouped[0, 1] and grouped[0, 3] == grouped[0, 4]
+        torch.testing.assert_close(grouped[0, [0, 2, 3]].sum(), efficiency, rtol=0, atol=1e-5)
+        wide = oni.ShapleyValueSampling(lambda z, w: loss(z.float(), w.float()).double())
+        assert wide.attribute(x.double(), additional_forward_args=(weights.double(),),
+                              n_samples=4, backend=backend).dtype == torch.float64
+
+
+def test_drop_in_batch_output_forms_as_captum():
+    """The output's shape leads the result's, as captum's: a number or a 0-d tensor give
+    [1, d], [1] gives [1, d], [1, 1] gives [1, 1, d]; on one input an [1] output is the
+    input's own (per-row) output."""
+    linear = nn.Linear(5, 2).eval()
+    x = _gaussian_rows(3, 5, seed=63)
+    total = lambda z: linear(z)[:, 1].sum()  # noqa: E731
+    forms = [(total, (1, 5)), (lambda z: float(total(z)), (1, 5)),
+             (lambda z: total(z).reshape(1), (1, 5)), (lambda z: total(z).reshape(1, 1),
+                                                        (1, 1, 5))]
+    with torch.no_grad():
+        expected = (x.sum(0) * linear.weight[1]).reshape(1, 5)  # a linear game: exact
+        for forward, shape in forms:
+            attr = oni.ShapleyValueSampling(forward).attribute(x, n_samples=2)
+            assert attr.shape == shape
+            torch.testing.assert_close(attr.reshape(1, 5), expected)
+        one = oni.ShapleyValueSampling(lambda z: linear(z)[:, 1]).attribute(x[:1], n_samples=2)
+        torch.testing.assert_close(one, x[:1] * linear.weight[1])
+    captum = pytest.importorskip("captum.attr")
+    for forward, _ in forms:
+        theirs = captum.ShapleyValueSampling(forward).attribute(x, n_samples=2)
+        ours = oni.ShapleyValueSampling(forward).attribute(x, n_samples=2)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_drop_in_batch_output_refusals():
+    linear = nn.Linear(5, 2).eval()
+    x = _gaussian_rows(3, 5, seed=64)
+    total = lambda z: linear(z)[:, 1].sum()  # noqa: E731
+    with pytest.raises(ValueError, match=r"target = 0: forward_func returns one value for the "
+                                         r"whole batch \(shape \(\)\)"):
+        oni.ShapleyValueSampling(total).attribute(x, target=0)
+    calls = []
+
+    def changes_form(z):  # one value for the first call, then one per input
+        calls.append(1)
+        return total(z) if len(calls) == 1 else linear(z)[:, 1]
+    with pytest.raises(ValueError, match=r"returned one value for the batch at first, then "
+                                         r"shape \(3,\): it must return one value"):
+        oni.ShapleyValueSampling(changes_form).attribute(x, n_samples=2)
 
 
 def test_to_shap():
