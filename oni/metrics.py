@@ -19,7 +19,6 @@ Conventions
 from __future__ import annotations
 
 import math
-import numbers
 from numbers import Real
 from typing import Iterator, Mapping, Optional, Tuple
 
@@ -28,8 +27,8 @@ import torch
 from sklearn import metrics as _skm
 from torch import Tensor, nn
 
-from ._checks import (check_class_indices, check_not_meta, check_number,
-                      is_integer_dtype, tensor_to_numpy)
+from ._checks import (check_class_indices, check_int, check_not_meta, check_number,
+                      is_integer_dtype, short_repr, tensor_to_numpy)
 from .shapley import _check_model_width
 from .train import _batched
 
@@ -204,10 +203,7 @@ def utility_report(model: nn.Module, train: Tuple[Tensor, Tensor], test: Tuple[T
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or \
-            batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = check_int(batch_size, "batch_size", 1)
     check_not_meta(model, "model")
     accs = {}
     was_training = model.training
@@ -326,7 +322,8 @@ def accuracy_at_threshold(scores, is_member, threshold: float) -> Tuple[float, f
     """``(accuracy, balanced_accuracy)`` of the rule "member iff score >= threshold"."""
     s, m = _check_pair(scores, is_member)
     if isinstance(threshold, bool) or not isinstance(threshold, Real):
-        raise ValueError(f"threshold must be a real number (inf allowed), got {threshold!r}")
+        raise TypeError(f"threshold must be a real number (inf allowed), got "
+                        f"{type(threshold).__name__} {short_repr(threshold)}")
     try:
         threshold = float(threshold)
     except OverflowError:  # an int past float64's range: above or below every score

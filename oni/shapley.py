@@ -434,16 +434,22 @@ def _check_model(model, stacklevel: int = 3) -> None:
 
 def _check_model_width(model, d: int) -> Optional[nn.Linear]:
     """A model whose first layer is a plain nn.Linear (an nn.Sequential, e.g.
-    oni.models.MLP) must take x's width ``d``: said here, naming both, instead of torch's
-    "mat1 and mat2 shapes cannot be multiplied" from inside the model. Returns that layer
-    (None for other models)."""
-    split = _split_first_linear(model) if isinstance(model, nn.Module) else None
-    if split is None:
+    oni.models.MLP, or the layer itself) must take x's width ``d``: said here, naming both,
+    instead of torch's "mat1 and mat2 shapes cannot be multiplied" from inside the model.
+    Returns that layer (None for other models)."""
+    if not isinstance(model, nn.Module):
         return None
-    if split[0].in_features != d:
-        raise ValueError(f"the model's first layer takes {split[0].in_features} features, x "
+    if _is_plain(model, nn.Linear):
+        first = model
+    else:
+        split = _split_first_linear(model)
+        if split is None:
+            return None
+        first = split[0]
+    if first.in_features != d:
+        raise ValueError(f"the model's first layer takes {first.in_features} features, x "
                          f"has d = {d}")
-    return split[0]
+    return first
 
 
 def _check_model_input(model, x: Tensor) -> None:

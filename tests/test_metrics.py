@@ -226,6 +226,8 @@ def test_other_argument_errors_name_the_argument():
         metrics.tpr_at_fpr(*PERFECT, 1.5)
     with pytest.raises(ValueError, match="threshold must be a real number"):
         metrics.accuracy_at_threshold(*PERFECT, float("nan"))
+    with pytest.raises(TypeError, match="threshold must be a real number .*, got str '0.5'"):
+        metrics.accuracy_at_threshold(*PERFECT, "0.5")  # a wrong type, as elsewhere
     with pytest.raises(ValueError, match="calibration is_member must hold both"):
         metrics.attack_report(*PERFECT, calibration=([0.1, 0.2], [1, 1]))
     with pytest.raises(TypeError, match="calibration must be a"):
@@ -326,10 +328,12 @@ def test_utility_report_on_a_hand_set_model():
         ((x_train, y_train + 0.5), {}, TypeError, "train labels must be integer class indices"),
         ((x_train * float("nan"), y_train), {}, ValueError, "train x contains NaN or Inf"),
         ((x_train.long(), y_train), {}, TypeError, "train x must be floating point"),
-        ((torch.rand(3, 5), y_train), {}, RuntimeError,
-         r"the model failed on train x of shape \(3, 5\)"),
-        ((x_train, y_train), {"batch_size": True}, ValueError, "batch_size must be a positive"),
-        ((x_train, y_train), {"batch_size": np.int64(0)}, ValueError, "batch_size must be a"),
+        ((torch.rand(3, 5), y_train), {}, ValueError,  # was torch's shape error, wrapped
+         r"train: the model's first layer takes 2 features, x has d = 5"),
+        ((x_train, y_train), {"batch_size": True}, TypeError, "batch_size must be an int, got "
+                                                              "bool"),
+        ((x_train, y_train), {"batch_size": np.int64(0)}, ValueError,
+         "batch_size must be >= 1, got 0"),
     ]
     for pair, kwargs, error, message in bad_inputs:
         with pytest.raises(error, match=message):

@@ -765,6 +765,10 @@ def _model_and_x():
      "the model's first layer takes 5 features, x has d = 4"),
     (lambda m, x: oni.exact_shapley(m, x[:, :4]), ValueError,
      "the model's first layer takes 5 features"),
+    (lambda m, x: oni.shapley_values(m[0], x[:, :4], link="identity"), ValueError,
+     "the model's first layer takes 5 features, x has d = 4"),  # a bare nn.Linear too
+    (lambda m, x: oni.shapley_values(m[0], x.double(), link="identity"), TypeError,
+     "the model's weights are torch.float32, x is torch.float64"),
     (lambda m, x: oni.shapley_values(m, x.double()), TypeError,
      "the model's weights are torch.float32, x is torch.float64"),
     (lambda m, x: oni.shapley_values(m, x, target=torch.tensor([0, 1])), ValueError,
