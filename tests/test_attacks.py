@@ -346,6 +346,69 @@ def test_lira_scores_on_gaussian_shadows():
     torch.testing.assert_close(mean, (phi * ~keep).sum(0) / (~keep).sum(0))
 
 
+def test_lira_is_the_gaussian_likelihood_ratio_of_its_fits():
+    """Against an independent computation: per-row means and unbiased variances from the
+    rows' own samples (torch.var, correction 1), the pooled variance as the within-row sum
+    of squares over the degrees of freedom, and scipy's normal log densities and CDF. The
+    in and out spreads differ per row, which the AUC check above cannot tell apart from a
+    plain distance (the mutation audit dropped log(2 pi var), or used var_in on the out
+    side, and the suite passed)."""
+    norm = pytest.importorskip("scipy.stats").norm
+    gen = torch.Generator().manual_seed(11)
+    k, n = 7, 5  # an odd count: uneven in/out sample counts per row
+    keep = torch.rand(k, n, generator=gen) < 0.5
+    keep[0], keep[1] = True, False  # every row has two samples on each side at least
+    keep[2], keep[3] = True, False
+    spread = torch.where(keep, torch.rand(1, n, generator=gen) + 0.2,
+                         3 * torch.rand(1, n, generator=gen) + 0.5)
+    phi = (torch.randn(k, n, generator=gen) * spread + keep * 2.0).double()
+    observed = (torch.randn(n, generator=gen) + 1).double()
+
+    def fit(side):
+        means = torch.stack([phi[side[:, i], i].mean() for i in range(n)])
+        variances = torch.stack([phi[side[:, i], i].var(correction=1) for i in range(n)])
+        dof = side.sum(0) - 1
+        return means, variances, (variances * dof).sum() / dof.sum()
+
+    for side in (keep, ~keep):
+        means, variances, pooled = fit(side)
+        mean, var = attacks._gaussian_fit(phi, side, False)
+        torch.testing.assert_close(mean, means)
+        torch.testing.assert_close(var, variances)
+        _, var = attacks._gaussian_fit(phi, side, True)
+        torch.testing.assert_close(var, pooled.expand(n))
+    for global_variance in (False, True):
+        (m_in, v_in, p_in), (m_out, v_out, p_out) = fit(keep), fit(~keep)
+        if global_variance:
+            v_in, v_out = p_in.expand(n), p_out.expand(n)
+        online = (norm.logpdf(observed, m_in, v_in.sqrt()) -
+                  norm.logpdf(observed, m_out, v_out.sqrt()))
+        offline = norm.logcdf(observed, m_out, v_out.sqrt())
+        torch.testing.assert_close(attacks._lira_scores(observed, phi, keep, True,
+                                                        global_variance),
+                                   torch.from_numpy(online))
+        torch.testing.assert_close(attacks._lira_scores(observed, phi, keep, False,
+                                                        global_variance),
+                                   torch.from_numpy(offline))
+
+
+def test_metric_attack_thresholds_take_whole_ties():
+    """'member iff value >= t' calls every row of a tied value a member: a threshold is
+    scored on whole tie groups only (the audit's case: scoring inside the group at 0.5
+    picked 0.5 over the right 0.9), and the label-only attack's balanced accuracy counts
+    rows on the threshold as members."""
+    values = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1])
+    member = torch.tensor([True, True, False, False, False])
+    # 0.9: TPR 1/2, FPR 0 -> 0.75; 0.5: TPR 1, FPR 2/3 -> 2/3; 0.1: 0.5
+    assert attacks._best_threshold(values, member) == pytest.approx(0.9)
+    assert attacks._best_threshold(values.flip(0), member.flip(0)) == pytest.approx(0.9)
+    counts = torch.tensor([3.0, 2.0, 1.0, 1.0])
+    said = torch.tensor([True, True, False, False])
+    assert attacks._balanced_accuracy(counts, said, 2.0) == 1.0
+    assert attacks._balanced_accuracy(counts, said, 2.5) == 0.75  # TPR 1/2, TNR 1
+    assert attacks._balanced_accuracy(counts, said, 1.0) == 0.5  # TPR 1, TNR 0
+
+
 def test_attack_net_is_the_papers_model():
     net = attacks._AttackNet(10, (1024, 512, 64), (512, 64), (256, 64))
     net.init_(0.01, torch.Generator().manual_seed(0))

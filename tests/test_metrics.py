@@ -186,6 +186,35 @@ def test_attack_report_without_calibration_leaves_the_adversary_fields_empty():
     assert report["oracle_balanced_accuracy"] == pytest.approx(0.75)
 
 
+def test_attack_report_agrees_with_the_single_metrics():
+    """attack_report computes its TPRs and oracle from one ROC pass: they must be
+    tpr_at_fpr's (FPR <= rate: the audit's strict '<' passed the suite) and
+    best_threshold(balanced=True)'s (plain accuracy's argmax passed too)."""
+    # 100 non-members, one above every member: "1% FPR" allows that one false positive
+    scores = np.r_[10.0, np.full(5, 9.0), np.linspace(0, 1, 5), np.linspace(0, 1, 99)]
+    member = np.r_[False, np.ones(10, bool), np.zeros(99, bool)]
+    report = metrics.attack_report(scores, member)
+    assert report["tpr@1%fpr"] == 0.5 == metrics.tpr_at_fpr(scores, member, 0.01)
+    assert report["tpr@0.1%fpr"] == 0.0
+    # 2 members, 8 non-members: accuracy's best threshold (0.6, 9/10) is not balanced
+    # accuracy's (0.3: TPR 1, TNR 3/4)
+    scores = [0.6, 0.3, 0.5, 0.4, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]
+    member = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    report = metrics.attack_report(scores, member)
+    assert report["oracle_threshold"] == 0.3 == metrics.best_threshold(scores, member)
+    assert metrics.best_threshold(scores, member, balanced=False) == 0.6
+    assert report["oracle_balanced_accuracy"] == 0.875 and report["oracle_accuracy"] == 0.8
+    gen = np.random.default_rng(3)
+    for _ in range(50):  # tied scores, rates whose n * rate is whole
+        scores = gen.integers(0, 30, 1200).astype(float)
+        member = gen.random(1200) < 0.2 + 0.6 * gen.random()
+        member[:2], member[2:4] = True, False
+        report = metrics.attack_report(scores, member)
+        for key, rate in metrics.REPORTED_FPRS.items():
+            assert report[key] == metrics.tpr_at_fpr(scores, member, rate)
+        assert report["oracle_threshold"] == metrics.best_threshold(scores, member)
+
+
 def test_attack_report_at_chance():
     gen = torch.Generator().manual_seed(1)
     scores = torch.rand(4000, generator=gen)
