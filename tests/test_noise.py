@@ -280,6 +280,32 @@ def test_projection_feasible_idempotent_non_expansive(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float32_projection_box_exact_ball_within_one_rounding(device):
+    """The documented constraint bounds in float32 (README, NoiseResult.norm): the float64
+    projection rounded to float32 keeps |e| <= u exactly, and ||e|| <= rho within one
+    rounding of e (2**-24 relative per coordinate); rows in the ball come back unchanged."""
+    _need_noise_kernels(device)
+    gen = torch.Generator().manual_seed(5)
+    n, d = 4000, 50
+    z = torch.randn(n, d, generator=gen) * 3
+    u = torch.rand(n, d, generator=gen)
+    rho = torch.rand(n, generator=gen) * 2
+    for project in (lambda: _project(z, u, rho, device),
+                    lambda: reference.ascend_and_project(torch.zeros_like(z), z, torch.ones(n), u,
+                                                         rho, torch.ones(n, dtype=torch.bool))):
+        e = project()
+        assert e.dtype == torch.float32
+        assert (e.abs() <= u).all()
+        norm = e.double().norm(dim=1)
+        assert (norm <= rho.double() * (1 + 2 ** -24)).all()
+        on_ball = norm > rho.double() * (1 - 1e-6)
+        assert on_ball.sum() > n // 4  # the case at hand: many rows bind the ball
+        box = torch.clamp(z, -u, u)
+        inside = box.double().norm(dim=1) <= rho.double()
+        assert torch.equal(e[inside], box[inside])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_projection_kkt(device):
     """P(z) = clip(z / (1 + lam), -u, u) with lam >= 0, and lam > 0 only on the sphere."""
     _need_noise_kernels(device)
