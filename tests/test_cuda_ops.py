@@ -301,8 +301,15 @@ def _every_other(t, dim):
     return wide.select(dim + 1, 0)
 
 
-def test_non_contiguous_inputs():
-    case = CASES["many_walks"]
+@pytest.mark.parametrize("name", ["many_walks", "wide_walks"])
+def test_non_contiguous_inputs(name):
+    """Every input's strides are read, not assumed. "wide_walks" has walks longer than the
+    kernels' tiles (a ~ 750), so the strided reads also cross tile boundaries. A baseline
+    read with its rows' stride in place of its features' (and start logits with their
+    references' in place of their classes') passed the suite (CUDA mutation audit)."""
+    case = {**CASES["many_walks"], "n_walks": 4} if name == "wide_walks" else CASES[name]
+    if name == "wide_walks":
+        case.update(n=3, d=1500)
     x, base, perm, n_active, total = walk_case(**case)
     n, d, n_refs = case["n"], case["d"], case["n_refs"]
     w, b = linear_layer(d, 50)
@@ -313,6 +320,7 @@ def test_non_contiguous_inputs():
         "baseline expanded": dict(baseline=shared),
         "baseline [B, N, d] storage": dict(baseline=base.transpose(0, 1).contiguous()
                                            .transpose(0, 1)),
+        "baseline strided features": dict(baseline=_every_other(base, 2)),
         "perm strided walks": dict(perm=_every_other(perm, 1)),
         "perm column-major": dict(perm=perm.transpose(1, 2).contiguous().transpose(1, 2)),
         "n_active strided": dict(n_active=_every_other(n_active, 0)),
@@ -338,6 +346,7 @@ def test_non_contiguous_inputs():
     layouts = {
         "steps column-major": dict(step_logits=_column_major(steps)),
         "start expanded": dict(start_logits=start[:1].expand(n, -1, -1)),
+        "start strided classes": dict(start_logits=_every_other(start, 2)),
         "end strided": dict(end_logits=_every_other(end, 1)),
         "target strided": dict(target=_every_other(target, 0)),
         "perm strided walks": dict(perm=_every_other(perm, 1)),
@@ -394,6 +403,13 @@ def test_opcheck(op):
 
 # ----------------------------------------------------------------------------- bad input
 
+def _one_walk_past_the_end(a):
+    a["perm"] = a["perm"][:, :1].clone()
+    a["perm"][1, 0, 0] = 6  # d = 6
+    a["total_steps"] = reference.interior_steps(a["n_active"].cpu(), 1, 1)
+    a["step_logits"] = a["step_logits"][:a["total_steps"]]
+
+
 def _bad_cases():
     """(label, op, mutate(args dict) -> None, message regex). Valid args come from _good()."""
     def setitem(key, index, value):
@@ -406,6 +422,10 @@ def _bad_cases():
          "perm row 0: .* distinct"),
         ("index out of range", "walk", setitem("perm", (1, 1, 0), 10 ** 6), "perm row 1: "),
         ("negative index", "walk", setitem("perm", (2, 0, 1), -3), "perm row 2: "),
+        ("index = n_features", "walk", setitem("perm", (1, 1, 0), 6), "perm row 1: "),
+        # one walk: only the range check stands between n_features and the accumulator's
+        # next row (with two walks the set comparison refuses it too; CUDA mutation audit)
+        ("index = n_features, one walk", "walk", _one_walk_past_the_end, "perm row 1: "),
         ("walk with another set", "walk",
          setitem("perm", (1, 1, 0), lambda a: int(a["inactive"][1])), "perm row 1: "),
         ("total_steps off by one", "walk", lambda a: a.update(total_steps=a["total_steps"] + 1),

@@ -332,6 +332,42 @@ def test_projection_kkt(device):
             assert pi.norm().item() == pytest.approx(r, rel=1e-12, abs=1e-12), f"row {i}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_with_clustered_breakpoints(device):
+    """Breakpoints u_i / |z_i| packed within 2e-7 of each other around the answer: the
+    kernel must find the answer's own segment (a CUDA bracket of 24 halvings instead of 64
+    landed within 1e-7 of it, and the suite passed; CUDA mutation audit)."""
+    _need_noise_kernels(device)
+    d = 1000
+    spread = torch.linspace(-1e-7, 1e-7, d, dtype=torch.float64)
+    z = torch.ones(2, d, dtype=torch.float64)
+    z[1, ::2] = -1.0
+    u = 0.5 * (1 + spread).expand(2, d)
+    u = u[:, torch.randperm(d, generator=torch.Generator().manual_seed(6))]
+    # the box's norm less a little: the ball binds half way through the cluster
+    rho = torch.maximum(torch.minimum(z, u), -u).norm(dim=1) * (1 - 2e-8)
+    got = _project(z, u, rho, device)
+    truth = np.stack([_project_numpy(z[i].numpy(), u[i].numpy(), rho[i].item())
+                      for i in range(2)])
+    np.testing.assert_allclose(got.numpy(), truth, rtol=1e-14, atol=0)
+    clipped = (got.abs() == u).sum(1)
+    assert ((clipped > d // 10) & (clipped < d - d // 10)).all()  # inside the cluster
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_of_an_infinite_point_is_nan_also_inside_the_ball(device):
+    """An infinite coordinate has no projection even where the box alone would clip it
+    (radius inf): the row comes back NaN, as documented (a kernel testing isnan only gave
+    +-u; CUDA mutation audit)."""
+    _need_noise_kernels(device)
+    z = torch.ones(3, 4, dtype=torch.float64) * 0.1
+    z[0, 1], z[1, 2] = math.inf, -math.inf
+    u = torch.ones(3, 4, dtype=torch.float64)
+    for radius in (math.inf, 10.0):
+        got = _project(z, u, torch.full((3,), radius, dtype=torch.float64), device)
+        assert got[:2].isnan().all() and torch.equal(got[2], z[2])
+
+
 def test_projection_special_cases():
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(8, 5, generator=gen, dtype=torch.float64) * 3
@@ -1061,6 +1097,10 @@ def _project_args():
     (lambda a: a["budget"].__setitem__((0, 0), math.inf), r"budget\[0, 0\] = inf must be finite"),
     (lambda a: a["radius"].__setitem__(2, -0.5), r"radius\[2\] = -0.5 must be >= 0"),
     (lambda a: a["radius"].__setitem__(0, math.nan), r"radius\[0\] = nan must be >= 0"),
+    # the scans' last elements (a scan stopping one short passed; CUDA mutation audit)
+    (lambda a: a["budget"].__setitem__((3, 4), -1.0),
+     r"budget\[3, 4\] = -1 must be finite and >= 0"),
+    (lambda a: a["radius"].__setitem__(3, -0.5), r"radius\[3\] = -0.5 must be >= 0"),
 ])
 def test_ascend_and_project_bad_input(mutate, message):
     args = _project_args()

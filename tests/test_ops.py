@@ -272,6 +272,13 @@ def _good():
     return x, base, perm, n_active, w, b, total
 
 
+def _one_walk_with(args, index, value):
+    """args with their first walk only, holding ``value`` at ``index``."""
+    args["perm"] = args["perm"][:, :1].clone()
+    args["perm"][index] = value
+    args["total_steps"] = reference.interior_steps(args["n_active"], 1, 1)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda a: a.update(x=a["x"][0]), "x must be 2-D"),
     (lambda a: a.update(x=a["x"].long()), "x must be float32 or float64"),
@@ -288,6 +295,8 @@ def _good():
     (lambda a: a["perm"].__setitem__((0, 0, 0), a["perm"][0, 0, 1].item()),
      "must be distinct feature indices"),
     (lambda a: a["perm"].__setitem__((1, 0, 0), 99), "must be distinct feature indices"),
+    (lambda a: _one_walk_with(a, (1, 0, 0), 6), "perm row 1: .* must be distinct feature "
+                                                 "indices"),  # = d, with no set to compare
 ])
 def test_walk_linear_bad_input(mutate, message):
     x, base, perm, n_active, w, b, total = _good()
