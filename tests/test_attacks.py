@@ -325,6 +325,32 @@ def test_label_only_value_counts_the_copies_that_keep_the_label():
     assert float(values[0, 2]) == float(values[1, 2])  # every sigma scales the same draws
 
 
+def test_label_only_noise_is_sigma_times_a_standard_normal():
+    """The copies are x + sigma z: predicting 1[x_0 > t] at x = 0, a noisy copy keeps label 1
+    iff sigma z_0 > t, with probability Phi(-t / sigma). Checked exactly against the draws
+    recomputed from the generator (one block of rows here) and against the closed form
+    within 4 binomial standard errors; the check above sits on the boundary t = 0, where any
+    scale of z keeps half the copies (the mutation audit's sigma^2 z passed the suite)."""
+    t, n, q, d = 1.0, 20, 200, 3
+
+    def predict(x):  # class 1 iff the first feature exceeds t
+        return torch.nn.functional.one_hot((x[:, 0] > t).long(), 2).float()
+
+    x = torch.zeros(n, d)
+    labels = torch.ones(n, dtype=torch.long)
+    clean = torch.zeros(n, dtype=torch.long)  # the clean copy, x_0 = 0 <= t, is class 0
+    sigmas = (0.5, 2.0)
+    values = attacks._robustness(predict, x, labels, clean, sigmas, q,
+                                 torch.Generator().manual_seed(3), 2, "t")
+    z = torch.randn(n, q, d, generator=torch.Generator().manual_seed(3))
+    for i, sigma in enumerate(sigmas):
+        kept = (sigma * z[:, :, 0] > t).sum(1).double()
+        assert torch.equal(values[i], kept / (q + 1))
+        p = 0.5 * math.erfc(t / sigma / math.sqrt(2))  # Phi(-t / sigma): 0.023, 0.309
+        share = float(values[i].sum()) * (q + 1) / (n * q)
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / (n * q)), (sigma, share, p)
+
+
 def test_lira_scores_on_gaussian_shadows():
     gen = torch.Generator().manual_seed(0)
     n, k = 400, 16
@@ -390,6 +416,32 @@ def test_lira_is_the_gaussian_likelihood_ratio_of_its_fits():
         torch.testing.assert_close(attacks._lira_scores(observed, phi, keep, False,
                                                         global_variance),
                                    torch.from_numpy(offline))
+
+
+def test_lira_calibration_is_shadow_0_against_the_other_shadows(overfit, data, splits,
+                                                                monkeypatch):
+    """LiRA's calibration scores the pool rows' phi under shadow 0 with Gaussians fitted on
+    the other K - 1 shadows, its labels being shadow 0's membership: recomputed here from
+    each shadow's own predict_proba on the pool rows the result names (the mutation audit
+    left shadow 1 out of the fits, and the suite passed)."""
+    shadows = []
+    train_shadows = attacks._train_shadows
+
+    def recording(*args, **kwargs):
+        shadows.extend(train_shadows(*args, **kwargs))
+        return list(shadows)
+
+    monkeypatch.setattr(attacks, "_train_shadows", recording)
+    result = run_attack("lira_offline", overfit, data, splits,
+                        config={"n_shadows": 4, "shadow_size": 50}, train_config=TINY)
+    pool, keep = result.extra["pool_rows"], result.extra["shadow_membership"]
+    assert len(shadows) == 4 and keep.shape == (4, 100)
+    phi = torch.stack([scaled_logit(shadow(data.x[pool]), data.y[pool]) for shadow in shadows])
+    expected = attacks._lira_scores(phi[0], phi[1:], keep[1:], False, True)
+    scores, is_member = result.calibration
+    # (the attack evaluates the shadows batched: they may round apart from one by one)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(is_member, keep[0])
 
 
 def test_metric_attack_thresholds_take_whole_ties():
@@ -813,3 +865,91 @@ def test_adaptive_attack_with_the_real_defenses(overfit, data, splits):
                           defense=("label_smoothing", None))
     assert smoothed.extra["defense"] == ("label_smoothing", None)
     assert torch.isfinite(smoothed.scores).all()
+
+
+# ----------------------------------------------------------------------------- helpers' inputs
+
+REFERENCE = {"n_shadows": 2, "shadow_size": 40, "calibration_fraction": 0.3}
+LABEL_ONLY = {**REFERENCE, "n_queries": 5, "sigma": 0.1}
+
+
+@pytest.fixture(scope="module")
+def recorded(overfit, data, splits):
+    """One cheap shadow and label-only run (two shadows of 40 members and 40 non-members,
+    one epoch) recording the shadow seeds, the reference data, the rows the attack net is
+    trained on and the number of rows of each query the target answers."""
+    log = {"seeds": [], "net_rows": [], "target_rows": []}
+    train_mlps_batched, build = attacks.train_mlps_batched, attacks._build_reference
+    train_net = attacks._train_attack_net
+
+    def shadows(*args, seeds, **kwargs):
+        log["seeds"].append(list(seeds))
+        return train_mlps_batched(*args, seeds=seeds, **kwargs)
+
+    def reference(*args, **kwargs):
+        log["reference"] = build(*args, **kwargs)
+        return log["reference"]
+
+    def net(cfg, probs, labels, member, *args):
+        log["net_rows"].append((probs.clone(), labels.clone(), member.clone()))
+        return train_net(cfg, probs, labels, member, *args)
+
+    def predict(x):
+        log["target_rows"].append(len(x))
+        return overfit.predict_proba(x)
+
+    target = types.SimpleNamespace(model=overfit.model, predict_proba=predict)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attacks, "train_mlps_batched", shadows)
+        patch.setattr(attacks, "_build_reference", reference)
+        patch.setattr(attacks, "_train_attack_net", net)
+        log["results"] = run_attacks(
+            ["shadow", "label_only"], target, data, splits,
+            configs={"shadow": {**REFERENCE, **SMALL_NET, "attack_epochs": 1},
+                     "label_only": LABEL_ONLY}, train_config=TINY)
+    return log
+
+
+def test_reference_shadows_get_distinct_seeds(recorded):
+    """Each reference shadow trains from its own seed (the same seed gave two copies of one
+    initialisation and batch order: the mutation audit's one seed for all passed)."""
+    assert len(recorded["seeds"]) == 1  # the shadow and label-only attacks share them
+    seeds = recorded["seeds"][0]
+    assert len(seeds) == REFERENCE["n_shadows"] == len(set(seeds))
+
+
+def test_calibration_holds_out_the_documented_share(recorded):
+    """calibration_fraction: round(0.3 * 40) = 12 of each shadow's 40 members and 40
+    non-members are held out, so the calibration has 2 shadows x 2 sides x 12 rows, half of
+    them members (the mutation audit held out half as many, and the suite passed)."""
+    held = round(REFERENCE["calibration_fraction"] * REFERENCE["shadow_size"])
+    ref = recorded["reference"]
+    blocks = ref.fit.view(2 * REFERENCE["n_shadows"], REFERENCE["shadow_size"])
+    assert blocks.sum(1).tolist() == [REFERENCE["shadow_size"] - held] * 4
+    for name in ("shadow", "label_only"):
+        scores, is_member = recorded["results"][name].calibration
+        assert len(scores) == 4 * held == 48 and int(is_member.sum()) == 2 * held, name
+
+
+def test_the_attack_net_learns_from_the_fit_rows_only(recorded):
+    """The shadow attack's net is trained on the reference rows kept for fitting, 2 shadows x
+    2 sides x (40 - 12), never on the held-out calibration rows (the mutation audit trained
+    it on all of them, and the suite passed)."""
+    ref = recorded["reference"]
+    (probs, labels, member), = recorded["net_rows"]
+    assert len(probs) == 4 * (40 - 12) == 112 and int(member.sum()) == 56
+    assert torch.equal(probs, ref.probs[ref.fit])
+    assert torch.equal(labels, ref.labels[ref.fit])
+    assert torch.equal(member, ref.member[ref.fit])
+
+
+def test_label_only_queries_the_target_n_queries_times_per_row(recorded, splits):
+    """The target answers n_queries noisy copies of each target row, plus one clean query
+    of the target rows per attack (the mutation audit scored the target with n_queries // 2
+    copies, and the suite passed); its robustness is a share of the n_queries + 1 copies."""
+    n, q = len(splits.target), LABEL_ONLY["n_queries"]
+    assert sum(recorded["target_rows"]) == 2 * n + q * n
+    observed = recorded["results"]["label_only"].extra["observed_robustness"]
+    copies = observed * (q + 1)
+    assert torch.equal(copies, copies.round())
+
