@@ -183,6 +183,52 @@ def test_history_lengths_ranges_and_learning(data):
     assert not model.training
 
 
+def test_epoch_loss_is_the_row_weighted_mean_of_the_batch_losses(data):
+    """History.train_loss is the mean loss over the epoch's rows: each batch's mean loss
+    weighted by its own size (203 rows in batches of 32: a last batch of 11), over 203,
+    recomputed from the losses and batch sizes loss_fn saw (the mutation audit weighted the
+    last batch by 32, or divided by 204, and the suite passed)."""
+    seen = []
+
+    def loss_fn(logits, y_batch):
+        loss = F.cross_entropy(logits, y_batch)
+        seen.append((float(loss.detach()), len(y_batch)))
+        return loss
+
+    _, h = _train(data, epochs=2, loss_fn=loss_fn)
+    n = data[0].shape[0]
+    per_epoch = len(seen) // 2
+    assert [size for _, size in seen[:per_epoch]] == [32] * 6 + [11]
+    for epoch in range(2):
+        batches = seen[epoch * per_epoch:(epoch + 1) * per_epoch]
+        expected = math.fsum(loss * size for loss, size in batches) / n
+        assert h.train_loss[epoch] == pytest.approx(expected, rel=1e-12)
+
+
+class _ModeRecorder(nn.Module):
+    """A Dropout MLP recording, for each forward pass with grad enabled, its training flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, K))
+        self.modes = []
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.modes.append(self.training)
+        return self.net(x)
+
+
+def test_training_steps_run_in_train_mode(data):
+    """Every training step runs the model in train mode (Dropout active), and the model is
+    left in eval mode (the mutation audit trained in eval mode, Dropout off, and the suite
+    passed): 7 steps per epoch, all with training=True."""
+    model = _ModeRecorder()
+    _train(data, epochs=2, model=model)
+    assert model.modes == [True] * 14
+    assert not model.training
+
+
 def test_history_without_test_data_has_none(data):
     _, h = _train(data, epochs=2)
     assert h.test_acc == [None, None]
