@@ -1,6 +1,7 @@
 """oni.distributed: rows split over torch.distributed ranks (gloo on the CPU here) give the
 single-process answer; a rank that fails makes every rank fail instead of a hang."""
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -80,6 +81,8 @@ def _worker(rank, size, store, out, phi):
             "noise_own_phi": oni.distributed.optimal_noise(
                 model, x, **NOISE, shapley_kwargs={"n_permutations": 8}),
         }
+        # two rows: on three ranks the last solves none, and must still return the tau
+        res["two_rows"] = oni.distributed.optimal_noise(model, x[:2], phi.values[:2], **NOISE)
         # x as rows 5: of a larger batch: each rank adds its shard's start to the offset
         res["offset"] = oni.distributed.shapley_values(model, x, n_permutations=8, seed=3,
                                                        row_offset=5)
@@ -173,6 +176,10 @@ def test_ranks_give_the_single_process_answer(tmp_path, size):
             assert got[key].tau == want[key].tau
             torch.testing.assert_close(got[key].radius, want[key].radius, rtol=1e-6, atol=0)
             assert (got[key].eta.abs() <= got[key].budget + 1e-12).all()
+        # every rank, a rank without rows included, returns tau = tau_fraction * log k (the
+        # mutation audit dropped tau's all_reduce, and a rowless rank's placeholder -1 passed)
+        assert got["two_rows"].tau == NOISE["tau_fraction"] * math.log(4)
+        assert got["two_rows"].eta.shape == (2, 12)
         # the same phi: the same starts and the same steps, so the same norms and counts; eta
         # itself may move on that norm's sphere where the batches round differently
         # (measured by a fuzz pass: up to 1e-2, with equal norms, flags and iterations)
