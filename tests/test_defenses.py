@@ -28,7 +28,7 @@ from oni.defenses import (
     load_defended,
     save_defended,
 )
-from oni.models import MLP, save_model
+from oni.models import MLP, init_parameters_, save_model
 from oni.train import TrainConfig, _derived_seed, predict_logits, train_model
 
 D, K, HIDDEN = 40, 4, (32, 16)
@@ -192,6 +192,15 @@ def test_oni_noise_meets_the_solver_constraints_and_is_what_the_model_learns(
     assert report["tau"] == pytest.approx(noise.tau)
     assert report["norm_max"] == pytest.approx(noise.norm.max().item())
     assert report["base_model"] == "given"
+    # the means are means (a median and a max in their place passed the suite), recomputed
+    # from eta and from f's entropy at x + eta
+    norms = noise.eta.double().pow(2).sum(1).sqrt()
+    assert report["norm_mean"] == pytest.approx(float(norms.mean()), rel=1e-5)
+    assert report["norm_median"] == pytest.approx(float(norms.median()), rel=1e-5)
+    with torch.no_grad():
+        log_p = torch.log_softmax(confident_base(x + noise.eta).double(), 1)
+    entropy = -(log_p.exp() * log_p).sum(1)
+    assert report["entropy_mean"] == pytest.approx(float(entropy.mean()), rel=1e-4)
     # the budget of eq. 7 from the same Shapley values the defense computed
     phi = oni.shapley_values(confident_base.eval(), x, n_permutations=32,
                              seed=_derived_seed(4, "oni:shapley"))
@@ -241,6 +250,10 @@ def test_uniform_noise_has_one_budget_and_is_trained_like_oni(data, confident_ba
     eta = dm.artifacts["eta"]
     assert torch.equal(eta, oni.uniform_noise(x, 0.2, seed=_derived_seed(6, "uniform:noise")))
     assert (eta.abs() <= 0.2).all() and eta.abs().max() > 0.15
+    # the report's norms are Euclidean (L1 norms passed the suite)
+    norms = eta.double().pow(2).sum(1).sqrt()
+    assert dm.report["noise_norm_mean"] == pytest.approx(float(norms.mean()), rel=1e-12)
+    assert dm.report["noise_norm_max"] == pytest.approx(float(norms.max()), rel=1e-12)
     log_soft = torch.log_softmax(predict_logits(confident_base, x + eta), 1)
     model = MLP(D, K, HIDDEN)
     train_model(model, x + eta, y, config=TRAIN, x_test=x_test, y_test=y_test, extra=log_soft,
@@ -484,6 +497,78 @@ def test_dpsgd_options_change_the_training(data):
     assert all(torch.allclose(hooks[key], base[key], atol=1e-5) for key in base)
 
 
+@needs_opacus
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_dpsgd_hands_opacus_the_documented_settings(data, monkeypatch):
+    """Clipping at 10 C, a noise 1.5x opacus's, noise sized for one epoch too many and SGD
+    without momentum all passed the suite. What reaches make_private is checked against the
+    config and opacus's own search and accountant: max_grad_norm, the noise multiplier for
+    the target over train_config.epochs at the sample rate 1 / (batches per epoch), SGD with
+    momentum 0.9 at config['lr'] and train_config's weight decay; the epsilon spent is the
+    RDP accountant's for the steps taken at that noise, within opacus's 0.01 of the target."""
+    from opacus import PrivacyEngine
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    seen = {}
+    make_private = PrivacyEngine.make_private
+
+    def spy(self, **kwargs):
+        seen.update(kwargs)
+        return make_private(self, **kwargs)
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    train_config = TrainConfig(epochs=2, batch_size=64, weight_decay=1e-3, progress=False,
+                               device="cpu")
+    dm = _defend("dpsgd", data, train_config=train_config,
+                 config={"epsilon": 1.0, "max_grad_norm": 0.7, "lr": 0.05})
+    sample_rate = 1 / math.ceil(240 / 64)
+    sigma = get_noise_multiplier(target_epsilon=1.0, target_delta=1e-5,
+                                 sample_rate=sample_rate, epochs=2, accountant="rdp")
+    assert seen["max_grad_norm"] == 0.7
+    assert seen["noise_multiplier"] == pytest.approx(sigma, rel=1e-12)
+    assert dm.report["noise_multiplier"] == pytest.approx(sigma, rel=1e-12)
+    assert dm.report["sample_rate"] == pytest.approx(sample_rate, rel=1e-12)
+    optimizer = seen["optimizer"]
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["lr"], group["weight_decay"]) == (0.9, 0.05, 1e-3)
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, sample_rate, dm.report["steps"])]
+    assert dm.report["epsilon_spent"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert 1.0 - 0.02 <= dm.report["epsilon_spent"] <= 1.0
+
+
+@needs_opacus
+def test_dpsgd_records_each_epochs_mean_loss_over_its_rows(data, monkeypatch):
+    """An epoch's loss that summed the batch means unweighted, then divided by the rows seen
+    (a batch size's fraction of the mean), passed the suite. Every training batch's logits
+    and labels are captured at the cross-entropy opacus calls, and each epoch's record is
+    recomputed from them: the sum of the rows' losses over the rows seen."""
+    batches, epochs = [], []
+    cross_entropy, record = F.cross_entropy, defenses_module._record
+
+    def capture(logits, target, *args, **kwargs):
+        if logits.requires_grad:  # a training step (accuracy passes run without grad)
+            batches.append((logits.detach().double(), target.clone()))
+        return cross_entropy(logits, target, *args, **kwargs)
+
+    def close_epoch(*args, **kwargs):
+        epochs.append(list(batches))
+        batches.clear()
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", capture)
+    monkeypatch.setattr(defenses_module, "_record", close_epoch)
+    dm = _defend("dpsgd", data, train_config=dataclasses.replace(TRAIN, epochs=2))
+    assert len(epochs) == 2 and all(epoch for epoch in epochs)
+    want = [sum(float(cross_entropy(z, t, reduction="sum")) for z, t in epoch)
+            / sum(len(t) for _, t in epoch) for epoch in epochs]
+    assert sum(len(epoch) for epoch in epochs) == dm.report["steps"]
+    assert dm.history.train_loss == pytest.approx(want, rel=1e-6)
+    assert 0.5 * math.log(K) < want[0] < 2 * math.log(K)  # a fresh model's loss, near ln k
+
+
 def test_dpsgd_without_opacus_names_the_extra(data, monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)  # import opacus -> ImportError
     with pytest.raises(ImportError, match=r"oni\[defenses\]"):
@@ -508,6 +593,95 @@ def test_advreg_reference_set_given_or_held_out(data):
     assert not _same_params(_params(plain), _params(held_out))
     with pytest.raises(ValueError, match="holds out 240 of the 240 training rows, leaving no"):
         _defend("advreg", data, config={"reference_fraction": 0.999})
+
+
+def _advreg_by_hand(x, y, x_ref, y_ref, cfg, tc):
+    """Nasr et al.'s min-max as defend documents it, written out: per batch of members,
+    k_steps Adam steps of h on the batch (target 1) and as many reference rows drawn with
+    replacement (target 0), binary cross-entropy; then one Adam step of f on
+    CE + lambda * (mean member belief of h on the batch). Returns f, h and the epochs' mean
+    losses (weighted by batch size)."""
+    f = init_parameters_(MLP(D, K, HIDDEN), tc.seed)
+    h = init_parameters_(defenses_module._InferenceModel(K),
+                         _derived_seed(tc.seed, "advreg:attack"))
+    f_opt = torch.optim.Adam(f.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    h_opt = torch.optim.Adam(h.parameters(), lr=cfg["attack_lr"])
+    order_gen = torch.Generator().manual_seed(tc.seed)
+    ref_gen = torch.Generator().manual_seed(_derived_seed(tc.seed, "advreg:batches"))
+
+    def one_hot(labels):
+        return F.one_hot(labels, K).float()
+
+    losses = []
+    for _ in range(tc.epochs):
+        total = 0.0
+        order = torch.randperm(len(x), generator=order_gen)
+        for lo in range(0, len(x), tc.batch_size):
+            idx = order[lo:lo + tc.batch_size]
+            for _ in range(cfg["k_steps"]):
+                ridx = torch.randint(len(x_ref), (len(idx),), generator=ref_gen)
+                with torch.no_grad():
+                    p_in, p_out = torch.softmax(f(x[idx]), 1), torch.softmax(f(x_ref[ridx]), 1)
+                z_in, z_out = h(p_in, one_hot(y[idx])), h(p_out, one_hot(y_ref[ridx]))
+                # -log sigmoid(z) for a member, -log(1 - sigmoid(z)) for a reference row
+                h_loss = -(F.logsigmoid(z_in).sum() + F.logsigmoid(-z_out).sum()) / (2 * len(idx))
+                h_opt.zero_grad()
+                h_loss.backward()
+                h_opt.step()
+            logits = f(x[idx])
+            gain = torch.sigmoid(h(torch.softmax(logits, 1), one_hot(y[idx]))).mean()
+            loss = F.cross_entropy(logits, y[idx]) + cfg["lambda"] * gain
+            f_opt.zero_grad()
+            loss.backward()
+            f_opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(x))
+    return f.eval(), h.eval(), losses
+
+
+def test_advreg_is_nasr_et_al_min_max_step_by_step(data):
+    """Mutants of the game passed the suite: h trained with the member labels swapped, on
+    uniform probabilities instead of f's, with the members' labels on the reference rows, one
+    step too few; f rewarded (not penalised) for h's belief; the report's balanced accuracy
+    inverted. The defense now matches the documented algorithm written out by hand, and its
+    inference_balanced_accuracy is h's balanced accuracy recomputed on both sets."""
+    x, y, x_test, y_test = data
+    x, y, x_ref, y_ref = x[:120], y[:120], x_test[:40], y_test[:40]
+    cfg = {**DEFAULTS["advreg"], "lambda": 3.0, "k_steps": 2, "attack_lr": 1e-2}
+    dm = defend("advreg", x, y, x_ref=x_ref, y_ref=y_ref, config=cfg, train_config=TRAIN,
+                hidden=HIDDEN)
+    f, h, losses = _advreg_by_hand(x, y, x_ref, y_ref, cfg, TRAIN)
+    got = _params(dm)
+    assert all(torch.allclose(got[key], want, atol=1e-6, rtol=0)
+               for key, want in f.state_dict().items())
+    assert dm.history.train_loss == pytest.approx(losses, rel=1e-5)
+    with torch.no_grad():
+        def belief(rows, labels):
+            return h(torch.softmax(dm.model(rows), 1), F.one_hot(labels, K).float())
+        balanced = 0.5 * ((belief(x, y) > 0).double().mean()
+                          + (belief(x_ref, y_ref) <= 0).double().mean())
+    assert dm.report["inference_balanced_accuracy"] == pytest.approx(float(balanced), abs=1e-12)
+
+
+def test_advreg_holds_out_the_documented_reference_rows(data):
+    """A member slice starting one row early (a row both member and reference) passed the
+    suite: the held-out split is the seeded permutation's first reference_fraction rows as
+    the reference set and the rest, in order, as members, exactly as if given."""
+    x, y, _, _ = data
+    x, y = x[:120], y[:120]
+    held_out = defend("advreg", x, y, config={"reference_fraction": 0.25}, seed=3,
+                      train_config=TRAIN, hidden=HIDDEN)
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(
+        _derived_seed(3, "advreg:reference")))
+    ref, members = order[:30], order[30:].sort().values
+    given = defend("advreg", x[members], y[members], x_ref=x[ref], y_ref=y[ref], seed=3,
+                   train_config=TRAIN, hidden=HIDDEN)
+    assert held_out.report["reference"]["n_members"] == 90
+    assert held_out.report["reference"]["n_reference"] == 30
+    assert _same_params(_params(held_out), _params(given))
+    assert held_out.history.train_acc == given.history.train_acc
+    assert held_out.report["inference_balanced_accuracy"] == \
+        given.report["inference_balanced_accuracy"]
 
 
 def test_label_smoothing_is_cross_entropy_with_smoothing(data):
