@@ -5,6 +5,8 @@ ONI_CUDA_EMULATION=1, where the emulation library is loaded (it replaces the CPU
 it is never loaded into an ordinary test run)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -28,6 +30,20 @@ def test_collectives_give_the_right_values(blocks, threads):
         assert torch.equal(out[b, 1][lane0], warp_sums[lane0]), "shfl_down sum in lane 0"
         assert (out[b, 2] == int(b < threads)).all(), "__syncthreads_or"
         assert torch.equal(out[b, 3], threads - 1 - t), "shared memory across a barrier"
+
+
+def test_only_the_warps_order_sees_a_warp_run_ahead():
+    """A shared buffer reused by two block sums with no __syncthreads between them (the
+    CUDA mutation audit's survivor in the projection's block_sum): every thread reads the
+    first sum's partials before any warp gets past a shuffle in the forward and reverse
+    orders, so the answer is right there; under ONI_CUDA_EMU_ORDER=warps the last warp runs
+    ahead and its second partial lands in the first warp's first sum."""
+    out = run("reused_partials", 1, 64).view(4, 64)
+    if os.environ.get("ONI_CUDA_EMU_ORDER") == "warps":
+        assert (out[0, :32] == 32 + 3200).all() and (out[0, 32:] == 64).all()
+    else:
+        assert (out[0] == 64).all()
+    assert (out[1] == 6400).all()
 
 
 def test_dynamic_shared_memory_starts_poisoned():

@@ -67,10 +67,25 @@ Block* g_block = nullptr;
 // ONI_CUDA_EMU_ORDER=reverse: between two barriers the threads run last to first. A missing
 // __syncthreads between one thread's write and another's read of shared memory gives the
 // right answer in one of the two orders only, so running the tests in both catches it.
-const bool g_reverse_order = [] {
-  const char* order = std::getenv("ONI_CUDA_EMU_ORDER");
-  return order != nullptr && std::string(order) == "reverse";
-}();
+// ONI_CUDA_EMU_ORDER=warps: each warp runs alone, last warp first, through its shuffles
+// until it waits at __syncthreads or exits, as a warp that races ahead of the others on a
+// GPU. Both other orders stop every thread at every shuffle, so a warp never gets past one
+// while another is behind it; a shared buffer reused without a __syncthreads between two
+// block-wide reductions (one warp writing the second's partials while another still reads
+// the first's) is seen only here.
+enum class Order { kForward, kReverse, kWarps };
+Order thread_order() {  // read at the first launch: a bad value is an error there, not an
+  static const Order order = [] {  // abort while the library loads
+    const char* value = std::getenv("ONI_CUDA_EMU_ORDER");
+    const std::string name = value != nullptr ? value : "";
+    if (name == "reverse") return Order::kReverse;
+    if (name == "warps") return Order::kWarps;
+    TORCH_CHECK(name.empty() || name == "forward", "ONI_CUDA_EMU_ORDER must be forward, "
+                "reverse or warps, got '", name, "'");
+    return Order::kForward;
+  }();
+  return order;
+}
 
 void yield_to_scheduler(Fiber& fiber) {
   if (_setjmp(fiber.resume) == 0) {
@@ -124,11 +139,10 @@ void wait_here(Fiber& fiber, int kind, int line) {
   TORCH_CHECK(false, message.str());
 }
 
-// Releases every warp whose live lanes all wait at one shuffle; true if any was released.
-bool release_warps(Block& block) {
-  bool released = false;
-  const int n = static_cast<int>(block.fibers.size());
-  for (int base = 0; base < n; base += 32) {
+// Releases the warp of lanes [base, base + 32) if its live lanes all wait at one shuffle.
+bool release_warp(Block& block, int base) {
+  {
+    const int n = static_cast<int>(block.fibers.size());
     const int width = std::min(32, n - base);
     int waiting = 0, live = 0, line = -1;
     for (int lane = 0; lane < width; ++lane) {
@@ -143,7 +157,7 @@ bool release_warps(Block& block) {
       }
       line = f.line;
     }
-    if (waiting == 0 || waiting != live) continue;
+    if (waiting == 0 || waiting != live) return false;
     std::vector<uint64_t> offered(32, 0);
     for (int lane = 0; lane < width; ++lane) offered[lane] = block.fibers[base + lane].bits;
     for (int lane = 0; lane < width; ++lane) {
@@ -166,8 +180,15 @@ bool release_warps(Block& block) {
       f.bits = offered[src];
       f.waiting = kNotWaiting;
     }
-    released = true;
   }
+  return true;
+}
+
+// Releases every warp whose live lanes all wait at one shuffle; true if any was released.
+bool release_warps(Block& block) {
+  bool released = false;
+  for (int base = 0; base < static_cast<int>(block.fibers.size()); base += 32)
+    released |= release_warp(block, base);
   return released;
 }
 
@@ -212,14 +233,23 @@ void run_block(Block& block) {
   // poisoned like uninitialised device memory: a kernel must write before it reads
   std::fill(block.shared.begin(), block.shared.end(), static_cast<unsigned char>(0xff));
   const int n = static_cast<int>(block.fibers.size());
+  const auto run_lane = [&](int i) {
+    Fiber& f = block.fibers[i];
+    if (f.done || f.waiting != kNotWaiting) return;
+    block.current = i;
+    threadIdx = f.index;
+    resume(block, f);
+  };
+  const Order order = thread_order();
   for (;;) {
-    for (int step = 0; step < n; ++step) {
-      const int i = g_reverse_order ? n - 1 - step : step;
-      Fiber& f = block.fibers[i];
-      if (f.done || f.waiting != kNotWaiting) continue;
-      block.current = i;
-      threadIdx = f.index;
-      resume(block, f);
+    if (order == Order::kWarps) {
+      for (int base = (n - 1) / 32 * 32; base >= 0; base -= 32)
+        do {  // this warp alone, through its shuffles
+          for (int i = base; i < std::min(base + 32, n); ++i) run_lane(i);
+        } while (release_warp(block, base));
+    } else {
+      for (int step = 0; step < n; ++step)
+        run_lane(order == Order::kReverse ? n - 1 - step : step);
     }
     block.current = -1;
     bool all_done = true;

@@ -61,6 +61,25 @@ __global__ void deadlock_kernel(int64_t* out) {
   out[threadIdx.x] = v;
 }
 
+// Broken (a race on a GPU): two block-wide sums, of 1 and of 100 per thread, through one
+// shared buffer with no __syncthreads between the first sum's reads and the second's writes.
+// A warp that runs ahead writes its partial of the second while another warp still reads the
+// first's: only ONI_CUDA_EMU_ORDER=warps runs a warp ahead like that. out[0, t]: the first
+// sum as thread t read it, out[1, t]: the second.
+__global__ void reused_partials_kernel(int64_t* out) {
+  __shared__ int64_t s_partial[32];
+  const int t = threadIdx.x, lane = t & 31, warp = t / 32, n_warps = blockDim.x / 32;
+  for (int round = 0; round < 2; ++round) {
+    int64_t v = round == 0 ? 1 : 100;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    if (lane == 0) s_partial[warp] = v;  // (a correct kernel syncs before this write)
+    __syncthreads();
+    int64_t total = 0;
+    for (int w = 0; w < n_warps; ++w) total += s_partial[w];
+    out[round * blockDim.x + t] = total;
+  }
+}
+
 __global__ void __launch_bounds__(64) bounded_kernel(int64_t* out) { out[threadIdx.x] = 1; }
 
 __global__ void dynamic_shared_kernel(int64_t* out) {
@@ -81,6 +100,8 @@ at::Tensor run_case(const std::string& name, int64_t blocks, int64_t threads) {
     missing_lane_kernel<<<b, t>>>(p);
   } else if (name == "deadlock") {
     deadlock_kernel<<<b, t>>>(p);
+  } else if (name == "reused_partials") {
+    reused_partials_kernel<<<b, t>>>(p);
   } else if (name == "bounded") {
     bounded_kernel<<<b, t>>>(p);
   } else if (name == "dynamic_shared") {
