@@ -28,7 +28,7 @@ from sklearn import metrics as _skm
 from torch import Tensor, nn
 
 from ._checks import (check_class_indices, check_int, check_not_meta, check_number,
-                      is_integer_dtype, short_repr, tensor_to_numpy)
+                      is_integer_dtype, tensor_to_numpy)
 from .shapley import _check_model_width
 from .train import _batched
 
@@ -323,7 +323,7 @@ def accuracy_at_threshold(scores, is_member, threshold: float) -> Tuple[float, f
     s, m = _check_pair(scores, is_member)
     if isinstance(threshold, bool) or not isinstance(threshold, Real):
         raise TypeError(f"threshold must be a real number (inf allowed), got "
-                        f"{type(threshold).__name__} {short_repr(threshold)}")
+                        f"{type(threshold).__name__}")
     try:
         threshold = float(threshold)
     except OverflowError:  # an int past float64's range: above or below every score

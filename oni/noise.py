@@ -60,8 +60,8 @@ class NoiseResult:
         eta: ``[N, d]`` the noise; the defended sample is ``x + eta``.
         entropy: ``[N]`` ``H(f(x + eta))`` in nats.
         norm: ``[N]`` ``||eta||_2``. On the ball it can exceed ``radius`` by one rounding
-            of ``eta``'s dtype (the projection is float64, then cast): 2.2e-8 relative in
-            float32; the box ``|eta| <= budget`` holds exactly.
+            of ``eta``'s dtype (the projection is float64, then cast): at most 2**-24
+            relative in float32 (2.2e-8 measured); the box ``|eta| <= budget`` holds exactly.
         feasible: ``[N]`` bool: ``entropy >= tau`` was reached inside the box and ball. Where
             False, ``eta`` is the highest-entropy point the solver found inside them.
         iterations: ``[N]`` int64 solver iterations summed over the starts: ascent steps,

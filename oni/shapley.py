@@ -1111,7 +1111,11 @@ class ShapleyValueSampling:
     one element for N > 1, e.g. a summed loss) is explained as captum does: the players are
     the features, shared by every input, a coalition is the batch with those features taken
     from the inputs and the rest from the baseline, and the result is ``[1, d]`` (the
-    output's shape followed by d). Each of its evaluations is one call on the N inputs.
+    output's shape followed by d). Each of its evaluations is one call on the N inputs, so
+    per-example ``additional_forward_args`` are fine there. Unlike captum, a target is
+    refused there (captum takes ``target=0`` on a ``[1, 1]`` output), and so is a ``[1, k]``
+    output for N > 1 (captum gives ``[1, k, d]``); with one input, a forward that reduces
+    over its batch must return a 0-d tensor (oni calls it on many perturbed rows at once).
     """
 
     def __init__(self, forward_func: Callable[..., Tensor]):
@@ -1124,7 +1128,8 @@ class ShapleyValueSampling:
                   perturbations_per_eval: int = 1, show_progress: bool = False,
                   *, seed: int = 0, backend: str = "auto"):
         """Shapley values shaped like ``inputs [N, d]`` (``[N, k, d]`` for ``target=None`` on a
-        ``[N, k]`` output; a one-tuple when ``inputs`` is one).
+        ``[N, k]`` output; ``[1, d]`` for one value per batch, see the class notes; a
+        one-tuple when ``inputs`` is one).
 
         Args:
             inputs: ``[N, d]`` float tensor, or a tuple holding one.
@@ -1134,7 +1139,7 @@ class ShapleyValueSampling:
                 (negative counts from the last column), a one-entry tuple, a list of ints or
                 one-entry tuples, or a tensor ``[N]`` (or one element) of output columns.
             additional_forward_args: extra arguments passed to every call of forward_func
-                (not per-example tensors: see the class notes).
+                (per-example tensors only with one value per batch: see the class notes).
             feature_mask: None (every feature is a player) or integer group ids >= 0 ``[d]``,
                 ``[1, d]``, or ``[N, d]`` with identical rows: the players are the groups and,
                 as in captum, every feature of a group gets the group's value.
@@ -1170,27 +1175,35 @@ class ShapleyValueSampling:
         refs = _check_baseline(baselines, x, per_row=True)
         per_row = refs.shape[0] == x.shape[0] and x.shape[0] > 1
         groups = _shared_feature_mask(feature_mask, x)
-        with torch.no_grad():  # the output's form, on every input as captum's first call
-            out = self.forward_func(x.clone(), *extra)  # (it may write into its input)
+        _check_model_input(self.forward_func, x)  # a plain first nn.Linear: width, dtype
+        per_example = any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == x.shape[0] > 1
+                          for a in extra)
+        try:
+            with torch.no_grad():  # the output's form, on every input as captum's first call
+                out = self.forward_func(x.clone(), *extra)  # (it may write into its input)
+        except Exception as err:
+            if per_example:  # likely why, and the refusal it would meet next
+                raise NotImplementedError(_PER_EXAMPLE_ARGS) from err
+            raise
         if _one_value_for_batch(out, x.shape[0]):
             attributions = self._explain_batch_output(out, x, refs, extra, groups, target,
                                                       n_samples, seed, backend)
             return (attributions,) if as_tuple else attributions
-        if any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == x.shape[0] > 1
-               for a in extra):
-            raise NotImplementedError(
-                "additional_forward_args holds a tensor with one row per input: captum "
-                "expands such tensors with the inputs, but oni evaluates rows of many inputs "
-                "in one batch; close over them in forward_func instead")
+        if per_example:
+            raise NotImplementedError(_PER_EXAMPLE_ARGS)
 
         def game(z: Tensor) -> Tensor:
             out = self.forward_func(z, *extra)
-            if extra and isinstance(out, Tensor) and out.dim() and out.shape[0] != len(z):
-                # e.g. a per-example array or list among the extra arguments
+            if isinstance(out, Tensor) and out.dim() and out.shape[0] != len(z):
+                why = ("additional_forward_args must not hold per-example values (oni "
+                       "evaluates rows of many inputs in one batch); close over them in "
+                       "forward_func instead") if extra else (
+                       "oni evaluates many perturbed inputs in one call, so forward_func must "
+                       "return one output row per input row; a forward that reduces over its "
+                       "batch (a sum, say) must return a 0-d tensor to be explained as one "
+                       "value for the batch")
                 raise ValueError(f"forward_func returned {out.shape[0]} rows for {len(z)} "
-                                 f"input rows: additional_forward_args must not hold "
-                                 f"per-example values (oni evaluates rows of many inputs in "
-                                 f"one batch); close over them in forward_func instead")
+                                 f"input rows: {why}")
             return out[:, None] if isinstance(out, Tensor) and out.dim() == 1 else out
 
         def explain(column) -> Tensor:
@@ -1249,6 +1262,12 @@ class ShapleyValueSampling:
         values = result.values if result.groups is None else result.values[:, result.groups]
         shape = tuple(out.shape) if isinstance(out, Tensor) and out.dim() else (1,)
         return values.reshape(shape + (x.shape[1],))
+
+
+_PER_EXAMPLE_ARGS = (
+    "additional_forward_args holds a tensor with one row per input: captum expands such "
+    "tensors with the inputs, but oni evaluates rows of many inputs in one batch; close over "
+    "them in forward_func instead (or return one value for the batch: see the class notes)")
 
 
 def _one_value_for_batch(out, n: int) -> bool:

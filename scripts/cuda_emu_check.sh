@@ -30,7 +30,7 @@ ONI_CUDA_EMULATION=1 ONI_CUDA_EMU_ORDER=reverse python -m pytest -p no:cacheprov
   "${op_tests[@]}" "$@"
 # A warp that runs ahead of the others through its shuffles (a shared buffer reused without a
 # __syncthreads between two block reductions) is seen only when each warp runs alone.
-echo "[cuda-emu] op tests; each warp alone, last warp first, through its shuffles"
+echo "[cuda-emu] op tests; each warp alone through its shuffles, turns reversed at barriers"
 ONI_CUDA_EMULATION=1 ONI_CUDA_EMU_ORDER=warps python -m pytest -p no:cacheprovider \
   "${op_tests[@]}" "$@"
 echo "[cuda-emu] done in $(( $(date +%s) - start )) s"

@@ -47,8 +47,9 @@ def test_sampled_within_standard_errors_of_exact(game10, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_standard_errors_are_the_spread_over_seeds(game10, backend):
     """The reported standard error is the standard deviation of the values over seeds: their
-    mean squares agree within sampling noise (40 seeds: about +-12% on the ratio at 2
-    sigma). Doubled standard errors passed the z check above (mutation audit)."""
+    mean squares agree within sampling noise (40 seeds: about +-6% on the ratio at 2
+    sigma: the ratio's spread over 60 other blocks of 40 seeds was 0.029). Doubled standard
+    errors passed the z check above (mutation audit)."""
     model, x, _ = game10
     runs = [oni.shapley_values(model, x, n_permutations=16, backend=backend, seed=seed)
             for seed in range(40)]
@@ -653,7 +654,8 @@ def test_drop_in_explains_a_forward_with_one_value_per_batch(backend):
         attr = explainer.attribute(x, additional_forward_args=(weights,), n_samples=2000,
                                    backend=backend)
         assert attr.shape == (1, 5) and attr.dtype == x.dtype
-        assert (attr[0].double() - truth).norm() / truth.norm() < 0.05
+        # 0.021 here; over 240 seeds: mean 0.02, sd 0.009 (a per-row game's sum: 1.5)
+        assert (attr[0].double() - truth).norm() / truth.norm() < 0.08
         assert attr[0, 3] == 0
         efficiency = loss(x, weights) - loss(torch.zeros_like(x), weights)
         torch.testing.assert_close(attr.sum(), efficiency, rtol=0, atol=1e-5)
@@ -706,6 +708,21 @@ def test_drop_in_batch_output_refusals():
     linear = nn.Linear(5, 2).eval()
     x = _gaussian_rows(3, 5, seed=64)
     total = lambda z: linear(z)[:, 1].sum()  # noqa: E731
+    # one input: a [1] output is per row (as captum), and a forward that reduces over the
+    # many rows oni passes at once is named (it read "model output must be [N, k] = [30, k]")
+    with pytest.raises(ValueError, match=r"returned 1 rows for \d+ input rows: oni evaluates "
+                                         r"many perturbed inputs in one call.*0-d tensor"):
+        oni.ShapleyValueSampling(lambda z: total(z).reshape(1)).attribute(x[:1], n_samples=2)
+    one = oni.ShapleyValueSampling(total).attribute(x[:1], n_samples=2)  # 0-d: the batch's
+    torch.testing.assert_close(one, (x[:1] * linear.weight[1]).detach())
+    # per-example extra arguments that break the first call: named, with the cause chained
+    with pytest.raises(NotImplementedError, match="one row per input") as err:
+        oni.ShapleyValueSampling(lambda z, w: linear(z) * w).attribute(
+            x, target=0, additional_forward_args=(torch.ones(3, 7),))
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match="the model's first layer takes 5 features, x has "
+                                         "d = 4"):
+        oni.ShapleyValueSampling(linear).attribute(x[:, :4], target=0)
     with pytest.raises(ValueError, match=r"target = 0: forward_func returns one value for the "
                                          r"whole batch \(shape \(\)\)"):
         oni.ShapleyValueSampling(total).attribute(x, target=0)

@@ -67,12 +67,13 @@ Block* g_block = nullptr;
 // ONI_CUDA_EMU_ORDER=reverse: between two barriers the threads run last to first. A missing
 // __syncthreads between one thread's write and another's read of shared memory gives the
 // right answer in one of the two orders only, so running the tests in both catches it.
-// ONI_CUDA_EMU_ORDER=warps: each warp runs alone, last warp first, through its shuffles
-// until it waits at __syncthreads or exits, as a warp that races ahead of the others on a
-// GPU. Both other orders stop every thread at every shuffle, so a warp never gets past one
-// while another is behind it; a shared buffer reused without a __syncthreads between two
-// block-wide reductions (one warp writing the second's partials while another still reads
-// the first's) is seen only here.
+// ONI_CUDA_EMU_ORDER=warps: each warp runs alone through its shuffles until it waits at
+// __syncthreads or exits, as a warp that races ahead of the others on a GPU; the warps take
+// turns last to first, then first to last after each __syncthreads, so that over a loop of
+// barriers every warp gets ahead of every other. Both other orders stop every thread at every
+// shuffle, so a warp never gets past one while another is behind it; a shared buffer reused
+// without a __syncthreads between two block-wide reductions (one warp writing the second's
+// values while another still reads the first's) is seen only here.
 enum class Order { kForward, kReverse, kWarps };
 Order thread_order() {  // read at the first launch: a bad value is an error there, not an
   static const Order order = [] {  // abort while the library loads
@@ -241,12 +242,16 @@ void run_block(Block& block) {
     resume(block, f);
   };
   const Order order = thread_order();
+  bool last_warp_first = true;  // warps: turned round at every __syncthreads
   for (;;) {
     if (order == Order::kWarps) {
-      for (int base = (n - 1) / 32 * 32; base >= 0; base -= 32)
+      const int last = (n - 1) / 32 * 32;
+      for (int k = 0; k <= last; k += 32) {
+        const int base = last_warp_first ? last - k : k;
         do {  // this warp alone, through its shuffles
           for (int i = base; i < std::min(base + 32, n); ++i) run_lane(i);
         } while (release_warp(block, base));
+      }
     } else {
       for (int step = 0; step < n; ++step)
         run_lane(order == Order::kReverse ? n - 1 - step : step);
@@ -255,7 +260,11 @@ void run_block(Block& block) {
     bool all_done = true;
     for (const Fiber& f : block.fibers) all_done = all_done && f.done;
     if (all_done) return;
-    if (release_warps(block) || release_block(block)) continue;
+    if (release_warps(block)) continue;
+    if (release_block(block)) {
+      last_warp_first = !last_warp_first;
+      continue;
+    }
     fail(block, "deadlock: " + describe_waits(block));
   }
 }

@@ -64,8 +64,9 @@ __global__ void deadlock_kernel(int64_t* out) {
 // Broken (a race on a GPU): two block-wide sums, of 1 and of 100 per thread, through one
 // shared buffer with no __syncthreads between the first sum's reads and the second's writes.
 // A warp that runs ahead writes its partial of the second while another warp still reads the
-// first's: only ONI_CUDA_EMU_ORDER=warps runs a warp ahead like that. out[0, t]: the first
-// sum as thread t read it, out[1, t]: the second.
+// first's: only ONI_CUDA_EMU_ORDER=warps runs a warp ahead like that (warp 0 here: after
+// the first __syncthreads the turns go first to last). out[0, t]: the first sum as thread t
+// read it, out[1, t]: the second.
 __global__ void reused_partials_kernel(int64_t* out) {
   __shared__ int64_t s_partial[32];
   const int t = threadIdx.x, lane = t & 31, warp = t / 32, n_warps = blockDim.x / 32;
@@ -77,6 +78,22 @@ __global__ void reused_partials_kernel(int64_t* out) {
     int64_t total = 0;
     for (int w = 0; w < n_warps; ++w) total += s_partial[w];
     out[round * blockDim.x + t] = total;
+  }
+}
+
+// Broken (a race on a GPU): thread 0 broadcasts each round's warp sum through one shared
+// value with no __syncthreads before the next round's write. Warp 0 can run ahead into the
+// next round and overwrite it while warp 1 still reads this round's. out[r, t]: round r's
+// value as thread t read it.
+__global__ void overwritten_broadcast_kernel(int64_t* out) {
+  __shared__ int64_t s_total;
+  const int t = threadIdx.x;
+  for (int round = 0; round < 2; ++round) {
+    int64_t v = round == 0 ? 1 : 100;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    if (t == 0) s_total = v;  // (a correct kernel syncs before this write)
+    __syncthreads();
+    out[round * blockDim.x + t] = s_total;
   }
 }
 
@@ -102,6 +119,8 @@ at::Tensor run_case(const std::string& name, int64_t blocks, int64_t threads) {
     deadlock_kernel<<<b, t>>>(p);
   } else if (name == "reused_partials") {
     reused_partials_kernel<<<b, t>>>(p);
+  } else if (name == "overwritten_broadcast") {
+    overwritten_broadcast_kernel<<<b, t>>>(p);
   } else if (name == "bounded") {
     bounded_kernel<<<b, t>>>(p);
   } else if (name == "dynamic_shared") {
