@@ -255,7 +255,8 @@ def test_other_argument_errors_name_the_argument():
         metrics.tpr_at_fpr(*PERFECT, 1.5)
     with pytest.raises(ValueError, match="threshold must be a real number"):
         metrics.accuracy_at_threshold(*PERFECT, float("nan"))
-    with pytest.raises(TypeError, match=r"threshold must be a real number \(inf allowed\), got str$"):
+    with pytest.raises(TypeError,
+                       match=r"threshold must be a real number \(inf allowed\), got str$"):
         metrics.accuracy_at_threshold(*PERFECT, "0.5")  # a wrong type, as elsewhere
     with pytest.raises(ValueError, match="calibration is_member must hold both"):
         metrics.attack_report(*PERFECT, calibration=([0.1, 0.2], [1, 1]))
