@@ -278,14 +278,26 @@ def tpr_at_fpr(scores, is_member, fpr: float) -> float:
     """
     target = check_number(fpr, "fpr", 0.0, 1.0)
     s, m = _check_pair(scores, is_member)
-    fprs, tprs, _ = _skm.roc_curve(m, s, drop_intermediate=False)
-    return float(tprs[fprs <= target].max())  # (0, 0) is always a point: never empty
+    fprs, tprs, *_ = _rates(s, m)
+    return _tpr_within(fprs, tprs, target)
 
 
 def _rates(scores: np.ndarray, is_member: np.ndarray):
     """ROC points with their thresholds, and the member / non-member counts."""
     fprs, tprs, thresholds = _skm.roc_curve(is_member, scores, drop_intermediate=False)
     return fprs, tprs, thresholds, int(is_member.sum()), int((~is_member).sum())
+
+
+def _tpr_within(fprs, tprs, rate: float) -> float:
+    """The largest TPR among the ROC points with FPR <= ``rate``."""
+    return float(tprs[fprs <= rate].max())  # (0, 0) is always a point: never empty
+
+
+def _best_of(fprs, tprs, thresholds, n_members, n_non, balanced: bool) -> float:
+    """The ROC point's threshold of the best (balanced) accuracy; the highest of equally
+    good ones (argmax takes the first, thresholds decrease)."""
+    accuracy, balanced_accuracy = _accuracies(fprs, tprs, n_members, n_non)
+    return float(thresholds[int(np.argmax(balanced_accuracy if balanced else accuracy))])
 
 
 def _accuracies(fprs, tprs, n_members, n_non):
@@ -312,10 +324,7 @@ def best_threshold(scores, is_member, *, balanced: bool = True) -> float:
     s, m = _check_pair(scores, is_member)
     if not isinstance(balanced, bool):
         raise TypeError(f"balanced must be True or False, got {balanced!r}")
-    fprs, tprs, thresholds, n_members, n_non = _rates(s, m)
-    accuracy, balanced_accuracy = _accuracies(fprs, tprs, n_members, n_non)
-    objective = balanced_accuracy if balanced else accuracy
-    return float(thresholds[int(np.argmax(objective))])  # argmax: first = highest threshold
+    return _best_of(*_rates(s, m), balanced=balanced)
 
 
 def accuracy_at_threshold(scores, is_member, threshold: float) -> Tuple[float, float]:
@@ -358,13 +367,13 @@ def attack_report(scores, is_member, *, calibration: Optional[Tuple[object, obje
         ``n_members``, ``n_nonmembers``; ``roc``: ``(fpr, tpr)`` float64 arrays.
     """
     s, m = _check_pair(scores, is_member)
-    fprs, tprs, thresholds, n_members, n_non = _rates(s, m)
-    _, balanced = _accuracies(fprs, tprs, n_members, n_non)
-    oracle = float(thresholds[int(np.argmax(balanced))])
+    rates = _rates(s, m)
+    fprs, tprs, _, n_members, n_non = rates
+    oracle = _best_of(*rates, balanced=True)  # best_threshold's, on this ROC pass
     oracle_acc, oracle_bal = accuracy_at_threshold(s, m, oracle)
     report = {"auc": float(_skm.roc_auc_score(m, s))}
     for key, target in REPORTED_FPRS.items():
-        report[key] = float(tprs[fprs <= target].max())
+        report[key] = _tpr_within(fprs, tprs, target)  # tpr_at_fpr's
     report.update(threshold=None, accuracy=None, balanced_accuracy=None)
     if calibration is not None:
         if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
