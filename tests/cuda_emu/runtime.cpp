@@ -142,45 +142,43 @@ void wait_here(Fiber& fiber, int kind, int line) {
 
 // Releases the warp of lanes [base, base + 32) if its live lanes all wait at one shuffle.
 bool release_warp(Block& block, int base) {
-  {
-    const int n = static_cast<int>(block.fibers.size());
-    const int width = std::min(32, n - base);
-    int waiting = 0, live = 0, line = -1;
-    for (int lane = 0; lane < width; ++lane) {
-      const Fiber& f = block.fibers[base + lane];
-      if (f.done) continue;
-      ++live;
-      if (f.waiting != kAtWarpBarrier) continue;
-      ++waiting;
-      if (line >= 0 && f.line != line) {
-        fail(block, "lanes of warp " + std::to_string(base / 32) + " shuffle on different lines (" +
-                        std::to_string(line) + " and " + std::to_string(f.line) + ")");
-      }
-      line = f.line;
+  const int n = static_cast<int>(block.fibers.size());
+  const int width = std::min(32, n - base);
+  int waiting = 0, live = 0, line = -1;
+  for (int lane = 0; lane < width; ++lane) {
+    const Fiber& f = block.fibers[base + lane];
+    if (f.done) continue;
+    ++live;
+    if (f.waiting != kAtWarpBarrier) continue;
+    ++waiting;
+    if (line >= 0 && f.line != line) {
+      fail(block, "lanes of warp " + std::to_string(base / 32) + " shuffle on different lines (" +
+                      std::to_string(line) + " and " + std::to_string(f.line) + ")");
     }
-    if (waiting == 0 || waiting != live) return false;
-    std::vector<uint64_t> offered(32, 0);
-    for (int lane = 0; lane < width; ++lane) offered[lane] = block.fibers[base + lane].bits;
-    for (int lane = 0; lane < width; ++lane) {
-      Fiber& f = block.fibers[base + lane];
-      if (f.done) continue;
-      for (int other = 0; other < 32; ++other) {
-        if (!(f.mask >> other & 1u)) continue;
-        if (other >= width || block.fibers[base + other].done) {
-          fail(block, "shuffle on line " + std::to_string(line) + " names lane " +
-                          std::to_string(other) + " of warp " + std::to_string(base / 32) +
-                          " in its mask, but that lane " +
-                          (other >= width ? "does not exist" : "has exited"));
-        }
+    line = f.line;
+  }
+  if (waiting == 0 || waiting != live) return false;
+  std::vector<uint64_t> offered(32, 0);
+  for (int lane = 0; lane < width; ++lane) offered[lane] = block.fibers[base + lane].bits;
+  for (int lane = 0; lane < width; ++lane) {
+    Fiber& f = block.fibers[base + lane];
+    if (f.done) continue;
+    for (int other = 0; other < 32; ++other) {
+      if (!(f.mask >> other & 1u)) continue;
+      if (other >= width || block.fibers[base + other].done) {
+        fail(block, "shuffle on line " + std::to_string(line) + " names lane " +
+                        std::to_string(other) + " of warp " + std::to_string(base / 32) +
+                        " in its mask, but that lane " +
+                        (other >= width ? "does not exist" : "has exited"));
       }
-      const int src = f.src_lane;
-      if (src < 0 || src >= width || !(f.mask >> src & 1u) || block.fibers[base + src].done) {
-        fail(block, "shuffle on line " + std::to_string(line) + " reads lane " +
-                        std::to_string(src) + ", which does not take part");
-      }
-      f.bits = offered[src];
-      f.waiting = kNotWaiting;
     }
+    const int src = f.src_lane;
+    if (src < 0 || src >= width || !(f.mask >> src & 1u) || block.fibers[base + src].done) {
+      fail(block, "shuffle on line " + std::to_string(line) + " reads lane " +
+                      std::to_string(src) + ", which does not take part");
+    }
+    f.bits = offered[src];
+    f.waiting = kNotWaiting;
   }
   return true;
 }
