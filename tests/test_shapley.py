@@ -316,12 +316,24 @@ def test_row_offset_gives_a_shard_the_walks_of_the_whole_batch():
 GROUPS = torch.tensor([7, 7, -1, 3, 3, 3, 10, 5, 5, 12])  # any integer ids, in any order
 
 
-def _brute_force_group_values(model, x_row, refs, groups, target):
-    """Shapley values of the groups straight from the definition: every coalition of every
-    group, weights |S|! (G - |S| - 1)! / G!, probabilities averaged over the references."""
+def _shapley_by_definition(value, players):
+    """Shapley values of the game ``value(coalition tuple)`` over ``players`` straight from
+    the definition: every coalition of the others, weights |S|! (n - |S| - 1)! / n!."""
     import itertools
-    ids = sorted(set(groups.tolist()))
+    n = len(players)
+    phi = torch.zeros(n, dtype=torch.float64)
+    for i, player in enumerate(players):
+        others = [p for p in players if p != player]
+        for size in range(n):
+            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+            for coalition in itertools.combinations(others, size):
+                phi[i] += weight * (value(coalition + (player,)) - value(coalition))
+    return phi
 
+
+def _brute_force_group_values(model, x_row, refs, groups, target):
+    """Shapley values of the groups from the definition, probabilities averaged over the
+    references."""
     def value(coalition):
         taken = torch.zeros(len(groups), dtype=torch.bool)
         for g in coalition:
@@ -329,15 +341,7 @@ def _brute_force_group_values(model, x_row, refs, groups, target):
         z = torch.where(taken, x_row, refs)
         return torch.softmax(model(z).double(), 1)[:, target].mean()
 
-    n = len(ids)
-    phi = torch.zeros(n, dtype=torch.float64)
-    for i, g in enumerate(ids):
-        others = [h for h in ids if h != g]
-        for size in range(n):
-            weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
-            for coalition in itertools.combinations(others, size):
-                phi[i] += weight * (value(coalition + (g,)) - value(coalition))
-    return phi
+    return _shapley_by_definition(value, sorted(set(groups.tolist())))
 
 
 def test_exact_groups_match_the_definition():
@@ -617,25 +621,15 @@ def test_drop_in_takes_captums_argument_forms_as_captum_does():  # the ids 0, 5,
 
 
 def _batch_game_values(forward, x, base, extra=()):
-    """Shapley values of captum's aggregate game straight from the definition: the players
-    are the d features, a coalition takes its columns from every input and the rest from the
+    """Shapley values of captum's aggregate game from the definition: the players are the d
+    features, a coalition takes its columns from every input and the rest from the
     baseline, and the game's value is forward's one number for that batch."""
-    import itertools
-    d = x.shape[1]
-
     def value(coalition):
-        taken = torch.zeros(d, dtype=torch.bool)
+        taken = torch.zeros(x.shape[1], dtype=torch.bool)
         taken[list(coalition)] = True
         return float(forward(torch.where(taken, x, base), *extra))
 
-    phi = torch.zeros(d, dtype=torch.float64)
-    for j in range(d):
-        others = [i for i in range(d) if i != j]
-        for size in range(d):
-            weight = math.factorial(size) * math.factorial(d - size - 1) / math.factorial(d)
-            for coalition in itertools.combinations(others, size):
-                phi[j] += weight * (value(coalition + (j,)) - value(coalition))
-    return phi
+    return _shapley_by_definition(value, list(range(x.shape[1])))
 
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
